@@ -1,0 +1,62 @@
+# herald — the two commands: `make demo` (end-to-end flow) and `make test` (every test).
+# Both set the machine up first (tests/setup.sh is idempotent), so they work on a fresh Debian box.
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)
+PGXS_TEST := $(shell $(PG_CONFIG) --pkglibdir 2>/dev/null)/pgxs/src/test
+export PGHOST ?= /var/run/postgresql
+export PGPORT ?= 5432
+
+# In-database suites: pgrx-tests/sql/<name>.sql against pgrx-tests/expected/<name>.out, and isolation specs.
+REGRESS   := $(sort $(basename $(notdir $(wildcard pgrx-tests/sql/*.sql))))
+ISOLATION := $(sort $(basename $(notdir $(wildcard pgrx-tests/specs/*.spec))))
+
+.PHONY: setup install build test unit regress isolation e2e demo bench bench-small lint fmt
+
+setup:
+	@./tests/setup.sh
+
+# Builds the extension (release) and installs it into the system Postgres.
+install: setup
+	CARGO_TERM_COLOR=never cargo pgrx install --release --pg-config $(PG_CONFIG) --package herald 2>&1 | grep -Ev '^\s*(Copying|Discovered|Writing|Finished|Building|Installing|Compiling)' || true
+	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
+
+build: setup
+	cargo build --release --package herald-sidecar
+
+unit: setup
+	cargo test --workspace --quiet
+
+regress: install
+	@mkdir -p target/pg_regress
+	$(PGXS_TEST)/regress/pg_regress --bindir=$(PGBIN) --inputdir=pgrx-tests --outputdir=target/pg_regress \
+	    --dbname=herald_regress --load-extension=herald $(REGRESS) \
+	  || { cat target/pg_regress/regression.diffs; exit 1; }
+
+isolation: install
+	@mkdir -p target/pg_isolation
+	$(PGXS_TEST)/isolation/pg_isolation_regress --bindir=$(PGBIN) --inputdir=pgrx-tests --outputdir=target/pg_isolation \
+	    --dbname=herald_isolation --load-extension=herald $(ISOLATION) \
+	  || { cat target/pg_isolation/regression.diffs; exit 1; }
+
+e2e: install build
+	./tests/e2e.sh
+
+test: unit regress isolation e2e bench-small
+
+demo: install build
+	./target/release/herald demo
+
+bench: install build
+	./target/release/herald bench
+
+# Keeps the benchmark working in CI at a tiny size; prints figures, asserts nothing about time.
+bench-small: install build
+	./target/release/herald bench --small
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all

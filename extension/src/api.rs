@@ -1,0 +1,116 @@
+//! The Rust functions SQL calls. Each is a thin adapter: convert, call a plain module, turn a typed
+//! failure into an `ereport` a SQL user can act on. Names start with `_`: they are herald's internals,
+//! called by the SQL API in `sql/`, not part of the contract.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+use crate::condition::{Condition, Facts, Scope};
+use crate::definition::{self, Reentry};
+use crate::fault::Fault;
+
+/// Raises `what: <first fault>`; when there are several, DETAIL lists every one, one per line.
+fn raise_faults(what: &str, faults: &[Fault]) -> ! {
+    let first = faults.first().map(Fault::to_string).unwrap_or_default();
+    let message = format!("{what}: {first}");
+    if faults.len() > 1 {
+        let all: Vec<String> = faults.iter().map(Fault::to_string).collect();
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{message} (and {} more)", faults.len() - 1),
+            all.join("\n")
+        );
+    }
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message
+    );
+}
+
+/// Validates an automation definition and returns what the automations table stores next to it:
+/// `{"name", "trigger_event", "trigger_filter", "reentry", "start"}`.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_automation(definition: Option<JsonB>) -> JsonB {
+    let Some(JsonB(def)) = definition else {
+        raise_faults(
+            "invalid automation definition",
+            &[Fault::new("$", "definition must not be NULL")],
+        );
+    };
+    let automation = definition::validate(&def)
+        .unwrap_or_else(|faults| raise_faults("invalid automation definition", &faults));
+    let reentry = match automation.reentry {
+        Reentry::Once => "once",
+        Reentry::AfterExit => "after_exit",
+        Reentry::Always => "always",
+    };
+    let trigger = def.get("trigger");
+    JsonB(json!({
+        "name": automation.name,
+        "trigger_event": automation.trigger.as_ref().map(|t| t.event.clone()),
+        "trigger_filter": trigger.and_then(|t| t.get("filter")).cloned().unwrap_or(Value::Null),
+        "reentry": reentry,
+        "start": automation.start,
+    }))
+}
+
+/// Checks a segment: a valid condition that reads contact fields only.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_segment(segment: Option<JsonB>) {
+    let Some(JsonB(segment)) = segment else {
+        raise_faults(
+            "invalid segment",
+            &[Fault::new("$", "segment must not be NULL")],
+        );
+    };
+    let condition = Condition::parse(&segment, "$")
+        .unwrap_or_else(|faults| raise_faults("invalid segment", &faults));
+    let scopes = condition.scopes();
+    if scopes.reads(Scope::Event) || scopes.reads(Scope::Context) {
+        raise_faults(
+            "invalid segment",
+            &[Fault::new(
+                "$",
+                "a segment may only use contact.* fields (there is no event or context)",
+            )],
+        );
+    }
+}
+
+/// Evaluates a condition against a contact, an event payload and an enrollment context.
+/// A NULL condition matches everything. Conditions are validated when stored, so a parse failure
+/// here means a row was edited by hand; it is reported, not ignored.
+#[pg_extern(immutable, parallel_safe)]
+fn _matches(
+    condition: Option<JsonB>,
+    contact: Option<JsonB>,
+    event: Option<JsonB>,
+    context: Option<JsonB>,
+) -> bool {
+    let Some(JsonB(condition)) = condition else {
+        return true;
+    };
+    let condition = Condition::parse(&condition, "$")
+        .unwrap_or_else(|faults| raise_faults("invalid stored condition", &faults));
+    let facts = Facts {
+        contact: contact.as_ref().map(|j| &j.0),
+        event: event.as_ref().map(|j| &j.0),
+        context: context.as_ref().map(|j| &j.0),
+    };
+    condition.eval(&facts)
+}
+
+/// True when `name` is an IANA time zone name (e.g. `Europe/Paris`).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _valid_timezone(name: &str) -> bool {
+    name.parse::<chrono_tz::Tz>().is_ok()
+}
+
+/// True when `text` is an RFC 3339 timestamp (what track_many accepts for `occurred_at`).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _valid_timestamp(text: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(text).is_ok()
+}

@@ -1,0 +1,30 @@
+//! herald: a marketing-automation and broadcast engine inside Postgres.
+//!
+//! This file is the table of contents. The SQL surface lives in `sql/*.sql` (tables, the dispatcher,
+//! the API functions); Rust supplies what SQL does badly, as thin `#[pg_extern]`s in [`api`] over
+//! plain modules that are unit-tested without Postgres.
+
+::pgrx::pg_module_magic!(name, version);
+
+mod api;
+pub mod condition;
+pub mod definition;
+pub mod duration;
+pub mod fault;
+
+pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!(
+    "../../sql/contacts.sql",
+    name = "contacts",
+    requires = ["schema", api::_valid_timezone]
+);
+pgrx::extension_sql_file!(
+    "../../sql/events.sql",
+    name = "events",
+    requires = ["contacts", api::_matches, api::_valid_timestamp]
+);
+pgrx::extension_sql_file!(
+    "../../sql/automations.sql",
+    name = "automations",
+    requires = ["events", api::_check_automation, api::_check_segment]
+);

@@ -1,0 +1,548 @@
+//! `herald bench`: throughput and latency figures in a fresh database `herald_bench`, each next to a
+//! plain-Postgres baseline doing the same work in the same run. Prints a report to stdout and writes
+//! it as JSON; goals are printed as PASS/MISS and never fail the command.
+//!
+//! The parts: `ingest` (herald's side of event ingest), `baseline` (plain tables and one row trigger
+//! per automation), `golive` (going live during ingest), `latency` (concurrent `track()` calls),
+//! `contacts` (bulk contact import), `stats` (percentiles).
+
+mod baseline;
+mod contacts;
+mod golive;
+mod ingest;
+mod latency;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::db::Target;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A tiny run (seconds) that only checks the benchmark still works; its figures mean little.
+    #[arg(long)]
+    pub small: bool,
+    /// Where to write the figures as JSON.
+    #[arg(long, value_name = "PATH", default_value = "target/bench/ingest.json")]
+    pub json: PathBuf,
+}
+
+/// Contacts in workspace `bench`; events cycle through them.
+const CONTACTS: usize = 10_000;
+/// Automations (and baseline triggers) every event matches, so each event makes this many enrollments.
+const MATCHING: usize = 10;
+/// Events per track_many call / per baseline INSERT.
+const BATCH: usize = 1_000;
+const TRACK_CLIENTS: usize = 4;
+
+struct Sizes {
+    batches: usize,
+    /// Live automations on other event kinds at each measured level (cumulative).
+    others: [usize; 3],
+    golive_window: Duration,
+    import_contacts: usize,
+    track_calls: usize,
+}
+
+impl Sizes {
+    fn new(small: bool) -> Self {
+        if small {
+            Self {
+                batches: 3,
+                others: [0, 100, 300],
+                golive_window: Duration::from_secs(1),
+                import_contacts: 5_000,
+                track_calls: 100,
+            }
+        } else {
+            Self {
+                batches: 20,
+                others: [0, 1_000, 10_000],
+                golive_window: Duration::from_secs(3),
+                import_contacts: 100_000,
+                track_calls: 2_000,
+            }
+        }
+    }
+}
+
+/// Which system a measurement drives: herald, or the plain-Postgres baseline.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    Herald,
+    Baseline,
+}
+
+/// Events sent, how long it took, and the enrollments it made.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Rate {
+    pub events: usize,
+    pub secs: f64,
+    pub events_per_sec: f64,
+    pub enrollments: i64,
+}
+
+impl Rate {
+    pub fn new(events: usize, elapsed: Duration, enrollments: i64) -> Self {
+        let secs = elapsed.as_secs_f64();
+        Self {
+            events,
+            secs,
+            events_per_sec: events as f64 / secs,
+            enrollments,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Level {
+    automations: usize,
+    herald: Rate,
+    herald_pct_of_first: f64,
+    baseline: Rate,
+    herald_over_baseline: f64,
+    /// Seconds to create the automations added for this level (herald) / the triggers (baseline).
+    herald_setup_secs: f64,
+    baseline_setup_secs: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Goal {
+    goal: String,
+    value: f64,
+    pass: bool,
+}
+
+impl Goal {
+    fn new(goal: &str, value: f64, pass: bool) -> Self {
+        Self {
+            goal: goal.into(),
+            value,
+            pass,
+        }
+    }
+    fn verdict(&self) -> &'static str {
+        if self.pass {
+            "PASS"
+        } else {
+            "MISS"
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct GoLives {
+    automations: usize,
+    batch: usize,
+    go_lives: usize,
+    herald: golive::GoLive,
+    baseline: golive::GoLive,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    small: bool,
+    server_version: String,
+    contacts: usize,
+    batch: usize,
+    batches: usize,
+    matching_automations: usize,
+    ingest: Vec<Level>,
+    go_live: GoLives,
+    upsert_contacts: contacts::Import,
+    track_latency: latency::Latency,
+    /// The baseline's single-row INSERT under the same triggers, for context (no goal).
+    baseline_insert_latency: latency::Latency,
+    track_latency_automations: usize,
+    goals: Vec<Goal>,
+}
+
+pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
+    let sizes = Sizes::new(args.small);
+    let target = target.with_dbname("herald_bench");
+    let db = fresh_database(&target).await?;
+    let server_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
+    info!("database herald_bench ready (PostgreSQL {server_version})");
+
+    ingest::create_contacts(&db, ingest::WORKSPACE, CONTACTS).await?;
+    baseline::create_schema(&db).await?;
+    ingest::add_live_automations(&db, "hit {}", ingest::HIT, 0, MATCHING).await?;
+    baseline::add_triggers(&db, ingest::HIT, 0, MATCHING).await?;
+    info!("{CONTACTS} contacts, {MATCHING} matching automations and baseline triggers");
+
+    let herald_batches: Vec<_> = (0..sizes.batches)
+        .map(|b| ingest::events(b * BATCH, BATCH, CONTACTS))
+        .collect();
+    let baseline_batches: Vec<_> = (0..sizes.batches)
+        .map(|b| baseline::events(b * BATCH, BATCH, CONTACTS))
+        .collect();
+
+    let mut levels: Vec<Level> = Vec::new();
+    let mut others = 0;
+    let mut middle = None;
+    for (i, &want) in sizes.others.iter().enumerate() {
+        let add = want - others;
+        let first = MATCHING + others;
+        let started = Instant::now();
+        ingest::add_live_automations(&db, "other {}", "other.{}", first, add).await?;
+        let herald_setup_secs = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        baseline::add_triggers(&db, "other.{}", first, add).await?;
+        let baseline_setup_secs = started.elapsed().as_secs_f64();
+        others = want;
+        let automations = MATCHING + others;
+        if add > 0 {
+            info!(
+                "{automations} automations: created {add} more in {herald_setup_secs:.1} s, \
+                 {add} baseline triggers in {baseline_setup_secs:.1} s"
+            );
+        }
+        db.batch_execute("ANALYZE").await.context("ANALYZE")?;
+
+        let herald = ingest::measure(&target, &herald_batches).await?;
+        check_enrollments("herald", &herald);
+        let baseline = baseline::measure(&target, &baseline_batches).await?;
+        check_enrollments("baseline", &baseline);
+        info!(
+            "{automations} automations: herald {:.0} events/s, baseline {:.0} events/s",
+            herald.events_per_sec, baseline.events_per_sec
+        );
+        let first_rate = levels
+            .first()
+            .map_or(herald.events_per_sec, |l| l.herald.events_per_sec);
+        levels.push(Level {
+            automations,
+            herald,
+            herald_pct_of_first: 100.0 * herald.events_per_sec / first_rate,
+            baseline,
+            herald_over_baseline: herald.events_per_sec / baseline.events_per_sec,
+            herald_setup_secs,
+            baseline_setup_secs,
+        });
+
+        if i == 1 {
+            middle = Some(middle_level(&target, &db, &sizes, automations).await?);
+        }
+    }
+    let (track_latency, baseline_insert_latency, go_live) = middle.context("no middle level")?;
+
+    info!("importing {} contacts", sizes.import_contacts);
+    let upsert_contacts = contacts::run(&target, sizes.import_contacts).await?;
+
+    let goals = goals(&levels, &upsert_contacts, &track_latency);
+    let report = Report {
+        small: args.small,
+        server_version,
+        contacts: CONTACTS,
+        batch: BATCH,
+        batches: sizes.batches,
+        matching_automations: MATCHING,
+        track_latency_automations: go_live.automations,
+        ingest: levels,
+        go_live,
+        upsert_contacts,
+        track_latency,
+        baseline_insert_latency,
+        goals,
+    };
+    print!("{}", render(&report));
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    info!("wrote {}", args.json.display());
+    Ok(())
+}
+
+/// `Target::recreate_with_extension`, or, while that sends DROP and CREATE DATABASE in one simple
+/// query (which Postgres runs as one transaction block and refuses), the same in two statements.
+async fn fresh_database(target: &Target) -> Result<Client> {
+    match target.recreate_with_extension().await {
+        Ok(db) => Ok(db),
+        Err(e) if format!("{e:#}").contains("cannot run inside a transaction block") => {
+            warn!("recreate_with_extension failed ({e:#}); re-creating herald_bench statement by statement");
+            let admin = target.with_dbname("postgres").connect().await?;
+            admin
+                .batch_execute("DROP DATABASE IF EXISTS herald_bench WITH (FORCE)")
+                .await?;
+            admin.batch_execute("CREATE DATABASE herald_bench").await?;
+            let db = target.connect().await?;
+            db.batch_execute("CREATE EXTENSION herald")
+                .await
+                .context("CREATE EXTENSION herald (run `make install` first)")?;
+            Ok(db)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// At the middle level (1,010 automations): track() latency, then going live during ingest.
+async fn middle_level(
+    target: &Target,
+    db: &Client,
+    sizes: &Sizes,
+    automations: usize,
+) -> Result<(latency::Latency, latency::Latency, GoLives)> {
+    info!(
+        "{automations} automations: {TRACK_CLIENTS} clients calling track() {} times each",
+        sizes.track_calls
+    );
+    let track = latency::run(
+        target,
+        Side::Herald,
+        TRACK_CLIENTS,
+        sizes.track_calls,
+        CONTACTS,
+    )
+    .await?;
+    let base = latency::run(
+        target,
+        Side::Baseline,
+        TRACK_CLIENTS,
+        sizes.track_calls,
+        CONTACTS,
+    )
+    .await?;
+    db.batch_execute("ANALYZE").await?;
+    info!("{automations} automations: going live during ingest");
+    let herald = golive::run(target, Side::Herald, CONTACTS, sizes.golive_window).await?;
+    let baseline = golive::run(target, Side::Baseline, CONTACTS, sizes.golive_window).await?;
+    let go_live = GoLives {
+        automations,
+        batch: golive::BATCH,
+        go_lives: golive::GO_LIVES,
+        herald,
+        baseline,
+    };
+    Ok((track, base, go_live))
+}
+
+fn check_enrollments(side: &str, rate: &Rate) {
+    let want = (rate.events * MATCHING) as i64;
+    if rate.enrollments != want {
+        warn!(
+            "{side}: {} enrollments for {} events, expected {want}",
+            rate.enrollments, rate.events
+        );
+    }
+}
+
+fn goals(levels: &[Level], import: &contacts::Import, track: &latency::Latency) -> Vec<Goal> {
+    let mut goals = Vec::new();
+    for l in levels.iter().skip(1) {
+        goals.push(Goal::new(
+            &format!(
+                "herald at {} automations >= 90% of its rate at {}",
+                l.automations, MATCHING
+            ),
+            l.herald_pct_of_first,
+            l.herald_pct_of_first >= 90.0,
+        ));
+    }
+    if let Some(l) = levels.last() {
+        goals.push(Goal::new(
+            &format!("herald at {} automations >= 10x baseline", l.automations),
+            l.herald_over_baseline,
+            l.herald_over_baseline >= 10.0,
+        ));
+    }
+    goals.push(Goal::new(
+        "upsert_contacts >= 100,000 contacts/s",
+        import.herald_contacts_per_sec,
+        import.herald_contacts_per_sec >= 100_000.0,
+    ));
+    goals.push(Goal::new(
+        "track() p99 < 2 ms",
+        track.calls.p99_ms,
+        track.calls.p99_ms < 2.0,
+    ));
+    goals
+}
+
+/// `1234567.8` → `1,234,568`.
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let verdict = |g: &str| {
+        r.goals
+            .iter()
+            .find(|x| x.goal == g)
+            .map_or("", Goal::verdict)
+    };
+    let _ = writeln!(
+        o,
+        "herald bench{} — PostgreSQL {}",
+        if r.small { " --small" } else { "" },
+        r.server_version
+    );
+
+    let _ = writeln!(
+        o,
+        "\n1. Ingest: track_many, {} batches of {} events; every event matches {} automations (or triggers)",
+        r.batches,
+        thousands(r.batch as f64),
+        r.matching_automations
+    );
+    let _ = writeln!(
+        o,
+        "{:>11} | {:>15} | {:>15} | {:>17} | {:>15}",
+        "automations", "herald events/s", "herald % of @10", "baseline events/s", "herald/baseline"
+    );
+    for l in &r.ingest {
+        let _ = writeln!(
+            o,
+            "{:>11} | {:>15} | {:>14.1}% | {:>17} | {:>14.2}x",
+            thousands(l.automations as f64),
+            thousands(l.herald.events_per_sec),
+            l.herald_pct_of_first,
+            thousands(l.baseline.events_per_sec),
+            l.herald_over_baseline
+        );
+    }
+    for pair in r.ingest.windows(2) {
+        let (from, to) = (&pair[0], &pair[1]);
+        let added = thousands((to.automations - from.automations) as f64);
+        let _ = writeln!(
+            o,
+            "  setup {} -> {}: {added} automations created and set live in {:.1} s; {added} CREATE TRIGGER in {:.1} s",
+            thousands(from.automations as f64),
+            thousands(to.automations as f64),
+            to.herald_setup_secs,
+            to.baseline_setup_secs
+        );
+    }
+    for g in r.goals.iter().filter(|g| g.goal.starts_with("herald at")) {
+        let unit = if g.goal.ends_with("baseline") {
+            "x"
+        } else {
+            "%"
+        };
+        let _ = writeln!(
+            o,
+            "  goal: {:<58} {:>8.1}{unit}  {}",
+            g.goal,
+            g.value,
+            g.verdict()
+        );
+    }
+
+    let gl = &r.go_live;
+    let _ = writeln!(
+        o,
+        "\n2. Going live during ingest: {} go-lives, one by one, while another connection ingests batches of {} ({} automations live)",
+        gl.go_lives,
+        gl.batch,
+        thousands(gl.automations as f64)
+    );
+    let _ = writeln!(
+        o,
+        "{:<34} | {:>10} | {:>10} | {:>22} | {:>22}",
+        "", "op p50 ms", "op max ms", "ingest max ms before", "ingest max ms during"
+    );
+    for (name, g) in [
+        ("herald set_automation_status live", &gl.herald),
+        ("baseline CREATE TRIGGER", &gl.baseline),
+    ] {
+        let _ = writeln!(
+            o,
+            "{:<34} | {:>10.2} | {:>10.2} | {:>13.1} ({:>3} b.) | {:>13.1} ({:>3} b.)",
+            name,
+            g.op.p50_ms,
+            g.op.max_ms,
+            g.ingest_max_ms_before,
+            g.ingest_batches_before,
+            g.ingest_max_ms_during,
+            g.ingest_batches_during
+        );
+    }
+
+    let im = &r.upsert_contacts;
+    let _ = writeln!(
+        o,
+        "\n3. Contact import: {} new contacts in calls of {}",
+        thousands(im.contacts as f64),
+        thousands(im.per_call as f64)
+    );
+    let _ = writeln!(
+        o,
+        "  herald upsert_contacts    {:>10} contacts/s",
+        thousands(im.herald_contacts_per_sec)
+    );
+    let _ = writeln!(
+        o,
+        "  baseline INSERT … SELECT  {:>10} contacts/s",
+        thousands(im.baseline_contacts_per_sec)
+    );
+    let _ = writeln!(
+        o,
+        "  herald/baseline {:.2}x   goal >= 100,000 contacts/s: {}",
+        im.herald_contacts_per_sec / im.baseline_contacts_per_sec,
+        verdict("upsert_contacts >= 100,000 contacts/s")
+    );
+
+    let t = &r.track_latency;
+    let _ = writeln!(
+        o,
+        "\n4. track() latency: {} clients x {} calls, {} automations live ({} matching)",
+        t.clients,
+        thousands(t.calls_per_client as f64),
+        thousands(r.track_latency_automations as f64),
+        r.matching_automations
+    );
+    for (name, t, goal) in [
+        ("herald track()", t, verdict("track() p99 < 2 ms")),
+        (
+            "baseline single-row INSERT",
+            &r.baseline_insert_latency,
+            "(context)",
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "  {name:<27} p50 {:>6.2} ms  p95 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  {:>6} calls/s  {goal}",
+            t.calls.p50_ms,
+            t.calls.p95_ms,
+            t.calls.p99_ms,
+            t.calls.max_ms,
+            thousands(t.calls_per_sec),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  goal: track() p99 < 2 ms: {}",
+        verdict("track() p99 < 2 ms")
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1_000.0), "1,000");
+        assert_eq!(thousands(1_234_567.8), "1,234,568");
+    }
+}

@@ -1,0 +1,74 @@
+//! Connecting to Postgres. One place decides the default target so every subcommand agrees:
+//! `DATABASE_URL` when given, else the local socket as the current OS user (peer auth).
+
+use anyhow::{Context, Result};
+use tokio_postgres::{Client, Config, NoTls};
+
+/// Where to connect; can hand out connections to sibling databases (demo and bench make their own).
+#[derive(Clone, Debug)]
+pub struct Target {
+    config: Config,
+}
+
+impl Target {
+    pub fn new(database_url: Option<String>) -> Self {
+        let config = match database_url {
+            Some(url) => url.parse().unwrap_or_else(|e| {
+                eprintln!("herald: DATABASE_URL is not a valid connection string: {e}");
+                std::process::exit(2)
+            }),
+            None => {
+                let mut c = Config::new();
+                c.host_path("/var/run/postgresql");
+                c.user(std::env::var("USER").as_deref().unwrap_or("postgres"));
+                c.dbname("herald");
+                c
+            }
+        };
+        Self { config }
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_dbname(&self, dbname: &str) -> Self {
+        let mut config = self.config.clone();
+        config.dbname(dbname);
+        Self { config }
+    }
+
+    pub fn dbname(&self) -> &str {
+        self.config.get_dbname().unwrap_or("herald")
+    }
+
+    pub async fn connect(&self) -> Result<Client> {
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .with_context(|| format!("connecting to database {:?}", self.dbname()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Drops and re-creates this target's database with the extension installed (demo and bench
+    /// run in databases of their own so they never touch real data).
+    pub async fn recreate_with_extension(&self) -> Result<Client> {
+        let admin = self.with_dbname("postgres").connect().await?;
+        let name = self.dbname().replace('"', "\"\"");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE); CREATE DATABASE \"{name}\""
+            ))
+            .await
+            .with_context(|| format!("re-creating database {name}"))?;
+        let client = self.connect().await?;
+        client
+            .batch_execute("CREATE EXTENSION herald")
+            .await
+            .context("CREATE EXTENSION herald (run `make install` first)")?;
+        Ok(client)
+    }
+}

@@ -1,0 +1,171 @@
+//! `herald demo`: the end-to-end flow in a fresh database `herald_demo`. Each step is a plain SQL
+//! call a user would make; the output shows what herald did with it.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::db::Target;
+use crate::status;
+
+const CONTACTS: usize = 1_000;
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+pub async fn run(target: &Target) -> Result<()> {
+    let target = target.with_dbname("herald_demo");
+    let db = target.recreate_with_extension().await?;
+    println!("database herald_demo: extension herald installed");
+
+    step("workspace");
+    db.execute("SELECT herald.create_workspace('acme', 'Acme Inc.')", &[])
+        .await?;
+    println!("created workspace acme");
+
+    step("import contacts (upsert_contacts, one call)");
+    let contacts: Vec<_> = (0..CONTACTS)
+        .map(|i| {
+            json!({
+                "email": format!("Person{i}@Example.com "),
+                "attributes": {"first_name": format!("Person {i}"), "plan": if i % 4 == 0 { "pro" } else { "free" }},
+                "timezone": if i % 2 == 0 { "Europe/Paris" } else { "America/New_York" },
+            })
+        })
+        .chain([json!({"email": "not-an-address"}), json!({"email": "x@example.com", "attributes": [1]})])
+        .collect();
+    let row = db
+        .query_one(
+            "SELECT * FROM herald.upsert_contacts('acme', $1)",
+            &[&json!(contacts)],
+        )
+        .await?;
+    let (inserted, updated, rejected): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    println!("inserted {inserted}, updated {updated}, rejected {rejected}");
+    for r in db
+        .query(
+            "SELECT position, reason FROM herald.contact_rejections WHERE workspace_id = 'acme' ORDER BY position",
+            &[],
+        )
+        .await?
+    {
+        println!("  rejected entry #{}: {}", r.get::<_, i32>(0), r.get::<_, String>(1));
+    }
+
+    step("automations");
+    let welcome = json!({
+        "name": "Welcome series",
+        "trigger": {"event": "signup", "filter": {"all": [{"field": "event.source", "op": "eq", "value": "ads"}]}},
+        "reentry": "once",
+        "start": "welcome",
+        "nodes": {
+            "welcome": {"type": "email", "template": "welcome", "next": "wait"},
+            "wait": {"type": "delay", "duration": "2 days", "next": "check"},
+            "check": {"type": "branch",
+                      "paths": [{"when": {"field": "contact.plan", "op": "eq", "value": "pro"}, "next": "pro"}],
+                      "default": "done"},
+            "pro": {"type": "email", "template": "pro-tips", "next": "done"},
+            "done": {"type": "exit"}
+        }
+    });
+    let upgrade = json!({
+        "name": "Upgrade thanks",
+        "trigger": {"event": "plan.upgraded",
+                    "filter": {"field": "contact.plan", "op": "eq", "value": "pro"}},
+        "reentry": "always",
+        "start": "thanks",
+        "nodes": {"thanks": {"type": "email", "template": "thanks"}}
+    });
+    let mut ids = Vec::new();
+    for def in [&welcome, &upgrade] {
+        let id: i64 = db
+            .query_one("SELECT herald.create_automation('acme', $1)", &[def])
+            .await?
+            .get(0);
+        db.execute("SELECT herald.set_automation_status($1, 'live')", &[&id])
+            .await?;
+        println!(
+            "automation {id} {:?} is live",
+            def["name"].as_str().unwrap_or_default()
+        );
+        ids.push(id);
+    }
+    let broken = json!({"name": "broken", "start": "a", "nodes": {"a": {"type": "email", "next": "nowhere"}}});
+    match db
+        .query_one("SELECT herald.create_automation('acme', $1)", &[&broken])
+        .await
+    {
+        Ok(_) => anyhow::bail!("a broken automation was accepted"),
+        Err(e) => println!("a broken definition is refused: {}", db_message(&e)),
+    }
+
+    step("events (track_many, track, and a plain INSERT)");
+    let events: Vec<_> = (0..CONTACTS)
+        .map(|i| {
+            json!({"email": format!("person{i}@example.com"), "kind": "signup",
+                   "payload": {"source": if i % 3 == 0 { "ads" } else { "organic" }}})
+        })
+        .collect();
+    let n: i64 = db
+        .query_one("SELECT herald.track_many('acme', $1)", &[&json!(events)])
+        .await?
+        .get(0);
+    println!("track_many recorded {n} signup events");
+    let again: i64 = db
+        .query_one("SELECT herald.track_many('acme', $1)", &[&json!(events)])
+        .await?
+        .get(0);
+    println!("the same {again} events again: re-entry 'once' enrols nobody twice");
+    db.execute(
+        "SELECT herald.track('acme', 'person4@example.com', 'plan.upgraded', '{\"to\": \"pro\"}')",
+        &[],
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO herald.events (workspace_id, email, kind, payload)
+         VALUES ('acme', 'newcomer@example.com', 'signup', '{\"source\": \"ads\"}')",
+        &[],
+    )
+    .await?;
+    println!(
+        "track() for an upgrade, and a plain INSERT for an unknown email (creates the contact)"
+    );
+
+    step("what got enrolled");
+    print_enrollments(&db).await?;
+
+    step("herald status");
+    print!("{}", status::render(&status::counts(&db).await?));
+    Ok(())
+}
+
+async fn print_enrollments(db: &Client) -> Result<()> {
+    let rows = db
+        .query(
+            "SELECT name, status, active, waiting, completed, exited, failed
+               FROM herald.automation_overview WHERE workspace_id = 'acme' ORDER BY automation_id",
+            &[],
+        )
+        .await
+        .context("reading automation_overview")?;
+    for r in rows {
+        println!(
+            "{:<16} {:<6} active {:>4}  waiting {:>3}  completed {:>3}  exited {:>3}  failed {:>3}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, i64>(5),
+            r.get::<_, i64>(6)
+        );
+    }
+    Ok(())
+}
+
+/// The server's message for a failed statement (what a psql user would see).
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}

@@ -1,0 +1,51 @@
+//! `herald`: the command-line side of herald. This file only parses arguments and wires logging;
+//! each subcommand lives in its own module.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod db;
+mod demo;
+mod status;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "herald: marketing automation inside Postgres"
+)]
+struct Cli {
+    /// Where herald lives. Defaults to the local socket, database `herald`, as the current OS user.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-workspace counts: contacts, events, live automations, enrollments by status.
+    Status,
+    /// Runs the end-to-end demo in a fresh database `herald_demo`.
+    Demo,
+    /// Prints throughput figures and writes them as JSON (see the README's performance section).
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let target = db::Target::new(cli.database_url);
+    match cli.command {
+        Command::Status => status::run(&target).await,
+        Command::Demo => demo::run(&target).await,
+        Command::Bench(args) => bench::run(&target, args).await,
+    }
+}

@@ -1,0 +1,214 @@
+-- herald: automations, their life cycle, and manual enrolment.
+
+CREATE FUNCTION herald.create_automation(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_checked jsonb;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    -- raises "invalid automation definition: <path>: <fault>" naming every fault
+    v_checked := herald._check_automation(definition);
+    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, reentry, start_node)
+    VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
+            nullif(v_checked -> 'trigger_filter', 'null'), v_checked ->> 'reentry', v_checked ->> 'start')
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+-- Finds an automation by id and locks it, or raises a clear error.
+CREATE FUNCTION herald._lock_automation(automation bigint) RETURNS herald.automations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- Allowed moves: draft → live | archived; live → paused | archived; paused → live | archived.
+-- Going live is a plain row update: the dispatcher reads automations without locks, so ingest never waits.
+-- Archiving ends every enrollment still in progress (exit_reason 'automation archived').
+CREATE FUNCTION herald.set_automation_status(automation bigint, status text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+    v_allowed text[];
+BEGIN
+    IF status IS NULL OR status NOT IN ('live', 'paused', 'archived') THEN
+        RAISE EXCEPTION 'invalid automation status %', coalesce(quote_literal(status), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use one of: live, paused, archived.';
+    END IF;
+    v := herald._lock_automation(automation);
+    IF v.status = status THEN
+        RETURN;  -- already there: idempotent
+    END IF;
+    v_allowed := CASE v.status
+        WHEN 'draft' THEN ARRAY['live', 'archived']
+        WHEN 'live' THEN ARRAY['paused', 'archived']
+        WHEN 'paused' THEN ARRAY['live', 'archived']
+        ELSE ARRAY[]::text[]
+    END;
+    IF NOT status = ANY (v_allowed) THEN
+        RAISE EXCEPTION 'automation % cannot go from % to %', automation, v.status, status
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = CASE WHEN v.status = 'archived' THEN 'An archived automation is final.'
+                                ELSE format('From %s it can go to: %s.', v.status, array_to_string(v_allowed, ', ')) END;
+    END IF;
+
+    UPDATE herald.automations a SET status = set_automation_status.status, updated_at = now()
+     WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
+
+    IF status = 'archived' THEN
+        UPDATE herald.enrollments e
+           SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
+         WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting');
+    END IF;
+END
+$$;
+
+-- Only live automations accept enrollments.
+CREATE FUNCTION herald._require_live(v herald.automations) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF v.status <> 'live' THEN
+        RAISE EXCEPTION 'automation % is %, only a live automation accepts enrollments', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Call herald.set_automation_status(%s, ''live'') first.', v.id);
+    END IF;
+END
+$$;
+
+-- Enrols contacts by id. Totals add up to the input's length:
+--   enrolled  new enrollments;
+--   skipped   already enrolled as the re-entry rule forbids again (also a duplicate id in the input);
+--   rejected  NULL or not a contact of the automation's workspace.
+-- Concurrent calls for the same contacts cannot both enrol: the re-entry unique index decides.
+CREATE FUNCTION herald.enroll(automation bigint, contact_ids bigint[])
+RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._require_live(v);
+    IF contact_ids IS NULL THEN
+        RAISE EXCEPTION 'contact_ids must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH wanted AS (
+        SELECT DISTINCT u.id FROM unnest(contact_ids) AS u(id) WHERE u.id IS NOT NULL
+    ), known AS (
+        SELECT c.id FROM herald.contacts c JOIN wanted w ON c.workspace_id = v.workspace_id AND c.id = w.id
+    ), ins AS (
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node)
+        SELECT v.workspace_id, v.id, k.id, herald._entry_key(v.reentry, NULL), v.start_node
+          FROM known k ORDER BY k.id
+        ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           DO NOTHING
+        RETURNING 1
+    ), accepted AS (
+        SELECT count(*) AS n FROM unnest(contact_ids) u(id) WHERE u.id IN (SELECT k.id FROM known k)
+    )
+    SELECT (SELECT count(*) FROM ins),
+           (SELECT a.n FROM accepted a) - (SELECT count(*) FROM ins),
+           cardinality(contact_ids) - (SELECT a.n FROM accepted a)
+      INTO enrolled, skipped, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Enrols every contact of the workspace that matches a segment condition (contact.* fields only).
+-- rejected is always 0 here; skipped counts matching contacts the re-entry rule keeps out.
+CREATE FUNCTION herald.enroll_segment(automation bigint, segment jsonb)
+RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._require_live(v);
+    PERFORM herald._check_segment(segment);
+
+    WITH matching AS (
+        SELECT c.id FROM herald.contacts c
+         WHERE c.workspace_id = v.workspace_id
+           AND herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)
+    ), ins AS (
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node)
+        SELECT v.workspace_id, v.id, m.id, herald._entry_key(v.reentry, NULL), v.start_node
+          FROM matching m ORDER BY m.id
+        ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM matching) - (SELECT count(*) FROM ins), 0
+      INTO enrolled, skipped, rejected;
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION herald.exit_enrollment(enrollment bigint, reason text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'an exit reason is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.status NOT IN ('active', 'waiting') THEN
+        RAISE EXCEPTION 'enrollment % has already ended (%)', enrollment, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE herald.enrollments e
+       SET status = 'exited', exit_reason = reason, ended_at = now(), updated_at = now()
+     WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+END
+$$;
+
+-- One row per automation: its state and how many enrollments are in each status.
+CREATE VIEW herald.automation_overview AS
+SELECT a.workspace_id, a.id AS automation_id, a.name, a.status, a.trigger_event, a.reentry,
+       coalesce(s.active, 0) AS active, coalesce(s.waiting, 0) AS waiting, coalesce(s.completed, 0) AS completed,
+       coalesce(s.exited, 0) AS exited, coalesce(s.failed, 0) AS failed, a.created_at, a.updated_at
+  FROM herald.automations a
+  LEFT JOIN LATERAL (
+      SELECT count(*) FILTER (WHERE e.status = 'active') AS active,
+             count(*) FILTER (WHERE e.status = 'waiting') AS waiting,
+             count(*) FILTER (WHERE e.status = 'completed') AS completed,
+             count(*) FILTER (WHERE e.status = 'exited') AS exited,
+             count(*) FILTER (WHERE e.status = 'failed') AS failed
+        FROM herald.enrollments e
+       WHERE e.workspace_id = a.workspace_id AND e.automation_id = a.id) s ON true;

@@ -1,0 +1,179 @@
+-- herald: workspaces and contacts.
+
+-- Emails are stored trimmed and lower-cased; every lookup goes through this function.
+CREATE FUNCTION herald._normalize_email(email text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN lower(btrim(email));
+
+-- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters.
+CREATE FUNCTION herald._valid_email(email text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN length(email) <= 254 AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$';
+
+-- `a || b`, then drop the keys that b sets to null: the merge rule of upsert_contact(s).
+CREATE FUNCTION herald._merge_attributes(a jsonb, b jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (coalesce(a, '{}') || coalesce(b, '{}'))
+       - coalesce((SELECT array_agg(key) FROM jsonb_each(coalesce(b, '{}')) WHERE value = 'null'), '{}');
+
+-- Later objects override earlier ones key by key (duplicate emails inside one upsert_contacts call).
+CREATE AGGREGATE herald._jsonb_merge_agg(jsonb) (
+    SFUNC = jsonb_concat,
+    STYPE = jsonb,
+    INITCOND = '{}'
+);
+
+-- The names of the top-level keys whose values differ between a and b.
+CREATE FUNCTION herald._changed_keys(a jsonb, b jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (SELECT coalesce(array_agg(k ORDER BY k), '{}')
+          FROM (SELECT jsonb_object_keys(coalesce(a, '{}')) UNION SELECT jsonb_object_keys(coalesce(b, '{}'))) AS keys(k)
+         WHERE a -> k IS DISTINCT FROM b -> k);
+
+-- Raises unless the workspace exists. Used at the top of every function that takes one.
+CREATE FUNCTION herald._require_workspace(workspace text) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF workspace IS NULL THEN
+        RAISE EXCEPTION 'workspace must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = workspace) THEN
+        RAISE EXCEPTION 'unknown workspace "%"', workspace
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Create it first with herald.create_workspace(id, name).';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.create_workspace(id text, name text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF id IS NULL OR id !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$' THEN
+        RAISE EXCEPTION 'invalid workspace id %', coalesce(quote_literal(id), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A workspace id is 1 to 64 characters: letters, digits, "_", "-" and ".", starting with a letter or digit.';
+    END IF;
+    INSERT INTO herald.workspaces AS w (id, name) VALUES (id, coalesce(name, id))
+    ON CONFLICT ON CONSTRAINT workspaces_pkey DO UPDATE SET name = coalesce(create_workspace.name, w.name);
+    RETURN id;
+END
+$$;
+
+-- Validates one upsert_contacts entry; NULL when it is acceptable, else the reason.
+CREATE FUNCTION herald._contact_entry_fault(entry jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
+        format('entry must be a JSON object, got %s', coalesce(jsonb_typeof(entry), 'NULL'))
+    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(entry) k WHERE k NOT IN ('email', 'attributes', 'timezone')) THEN
+        format('unknown key(s) %s; allowed: email, attributes, timezone',
+               (SELECT string_agg(quote_ident(k), ', ') FROM jsonb_object_keys(entry) k
+                 WHERE k NOT IN ('email', 'attributes', 'timezone')))
+    WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
+    WHEN NOT herald._valid_email(herald._normalize_email(entry ->> 'email')) THEN
+        format('email %s is not a valid address', entry -> 'email')
+    WHEN entry ? 'attributes' AND jsonb_typeof(entry -> 'attributes') <> 'object' THEN
+        format('attributes must be a JSON object, got %s', jsonb_typeof(entry -> 'attributes'))
+    WHEN entry ? 'timezone' AND jsonb_typeof(entry -> 'timezone') <> 'null'
+         AND (jsonb_typeof(entry -> 'timezone') <> 'string' OR NOT herald._valid_timezone(entry ->> 'timezone')) THEN
+        format('timezone %s is not an IANA time zone name such as "Europe/Paris"', entry -> 'timezone')
+END;
+
+-- Bulk upsert. One statement does the work for the whole array:
+--   validate → record rejects → merge duplicates → INSERT … ON CONFLICT DO UPDATE (only when something
+--   changed) → emit contact.created / contact.updated events (which reach the dispatcher).
+-- Attributes are merged into the stored ones; a key set to null removes it.
+CREATE FUNCTION herald.upsert_contacts(workspace text, contacts jsonb)
+RETURNS TABLE (inserted bigint, updated bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text := workspace;
+    v_with_nulls bigint[];
+BEGIN
+    PERFORM herald._require_workspace(v_ws);
+    IF jsonb_typeof(contacts) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'contacts must be a JSON array of objects, got %', coalesce(jsonb_typeof(contacts), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: [{"email": "ann@example.com", "attributes": {"plan": "pro"}, "timezone": "Europe/Paris"}]';
+    END IF;
+
+    WITH input AS (
+        SELECT (t.ord - 1)::int AS position, t.entry, herald._contact_entry_fault(t.entry) AS fault
+          FROM jsonb_array_elements(contacts) WITH ORDINALITY AS t(entry, ord)
+    ), rejects AS (
+        INSERT INTO herald.contact_rejections (workspace_id, batch, position, input, reason)
+        SELECT v_ws, txid_current(), i.position, i.entry, i.fault FROM input i WHERE i.fault IS NOT NULL
+        ON CONFLICT (workspace_id, batch, position) DO UPDATE SET input = EXCLUDED.input, reason = EXCLUDED.reason
+        RETURNING 1
+    ), good AS (
+        SELECT herald._normalize_email(i.entry ->> 'email') AS email,
+               herald._jsonb_merge_agg(coalesce(i.entry -> 'attributes', '{}') ORDER BY i.position) AS attrs,
+               (array_agg(i.entry ->> 'timezone' ORDER BY i.position DESC)
+                    FILTER (WHERE jsonb_typeof(i.entry -> 'timezone') = 'string'))[1] AS tz,
+               count(*) AS entries
+          FROM input i
+         WHERE i.fault IS NULL
+         GROUP BY 1
+    ), before AS (
+        SELECT c.id, c.attributes FROM herald.contacts c JOIN good g ON c.workspace_id = v_ws AND c.email = g.email
+    ), up AS (
+        INSERT INTO herald.contacts AS c (workspace_id, email, attributes, timezone)
+        SELECT v_ws, g.email, g.attrs, g.tz FROM good g ORDER BY g.email
+        ON CONFLICT (workspace_id, email) DO UPDATE
+           SET attributes = herald._merge_attributes(c.attributes, EXCLUDED.attributes),
+               timezone = coalesce(EXCLUDED.timezone, c.timezone),
+               updated_at = now()
+         WHERE c.attributes IS DISTINCT FROM herald._merge_attributes(c.attributes, EXCLUDED.attributes)
+            OR c.timezone IS DISTINCT FROM coalesce(EXCLUDED.timezone, c.timezone)
+        RETURNING c.id, c.email, c.attributes, (c.xmax = 0) AS is_new
+    ), emitted AS (
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
+        SELECT v_ws, u.id, u.email,
+               CASE WHEN u.is_new THEN 'contact.created' ELSE 'contact.updated' END,
+               CASE WHEN u.is_new THEN jsonb_strip_nulls(u.attributes)
+                    ELSE jsonb_build_object('changed', herald._changed_keys(b.attributes, u.attributes)) END
+          FROM up u LEFT JOIN before b ON b.id = u.id
+         ORDER BY u.id
+    )
+    -- (data-modifying CTEs always run to completion, referenced or not)
+    SELECT (SELECT count(*) FROM up WHERE up.is_new),
+           (SELECT coalesce(sum(g.entries), 0) FROM good g) - (SELECT count(*) FROM up WHERE up.is_new),
+           (SELECT count(*) FROM rejects),
+           (SELECT array_agg(up.id) FROM up WHERE up.is_new AND jsonb_strip_nulls(up.attributes) <> up.attributes)
+      INTO inserted, updated, rejected, v_with_nulls;
+
+    -- New contacts keep no null-valued keys (ON CONFLICT needs the raw input in EXCLUDED to remove keys).
+    IF v_with_nulls IS NOT NULL THEN
+        UPDATE herald.contacts c SET attributes = jsonb_strip_nulls(c.attributes)
+         WHERE c.workspace_id = v_ws AND c.id = ANY (v_with_nulls);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION herald.upsert_contact(workspace text, email text, attributes jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_fault text;
+    v_id bigint;
+    v_rejected bigint;
+BEGIN
+    v_fault := herald._contact_entry_fault(jsonb_build_object('email', email, 'attributes', coalesce(attributes, '{}')));
+    IF v_fault IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid contact: %', v_fault USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT u.rejected INTO v_rejected
+      FROM herald.upsert_contacts(workspace, jsonb_build_array(jsonb_build_object('email', email, 'attributes', coalesce(attributes, '{}')))) u;
+    SELECT c.id INTO v_id FROM herald.contacts c
+     WHERE c.workspace_id = workspace AND c.email = herald._normalize_email(upsert_contact.email);
+    RETURN v_id;
+END
+$$;

@@ -1,0 +1,217 @@
+-- herald: events and the dispatcher.
+--
+-- Every path into herald.events (track, track_many, upsert_contacts' own events, plain INSERT, COPY) ends
+-- in ONE statement-level trigger with a transition table. Per statement it runs a constant number of
+-- set-based statements, whatever the number of rows or of automations:
+--   1. refuse unknown workspaces and contact ids from another workspace;
+--   2. events that carry only an email: create missing contacts (emitting contact.created), fill contact_id;
+--   3. join the new events with the live automations of their (workspace, kind) through a partial index,
+--      evaluate trigger filters in Rust (herald._matches), and insert the enrollments with
+--      ON CONFLICT DO NOTHING on the re-entry key.
+
+-- The contact as conditions see it: its attributes plus email, timezone and tags.
+CREATE FUNCTION herald._contact_facts(email text, attributes jsonb, timezone text, tags text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(attributes, '{}')
+       || jsonb_build_object('email', email, 'timezone', timezone, 'tags', to_jsonb(coalesce(tags, '{}')));
+
+-- The re-entry key an enrollment is inserted with (see herald.enrollments).
+CREATE FUNCTION herald._entry_key(reentry text, event_id bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN reentry = 'once' THEN 'once'
+    WHEN reentry = 'always' AND event_id IS NOT NULL THEN 'event:' || event_id
+    ELSE 'active'
+END;
+
+CREATE FUNCTION herald._dispatch() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+BEGIN
+    -- 1. integrity, checked once for the whole statement
+    SELECT string_agg(DISTINCT quote_literal(n.workspace_id), ', ') INTO v_bad
+      FROM new_events n
+     WHERE NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = n.workspace_id);
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'events for unknown workspace(s) %', v_bad
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Create the workspace first with herald.create_workspace(id, name).';
+    END IF;
+
+    SELECT string_agg(format('%s (workspace %s)', b.contact_id, quote_literal(b.workspace_id)), ', ') INTO v_bad
+      FROM (SELECT DISTINCT n.workspace_id, n.contact_id
+              FROM new_events n
+             WHERE n.contact_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM herald.contacts c
+                                WHERE c.workspace_id = n.workspace_id AND c.id = n.contact_id)
+             LIMIT 10) b;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'events name unknown contact id(s): %', v_bad
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Give the email instead of contact_id to create contacts on the fly.';
+    END IF;
+
+    -- 2. events that name their contact by email only
+    IF EXISTS (SELECT 1 FROM new_events n WHERE n.contact_id IS NULL) THEN
+        SELECT string_agg(quote_literal(b.email), ', ') INTO v_bad
+          FROM (SELECT DISTINCT n.email FROM new_events n
+                 WHERE n.contact_id IS NULL AND NOT herald._valid_email(herald._normalize_email(n.email))
+                 LIMIT 10) b;
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'events carry invalid email address(es): %', v_bad
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+
+        WITH missing AS (
+            SELECT DISTINCT n.workspace_id, herald._normalize_email(n.email) AS email
+              FROM new_events n WHERE n.contact_id IS NULL
+        ), created AS (
+            INSERT INTO herald.contacts (workspace_id, email)
+            SELECT m.workspace_id, m.email FROM missing m ORDER BY 1, 2
+            ON CONFLICT (workspace_id, email) DO NOTHING
+            RETURNING workspace_id, id, email
+        )
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
+        SELECT c.workspace_id, c.id, c.email, 'contact.created', '{}' FROM created c ORDER BY c.id;
+
+        UPDATE herald.events e
+           SET contact_id = c.id, email = c.email
+          FROM new_events n
+          JOIN herald.contacts c ON c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
+         WHERE n.contact_id IS NULL AND e.workspace_id = n.workspace_id AND e.id = n.id;
+    END IF;
+
+    -- 3. enrol into every live automation whose trigger matches
+    WITH ev AS (
+        SELECT n.workspace_id, n.id, coalesce(n.contact_id, c.id) AS contact_id, n.kind, n.payload
+          FROM new_events n
+          LEFT JOIN herald.contacts c
+            ON n.contact_id IS NULL AND c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
+    ), candidate AS (
+        SELECT ev.workspace_id, ev.id AS event_id, ev.contact_id, ev.kind, ev.payload,
+               a.id AS automation_id, a.reentry, a.start_node, a.trigger_filter
+          FROM ev
+          JOIN herald.automations a
+            ON a.workspace_id = ev.workspace_id AND a.trigger_event = ev.kind
+           AND a.status = 'live' AND a.trigger_event IS NOT NULL
+    ), matched AS (
+        SELECT k.* FROM candidate k
+          LEFT JOIN herald.contacts c
+            ON k.trigger_filter IS NOT NULL AND c.workspace_id = k.workspace_id AND c.id = k.contact_id
+         WHERE k.trigger_filter IS NULL
+            OR herald._matches(k.trigger_filter,
+                               herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+                               k.payload, NULL)
+    )
+    INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
+    SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
+           m.event_id, jsonb_build_object('kind', m.kind, 'payload', m.payload)
+      FROM matched m
+     ORDER BY m.workspace_id, m.automation_id, m.contact_id, m.event_id
+    ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+       WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+       DO NOTHING;
+
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER dispatch AFTER INSERT ON herald.events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION herald._dispatch();
+
+-- Validates one track_many entry; NULL when it is acceptable, else the reason.
+CREATE FUNCTION herald._event_entry_fault(entry jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
+        format('must be a JSON object, got %s', coalesce(jsonb_typeof(entry), 'NULL'))
+    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(entry) k WHERE k NOT IN ('email', 'kind', 'payload', 'occurred_at')) THEN
+        format('unknown key(s) %s; allowed: email, kind, payload, occurred_at',
+               (SELECT string_agg(quote_ident(k), ', ') FROM jsonb_object_keys(entry) k
+                 WHERE k NOT IN ('email', 'kind', 'payload', 'occurred_at')))
+    WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
+    WHEN NOT herald._valid_email(herald._normalize_email(entry ->> 'email')) THEN
+        format('email %s is not a valid address', entry -> 'email')
+    WHEN jsonb_typeof(entry -> 'kind') IS DISTINCT FROM 'string' OR entry ->> 'kind' = '' THEN
+        'kind is missing or not a non-empty string'
+    WHEN length(entry ->> 'kind') > 200 THEN 'kind is longer than 200 characters'
+    WHEN entry ? 'payload' AND jsonb_typeof(entry -> 'payload') <> 'object' THEN
+        format('payload must be a JSON object, got %s', jsonb_typeof(entry -> 'payload'))
+    WHEN entry ? 'occurred_at' AND (jsonb_typeof(entry -> 'occurred_at') <> 'string'
+                                    OR NOT herald._valid_timestamp(entry ->> 'occurred_at')) THEN
+        format('occurred_at %s is not an RFC 3339 timestamp such as "2026-11-22T10:00:00Z"', entry -> 'occurred_at')
+END;
+
+-- The one ingest path behind track and track_many: validate all, create missing contacts (with their
+-- contact.created events), insert the events. Three statements whatever the array's length.
+CREATE FUNCTION herald._ingest(workspace text, events jsonb, caller text) RETURNS SETOF bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text := workspace;
+    v_bad record;
+BEGIN
+    PERFORM herald._require_workspace(v_ws);
+    IF jsonb_typeof(events) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION '%: events must be a JSON array of objects, got %', caller, coalesce(jsonb_typeof(events), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: [{"email": "ann@example.com", "kind": "signup", "payload": {"source": "ads"}}]';
+    END IF;
+
+    SELECT t.ord - 1 AS position, f.fault, count(*) OVER () AS bad_count INTO v_bad
+      FROM jsonb_array_elements(events) WITH ORDINALITY AS t(entry, ord),
+           LATERAL (SELECT herald._event_entry_fault(t.entry) AS fault) f
+     WHERE f.fault IS NOT NULL
+     ORDER BY t.ord
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '%: %', caller,
+                        CASE WHEN caller = 'track' THEN v_bad.fault
+                             ELSE format('events[%s]: %s', v_bad.position, v_bad.fault) END
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s of %s entries are invalid; nothing was recorded.', v_bad.bad_count, jsonb_array_length(events));
+    END IF;
+
+    WITH missing AS (
+        SELECT DISTINCT herald._normalize_email(e ->> 'email') AS email FROM jsonb_array_elements(events) e
+    ), created AS (
+        INSERT INTO herald.contacts (workspace_id, email)
+        SELECT v_ws, m.email FROM missing m ORDER BY m.email
+        ON CONFLICT (workspace_id, email) DO NOTHING
+        RETURNING id, email
+    )
+    INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
+    SELECT v_ws, c.id, c.email, 'contact.created', '{}' FROM created c ORDER BY c.id;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload, occurred_at)
+        SELECT v_ws, c.id, c.email, t.entry ->> 'kind', coalesce(t.entry -> 'payload', '{}'),
+               coalesce((t.entry ->> 'occurred_at')::timestamptz, now())
+          FROM jsonb_array_elements(events) WITH ORDINALITY AS t(entry, ord)
+          JOIN herald.contacts c ON c.workspace_id = v_ws AND c.email = herald._normalize_email(t.entry ->> 'email')
+         ORDER BY t.ord
+        RETURNING id
+    )
+    SELECT i.id FROM inserted i;
+END
+$$;
+
+CREATE FUNCTION herald.track_many(workspace text, events jsonb) RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+RETURN (SELECT count(*) FROM herald._ingest(workspace, events, 'track_many'));
+
+CREATE FUNCTION herald.track(workspace text, email text, kind text, payload jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+RETURN (SELECT max(id)
+          FROM herald._ingest(workspace,
+                              jsonb_build_array(jsonb_build_object('email', email, 'kind', kind,
+                                                                   'payload', coalesce(payload, '{}'))),
+                              'track') AS t(id));
