@@ -18,7 +18,8 @@ setup:
 
 # Builds the extension (release) and installs it into the system Postgres.
 install: setup
-	CARGO_TERM_COLOR=never cargo pgrx install --release --pg-config $(PG_CONFIG) --package herald 2>&1 | grep -Ev '^\s*(Copying|Discovered|Writing|Finished|Building|Installing|Compiling)' || true
+	cargo pgrx install --release --pg-config $(PG_CONFIG) --package herald 2>&1 \
+	  | sed 's/\x1b\[[0-9;]*m//g' | grep -Ev '^ *(Using|Running|Copying|Discovered|Writing|Building|Installing|Compiling)' || true
 	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
 
 build: setup

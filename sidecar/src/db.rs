@@ -10,6 +10,18 @@ pub struct Target {
     config: Config,
 }
 
+/// The OS user, which peer authentication maps to the database role of the same name.
+fn os_user() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            let out = std::process::Command::new("id").arg("-un").output().ok()?;
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+        .unwrap_or_else(|| "postgres".to_string())
+}
+
 impl Target {
     pub fn new(database_url: Option<String>) -> Self {
         let config = match database_url {
@@ -20,7 +32,7 @@ impl Target {
             None => {
                 let mut c = Config::new();
                 c.host_path("/var/run/postgresql");
-                c.user(std::env::var("USER").as_deref().unwrap_or("postgres"));
+                c.user(&os_user());
                 c.dbname("herald");
                 c
             }
@@ -58,12 +70,16 @@ impl Target {
     pub async fn recreate_with_extension(&self) -> Result<Client> {
         let admin = self.with_dbname("postgres").connect().await?;
         let name = self.dbname().replace('"', "\"\"");
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE); CREATE DATABASE \"{name}\""
-            ))
-            .await
-            .with_context(|| format!("re-creating database {name}"))?;
+        // two round trips: DROP/CREATE DATABASE refuse to run inside the implicit transaction of a batch
+        for sql in [
+            format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            format!("CREATE DATABASE \"{name}\""),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("re-creating database {name}"))?;
+        }
         let client = self.connect().await?;
         client
             .batch_execute("CREATE EXTENSION herald")
