@@ -46,6 +46,8 @@ AS $$
 DECLARE
     v herald.automations;
     v_allowed text[];
+    v_exited bigint;
+    v_missing text;
 BEGIN
     IF status IS NULL OR status NOT IN ('live', 'paused', 'archived') THEN
         RAISE EXCEPTION 'invalid automation status %', coalesce(quote_literal(status), 'NULL')
@@ -69,6 +71,26 @@ BEGIN
                                 ELSE format('From %s it can go to: %s.', v.status, array_to_string(v_allowed, ', ')) END;
     END IF;
 
+    IF status = 'live' THEN
+        -- what the automation sends with must exist before it can run (provider "default" always does:
+        -- the sidecar maps it to its default transport)
+        SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
+          FROM jsonb_each(v.definition -> 'nodes') AS n(id, node)
+         WHERE n.node ->> 'type' = 'email'
+           AND NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = v.workspace_id AND t.key = n.node ->> 'template');
+        IF v_missing IS NULL THEN
+            SELECT string_agg(DISTINCT format('provider %s (node %s)', quote_literal(n.node ->> 'provider'), n.id), ', ') INTO v_missing
+              FROM jsonb_each(v.definition -> 'nodes') AS n(id, node)
+             WHERE n.node ->> 'type' = 'email' AND coalesce(n.node ->> 'provider', 'default') <> 'default'
+               AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = v.workspace_id AND p.name = n.node ->> 'provider');
+        END IF;
+        IF v_missing IS NOT NULL THEN
+            RAISE EXCEPTION 'automation % cannot go live: unknown %', automation, v_missing
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Create them with herald.upsert_template(…) / herald.upsert_provider(…) first.';
+        END IF;
+    END IF;
+
     UPDATE herald.automations a SET status = set_automation_status.status, updated_at = now()
      WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
 
@@ -76,6 +98,10 @@ BEGIN
         UPDATE herald.enrollments e
            SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
          WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting');
+        GET DIAGNOSTICS v_exited = ROW_COUNT;
+        IF v_exited > 0 THEN
+            INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.id, 'exited', v_exited);
+        END IF;
     END IF;
 END
 $$;
@@ -127,6 +153,9 @@ BEGIN
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
            DO NOTHING
         RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+        SELECT v.workspace_id, v.id, 'enrolled', count(*) FROM ins HAVING count(*) > 0
     ), accepted AS (
         SELECT count(*) AS n FROM unnest(contact_ids) u(id) WHERE u.id IN (SELECT k.id FROM known k)
     )
@@ -167,6 +196,9 @@ BEGIN
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
            DO NOTHING
         RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+        SELECT v.workspace_id, v.id, 'enrolled', count(*) FROM ins HAVING count(*) > 0
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM matching) - (SELECT count(*) FROM ins), 0
       INTO enrolled, skipped, rejected;

@@ -7,7 +7,8 @@
 --   2. events that carry only an email: create missing contacts (emitting contact.created), fill contact_id;
 --   3. join the new events with the live automations of their (workspace, kind) through a partial index,
 --      evaluate trigger filters in Rust (herald._matches), and insert the enrollments with
---      ON CONFLICT DO NOTHING on the re-entry key.
+--      ON CONFLICT DO NOTHING on the re-entry key (plus their 'enrolled' stats deltas);
+--   4. in the same statement, wake enrollments parked on a wait_event node for these events.
 
 -- The contact as conditions see it: its attributes plus email, timezone and tags.
 CREATE FUNCTION herald._contact_facts(email text, attributes jsonb, timezone text, tags text[]) RETURNS jsonb
@@ -30,6 +31,7 @@ SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v_bad text;
+    v_woken int;
 BEGIN
     -- 1. integrity, checked once for the whole statement
     SELECT string_agg(DISTINCT quote_literal(n.workspace_id), ', ') INTO v_bad
@@ -84,7 +86,8 @@ BEGIN
          WHERE n.contact_id IS NULL AND e.workspace_id = n.workspace_id AND e.id = n.id;
     END IF;
 
-    -- 3. enrol into every live automation whose trigger matches
+    -- 3. enrol into every live automation whose trigger matches, and 4. wake the enrollments parked on a
+    --    wait_event node for one of these events (first matching event wins). One statement.
     WITH ev AS (
         SELECT n.workspace_id, n.id, coalesce(n.contact_id, c.id) AS contact_id, n.kind, n.payload
           FROM new_events n
@@ -105,15 +108,48 @@ BEGIN
             OR herald._matches(k.trigger_filter,
                                herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
                                k.payload, NULL)
+    ), enrolled AS (
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
+        SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
+               m.event_id, jsonb_build_object('kind', m.kind, 'payload', m.payload)
+          FROM matched m
+         ORDER BY m.workspace_id, m.automation_id, m.contact_id, m.event_id
+        ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           DO NOTHING
+        RETURNING workspace_id, automation_id
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+        SELECT x.workspace_id, x.automation_id, 'enrolled', count(*) FROM enrolled x GROUP BY 1, 2
+    ), awaited AS (
+        SELECT DISTINCT ON (e.id) e.workspace_id, e.id, ev.payload
+          FROM ev
+          JOIN herald.enrollments e
+            ON e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id AND e.wait_event = ev.kind
+           AND e.status = 'waiting' AND e.wait_kind = 'event'
+          LEFT JOIN herald.contacts c
+            ON e.wait_filter IS NOT NULL AND c.workspace_id = e.workspace_id AND c.id = e.contact_id
+         WHERE e.wait_filter IS NULL
+            OR herald._matches(e.wait_filter, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+                               ev.payload, e.context)
+         ORDER BY e.id, ev.id
+    ), woken AS (
+        UPDATE herald.enrollments e
+           SET status = 'active', next_run_at = now(), updated_at = now(),
+               current_node = a.definition -> 'nodes' -> e.current_node ->> 'next',
+               context = e.context || jsonb_build_object(e.current_node, w.payload),
+               wait_kind = NULL, wait_event = NULL, wait_filter = NULL
+          FROM awaited w
+          JOIN herald.automations a ON true
+         WHERE e.workspace_id = w.workspace_id AND e.id = w.id
+           AND a.workspace_id = e.workspace_id AND a.id = e.automation_id
+           AND e.status = 'waiting' AND e.wait_kind = 'event'
+        RETURNING 1
     )
-    INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
-    SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
-           m.event_id, jsonb_build_object('kind', m.kind, 'payload', m.payload)
-      FROM matched m
-     ORDER BY m.workspace_id, m.automation_id, m.contact_id, m.event_id
-    ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
-       WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
-       DO NOTHING;
+    SELECT count(*) INTO v_woken FROM woken;
+    IF v_woken > 0 THEN
+        PERFORM pg_notify('herald.tick', '');
+    END IF;
 
     RETURN NULL;
 END

@@ -105,12 +105,180 @@ CREATE TABLE herald.enrollments (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     ended_at      timestamptz,
     exit_reason   text,
+    -- what a 'waiting' enrollment waits for: 'job' (the outbox row wait_job), 'event' (wait_event kind,
+    -- optional filter) or 'approval'. next_run_at is its timeout ('infinity' when it has none).
+    wait_kind     text CHECK (wait_kind IN ('job', 'event', 'approval')),
+    wait_job      text,                 -- dedupe_key of the outbox row
+    wait_event    text,
+    wait_filter   jsonb,
+    decided_by    text,                 -- approval: who and when
+    decided_at    timestamptz,
+    approved      boolean,
     PRIMARY KEY (workspace_id, id),
     CHECK ((status IN ('active', 'waiting')) = (ended_at IS NULL))
 );
 CREATE INDEX enrollments_id_idx ON herald.enrollments (id);
 CREATE UNIQUE INDEX enrollments_entry_uq ON herald.enrollments (workspace_id, automation_id, contact_id, entry_key)
     WHERE entry_key <> 'active' OR status IN ('active', 'waiting');
-CREATE INDEX enrollments_due_idx ON herald.enrollments (next_run_at) WHERE status = 'active';
+-- tick's way in: in progress and due (parked enrollments without a timeout have next_run_at = 'infinity')
+CREATE INDEX enrollments_due_idx ON herald.enrollments (next_run_at) WHERE status IN ('active', 'waiting');
+CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_job) WHERE status = 'waiting' AND wait_kind = 'job';
+CREATE INDEX enrollments_wait_event_idx ON herald.enrollments (workspace_id, contact_id, wait_event)
+    WHERE status = 'waiting' AND wait_kind = 'event';
 CREATE INDEX enrollments_contact_idx ON herald.enrollments (workspace_id, contact_id) WHERE status IN ('active', 'waiting');
 CREATE INDEX enrollments_automation_idx ON herald.enrollments (workspace_id, automation_id, status);
+
+-- Templates: rendered by the sidecar; the database hands out key + version + the data to render.
+CREATE TABLE herald.templates (
+    workspace_id text NOT NULL,
+    key          text NOT NULL CHECK (key ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$'),
+    version      int NOT NULL,
+    subject      text NOT NULL,
+    html         text NOT NULL,
+    text_body    text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, key, version)
+);
+
+-- Providers are names and kinds; credentials live in the sidecar's environment, never here.
+CREATE TABLE herald.providers (
+    workspace_id text NOT NULL,
+    name         text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'),
+    kind         text NOT NULL CHECK (kind IN ('smtp', 'file')),
+    settings     jsonb NOT NULL DEFAULT '{}',
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, name)
+);
+
+-- The outbox: one row per message or call to make. dedupe_key is unique per workspace, so enqueueing
+-- the same step twice is a no-op; Message-ID and Idempotency-Key derive from it.
+--   status: pending → leased (claim) → done | failed (permanent) | dead (retries exhausted); reap returns
+--   expired leases to pending. priority: 0 transactional, 1 automation, 2 broadcast.
+CREATE TABLE herald.outbox (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    kind          text NOT NULL CHECK (kind IN ('email', 'webhook', 'decide')),
+    priority      smallint NOT NULL DEFAULT 1 CHECK (priority BETWEEN 0 AND 2),
+    dedupe_key    text NOT NULL,
+    status        text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead')),
+    provider      text,
+    rate_keys     text[] NOT NULL DEFAULT '{}',   -- the rate limits this job counts against
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    node          text,
+    on_success    text,                 -- node after success (NULL: the enrollment completes)
+    on_error      text,                 -- node after a permanent failure (NULL: the enrollment fails)
+    payload       jsonb NOT NULL,
+    attempt       int NOT NULL DEFAULT 0,
+    max_attempts  int NOT NULL DEFAULT 5,
+    run_at        timestamptz NOT NULL DEFAULT now(),
+    leased_by     text,
+    leased_at     timestamptz,
+    lease_until   timestamptz,
+    message_id    text,
+    response      jsonb,
+    last_error    text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    done_at       timestamptz,
+    PRIMARY KEY (workspace_id, id),
+    UNIQUE (workspace_id, dedupe_key)
+);
+CREATE INDEX outbox_id_idx ON herald.outbox (id);
+-- claim's way in: pending work per workspace in priority order (also the skip-scan over busy workspaces)
+CREATE INDEX outbox_pending_idx ON herald.outbox (workspace_id, priority, run_at) WHERE status = 'pending';
+CREATE INDEX outbox_leased_idx ON herald.outbox (lease_until) WHERE status = 'leased';
+CREATE INDEX outbox_dead_idx ON herald.outbox (workspace_id, updated_at) WHERE status = 'dead';
+
+-- Rate limits shared by every sidecar. key: 'workspace_provider:<ws>/<provider>' (from a provider's
+-- settings.rate_per_second), 'provider:<name>' or 'host:<webhook host>' (herald.set_rate_limit).
+-- A sliding one-second window: claim hands out a job only if, counting it, no key exceeds per_second
+-- grants in the last second (exact, also for batched claims).
+CREATE TABLE herald.rate_limits (
+    key         text PRIMARY KEY,
+    per_second  int NOT NULL CHECK (per_second > 0)
+);
+CREATE TABLE herald.rate_grants (
+    key         text NOT NULL,
+    granted_at  timestamptz NOT NULL,
+    n           int NOT NULL
+);
+CREATE INDEX rate_grants_key_idx ON herald.rate_grants (key, granted_at);
+
+-- What was sent: one row per finished job (sent or failed), written by complete() in one statement.
+CREATE TABLE herald.message_history (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    outbox_id     bigint NOT NULL,
+    kind          text NOT NULL,
+    status        text NOT NULL CHECK (status IN ('sent', 'failed', 'dead')),
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    node          text,
+    dedupe_key    text NOT NULL,
+    message_id    text,
+    error         text,
+    attempt       int NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX message_history_automation_idx ON herald.message_history (workspace_id, automation_id, created_at);
+CREATE INDEX message_history_contact_idx ON herald.message_history (workspace_id, contact_id, created_at);
+
+-- Per-enrollment history, one row per executed node. Bounded by pruning (herald.prune_step_log).
+CREATE TABLE herald.step_log (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    enrollment_id bigint NOT NULL,
+    automation_id bigint NOT NULL,
+    node          text NOT NULL,
+    visit         int NOT NULL,
+    action        text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX step_log_enrollment_idx ON herald.step_log (workspace_id, enrollment_id, id);
+CREATE INDEX step_log_created_idx ON herald.step_log (created_at);
+
+-- Stats: facts append deltas in the transaction that makes them true; flush_stats() folds them into
+-- stats; readers add both, so numbers are exact and no statement updates a shared counter per event.
+CREATE TABLE herald.stats_delta (
+    workspace_id  text NOT NULL,
+    automation_id bigint NOT NULL,
+    node          text NOT NULL DEFAULT '',     -- '' for automation-level metrics
+    metric        text NOT NULL,
+    day           date NOT NULL DEFAULT current_date,
+    n             bigint NOT NULL
+);
+CREATE INDEX stats_delta_automation_idx ON herald.stats_delta (workspace_id, automation_id);
+CREATE TABLE herald.stats (
+    workspace_id  text NOT NULL,
+    automation_id bigint NOT NULL,
+    node          text NOT NULL,
+    metric        text NOT NULL,
+    day           date NOT NULL,
+    value         bigint NOT NULL,
+    PRIMARY KEY (workspace_id, automation_id, node, metric, day)
+);
+
+-- decide nodes: replies cached per request hash until expires_at, so identical questions are asked once.
+CREATE TABLE herald.decide_cache (
+    workspace_id  text NOT NULL,
+    request_hash  text NOT NULL,
+    reply         jsonb NOT NULL,
+    expires_at    timestamptz NOT NULL,
+    PRIMARY KEY (workspace_id, request_hash)
+);
+
+-- List membership (update_contact nodes join and leave lists; broadcasts target lists).
+CREATE TABLE herald.list_members (
+    workspace_id text NOT NULL,
+    list         text NOT NULL CHECK (list <> '' AND length(list) <= 200),
+    contact_id   bigint NOT NULL,
+    status       text NOT NULL DEFAULT 'subscribed' CHECK (status IN ('subscribed', 'unsubscribed')),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, list, contact_id)
+);
+CREATE INDEX list_members_contact_idx ON herald.list_members (workspace_id, contact_id);

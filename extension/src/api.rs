@@ -114,3 +114,10 @@ fn _valid_timezone(name: &str) -> bool {
 fn _valid_timestamp(text: &str) -> bool {
     chrono::DateTime::parse_from_rfc3339(text).is_ok()
 }
+
+/// Delay before retrying a job whose attempt number `attempt` failed; `jitter` in [0, 1) (SQL passes random()).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
+    let delay = crate::backoff::retry_delay(attempt, jitter);
+    pgrx::datum::Interval::from_micros(delay.as_micros() as i64)
+}

@@ -7,6 +7,7 @@
 ::pgrx::pg_module_magic!(name, version);
 
 mod api;
+pub mod backoff;
 pub mod condition;
 pub mod definition;
 pub mod duration;
@@ -28,3 +29,9 @@ pgrx::extension_sql_file!(
     name = "automations",
     requires = ["events", api::_check_automation, api::_check_segment]
 );
+pgrx::extension_sql_file!(
+    "../../sql/queue.sql",
+    name = "queue",
+    requires = ["automations", api::_retry_delay]
+);
+pgrx::extension_sql_file!("../../sql/stats.sql", name = "stats", requires = ["queue"]);

@@ -49,8 +49,12 @@ SELECT herald.create_automation('a1', NULL);
 SELECT herald.create_automation('nope', '{"name": "x", "start": "a", "nodes": {"a": {"type": "exit"}}}');
 SELECT count(*) AS automations_after FROM herald.automations;
 
--- life cycle
+-- life cycle: an automation goes live only when the templates and providers it sends with exist
 SELECT herald.set_automation_status(:welcome, 'paused');
+SELECT herald.set_automation_status(:welcome, 'live');
+SELECT herald.upsert_template('a1', 'welcome', 'Hi', '<p>Hi</p>'), herald.upsert_template('a1', 'nudge-a', 'A', '<p>A</p>');
+SELECT herald.set_automation_status(:welcome, 'live');
+SELECT herald.upsert_template('a1', 'nudge-b', 'B', '<p>B</p>');
 SELECT herald.set_automation_status(:welcome, 'live');
 SELECT herald.set_automation_status(:welcome, 'live');     -- idempotent
 SELECT status FROM herald.automations WHERE id = :welcome;
@@ -60,6 +64,11 @@ SELECT herald.set_automation_status(:welcome, 'deleted');
 SELECT herald.set_automation_status(:welcome, NULL);
 SELECT herald.set_automation_status(-1, 'live');
 SELECT status FROM herald.automations WHERE id = :welcome;
+
+SELECT herald.create_automation('a1', '{"name": "p", "start": "m", "nodes": {"m": {"type": "email", "template": "welcome", "provider": "ses"}}}') AS via_ses \gset
+SELECT herald.set_automation_status(:via_ses, 'live');
+SELECT herald.upsert_provider('a1', 'ses', 'smtp', '{"rate_per_second": 14}');
+SELECT herald.set_automation_status(:via_ses, 'live');
 
 -- archiving ends what is in progress and is final
 SELECT herald.create_automation('a1', '{"name": "manual", "start": "w", "nodes": {"w": {"type": "delay", "duration": "1 day", "next": "x"}, "x": {"type": "exit"}}}') AS manual \gset

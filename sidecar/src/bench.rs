@@ -112,6 +112,15 @@ struct Level {
     baseline_setup_secs: f64,
 }
 
+/// Herald at MATCHING live automations again, measured last (the other automations paused).
+#[derive(Debug, Serialize)]
+struct Control {
+    automations: usize,
+    paused: usize,
+    herald: Rate,
+    herald_pct_of_first: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Goal {
     goal: String,
@@ -154,6 +163,7 @@ struct Report {
     batches: usize,
     matching_automations: usize,
     ingest: Vec<Level>,
+    ingest_control: Control,
     go_live: GoLives,
     upsert_contacts: contacts::Import,
     track_latency: latency::Latency,
@@ -166,7 +176,7 @@ struct Report {
 pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     let sizes = Sizes::new(args.small);
     let target = target.with_dbname("herald_bench");
-    let db = fresh_database(&target).await?;
+    let db = target.recreate_with_extension().await?;
     let server_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
     info!("database herald_bench ready (PostgreSQL {server_version})");
 
@@ -232,6 +242,23 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     }
     let (track_latency, baseline_insert_latency, go_live) = middle.context("no middle level")?;
 
+    // Control: back to the 10 matching automations (the others paused) on the now larger tables,
+    // to tell the cost of more automations from the cost of more rows.
+    let paused = ingest::set_status_where_kind(&db, "other.%", "paused").await?;
+    db.batch_execute("ANALYZE").await?;
+    let control = ingest::measure(&target, &herald_batches).await?;
+    check_enrollments("herald", &control);
+    info!(
+        "control: {paused} automations paused, herald {:.0} events/s",
+        control.events_per_sec
+    );
+    let ingest_control = Control {
+        automations: MATCHING,
+        paused: paused as usize,
+        herald: control,
+        herald_pct_of_first: 100.0 * control.events_per_sec / levels[0].herald.events_per_sec,
+    };
+
     info!("importing {} contacts", sizes.import_contacts);
     let upsert_contacts = contacts::run(&target, sizes.import_contacts).await?;
 
@@ -245,6 +272,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         matching_automations: MATCHING,
         track_latency_automations: go_live.automations,
         ingest: levels,
+        ingest_control,
         go_live,
         upsert_contacts,
         track_latency,
@@ -259,28 +287,6 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     info!("wrote {}", args.json.display());
     Ok(())
-}
-
-/// `Target::recreate_with_extension`, or, while that sends DROP and CREATE DATABASE in one simple
-/// query (which Postgres runs as one transaction block and refuses), the same in two statements.
-async fn fresh_database(target: &Target) -> Result<Client> {
-    match target.recreate_with_extension().await {
-        Ok(db) => Ok(db),
-        Err(e) if format!("{e:#}").contains("cannot run inside a transaction block") => {
-            warn!("recreate_with_extension failed ({e:#}); re-creating herald_bench statement by statement");
-            let admin = target.with_dbname("postgres").connect().await?;
-            admin
-                .batch_execute("DROP DATABASE IF EXISTS herald_bench WITH (FORCE)")
-                .await?;
-            admin.batch_execute("CREATE DATABASE herald_bench").await?;
-            let db = target.connect().await?;
-            db.batch_execute("CREATE EXTENSION herald")
-                .await
-                .context("CREATE EXTENSION herald (run `make install` first)")?;
-            Ok(db)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// At the middle level (1,010 automations): track() latency, then going live during ingest.
@@ -418,6 +424,17 @@ fn render(r: &Report) -> String {
             l.herald_over_baseline
         );
     }
+    let c = &r.ingest_control;
+    let _ = writeln!(
+        o,
+        "{:>11} | {:>15} | {:>14.1}% | {:>17} | {:>15}  <- control, run last: {} others paused",
+        format!("{} again", c.automations),
+        thousands(c.herald.events_per_sec),
+        c.herald_pct_of_first,
+        "-",
+        "-",
+        thousands(c.paused as f64)
+    );
     for pair in r.ingest.windows(2) {
         let (from, to) = (&pair[0], &pair[1]);
         let added = thousands((to.automations - from.automations) as f64);

@@ -44,6 +44,8 @@ pub async fn run(target: &Target, side: Side, contacts: usize, window: Duration)
             Side::Baseline => baseline::events(b * BATCH, BATCH, contacts),
         })
         .collect();
+    // one untimed batch first, so "before" does not count the session's first plans
+    ingest_batch(&ingest_db, side, &batches[0]).await?;
     let origin = Instant::now();
     let stop = AtomicBool::new(false);
 
@@ -54,10 +56,7 @@ pub async fn run(target: &Target, side: Side, contacts: usize, window: Duration)
                 break;
             }
             let start = origin.elapsed();
-            match side {
-                Side::Herald => ingest::track_many(&ingest_db, batch).await?,
-                Side::Baseline => baseline::insert_events(&ingest_db, batch).await?,
-            }
+            ingest_batch(&ingest_db, side, batch).await?;
             samples.push(Sample {
                 start,
                 end: origin.elapsed(),
@@ -93,6 +92,13 @@ pub async fn run(target: &Target, side: Side, contacts: usize, window: Duration)
         ingest_batches_during,
         ingest_max_ms_during,
     })
+}
+
+async fn ingest_batch(db: &Client, side: Side, batch: &Value) -> Result<()> {
+    match side {
+        Side::Herald => ingest::track_many(db, batch).await,
+        Side::Baseline => baseline::insert_events(db, batch).await,
+    }
 }
 
 /// Waits a third of the window, then makes GO_LIVES automations live one by one. Returns each
@@ -143,12 +149,7 @@ fn golive_trigger_id(i: usize) -> i32 {
 async fn cleanup(db: &Client, side: Side) -> Result<()> {
     match side {
         Side::Herald => {
-            db.execute(
-                "SELECT herald.set_automation_status(id, 'archived') FROM herald.automations
-                  WHERE workspace_id = $1 AND trigger_event LIKE 'golive.%' AND status = 'live'",
-                &[&ingest::WORKSPACE],
-            )
-            .await?;
+            ingest::set_status_where_kind(db, "golive.%", "archived").await?;
         }
         Side::Baseline => {
             for i in 0..GO_LIVES {

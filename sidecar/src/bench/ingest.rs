@@ -85,6 +85,18 @@ pub async fn add_live_automations(
     Ok(())
 }
 
+/// Moves every live automation of the workspace whose trigger kind is LIKE `kind_like` to `status`,
+/// in one statement; returns how many moved.
+pub async fn set_status_where_kind(db: &Client, kind_like: &str, status: &str) -> Result<u64> {
+    db.execute(
+        "SELECT herald.set_automation_status(a.id, $3) FROM herald.automations a
+          WHERE a.workspace_id = $1 AND a.trigger_event LIKE $2 AND a.status = 'live'",
+        &[&WORKSPACE, &kind_like, &status],
+    )
+    .await
+    .with_context(|| format!("setting automations on {kind_like} {status}"))
+}
+
 /// `size` events of kind `HIT` with payload {"plan": "pro"}, for contacts `first`, `first + 1`, …
 /// (modulo `contacts`).
 pub fn events(first: usize, size: usize, contacts: usize) -> Value {

@@ -1,0 +1,474 @@
+-- herald: content, providers, rate limits and the outbox queue the sidecar works from.
+
+CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_version int;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
+        RAISE EXCEPTION 'invalid template key %', coalesce(quote_literal(key), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A template key is 1 to 100 characters: letters, digits, "_", "-" and ".".';
+    END IF;
+    IF subject IS NULL OR btrim(subject) = '' OR html IS NULL OR btrim(html) = '' THEN
+        RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- serialise versions of one key
+    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    SELECT coalesce(max(t.version), 0) + 1 INTO v_version
+      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
+    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body)
+    VALUES (workspace, key, v_version, subject, html, text_body);
+    RETURN v_version;
+END
+$$;
+
+CREATE FUNCTION herald.upsert_provider(workspace text, name text, kind text, settings jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_rate jsonb := settings -> 'rate_per_second';
+    v_bad text;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' THEN
+        RAISE EXCEPTION 'invalid provider name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A provider name is 1 to 64 characters: letters, digits, "_" and "-".';
+    END IF;
+    IF kind IS NULL OR kind NOT IN ('smtp', 'file') THEN
+        RAISE EXCEPTION 'invalid provider kind %', coalesce(quote_literal(kind), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use smtp or file.';
+    END IF;
+    IF jsonb_typeof(settings) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'provider settings must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(settings) k WHERE k NOT IN ('rate_per_second', 'from');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown provider setting(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Allowed: rate_per_second, from. Credentials belong in the sidecar''s environment (HERALD_SMTP_URL_<NAME>), never in the database.';
+    END IF;
+    IF v_rate IS NOT NULL AND (jsonb_typeof(v_rate) <> 'number' OR (v_rate)::numeric <= 0
+                               OR (v_rate)::numeric <> trunc((v_rate)::numeric)) THEN
+        RAISE EXCEPTION 'rate_per_second must be a whole number greater than 0, got %', v_rate
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO herald.providers AS p (workspace_id, name, kind, settings) VALUES (workspace, name, kind, settings)
+    ON CONFLICT ON CONSTRAINT providers_pkey DO UPDATE SET kind = EXCLUDED.kind, settings = EXCLUDED.settings, updated_at = now();
+    IF v_rate IS NULL THEN
+        DELETE FROM herald.rate_limits r WHERE r.key = herald._provider_rate_key(workspace, name);
+    ELSE
+        INSERT INTO herald.rate_limits (key, per_second) VALUES (herald._provider_rate_key(workspace, name), (v_rate)::int)
+        ON CONFLICT (key) DO UPDATE SET per_second = EXCLUDED.per_second;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald._provider_rate_key(workspace text, provider text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'workspace_provider:' || workspace || '/' || provider;
+
+-- Limits shared by all workspaces: 'provider:<name>' or 'host:<webhook host>'. per_second NULL removes it.
+CREATE FUNCTION herald.set_rate_limit(key text, per_second int) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF key IS NULL OR key !~ '^(provider|host):[^[:space:]]+$' THEN
+        RAISE EXCEPTION 'invalid rate limit key %', coalesce(quote_literal(key), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use provider:<name> or host:<webhook host>; per-workspace provider limits are set with upsert_provider(…, ''{"rate_per_second": n}'').';
+    END IF;
+    IF per_second IS NULL THEN
+        DELETE FROM herald.rate_limits r WHERE r.key = set_rate_limit.key;
+    ELSIF per_second <= 0 THEN
+        RAISE EXCEPTION 'per_second must be greater than 0, got %', per_second USING ERRCODE = 'invalid_parameter_value';
+    ELSE
+        INSERT INTO herald.rate_limits (key, per_second) VALUES (key, per_second)
+        ON CONFLICT ON CONSTRAINT rate_limits_pkey DO UPDATE SET per_second = EXCLUDED.per_second;
+    END IF;
+END
+$$;
+
+-- The row type claim returns: everything the sidecar needs to render and send.
+CREATE TYPE herald.job AS (
+    id         bigint,
+    workspace  text,
+    kind       text,
+    provider   text,
+    dedupe_key text,
+    attempt    int,
+    payload    jsonb
+);
+
+-- One coalesced wake-up per transaction: Postgres folds identical notifications of a transaction into one,
+-- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim) and
+-- herald.tick (enrollments due now).
+CREATE FUNCTION herald._notify_outbox() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_rows) THEN
+        PERFORM pg_notify('herald.outbox', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER notify_outbox AFTER INSERT ON herald.outbox
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify_outbox();
+
+CREATE FUNCTION herald._notify_tick() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_rows) THEN
+        PERFORM pg_notify('herald.tick', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER notify_tick AFTER INSERT ON herald.enrollments
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify_tick();
+
+-- Leases up to max_jobs due jobs. Three steps, whatever the batch size:
+--   1. pick fairly and lock (SKIP LOCKED): a skip-scan visits only workspaces with pending work (idle ones
+--      cost nothing), each offers its next jobs, and jobs are interleaved by their rank inside their
+--      workspace, so a workspace with 100,000 pending cannot starve one with 10; priority first
+--      (0 transactional, 1 automation, 2 broadcast);
+--   2. rate limits (only when a picked job counts against a limit): lock those limits, keep the jobs that fit
+--      in every key's sliding one-second window, record the grants;
+--   3. lease them and return them with the contact, the latest template version and the enrollment context.
+CREATE FUNCTION herald.claim(worker text, max_jobs int DEFAULT 100, lease interval DEFAULT '60 seconds')
+RETURNS SETOF herald.job
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[];
+    v_keys text[];
+    v_now timestamptz;
+BEGIN
+    IF worker IS NULL OR btrim(worker) = '' THEN
+        RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_jobs IS NULL OR max_jobs < 1 OR max_jobs > 10000 THEN
+        RAISE EXCEPTION 'max_jobs must be between 1 and 10000, got %', coalesce(max_jobs::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lease IS NULL OR lease <= interval '0' OR lease > interval '1 day' THEN
+        RAISE EXCEPTION 'lease must be between 0 and 1 day, got %', coalesce(lease::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- 1. pick and lock
+    WITH RECURSIVE busy AS (
+        (SELECT o.workspace_id FROM herald.outbox o
+          WHERE o.status = 'pending' AND o.run_at <= now()
+          ORDER BY o.workspace_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT o.workspace_id FROM herald.outbox o
+                 WHERE o.status = 'pending' AND o.run_at <= now() AND o.workspace_id > b.workspace_id
+                 ORDER BY o.workspace_id LIMIT 1)
+          FROM busy b WHERE b.workspace_id IS NOT NULL
+    ), workspaces AS (
+        SELECT b.workspace_id, count(*) OVER () AS n FROM busy b WHERE b.workspace_id IS NOT NULL
+    ), offered AS (
+        SELECT c.workspace_id, c.id, c.priority,
+               row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
+          FROM workspaces w
+          CROSS JOIN LATERAL (
+              SELECT o.workspace_id, o.id, o.priority, o.run_at FROM herald.outbox o
+               WHERE o.workspace_id = w.workspace_id AND o.status = 'pending' AND o.run_at <= now()
+               ORDER BY o.priority, o.run_at
+               -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
+               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)) c
+    ), picked AS (
+        SELECT f.workspace_id, f.id, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
+          FROM offered f
+         ORDER BY f.priority, f.rank, f.workspace_id
+         LIMIT max_jobs
+    ), locked AS (
+        SELECT o.id, p.ord, o.rate_keys FROM picked p
+          JOIN herald.outbox o ON o.workspace_id = p.workspace_id AND o.id = p.id
+         WHERE o.status = 'pending'
+         ORDER BY p.ord
+           FOR UPDATE OF o SKIP LOCKED
+    )
+    SELECT array_agg(l.id ORDER BY l.ord),
+           (SELECT array_agg(DISTINCT k) FROM locked l2, unnest(l2.rate_keys) k
+             WHERE k IN (SELECT r.key FROM herald.rate_limits r))
+      INTO v_ids, v_keys
+      FROM locked l;
+
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 2. rate limits
+    IF v_keys IS NOT NULL THEN
+        PERFORM 1 FROM herald.rate_limits r WHERE r.key = ANY (v_keys) ORDER BY r.key FOR UPDATE;
+        v_now := clock_timestamp();   -- after the lock: grants of one key are recorded in time order
+        WITH room AS (
+            SELECT r.key, r.per_second - coalesce((SELECT sum(g.n) FROM herald.rate_grants g
+                                                    WHERE g.key = r.key AND g.granted_at > v_now - interval '1 second'), 0) AS free
+              FROM herald.rate_limits r WHERE r.key = ANY (v_keys)
+        ), wanted AS (
+            SELECT u.id, u.ord, k AS key,
+                   row_number() OVER (PARTITION BY k ORDER BY u.ord) AS n
+              FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+              JOIN herald.outbox o ON o.id = u.id
+             CROSS JOIN LATERAL unnest(o.rate_keys) k
+             WHERE k = ANY (v_keys)
+        ), refused AS (
+            SELECT DISTINCT w.id FROM wanted w JOIN room r ON r.key = w.key WHERE w.n > r.free
+        )
+        SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
+          FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+         WHERE u.id NOT IN (SELECT f.id FROM refused f);
+
+        INSERT INTO herald.rate_grants (key, granted_at, n)
+        SELECT k, v_now, count(*)
+          FROM herald.outbox o CROSS JOIN LATERAL unnest(o.rate_keys) k
+         WHERE o.id = ANY (coalesce(v_ids, '{}')) AND k = ANY (v_keys)
+         GROUP BY k;
+        DELETE FROM herald.rate_grants g WHERE g.key = ANY (v_keys) AND g.granted_at < v_now - interval '2 seconds';
+        IF v_ids IS NULL THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    -- 3. lease and return
+    RETURN QUERY
+    WITH leased AS (
+        UPDATE herald.outbox o
+           SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
+               lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
+          FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+         WHERE o.id = u.id AND o.status = 'pending'
+        RETURNING o.*, u.ord
+    )
+    SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
+           l.payload || jsonb_build_object(
+               'to', c.email,
+               'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+               'context', coalesce(e.context, '{}'),
+               'event', e.event -> 'payload',
+               'automation_id', l.automation_id,
+               'enrollment_id', l.enrollment_id)
+           || CASE WHEN l.kind = 'email' THEN jsonb_build_object('template', CASE WHEN t.key IS NULL THEN NULL ELSE
+                  jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body) END)
+              ELSE '{}' END
+      FROM leased l
+      LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
+      LEFT JOIN herald.enrollments e ON e.workspace_id = l.workspace_id AND e.id = l.enrollment_id
+      LEFT JOIN LATERAL (
+          SELECT t.* FROM herald.templates t
+           WHERE t.workspace_id = l.workspace_id AND t.key = l.payload ->> 'template'
+           ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
+     ORDER BY l.ord;
+END
+$$;
+
+-- Validates one complete() result; NULL when acceptable, else the reason.
+CREATE FUNCTION herald._result_fault(r jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN jsonb_typeof(r) IS DISTINCT FROM 'object' THEN 'must be a JSON object'
+    WHEN jsonb_typeof(r -> 'id') IS DISTINCT FROM 'number' THEN 'id is missing or not a number'
+    WHEN jsonb_typeof(r -> 'ok') IS DISTINCT FROM 'boolean' THEN 'ok is missing or not true/false'
+    WHEN r ? 'retryable' AND jsonb_typeof(r -> 'retryable') <> 'boolean' THEN 'retryable must be true or false'
+    WHEN NOT (r ->> 'ok')::boolean AND jsonb_typeof(r -> 'error') IS DISTINCT FROM 'string' THEN 'a failed result needs an error string'
+    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(r) k WHERE k NOT IN ('id', 'ok', 'retryable', 'error', 'message_id', 'response')) THEN
+        'unknown key(s); allowed: id, ok, retryable, error, message_id, response'
+END;
+
+-- Finishes a batch of jobs in ONE statement: outbox rows, message history, stats deltas, decide cache,
+-- and the enrollments waiting on them (success → on_success; a decide reply picks its path; permanent
+-- failure → on_error or the enrollment fails). Retryable failures back off with jitter and become
+-- dead after max_attempts (their enrollments keep waiting until redrive or exit).
+-- Results for jobs that are not leased (unknown, already completed, reaped) change nothing and are
+-- reported in a WARNING; the return value counts the results applied. Calling it twice is harmless.
+CREATE FUNCTION herald.complete(results jsonb) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad record;
+    v_applied int;
+    v_ignored text;
+    v_woken int;
+BEGIN
+    IF jsonb_typeof(results) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(results), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: [{"id": 17, "ok": true, "message_id": "<…>"}, {"id": 18, "ok": false, "retryable": true, "error": "451 try later"}]';
+    END IF;
+    SELECT t.ord - 1 AS position, herald._result_fault(t.r) AS fault INTO v_bad
+      FROM jsonb_array_elements(results) WITH ORDINALITY t(r, ord)
+     WHERE herald._result_fault(t.r) IS NOT NULL ORDER BY t.ord LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'results[%]: %', v_bad.position, v_bad.fault USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH input AS (
+        -- the last result for an id wins (a batch may repeat one)
+        SELECT DISTINCT ON ((t.r ->> 'id')::bigint)
+               (t.r ->> 'id')::bigint AS id, (t.r ->> 'ok')::boolean AS ok,
+               coalesce((t.r ->> 'retryable')::boolean, false) AS retryable,
+               t.r ->> 'error' AS error, t.r ->> 'message_id' AS message_id, t.r -> 'response' AS response
+          FROM jsonb_array_elements(results) WITH ORDINALITY t(r, ord)
+         ORDER BY (t.r ->> 'id')::bigint, t.ord DESC
+    ), job AS (
+        SELECT o.*, i.ok, i.retryable, i.error, i.message_id AS new_message_id, i.response AS new_response,
+               CASE WHEN i.ok THEN 'done'
+                    WHEN i.retryable AND o.attempt < o.max_attempts THEN 'pending'
+                    WHEN i.retryable THEN 'dead'
+                    ELSE 'failed' END AS outcome
+          FROM input i JOIN herald.outbox o ON o.id = i.id
+         WHERE o.status = 'leased'
+           FOR UPDATE OF o
+    ), finished AS (
+        UPDATE herald.outbox o
+           SET status = j.outcome,
+               run_at = CASE WHEN j.outcome = 'pending' THEN now() + herald._retry_delay(j.attempt, random()) ELSE o.run_at END,
+               leased_by = NULL, lease_until = NULL,
+               message_id = coalesce(j.new_message_id, o.message_id),
+               response = coalesce(j.new_response, o.response),
+               last_error = CASE WHEN j.ok THEN o.last_error ELSE j.error END,
+               done_at = CASE WHEN j.outcome IN ('done', 'failed', 'dead') THEN now() END,
+               updated_at = now()
+          FROM job j
+         WHERE o.workspace_id = j.workspace_id AND o.id = j.id
+        RETURNING o.id
+    ), history AS (
+        INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, contact_id, automation_id,
+                                            enrollment_id, node, dedupe_key, message_id, error, attempt)
+        SELECT j.workspace_id, j.id, j.kind, CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
+               j.contact_id, j.automation_id, j.enrollment_id, j.node, j.dedupe_key, j.new_message_id,
+               CASE WHEN NOT j.ok THEN j.error END, j.attempt
+          FROM job j WHERE j.outcome <> 'pending'
+        RETURNING 1
+    ), cache AS (
+        INSERT INTO herald.decide_cache (workspace_id, request_hash, reply, expires_at)
+        SELECT j.workspace_id, j.payload ->> 'request_hash', coalesce(j.new_response, 'null'),
+               now() + make_interval(secs => (j.payload ->> 'cache_ttl_seconds')::float8)
+          FROM job j WHERE j.kind = 'decide' AND j.outcome = 'done'
+        ON CONFLICT (workspace_id, request_hash) DO UPDATE SET reply = EXCLUDED.reply, expires_at = EXCLUDED.expires_at
+        RETURNING 1
+    ), resolution AS (
+        -- where each finished job sends the enrollments waiting on it
+        SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response,
+               CASE WHEN j.outcome = 'done' AND j.kind = 'decide'
+                        THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
+                    WHEN j.outcome = 'done' THEN j.on_success
+                    ELSE j.on_error END AS next_node
+          FROM job j WHERE j.outcome IN ('done', 'failed')
+    ), woken AS (
+        UPDATE herald.enrollments e
+           SET status = CASE WHEN r.next_node IS NOT NULL THEN 'active'
+                             WHEN r.outcome = 'done' THEN 'completed' ELSE 'failed' END,
+               current_node = coalesce(r.next_node, e.current_node),
+               next_run_at = now(),
+               context = CASE WHEN r.kind IN ('webhook', 'decide') AND r.new_response IS NOT NULL
+                              THEN e.context || jsonb_build_object(r.node, r.new_response) ELSE e.context END,
+               ended_at = CASE WHEN r.next_node IS NULL THEN now() END,
+               exit_reason = CASE WHEN r.next_node IS NOT NULL THEN NULL
+                                  WHEN r.outcome = 'done' THEN 'completed after ' || r.node
+                                  ELSE format('%s failed: %s', r.node, r.error) END,
+               wait_kind = NULL, wait_job = NULL, updated_at = now()
+          FROM resolution r
+         WHERE e.workspace_id = r.workspace_id AND e.wait_job = r.dedupe_key
+           AND e.status = 'waiting' AND e.wait_kind = 'job'
+        RETURNING e.workspace_id, e.automation_id, e.status, r.node, r.outcome
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        SELECT s.workspace_id, s.automation_id, s.node, s.metric, count(*)
+          FROM (SELECT j.workspace_id, j.automation_id, j.node,
+                       CASE j.outcome WHEN 'done' THEN 'sent' WHEN 'failed' THEN 'failed' WHEN 'dead' THEN 'dead' ELSE 'retried' END AS metric
+                  FROM job j WHERE j.automation_id IS NOT NULL
+                UNION ALL
+                SELECT w.workspace_id, w.automation_id, '', CASE w.status WHEN 'completed' THEN 'completed' ELSE 'failed' END
+                  FROM woken w WHERE w.status IN ('completed', 'failed')) s
+         GROUP BY 1, 2, 3, 4
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM job),
+           (SELECT string_agg(i.id::text, ', ' ORDER BY i.id) FROM input i WHERE i.id NOT IN (SELECT j.id FROM job j)),
+           (SELECT count(*) FROM woken w WHERE w.status = 'active')
+      INTO v_applied, v_ignored, v_woken;
+
+    IF v_ignored IS NOT NULL THEN
+        RAISE WARNING 'complete: ignored result(s) for job(s) % (unknown, not leased, or already completed)', v_ignored;
+    END IF;
+    IF v_woken > 0 THEN
+        PERFORM pg_notify('herald.tick', '');
+    END IF;
+    RETURN v_applied;
+END
+$$;
+
+-- Expired leases go back to pending (their attempt stays counted: a job whose worker keeps dying ends dead).
+CREATE FUNCTION herald.reap() RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    WITH reaped AS (
+        UPDATE herald.outbox o
+           SET status = CASE WHEN o.attempt >= o.max_attempts THEN 'dead' ELSE 'pending' END,
+               last_error = coalesce(o.last_error || '; ', '') || 'lease of ' || coalesce(o.leased_by, '?') || ' expired',
+               leased_by = NULL, lease_until = NULL, updated_at = now(),
+               done_at = CASE WHEN o.attempt >= o.max_attempts THEN now() END
+         WHERE o.status = 'leased' AND o.lease_until < now()
+        RETURNING 1
+    )
+    SELECT count(*)::int FROM reaped;
+END;
+
+-- Dead jobs back to pending, attempts reset. Any id that is not a dead job is an error; nothing changes.
+CREATE FUNCTION herald.redrive(ids bigint[]) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT string_agg(coalesce(u.id::text, 'NULL'), ', ') INTO v_bad
+      FROM unnest(ids) u(id)
+     WHERE u.id IS NULL OR NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = u.id AND o.status = 'dead');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'not dead job(s): %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Only jobs listed in herald.dead_letters can be redriven.';
+    END IF;
+    UPDATE herald.outbox o SET status = 'pending', attempt = 0, run_at = now(), done_at = NULL, updated_at = now()
+     WHERE o.id = ANY (ids) AND o.status = 'dead';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+CREATE VIEW herald.dead_letters AS
+SELECT o.workspace_id, o.id, o.kind, o.dedupe_key, o.attempt, o.last_error, o.automation_id, o.enrollment_id,
+       o.node, o.updated_at AS died_at
+  FROM herald.outbox o WHERE o.status = 'dead';
+
+CREATE VIEW herald.queue_status AS
+SELECT o.workspace_id, o.kind, o.status, count(*) AS jobs,
+       max(now() - o.created_at) FILTER (WHERE o.status = 'pending') AS oldest_pending_age,
+       min(o.run_at) FILTER (WHERE o.status = 'pending') AS next_run_at
+  FROM herald.outbox o
+ GROUP BY o.workspace_id, o.kind, o.status;
