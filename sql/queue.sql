@@ -167,7 +167,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF lease IS NULL OR lease <= interval '0' OR lease > interval '1 day' THEN
-        RAISE EXCEPTION 'lease must be between 0 and 1 day, got %', coalesce(lease::text, 'NULL')
+        RAISE EXCEPTION 'lease must be longer than 0 and at most 1 day, got %', coalesce(lease::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
@@ -472,3 +472,60 @@ SELECT o.workspace_id, o.kind, o.status, count(*) AS jobs,
        min(o.run_at) FILTER (WHERE o.status = 'pending') AS next_run_at
   FROM herald.outbox o
  GROUP BY o.workspace_id, o.kind, o.status;
+
+-- Transactional email (priority 0: claimed before automation and broadcast mail). The contact is created
+-- when the email is unknown. dedupe_key makes a retry of the caller's own request a no-op; by default
+-- every call is a new message. Returns the outbox id (of the existing job when the key was seen before).
+CREATE FUNCTION herald.send(workspace text, email text, template text, context jsonb DEFAULT '{}',
+                            provider text DEFAULT 'default', dedupe_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_contact bigint;
+    v_id bigint;
+    v_key text := coalesce(dedupe_key, 'send:' || gen_random_uuid());
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = template) THEN
+        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
+    END IF;
+    IF provider IS NULL OR (provider <> 'default'
+        AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT herald._valid_email(herald._normalize_email(email)) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH created AS (
+        INSERT INTO herald.contacts AS c (workspace_id, email) VALUES (workspace, herald._normalize_email(send.email))
+        ON CONFLICT ON CONSTRAINT contacts_workspace_id_email_key DO NOTHING RETURNING c.id, c.email
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind) SELECT workspace, c.id, c.email, 'contact.created' FROM created c
+    )
+    SELECT x.id INTO v_contact FROM created x;
+    IF v_contact IS NULL THEN
+        SELECT c.id INTO v_contact FROM herald.contacts c
+         WHERE c.workspace_id = workspace AND c.email = herald._normalize_email(send.email);
+    END IF;
+
+    INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
+    VALUES (workspace, 'email', 0, v_key, provider,
+            ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider], v_contact,
+            jsonb_build_object('template', template, 'provider', provider, 'variables', context))
+    ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO NOTHING
+    RETURNING o.id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT o.id INTO v_id FROM herald.outbox o WHERE o.workspace_id = workspace AND o.dedupe_key = v_key;
+    END IF;
+    RETURN v_id;
+END
+$$;
