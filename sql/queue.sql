@@ -184,26 +184,23 @@ BEGIN
     ), workspaces AS (
         SELECT b.workspace_id, count(*) OVER () AS n FROM busy b WHERE b.workspace_id IS NOT NULL
     ), offered AS (
-        SELECT c.workspace_id, c.id, c.priority,
+        -- locked while scanned (SKIP LOCKED inside the per-workspace scan), so rows another claimer holds
+        -- do not use up the limit; rows offered but not picked are released when claim commits
+        SELECT c.workspace_id, c.id, c.priority, c.rate_keys,
                row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
           FROM workspaces w
           CROSS JOIN LATERAL (
-              SELECT o.workspace_id, o.id, o.priority, o.run_at FROM herald.outbox o
+              SELECT o.workspace_id, o.id, o.priority, o.run_at, o.rate_keys FROM herald.outbox o
                WHERE o.workspace_id = w.workspace_id AND o.status = 'pending' AND o.run_at <= now()
                ORDER BY o.priority, o.run_at
                -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
-               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)) c
-    ), picked AS (
-        SELECT f.workspace_id, f.id, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
+               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)
+                 FOR UPDATE OF o SKIP LOCKED) c
+    ), locked AS (
+        SELECT f.id, f.rate_keys, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
           FROM offered f
          ORDER BY f.priority, f.rank, f.workspace_id
          LIMIT max_jobs
-    ), locked AS (
-        SELECT o.id, p.ord, o.rate_keys FROM picked p
-          JOIN herald.outbox o ON o.workspace_id = p.workspace_id AND o.id = p.id
-         WHERE o.status = 'pending'
-         ORDER BY p.ord
-           FOR UPDATE OF o SKIP LOCKED
     )
     SELECT array_agg(l.id ORDER BY l.ord),
            (SELECT array_agg(DISTINCT k) FROM locked l2, unnest(l2.rate_keys) k

@@ -114,4 +114,4 @@ SELECT herald.upsert_provider('q1', 'bad', 'smtp', '{"password": "hunter2"}');
 SELECT herald.upsert_provider('q1', 'bad', 'pigeon');
 SELECT herald.upsert_provider('q1', 'bad', 'smtp', '{"rate_per_second": 1.5}');
 
-SELECT workspace_id, kind, status, jobs FROM herald.queue_status WHERE workspace_id = 'q1' ORDER BY 1, 2, 3;
+SELECT workspace_id, kind, status, jobs FROM herald.queue_status WHERE workspace_id = 'q1' AND status IN ('done', 'failed') ORDER BY 1, 2, 3;

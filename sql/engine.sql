@@ -1,0 +1,242 @@
+-- herald: the step engine.
+--
+-- tick() is ONE statement, whatever the batch size:
+--   due       lock up to max_steps due enrollments of live automations (FOR UPDATE SKIP LOCKED: any number
+--             of concurrent ticks are safe and never run a step twice)
+--   batch     prefetch their contacts and automations once, as two jsonb documents
+--   steps     herald._steps (Rust, extension/src/step_engine.rs) runs the node logic in memory: a contact
+--             advances through consecutive non-waiting nodes until it parks, ends, or hits the per-tick cap
+--   writes    data-modifying CTEs write every outcome: enrollments, outbox jobs (ON CONFLICT on the dedupe key,
+--             so a step is never queued twice), decide replies served from the cache, contacts and list
+--             memberships touched by update_contact (with list.joined / list.left events), the step log and
+--             stats deltas.
+
+CREATE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_steps int;
+BEGIN
+    IF max_steps IS NULL OR max_steps < 1 OR max_steps > 100000 THEN
+        RAISE EXCEPTION 'max_steps must be between 1 and 100000, got %', coalesce(max_steps::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH due AS (
+        SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
+               e.context, e.event
+          FROM herald.enrollments e
+         WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now()
+           AND EXISTS (SELECT 1 FROM herald.automations a
+                        WHERE a.workspace_id = e.workspace_id AND a.id = e.automation_id AND a.status = 'live')
+         ORDER BY e.next_run_at
+         LIMIT max_steps
+           FOR UPDATE OF e SKIP LOCKED
+    ), batch AS (
+        SELECT (SELECT jsonb_object_agg(a.id::text, a.definition)
+                  FROM herald.automations a
+                 WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d)) AS automations,
+               jsonb_agg(jsonb_build_object(
+                   'id', d.id, 'automation_id', d.automation_id, 'status', d.status, 'node', d.current_node,
+                   'visit', d.visit, 'context', d.context, 'event', d.event -> 'payload',
+                   'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+                   'timezone', c.timezone)) AS enrollments
+          FROM due d
+          JOIN herald.contacts c ON c.workspace_id = d.workspace_id AND c.id = d.contact_id
+    ), stepped AS MATERIALIZED (
+        SELECT d.workspace_id, d.automation_id, d.contact_id, s.*,
+               s.job ->> 'kind' AS job_kind,
+               -- decide: identical questions share one job per TTL window (and one cached reply)
+               CASE WHEN s.job ->> 'kind' = 'decide'
+                    THEN format('decide:%s:%s', s.job ->> 'request_hash',
+                                floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
+                    ELSE s.job ->> 'dedupe_key' END AS job_key
+          FROM batch b
+         CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments, extract(epoch FROM now())::float8, 50) s
+          JOIN due d ON d.id = s.enrollment_id
+    ), cached AS (
+        -- decide questions answered from the cache: the enrollment goes straight to the chosen path
+        SELECT st.enrollment_id, dc.reply,
+               coalesce(st.job -> 'payload' -> 'paths' ->> (dc.reply ->> (st.job -> 'payload' ->> 'field')),
+                        st.job -> 'payload' ->> 'default') AS next_node
+          FROM stepped st
+          JOIN herald.decide_cache dc
+            ON dc.workspace_id = st.workspace_id AND dc.request_hash = st.job ->> 'request_hash' AND dc.expires_at > now()
+         WHERE st.job_kind = 'decide'
+    ), moved AS (
+        UPDATE herald.enrollments e
+           SET status = CASE WHEN k.enrollment_id IS NOT NULL THEN 'active' ELSE st.status END,
+               current_node = coalesce(k.next_node, st.node),
+               next_run_at = CASE WHEN k.enrollment_id IS NOT NULL THEN now()
+                                  ELSE coalesce(to_timestamp(st.next_run_at), 'infinity') END,
+               visit = st.visit,
+               context = CASE WHEN k.enrollment_id IS NOT NULL THEN st.context || jsonb_build_object(st.node, k.reply)
+                              ELSE st.context END,
+               exit_reason = st.exit_reason,
+               ended_at = CASE WHEN st.status IN ('completed', 'exited', 'failed') THEN now() END,
+               wait_kind = CASE WHEN k.enrollment_id IS NOT NULL THEN NULL ELSE st.wait_kind END,
+               wait_job = CASE WHEN k.enrollment_id IS NULL AND st.wait_kind = 'job' THEN st.job_key END,
+               wait_event = st.wait_event,
+               wait_filter = st.wait_filter,
+               updated_at = now()
+          FROM stepped st
+          LEFT JOIN cached k ON k.enrollment_id = st.enrollment_id
+         WHERE e.workspace_id = st.workspace_id AND e.id = st.enrollment_id
+        RETURNING 1
+    ), queued AS (
+        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
+                                        automation_id, enrollment_id, node, on_success, on_error, payload)
+        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.job ->> 'provider',
+               CASE WHEN st.job_kind = 'email'
+                    THEN ARRAY[herald._provider_rate_key(st.workspace_id, st.job ->> 'provider'), 'provider:' || (st.job ->> 'provider')]
+                    ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
+               st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
+               st.job ->> 'on_success', st.job ->> 'on_error',
+               st.job -> 'payload' || jsonb_build_object('request_hash', st.job ->> 'request_hash',
+                                                        'cache_ttl_seconds', st.job -> 'cache_ttl_seconds')
+          FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
+                 WHERE x.job IS NOT NULL AND x.enrollment_id NOT IN (SELECT k.enrollment_id FROM cached k)
+                 ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
+         ORDER BY st.job_key
+        ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO UPDATE
+           -- a shared decide question that failed before is asked again for the newcomers
+           SET status = 'pending', attempt = 0, run_at = now(), updated_at = now()
+         WHERE o.kind = 'decide' AND o.status = 'failed'
+        RETURNING 1
+    ), contact_changes AS (
+        SELECT st.workspace_id, st.contact_id,
+               herald._jsonb_merge_agg(coalesce(st.contact_update -> 'set', '{}') ORDER BY st.enrollment_id) AS set_attrs,
+               array_agg(DISTINCT t) FILTER (WHERE t IS NOT NULL) AS add_tags
+          FROM stepped st
+          LEFT JOIN LATERAL jsonb_array_elements_text(st.contact_update -> 'add_tags') t ON true
+         WHERE st.contact_update IS NOT NULL
+         GROUP BY st.workspace_id, st.contact_id
+    ), contact_removals AS (
+        SELECT st.workspace_id, st.contact_id, array_agg(DISTINCT t) AS remove_tags
+          FROM stepped st
+         CROSS JOIN LATERAL jsonb_array_elements_text(st.contact_update -> 'remove_tags') t
+         GROUP BY st.workspace_id, st.contact_id
+    ), contacts_updated AS (
+        UPDATE herald.contacts c
+           SET attributes = herald._merge_attributes(c.attributes, ch.set_attrs),
+               tags = ARRAY(SELECT DISTINCT x FROM unnest(c.tags || coalesce(ch.add_tags, '{}')) x
+                             WHERE x <> ALL (coalesce(r.remove_tags, '{}')) ORDER BY x),
+               updated_at = now()
+          FROM contact_changes ch
+          LEFT JOIN contact_removals r ON r.workspace_id = ch.workspace_id AND r.contact_id = ch.contact_id
+         WHERE c.workspace_id = ch.workspace_id AND c.id = ch.contact_id
+        RETURNING 1
+    ), list_moves AS (
+        SELECT DISTINCT ON (st.workspace_id, l.list, st.contact_id)
+               st.workspace_id, st.contact_id, l.list, l.status
+          FROM stepped st
+         CROSS JOIN LATERAL (
+             SELECT j, 'subscribed' AS status FROM jsonb_array_elements_text(st.contact_update -> 'add_lists') j
+             UNION ALL
+             SELECT j, 'unsubscribed' FROM jsonb_array_elements_text(st.contact_update -> 'remove_lists') j) l(list, status)
+         WHERE st.contact_update IS NOT NULL
+         ORDER BY st.workspace_id, l.list, st.contact_id, st.enrollment_id DESC
+    ), memberships AS (
+        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
+        SELECT lm.workspace_id, lm.list, lm.contact_id, lm.status FROM list_moves lm
+         ORDER BY lm.workspace_id, lm.list, lm.contact_id
+        ON CONFLICT (workspace_id, list, contact_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+         WHERE m.status <> EXCLUDED.status
+        RETURNING m.workspace_id, m.contact_id, m.list, m.status
+    ), list_events AS (
+        -- reach the dispatcher, so automations can trigger on list.joined / list.left
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT mb.workspace_id, mb.contact_id,
+               CASE mb.status WHEN 'subscribed' THEN 'list.joined' ELSE 'list.left' END,
+               jsonb_build_object('list', mb.list)
+          FROM memberships mb
+        RETURNING 1
+    ), logged AS (
+        INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, node, visit, action)
+        SELECT st.workspace_id, st.enrollment_id, st.automation_id, l ->> 'node', (l ->> 'visit')::int, l ->> 'action'
+          FROM stepped st CROSS JOIN LATERAL jsonb_array_elements(st.log) l
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        SELECT st.workspace_id, st.automation_id, coalesce(c ->> 'node', ''), c ->> 'metric', count(*)
+          FROM stepped st CROSS JOIN LATERAL jsonb_array_elements(st.counts) c
+         GROUP BY 1, 2, 3, 4
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_steps FROM stepped;
+    RETURN v_steps;
+END
+$$;
+
+-- Resolves an enrollment parked on an approval node: approved → the node's "approved" path, else "rejected".
+-- Who decided and when are recorded on the enrollment and in the step log.
+CREATE FUNCTION herald.decide_approval(enrollment bigint, approved boolean, actor text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+    v_next text;
+BEGIN
+    IF approved IS NULL THEN
+        RAISE EXCEPTION 'approved must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF actor IS NULL OR btrim(actor) = '' THEN
+        RAISE EXCEPTION 'actor is required: who decides' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.status <> 'waiting' OR v.wait_kind IS DISTINCT FROM 'approval' THEN
+        RAISE EXCEPTION 'enrollment % is not waiting for an approval (status %, at node %)', enrollment, v.status, v.current_node
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT a.definition -> 'nodes' -> v.current_node ->> CASE WHEN approved THEN 'approved' ELSE 'rejected' END INTO v_next
+      FROM herald.automations a WHERE a.workspace_id = v.workspace_id AND a.id = v.automation_id;
+
+    UPDATE herald.enrollments e
+       SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,
+           decided_by = actor, decided_at = now(), approved = decide_approval.approved, updated_at = now()
+     WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, node, visit, action)
+    VALUES (v.workspace_id, v.id, v.automation_id, v.current_node, v.visit,
+            format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next));
+    INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+    VALUES (v.workspace_id, v.automation_id, v.current_node, CASE WHEN approved THEN 'approved' ELSE 'rejected' END, 1);
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+CREATE VIEW herald.pending_approvals AS
+SELECT e.workspace_id, e.id AS enrollment_id, e.automation_id, a.name AS automation, e.current_node AS node,
+       c.email, e.updated_at AS waiting_since, nullif(e.next_run_at, 'infinity') AS times_out_at
+  FROM herald.enrollments e
+  JOIN herald.automations a ON a.workspace_id = e.workspace_id AND a.id = e.automation_id
+  JOIN herald.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
+ WHERE e.status = 'waiting' AND e.wait_kind = 'approval';
+
+-- Old step-log rows go; per-node history stays bounded. Returns how many rows were removed.
+CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days') RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_total bigint := 0;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '1 hour' THEN
+        RAISE EXCEPTION 'older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM herald.step_log WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.outbox WHERE status IN ('done', 'failed') AND done_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.decide_cache WHERE expires_at < now();
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    RETURN v_total;
+END
+$$;
