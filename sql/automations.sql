@@ -11,9 +11,11 @@ BEGIN
     PERFORM herald._require_workspace(workspace);
     -- raises "invalid automation definition: <path>: <fault>" naming every fault
     v_checked := herald._check_automation(definition);
-    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, reentry, start_node)
+    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, filter_reads_contact,
+                                    reentry, start_node)
     VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
-            nullif(v_checked -> 'trigger_filter', 'null'), v_checked ->> 'reentry', v_checked ->> 'start')
+            nullif(v_checked -> 'trigger_filter', 'null'), (v_checked ->> 'filter_reads_contact')::boolean,
+            v_checked ->> 'reentry', v_checked ->> 'start')
     RETURNING id INTO v_id;
     RETURN v_id;
 END

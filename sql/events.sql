@@ -89,25 +89,31 @@ BEGIN
     -- 3. enrol into every live automation whose trigger matches, and 4. wake the enrollments parked on a
     --    wait_event node for one of these events (first matching event wins). One statement.
     WITH ev AS (
-        SELECT n.workspace_id, n.id, coalesce(n.contact_id, c.id) AS contact_id, n.kind, n.payload
+        SELECT n.workspace_id, n.id, n.contact_id, n.kind, n.payload
+          FROM new_events n WHERE n.contact_id IS NOT NULL
+        UNION ALL
+        SELECT n.workspace_id, n.id, c.id, n.kind, n.payload
           FROM new_events n
-          LEFT JOIN herald.contacts c
-            ON n.contact_id IS NULL AND c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
+                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe
+         WHERE n.contact_id IS NULL
     ), candidate AS (
         SELECT ev.workspace_id, ev.id AS event_id, ev.contact_id, ev.kind, ev.payload,
-               a.id AS automation_id, a.reentry, a.start_node, a.trigger_filter
+               a.id AS automation_id, a.reentry, a.start_node, a.trigger_filter, a.filter_reads_contact
           FROM ev
           JOIN herald.automations a
             ON a.workspace_id = ev.workspace_id AND a.trigger_event = ev.kind
            AND a.status = 'live' AND a.trigger_event IS NOT NULL
     ), matched AS (
+        -- the contact is fetched and turned into facts only for filters that read contact.* fields
         SELECT k.* FROM candidate k
-          LEFT JOIN herald.contacts c
-            ON k.trigger_filter IS NOT NULL AND c.workspace_id = k.workspace_id AND c.id = k.contact_id
          WHERE k.trigger_filter IS NULL
-            OR herald._matches(k.trigger_filter,
-                               herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
-                               k.payload, NULL)
+            OR (NOT k.filter_reads_contact AND herald._matches(k.trigger_filter, NULL, k.payload, NULL))
+            OR (k.filter_reads_contact AND herald._matches(k.trigger_filter,
+                   (SELECT herald._contact_facts(c.email, c.attributes, c.timezone, c.tags) FROM herald.contacts c
+                     WHERE c.workspace_id = k.workspace_id AND c.id = k.contact_id),
+                   k.payload, NULL))
     ), enrolled AS (
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
@@ -159,16 +165,14 @@ CREATE TRIGGER dispatch AFTER INSERT ON herald.events
     REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION herald._dispatch();
 
--- Validates one track_many entry; NULL when it is acceptable, else the reason.
+-- Validates one track_many entry; NULL when it is acceptable, else the reason (inlinable: no sub-selects).
 CREATE FUNCTION herald._event_entry_fault(entry jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
 RETURN CASE
     WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
         format('must be a JSON object, got %s', coalesce(jsonb_typeof(entry), 'NULL'))
-    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(entry) k WHERE k NOT IN ('email', 'kind', 'payload', 'occurred_at')) THEN
-        format('unknown key(s) %s; allowed: email, kind, payload, occurred_at',
-               (SELECT string_agg(quote_ident(k), ', ') FROM jsonb_object_keys(entry) k
-                 WHERE k NOT IN ('email', 'kind', 'payload', 'occurred_at')))
+    WHEN (entry - ARRAY['email', 'kind', 'payload', 'occurred_at']) <> '{}' THEN
+        format('unknown key(s) in %s; allowed: email, kind, payload, occurred_at', entry - ARRAY['email', 'kind', 'payload', 'occurred_at'])
     WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
     WHEN NOT herald._valid_email(herald._normalize_email(entry ->> 'email')) THEN
         format('email %s is not a valid address', entry -> 'email')
@@ -230,7 +234,9 @@ BEGIN
         SELECT v_ws, c.id, c.email, t.entry ->> 'kind', coalesce(t.entry -> 'payload', '{}'),
                coalesce((t.entry ->> 'occurred_at')::timestamptz, now())
           FROM jsonb_array_elements(events) WITH ORDINALITY AS t(entry, ord)
-          JOIN herald.contacts c ON c.workspace_id = v_ws AND c.email = herald._normalize_email(t.entry ->> 'email')
+         CROSS JOIN LATERAL (SELECT c.id, c.email FROM herald.contacts c
+                              WHERE c.workspace_id = v_ws AND c.email = herald._normalize_email(t.entry ->> 'email')
+                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe
          ORDER BY t.ord
         RETURNING id
     )

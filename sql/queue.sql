@@ -279,15 +279,16 @@ $$;
 
 -- Validates one complete() result; NULL when acceptable, else the reason.
 CREATE FUNCTION herald._result_fault(r jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
 RETURN CASE
     WHEN jsonb_typeof(r) IS DISTINCT FROM 'object' THEN 'must be a JSON object'
     WHEN jsonb_typeof(r -> 'id') IS DISTINCT FROM 'number' THEN 'id is missing or not a number'
     WHEN jsonb_typeof(r -> 'ok') IS DISTINCT FROM 'boolean' THEN 'ok is missing or not true/false'
     WHEN r ? 'retryable' AND jsonb_typeof(r -> 'retryable') <> 'boolean' THEN 'retryable must be true or false'
     WHEN NOT (r ->> 'ok')::boolean AND jsonb_typeof(r -> 'error') IS DISTINCT FROM 'string' THEN 'a failed result needs an error string'
-    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(r) k WHERE k NOT IN ('id', 'ok', 'retryable', 'error', 'message_id', 'response')) THEN
-        'unknown key(s); allowed: id, ok, retryable, error, message_id, response'
+    WHEN (r - ARRAY['id', 'ok', 'retryable', 'error', 'message_id', 'response']) <> '{}' THEN
+        format('unknown key(s) in %s; allowed: id, ok, retryable, error, message_id, response',
+               r - ARRAY['id', 'ok', 'retryable', 'error', 'message_id', 'response'])
 END;
 
 -- Finishes a batch of jobs in ONE statement: outbox rows, message history, stats deltas, decide cache,

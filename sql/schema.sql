@@ -67,6 +67,7 @@ CREATE TABLE herald.automations (
     -- denormalised from the validated definition so the dispatcher never parses definitions
     trigger_event  text,
     trigger_filter jsonb,
+    filter_reads_contact boolean NOT NULL DEFAULT false,
     reentry        text NOT NULL CHECK (reentry IN ('once', 'after_exit', 'always')),
     start_node     text NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),

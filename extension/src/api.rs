@@ -48,7 +48,13 @@ fn _check_automation(definition: Option<JsonB>) -> JsonB {
         Reentry::Always => "always",
     };
     let trigger = def.get("trigger");
+    let filter_reads_contact = automation
+        .trigger
+        .as_ref()
+        .and_then(|t| t.filter.as_ref())
+        .is_some_and(|f| f.scopes().reads(Scope::Contact));
     JsonB(json!({
+        "filter_reads_contact": filter_reads_contact,
         "name": automation.name,
         "trigger_event": automation.trigger.as_ref().map(|t| t.event.clone()),
         "trigger_filter": trigger.and_then(|t| t.get("filter")).cloned().unwrap_or(Value::Null),

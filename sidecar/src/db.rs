@@ -32,7 +32,7 @@ impl Target {
             None => {
                 let mut c = Config::new();
                 c.host_path("/var/run/postgresql");
-                c.user(&os_user());
+                c.user(os_user());
                 c.dbname("herald");
                 c
             }
