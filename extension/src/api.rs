@@ -127,3 +127,61 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
     let delay = crate::backoff::retry_delay(attempt, jitter);
     pgrx::datum::Interval::from_micros(delay.as_micros() as i64)
 }
+
+/// The step engine over a whole tick batch: `automations` maps automation id → definition,
+/// `enrollments` is an array of `{id, automation_id, status, node, visit, context, event, contact,
+/// timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
+/// enrollment, what tick() writes back.
+#[pg_extern(strict)]
+fn _steps(
+    automations: JsonB,
+    enrollments: JsonB,
+    now_epoch: f64,
+    max_transitions: i32,
+) -> TableIterator<
+    'static,
+    (
+        name!(enrollment_id, i64),
+        name!(status, String),
+        name!(node, String),
+        name!(next_run_at, Option<f64>),
+        name!(visit, i32),
+        name!(context, JsonB),
+        name!(exit_reason, Option<String>),
+        name!(wait_kind, Option<String>),
+        name!(wait_event, Option<String>),
+        name!(wait_filter, Option<JsonB>),
+        name!(job, Option<JsonB>),
+        name!(contact_update, Option<JsonB>),
+        name!(log, JsonB),
+        name!(counts, JsonB),
+    ),
+> {
+    let outcomes =
+        crate::tick_batch::run(&automations.0, &enrollments.0, now_epoch, max_transitions)
+            .unwrap_or_else(|e| {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+                    format!("tick batch: {e}")
+                );
+            });
+    TableIterator::new(outcomes.into_iter().map(|r| {
+        (
+            r.enrollment_id,
+            r.status,
+            r.node,
+            r.next_run_at,
+            r.visit,
+            JsonB(r.context),
+            r.exit_reason,
+            r.wait_kind,
+            r.wait_event,
+            r.wait_filter.map(JsonB),
+            r.job.map(JsonB),
+            r.contact_update.map(JsonB),
+            JsonB(r.log),
+            JsonB(r.counts),
+        )
+    }))
+}

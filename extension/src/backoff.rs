@@ -14,6 +14,7 @@ pub fn retry_delay(attempt: i32, jitter: f64) -> Duration {
     let exponent = attempt.clamp(1, 32) as u32 - 1;
     let base = BASE.as_secs_f64() * 2f64.powi(exponent as i32);
     let capped = base.min(CAP.as_secs_f64());
+    let jitter = if jitter.is_nan() { 0.0 } else { jitter };
     let factor = 0.5 + jitter.clamp(0.0, 0.999_999);
     Duration::from_secs_f64(capped * factor)
 }

@@ -12,6 +12,8 @@ pub mod condition;
 pub mod definition;
 pub mod duration;
 pub mod fault;
+pub mod step_engine;
+pub mod tick_batch;
 
 pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!(
@@ -35,3 +37,8 @@ pgrx::extension_sql_file!(
     requires = ["automations", api::_retry_delay]
 );
 pgrx::extension_sql_file!("../../sql/stats.sql", name = "stats", requires = ["queue"]);
+pgrx::extension_sql_file!(
+    "../../sql/engine.sql",
+    name = "engine",
+    requires = ["stats", api::_steps]
+);

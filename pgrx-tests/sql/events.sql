@@ -1,5 +1,11 @@
 -- Events: track, track_many, plain INSERT and COPY all reach the dispatcher; errors change nothing.
 \set SHOW_CONTEXT never
+-- ids start at this file's own base, so expected output does not depend on the other files
+DO $$ DECLARE t text; BEGIN
+  FOREACH t IN ARRAY ARRAY['contacts', 'events', 'automations', 'enrollments', 'outbox'] LOOP
+    EXECUTE format('ALTER TABLE herald.%I ALTER COLUMN id RESTART WITH 60000', t);
+  END LOOP;
+END $$;
 SELECT herald.create_workspace('e1');
 
 -- track creates an unknown contact (and its contact.created event), returns the event id

@@ -1,0 +1,316 @@
+//! The bridge between `herald.tick()`'s batch (two JSON documents built by SQL) and the step engine:
+//! parse each automation once, build the engine's inputs, and flatten its outcomes into the rows SQL
+//! writes back. No Postgres here, so it is tested with plain `cargo test`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use crate::definition::{self, Automation};
+use crate::fault;
+use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
+
+/// One enrollment's outcome, shaped like a row of `herald._steps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub enrollment_id: i64,
+    pub status: String,
+    pub node: String,
+    /// Epoch seconds; None = not by time ('infinity' in SQL).
+    pub next_run_at: Option<f64>,
+    pub visit: i32,
+    pub context: Value,
+    pub exit_reason: Option<String>,
+    pub wait_kind: Option<String>,
+    pub wait_event: Option<String>,
+    pub wait_filter: Option<Value>,
+    pub job: Option<Value>,
+    pub contact_update: Option<Value>,
+    pub log: Value,
+    pub counts: Value,
+}
+
+/// Runs one batch. `automations`: `{"<id>": definition}`; `enrollments`: array of
+/// `{id, automation_id, status, node, visit, context, event, contact, timezone}`.
+/// A malformed batch is an error (SQL builds it, so that is a bug); an automation whose stored
+/// definition no longer validates fails its enrollments with the reason instead of stopping the tick.
+pub fn run(
+    automations: &Value,
+    enrollments: &Value,
+    now_epoch: f64,
+    max_transitions: i32,
+) -> Result<Vec<StepRow>, String> {
+    let now = DateTime::<Utc>::from_timestamp_micros((now_epoch * 1e6).round() as i64)
+        .ok_or_else(|| format!("now {now_epoch} is out of range"))?;
+    let defs = automations
+        .as_object()
+        .ok_or("automations must be an object")?;
+    let parsed: HashMap<i64, Result<Automation, String>> = defs
+        .iter()
+        .map(|(id, def)| {
+            let id: i64 = id
+                .parse()
+                .map_err(|_| format!("automation id {id:?} is not a number"))?;
+            Ok((
+                id,
+                definition::validate(def).map_err(|f| fault::describe(&f)),
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let items = match enrollments {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(items) => items,
+        _ => return Err("enrollments must be an array".into()),
+    };
+
+    let mut rows = Vec::with_capacity(items.len());
+    for item in items {
+        let e = Enrollment::parse(item)?;
+        let row = match parsed.get(&e.automation_id) {
+            Some(Ok(automation)) => {
+                let input = StepInput {
+                    enrollment_id: e.id,
+                    automation_id: e.automation_id,
+                    automation,
+                    status: e.status,
+                    node: e.node,
+                    visit: e.visit,
+                    context: e.context,
+                    contact: e.contact,
+                    event: e.event,
+                    timezone: e.timezone.and_then(|tz| tz.parse().ok()),
+                    now,
+                    max_transitions: max_transitions.max(1) as u32,
+                };
+                to_row(step_engine::advance(input))
+            }
+            Some(Err(reason)) => failed(
+                &e,
+                format!(
+                    "automation {} no longer validates: {reason}",
+                    e.automation_id
+                ),
+            ),
+            None => failed(
+                &e,
+                format!("automation {} is missing from the batch", e.automation_id),
+            ),
+        };
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+struct Enrollment {
+    id: i64,
+    automation_id: i64,
+    status: Status,
+    node: String,
+    visit: i32,
+    context: Value,
+    contact: Value,
+    event: Option<Value>,
+    timezone: Option<String>,
+}
+
+impl Enrollment {
+    fn parse(v: &Value) -> Result<Self, String> {
+        let int = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_i64)
+                .ok_or_else(|| format!("enrollment.{k} is missing"))
+        };
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("enrollment.{k} is missing"))
+        };
+        let status = text("status")?;
+        Ok(Self {
+            id: int("id")?,
+            automation_id: int("automation_id")?,
+            status: Status::parse(status)
+                .ok_or_else(|| format!("unknown enrollment status {status:?}"))?,
+            node: text("node")?.to_string(),
+            visit: int("visit")? as i32,
+            context: v
+                .get("context")
+                .cloned()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({})),
+            contact: v.get("contact").cloned().unwrap_or_else(|| json!({})),
+            event: v.get("event").cloned().filter(|e| !e.is_null()),
+            timezone: v
+                .get("timezone")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+    }
+}
+
+fn failed(e: &Enrollment, reason: String) -> StepRow {
+    StepRow {
+        enrollment_id: e.id,
+        status: Status::Failed.as_str().into(),
+        node: e.node.clone(),
+        next_run_at: None,
+        visit: e.visit,
+        context: e.context.clone(),
+        exit_reason: Some(reason.clone()),
+        wait_kind: None,
+        wait_event: None,
+        wait_filter: None,
+        job: None,
+        contact_update: None,
+        log: json!([{"node": e.node, "visit": e.visit, "action": format!("failed: {reason}")}]),
+        counts: json!([{"node": null, "metric": "failed"}]),
+    }
+}
+
+fn to_row(o: Outcome) -> StepRow {
+    let (wait_kind, wait_event, wait_filter) = match &o.wait {
+        Some(Wait::Event { kind, filter }) => (
+            Some("event".to_string()),
+            Some(kind.clone()),
+            filter.clone(),
+        ),
+        Some(w) => (Some(w.kind_str().to_string()), None, None),
+        None => (None, None, None),
+    };
+    let job = o.job.map(|j| {
+        let ttl = j
+            .payload
+            .get("cache_ttl_seconds")
+            .cloned()
+            .unwrap_or(Value::Null);
+        json!({
+            "kind": j.kind.as_str(),
+            "node": j.node,
+            "dedupe_key": j.dedupe_key,
+            "provider": j.provider,
+            "rate_host": j.rate_host,
+            "payload": j.payload,
+            "on_success": j.on_success,
+            "on_error": j.on_error,
+            "request_hash": j.request_hash,
+            "cache_ttl_seconds": ttl,
+        })
+    });
+    let contact_update = o.contact_update.map(|u| {
+        json!({
+            "set": Value::Object(u.set),
+            "add_tags": u.add_tags,
+            "remove_tags": u.remove_tags,
+            "add_lists": u.add_lists,
+            "remove_lists": u.remove_lists,
+        })
+    });
+    let log = o
+        .log
+        .into_iter()
+        .map(|l| json!({"node": l.node, "visit": l.visit, "action": l.action}))
+        .collect();
+    let counts = o
+        .counts
+        .into_iter()
+        .map(|c| json!({"node": c.node, "metric": c.metric}))
+        .collect();
+    StepRow {
+        enrollment_id: o.enrollment_id,
+        status: o.status.as_str().into(),
+        node: o.node,
+        next_run_at: o.next_run_at.map(|t| t.timestamp_micros() as f64 / 1e6),
+        visit: o.visit,
+        context: o.context,
+        exit_reason: o.exit_reason,
+        wait_kind,
+        wait_event,
+        wait_filter,
+        job,
+        contact_update,
+        log: Value::Array(log),
+        counts: Value::Array(counts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn automations() -> Value {
+        json!({"7": {"name": "t", "start": "hello", "nodes": {
+            "hello": {"type": "email", "template": "welcome", "next": "wait"},
+            "wait": {"type": "delay", "duration": "1 hour", "next": "done"},
+            "done": {"type": "exit"}}},
+              "8": {"name": "broken"}})
+    }
+
+    fn enrollment(id: i64, automation: i64, node: &str) -> Value {
+        json!({"id": id, "automation_id": automation, "status": "active", "node": node, "visit": 0,
+               "context": {}, "event": null, "contact": {"email": "a@example.com"}, "timezone": "Europe/Paris"})
+    }
+
+    const NOW: f64 = 1_795_000_000.0;
+
+    #[test]
+    fn an_email_node_parks_with_a_job() {
+        let rows = run(&automations(), &json!([enrollment(1, 7, "hello")]), NOW, 50).unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.status.as_str(), r.node.as_str(), r.wait_kind.as_deref()),
+            ("waiting", "hello", Some("job"))
+        );
+        assert_eq!(r.next_run_at, None);
+        let job = r.job.as_ref().unwrap();
+        assert_eq!(job["kind"], "email");
+        assert_eq!(job["dedupe_key"], "a7:e1:hello:1");
+        assert_eq!(job["on_success"], "wait");
+        assert_eq!(
+            r.counts.as_array().unwrap().len(),
+            2,
+            "entered + queued: {:?}",
+            r.counts
+        );
+    }
+
+    #[test]
+    fn a_delay_schedules_the_next_node_in_epoch_seconds() {
+        let rows = run(&automations(), &json!([enrollment(2, 7, "wait")]), NOW, 50).unwrap();
+        assert_eq!(rows[0].status, "active");
+        assert_eq!(rows[0].node, "done");
+        assert_eq!(rows[0].next_run_at, Some(NOW + 3600.0));
+    }
+
+    #[test]
+    fn a_broken_or_missing_automation_fails_only_its_enrollments() {
+        let batch = json!([
+            enrollment(3, 8, "x"),
+            enrollment(4, 9, "x"),
+            enrollment(5, 7, "done")
+        ]);
+        let rows = run(&automations(), &batch, NOW, 50).unwrap();
+        assert_eq!(rows[0].status, "failed");
+        assert!(rows[0]
+            .exit_reason
+            .as_ref()
+            .unwrap()
+            .contains("no longer validates"));
+        assert_eq!(rows[1].status, "failed");
+        assert!(rows[1].exit_reason.as_ref().unwrap().contains("missing"));
+        assert_eq!(rows[2].status, "completed");
+    }
+
+    #[test]
+    fn malformed_batches_are_errors() {
+        assert!(run(&json!([]), &json!([]), NOW, 50).is_err());
+        assert!(run(&automations(), &json!({}), NOW, 50).is_err());
+        assert!(run(&automations(), &json!([{"id": 1}]), NOW, 50).is_err());
+        assert!(run(&json!({"x": {}}), &json!([]), NOW, 50).is_err());
+        let mut bad = enrollment(1, 7, "hello");
+        bad["status"] = json!("sleeping");
+        assert!(run(&automations(), &json!([bad]), NOW, 50).is_err());
+        assert_eq!(run(&automations(), &Value::Null, NOW, 50).unwrap(), vec![]);
+    }
+}
