@@ -55,12 +55,27 @@ pub async fn run(target: &Target) -> Result<()> {
 
     step("templates");
     for (key, subject, html) in [
-        ("welcome", "Welcome, {{ contact.first_name }}!", "<p>Hello {{ contact.first_name }}, welcome aboard.</p>"),
-        ("pro-tips", "Tips for Pro users", "<p>{{ contact.first_name }}, here is how to get the most of Pro.</p>"),
-        ("thanks", "Thanks for upgrading", "<p>Thank you, {{ contact.first_name }}!</p>"),
+        (
+            "welcome",
+            "Welcome, {{ contact.first_name }}!",
+            "<p>Hello {{ contact.first_name }}, welcome aboard.</p>",
+        ),
+        (
+            "pro-tips",
+            "Tips for Pro users",
+            "<p>{{ contact.first_name }}, here is how to get the most of Pro.</p>",
+        ),
+        (
+            "thanks",
+            "Thanks for upgrading",
+            "<p>Thank you, {{ contact.first_name }}!</p>",
+        ),
     ] {
         let version: i32 = db
-            .query_one("SELECT herald.upsert_template('acme', $1, $2, $3)", &[&key, &subject, &html])
+            .query_one(
+                "SELECT herald.upsert_template('acme', $1, $2, $3)",
+                &[&key, &subject, &html],
+            )
             .await?
             .get(0);
         println!("template {key} v{version}");
