@@ -21,6 +21,19 @@ BEGIN
 END
 $$;
 
+-- Jobs not yet handed to a sidecar are cancelled when their enrollment ends early (a leased job is in
+-- flight and finishes). Shared decide questions stay: other enrollments may wait on them.
+CREATE FUNCTION herald._cancel_pending_jobs(workspace text, automation bigint, enrollment bigint, reason text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    UPDATE herald.outbox o
+       SET status = 'cancelled', last_error = reason, done_at = now(), updated_at = now()
+     WHERE o.workspace_id = _cancel_pending_jobs.workspace AND o.status = 'pending' AND o.kind <> 'decide'
+       AND o.automation_id = _cancel_pending_jobs.automation
+       AND (_cancel_pending_jobs.enrollment IS NULL OR o.enrollment_id = _cancel_pending_jobs.enrollment);
+END;
+
 -- Finds an automation by id and locks it, or raises a clear error.
 CREATE FUNCTION herald._lock_automation(automation bigint) RETURNS herald.automations
 LANGUAGE plpgsql
@@ -101,6 +114,7 @@ BEGIN
            SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
          WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting');
         GET DIAGNOSTICS v_exited = ROW_COUNT;
+        PERFORM herald._cancel_pending_jobs(v.workspace_id, v.id, NULL, 'automation archived');
         IF v_exited > 0 THEN
             INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.id, 'exited', v_exited);
         END IF;
@@ -229,6 +243,8 @@ BEGIN
     UPDATE herald.enrollments e
        SET status = 'exited', exit_reason = reason, ended_at = now(), updated_at = now()
      WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    PERFORM herald._cancel_pending_jobs(v.workspace_id, v.automation_id, v.id, 'enrollment exited: ' || reason);
+    INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.automation_id, 'exited', 1);
 END
 $$;
 

@@ -154,14 +154,15 @@ CREATE TABLE herald.providers (
 -- The outbox: one row per message or call to make. dedupe_key is unique per workspace, so enqueueing
 -- the same step twice is a no-op; Message-ID and Idempotency-Key derive from it.
 --   status: pending → leased (claim) → done | failed (permanent) | dead (retries exhausted); reap returns
---   expired leases to pending. priority: 0 transactional, 1 automation, 2 broadcast.
+--   expired leases to pending; cancelled when its enrollment exits (or its automation is archived) first. priority: 0 transactional, 1 automation, 2 broadcast.
 CREATE TABLE herald.outbox (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,
     kind          text NOT NULL CHECK (kind IN ('email', 'webhook', 'decide')),
     priority      smallint NOT NULL DEFAULT 1 CHECK (priority BETWEEN 0 AND 2),
     dedupe_key    text NOT NULL,
-    status        text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead')),
+    status        text NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead', 'cancelled')),
     provider      text,
     rate_keys     text[] NOT NULL DEFAULT '{}',   -- the rate limits this job counts against
     contact_id    bigint,
@@ -191,6 +192,7 @@ CREATE INDEX outbox_id_idx ON herald.outbox (id);
 CREATE INDEX outbox_pending_idx ON herald.outbox (workspace_id, priority, run_at) WHERE status = 'pending';
 CREATE INDEX outbox_leased_idx ON herald.outbox (lease_until) WHERE status = 'leased';
 CREATE INDEX outbox_dead_idx ON herald.outbox (workspace_id, updated_at) WHERE status = 'dead';
+CREATE INDEX outbox_enrollment_idx ON herald.outbox (workspace_id, enrollment_id) WHERE status = 'pending';
 
 -- Rate limits shared by every sidecar. key: 'workspace_provider:<ws>/<provider>' (from a provider's
 -- settings.rate_per_second), 'provider:<name>' or 'host:<webhook host>' (herald.set_rate_limit).

@@ -144,3 +144,17 @@ SELECT herald.tick() AS paused_steps;
 SELECT herald.set_automation_status(:slow, 'live');
 SELECT herald.tick() AS resumed_steps;
 SELECT herald.tick(0);
+
+-- exiting an enrollment (or archiving its automation) cancels the jobs no sidecar has taken yet
+SELECT herald.create_automation('t1', '{"name": "mail", "start": "m", "nodes": {"m": {"type": "email", "template": "welcome"}}}') AS mail \gset
+SELECT herald.set_automation_status(:mail, 'live');
+SELECT (herald.enroll(:mail, (SELECT array_agg(id) FROM herald.contacts WHERE workspace_id = 't1'))).enrolled;
+SELECT herald.tick() AS steps;
+SELECT herald.exit_enrollment(e.id, 'asked to stop') FROM herald.enrollments e JOIN herald.contacts c ON c.id = e.contact_id
+ WHERE e.automation_id = :mail AND c.email = 'pro@example.com';
+SELECT c.email, o.status, o.last_error FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id
+ WHERE o.automation_id = :mail ORDER BY c.email;
+SELECT herald.set_automation_status(:mail, 'archived');
+SELECT c.email, o.status, o.last_error FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id
+ WHERE o.automation_id = :mail ORDER BY c.email;
+SELECT count(*) AS nothing_to_claim FROM herald.claim('w', 100) j WHERE (j.payload ->> 'automation_id')::bigint = :mail;
