@@ -1,4 +1,4 @@
-//! `herald status`: what each workspace holds right now.
+//! `herald status`: what each workspace holds right now, and the state of the queue.
 
 use anyhow::{Context, Result};
 use tokio_postgres::Client;
@@ -96,8 +96,62 @@ pub fn render(counts: &[WorkspaceCounts]) -> String {
     out
 }
 
+/// The queue as the sidecar sees it: jobs by workspace and state, oldest pending age, dead letters,
+/// and the rate limits with what they granted in the last second.
+const QUEUE: &str = "
+    SELECT q.workspace_id,
+           coalesce(sum(q.jobs) FILTER (WHERE q.status = 'pending'), 0)::bigint,
+           coalesce(sum(q.jobs) FILTER (WHERE q.status = 'leased'), 0)::bigint,
+           coalesce(sum(q.jobs) FILTER (WHERE q.status = 'done'), 0)::bigint,
+           coalesce(sum(q.jobs) FILTER (WHERE q.status = 'failed'), 0)::bigint,
+           coalesce(sum(q.jobs) FILTER (WHERE q.status = 'dead'), 0)::bigint,
+           coalesce(extract(epoch FROM max(q.oldest_pending_age)), 0)::float8
+      FROM herald.queue_status q
+     GROUP BY q.workspace_id
+     ORDER BY q.workspace_id";
+
+const RATES: &str = "
+    SELECT r.key, r.per_second,
+           coalesce((SELECT sum(g.n) FROM herald.rate_grants g
+                      WHERE g.key = r.key AND g.granted_at > clock_timestamp() - interval '1 second'), 0)::bigint
+      FROM herald.rate_limits r ORDER BY r.key";
+
+pub async fn render_queue(client: &Client) -> Result<String> {
+    let mut out = format!(
+        "{:<20} {:>9} {:>9} {:>10} {:>9} {:>7} {:>12}\n",
+        "workspace", "pending", "leased", "done", "failed", "dead", "oldest (s)"
+    );
+    for r in client.query(QUEUE, &[]).await.context("reading herald.queue_status")? {
+        out.push_str(&format!(
+            "{:<20} {:>9} {:>9} {:>10} {:>9} {:>7} {:>12.1}\n",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, i64>(5),
+            r.get::<_, f64>(6)
+        ));
+    }
+    let rates = client.query(RATES, &[]).await.context("reading rate limits")?;
+    if !rates.is_empty() {
+        out.push_str(&format!("\n{:<48} {:>10} {:>16}\n", "rate limit", "per second", "granted last 1s"));
+        for r in rates {
+            out.push_str(&format!(
+                "{:<48} {:>10} {:>16}\n",
+                r.get::<_, String>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, i64>(2)
+            ));
+        }
+    }
+    Ok(out)
+}
+
 pub async fn run(target: &Target) -> Result<()> {
     let client = target.connect().await?;
     print!("{}", render(&counts(&client).await?));
+    println!();
+    print!("{}", render_queue(&client).await?);
     Ok(())
 }
