@@ -11,7 +11,7 @@ export PGPORT ?= 5432
 REGRESS   := $(sort $(basename $(notdir $(wildcard pgrx-tests/sql/*.sql))))
 ISOLATION := $(sort $(basename $(notdir $(wildcard pgrx-tests/specs/*.spec))))
 
-.PHONY: setup install build test unit regress isolation e2e demo bench bench-small lint fmt
+.PHONY: setup install build test unit regress isolation e2e sidecar-e2e demo bench bench-small lint fmt
 
 setup:
 	@./tests/setup.sh
@@ -43,7 +43,11 @@ isolation: install
 e2e: install build
 	./tests/e2e.sh
 
-test: unit regress isolation e2e bench-small
+# The daemon end to end: `herald run` as a process against a real SMTP server and HTTP receiver (pytest).
+sidecar-e2e: install build
+	./tests/sidecar/run.sh
+
+test: unit regress isolation e2e sidecar-e2e bench-small
 
 demo: install build
 	./target/release/herald demo

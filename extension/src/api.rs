@@ -132,6 +132,8 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 /// `enrollments` is an array of `{id, automation_id, status, node, visit, context, event, contact,
 /// timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
 /// enrollment, what tick() writes back.
+// pgrx needs the row tuple spelled out in the signature, so no type alias.
+#[allow(clippy::type_complexity)]
 #[pg_extern(strict)]
 fn _steps(
     automations: JsonB,

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod db;
 mod demo;
+mod run;
 mod status;
 
 #[derive(Parser)]
@@ -17,7 +18,7 @@ mod status;
 )]
 struct Cli {
     /// Where herald lives. Defaults to the local socket, database `herald`, as the current OS user.
-    #[arg(long, env = "DATABASE_URL", global = true)]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
@@ -25,12 +26,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Per-workspace counts: contacts, events, live automations, enrollments by status.
+    /// Per-workspace counts (contacts, events, live automations, enrollments by status) and the queue
+    /// (jobs by state, oldest pending age, dead letters, rate limits).
     Status,
     /// Runs the end-to-end demo in a fresh database `herald_demo`.
     Demo,
     /// Prints throughput figures and writes them as JSON (see the README's performance section).
     Bench(bench::BenchArgs),
+    /// The daemon: sends the queued email, calls webhooks, runs the step engine and queue upkeep.
+    Run(Box<run::RunArgs>),
 }
 
 #[tokio::main]
@@ -41,6 +45,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let target = db::Target::new(cli.database_url);
@@ -48,5 +53,6 @@ async fn main() -> Result<()> {
         Command::Status => status::run(&target).await,
         Command::Demo => demo::run(&target).await,
         Command::Bench(args) => bench::run(&target, args).await,
+        Command::Run(args) => run::main(*args).await,
     }
 }

@@ -1,0 +1,126 @@
+//! Completer: gathers executors' results and records them with ONE `herald.complete` call per batch —
+//! every 100 results, or 50 ms after the first result of a batch. A failed call is retried with back-off
+//! and the batch is kept (complete() ignores results it has already applied, so a retry after an
+//! ambiguous failure is harmless). Ends when every executor is gone, after a final flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_postgres::{Client, Config};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+use super::pg::{self, Backoff};
+
+pub const BATCH: usize = 100;
+pub const LINGER: Duration = Duration::from_millis(50);
+
+pub struct Completer {
+    pub db: Config,
+    pub results: mpsc::Receiver<Json>,
+    /// Cancelled when the process must exit even though results could not be recorded.
+    pub give_up: CancellationToken,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Completer {
+    pub async fn run(mut self) {
+        let mut client: Option<Client> = None;
+        let mut batch: Vec<Json> = Vec::with_capacity(BATCH);
+        let mut flush_at = Instant::now();
+        loop {
+            let next = if batch.is_empty() {
+                self.results.recv().await
+            } else {
+                tokio::select! {
+                    r = self.results.recv() => r,
+                    () = tokio::time::sleep_until(flush_at) => {
+                        self.flush(&mut client, &mut batch).await;
+                        continue;
+                    }
+                }
+            };
+            match next {
+                Some(result) => {
+                    if batch.is_empty() {
+                        flush_at = Instant::now() + LINGER;
+                    }
+                    batch.push(result);
+                    if batch.len() >= BATCH {
+                        self.flush(&mut client, &mut batch).await;
+                    }
+                }
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            self.flush(&mut client, &mut batch).await;
+        }
+        tracing::info!("all results recorded");
+    }
+
+    /// Records the batch, retrying until it is recorded or the process gives up.
+    async fn flush(&self, client: &mut Option<Client>, batch: &mut Vec<Json>) {
+        let mut backoff = Backoff::default();
+        let array = Json::Array(std::mem::take(batch));
+        loop {
+            let attempt = async {
+                if client.as_ref().is_none_or(Client::is_closed) {
+                    *client = Some(pg::connect(&self.db, "completer").await?);
+                }
+                let c = client.as_ref().expect("connected above");
+                c.query_one("SELECT herald.complete($1::jsonb)", &[&array])
+                    .await
+            };
+            match attempt.await {
+                Ok(row) => {
+                    let applied: i32 = row.try_get(0).unwrap_or(-1);
+                    let n = array.as_array().map_or(0, Vec::len);
+                    tracing::debug!(results = n, applied, "recorded");
+                    self.metrics.completed(n);
+                    return;
+                }
+                Err(e) if is_data_error(&e) && array.as_array().is_some_and(|a| a.len() > 1) => {
+                    // a result complete() refuses (a bug on this side) must not hold up the others
+                    tracing::error!(error = %e, "complete refused the batch; recording its results one by one");
+                    for one in array.as_array().into_iter().flatten() {
+                        let mut single = vec![one.clone()];
+                        Box::pin(self.flush(client, &mut single)).await;
+                    }
+                    return;
+                }
+                Err(e) if is_data_error(&e) => {
+                    self.metrics.complete_error();
+                    tracing::error!(error = %e, result = %array, "complete refused this result; its job will run again once its lease expires");
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.complete_error();
+                    if self.give_up.is_cancelled() {
+                        let n = array.as_array().map_or(0, Vec::len);
+                        tracing::error!(error = %e, results = n,
+                            "giving up on recording results: those jobs stay leased until their lease expires, then run again");
+                        return;
+                    }
+                    let delay = backoff.step();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
+                    if client.as_ref().is_some_and(Client::is_closed) {
+                        *client = None;
+                    }
+                    tokio::select! {
+                        () = self.give_up.cancelled() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SQLSTATE class 22 (data exception): complete() refused the input; retrying it cannot help.
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
+}

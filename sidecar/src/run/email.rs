@@ -1,0 +1,307 @@
+//! Email jobs: render the template, build a multipart/alternative message (text + html), deliver it over
+//! the provider's SMTP pool, or as a file when the provider has no SMTP URL but HERALD_MAILDIR is set.
+//!
+//! The Message-ID is derived from the job's dedupe key, `<{sha256(dedupe_key) hex[..32]}@herald>`, so a
+//! message sent again after a crash (its lease expired before the result was recorded) carries the same
+//! Message-ID as the first copy and receivers can recognise it.
+//!
+//! SMTP replies: 4xx, connection, TLS and time-out errors are retried; 5xx and messages the client
+//! cannot send at all fail permanently.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde_json::{json, Value as Json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use super::config::{provider_key, Config, Secret, SmtpSettings, SmtpTls};
+use super::executor::{Job, Outcome};
+use super::render::{Renderer, Vars};
+
+const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
+const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
+
+/// `<{sha256(dedupe_key) hex[..32]}@herald>`.
+pub fn message_id(dedupe_key: &str) -> String {
+    let digest = hex::encode(Sha256::digest(dedupe_key.as_bytes()));
+    format!("<{}@herald>", &digest[..32])
+}
+
+/// Whether an SMTP failure is worth retrying, and the error recorded for it ("451 4.3.0 try later").
+pub fn classify_smtp(e: &lettre::transport::smtp::Error) -> (bool, String) {
+    let detail = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let message = match e.status() {
+        Some(code) => format!("{code} {detail}").trim().to_string(),
+        None => e.to_string(),
+    };
+    let retryable = if e.is_permanent() {
+        false
+    } else if e.is_transient() {
+        true
+    } else {
+        // a message the client refuses to send (e.g. a non-ASCII address the server cannot take) fails
+        // the same way every time; connection, network, TLS and time-out errors may pass later
+        !e.is_client()
+    };
+    (retryable, message)
+}
+
+struct SmtpProvider {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// At most `pool` messages in flight to this server (the pool opens a connection per message in flight).
+    slots: Arc<Semaphore>,
+}
+
+impl SmtpProvider {
+    fn new(s: &SmtpSettings) -> anyhow::Result<Self> {
+        let params = || TlsParameters::new(s.host.clone());
+        let tls = match s.tls {
+            SmtpTls::None => Tls::None,
+            SmtpTls::Opportunistic => Tls::Opportunistic(params()?),
+            SmtpTls::Required => Tls::Required(params()?),
+            SmtpTls::Wrapper => Tls::Wrapper(params()?),
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(s.host.clone())
+            .port(s.port)
+            .tls(tls)
+            .timeout(Some(Duration::from_secs(30)))
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(s.pool)
+                    .idle_timeout(Duration::from_secs(60)),
+            );
+        if let Some(user) = &s.user {
+            builder = builder.credentials(Credentials::new(
+                user.clone(),
+                s.password.clone().unwrap_or_default(),
+            ));
+        }
+        Ok(Self {
+            transport: builder.build(),
+            slots: Arc::new(Semaphore::new(s.pool as usize)),
+        })
+    }
+}
+
+pub struct Mailer {
+    smtp: HashMap<String, SmtpProvider>,
+    maildir: Option<PathBuf>,
+    from: Mailbox,
+    unsubscribe: Option<url::Url>,
+    unsubscribe_key: Option<Secret>,
+}
+
+impl Mailer {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let mut smtp = HashMap::new();
+        for (name, settings) in &config.smtp {
+            let provider = SmtpProvider::new(settings)
+                .map_err(|e| anyhow::anyhow!("{}{name}: {e}", super::config::SMTP_PREFIX))?;
+            smtp.insert(name.clone(), provider);
+        }
+        if let Some(dir) = &config.maildir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("HERALD_MAILDIR {}: {e}", dir.display()))?;
+        }
+        Ok(Self {
+            smtp,
+            maildir: config.maildir.clone(),
+            from: config.from.clone(),
+            unsubscribe: config.unsubscribe_url.clone(),
+            unsubscribe_key: config.webhook_secret.clone(),
+        })
+    }
+
+    pub async fn send(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
+        let id = message_id(&job.dedupe_key);
+        let message = match self.build(job, &id, renderer, vars) {
+            Ok(m) => m,
+            Err(error) => return Outcome::permanent(error),
+        };
+        let provider = job
+            .provider
+            .as_deref()
+            .or_else(|| job.payload.get("provider").and_then(Json::as_str))
+            .unwrap_or("default");
+        if let Some(smtp) = self.smtp.get(&provider_key(provider)) {
+            let _slot = smtp.slots.acquire().await.expect("never closed");
+            return match smtp.transport.send(message).await {
+                Ok(reply) => {
+                    let text = reply.message().collect::<Vec<_>>().join(" ");
+                    Outcome::Done {
+                        message_id: Some(id),
+                        response: Some(json!({"smtp": format!("{} {text}", reply.code()).trim()})),
+                    }
+                }
+                Err(e) => {
+                    let (retryable, error) = classify_smtp(&e);
+                    Outcome::Failed { retryable, error }
+                }
+            };
+        }
+        if let Some(dir) = &self.maildir {
+            return match write_file(dir, &id, &message.formatted()).await {
+                Ok(path) => Outcome::Done {
+                    message_id: Some(id),
+                    response: Some(json!({"file": path})),
+                },
+                Err(e) => {
+                    Outcome::retry(format!("writing to HERALD_MAILDIR {}: {e}", dir.display()))
+                }
+            };
+        }
+        // configuration can be fixed while the job waits for its next attempt
+        Outcome::retry(format!(
+            "provider {provider:?} has no transport: set {}{} or HERALD_MAILDIR",
+            super::config::SMTP_PREFIX,
+            provider_key(provider)
+        ))
+    }
+
+    fn build(
+        &self,
+        job: &Job,
+        id: &str,
+        renderer: &Renderer,
+        vars: &Vars,
+    ) -> Result<Message, String> {
+        let p = &job.payload;
+        let template = match p.get("template") {
+            Some(t @ Json::Object(_)) => t,
+            _ => {
+                return Err(
+                    "the template no longer exists (deleted after the job was queued)".into(),
+                )
+            }
+        };
+        let to_text = p
+            .get("to")
+            .and_then(Json::as_str)
+            .ok_or("the job has no recipient (contact deleted?)")?;
+        let to: Mailbox = to_text
+            .parse()
+            .map_err(|e| format!("invalid recipient {to_text:?}: {e}"))?;
+        let from = match p.get("from").and_then(Json::as_str) {
+            Some(f) => f
+                .parse()
+                .map_err(|e| format!("invalid from address {f:?}: {e}"))?,
+            None => self.from.clone(),
+        };
+        let rendered = renderer.render_email(template, vars)?;
+        let mut builder = Message::builder()
+            .message_id(Some(id.to_string()))
+            .date_now()
+            .from(from)
+            .to(to)
+            .subject(rendered.subject);
+        if let Some(link) = self.unsubscribe_link(&job.workspace, &to_text.to_ascii_lowercase()) {
+            builder = builder
+                .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{link}>")))
+                .raw_header(HeaderValue::new(
+                    LIST_UNSUBSCRIBE_POST,
+                    "List-Unsubscribe=One-Click".into(),
+                ));
+        }
+        builder
+            .multipart(MultiPart::alternative_plain_html(
+                rendered.text,
+                rendered.html,
+            ))
+            .map_err(|e| format!("cannot build the message: {e}"))
+    }
+
+    /// `<base>?workspace=…&email=…[&token=…]`; the token (with a webhook secret configured) is
+    /// hex(HMAC-SHA256(secret, "unsubscribe:" + workspace + ":" + email))[..32], for the endpoint to check.
+    fn unsubscribe_link(&self, workspace: &str, email: &str) -> Option<String> {
+        let mut url = self.unsubscribe.clone()?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("workspace", workspace)
+                .append_pair("email", email);
+            if let Some(key) = &self.unsubscribe_key {
+                q.append_pair(
+                    "token",
+                    &unsubscribe_token(key.0.as_bytes(), workspace, email),
+                );
+            }
+        }
+        Some(url.to_string())
+    }
+}
+
+pub fn unsubscribe_token(key: &[u8], workspace: &str, email: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(format!("unsubscribe:{workspace}:{email}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())[..32].to_string()
+}
+
+/// Writes `<dir>/<id without brackets>.eml` through a temporary name and a rename, so a reader never
+/// sees half a message. A resend replaces the file of the same Message-ID.
+pub async fn write_file(dir: &std::path::Path, id: &str, bytes: &[u8]) -> std::io::Result<String> {
+    let name = format!("{}.eml", id.trim_start_matches('<').trim_end_matches('>'));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let path = dir.join(&name);
+    tokio::fs::write(&tmp, bytes).await?;
+    if let Err(e) = tokio::fs::rename(&tmp, &path).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    Ok(path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_follow_the_dedupe_key() {
+        let id = message_id("send:1");
+        assert_eq!(id.len(), 1 + 32 + "@herald>".len());
+        assert!(id.starts_with('<') && id.ends_with("@herald>"));
+        assert_eq!(id, message_id("send:1"));
+        assert_ne!(id, message_id("send:2"));
+        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(
+            message_id("abc"),
+            "<ba7816bf8f01cfea414140de5dae2223@herald>"
+        );
+    }
+
+    #[test]
+    fn unsubscribe_tokens_are_keyed() {
+        let a = unsubscribe_token(b"k", "acme", "ann@example.com");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, unsubscribe_token(b"k2", "acme", "ann@example.com"));
+        assert_ne!(a, unsubscribe_token(b"k", "acme", "bob@example.com"));
+    }
+
+    #[tokio::test]
+    async fn files_appear_whole_under_the_message_id() {
+        let dir = std::env::temp_dir().join(format!("herald-maildir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = write_file(&dir, "<abc@herald>", b"Subject: x\r\n\r\nbody")
+            .await
+            .unwrap();
+        assert!(path.ends_with("abc@herald.eml"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"Subject: x\r\n\r\nbody");
+        write_file(&dir, "<abc@herald>", b"again").await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,179 @@
+//! Executors: one task per claimed job. Renders, sends (email or HTTP), turns what happened into a
+//! result for `herald.complete`, and hands it to the completer. Nothing a job does can crash the
+//! process: every failure is a result, retryable or not.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use serde_json::{json, Value as Json};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::email::Mailer;
+use super::metrics::Metrics;
+use super::render::{Renderer, Vars};
+use super::webhook::Webhooks;
+
+/// A row of `herald.claim`.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: i64,
+    pub workspace: String,
+    pub kind: String,
+    pub provider: Option<String>,
+    pub dedupe_key: String,
+    pub attempt: i32,
+    pub payload: Json,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Done {
+        message_id: Option<String>,
+        response: Option<Json>,
+    },
+    Failed {
+        retryable: bool,
+        error: String,
+    },
+}
+
+impl Outcome {
+    pub fn permanent(error: impl Into<String>) -> Self {
+        Self::Failed {
+            retryable: false,
+            error: error.into(),
+        }
+    }
+
+    pub fn retry(error: impl Into<String>) -> Self {
+        Self::Failed {
+            retryable: true,
+            error: error.into(),
+        }
+    }
+
+    /// The element of `herald.complete`'s array for this job.
+    pub fn to_result(&self, id: i64) -> Json {
+        match self {
+            Self::Done {
+                message_id,
+                response,
+            } => {
+                let mut r = json!({"id": id, "ok": true});
+                if let Some(m) = message_id {
+                    r["message_id"] = Json::String(m.clone());
+                }
+                if let Some(v) = response {
+                    r["response"] = v.clone();
+                }
+                r
+            }
+            Self::Failed { retryable, error } => {
+                // keep stored errors readable and bounded
+                let error: String = error.chars().take(2000).collect();
+                json!({"id": id, "ok": false, "retryable": retryable, "error": error})
+            }
+        }
+    }
+}
+
+pub struct Executor {
+    pub mailer: Mailer,
+    pub webhooks: Webhooks,
+    pub renderer: Renderer,
+    pub metrics: Arc<Metrics>,
+    pub results: mpsc::Sender<Json>,
+    /// A job still running this long after its claim is given up (its lease is about to expire).
+    pub deadline: Duration,
+    /// Cancelled when the shutdown grace period is over: jobs still running report a retryable failure.
+    pub hard_stop: CancellationToken,
+}
+
+impl Executor {
+    /// Runs one job; the permit is released once its result is queued for the completer.
+    pub async fn run(self: Arc<Self>, job: Job, permit: OwnedSemaphorePermit) {
+        let started = Instant::now();
+        let work = std::panic::AssertUnwindSafe(self.execute(&job)).catch_unwind();
+        let outcome = tokio::select! {
+            finished = tokio::time::timeout(self.deadline, work) => match finished {
+                Ok(Ok(outcome)) => outcome,
+                // a bug, not the job's fault: it would happen again, so it is not retried
+                Ok(Err(panic)) => {
+                    Outcome::permanent(format!("internal error: {}", super::panic_message(&*panic)))
+                }
+                Err(_) => Outcome::retry(format!(
+                    "not finished after {} s, before its lease ends",
+                    self.deadline.as_secs()
+                )),
+            },
+            () = self.hard_stop.cancelled() => {
+                Outcome::retry("interrupted: herald run shut down before the job finished")
+            }
+        };
+        let elapsed = started.elapsed();
+        self.metrics.record(&job.kind, &outcome, elapsed);
+        let (id, kind, attempt) = (job.id, job.kind.as_str(), job.attempt);
+        let ms = elapsed.as_millis() as u64;
+        match &outcome {
+            Outcome::Done { .. } => tracing::debug!(job = id, kind, attempt, ms, "done"),
+            Outcome::Failed {
+                retryable: true,
+                error,
+            } => {
+                tracing::info!(job = id, kind, attempt, ms, %error, "failed, will be retried")
+            }
+            Outcome::Failed {
+                retryable: false,
+                error,
+            } => {
+                tracing::warn!(job = id, kind, attempt, ms, %error, "failed permanently")
+            }
+        }
+        if self.results.send(outcome.to_result(job.id)).await.is_err() {
+            tracing::error!(
+                "completer is gone: result lost (the lease will expire and the job run again)"
+            );
+        }
+        drop(permit);
+    }
+
+    async fn execute(&self, job: &Job) -> Outcome {
+        let vars = Vars::from_payload(&job.workspace, &job.payload);
+        match job.kind.as_str() {
+            "email" => self.mailer.send(job, &self.renderer, &vars).await,
+            "webhook" | "decide" => self.webhooks.call(job, &self.renderer, &vars).await,
+            other => Outcome::permanent(format!("unknown job kind {other:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_match_what_complete_accepts() {
+        let ok = Outcome::Done {
+            message_id: Some("<a@herald>".into()),
+            response: Some(json!({"x": 1})),
+        };
+        assert_eq!(
+            ok.to_result(17),
+            json!({"id": 17, "ok": true, "message_id": "<a@herald>", "response": {"x": 1}})
+        );
+        let bare = Outcome::Done {
+            message_id: None,
+            response: None,
+        };
+        assert_eq!(bare.to_result(1), json!({"id": 1, "ok": true}));
+        assert_eq!(
+            Outcome::retry("451 4.3.0 try later").to_result(18),
+            json!({"id": 18, "ok": false, "retryable": true, "error": "451 4.3.0 try later"})
+        );
+        let long = Outcome::permanent("x".repeat(5000)).to_result(2);
+        assert_eq!(long["error"].as_str().unwrap().len(), 2000);
+        assert_eq!(long["retryable"], json!(false));
+    }
+}

@@ -1,0 +1,145 @@
+//! Maintenance: the step engine and the queue's housekeeping, on timers.
+//!   herald.tick(10000)     on a herald.tick notification and every poll interval, again at once
+//!                          while a call returns a full batch
+//!   herald.reap()          every 5 s: expired leases back to pending
+//!   herald.flush_stats()   every 2 s
+//!   herald.prune('30 days') hourly (and at start)
+//! A function missing from the installed extension (an older build) is reported once and skipped.
+//! Any number of `herald run` processes may do this at once: each function is safe concurrently.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::MissedTickBehavior;
+use tokio_postgres::{Client, Config};
+use tokio_util::sync::CancellationToken;
+
+use super::pg;
+
+pub const TICK_BATCH: i64 = 10_000;
+
+pub struct Maintenance {
+    pub db: Config,
+    pub tick_wake: Arc<Notify>,
+    pub poll: Duration,
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Task {
+    Tick,
+    Reap,
+    FlushStats,
+    Prune,
+}
+
+impl Task {
+    fn sql(self) -> &'static str {
+        match self {
+            Task::Tick => "SELECT herald.tick(10000)::bigint",
+            Task::Reap => "SELECT herald.reap()::bigint",
+            Task::FlushStats => "SELECT herald.flush_stats()::bigint",
+            Task::Prune => "SELECT herald.prune('30 days')::bigint",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Task::Tick => "herald.tick",
+            Task::Reap => "herald.reap",
+            Task::FlushStats => "herald.flush_stats",
+            Task::Prune => "herald.prune",
+        }
+    }
+}
+
+struct State {
+    client: Option<Client>,
+    missing: HashSet<Task>,
+    failing: HashSet<Task>,
+}
+
+impl Maintenance {
+    pub async fn run(self) {
+        let every = |d: Duration| {
+            let mut i = tokio::time::interval(d);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        };
+        let mut tick = every(self.poll);
+        let mut reap = every(Duration::from_secs(5));
+        let mut stats = every(Duration::from_secs(2));
+        let mut prune = every(Duration::from_secs(3600));
+        let mut state = State {
+            client: None,
+            missing: HashSet::new(),
+            failing: HashSet::new(),
+        };
+        loop {
+            let task = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                () = self.tick_wake.notified() => Task::Tick,
+                _ = tick.tick() => Task::Tick,
+                _ = reap.tick() => Task::Reap,
+                _ = stats.tick() => Task::FlushStats,
+                _ = prune.tick() => Task::Prune,
+            };
+            if task == Task::Tick {
+                // a full batch means more are due now
+                while let Some(TICK_BATCH) = self.call(&mut state, task).await {
+                    if self.shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+            } else {
+                self.call(&mut state, task).await;
+            }
+        }
+    }
+
+    async fn call(&self, state: &mut State, task: Task) -> Option<i64> {
+        if state.missing.contains(&task) {
+            return None;
+        }
+        let result = async {
+            if state.client.as_ref().is_none_or(Client::is_closed) {
+                state.client = Some(pg::connect(&self.db, "maintenance").await?);
+            }
+            let client = state.client.as_ref().expect("connected above");
+            client
+                .query_one(task.sql(), &[])
+                .await?
+                .try_get::<_, i64>(0)
+        }
+        .await;
+        match result {
+            Ok(n) => {
+                if state.failing.remove(&task) {
+                    tracing::info!(task = task.name(), "works again");
+                }
+                if n > 0 && task != Task::FlushStats {
+                    tracing::debug!(task = task.name(), n, "done");
+                }
+                Some(n)
+            }
+            Err(e) if pg::is_undefined_function(&e) => {
+                tracing::warn!(task = task.name(), "not installed in this database (older herald build); skipping it until restart");
+                state.missing.insert(task);
+                None
+            }
+            Err(e) => {
+                // one line per task and outage, not one per timer
+                if state.failing.insert(task) {
+                    tracing::warn!(task = task.name(), error = %e, "failed; will retry on its next timer");
+                }
+                if state.client.as_ref().is_some_and(Client::is_closed) {
+                    state.client = None;
+                }
+                None
+            }
+        }
+    }
+}
