@@ -121,7 +121,11 @@ pub async fn render_queue(client: &Client) -> Result<String> {
         "{:<20} {:>9} {:>9} {:>10} {:>9} {:>7} {:>12}\n",
         "workspace", "pending", "leased", "done", "failed", "dead", "oldest (s)"
     );
-    for r in client.query(QUEUE, &[]).await.context("reading herald.queue_status")? {
+    for r in client
+        .query(QUEUE, &[])
+        .await
+        .context("reading herald.queue_status")?
+    {
         out.push_str(&format!(
             "{:<20} {:>9} {:>9} {:>10} {:>9} {:>7} {:>12.1}\n",
             r.get::<_, String>(0),
@@ -133,9 +137,15 @@ pub async fn render_queue(client: &Client) -> Result<String> {
             r.get::<_, f64>(6)
         ));
     }
-    let rates = client.query(RATES, &[]).await.context("reading rate limits")?;
+    let rates = client
+        .query(RATES, &[])
+        .await
+        .context("reading rate limits")?;
     if !rates.is_empty() {
-        out.push_str(&format!("\n{:<48} {:>10} {:>16}\n", "rate limit", "per second", "granted last 1s"));
+        out.push_str(&format!(
+            "\n{:<48} {:>10} {:>16}\n",
+            "rate limit", "per second", "granted last 1s"
+        ));
         for r in rates {
             out.push_str(&format!(
                 "{:<48} {:>10} {:>16}\n",
