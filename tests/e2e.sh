@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end: the `herald` binary as a process against the real Postgres with the extension installed.
-# Runs the demo, then checks what `herald status` and the database say against what the demo did.
+# Runs the demo, then checks what `herald status`, the database and the file mailbox say against what the
+# demo did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=./target/release/herald
@@ -20,11 +21,20 @@ q() { psql -X -qtA -d herald_demo -c "$1"; }
 # 1000 imported + 1 created on the fly by a plain INSERT; 334 ad signups + that newcomer; 1 upgrade
 [ "$contacts" = 1001 ] || fail "contacts $contacts"
 [ "$live" = 2 ] || fail "live automations $live"
-[ "$active" = 336 ] || fail "active enrollments $active"
+# after tick + delivery: 335 welcome journeys wait on their 2-day delay, the upgrade journey completed
+[ "$active" = 335 ] || fail "active enrollments $active"
+[ "$completed" = 1 ] || fail "completed enrollments $completed"
+# every queued message is in the file mailbox exactly once, addressed to an enrolled contact
+n=$(ls demo-mailbox/*.eml | wc -l)
+[ "$n" = 336 ] || fail "$n messages in demo-mailbox, expected 336"
+[ "$(grep -h '^Message-ID:' demo-mailbox/*.eml | sort -u | wc -l)" = 336 ] || fail "duplicate Message-IDs"
+[ "$(q "SELECT count(*) FROM herald.outbox WHERE status = 'done'")" = 336 ] || fail "not every job is done"
+grep -l '^To: person3@example.com' demo-mailbox/*.eml >/dev/null || fail "person3 (an ads signup) got no welcome"
+grep -q '^Subject: Welcome, Person 3!' $(grep -l '^To: person3@example.com' demo-mailbox/*.eml) || fail "subject not personalised"
 [ "$events" = "$(q 'SELECT count(*) FROM herald.events')" ] || fail "events $events"
 [ "$(q "SELECT count(*) FROM herald.enrollments e JOIN herald.contacts c ON c.id = e.contact_id
         WHERE c.attributes->>'plan' IS DISTINCT FROM 'pro' AND e.automation_id = 2")" = 0 ] \
     || fail "the upgrade automation enrolled a contact whose plan is not pro"
 [ "$(q "SELECT count(*) - count(DISTINCT (automation_id, contact_id)) FROM herald.enrollments WHERE automation_id = 1")" = 0 ] \
     || fail "re-entry once was violated"
-echo "e2e: ok (demo + status: $contacts contacts, $events events, $active active enrollments)"
+echo "e2e: ok (demo + status: $contacts contacts, $events events, $active active enrollments, $n messages delivered)"

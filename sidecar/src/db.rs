@@ -11,7 +11,7 @@ pub struct Target {
 }
 
 /// The OS user, which peer authentication maps to the database role of the same name.
-fn os_user() -> String {
+pub fn os_user() -> String {
     ["USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
@@ -45,6 +45,11 @@ impl Target {
         let mut config = self.config.clone();
         config.dbname(dbname);
         Self { config }
+    }
+
+    /// The connection settings (the daemon reuses them as they are, password included).
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn dbname(&self) -> &str {

@@ -1,11 +1,13 @@
-//! `herald demo`: the end-to-end flow in a fresh database `herald_demo`. Each step is a plain SQL
-//! call a user would make; the output shows what herald did with it.
+//! `herald demo`: the end-to-end flow in a fresh database `herald_demo`, from contacts to delivered mail
+//! in the file mailbox `demo-mailbox/`. Each step is a plain SQL call a user would make (or the daemon);
+//! the output shows what herald did with it.
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::db::Target;
+use crate::run;
 use crate::status;
 
 const CONTACTS: usize = 1_000;
@@ -163,9 +165,115 @@ pub async fn run(target: &Target) -> Result<()> {
     step("what got enrolled");
     print_enrollments(&db).await?;
 
+    step("tick: the step engine moves every due enrollment (emails are queued in the outbox)");
+    let mut steps = 0;
+    loop {
+        let n: i32 = db.query_one("SELECT herald.tick(10000)", &[]).await?.get(0);
+        if n == 0 {
+            break;
+        }
+        steps += n;
+    }
+    println!("{steps} steps");
+
+    step("delivery: herald run (file transport) until the queue is empty");
+    let delivered = deliver(&target, &db).await?;
+    println!("{delivered} messages in {}", MAILBOX);
+    if let Some(sample) = sample_message()? {
+        println!("--- one of them ---\n{sample}\n---");
+    }
+
+    step("stats (exact: flushed + unflushed deltas)");
+    db.execute("SELECT herald.flush_stats()", &[]).await?;
+    for r in db
+        .query(
+            "SELECT a.name, s.node, s.metric, s.value FROM herald.automations a,
+                    LATERAL herald.automation_stats(a.id) s
+              WHERE a.workspace_id = 'acme' AND s.metric IN ('enrolled', 'queued', 'sent', 'failed')
+              ORDER BY a.id, s.node, s.metric",
+            &[],
+        )
+        .await?
+    {
+        println!(
+            "{:<16} {:<10} {:<9} {:>5}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, i64>(3)
+        );
+    }
+
     step("herald status");
     print!("{}", status::render(&status::counts(&db).await?));
+    println!();
+    print!("{}", status::render_queue(&db).await?);
     Ok(())
+}
+
+/// Where the demo's file transport writes one .eml per message.
+pub const MAILBOX: &str = "demo-mailbox";
+
+/// Runs the daemon in-process with the file transport until nothing is pending or leased, then stops it
+/// the way SIGTERM would. Returns the number of messages in the mailbox.
+async fn deliver(target: &Target, db: &Client) -> Result<usize> {
+    let _ = std::fs::remove_dir_all(MAILBOX);
+    std::fs::create_dir_all(MAILBOX).with_context(|| format!("creating {MAILBOX}"))?;
+    let raw = [
+        ("HERALD_MAILDIR", MAILBOX),
+        ("HERALD_WORKER_ID", "demo"),
+        ("HERALD_FROM", "Acme <hello@acme.example>"),
+        ("HERALD_POLL_INTERVAL_MS", "200"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut config = run::Config::from_map(&raw)?;
+    config.database = target.config().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(run::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let open: i64 = db
+            .query_one(
+                "SELECT count(*) FROM herald.outbox WHERE status IN ('pending', 'leased') AND run_at <= now()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if open == 0 || std::time::Instant::now() > deadline || daemon.is_finished() {
+            break;
+        }
+    }
+    let _ = stop.send(());
+    daemon.await.context("the delivery task panicked")??;
+    Ok(std::fs::read_dir(MAILBOX)?.filter(|e| e.is_ok()).count())
+}
+
+/// The headers and text part of one delivered message, for the reader to see what was sent.
+fn sample_message() -> Result<Option<String>> {
+    let mut files: Vec<_> = std::fs::read_dir(MAILBOX)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let Some(first) = files.first() else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(first)?;
+    let headers: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| {
+            ["From:", "To:", "Subject:", "Message-ID:", "Date:"]
+                .iter()
+                .any(|h| l.starts_with(h))
+        })
+        .collect();
+    Ok(Some(headers.join("\n")))
 }
 
 async fn print_enrollments(db: &Client) -> Result<()> {

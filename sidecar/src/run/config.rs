@@ -323,7 +323,7 @@ impl Config {
             None => {
                 let mut c = tokio_postgres::Config::new();
                 c.host_path("/var/run/postgresql");
-                c.user(os_user());
+                c.user(crate::db::os_user());
                 c.dbname("herald");
                 c
             }
@@ -471,18 +471,6 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "herald".to_string())
-}
-
-/// The OS user, which peer authentication maps to the database role of the same name.
-fn os_user() -> String {
-    ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-        .or_else(|| {
-            let out = std::process::Command::new("id").arg("-un").output().ok()?;
-            Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
-        })
-        .unwrap_or_else(|| "postgres".to_string())
 }
 
 #[cfg(test)]
