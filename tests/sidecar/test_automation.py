@@ -58,3 +58,48 @@ def test_missing_maintenance_functions_are_reported_once(db, smtp, sidecar):
     assert log.count('task="herald.prune"') == 1, log
     assert "not installed" in log
     assert s.running()
+
+
+def test_500_contacts_email_delay_webhook_exit(db, smtp, http, sidecar):
+    """The issue's scenario: every message arrives once, parses as MIME, is personalised and carries the
+    headers; every webhook arrives once with a valid signature; every journey completes."""
+    db.q("SELECT herald.upsert_template('acme', 'hi', 'Hi {{ contact.first_name }}', "
+         "'<p>Hello {{ contact.first_name }}</p>', 'Hello {{ contact.first_name }}')")
+    db.q("SELECT herald.upsert_contacts('acme', (SELECT jsonb_agg(jsonb_build_object("
+         "'email', 'c' || i || '@example.com', 'attributes', jsonb_build_object('first_name', 'C' || i))) "
+         "FROM generate_series(1, 500) i))")
+    definition = {"name": "Series", "start": "mail", "nodes": {
+        "mail": {"type": "email", "template": "hi", "next": "wait"},
+        "wait": {"type": "delay", "duration": "1 second", "next": "crm"},
+        "crm": {"type": "webhook", "url": http.url + "/crm", "body": {"email": "{{ contact.email }}"}, "next": "done"},
+        "done": {"type": "exit"}}}
+    automation = db.one("SELECT herald.create_automation('acme', %s::jsonb)", json.dumps(definition))
+    db.q("SELECT herald.set_automation_status(%s, 'live')", automation)
+    db.q("SELECT herald.enroll_segment(%s, '{\"field\": \"contact.email\", \"op\": \"ends_with\", \"value\": \"@example.com\"}')",
+         automation)
+    sidecar()
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.enrollments WHERE automation_id = %s AND status = 'completed'",
+                              automation) == 500, timeout=90, what="500 completed journeys")
+
+    received = smtp.snapshot()
+    assert len(received) == 500
+    by_rcpt = {}
+    for rcpts, msg, _ in received:
+        assert len(rcpts) == 1
+        by_rcpt.setdefault(rcpts[0], []).append(msg)
+    assert len(by_rcpt) == 500, "every contact got exactly one message"
+    for rcpt, (msg,) in by_rcpt.items():
+        n = rcpt.split("@")[0][1:]
+        assert msg["Subject"] == f"Hi C{n}"
+        assert msg["To"] == rcpt and msg["From"] and msg["Date"] and msg["Message-ID"].endswith("@herald>")
+        assert msg.get_content_type() == "multipart/alternative"
+        assert f"Hello C{n}" in msg.get_body(("plain",)).get_content()
+        assert f"<p>Hello C{n}</p>" in msg.get_body(("html",)).get_content()
+    assert len({m["Message-ID"] for ms in by_rcpt.values() for m in ms}) == 500
+
+    calls = http.snapshot()
+    assert len(calls) == 500
+    emails = sorted(json.loads(c["body"])["email"] for c in calls)
+    assert emails == sorted(by_rcpt), "one webhook per contact"
+    assert all(signature_ok(c["headers"], c["body"]) for c in calls)
+    assert len({c["headers"]["Idempotency-Key"] for c in calls}) == 500
