@@ -21,6 +21,22 @@ BEGIN
 END
 $$;
 
+-- Finds an enrollment by id and locks it, or raises a clear error.
+CREATE FUNCTION herald._lock_enrollment(enrollment bigint) RETURNS herald.enrollments
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+BEGIN
+    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
 -- Jobs not yet handed to a sidecar are cancelled when their enrollment ends early (a leased job is in
 -- flight and finishes). Shared decide questions stay: other enrollments may wait on them.
 CREATE FUNCTION herald._cancel_pending_jobs(workspace text, automation bigint, enrollment bigint, reason text) RETURNS void
@@ -232,10 +248,7 @@ BEGIN
     IF reason IS NULL OR btrim(reason) = '' THEN
         RAISE EXCEPTION 'an exit reason is required' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
-    END IF;
+    v := herald._lock_enrollment(enrollment);
     IF v.status NOT IN ('active', 'waiting') THEN
         RAISE EXCEPTION 'enrollment % has already ended (%)', enrollment, v.status
             USING ERRCODE = 'object_not_in_prerequisite_state';

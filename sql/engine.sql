@@ -185,10 +185,7 @@ BEGIN
     IF actor IS NULL OR btrim(actor) = '' THEN
         RAISE EXCEPTION 'actor is required: who decides' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
-    END IF;
+    v := herald._lock_enrollment(enrollment);
     IF v.status <> 'waiting' OR v.wait_kind IS DISTINCT FROM 'approval' THEN
         RAISE EXCEPTION 'enrollment % is not waiting for an approval (status %, at node %)', enrollment, v.status, v.current_node
             USING ERRCODE = 'object_not_in_prerequisite_state';

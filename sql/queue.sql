@@ -113,33 +113,22 @@ CREATE TYPE herald.job AS (
 -- One coalesced wake-up per transaction: Postgres folds identical notifications of a transaction into one,
 -- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim) and
 -- herald.tick (enrollments due now).
-CREATE FUNCTION herald._notify_outbox() RETURNS trigger
+-- The channel is the trigger's argument.
+CREATE FUNCTION herald._notify() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM new_rows) THEN
-        PERFORM pg_notify('herald.outbox', '');
+        PERFORM pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER notify_outbox AFTER INSERT ON herald.outbox
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify_outbox();
-
-CREATE FUNCTION herald._notify_tick() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM new_rows) THEN
-        PERFORM pg_notify('herald.tick', '');
-    END IF;
-    RETURN NULL;
-END
-$$;
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify('herald.outbox');
 CREATE TRIGGER notify_tick AFTER INSERT ON herald.enrollments
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify_tick();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify('herald.tick');
 
 -- Leases up to max_jobs due jobs. Three steps, whatever the batch size:
 --   1. pick fairly and lock (SKIP LOCKED): a skip-scan visits only workspaces with pending work (idle ones
