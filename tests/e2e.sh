@@ -37,4 +37,26 @@ grep -q '^Subject: Welcome, Person 3!' $(grep -l '^To: person3@example.com' demo
     || fail "the upgrade automation enrolled a contact whose plan is not pro"
 [ "$(q "SELECT count(*) - count(DISTINCT (automation_id, contact_id)) FROM herald.enrollments WHERE automation_id = 1")" = 0 ] \
     || fail "re-entry once was violated"
-echo "e2e: ok (demo + status: $contacts contacts, $events events, $active active enrollments, $n messages delivered)"
+# herald import: a CSV streamed in chunks of 2; bad rows are reported with their line, the rest lands
+csv=$(mktemp --suffix=.csv)
+trap 'rm -f "$csv"' EXIT
+cat >"$csv" <<'CSV'
+email,first_name,plan,timezone
+Imported1@Example.com,Ima,pro,Europe/Paris
+imported2@example.com,Ian,,
+not-an-email,Nope,free,
+person1@example.com,,team,
+imported3@example.com,Ivy,free,Mars/Base
+CSV
+out=$(DATABASE_URL="host=/var/run/postgresql dbname=herald_demo user=$(id -un)" "$bin" import "$csv" --workspace acme --chunk 2 2>/dev/null)
+echo "$out" | grep -q "imported 5 rows into workspace acme: 2 inserted, 1 updated, 2 rejected" || fail "import summary: $out"
+echo "$out" | grep -q 'line 4: email "not-an-email" is not a valid address' || fail "import line 4: $out"
+echo "$out" | grep -q 'line 6: timezone "Mars/Base" is not an IANA' || fail "import line 6: $out"
+[ "$(q "SELECT attributes->>'plan' || '/' || timezone FROM herald.contacts WHERE email = 'imported1@example.com'")" = "pro/Europe/Paris" ] \
+    || fail "imported attributes"
+[ "$(q "SELECT attributes->>'plan' || '/' || (attributes->>'first_name') FROM herald.contacts WHERE email = 'person1@example.com'")" = "team/Person 1" ] \
+    || fail "import must merge attributes and leave empty cells alone"
+DATABASE_URL="host=/var/run/postgresql dbname=herald_demo user=$(id -un)" "$bin" import "$csv" --workspace nope >/dev/null 2>&1 \
+    && fail "import into an unknown workspace succeeded"
+
+echo "e2e: ok (demo + status: $contacts contacts, $events events, $active active enrollments, $n messages delivered, import)"

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod db;
 mod demo;
+mod import;
 mod run;
 mod status;
 
@@ -29,6 +30,9 @@ enum Command {
     /// Per-workspace counts (contacts, events, live automations, enrollments by status) and the queue
     /// (jobs by state, oldest pending age, dead letters, rate limits).
     Status,
+    /// Imports contacts from a CSV file (email, optional timezone, attribute columns), streamed via COPY
+    /// in chunks through herald.upsert_contacts; prints inserted/updated/rejected with reasons.
+    Import(import::ImportArgs),
     /// Runs the end-to-end demo in a fresh database `herald_demo`.
     Demo,
     /// Prints throughput figures and writes them as JSON (see the README's performance section).
@@ -52,6 +56,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Status => status::run(&target).await,
         Command::Demo => demo::run(&target).await,
+        Command::Import(args) => import::run(&target, args).await,
         Command::Bench(args) => bench::run(&target, args).await,
         Command::Run(args) => run::main(*args).await,
     }
