@@ -160,6 +160,7 @@ CREATE FUNCTION herald.enroll(automation bigint, contact_ids bigint[])
 RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v herald.automations;
@@ -205,6 +206,7 @@ CREATE FUNCTION herald.enroll_segment(automation bigint, segment jsonb)
 RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v herald.automations;

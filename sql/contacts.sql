@@ -90,6 +90,7 @@ CREATE FUNCTION herald.upsert_contacts(workspace text, contacts jsonb)
 RETURNS TABLE (inserted bigint, updated bigint, rejected bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v_ws text := workspace;

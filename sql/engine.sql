@@ -14,6 +14,7 @@
 CREATE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v_steps int;

@@ -142,6 +142,7 @@ CREATE FUNCTION herald.claim(worker text, max_jobs int DEFAULT 100, lease interv
 RETURNS SETOF herald.job
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v_ids bigint[];
@@ -289,6 +290,7 @@ END;
 CREATE FUNCTION herald.complete(results jsonb) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
 AS $$
 DECLARE
     v_bad record;
