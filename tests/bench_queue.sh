@@ -11,7 +11,7 @@ db=herald_bench_queue
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
 psql -X -q -d $db -v ON_ERROR_STOP=1 <<SQL
 CREATE EXTENSION herald;
-SELECT herald.create_workspace('w' || i) FROM generate_series(1, 10) i;
+SELECT count(herald.create_workspace('w' || i)) AS workspaces FROM generate_series(1, 10) i \g /dev/null
 INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, payload)
 SELECT 'w' || (i % 10 + 1), 'webhook', 'j' || i, '{"url": "https://x.example/h"}' FROM generate_series(1, $jobs) i;
 CREATE SCHEMA bench_q;
