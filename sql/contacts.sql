@@ -5,10 +5,11 @@ CREATE FUNCTION herald._normalize_email(email text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN lower(btrim(email));
 
--- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters.
+-- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters. NULL is
+-- not valid (false, never NULL, so `NOT _valid_email(x)` always decides).
 CREATE FUNCTION herald._valid_email(email text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE   -- not STRICT: a strict function with an AND body is not inlined
-RETURN length(email) <= 254 AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$';
+RETURN coalesce(length(email) <= 254 AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$', false);
 
 -- `a || b`, then drop null values: a key set to null is removed. (Stored attributes never hold nulls, at
 -- any depth.) A plain expression, so Postgres inlines it into the statements that call it.

@@ -17,6 +17,7 @@ SELECT count(*) AS jobs FROM herald.outbox WHERE workspace_id = 'q1';
 SELECT herald.send('q1', 'buyer@example.com', 'nope');
 SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'ses');
 SELECT herald.send('q1', 'not-mail', 'receipt');
+SELECT herald.send('q1', NULL, 'receipt');
 SELECT herald.send('zz', 'buyer@example.com', 'receipt');
 
 -- claim: everything the sidecar needs
