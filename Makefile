@@ -54,13 +54,11 @@ demo: install build
 
 bench: install build
 	./target/release/herald bench
-	./tests/bench_queue.sh 20000
 	./tests/bench_delivery.sh 10000
 
 # Keeps the benchmark working in CI at a tiny size; prints figures, asserts nothing about time.
 bench-small: install build
 	./target/release/herald bench --small
-	./tests/bench_queue.sh 1000
 	./tests/bench_delivery.sh 300
 
 lint:

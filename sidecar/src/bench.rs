@@ -4,13 +4,16 @@
 //!
 //! The parts: `ingest` (herald's side of event ingest), `baseline` (plain tables and one row trigger
 //! per automation), `golive` (going live during ingest), `latency` (concurrent `track()` calls),
-//! `contacts` (bulk contact import), `stats` (percentiles).
+//! `contacts` (bulk contact import), `stats` (percentiles), `engine` (tick throughput, statements per
+//! tick) and `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces).
 
 mod baseline;
 mod contacts;
+mod engine;
 mod golive;
 mod ingest;
 mod latency;
+mod queue;
 mod stats;
 
 use std::path::PathBuf;
@@ -170,6 +173,8 @@ struct Report {
     /// The baseline's single-row INSERT under the same triggers, for context (no goal).
     baseline_insert_latency: latency::Latency,
     track_latency_automations: usize,
+    engine: engine::Engine,
+    queue: queue::Queue,
     goals: Vec<Goal>,
 }
 
@@ -262,7 +267,14 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     info!("importing {} contacts", sizes.import_contacts);
     let upsert_contacts = contacts::run(&target, sizes.import_contacts).await?;
 
-    let goals = goals(&levels, &upsert_contacts, &track_latency);
+    info!("engine: tick throughput and statements per tick");
+    let engine = engine::run(&target, args.small).await?;
+    info!("queue: herald against plain queues and PgQ");
+    let queue = queue::run(&target, args.small).await?;
+
+    let mut goals = goals(&levels, &upsert_contacts, &track_latency);
+    goals.extend(engine.goals());
+    goals.extend(queue.goals());
     let report = Report {
         small: args.small,
         server_version,
@@ -277,6 +289,8 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         upsert_contacts,
         track_latency,
         baseline_insert_latency,
+        engine,
+        queue,
         goals,
     };
     print!("{}", render(&report));
@@ -548,6 +562,8 @@ fn render(r: &Report) -> String {
         "  goal: track() p99 < 2 ms: {}",
         verdict("track() p99 < 2 ms")
     );
+    engine::render(&mut o, &r.engine);
+    queue::render(&mut o, &r.queue);
     o
 }
 
