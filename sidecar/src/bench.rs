@@ -9,6 +9,7 @@
 
 mod baseline;
 mod contacts;
+mod delivery;
 mod engine;
 mod golive;
 mod ingest;
@@ -175,6 +176,8 @@ struct Report {
     track_latency_automations: usize,
     engine: engine::Engine,
     queue: queue::Queue,
+    /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
+    delivery: serde_json::Value,
     goals: Vec<Goal>,
 }
 
@@ -271,10 +274,19 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     let engine = engine::run(&target, args.small).await?;
     info!("queue: herald against plain queues and PgQ");
     let queue = queue::run(&target, args.small).await?;
+    info!("delivery: herald run against smtp-sink, an HTTP receiver and an SMTP server that timestamps");
+    let (delivery_table, delivery) = delivery::run(&target, args.small).await?;
 
     let mut goals = goals(&levels, &upsert_contacts, &track_latency);
     goals.extend(engine.goals());
     goals.extend(queue.goals());
+    for g in delivery["goals"].as_array().into_iter().flatten() {
+        goals.push(Goal::new(
+            g["goal"].as_str().unwrap_or_default(),
+            g["value"].as_f64().unwrap_or_default(),
+            g["pass"].as_bool().unwrap_or_default(),
+        ));
+    }
     let report = Report {
         small: args.small,
         server_version,
@@ -291,9 +303,11 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         baseline_insert_latency,
         engine,
         queue,
+        delivery,
         goals,
     };
     print!("{}", render(&report));
+    print!("{delivery_table}");
     if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
