@@ -10,23 +10,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::Message;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
-use super::config::{provider_key, Config, Secret, SmtpSettings, SmtpTls};
+use super::config::{provider_key, Config, Secret};
 use super::executor::{Job, Outcome};
 use super::render::{Renderer, Vars};
+use super::smtp_pool::{SendError, SmtpPool};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
@@ -58,45 +53,8 @@ pub fn classify_smtp(e: &lettre::transport::smtp::Error) -> (bool, String) {
     (retryable, message)
 }
 
-struct SmtpProvider {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
-    /// At most `pool` messages in flight to this server (the pool opens a connection per message in flight).
-    slots: Arc<Semaphore>,
-}
-
-impl SmtpProvider {
-    fn new(s: &SmtpSettings) -> anyhow::Result<Self> {
-        let params = || TlsParameters::new(s.host.clone());
-        let tls = match s.tls {
-            SmtpTls::None => Tls::None,
-            SmtpTls::Opportunistic => Tls::Opportunistic(params()?),
-            SmtpTls::Required => Tls::Required(params()?),
-            SmtpTls::Wrapper => Tls::Wrapper(params()?),
-        };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(s.host.clone())
-            .port(s.port)
-            .tls(tls)
-            .timeout(Some(Duration::from_secs(30)))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(s.pool)
-                    .idle_timeout(Duration::from_secs(60)),
-            );
-        if let Some(user) = &s.user {
-            builder = builder.credentials(Credentials::new(
-                user.clone(),
-                s.password.clone().unwrap_or_default(),
-            ));
-        }
-        Ok(Self {
-            transport: builder.build(),
-            slots: Arc::new(Semaphore::new(s.pool as usize)),
-        })
-    }
-}
-
 pub struct Mailer {
-    smtp: HashMap<String, SmtpProvider>,
+    smtp: HashMap<String, SmtpPool>,
     maildir: Option<PathBuf>,
     from: Mailbox,
     unsubscribe: Option<url::Url>,
@@ -107,7 +65,7 @@ impl Mailer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let mut smtp = HashMap::new();
         for (name, settings) in &config.smtp {
-            let provider = SmtpProvider::new(settings)
+            let provider = SmtpPool::new(settings)
                 .map_err(|e| anyhow::anyhow!("{}{name}: {e}", super::config::SMTP_PREFIX))?;
             smtp.insert(name.clone(), provider);
         }
@@ -136,8 +94,7 @@ impl Mailer {
             .or_else(|| job.payload.get("provider").and_then(Json::as_str))
             .unwrap_or("default");
         if let Some(smtp) = self.smtp.get(&provider_key(provider)) {
-            let _slot = smtp.slots.acquire().await.expect("never closed");
-            return match smtp.transport.send(message).await {
+            return match smtp.send(message.envelope(), &message.formatted()).await {
                 Ok(reply) => {
                     let text = reply.message().collect::<Vec<_>>().join(" ");
                     Outcome::Done {
@@ -145,10 +102,11 @@ impl Mailer {
                         response: Some(json!({"smtp": format!("{} {text}", reply.code()).trim()})),
                     }
                 }
-                Err(e) => {
+                Err(SendError::Smtp(e)) => {
                     let (retryable, error) = classify_smtp(&e);
                     Outcome::Failed { retryable, error }
                 }
+                Err(e) => Outcome::retry(e.to_string()),
             };
         }
         if let Some(dir) = &self.maildir {

@@ -31,6 +31,7 @@ mod notifier;
 mod pg;
 mod producer;
 mod render;
+mod smtp_pool;
 mod webhook;
 
 pub use config::{Config, LogFormat, RunArgs};
