@@ -3,7 +3,8 @@
 -- tick() is ONE statement, whatever the batch size:
 --   due       lock up to max_steps due enrollments of live automations (FOR UPDATE SKIP LOCKED: any number
 --             of concurrent ticks are safe and never run a step twice)
---   batch     prefetch their contacts and automations once, as two jsonb documents
+--   batch     prefetch their contacts and automations once, as two json documents (json, not jsonb: it
+--             reaches Rust as text, with no jsonb-to-text printing)
 --   steps     herald._steps (Rust, extension/src/step_engine.rs) runs the node logic in memory: a contact
 --             advances through consecutive non-waiting nodes until it parks, ends, or hits the per-tick cap
 --   writes    data-modifying CTEs write every outcome: enrollments, outbox jobs (ON CONFLICT on the dedupe key,
@@ -35,10 +36,10 @@ BEGIN
          LIMIT max_steps
            FOR UPDATE OF e SKIP LOCKED
     ), batch AS (
-        SELECT (SELECT jsonb_object_agg(a.id::text, a.definition)
+        SELECT (SELECT json_object_agg(a.id::text, a.definition)
                   FROM herald.automations a
                  WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d)) AS automations,
-               jsonb_agg(jsonb_build_object(
+               json_agg(json_build_object(
                    'id', d.id, 'automation_id', d.automation_id, 'status', d.status, 'node', d.current_node,
                    'visit', d.visit, 'context', d.context, 'event', d.event -> 'payload',
                    'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
@@ -72,14 +73,14 @@ BEGIN
                next_run_at = CASE WHEN k.enrollment_id IS NOT NULL THEN now()
                                   ELSE coalesce(to_timestamp(st.next_run_at), 'infinity') END,
                visit = st.visit,
-               context = CASE WHEN k.enrollment_id IS NOT NULL THEN st.context || jsonb_build_object(st.node, k.reply)
-                              ELSE st.context END,
+               context = CASE WHEN k.enrollment_id IS NOT NULL THEN e.context || jsonb_build_object(st.node, k.reply)
+                              ELSE e.context END,
                exit_reason = st.exit_reason,
                ended_at = CASE WHEN st.status IN ('completed', 'exited', 'failed') THEN now() END,
                wait_kind = CASE WHEN k.enrollment_id IS NOT NULL THEN NULL ELSE st.wait_kind END,
                wait_job = CASE WHEN k.enrollment_id IS NULL AND st.wait_kind = 'job' THEN st.job_key END,
                wait_event = st.wait_event,
-               wait_filter = st.wait_filter,
+               wait_filter = st.wait_filter::jsonb,
                updated_at = now()
           FROM stepped st
           LEFT JOIN cached k ON k.enrollment_id = st.enrollment_id
@@ -94,8 +95,8 @@ BEGIN
                     ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
                st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
                st.job ->> 'on_success', st.job ->> 'on_error',
-               st.job -> 'payload' || jsonb_build_object('request_hash', st.job ->> 'request_hash',
-                                                        'cache_ttl_seconds', st.job -> 'cache_ttl_seconds')
+               (st.job -> 'payload')::jsonb || jsonb_build_object('request_hash', st.job ->> 'request_hash',
+                                                                 'cache_ttl_seconds', (st.job -> 'cache_ttl_seconds')::jsonb)
           FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
                  WHERE x.job IS NOT NULL AND x.enrollment_id NOT IN (SELECT k.enrollment_id FROM cached k)
                  ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
@@ -107,16 +108,16 @@ BEGIN
         RETURNING 1
     ), contact_changes AS (
         SELECT st.workspace_id, st.contact_id,
-               herald._jsonb_merge_agg(coalesce(st.contact_update -> 'set', '{}') ORDER BY st.enrollment_id) AS set_attrs,
+               herald._jsonb_merge_agg(coalesce((st.contact_update -> 'set')::jsonb, '{}') ORDER BY st.enrollment_id) AS set_attrs,
                array_agg(DISTINCT t) FILTER (WHERE t IS NOT NULL) AS add_tags
           FROM stepped st
-          LEFT JOIN LATERAL jsonb_array_elements_text(st.contact_update -> 'add_tags') t ON true
+          LEFT JOIN LATERAL json_array_elements_text(st.contact_update -> 'add_tags') t ON true
          WHERE st.contact_update IS NOT NULL
          GROUP BY st.workspace_id, st.contact_id
     ), contact_removals AS (
         SELECT st.workspace_id, st.contact_id, array_agg(DISTINCT t) AS remove_tags
           FROM stepped st
-         CROSS JOIN LATERAL jsonb_array_elements_text(st.contact_update -> 'remove_tags') t
+         CROSS JOIN LATERAL json_array_elements_text(st.contact_update -> 'remove_tags') t
          GROUP BY st.workspace_id, st.contact_id
     ), contacts_updated AS (
         UPDATE herald.contacts c
@@ -133,9 +134,9 @@ BEGIN
                st.workspace_id, st.contact_id, l.list, l.status
           FROM stepped st
          CROSS JOIN LATERAL (
-             SELECT j, 'subscribed' AS status FROM jsonb_array_elements_text(st.contact_update -> 'add_lists') j
+             SELECT j, 'subscribed' AS status FROM json_array_elements_text(st.contact_update -> 'add_lists') j
              UNION ALL
-             SELECT j, 'unsubscribed' FROM jsonb_array_elements_text(st.contact_update -> 'remove_lists') j) l(list, status)
+             SELECT j, 'unsubscribed' FROM json_array_elements_text(st.contact_update -> 'remove_lists') j) l(list, status)
          WHERE st.contact_update IS NOT NULL
          ORDER BY st.workspace_id, l.list, st.contact_id, st.enrollment_id DESC
     ), memberships AS (
@@ -154,15 +155,19 @@ BEGIN
           FROM memberships mb
         RETURNING 1
     ), logged AS (
-        INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, node, visit, action)
-        SELECT st.workspace_id, st.enrollment_id, st.automation_id, l ->> 'node', (l ->> 'visit')::int, l ->> 'action'
-          FROM stepped st CROSS JOIN LATERAL jsonb_array_elements(st.log) l
+        INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
+        SELECT st.workspace_id, st.enrollment_id, st.automation_id, st.log_nodes, st.log_visits, st.log_actions
+          FROM stepped st WHERE cardinality(st.log_nodes) > 0
         RETURNING 1
     ), counted AS (
         INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
-        SELECT st.workspace_id, st.automation_id, coalesce(c ->> 'node', ''), c ->> 'metric', count(*)
-          FROM stepped st CROSS JOIN LATERAL jsonb_array_elements(st.counts) c
-         GROUP BY 1, 2, 3, 4
+        -- _steps sums the batch's counts per (automation, node, metric) on its first row; the
+        -- automations of one batch may belong to several workspaces
+        SELECT a.workspace_id, c.automation, c.node, c.metric, c.n
+          FROM stepped st
+         CROSS JOIN LATERAL unnest(st.count_automations, st.count_nodes, st.count_metrics, st.count_n) c(automation, node, metric, n)
+          JOIN herald.automations a ON a.id = c.automation
+         WHERE st.count_automations IS NOT NULL
         RETURNING 1
     )
     SELECT count(*) INTO v_steps FROM stepped;
@@ -198,14 +203,21 @@ BEGIN
        SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,
            decided_by = actor, decided_at = now(), approved = decide_approval.approved, updated_at = now()
      WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
-    INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, node, visit, action)
-    VALUES (v.workspace_id, v.id, v.automation_id, v.current_node, v.visit,
-            format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next));
+    INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
+    VALUES (v.workspace_id, v.id, v.automation_id, ARRAY[v.current_node], ARRAY[v.visit],
+            ARRAY[format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next)]);
     INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
     VALUES (v.workspace_id, v.automation_id, v.current_node, CASE WHEN approved THEN 'approved' ELSE 'rejected' END, 1);
     PERFORM pg_notify('herald.tick', '');
 END
 $$;
+
+-- The step log, one row per node an enrollment passed, in order (log_id, seq).
+CREATE VIEW herald.step_history AS
+SELECT l.workspace_id, l.id AS log_id, s.seq, l.enrollment_id, l.automation_id, s.node, s.visit, s.action,
+       l.created_at
+  FROM herald.step_log l
+ CROSS JOIN LATERAL unnest(l.nodes, l.visits, l.actions) WITH ORDINALITY AS s(node, visit, action, seq);
 
 CREATE VIEW herald.pending_approvals AS
 SELECT e.workspace_id, e.id AS enrollment_id, e.automation_id, a.name AS automation, e.current_node AS node,

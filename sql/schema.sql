@@ -230,20 +230,24 @@ CREATE TABLE herald.message_history (
 CREATE INDEX message_history_automation_idx ON herald.message_history (workspace_id, automation_id, created_at);
 CREATE INDEX message_history_contact_idx ON herald.message_history (workspace_id, contact_id, created_at);
 
--- Per-enrollment history, one row per executed node. Bounded by pruning (herald.prune_step_log).
+-- Per-enrollment history: one row per tick (or approval) that moved an enrollment, holding the nodes it
+-- passed in order (parallel arrays node/visit/action); herald.step_history shows one row per node.
+-- It is tick's hottest insert, so: one row per enrollment rather than per node (a 3-node flow writes a
+-- third of the rows), one btree (reads go by enrollment, in id order), a BRIN index for pruning by age
+-- (rows arrive in time order), and no primary key (nothing refers to a log row). Bounded by herald.prune.
 CREATE TABLE herald.step_log (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,
     enrollment_id bigint NOT NULL,
     automation_id bigint NOT NULL,
-    node          text NOT NULL,
-    visit         int NOT NULL,
-    action        text NOT NULL,
+    nodes         text[] NOT NULL,
+    visits        int[] NOT NULL,
+    actions       text[] NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace_id, id)
+    CHECK (cardinality(nodes) = cardinality(visits) AND cardinality(nodes) = cardinality(actions))
 );
 CREATE INDEX step_log_enrollment_idx ON herald.step_log (workspace_id, enrollment_id, id);
-CREATE INDEX step_log_created_idx ON herald.step_log (created_at);
+CREATE INDEX step_log_created_idx ON herald.step_log USING brin (created_at);
 
 -- Stats: facts append deltas in the transaction that makes them true; flush_stats() folds them into
 -- stats; readers add both, so numbers are exact and no statement updates a shared counter per event.

@@ -3,7 +3,7 @@
 //! called by the SQL API in `sql/`, not part of the contract.
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{Json, JsonB};
 use serde_json::{json, Value};
 
 use crate::condition::{Condition, Facts, Scope};
@@ -131,13 +131,16 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 /// The step engine over a whole tick batch: `automations` maps automation id → definition,
 /// `enrollments` is an array of `{id, automation_id, status, node, visit, context, event, contact,
 /// timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
-/// enrollment, what tick() writes back.
+/// enrollment, what tick() writes back. `json`, not `jsonb`, both ways: pgrx reads a jsonb by printing
+/// it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text. The step log
+/// comes back as arrays, so SQL unnests it without parsing JSON; the stats deltas come back summed for
+/// the whole batch, on the first row.
 // pgrx needs the row tuple spelled out in the signature, so no type alias.
 #[allow(clippy::type_complexity)]
 #[pg_extern(strict)]
 fn _steps(
-    automations: JsonB,
-    enrollments: JsonB,
+    automations: Json,
+    enrollments: Json,
     now_epoch: f64,
     max_transitions: i32,
 ) -> TableIterator<
@@ -148,15 +151,19 @@ fn _steps(
         name!(node, String),
         name!(next_run_at, Option<f64>),
         name!(visit, i32),
-        name!(context, JsonB),
         name!(exit_reason, Option<String>),
         name!(wait_kind, Option<String>),
         name!(wait_event, Option<String>),
-        name!(wait_filter, Option<JsonB>),
-        name!(job, Option<JsonB>),
-        name!(contact_update, Option<JsonB>),
-        name!(log, JsonB),
-        name!(counts, JsonB),
+        name!(wait_filter, Option<Json>),
+        name!(job, Option<Json>),
+        name!(contact_update, Option<Json>),
+        name!(log_nodes, Vec<String>),
+        name!(log_visits, Vec<i32>),
+        name!(log_actions, Vec<String>),
+        name!(count_automations, Option<Vec<i64>>),
+        name!(count_nodes, Option<Vec<String>>),
+        name!(count_metrics, Option<Vec<String>>),
+        name!(count_n, Option<Vec<i64>>),
     ),
 > {
     let outcomes =
@@ -168,22 +175,41 @@ fn _steps(
                     format!("tick batch: {e}")
                 );
             });
-    TableIterator::new(outcomes.into_iter().map(|r| {
+    // the batch's stats totals ride on the first row only (NULL on the others)
+    let mut totals = Some(crate::tick_batch::count_totals(&outcomes));
+    TableIterator::new(outcomes.into_iter().map(move |r| {
+        let (count_automations, count_nodes, count_metrics, count_n) = match totals.take() {
+            Some(t) => {
+                let (mut a, mut nodes, mut metrics, mut n) = (vec![], vec![], vec![], vec![]);
+                for (automation, node, metric, count) in t {
+                    a.push(automation);
+                    nodes.push(node);
+                    metrics.push(metric);
+                    n.push(count);
+                }
+                (Some(a), Some(nodes), Some(metrics), Some(n))
+            }
+            None => (None, None, None, None),
+        };
         (
             r.enrollment_id,
             r.status,
             r.node,
             r.next_run_at,
             r.visit,
-            JsonB(r.context),
             r.exit_reason,
             r.wait_kind,
             r.wait_event,
-            r.wait_filter.map(JsonB),
-            r.job.map(JsonB),
-            r.contact_update.map(JsonB),
-            JsonB(r.log),
-            JsonB(r.counts),
+            r.wait_filter.map(Json),
+            r.job.map(Json),
+            r.contact_update.map(Json),
+            r.log_nodes,
+            r.log_visits,
+            r.log_actions,
+            count_automations,
+            count_nodes,
+            count_metrics,
+            count_n,
         )
     }))
 }

@@ -2,7 +2,7 @@
 //! parse each automation once, build the engine's inputs, and flatten its outcomes into the rows SQL
 //! writes back. No Postgres here, so it is tested with plain `cargo test`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -15,20 +15,41 @@ use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRow {
     pub enrollment_id: i64,
+    pub automation_id: i64,
     pub status: String,
     pub node: String,
     /// Epoch seconds; None = not by time ('infinity' in SQL).
     pub next_run_at: Option<f64>,
     pub visit: i32,
-    pub context: Value,
     pub exit_reason: Option<String>,
     pub wait_kind: Option<String>,
     pub wait_event: Option<String>,
     pub wait_filter: Option<Value>,
     pub job: Option<Value>,
     pub contact_update: Option<Value>,
-    pub log: Value,
-    pub counts: Value,
+    /// The step log, as parallel arrays (node, visit, action): SQL unnests them without parsing JSON.
+    pub log_nodes: Vec<String>,
+    pub log_visits: Vec<i32>,
+    pub log_actions: Vec<String>,
+    /// Stats deltas of this enrollment: (node, '' for automation-level metrics; metric).
+    pub counts: Vec<(String, &'static str)>,
+}
+
+/// The batch's stats deltas summed per (automation, node, metric), so SQL inserts a handful of rows
+/// instead of grouping one row per count (7 per enrollment in a 3-node flow).
+pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
+    let mut totals: BTreeMap<(i64, &str, &str), i64> = BTreeMap::new();
+    for r in rows {
+        for (node, metric) in &r.counts {
+            *totals
+                .entry((r.automation_id, node.as_str(), metric))
+                .or_default() += 1;
+        }
+    }
+    totals
+        .into_iter()
+        .map(|((a, node, metric), n)| (a, node.to_string(), metric.to_string(), n))
+        .collect()
 }
 
 /// Runs one batch. `automations`: `{"<id>": definition}`; `enrollments`: array of
@@ -83,7 +104,7 @@ pub fn run(
                     now,
                     max_transitions: max_transitions.max(1) as u32,
                 };
-                to_row(step_engine::advance(input))
+                to_row(step_engine::advance(input), e.automation_id)
             }
             Some(Err(reason)) => failed(
                 &e,
@@ -152,23 +173,25 @@ impl Enrollment {
 fn failed(e: &Enrollment, reason: String) -> StepRow {
     StepRow {
         enrollment_id: e.id,
+        automation_id: e.automation_id,
         status: Status::Failed.as_str().into(),
         node: e.node.clone(),
         next_run_at: None,
         visit: e.visit,
-        context: e.context.clone(),
         exit_reason: Some(reason.clone()),
         wait_kind: None,
         wait_event: None,
         wait_filter: None,
         job: None,
         contact_update: None,
-        log: json!([{"node": e.node, "visit": e.visit, "action": format!("failed: {reason}")}]),
-        counts: json!([{"node": null, "metric": "failed"}]),
+        log_nodes: vec![e.node.clone()],
+        log_visits: vec![e.visit],
+        log_actions: vec![format!("failed: {reason}")],
+        counts: vec![(String::new(), "failed")],
     }
 }
 
-fn to_row(o: Outcome) -> StepRow {
+fn to_row(o: Outcome, automation_id: i64) -> StepRow {
     let (wait_kind, wait_event, wait_filter) = match &o.wait {
         Some(Wait::Event { kind, filter }) => (
             Some("event".to_string()),
@@ -206,31 +229,34 @@ fn to_row(o: Outcome) -> StepRow {
             "remove_lists": u.remove_lists,
         })
     });
-    let log = o
-        .log
-        .into_iter()
-        .map(|l| json!({"node": l.node, "visit": l.visit, "action": l.action}))
-        .collect();
+    let (mut log_nodes, mut log_visits, mut log_actions) = (vec![], vec![], vec![]);
+    for l in o.log {
+        log_nodes.push(l.node);
+        log_visits.push(l.visit);
+        log_actions.push(l.action);
+    }
     let counts = o
         .counts
         .into_iter()
-        .map(|c| json!({"node": c.node, "metric": c.metric}))
+        .map(|c| (c.node.unwrap_or_default(), c.metric))
         .collect();
     StepRow {
         enrollment_id: o.enrollment_id,
+        automation_id,
         status: o.status.as_str().into(),
         node: o.node,
         next_run_at: o.next_run_at.map(|t| t.timestamp_micros() as f64 / 1e6),
         visit: o.visit,
-        context: o.context,
         exit_reason: o.exit_reason,
         wait_kind,
         wait_event,
         wait_filter,
         job,
         contact_update,
-        log: Value::Array(log),
-        counts: Value::Array(counts),
+        log_nodes,
+        log_visits,
+        log_actions,
+        counts,
     }
 }
 
@@ -267,12 +293,31 @@ mod tests {
         assert_eq!(job["kind"], "email");
         assert_eq!(job["dedupe_key"], "a7:e1:hello:1");
         assert_eq!(job["on_success"], "wait");
+        assert_eq!(r.counts.len(), 2, "entered + queued: {:?}", r.counts);
+        assert!(r.counts.iter().all(|(node, _)| node == "hello"));
+        assert_eq!(r.log_nodes, vec!["hello"]);
+        assert_eq!(r.log_visits, vec![1]);
+    }
+
+    #[test]
+    fn counts_are_summed_per_automation_node_and_metric() {
+        let batch = json!([
+            enrollment(1, 7, "hello"),
+            enrollment(2, 7, "hello"),
+            enrollment(3, 8, "x")
+        ]);
+        let rows = run(&automations(), &batch, NOW, 50).unwrap();
+        let totals = count_totals(&rows);
+        let per_enrollment: usize = rows.iter().map(|r| r.counts.len()).sum();
         assert_eq!(
-            r.counts.as_array().unwrap().len(),
-            2,
-            "entered + queued: {:?}",
-            r.counts
+            totals.iter().map(|t| t.3).sum::<i64>(),
+            per_enrollment as i64
         );
+        assert!(totals.contains(&(8, String::new(), "failed".into(), 1)));
+        assert!(totals
+            .iter()
+            .filter(|t| t.0 == 7)
+            .all(|t| t.1 == "hello" && t.3 == 2));
     }
 
     #[test]

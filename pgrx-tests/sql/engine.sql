@@ -65,10 +65,10 @@ SELECT pg_temp.finish_all('{"ok": true, "response": {"score": 80}}') AS called;
 SELECT herald.tick() AS steps;
 SELECT * FROM journey;
 SELECT e.context FROM herald.enrollments e JOIN herald.contacts c ON c.id = e.contact_id WHERE c.email = 'pro@example.com' AND e.workspace_id = 't1';
-SELECT l.node, l.visit, l.action FROM herald.step_log l
+SELECT l.node, l.visit, l.action FROM herald.step_history l
   JOIN herald.enrollments e ON e.workspace_id = l.workspace_id AND e.id = l.enrollment_id
   JOIN herald.contacts c ON c.id = e.contact_id
- WHERE c.email = 'pro@example.com' AND e.automation_id = :journey ORDER BY l.id;
+ WHERE c.email = 'pro@example.com' AND e.automation_id = :journey ORDER BY l.log_id, l.seq;
 
 -- stats: exact before and after flush
 SELECT * FROM herald.automation_stats(:journey);

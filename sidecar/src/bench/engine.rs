@@ -267,7 +267,7 @@ async fn check_completed(db: &Client, automation: i64, want: usize, steps: usize
     let row = db
         .query_one(
             "SELECT count(*) FILTER (WHERE status = 'completed'),
-                    (SELECT count(*) FROM herald.step_log l WHERE l.automation_id = $1)
+                    (SELECT count(*) FROM herald.step_history l WHERE l.automation_id = $1)
                FROM herald.enrollments WHERE automation_id = $1",
             &[&automation],
         )
