@@ -32,9 +32,25 @@ pub struct BenchArgs {
     /// A tiny run (seconds) that only checks the benchmark still works; its figures mean little.
     #[arg(long)]
     pub small: bool,
+    /// Run one section only (its own figures and goals); default: all of them, in this order.
+    #[arg(long, value_enum)]
+    pub only: Option<Section>,
     /// Where to write the figures as JSON.
     #[arg(long, value_name = "PATH", default_value = "target/bench/ingest.json")]
     pub json: PathBuf,
+}
+
+/// The sections of `herald bench`, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Event ingest and the dispatcher, go-live, contact import, track() latency (sections 1-4).
+    Ingest,
+    /// tick throughput and statements per tick (5-6).
+    Engine,
+    /// claim + complete against plain queues and PgQ; claim with idle workspaces (7-8).
+    Queue,
+    /// herald run: emails/s, webhooks/s, track() -> SMTP latency.
+    Delivery,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -162,6 +178,17 @@ struct GoLives {
 struct Report {
     small: bool,
     server_version: String,
+    /// Sections not run (`--only`) are null.
+    ingest: Option<IngestReport>,
+    engine: Option<engine::Engine>,
+    queue: Option<queue::Queue>,
+    /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
+    delivery: Option<serde_json::Value>,
+    goals: Vec<Goal>,
+}
+
+#[derive(Debug, Serialize)]
+struct IngestReport {
     contacts: usize,
     batch: usize,
     batches: usize,
@@ -174,24 +201,81 @@ struct Report {
     /// The baseline's single-row INSERT under the same triggers, for context (no goal).
     baseline_insert_latency: latency::Latency,
     track_latency_automations: usize,
-    engine: engine::Engine,
-    queue: queue::Queue,
-    /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
-    delivery: serde_json::Value,
-    goals: Vec<Goal>,
 }
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
-    let sizes = Sizes::new(args.small);
     let target = target.with_dbname("herald_bench");
     let db = target.recreate_with_extension().await?;
     let server_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
     info!("database herald_bench ready (PostgreSQL {server_version})");
+    let wanted = |s: Section| args.only.is_none_or(|only| only == s);
 
-    ingest::create_contacts(&db, ingest::WORKSPACE, CONTACTS).await?;
-    baseline::create_schema(&db).await?;
-    ingest::add_live_automations(&db, "hit {}", ingest::HIT, 0, MATCHING).await?;
-    baseline::add_triggers(&db, ingest::HIT, 0, MATCHING).await?;
+    let mut goals = Vec::new();
+    let ingest = if wanted(Section::Ingest) {
+        let r = run_ingest(&target, &db, &Sizes::new(args.small)).await?;
+        goals.extend(ingest_goals(&r.ingest, &r.upsert_contacts, &r.track_latency));
+        Some(r)
+    } else {
+        None
+    };
+    let engine = if wanted(Section::Engine) {
+        info!("engine: tick throughput and statements per tick");
+        let e = engine::run(&target, args.small).await?;
+        goals.extend(e.goals());
+        Some(e)
+    } else {
+        None
+    };
+    let queue = if wanted(Section::Queue) {
+        info!("queue: herald against plain queues and PgQ");
+        let q = queue::run(&target, args.small).await?;
+        goals.extend(q.goals());
+        Some(q)
+    } else {
+        None
+    };
+    let (delivery_table, delivery) = if wanted(Section::Delivery) {
+        info!("delivery: herald run against smtp-sink, an HTTP receiver and an SMTP server that timestamps");
+        let (table, d) = delivery::run(&target, args.small).await?;
+        for g in d["goals"].as_array().into_iter().flatten() {
+            goals.push(Goal::new(
+                g["goal"].as_str().unwrap_or_default(),
+                g["value"].as_f64().unwrap_or_default(),
+                g["pass"].as_bool().unwrap_or_default(),
+            ));
+        }
+        (table, Some(d))
+    } else {
+        (String::new(), None)
+    };
+
+    let report = Report {
+        small: args.small,
+        server_version,
+        ingest,
+        engine,
+        queue,
+        delivery,
+        goals,
+    };
+    print!("{}", render(&report));
+    print!("{delivery_table}");
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    info!("wrote {}", args.json.display());
+    Ok(())
+}
+
+/// Sections 1-4: ingest at three automation counts against the baseline, the control, going live,
+/// track() latency, contact import.
+async fn run_ingest(target: &Target, db: &Client, sizes: &Sizes) -> Result<IngestReport> {
+    ingest::create_contacts(db, ingest::WORKSPACE, CONTACTS).await?;
+    baseline::create_schema(db).await?;
+    ingest::add_live_automations(db, "hit {}", ingest::HIT, 0, MATCHING).await?;
+    baseline::add_triggers(db, ingest::HIT, 0, MATCHING).await?;
     info!("{CONTACTS} contacts, {MATCHING} matching automations and baseline triggers");
 
     let herald_batches: Vec<_> = (0..sizes.batches)
@@ -208,10 +292,10 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         let add = want - others;
         let first = MATCHING + others;
         let started = Instant::now();
-        ingest::add_live_automations(&db, "other {}", "other.{}", first, add).await?;
+        ingest::add_live_automations(db, "other {}", "other.{}", first, add).await?;
         let herald_setup_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        baseline::add_triggers(&db, "other.{}", first, add).await?;
+        baseline::add_triggers(db, "other.{}", first, add).await?;
         let baseline_setup_secs = started.elapsed().as_secs_f64();
         others = want;
         let automations = MATCHING + others;
@@ -223,9 +307,9 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         }
         db.batch_execute("ANALYZE").await.context("ANALYZE")?;
 
-        let herald = ingest::measure(&target, &herald_batches).await?;
+        let herald = ingest::measure(target, &herald_batches).await?;
         check_enrollments("herald", &herald);
-        let baseline = baseline::measure(&target, &baseline_batches).await?;
+        let baseline = baseline::measure(target, &baseline_batches).await?;
         check_enrollments("baseline", &baseline);
         info!(
             "{automations} automations: herald {:.0} events/s, baseline {:.0} events/s",
@@ -245,16 +329,16 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         });
 
         if i == 1 {
-            middle = Some(middle_level(&target, &db, &sizes, automations).await?);
+            middle = Some(middle_level(target, db, sizes, automations).await?);
         }
     }
     let (track_latency, baseline_insert_latency, go_live) = middle.context("no middle level")?;
 
     // Control: back to the 10 matching automations (the others paused) on the now larger tables,
     // to tell the cost of more automations from the cost of more rows.
-    let paused = ingest::set_status_where_kind(&db, "other.%", "paused").await?;
+    let paused = ingest::set_status_where_kind(db, "other.%", "paused").await?;
     db.batch_execute("ANALYZE").await?;
-    let control = ingest::measure(&target, &herald_batches).await?;
+    let control = ingest::measure(target, &herald_batches).await?;
     check_enrollments("herald", &control);
     info!(
         "control: {paused} automations paused, herald {:.0} events/s",
@@ -268,28 +352,8 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     };
 
     info!("importing {} contacts", sizes.import_contacts);
-    let upsert_contacts = contacts::run(&target, sizes.import_contacts).await?;
-
-    info!("engine: tick throughput and statements per tick");
-    let engine = engine::run(&target, args.small).await?;
-    info!("queue: herald against plain queues and PgQ");
-    let queue = queue::run(&target, args.small).await?;
-    info!("delivery: herald run against smtp-sink, an HTTP receiver and an SMTP server that timestamps");
-    let (delivery_table, delivery) = delivery::run(&target, args.small).await?;
-
-    let mut goals = goals(&levels, &upsert_contacts, &track_latency);
-    goals.extend(engine.goals());
-    goals.extend(queue.goals());
-    for g in delivery["goals"].as_array().into_iter().flatten() {
-        goals.push(Goal::new(
-            g["goal"].as_str().unwrap_or_default(),
-            g["value"].as_f64().unwrap_or_default(),
-            g["pass"].as_bool().unwrap_or_default(),
-        ));
-    }
-    let report = Report {
-        small: args.small,
-        server_version,
+    let upsert_contacts = contacts::run(target, sizes.import_contacts).await?;
+    Ok(IngestReport {
         contacts: CONTACTS,
         batch: BATCH,
         batches: sizes.batches,
@@ -301,20 +365,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         upsert_contacts,
         track_latency,
         baseline_insert_latency,
-        engine,
-        queue,
-        delivery,
-        goals,
-    };
-    print!("{}", render(&report));
-    print!("{delivery_table}");
-    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.json.display()))?;
-    info!("wrote {}", args.json.display());
-    Ok(())
+    })
 }
 
 /// At the middle level (1,010 automations): track() latency, then going live during ingest.
@@ -368,7 +419,7 @@ fn check_enrollments(side: &str, rate: &Rate) {
     }
 }
 
-fn goals(levels: &[Level], import: &contacts::Import, track: &latency::Latency) -> Vec<Goal> {
+fn ingest_goals(levels: &[Level], import: &contacts::Import, track: &latency::Latency) -> Vec<Goal> {
     let mut goals = Vec::new();
     for l in levels.iter().skip(1) {
         goals.push(Goal::new(
@@ -413,21 +464,30 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn render(r: &Report) -> String {
+fn render(report: &Report) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let verdict = |g: &str| {
-        r.goals
-            .iter()
-            .find(|x| x.goal == g)
-            .map_or("", Goal::verdict)
-    };
     let _ = writeln!(
         o,
         "herald bench{} — PostgreSQL {}",
-        if r.small { " --small" } else { "" },
-        r.server_version
+        if report.small { " --small" } else { "" },
+        report.server_version
     );
+    if let Some(r) = &report.ingest {
+        render_ingest(&mut o, r, &report.goals);
+    }
+    if let Some(e) = &report.engine {
+        engine::render(&mut o, e);
+    }
+    if let Some(q) = &report.queue {
+        queue::render(&mut o, q);
+    }
+    o
+}
+
+fn render_ingest(o: &mut String, r: &IngestReport, goals: &[Goal]) {
+    use std::fmt::Write;
+    let verdict = |g: &str| goals.iter().find(|x| x.goal == g).map_or("", Goal::verdict);
 
     let _ = writeln!(
         o,
@@ -475,7 +535,7 @@ fn render(r: &Report) -> String {
             to.baseline_setup_secs
         );
     }
-    for g in r.goals.iter().filter(|g| g.goal.starts_with("herald at")) {
+    for g in goals.iter().filter(|g| g.goal.starts_with("herald at")) {
         let unit = if g.goal.ends_with("baseline") {
             "x"
         } else {
@@ -576,9 +636,6 @@ fn render(r: &Report) -> String {
         "  goal: track() p99 < 2 ms: {}",
         verdict("track() p99 < 2 ms")
     );
-    engine::render(&mut o, &r.engine);
-    queue::render(&mut o, &r.queue);
-    o
 }
 
 #[cfg(test)]
