@@ -12,6 +12,11 @@
 --             memberships touched by update_contact (with list.joined / list.left events), the step log and
 --             stats deltas.
 
+-- The planner's row estimate for _steps: low on purpose. tick joins its output to enrollments and
+-- contacts by primary key; with the default (1,000) the writes hashed the whole enrollments and contacts
+-- tables on every tick, a cost that grows with all rows ever made instead of with the batch.
+ALTER FUNCTION herald._steps(json, json, float8, int) ROWS 100;
+
 CREATE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -40,50 +45,55 @@ BEGIN
                   FROM herald.automations a
                  WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d)) AS automations,
                json_agg(json_build_object(
-                   'id', d.id, 'automation_id', d.automation_id, 'status', d.status, 'node', d.current_node,
+                   'id', d.id, 'workspace_id', d.workspace_id, 'automation_id', d.automation_id,
+                   'contact_id', d.contact_id, 'status', d.status, 'node', d.current_node,
                    'visit', d.visit, 'context', d.context, 'event', d.event -> 'payload',
                    'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
                    'timezone', c.timezone)) AS enrollments
           FROM due d
-          JOIN herald.contacts c ON c.workspace_id = d.workspace_id AND c.id = d.contact_id
+          -- a primary-key probe per due row (a plain join was planned as a merge over the contacts index)
+         CROSS JOIN LATERAL (SELECT c.email, c.attributes, c.timezone, c.tags FROM herald.contacts c
+                              WHERE c.workspace_id = d.workspace_id AND c.id = d.contact_id LIMIT 1) c
     ), stepped AS MATERIALIZED (
-        SELECT d.workspace_id, d.automation_id, d.contact_id, s.*,
-               s.job ->> 'kind' AS job_kind,
-               -- decide: identical questions share one job per TTL window (and one cached reply)
-               CASE WHEN s.job ->> 'kind' = 'decide'
-                    THEN format('decide:%s:%s', s.job ->> 'request_hash',
-                                floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
-                    ELSE s.job ->> 'dedupe_key' END AS job_key
+        -- _steps passes workspace, automation and contact through: no join back to due, so the
+        -- planner's estimate stays _steps' ROWS and the writes below probe indexes row by row
+        -- instead of hashing whole tables (which grew with every enrollment ever made).
+        -- A decide question already answered in the cache (a primary-key probe) takes the enrollment
+        -- straight to the chosen path: cache_reply / cache_next.
+        SELECT s.*, k.job_kind, k.job_key, dc.reply AS cache_reply,
+               coalesce(s.job -> 'payload' -> 'paths' ->> (dc.reply ->> (s.job -> 'payload' ->> 'field')),
+                        s.job -> 'payload' ->> 'default') AS cache_next
           FROM batch b
          CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments, extract(epoch FROM now())::float8, 50) s
-          JOIN due d ON d.id = s.enrollment_id
-    ), cached AS (
-        -- decide questions answered from the cache: the enrollment goes straight to the chosen path
-        SELECT st.enrollment_id, dc.reply,
-               coalesce(st.job -> 'payload' -> 'paths' ->> (dc.reply ->> (st.job -> 'payload' ->> 'field')),
-                        st.job -> 'payload' ->> 'default') AS next_node
-          FROM stepped st
-          JOIN herald.decide_cache dc
-            ON dc.workspace_id = st.workspace_id AND dc.request_hash = st.job ->> 'request_hash' AND dc.expires_at > now()
-         WHERE st.job_kind = 'decide'
+         CROSS JOIN LATERAL (
+             SELECT s.job ->> 'kind' AS job_kind,
+                    -- decide: identical questions share one job per TTL window (and one cached reply)
+                    CASE WHEN s.job ->> 'kind' = 'decide'
+                         THEN format('decide:%s:%s', s.job ->> 'request_hash',
+                                     floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
+                         ELSE s.job ->> 'dedupe_key' END AS job_key) k
+          LEFT JOIN LATERAL (
+              SELECT c.reply FROM herald.decide_cache c
+               WHERE k.job_kind = 'decide' AND c.workspace_id = s.workspace_id
+                 AND c.request_hash = s.job ->> 'request_hash' AND c.expires_at > now()
+               LIMIT 1) dc ON true
     ), moved AS (
         UPDATE herald.enrollments e
-           SET status = CASE WHEN k.enrollment_id IS NOT NULL THEN 'active' ELSE st.status END,
-               current_node = coalesce(k.next_node, st.node),
-               next_run_at = CASE WHEN k.enrollment_id IS NOT NULL THEN now()
+           SET status = CASE WHEN st.cache_reply IS NOT NULL THEN 'active' ELSE st.status END,
+               current_node = CASE WHEN st.cache_reply IS NOT NULL THEN coalesce(st.cache_next, st.node) ELSE st.node END,
+               next_run_at = CASE WHEN st.cache_reply IS NOT NULL THEN now()
                                   ELSE coalesce(to_timestamp(st.next_run_at), 'infinity') END,
                visit = st.visit,
-               context = CASE WHEN k.enrollment_id IS NOT NULL THEN e.context || jsonb_build_object(st.node, k.reply)
+               context = CASE WHEN st.cache_reply IS NOT NULL THEN e.context || jsonb_build_object(st.node, st.cache_reply)
                               ELSE e.context END,
                exit_reason = st.exit_reason,
                ended_at = CASE WHEN st.status IN ('completed', 'exited', 'failed') THEN now() END,
-               wait_kind = CASE WHEN k.enrollment_id IS NOT NULL THEN NULL ELSE st.wait_kind END,
-               wait_job = CASE WHEN k.enrollment_id IS NULL AND st.wait_kind = 'job' THEN st.job_key END,
+               wait_kind = CASE WHEN st.cache_reply IS NOT NULL THEN NULL ELSE st.wait_kind END,
+               wait_job = CASE WHEN st.cache_reply IS NULL AND st.wait_kind = 'job' THEN st.job_key END,
                wait_event = st.wait_event,
                wait_filter = st.wait_filter::jsonb,
                updated_at = now()
           FROM stepped st
-          LEFT JOIN cached k ON k.enrollment_id = st.enrollment_id
          WHERE e.workspace_id = st.workspace_id AND e.id = st.enrollment_id
         RETURNING 1
     ), queued AS (
@@ -98,7 +108,7 @@ BEGIN
                (st.job -> 'payload')::jsonb || jsonb_build_object('request_hash', st.job ->> 'request_hash',
                                                                  'cache_ttl_seconds', (st.job -> 'cache_ttl_seconds')::jsonb)
           FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
-                 WHERE x.job IS NOT NULL AND x.enrollment_id NOT IN (SELECT k.enrollment_id FROM cached k)
+                 WHERE x.job IS NOT NULL AND x.cache_reply IS NULL
                  ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
          ORDER BY st.job_key
         ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO UPDATE

@@ -129,8 +129,8 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 }
 
 /// The step engine over a whole tick batch: `automations` maps automation id → definition,
-/// `enrollments` is an array of `{id, automation_id, status, node, visit, context, event, contact,
-/// timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
+/// `enrollments` is an array of `{id, workspace_id, automation_id, contact_id, status, node, visit,
+/// context, event, contact, timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
 /// enrollment, what tick() writes back. `json`, not `jsonb`, both ways: pgrx reads a jsonb by printing
 /// it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text. The step log
 /// comes back as arrays, so SQL unnests it without parsing JSON; the stats deltas come back summed for
@@ -147,6 +147,9 @@ fn _steps(
     'static,
     (
         name!(enrollment_id, i64),
+        name!(workspace_id, String),
+        name!(automation_id, i64),
+        name!(contact_id, i64),
         name!(status, String),
         name!(node, String),
         name!(next_run_at, Option<f64>),
@@ -193,6 +196,9 @@ fn _steps(
         };
         (
             r.enrollment_id,
+            r.workspace_id,
+            r.automation_id,
+            r.contact_id,
             r.status,
             r.node,
             r.next_run_at,

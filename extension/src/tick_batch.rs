@@ -15,7 +15,10 @@ use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRow {
     pub enrollment_id: i64,
+    /// Passed through from the batch, so SQL needs no join back to the due rows.
+    pub workspace_id: String,
     pub automation_id: i64,
+    pub contact_id: i64,
     pub status: String,
     pub node: String,
     /// Epoch seconds; None = not by time ('infinity' in SQL).
@@ -53,7 +56,7 @@ pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
 }
 
 /// Runs one batch. `automations`: `{"<id>": definition}`; `enrollments`: array of
-/// `{id, automation_id, status, node, visit, context, event, contact, timezone}`.
+/// `{id, workspace_id, automation_id, contact_id, status, node, visit, context, event, contact, timezone}`.
 /// A malformed batch is an error (SQL builds it, so that is a bug); an automation whose stored
 /// definition no longer validates fails its enrollments with the reason instead of stopping the tick.
 pub fn run(
@@ -90,6 +93,7 @@ pub fn run(
         let e = Enrollment::parse(item)?;
         let row = match parsed.get(&e.automation_id) {
             Some(Ok(automation)) => {
+                let keys = (e.workspace_id.clone(), e.automation_id, e.contact_id);
                 let input = StepInput {
                     enrollment_id: e.id,
                     automation_id: e.automation_id,
@@ -104,7 +108,7 @@ pub fn run(
                     now,
                     max_transitions: max_transitions.max(1) as u32,
                 };
-                to_row(step_engine::advance(input), e.automation_id)
+                to_row(step_engine::advance(input), keys)
             }
             Some(Err(reason)) => failed(
                 &e,
@@ -125,7 +129,9 @@ pub fn run(
 
 struct Enrollment {
     id: i64,
+    workspace_id: String,
     automation_id: i64,
+    contact_id: i64,
     status: Status,
     node: String,
     visit: i32,
@@ -150,7 +156,9 @@ impl Enrollment {
         let status = text("status")?;
         Ok(Self {
             id: int("id")?,
+            workspace_id: text("workspace_id")?.to_string(),
             automation_id: int("automation_id")?,
+            contact_id: int("contact_id")?,
             status: Status::parse(status)
                 .ok_or_else(|| format!("unknown enrollment status {status:?}"))?,
             node: text("node")?.to_string(),
@@ -173,7 +181,9 @@ impl Enrollment {
 fn failed(e: &Enrollment, reason: String) -> StepRow {
     StepRow {
         enrollment_id: e.id,
+        workspace_id: e.workspace_id.clone(),
         automation_id: e.automation_id,
+        contact_id: e.contact_id,
         status: Status::Failed.as_str().into(),
         node: e.node.clone(),
         next_run_at: None,
@@ -191,7 +201,9 @@ fn failed(e: &Enrollment, reason: String) -> StepRow {
     }
 }
 
-fn to_row(o: Outcome, automation_id: i64) -> StepRow {
+/// `keys`: the enrollment's (workspace, automation, contact), passed through to SQL.
+fn to_row(o: Outcome, keys: (String, i64, i64)) -> StepRow {
+    let (workspace_id, automation_id, contact_id) = keys;
     let (wait_kind, wait_event, wait_filter) = match &o.wait {
         Some(Wait::Event { kind, filter }) => (
             Some("event".to_string()),
@@ -242,7 +254,9 @@ fn to_row(o: Outcome, automation_id: i64) -> StepRow {
         .collect();
     StepRow {
         enrollment_id: o.enrollment_id,
+        workspace_id,
         automation_id,
+        contact_id,
         status: o.status.as_str().into(),
         node: o.node,
         next_run_at: o.next_run_at.map(|t| t.timestamp_micros() as f64 / 1e6),
@@ -273,7 +287,8 @@ mod tests {
     }
 
     fn enrollment(id: i64, automation: i64, node: &str) -> Value {
-        json!({"id": id, "automation_id": automation, "status": "active", "node": node, "visit": 0,
+        json!({"id": id, "workspace_id": "w", "automation_id": automation, "contact_id": 100 + id,
+               "status": "active", "node": node, "visit": 0,
                "context": {}, "event": null, "contact": {"email": "a@example.com"}, "timezone": "Europe/Paris"})
     }
 

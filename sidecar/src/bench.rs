@@ -213,7 +213,11 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     let mut goals = Vec::new();
     let ingest = if wanted(Section::Ingest) {
         let r = run_ingest(&target, &db, &Sizes::new(args.small)).await?;
-        goals.extend(ingest_goals(&r.ingest, &r.upsert_contacts, &r.track_latency));
+        goals.extend(ingest_goals(
+            &r.ingest,
+            &r.upsert_contacts,
+            &r.track_latency,
+        ));
         Some(r)
     } else {
         None
@@ -419,7 +423,11 @@ fn check_enrollments(side: &str, rate: &Rate) {
     }
 }
 
-fn ingest_goals(levels: &[Level], import: &contacts::Import, track: &latency::Latency) -> Vec<Goal> {
+fn ingest_goals(
+    levels: &[Level],
+    import: &contacts::Import,
+    track: &latency::Latency,
+) -> Vec<Goal> {
     let mut goals = Vec::new();
     for l in levels.iter().skip(1) {
         goals.push(Goal::new(
