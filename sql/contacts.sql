@@ -127,7 +127,7 @@ BEGIN
         -- nested loop (jsonb input is estimated at 1 row) and turns quadratic.
         SELECT coalesce(jsonb_object_agg(c.id::text, c.attributes), '{}') AS by_id FROM good g
          CROSS JOIN LATERAL (SELECT c.id, c.attributes FROM herald.contacts c
-                              WHERE c.workspace_id = v_ws AND c.email = g.email LIMIT 1) c
+                              WHERE c.email = g.email AND c.workspace_id IS NOT DISTINCT FROM v_ws LIMIT 1) c
     ), up AS (
         INSERT INTO herald.contacts AS c (workspace_id, email, attributes, timezone)
         SELECT v_ws, g.email, g.attrs, g.tz FROM good g ORDER BY g.email
@@ -179,7 +179,7 @@ BEGIN
     SELECT u.rejected INTO v_rejected
       FROM herald.upsert_contacts(workspace, jsonb_build_array(jsonb_build_object('email', email, 'attributes', coalesce(attributes, '{}')))) u;
     SELECT c.id INTO v_id FROM herald.contacts c
-     WHERE c.workspace_id = workspace AND c.email = herald._normalize_email(upsert_contact.email);
+     WHERE c.email = herald._normalize_email(upsert_contact.email) AND c.workspace_id IS NOT DISTINCT FROM workspace;
     RETURN v_id;
 END
 $$;

@@ -90,7 +90,7 @@ BEGIN
         UPDATE herald.events e
            SET contact_id = c.id, email = c.email
           FROM new_events n
-          JOIN herald.contacts c ON c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
+          JOIN herald.contacts c ON c.email = herald._normalize_email(n.email) AND c.workspace_id IS NOT DISTINCT FROM n.workspace_id
          WHERE n.contact_id IS NULL AND e.workspace_id = n.workspace_id AND e.id = n.id;
     END IF;
 
@@ -103,8 +103,8 @@ BEGIN
         SELECT n.workspace_id, n.id, c.id, n.kind, n.payload
           FROM new_events n
          CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
-                              WHERE c.workspace_id = n.workspace_id AND c.email = herald._normalize_email(n.email)
-                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe
+                              WHERE c.email = herald._normalize_email(n.email) AND c.workspace_id IS NOT DISTINCT FROM n.workspace_id
+                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe (see contacts' index)
          WHERE n.contact_id IS NULL
     ), candidate AS (
         SELECT ev.workspace_id, ev.id AS event_id, ev.contact_id, ev.kind, ev.payload,
@@ -244,8 +244,8 @@ BEGIN
                coalesce((t.entry ->> 'occurred_at')::timestamptz, now())
           FROM jsonb_array_elements(events) WITH ORDINALITY AS t(entry, ord)
          CROSS JOIN LATERAL (SELECT c.id, c.email FROM herald.contacts c
-                              WHERE c.workspace_id = v_ws AND c.email = herald._normalize_email(t.entry ->> 'email')
-                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe
+                              WHERE c.email = herald._normalize_email(t.entry ->> 'email') AND c.workspace_id IS NOT DISTINCT FROM v_ws
+                              LIMIT 1) c   -- LIMIT: keeps it a parameterized unique-index probe (see contacts' index)
          ORDER BY t.ord
         RETURNING id
     )

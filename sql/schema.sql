@@ -24,7 +24,12 @@ CREATE TABLE herald.contacts (
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (workspace_id, id),
-    UNIQUE (workspace_id, email)
+    -- email first, and lookups by email say `c.email = … AND c.workspace_id IS NOT DISTINCT FROM …`
+    -- (not indexable): a probe by (workspace, email) must go through this index. With workspace_id
+    -- first, a workspace the statistics do not know yet (a new one, filling fast) was estimated at one
+    -- row, the narrower primary key won the tie, and every probe scanned the whole workspace: a 10,000
+    -- contact upsert into a growing workspace took 60 s instead of 0.3 s.
+    CONSTRAINT contacts_workspace_id_email_key UNIQUE (email, workspace_id)
 );
 CREATE INDEX contacts_id_idx ON herald.contacts (id);
 
