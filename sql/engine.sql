@@ -15,7 +15,7 @@
 -- The planner's row estimate for _steps: low on purpose. tick joins its output to enrollments and
 -- contacts by primary key; with the default (1,000) the writes hashed the whole enrollments and contacts
 -- tables on every tick, a cost that grows with all rows ever made instead of with the batch.
-ALTER FUNCTION herald._steps(json, json, float8, int) ROWS 100;
+ALTER FUNCTION herald._steps(json, text, float8, int) ROWS 100;
 
 CREATE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
@@ -64,7 +64,7 @@ BEGIN
                coalesce(s.job -> 'payload' -> 'paths' ->> (dc.reply ->> (s.job -> 'payload' ->> 'field')),
                         s.job -> 'payload' ->> 'default') AS cache_next
           FROM batch b
-         CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments, extract(epoch FROM now())::float8, 50) s
+         CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments::text, extract(epoch FROM now())::float8, 50) s
          CROSS JOIN LATERAL (
              SELECT s.job ->> 'kind' AS job_kind,
                     -- decide: identical questions share one job per TTL window (and one cached reply)

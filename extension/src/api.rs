@@ -131,8 +131,9 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 /// The step engine over a whole tick batch: `automations` maps automation id → definition,
 /// `enrollments` is an array of `{id, workspace_id, automation_id, contact_id, status, node, visit,
 /// context, event, contact, timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
-/// enrollment, what tick() writes back. `json`, not `jsonb`, both ways: pgrx reads a jsonb by printing
-/// it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text. The step log
+/// enrollment, what tick() writes back. `json`/text, not `jsonb`, both ways: pgrx reads a jsonb by
+/// printing it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text; the
+/// enrollments come as the json's text and are parsed straight into typed rows. The step log
 /// comes back as arrays, so SQL unnests it without parsing JSON; the stats deltas come back summed for
 /// the whole batch, on the first row.
 // pgrx needs the row tuple spelled out in the signature, so no type alias.
@@ -140,7 +141,7 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 #[pg_extern(strict)]
 fn _steps(
     automations: Json,
-    enrollments: Json,
+    enrollments: &str,
     now_epoch: f64,
     max_transitions: i32,
 ) -> TableIterator<
@@ -169,15 +170,14 @@ fn _steps(
         name!(count_n, Option<Vec<i64>>),
     ),
 > {
-    let outcomes =
-        crate::tick_batch::run(&automations.0, &enrollments.0, now_epoch, max_transitions)
-            .unwrap_or_else(|e| {
-                ereport!(
-                    ERROR,
-                    PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-                    format!("tick batch: {e}")
-                );
-            });
+    let outcomes = crate::tick_batch::run(&automations.0, enrollments, now_epoch, max_transitions)
+        .unwrap_or_else(|e| {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+                format!("tick batch: {e}")
+            );
+        });
     // the batch's stats totals ride on the first row only (NULL on the others)
     let mut totals = Some(crate::tick_batch::count_totals(&outcomes));
     TableIterator::new(outcomes.into_iter().map(move |r| {

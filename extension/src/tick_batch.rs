@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::definition::{self, Automation};
@@ -61,7 +62,7 @@ pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
 /// definition no longer validates fails its enrollments with the reason instead of stopping the tick.
 pub fn run(
     automations: &Value,
-    enrollments: &Value,
+    enrollments: &str,
     now_epoch: f64,
     max_transitions: i32,
 ) -> Result<Vec<StepRow>, String> {
@@ -82,15 +83,14 @@ pub fn run(
             ))
         })
         .collect::<Result<_, String>>()?;
-    let items = match enrollments {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(items) => items,
-        _ => return Err("enrollments must be an array".into()),
-    };
+    // typed straight from the text: no intermediate JSON object per enrollment
+    let items: Option<Vec<RawEnrollment>> =
+        serde_json::from_str(enrollments).map_err(|e| format!("enrollments: {e}"))?;
+    let items = items.unwrap_or_default();
 
     let mut rows = Vec::with_capacity(items.len());
     for item in items {
-        let e = Enrollment::parse(item)?;
+        let e = Enrollment::from_raw(item)?;
         let row = match parsed.get(&e.automation_id) {
             Some(Ok(automation)) => {
                 let keys = (e.workspace_id.clone(), e.automation_id, e.contact_id);
@@ -141,39 +141,49 @@ struct Enrollment {
     timezone: Option<String>,
 }
 
+/// One element of the batch as SQL builds it.
+#[derive(Deserialize)]
+struct RawEnrollment {
+    id: i64,
+    workspace_id: String,
+    automation_id: i64,
+    contact_id: i64,
+    status: String,
+    node: String,
+    visit: i32,
+    #[serde(default)]
+    context: Value,
+    #[serde(default)]
+    contact: Value,
+    #[serde(default)]
+    event: Value,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
 impl Enrollment {
-    fn parse(v: &Value) -> Result<Self, String> {
-        let int = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_i64)
-                .ok_or_else(|| format!("enrollment.{k} is missing"))
-        };
-        let text = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("enrollment.{k} is missing"))
-        };
-        let status = text("status")?;
+    fn from_raw(r: RawEnrollment) -> Result<Self, String> {
         Ok(Self {
-            id: int("id")?,
-            workspace_id: text("workspace_id")?.to_string(),
-            automation_id: int("automation_id")?,
-            contact_id: int("contact_id")?,
-            status: Status::parse(status)
-                .ok_or_else(|| format!("unknown enrollment status {status:?}"))?,
-            node: text("node")?.to_string(),
-            visit: int("visit")? as i32,
-            context: v
-                .get("context")
-                .cloned()
-                .filter(Value::is_object)
-                .unwrap_or_else(|| json!({})),
-            contact: v.get("contact").cloned().unwrap_or_else(|| json!({})),
-            event: v.get("event").cloned().filter(|e| !e.is_null()),
-            timezone: v
-                .get("timezone")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            status: Status::parse(&r.status)
+                .ok_or_else(|| format!("unknown enrollment status {:?}", r.status))?,
+            id: r.id,
+            workspace_id: r.workspace_id,
+            automation_id: r.automation_id,
+            contact_id: r.contact_id,
+            node: r.node,
+            visit: r.visit,
+            context: if r.context.is_object() {
+                r.context
+            } else {
+                json!({})
+            },
+            contact: if r.contact.is_null() {
+                json!({})
+            } else {
+                r.contact
+            },
+            event: Some(r.event).filter(|e| !e.is_null()),
+            timezone: r.timezone,
         })
     }
 }
@@ -296,7 +306,13 @@ mod tests {
 
     #[test]
     fn an_email_node_parks_with_a_job() {
-        let rows = run(&automations(), &json!([enrollment(1, 7, "hello")]), NOW, 50).unwrap();
+        let rows = run(
+            &automations(),
+            &json!([enrollment(1, 7, "hello")]).to_string(),
+            NOW,
+            50,
+        )
+        .unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!(
@@ -321,7 +337,7 @@ mod tests {
             enrollment(2, 7, "hello"),
             enrollment(3, 8, "x")
         ]);
-        let rows = run(&automations(), &batch, NOW, 50).unwrap();
+        let rows = run(&automations(), &batch.to_string(), NOW, 50).unwrap();
         let totals = count_totals(&rows);
         let per_enrollment: usize = rows.iter().map(|r| r.counts.len()).sum();
         assert_eq!(
@@ -337,7 +353,13 @@ mod tests {
 
     #[test]
     fn a_delay_schedules_the_next_node_in_epoch_seconds() {
-        let rows = run(&automations(), &json!([enrollment(2, 7, "wait")]), NOW, 50).unwrap();
+        let rows = run(
+            &automations(),
+            &json!([enrollment(2, 7, "wait")]).to_string(),
+            NOW,
+            50,
+        )
+        .unwrap();
         assert_eq!(rows[0].status, "active");
         assert_eq!(rows[0].node, "done");
         assert_eq!(rows[0].next_run_at, Some(NOW + 3600.0));
@@ -350,7 +372,7 @@ mod tests {
             enrollment(4, 9, "x"),
             enrollment(5, 7, "done")
         ]);
-        let rows = run(&automations(), &batch, NOW, 50).unwrap();
+        let rows = run(&automations(), &batch.to_string(), NOW, 50).unwrap();
         assert_eq!(rows[0].status, "failed");
         assert!(rows[0]
             .exit_reason
@@ -364,13 +386,13 @@ mod tests {
 
     #[test]
     fn malformed_batches_are_errors() {
-        assert!(run(&json!([]), &json!([]), NOW, 50).is_err());
-        assert!(run(&automations(), &json!({}), NOW, 50).is_err());
-        assert!(run(&automations(), &json!([{"id": 1}]), NOW, 50).is_err());
-        assert!(run(&json!({"x": {}}), &json!([]), NOW, 50).is_err());
+        assert!(run(&json!([]), "[]", NOW, 50).is_err());
+        assert!(run(&automations(), "{}", NOW, 50).is_err());
+        assert!(run(&automations(), r#"[{"id": 1}]"#, NOW, 50).is_err());
+        assert!(run(&json!({"x": {}}), "[]", NOW, 50).is_err());
         let mut bad = enrollment(1, 7, "hello");
         bad["status"] = json!("sleeping");
-        assert!(run(&automations(), &json!([bad]), NOW, 50).is_err());
-        assert_eq!(run(&automations(), &Value::Null, NOW, 50).unwrap(), vec![]);
+        assert!(run(&automations(), &json!([bad]).to_string(), NOW, 50).is_err());
+        assert_eq!(run(&automations(), "null", NOW, 50).unwrap(), vec![]);
     }
 }
