@@ -202,6 +202,51 @@ BEGIN
         RETURN;
     END IF;
 
+    -- 1b. suppressed recipients: such an email job is never handed out, whatever queued it. It is
+    --     finished as cancelled ('suppressed: <reason>'), counted as 'suppressed', and an enrollment
+    --     waiting on it moves on as if the step had been done (the journey goes on without the email).
+    WITH suppressed AS (
+        SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
+               o.variation, s.reason
+          FROM unnest(v_ids) u(id)
+          JOIN herald.outbox o ON o.id = u.id
+         CROSS JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                              WHERE c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c
+          JOIN herald.suppressions s ON s.workspace_id = o.workspace_id AND s.email = c.email
+         WHERE o.kind = 'email'
+    ), cancelled AS (
+        UPDATE herald.outbox o
+           SET status = 'cancelled', last_error = 'suppressed: ' || x.reason, done_at = now(), updated_at = now()
+          FROM suppressed x
+         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+        RETURNING o.id
+    ), woken AS (
+        UPDATE herald.enrollments e
+           SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
+               current_node = coalesce(x.on_success, e.current_node), next_run_at = now(),
+               ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
+               exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
+               wait_kind = NULL, wait_job = NULL, updated_at = now()
+          FROM suppressed x
+         WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
+           AND e.status = 'waiting' AND e.wait_kind = 'job'
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
+          FROM suppressed x WHERE x.automation_id IS NOT NULL GROUP BY 1, 2, 3
+    ), counted_b AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT x.workspace_id, x.broadcast_id, x.variation, 'suppressed', count(*)
+          FROM suppressed x WHERE x.broadcast_id IS NOT NULL GROUP BY 1, 2, 3
+    )
+    SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
+      FROM unnest(v_ids) WITH ORDINALITY u(id, ord)
+     WHERE u.id NOT IN (SELECT x.id FROM cancelled x);   -- (woken and counted run to completion regardless)
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
     -- 2. rate limits
     IF v_keys IS NOT NULL THEN
         PERFORM 1 FROM herald.rate_limits r WHERE r.key = ANY (v_keys) ORDER BY r.key FOR UPDATE;
@@ -380,6 +425,14 @@ BEGIN
          WHERE e.workspace_id = r.workspace_id AND e.wait_job = r.dedupe_key
            AND e.status = 'waiting' AND e.wait_kind = 'job'
         RETURNING e.workspace_id, e.automation_id, e.status, r.node, r.outcome
+    ), counted_b AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT j.workspace_id, j.broadcast_id, coalesce(j.variation, 'default'),
+               CASE j.outcome WHEN 'done' THEN 'sent' WHEN 'failed' THEN 'failed' WHEN 'dead' THEN 'dead' ELSE 'retried' END,
+               count(*)
+          FROM job j WHERE j.broadcast_id IS NOT NULL
+         GROUP BY 1, 2, 3, 4
+        RETURNING 1
     ), counted AS (
         INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
         SELECT s.workspace_id, s.automation_id, s.node, s.metric, count(*)

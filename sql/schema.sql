@@ -159,7 +159,9 @@ CREATE TABLE herald.providers (
 -- The outbox: one row per message or call to make. dedupe_key is unique per workspace, so enqueueing
 -- the same step twice is a no-op; Message-ID and Idempotency-Key derive from it.
 --   status: pending → leased (claim) → done | failed (permanent) | dead (retries exhausted); reap returns
---   expired leases to pending; cancelled when its enrollment exits (or its automation is archived) first. priority: 0 transactional, 1 automation, 2 broadcast.
+--   expired leases to pending; cancelled when its enrollment exits (or its automation is archived) first,
+--   or when claim finds its recipient suppressed (last_error 'suppressed: <reason>'); held while its
+--   broadcast is paused (out of claim's index, so claim never sees it). priority: 0 transactional, 1 automation, 2 broadcast.
 CREATE TABLE herald.outbox (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,
@@ -167,12 +169,14 @@ CREATE TABLE herald.outbox (
     priority      smallint NOT NULL DEFAULT 1 CHECK (priority BETWEEN 0 AND 2),
     dedupe_key    text NOT NULL,
     status        text NOT NULL DEFAULT 'pending'
-                  CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead', 'cancelled')),
+                  CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead', 'cancelled', 'held')),
     provider      text,
     rate_keys     text[] NOT NULL DEFAULT '{}',   -- the rate limits this job counts against
     contact_id    bigint,
     automation_id bigint,
     enrollment_id bigint,
+    broadcast_id  bigint,               -- a broadcast's message: its variation below
+    variation     text,
     node          text,
     on_success    text,                 -- node after success (NULL: the enrollment completes)
     on_error      text,                 -- node after a permanent failure (NULL: the enrollment fails)
@@ -198,6 +202,7 @@ CREATE INDEX outbox_pending_idx ON herald.outbox (workspace_id, priority, run_at
 CREATE INDEX outbox_leased_idx ON herald.outbox (lease_until) WHERE status = 'leased';
 CREATE INDEX outbox_dead_idx ON herald.outbox (workspace_id, updated_at) WHERE status = 'dead';
 CREATE INDEX outbox_enrollment_idx ON herald.outbox (workspace_id, enrollment_id) WHERE status = 'pending';
+CREATE INDEX outbox_broadcast_idx ON herald.outbox (workspace_id, broadcast_id, status) WHERE broadcast_id IS NOT NULL;
 
 -- Rate limits shared by every sidecar. key: 'workspace_provider:<ws>/<provider>' (from a provider's
 -- settings.rate_per_second), 'provider:<name>' or 'host:<webhook host>' (herald.set_rate_limit).
@@ -294,3 +299,66 @@ CREATE TABLE herald.list_members (
     PRIMARY KEY (workspace_id, list, contact_id)
 );
 CREATE INDEX list_members_contact_idx ON herald.list_members (workspace_id, contact_id);
+
+-- Addresses that must never be mailed again in a workspace. claim checks every email job against it.
+CREATE TABLE herald.suppressions (
+    workspace_id text NOT NULL,
+    email        text NOT NULL,          -- normalised like contacts.email
+    reason       text NOT NULL CHECK (reason IN ('unsubscribed', 'hard_bounce', 'complaint', 'manual')),
+    detail       jsonb NOT NULL DEFAULT '{}',
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, email)
+);
+
+-- Broadcasts: one row each; `definition` is the normalised form herald._check_broadcast returns.
+--   status: draft → scheduled (send_at) → sending → sent; paused (from scheduled or sending, back with
+--   resume) and cancelled at any time before sent.
+--   phase (A/B tests): test → waiting (until test_ends_at) → rest; 'all' without a test.
+--   cursor: the last contact id enqueued in this phase, moved in the statement that enqueues the chunk,
+--   so a crash or a second advancer resumes where the last committed chunk ended.
+CREATE TABLE herald.broadcasts (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    name          text NOT NULL,
+    definition    jsonb NOT NULL,
+    status        text NOT NULL DEFAULT 'draft'
+                  CHECK (status IN ('draft', 'scheduled', 'sending', 'paused', 'sent', 'cancelled')),
+    paused_from   text,                 -- the status resume returns to
+    phase         text NOT NULL DEFAULT 'all' CHECK (phase IN ('all', 'test', 'waiting', 'rest', 'done')),
+    send_at       timestamptz,
+    cursor        bigint NOT NULL DEFAULT 0,
+    enqueued      bigint NOT NULL DEFAULT 0,   -- jobs queued (counted in the statement that queues them)
+    test_ends_at  timestamptz,
+    winner        text,
+    winner_reason text,
+    retry_of      bigint,               -- resend_failed: the broadcast whose failed recipients this targets
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz,
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX broadcasts_id_idx ON herald.broadcasts (id);
+CREATE INDEX broadcasts_active_idx ON herald.broadcasts (send_at) WHERE status IN ('scheduled', 'sending');
+
+-- Per-variation counts of a broadcast, as deltas (like stats_delta): enqueue, claim (suppressed) and
+-- complete append them in the statement that makes them true; flush_stats folds them.
+CREATE TABLE herald.broadcast_stats_delta (
+    workspace_id  text NOT NULL,
+    broadcast_id  bigint NOT NULL,
+    variation     text NOT NULL,
+    metric        text NOT NULL,
+    n             bigint NOT NULL
+);
+CREATE INDEX broadcast_stats_delta_idx ON herald.broadcast_stats_delta (workspace_id, broadcast_id);
+CREATE TABLE herald.broadcast_stats (
+    workspace_id  text NOT NULL,
+    broadcast_id  bigint NOT NULL,
+    variation     text NOT NULL,
+    metric        text NOT NULL,
+    value         bigint NOT NULL,
+    PRIMARY KEY (workspace_id, broadcast_id, variation, metric)
+);
+-- Opens and clicks of broadcast mail arrive as events (email.opened / email.clicked with payload
+-- {"broadcast": id, "variation": key}); counted per unique contact from this index.
+CREATE INDEX events_broadcast_engagement_idx ON herald.events (workspace_id, ((payload ->> 'broadcast')), kind)
+    WHERE kind IN ('email.opened', 'email.clicked');

@@ -1,7 +1,7 @@
 -- herald: batched stats. Facts append rows to stats_delta in the transaction that makes them true;
 -- flush_stats() folds them into stats; readers add both, so every number is exact at any moment.
 
--- Folds every delta in ONE statement: DELETE … RETURNING takes each delta exactly once (a concurrent flush
+-- Folds every delta (automations' and broadcasts') in ONE statement: DELETE … RETURNING takes each delta exactly once (a concurrent flush
 -- waits on the rows and then skips them), grouped before the upsert so no stats row is touched twice.
 CREATE FUNCTION herald.flush_stats() RETURNS bigint
 LANGUAGE sql
@@ -15,8 +15,16 @@ BEGIN ATOMIC
           FROM taken t GROUP BY 1, 2, 3, 4, 5
         ON CONFLICT (workspace_id, automation_id, node, metric, day) DO UPDATE SET value = s.value + EXCLUDED.value
         RETURNING 1
+    ), taken_b AS (
+        DELETE FROM herald.broadcast_stats_delta d RETURNING d.workspace_id, d.broadcast_id, d.variation, d.metric, d.n
+    ), folded_b AS (
+        INSERT INTO herald.broadcast_stats AS s (workspace_id, broadcast_id, variation, metric, value)
+        SELECT t.workspace_id, t.broadcast_id, t.variation, t.metric, sum(t.n)
+          FROM taken_b t GROUP BY 1, 2, 3, 4
+        ON CONFLICT (workspace_id, broadcast_id, variation, metric) DO UPDATE SET value = s.value + EXCLUDED.value
+        RETURNING 1
     )
-    SELECT count(*) FROM taken;
+    SELECT (SELECT count(*) FROM taken) + (SELECT count(*) FROM taken_b);
 END;
 
 -- Per node and metric, per day: folded + not yet folded. node '' holds automation-level metrics

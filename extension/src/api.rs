@@ -63,6 +63,22 @@ fn _check_automation(definition: Option<JsonB>) -> JsonB {
     }))
 }
 
+/// Validates a broadcast definition and returns its normalised form (see `broadcast.rs`); a bad one
+/// raises with every fault and its JSON path.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_broadcast(definition: Option<JsonB>) -> JsonB {
+    let Some(JsonB(def)) = definition else {
+        raise_faults(
+            "invalid broadcast",
+            &[Fault::new("$", "definition must not be NULL")],
+        );
+    };
+    JsonB(
+        crate::broadcast::validate(&def)
+            .unwrap_or_else(|faults| raise_faults("invalid broadcast", &faults)),
+    )
+}
+
 /// Checks a segment: a valid condition that reads contact fields only.
 #[pg_extern(immutable, parallel_safe)]
 fn _check_segment(segment: Option<JsonB>) {

@@ -8,6 +8,7 @@
 
 mod api;
 pub mod backoff;
+pub mod broadcast;
 pub mod condition;
 pub mod definition;
 pub mod duration;
@@ -41,4 +42,9 @@ pgrx::extension_sql_file!(
     "../../sql/engine.sql",
     name = "engine",
     requires = ["stats", api::_steps]
+);
+pgrx::extension_sql_file!(
+    "../../sql/broadcasts.sql",
+    name = "broadcasts",
+    requires = ["engine", api::_check_broadcast]
 );

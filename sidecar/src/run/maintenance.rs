@@ -4,6 +4,8 @@
 //!   herald.reap()          every 5 s: expired leases back to pending
 //!   herald.flush_stats()   every 2 s
 //!   herald.prune('30 days') hourly (and at start)
+//!   herald.advance_broadcasts(100000) after every tick round: starts due broadcasts and enqueues their
+//!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
 //! Any number of `herald run` processes may do this at once: each function is safe concurrently.
 
@@ -19,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::pg;
 
 pub const TICK_BATCH: i64 = 10_000;
+/// advance_broadcasts' budget per call (contacts read); a call that uses it all is repeated at once.
+pub const BROADCAST_BUDGET: i64 = 100_000;
 
 pub struct Maintenance {
     pub db: Config,
@@ -30,6 +34,7 @@ pub struct Maintenance {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Task {
     Tick,
+    Broadcasts,
     Reap,
     FlushStats,
     Prune,
@@ -42,6 +47,7 @@ impl Task {
             Task::Reap => "SELECT herald.reap()::bigint",
             Task::FlushStats => "SELECT herald.flush_stats()::bigint",
             Task::Prune => "SELECT herald.prune('30 days')::bigint",
+            Task::Broadcasts => "SELECT herald.advance_broadcasts(100000)::bigint", // = BROADCAST_BUDGET,
         }
     }
 
@@ -51,6 +57,7 @@ impl Task {
             Task::Reap => "herald.reap",
             Task::FlushStats => "herald.flush_stats",
             Task::Prune => "herald.prune",
+            Task::Broadcasts => "herald.advance_broadcasts",
         }
     }
 }
@@ -90,6 +97,11 @@ impl Maintenance {
             if task == Task::Tick {
                 // a full batch means more are due now
                 while let Some(TICK_BATCH) = self.call(&mut state, task).await {
+                    if self.shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                while let Some(BROADCAST_BUDGET) = self.call(&mut state, Task::Broadcasts).await {
                     if self.shutdown.is_cancelled() {
                         break;
                     }

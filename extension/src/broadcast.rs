@@ -1,0 +1,490 @@
+//! Broadcast definitions: validation and the normalised form SQL stores and enqueues from.
+//!
+//! A definition names its audience (lists, a segment, an exclusion), what to send (one template, or
+//! weighted variations with an optional A/B test), the provider, an optional rate and when to send
+//! (now, at a timestamp, or at a local time in each recipient's zone). Every fault is collected with
+//! its JSON path, like automation definitions, so a user fixes a whole definition in one round trip.
+//! SQL never reads the user's JSON directly: it reads the normalised object `validate` returns, whose
+//! shape is fixed (every key present, variations always a list, weights summing to 100).
+
+use serde_json::{json, Map, Value};
+
+use crate::condition::{Condition, Scope};
+use crate::duration::parse_duration;
+use crate::fault::{child, index, Fault};
+
+const KEYS: &[&str] = &[
+    "name",
+    "audience",
+    "template",
+    "variations",
+    "ab_test",
+    "provider",
+    "rate_per_second",
+    "send_at",
+    "variables",
+];
+const NAME_RE_HELP: &str = "1 to 200 characters";
+/// A key, template key, list or provider name: what herald accepts elsewhere for such names.
+fn is_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Validates a broadcast definition; on success returns its normalised form:
+/// `{name, lists[], segment|null, exclude|null, variations[{key, template, weight}], ab_test|null
+///   {test_percent, metric, wait_seconds}, provider, rate_per_second|null, send_at {kind, at|local_time},
+///   variables{}}`.
+pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
+    let mut faults = Vec::new();
+    let Some(obj) = def.as_object() else {
+        return Err(vec![Fault::new(
+            "$",
+            "a broadcast definition must be a JSON object",
+        )]);
+    };
+    for k in obj.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            faults.push(Fault::new(
+                child("$", k),
+                format!("unknown key (allowed: {})", KEYS.join(", ")),
+            ));
+        }
+    }
+
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= 200 => s.clone(),
+        _ => {
+            faults.push(Fault::new(
+                "$.name",
+                format!("required: a string of {NAME_RE_HELP}"),
+            ));
+            String::new()
+        }
+    };
+
+    let (lists, segment, exclude) = audience(obj.get("audience"), &mut faults);
+    let variations = variations(obj, &mut faults);
+    let ab_test = ab_test(obj.get("ab_test"), variations.len(), &mut faults);
+
+    let provider = match obj.get("provider") {
+        None => "default".to_string(),
+        Some(Value::String(s)) if is_name(s, 64) => s.clone(),
+        Some(_) => {
+            faults.push(Fault::new(
+                "$.provider",
+                "a provider name: 1 to 64 letters, digits, \"_\" or \"-\"",
+            ));
+            String::new()
+        }
+    };
+    let rate = match obj.get("rate_per_second") {
+        None | Some(Value::Null) => Value::Null,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=1_000_000).contains(&n) => json!(n),
+            _ => {
+                faults.push(Fault::new(
+                    "$.rate_per_second",
+                    "a whole number from 1 to 1000000",
+                ));
+                Value::Null
+            }
+        },
+    };
+    let send_at = send_at(obj.get("send_at"), &mut faults);
+    let variables = match obj.get("variables") {
+        None => json!({}),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => {
+            faults.push(Fault::new(
+                "$.variables",
+                "an object (available to templates as broadcast.<key>)",
+            ));
+            json!({})
+        }
+    };
+
+    if !faults.is_empty() {
+        return Err(faults);
+    }
+    Ok(json!({
+        "name": name,
+        "lists": lists,
+        "segment": segment,
+        "exclude": exclude,
+        "variations": variations,
+        "ab_test": ab_test,
+        "provider": provider,
+        "rate_per_second": rate,
+        "send_at": send_at,
+        "variables": variables,
+    }))
+}
+
+/// `{lists?: [name], segment?: condition, exclude?: condition}`; `{}` or absent = every contact.
+fn audience(v: Option<&Value>, faults: &mut Vec<Fault>) -> (Vec<String>, Value, Value) {
+    let mut lists = Vec::new();
+    let (mut segment, mut exclude) = (Value::Null, Value::Null);
+    let Some(v) = v else {
+        return (lists, segment, exclude);
+    };
+    let Some(obj) = v.as_object() else {
+        faults.push(Fault::new(
+            "$.audience",
+            "an object with lists, segment and/or exclude ({} = every contact)",
+        ));
+        return (lists, segment, exclude);
+    };
+    for k in obj.keys() {
+        if !["lists", "segment", "exclude"].contains(&k.as_str()) {
+            faults.push(Fault::new(
+                child("$.audience", k),
+                "unknown key (allowed: lists, segment, exclude)",
+            ));
+        }
+    }
+    match obj.get("lists") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str() {
+                    Some(s) if !s.is_empty() && s.len() <= 200 => {
+                        if !lists.iter().any(|l| l == s) {
+                            lists.push(s.to_string());
+                        }
+                    }
+                    _ => faults.push(Fault::new(
+                        index("$.audience.lists", i),
+                        "a list name: a non-empty string of at most 200 characters",
+                    )),
+                }
+            }
+        }
+        Some(_) => faults.push(Fault::new("$.audience.lists", "an array of list names")),
+    }
+    for (key, slot) in [("segment", &mut segment), ("exclude", &mut exclude)] {
+        if let Some(c) = obj.get(key) {
+            let path = child("$.audience", key);
+            match Condition::parse(c, &path) {
+                Ok(cond) => {
+                    let scopes = cond.scopes();
+                    if scopes.reads(Scope::Event) || scopes.reads(Scope::Context) {
+                        faults.push(Fault::new(
+                            path,
+                            "an audience condition may only use contact.* fields",
+                        ));
+                    } else {
+                        *slot = c.clone();
+                    }
+                }
+                Err(fs) => faults.extend(fs),
+            }
+        }
+    }
+    (lists, segment, exclude)
+}
+
+/// `template` (one variation "default", weight 100) or `variations` (weights normalised to sum 100).
+fn variations(obj: &Map<String, Value>, faults: &mut Vec<Fault>) -> Vec<Value> {
+    match (obj.get("template"), obj.get("variations")) {
+        (Some(_), Some(_)) => {
+            faults.push(Fault::new(
+                "$",
+                "give either template or variations, not both",
+            ));
+            Vec::new()
+        }
+        (None, None) => {
+            faults.push(Fault::new(
+                "$.template",
+                "required: a template key (or variations)",
+            ));
+            Vec::new()
+        }
+        (Some(t), None) => match t.as_str() {
+            Some(s) if is_name(s, 100) => {
+                vec![json!({"key": "default", "template": s, "weight": 100.0})]
+            }
+            _ => {
+                faults.push(Fault::new("$.template", "a template key"));
+                Vec::new()
+            }
+        },
+        (None, Some(v)) => {
+            let Some(items) = v.as_array().filter(|a| !a.is_empty() && a.len() <= 26) else {
+                faults.push(Fault::new(
+                    "$.variations",
+                    "an array of 1 to 26 {key, template, weight} objects",
+                ));
+                return Vec::new();
+            };
+            let mut out: Vec<(String, String, u64)> = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let path = index("$.variations", i);
+                let key = item.get("key").and_then(Value::as_str);
+                let template = item.get("template").and_then(Value::as_str);
+                let weight = match item.get("weight") {
+                    None => Some(1),
+                    Some(w) => w.as_u64().filter(|w| (1..=1000).contains(w)),
+                };
+                if let Some(extra) = item.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| !["key", "template", "weight"].contains(&k.as_str()))
+                }) {
+                    faults.push(Fault::new(
+                        child(&path, extra),
+                        "unknown key (allowed: key, template, weight)",
+                    ));
+                }
+                match key {
+                    Some(k) if is_name(k, 32) => {
+                        if out.iter().any(|(o, _, _)| o == k) {
+                            faults.push(Fault::new(child(&path, "key"), "duplicate variation key"));
+                        }
+                    }
+                    _ => faults.push(Fault::new(
+                        child(&path, "key"),
+                        "required: 1 to 32 letters, digits, \"_\", \"-\" or \".\"",
+                    )),
+                }
+                if !template.is_some_and(|t| is_name(t, 100)) {
+                    faults.push(Fault::new(
+                        child(&path, "template"),
+                        "required: a template key",
+                    ));
+                }
+                if weight.is_none() {
+                    faults.push(Fault::new(
+                        child(&path, "weight"),
+                        "a whole number from 1 to 1000",
+                    ));
+                }
+                if let (Some(k), Some(t), Some(w)) = (key, template, weight) {
+                    out.push((k.to_string(), t.to_string(), w));
+                }
+            }
+            let total: u64 = out.iter().map(|(_, _, w)| w).sum();
+            out.into_iter()
+                .map(|(k, t, w)| json!({"key": k, "template": t, "weight": w as f64 * 100.0 / total.max(1) as f64}))
+                .collect()
+        }
+    }
+}
+
+/// `{test_percent: 1..50, metric: "opens"|"clicks", wait: duration}`; only with 2+ variations.
+fn ab_test(v: Option<&Value>, n_variations: usize, faults: &mut Vec<Fault>) -> Value {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Value::Null;
+    };
+    let Some(obj) = v.as_object() else {
+        faults.push(Fault::new(
+            "$.ab_test",
+            "an object {test_percent, metric, wait}",
+        ));
+        return Value::Null;
+    };
+    if n_variations < 2 {
+        faults.push(Fault::new(
+            "$.ab_test",
+            "an A/B test needs variations (at least two)",
+        ));
+    }
+    let pct = obj
+        .get("test_percent")
+        .and_then(Value::as_u64)
+        .filter(|p| (1..=50).contains(p));
+    if pct.is_none() {
+        faults.push(Fault::new(
+            "$.ab_test.test_percent",
+            "required: a whole number from 1 to 50 (the share of the audience that tests)",
+        ));
+    }
+    let metric = obj.get("metric").and_then(Value::as_str).unwrap_or("opens");
+    if !["opens", "clicks"].contains(&metric) {
+        faults.push(Fault::new("$.ab_test.metric", "opens or clicks"));
+    }
+    let wait = match obj.get("wait").and_then(Value::as_str).map(parse_duration) {
+        Some(Ok(d)) if d.num_seconds() >= 60 && d.num_seconds() <= 30 * 86_400 => {
+            Some(d.num_seconds())
+        }
+        _ => {
+            faults.push(Fault::new(
+                "$.ab_test.wait",
+                "required: a duration from 1 minute to 30 days, e.g. \"4 hours\"",
+            ));
+            None
+        }
+    };
+    for k in obj.keys() {
+        if !["test_percent", "metric", "wait"].contains(&k.as_str()) {
+            faults.push(Fault::new(
+                child("$.ab_test", k),
+                "unknown key (allowed: test_percent, metric, wait)",
+            ));
+        }
+    }
+    json!({"test_percent": pct, "metric": metric, "wait_seconds": wait})
+}
+
+/// absent = when scheduled; `{"at": "<RFC 3339>"}`; `{"local_time": "HH:MM"}` in each recipient's zone.
+fn send_at(v: Option<&Value>, faults: &mut Vec<Fault>) -> Value {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return json!({"kind": "now"});
+    };
+    let obj = v.as_object();
+    if let Some(at) = obj.and_then(|o| o.get("at")) {
+        return match at.as_str().map(chrono::DateTime::parse_from_rfc3339) {
+            Some(Ok(t)) if obj.is_some_and(|o| o.len() == 1) => {
+                json!({"kind": "at", "at": t.to_rfc3339()})
+            }
+            _ => {
+                faults.push(Fault::new(
+                    "$.send_at.at",
+                    "an RFC 3339 timestamp such as \"2026-12-01T09:00:00Z\", and nothing else in send_at",
+                ));
+                Value::Null
+            }
+        };
+    }
+    if let Some(local) = obj.and_then(|o| o.get("local_time")) {
+        return match local.as_str().and_then(parse_hh_mm) {
+            Some(t) if obj.is_some_and(|o| o.len() == 1) => {
+                json!({"kind": "local", "local_time": t})
+            }
+            _ => {
+                faults.push(Fault::new(
+                    "$.send_at.local_time",
+                    "a local time \"HH:MM\" (24 h), and nothing else in send_at",
+                ));
+                Value::Null
+            }
+        };
+    }
+    faults.push(Fault::new(
+        "$.send_at",
+        "{\"at\": \"<timestamp>\"} or {\"local_time\": \"HH:MM\"} (absent: when scheduled)",
+    ));
+    Value::Null
+}
+
+fn parse_hh_mm(s: &str) -> Option<String> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then(|| format!("{h:02}:{m:02}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(def: Value) -> Vec<String> {
+        validate(&def)
+            .unwrap_err()
+            .into_iter()
+            .map(|f| f.path)
+            .collect()
+    }
+
+    #[test]
+    fn a_single_template_becomes_one_default_variation() {
+        let n = validate(&json!({"name": "News", "template": "news"})).unwrap();
+        assert_eq!(
+            n["variations"],
+            json!([{"key": "default", "template": "news", "weight": 100.0}])
+        );
+        assert_eq!(n["lists"], json!([]));
+        assert_eq!(n["provider"], "default");
+        assert_eq!(n["send_at"], json!({"kind": "now"}));
+        assert_eq!(n["ab_test"], Value::Null);
+    }
+
+    #[test]
+    fn the_design_example_validates_and_weights_sum_to_100() {
+        let n = validate(&json!({ "name": "November news",
+          "audience": { "lists": ["newsletter", "newsletter"],
+                        "segment": { "field": "contact.plan", "op": "eq", "value": "pro" },
+                        "exclude": { "field": "contact.country", "op": "eq", "value": "XX" } },
+          "variations": [ { "key": "a", "template": "news-a", "weight": 1 }, { "key": "b", "template": "news-b", "weight": 3 } ],
+          "ab_test": { "test_percent": 20, "metric": "opens", "wait": "4 hours" },
+          "provider": "default", "rate_per_second": 200 }))
+        .unwrap();
+        assert_eq!(n["lists"], json!(["newsletter"]));
+        assert_eq!(n["variations"][0]["weight"], 25.0);
+        assert_eq!(n["variations"][1]["weight"], 75.0);
+        assert_eq!(
+            n["ab_test"],
+            json!({"test_percent": 20, "metric": "opens", "wait_seconds": 14400})
+        );
+        assert_eq!(n["rate_per_second"], 200);
+    }
+
+    #[test]
+    fn every_fault_is_reported_with_its_path() {
+        let p = paths(
+            json!({"name": "", "template": "t", "variations": [], "colour": 1,
+                             "audience": {"lists": [""], "segment": {"field": "event.x", "op": "eq", "value": 1}},
+                             "rate_per_second": 0, "send_at": {"local_time": "25:00"}}),
+        );
+        for want in [
+            "$.name",
+            "$",
+            "$.colour",
+            "$.audience.lists[0]",
+            "$.audience.segment",
+            "$.rate_per_second",
+            "$.send_at.local_time",
+        ] {
+            assert!(p.contains(&want.to_string()), "{want} missing from {p:?}");
+        }
+    }
+
+    #[test]
+    fn variations_and_ab_tests_are_checked() {
+        let p = paths(
+            json!({"name": "x", "variations": [{"key": "a", "template": "t"}, {"key": "a", "template": "", "weight": 0}],
+                             "ab_test": {"test_percent": 80, "metric": "likes"}}),
+        );
+        for want in [
+            "$.variations[1].key",
+            "$.variations[1].template",
+            "$.variations[1].weight",
+            "$.ab_test.test_percent",
+            "$.ab_test.metric",
+            "$.ab_test.wait",
+        ] {
+            assert!(p.contains(&want.to_string()), "{want} missing from {p:?}");
+        }
+        let p = paths(
+            json!({"name": "x", "template": "t", "ab_test": {"test_percent": 10, "wait": "1 hour"}}),
+        );
+        assert_eq!(p, vec!["$.ab_test"]);
+        assert!(validate(&json!("nope")).is_err());
+    }
+
+    #[test]
+    fn send_times() {
+        let n =
+            validate(&json!({"name": "x", "template": "t", "send_at": {"local_time": "09:30"}}))
+                .unwrap();
+        assert_eq!(
+            n["send_at"],
+            json!({"kind": "local", "local_time": "09:30"})
+        );
+        let n = validate(
+            &json!({"name": "x", "template": "t", "send_at": {"at": "2026-12-01T09:00:00+01:00"}}),
+        )
+        .unwrap();
+        assert_eq!(n["send_at"]["kind"], "at");
+        assert_eq!(
+            paths(json!({"name": "x", "template": "t", "send_at": {"at": "tomorrow"}})),
+            vec!["$.send_at.at"]
+        );
+        assert_eq!(
+            paths(json!({"name": "x", "template": "t", "send_at": "now"})),
+            vec!["$.send_at"]
+        );
+    }
+}

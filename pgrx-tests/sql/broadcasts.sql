@@ -1,0 +1,171 @@
+-- Suppression and broadcasts: audience resolution, chunked enqueue that resumes without repeats,
+-- pause/resume/cancel against claim, suppression in claim, A/B winner, resend to failed, counters.
+\set SHOW_CONTEXT never
+-- ids start at this file's own base, so expected output does not depend on the other files
+DO $$ DECLARE t text; BEGIN
+  FOREACH t IN ARRAY ARRAY['contacts', 'events', 'automations', 'enrollments', 'outbox', 'broadcasts'] LOOP
+    EXECUTE format('ALTER TABLE herald.%I ALTER COLUMN id RESTART WITH 2000000', t);
+  END LOOP;
+END $$;
+-- claim serves every workspace: jobs other files left pending must not be handed out here
+UPDATE herald.outbox SET status = 'cancelled' WHERE status IN ('pending', 'leased', 'held');
+SELECT herald.create_workspace('b1');
+SELECT herald.upsert_template('b1', 'news-a', 'A for {{ contact.email }}', '<p>a</p>');
+SELECT herald.upsert_template('b1', 'news-b', 'B', '<p>b</p>');
+-- 40 contacts: even ones are on plan pro; 1..30 on the newsletter list; 5 unsubscribed from it
+SELECT inserted FROM herald.upsert_contacts('b1', (SELECT jsonb_agg(jsonb_build_object('email', 'p' || i || '@example.com',
+       'attributes', jsonb_build_object('plan', CASE WHEN i % 2 = 0 THEN 'pro' ELSE 'free' END, 'country', CASE WHEN i % 10 = 0 THEN 'XX' ELSE 'FR' END)))
+  FROM generate_series(1, 40) i));
+INSERT INTO herald.list_members (workspace_id, list, contact_id, status)
+SELECT 'b1', 'newsletter', c.id, CASE WHEN c.email IN ('p2@example.com', 'p4@example.com', 'p6@example.com', 'p7@example.com', 'p9@example.com')
+                                      THEN 'unsubscribed' ELSE 'subscribed' END
+  FROM herald.contacts c WHERE c.workspace_id = 'b1' AND split_part(split_part(c.email, '@', 1), 'p', 2)::int <= 30;
+
+-- suppression: idempotent, normalised, with clear errors
+SELECT herald.suppress('b1', ' P8@Example.com ', 'complaint') AS new, herald.suppress('b1', 'p8@example.com', 'manual') AS again;
+SELECT email, reason FROM herald.suppressions WHERE workspace_id = 'b1';
+SELECT herald.suppress('b1', 'nope', 'manual');
+SELECT herald.suppress('b1', 'x@example.com', 'bored');
+SELECT herald.suppress('zz', 'x@example.com', 'manual');
+SELECT herald.unsuppress('b1', 'x@example.com') AS removed_nothing;
+
+-- definitions are validated with paths; templates and providers must exist
+SELECT herald.create_broadcast('b1', '{"name": "", "template": "news-a", "colour": 1}');
+SELECT herald.create_broadcast('b1', '{"name": "n", "template": "missing"}');
+SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "provider": "ses"}');
+SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "audience": {"segment": {"field": "event.x", "op": "eq", "value": 1}}}');
+
+-- audience: the list (subscribed only), pro plan, not country XX, not suppressed
+SELECT herald.create_broadcast('b1', '{"name": "November", "template": "news-a",
+  "audience": {"lists": ["newsletter"], "segment": {"field": "contact.plan", "op": "eq", "value": "pro"},
+               "exclude": {"field": "contact.country", "op": "eq", "value": "XX"}}}') AS nov \gset
+SELECT status, phase FROM herald.broadcasts WHERE id = :nov;
+SELECT herald.pause_broadcast(:nov);   -- a draft cannot be paused
+SELECT herald.schedule_broadcast(:nov);
+SELECT herald.schedule_broadcast(:nov); -- only once
+-- interrupted after 3 contacts, resumed: the cursor carries on, nobody twice
+SELECT herald.advance_broadcasts(3) AS read;
+SELECT status, cursor > 0 AS moved, enqueued FROM herald.broadcasts WHERE id = :nov;
+SELECT herald.advance_broadcasts() AS read;
+SELECT herald.advance_broadcasts() AS read;   -- nothing left to read
+SELECT string_agg(split_part(c.email, '@', 1), ' ' ORDER BY c.id) AS recipients, count(DISTINCT o.contact_id) = count(*) AS each_once
+  FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id WHERE o.broadcast_id = :nov;
+SELECT b.enqueued = (SELECT count(*) FROM herald.outbox o WHERE o.broadcast_id = :nov) AS counter_matches_rows
+  FROM herald.broadcasts b WHERE b.id = :nov;
+-- re-running a chunk never enqueues twice (dedupe key b:<broadcast>:<contact>)
+UPDATE herald.broadcasts SET phase = 'all', cursor = 0 WHERE id = :nov;
+SELECT herald.advance_broadcasts() AS read_again;
+SELECT count(*) AS jobs FROM herald.outbox WHERE broadcast_id = :nov;
+
+-- pause: pending jobs are held, claim hands out nothing of it; resume: claimable again
+SELECT herald.pause_broadcast(:nov);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :nov GROUP BY 1;
+SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 100);
+SELECT herald.resume_broadcast(:nov);
+SELECT herald.resume_broadcast(:nov);  -- not paused any more
+-- a recipient suppressed after enqueue is refused by claim itself
+SELECT herald.suppress('b1', 'p12@example.com', 'hard_bounce');
+SELECT j.payload ->> 'to' AS to, j.payload -> 'broadcast' ->> 'name' AS name, j.payload ->> 'template' AS template
+  FROM herald.claim('t', 2) j ORDER BY 1;
+SELECT o.status, o.last_error FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id
+ WHERE o.broadcast_id = :nov AND c.email = 'p12@example.com';
+-- finish everything: the broadcast becomes sent once nothing is pending or leased
+SELECT herald.complete((SELECT jsonb_agg(jsonb_build_object('id', o.id, 'ok', true)) FROM herald.outbox o
+                         WHERE o.broadcast_id = :nov AND o.status = 'leased')) AS completed_first;
+SELECT herald.complete(coalesce(jsonb_agg(jsonb_build_object('id', j.id, 'ok', j.payload ->> 'to' <> 'p16@example.com',
+                                                             'error', '550 no such user')), '[]')) AS completed
+  FROM herald.claim('t', 100) j;
+SELECT herald.advance_broadcasts() AS read;
+SELECT status, finished_at IS NOT NULL AS finished FROM herald.broadcasts WHERE id = :nov;
+SELECT * FROM herald.broadcast_stats(:nov);
+SELECT herald.flush_stats() > 0 AS flushed;
+SELECT * FROM herald.broadcast_stats(:nov);   -- the same numbers once folded
+-- resend to failed only: exactly the recipient whose send failed
+SELECT herald.resend_failed(:nov) AS retry \gset
+SELECT name, status FROM herald.broadcasts WHERE id = :retry;
+SELECT herald.resend_failed(:retry);   -- not finished yet
+SELECT herald.advance_broadcasts() AS read;
+SELECT c.email, o.status FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id WHERE o.broadcast_id = :retry;
+SELECT herald.cancel_broadcast(:retry);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :retry GROUP BY 1;
+SELECT herald.cancel_broadcast(:retry);
+SELECT * FROM herald.broadcast_stats(:retry);
+
+-- cancel stops a running broadcast at once
+SELECT herald.create_broadcast('b1', '{"name": "Stop", "template": "news-b"}') AS stop \gset
+SELECT herald.schedule_broadcast(:stop);
+SELECT herald.advance_broadcasts() AS read;
+SELECT herald.cancel_broadcast(:stop);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :stop GROUP BY 1;
+SELECT count(*) AS claimed_after_cancel FROM herald.claim('t', 100);
+
+-- a schedule in the future waits; local-time sends get each recipient's own run_at
+SELECT herald.create_broadcast('b1', '{"name": "Later", "template": "news-b", "send_at": {"at": "2999-01-01T00:00:00Z"}}') AS later \gset
+SELECT herald.schedule_broadcast(:later);
+SELECT herald.advance_broadcasts() AS read, (SELECT status FROM herald.broadcasts WHERE id = :later);
+SELECT herald.cancel_broadcast(:later);
+UPDATE herald.contacts SET timezone = 'Asia/Tokyo' WHERE workspace_id = 'b1' AND email = 'p1@example.com';
+SELECT herald.create_broadcast('b1', '{"name": "Morning", "template": "news-b", "send_at": {"local_time": "09:00"},
+  "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com", "p3@example.com"]}}}') AS morning \gset
+SELECT herald.schedule_broadcast(:morning);
+SELECT herald.advance_broadcasts() AS read;
+SELECT c.email, to_char(o.run_at AT TIME ZONE coalesce(c.timezone, 'UTC'), 'HH24:MI') AS local_time, o.run_at > now() - interval '1 minute' AS upcoming
+  FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id WHERE o.broadcast_id = :morning ORDER BY 1;
+SELECT herald.cancel_broadcast(:morning);
+
+-- A/B: 50% test share split a/b; the winner by unique opens goes to the rest
+SELECT herald.create_broadcast('b1', '{"name": "AB", "variations": [{"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}],
+  "ab_test": {"test_percent": 50, "metric": "opens", "wait": "1 minute"}}') AS ab \gset
+SELECT herald.schedule_broadcast(:ab);
+SELECT herald.advance_broadcasts() AS read;
+SELECT phase, test_ends_at > now() AS waiting FROM herald.broadcasts WHERE id = :ab;
+SELECT variation, count(*) FROM herald.outbox WHERE broadcast_id = :ab GROUP BY 1 ORDER BY 1;
+SELECT herald.complete(coalesce(jsonb_agg(jsonb_build_object('id', j.id, 'ok', true)), '[]')) > 0 AS sent_test
+  FROM herald.claim('t', 1000) j;
+-- opens: every b recipient opens (twice), two a recipients open
+SELECT herald.track_many('b1', (SELECT jsonb_agg(jsonb_build_object('email', c.email, 'kind', 'email.opened',
+         'payload', jsonb_build_object('broadcast', o.broadcast_id, 'variation', o.variation)))
+  FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id, generate_series(1, 2) g
+ WHERE o.broadcast_id = :ab AND (o.variation = 'b' OR c.id IN (SELECT x.contact_id FROM herald.outbox x
+                                  WHERE x.broadcast_id = :ab AND x.variation = 'a' ORDER BY x.contact_id LIMIT 2)))) > 0 AS tracked;
+SELECT herald.advance_broadcasts() AS read_during_wait;
+UPDATE herald.broadcasts SET test_ends_at = now() - interval '1 second' WHERE id = :ab;
+SELECT herald.advance_broadcasts() AS decided;
+SELECT phase, winner, winner_reason FROM herald.broadcasts WHERE id = :ab;
+SELECT herald.advance_broadcasts() > 0 AS rest_enqueued;
+SELECT variation, count(*) FROM herald.outbox WHERE broadcast_id = :ab GROUP BY 1 ORDER BY 1;
+SELECT count(DISTINCT contact_id) = count(*) AS each_once,
+       count(*) = (SELECT count(*) FROM herald.contacts c WHERE c.workspace_id = 'b1'
+                    AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = 'b1' AND s.email = c.email)) AS whole_audience
+  FROM herald.outbox WHERE broadcast_id = :ab;
+SELECT * FROM herald.broadcast_stats(:ab) WHERE metric IN ('opened', 'queued');
+
+-- the winner rules on crafted numbers: a tie, and too small a sample
+SELECT herald.create_broadcast('b1', '{"name": "Tie", "variations": [{"key": "x", "template": "news-a"}, {"key": "y", "template": "news-b"}],
+  "ab_test": {"test_percent": 50, "metric": "clicks", "wait": "1 minute"}}') AS tie \gset
+SELECT herald.schedule_broadcast(:tie);
+SELECT herald.advance_broadcasts() > 0 AS test_enqueued;
+SELECT herald.complete(coalesce(jsonb_agg(jsonb_build_object('id', j.id, 'ok', true)), '[]')) > 0 AS sent_test
+  FROM herald.claim('t', 1000) j;
+UPDATE herald.broadcasts SET test_ends_at = now() - interval '1 second' WHERE id = :tie;
+SELECT herald.advance_broadcasts() AS decided;
+SELECT winner, winner_reason FROM herald.broadcasts WHERE id = :tie;
+SELECT (herald._ab_winner(b)).* FROM herald.broadcasts b WHERE b.id = :tie;
+-- give x and y the same number of clickers relative to their sends: a tie
+UPDATE herald.broadcasts SET phase = 'waiting' WHERE id = :tie;
+SELECT herald.track_many('b1', (SELECT jsonb_agg(jsonb_build_object('email', c.email, 'kind', 'email.clicked',
+         'payload', jsonb_build_object('broadcast', o.broadcast_id, 'variation', o.variation)))
+  FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id WHERE o.broadcast_id = :tie)) > 0 AS everyone_clicked;
+SELECT (herald._ab_winner(b)).* FROM herald.broadcasts b WHERE b.id = :tie;
+SELECT herald.cancel_broadcast(:tie);
+
+-- suppression applies to every source: a transactional send to a suppressed address is not handed out
+SELECT herald.send('b1', 'p8@example.com', 'news-a') AS tx \gset
+SELECT count(*) AS handed_out FROM herald.claim('t', 10) j WHERE j.id = :tx;
+SELECT status, last_error FROM herald.outbox WHERE id = :tx;
+SELECT herald.unsuppress('b1', 'p8@example.com') AS removed;
+SELECT herald.send('b1', 'p8@example.com', 'news-a') AS tx2 \gset
+SELECT count(*) AS handed_out FROM herald.claim('t', 10) j WHERE j.id = :tx2;
+SELECT herald.advance_broadcasts(0);
+SELECT herald.pause_broadcast(424242);
+SELECT * FROM herald.broadcast_stats(424242);

@@ -1,0 +1,489 @@
+-- herald: suppression and broadcasts.
+--
+-- Suppression: herald.suppressions holds the addresses a workspace must never mail (unsubscribed, hard
+-- bounce, complaint, manual). claim checks every email job against it, whatever queued the job.
+--
+-- Broadcasts: create_broadcast validates (Rust, herald._check_broadcast) and stores the normalised
+-- definition as a draft; schedule_broadcast sets the time; herald.advance_broadcasts() — called by the
+-- sidecar's maintenance loop, or by anyone — starts due broadcasts and enqueues their audience in chunks
+-- of 10,000, ONE INSERT … SELECT per chunk that also moves the broadcast's cursor and counts, so a crash
+-- loses nothing and repeats nothing (dedupe key 'b:<broadcast>:<contact>'). With an A/B test it enqueues
+-- the test share first, waits, picks the winner by unique opens or clicks, then enqueues the rest.
+-- pause moves the broadcast's pending jobs to 'held' (out of claim's index: claim cannot hand them out);
+-- resume puts them back; cancel finishes them as cancelled.
+
+CREATE FUNCTION herald.suppress(workspace text, email text, reason text, detail jsonb DEFAULT '{}')
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_new boolean;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT herald._valid_email(herald._normalize_email(email)) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR reason NOT IN ('unsubscribed', 'hard_bounce', 'complaint', 'manual') THEN
+        RAISE EXCEPTION 'invalid suppression reason %', coalesce(quote_literal(reason), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use unsubscribed, hard_bounce, complaint or manual.';
+    END IF;
+    IF jsonb_typeof(detail) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'detail must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
+    VALUES (workspace, herald._normalize_email(email), reason, detail)
+    ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
+    RETURNING true INTO v_new;
+    RETURN coalesce(v_new, false);
+END
+$$;
+
+CREATE FUNCTION herald.unsuppress(workspace text, email text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    DELETE FROM herald.suppressions s
+     WHERE s.workspace_id = workspace AND s.email = herald._normalize_email(unsuppress.email);
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END
+$$;
+
+-- Locks a broadcast for a state change; raises a clear error when it does not exist.
+CREATE FUNCTION herald._lock_broadcast(broadcast bigint) RETURNS herald.broadcasts
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    SELECT b.* INTO v FROM herald.broadcasts b WHERE b.id = broadcast FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION herald.create_broadcast(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_def jsonb;
+    v_missing text;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v_def := herald._check_broadcast(definition);
+    SELECT string_agg(DISTINCT quote_literal(v ->> 'template'), ', ') INTO v_missing
+      FROM jsonb_array_elements(v_def -> 'variations') v
+     WHERE NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = v ->> 'template');
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
+    END IF;
+    IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
+        SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    INSERT INTO herald.broadcasts (workspace_id, name, definition, phase)
+    VALUES (workspace, v_def ->> 'name', v_def, CASE WHEN v_def -> 'ab_test' <> 'null' THEN 'test' ELSE 'all' END)
+    RETURNING id INTO v_id;
+    IF v_def -> 'rate_per_second' <> 'null' THEN
+        INSERT INTO herald.rate_limits (key, per_second) VALUES ('broadcast:' || v_id, (v_def ->> 'rate_per_second')::int);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- draft → scheduled. `at` is when sending starts (default now); a definition's send_at.at wins over it.
+CREATE FUNCTION herald.schedule_broadcast(broadcast bigint, at timestamptz DEFAULT now()) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+BEGIN
+    IF v.status <> 'draft' THEN
+        RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF at IS NULL THEN
+        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE herald.broadcasts b
+       SET status = 'scheduled', updated_at = now(),
+           send_at = CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
+                          ELSE at END
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+-- Stops claims of this broadcast at once: its pending jobs become 'held' in this transaction.
+CREATE FUNCTION herald.pause_broadcast(broadcast bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+BEGIN
+    IF v.status NOT IN ('scheduled', 'sending') THEN
+        RAISE EXCEPTION 'broadcast % is %, only a scheduled or sending broadcast can be paused', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE herald.broadcasts b SET status = 'paused', paused_from = v.status, updated_at = now()
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    UPDATE herald.outbox o SET status = 'held', updated_at = now()
+     WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'pending';
+END
+$$;
+
+CREATE FUNCTION herald.resume_broadcast(broadcast bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_n bigint;
+BEGIN
+    IF v.status <> 'paused' THEN
+        RAISE EXCEPTION 'broadcast % is %, only a paused broadcast can be resumed', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, updated_at = now()
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    UPDATE herald.outbox o SET status = 'pending', updated_at = now()
+     WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'held';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        PERFORM pg_notify('herald.outbox', '');
+    END IF;
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+-- Ends the broadcast; every job not yet handed out is cancelled (counted as 'cancelled').
+CREATE FUNCTION herald.cancel_broadcast(broadcast bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+BEGIN
+    IF v.status IN ('sent', 'cancelled') THEN
+        RAISE EXCEPTION 'broadcast % is already %', v.id, v.status USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE herald.broadcasts b SET status = 'cancelled', paused_from = NULL, finished_at = now(), updated_at = now()
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    WITH gone AS (
+        UPDATE herald.outbox o SET status = 'cancelled', last_error = 'broadcast cancelled', done_at = now(), updated_at = now()
+         WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status IN ('pending', 'held')
+        RETURNING o.variation
+    )
+    INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+    SELECT v.workspace_id, v.id, g.variation, 'cancelled', count(*) FROM gone g GROUP BY g.variation;
+END
+$$;
+
+-- The contacts of a broadcast's audience after `after` (contact id), in id order, at most `lim`.
+-- Lists and suppressions are index probes; segment and exclude run the condition language (Rust) only
+-- on contacts that passed the cheaper tests.
+CREATE FUNCTION herald._audience_page(v herald.broadcasts, after bigint, lim int)
+RETURNS TABLE (contact_id bigint, timezone text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT c.id, c.timezone
+      FROM herald.contacts c
+     WHERE c.workspace_id = v.workspace_id AND c.id > after
+       AND (jsonb_array_length(v.definition -> 'lists') = 0
+            OR EXISTS (SELECT 1 FROM herald.list_members m
+                        WHERE m.workspace_id = c.workspace_id AND m.contact_id = c.id AND m.status = 'subscribed'
+                          AND m.list IN (SELECT jsonb_array_elements_text(v.definition -> 'lists'))))
+       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
+       AND (v.retry_of IS NULL
+            OR EXISTS (SELECT 1 FROM herald.outbox o
+                        WHERE o.workspace_id = c.workspace_id AND o.broadcast_id = v.retry_of
+                          AND o.status IN ('failed', 'dead') AND o.contact_id = c.id))
+       AND (v.definition -> 'segment' = 'null'
+            OR herald._matches(v.definition -> 'segment', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+       AND (v.definition -> 'exclude' = 'null'
+            OR NOT herald._matches(v.definition -> 'exclude', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+     ORDER BY c.id
+     LIMIT lim;
+END;
+
+-- Which share a contact belongs to, from a hash of (broadcast, contact): stable across retries and
+-- advancers. bucket in [0, 100).
+CREATE FUNCTION herald._broadcast_bucket(broadcast bigint, contact bigint, salt text) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ((hashtextextended(salt || ':' || broadcast::text || ':' || contact::text, 0) & 9007199254740991)::float8
+        / 9007199254740992.0) * 100;
+
+-- Enqueues one chunk (at most `lim` contacts) of a broadcast in its current phase: ONE statement that
+-- inserts the jobs (ON CONFLICT on the dedupe key: nobody twice), moves the cursor past the chunk, counts
+-- them and appends the 'queued' deltas. Returns the contacts read (0 = the phase's audience is done).
+CREATE FUNCTION herald._enqueue_chunk(v herald.broadcasts, lim int) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    v_read int;
+    v_test float8 := coalesce((v.definition -> 'ab_test' ->> 'test_percent')::float8, 0);
+BEGIN
+    WITH page AS MATERIALIZED (
+        SELECT a.contact_id, a.timezone FROM herald._audience_page(v, v.cursor, lim) a
+    ), chosen AS (
+        -- test phase: the test share, split by weight; rest: the others, the winner; all: split by weight
+        SELECT p.contact_id, p.timezone,
+               CASE WHEN v.phase = 'rest' THEN v.winner ELSE (
+                   SELECT x.value ->> 'key'
+                     FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY x(value, ord)
+                    WHERE herald._broadcast_bucket(v.id, p.contact_id, 'variation')
+                          < (SELECT sum((y.value ->> 'weight')::float8)
+                               FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY y(value, ord)
+                              WHERE y.ord <= x.ord)
+                    ORDER BY x.ord LIMIT 1) END AS variation
+          FROM page p
+         WHERE v.phase = 'all'
+            OR (v.phase = 'test' AND herald._broadcast_bucket(v.id, p.contact_id, 'test') < v_test)
+            OR (v.phase = 'rest' AND herald._broadcast_bucket(v.id, p.contact_id, 'test') >= v_test)
+    ), queued AS (
+        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
+                                        broadcast_id, variation, payload, run_at)
+        SELECT v.workspace_id, 'email', 2, 'b:' || v.id || ':' || ch.contact_id, v.definition ->> 'provider',
+               ARRAY[herald._provider_rate_key(v.workspace_id, v.definition ->> 'provider'),
+                     'provider:' || (v.definition ->> 'provider'), 'broadcast:' || v.id],
+               ch.contact_id, v.id, coalesce(ch.variation, 'default'),
+               jsonb_build_object(
+                   'template', (SELECT x ->> 'template' FROM jsonb_array_elements(v.definition -> 'variations') x
+                                 WHERE x ->> 'key' = ch.variation),
+                   'provider', v.definition ->> 'provider',
+                   'broadcast_id', v.id, 'variation', ch.variation,
+                   'broadcast', (v.definition -> 'variables')
+                                || jsonb_build_object('id', v.id, 'name', v.name, 'variation', ch.variation)),
+               CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'local' THEN
+                        -- the next time the recipient's clock shows local_time (UTC without a zone)
+                        (SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
+                           FROM (SELECT ((now() AT TIME ZONE coalesce(ch.timezone, 'UTC'))::date
+                                         + (v.definition -> 'send_at' ->> 'local_time')::time)
+                                        AT TIME ZONE coalesce(ch.timezone, 'UTC') AS t) l)
+                    ELSE now() END
+          FROM chosen ch
+         ORDER BY ch.contact_id
+        ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO NOTHING
+        RETURNING o.variation
+    ), counted AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT v.workspace_id, v.id, q.variation, 'queued', count(*) FROM queued q GROUP BY q.variation
+    ), moved AS (
+        UPDATE herald.broadcasts b
+           SET cursor = coalesce((SELECT max(p.contact_id) FROM page p), b.cursor),
+               enqueued = b.enqueued + (SELECT count(*) FROM queued), updated_at = now()
+         WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+    )
+    SELECT count(*) INTO v_read FROM page;
+    RETURN v_read;
+END
+$$;
+
+-- The A/B winner: the variation with the highest rate of unique openers (or clickers) among the test
+-- recipients it was sent to. Too few engagements, or a tie, is decided and said so in the reason.
+CREATE FUNCTION herald._ab_winner(v herald.broadcasts, OUT winner text, OUT reason text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_metric text := v.definition -> 'ab_test' ->> 'metric';
+    v_kind text := CASE v_metric WHEN 'clicks' THEN 'email.clicked' ELSE 'email.opened' END;
+    v_min constant int := 5;   -- fewer engaged recipients than this in total: no evidence either way
+    r record;
+    v_total bigint := 0;
+    v_best_rate float8 := -1;
+    v_best text;
+    v_tied int := 0;
+    v_detail text := '';
+BEGIN
+    -- one row per variation (at most 26): sent test messages, unique engaged recipients, their rate
+    FOR r IN
+        WITH sent AS (
+            SELECT o.variation, count(*) AS n FROM herald.outbox o
+             WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'done'
+             GROUP BY o.variation
+        ), engaged AS (
+            SELECT e.payload ->> 'variation' AS variation, count(DISTINCT e.contact_id) AS n
+              FROM herald.events e
+             WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
+             GROUP BY 1
+        )
+        SELECT x.value ->> 'key' AS variation, coalesce(s.n, 0) AS sent, coalesce(g.n, 0) AS engaged,
+               CASE WHEN coalesce(s.n, 0) = 0 THEN 0 ELSE coalesce(g.n, 0)::float8 / s.n END AS rate
+          FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY x(value, ord)
+          LEFT JOIN sent s ON s.variation = x.value ->> 'key'
+          LEFT JOIN engaged g ON g.variation = x.value ->> 'key'
+         ORDER BY x.ord
+    LOOP
+        v_total := v_total + r.engaged;
+        v_detail := v_detail || CASE WHEN v_detail = '' THEN '' ELSE ', ' END
+                    || format('%s: %s of %s', r.variation, r.engaged, r.sent);
+        IF r.rate > v_best_rate THEN
+            v_best_rate := r.rate; v_best := r.variation; v_tied := 1;
+        ELSIF r.rate = v_best_rate THEN
+            v_tied := v_tied + 1;
+        END IF;
+    END LOOP;
+    IF v_total < v_min THEN
+        winner := v.definition -> 'variations' -> 0 ->> 'key';
+        reason := format('sample too small: %s unique %s in all (%s), fewer than %s; sending the first variation',
+                         v_total, v_metric, v_detail, v_min);
+    ELSIF v_tied > 1 THEN
+        winner := v_best;
+        reason := format('tie on %s rate (%s); the first tied variation wins', v_metric, v_detail);
+    ELSE
+        winner := v_best;
+        reason := format('highest %s rate, %s%% (%s)', v_metric, round((v_best_rate * 100)::numeric, 1), v_detail);
+    END IF;
+END
+$$;
+
+-- Moves every due broadcast forward, enqueueing at most max_rows contacts in all (chunks of 10,000):
+-- scheduled → sending at send_at; enqueue the phase's audience; test → waiting → (winner) → rest;
+-- sending → sent once everything is enqueued and no job is pending, held or leased. Broadcasts another
+-- advancer holds are skipped (SKIP LOCKED), so any number may run. Returns the contacts read.
+CREATE FUNCTION herald.advance_broadcasts(max_rows int DEFAULT 100000) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+    v_left int := max_rows;
+    v_read int;
+    v_total int := 0;
+    v_chunk constant int := 10000;
+    v_win record;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v IN
+        SELECT b.* FROM herald.broadcasts b
+         WHERE b.status IN ('scheduled', 'sending') AND b.send_at <= now()
+         ORDER BY b.send_at, b.id
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        IF v.status = 'scheduled' THEN
+            UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+            v.status := 'sending';
+        END IF;
+        -- enqueue while there is budget and the phase has contacts left
+        WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP
+            v_read := herald._enqueue_chunk(v, least(v_chunk, v_left));
+            v_total := v_total + v_read;
+            v_left := v_left - v_read;
+            SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+            IF v_read < least(v_chunk, v_left + v_read) THEN
+                -- the phase's audience is exhausted
+                v.phase := CASE v.phase WHEN 'test' THEN 'waiting' ELSE 'done' END;
+                UPDATE herald.broadcasts b
+                   SET phase = v.phase, cursor = 0,
+                       test_ends_at = CASE WHEN v.phase = 'waiting'
+                                           THEN now() + make_interval(secs => (v.definition -> 'ab_test' ->> 'wait_seconds')::float8) END,
+                       updated_at = now()
+                 WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+                RETURNING b.* INTO v;
+            END IF;
+        END LOOP;
+        IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
+            v_win := herald._ab_winner(v);
+            UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
+                   winner_reason = v_win.reason, updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+            PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
+        ELSIF v.phase = 'done' AND NOT EXISTS (
+            SELECT 1 FROM herald.outbox o
+             WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status IN ('pending', 'held', 'leased')) THEN
+            UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        END IF;
+    END LOOP;
+    RETURN v_total;
+END
+$$;
+
+-- A new broadcast (scheduled now) to exactly the recipients of `broadcast` whose send failed or died.
+CREATE FUNCTION herald.resend_failed(broadcast bigint) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_id bigint;
+BEGIN
+    IF v.status NOT IN ('sent', 'cancelled') THEN
+        RAISE EXCEPTION 'broadcast % is %; resend the failed recipients once it is sent or cancelled', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    INSERT INTO herald.broadcasts (workspace_id, name, definition, phase, retry_of, status, send_at)
+    VALUES (v.workspace_id, v.name || ' (failed only)',
+            v.definition || jsonb_build_object('ab_test', NULL, 'variations',
+                jsonb_build_array(jsonb_build_object('key', coalesce(v.winner, v.definition -> 'variations' -> 0 ->> 'key'),
+                    'template', coalesce((SELECT x ->> 'template' FROM jsonb_array_elements(v.definition -> 'variations') x
+                                           WHERE x ->> 'key' = v.winner), v.definition -> 'variations' -> 0 ->> 'template'),
+                    'weight', 100))),
+            'all', v.id, 'scheduled', now())
+    RETURNING id INTO v_id;
+    PERFORM pg_notify('herald.tick', '');
+    RETURN v_id;
+END
+$$;
+
+-- Exact per-variation numbers: folded + not yet folded deltas (queued, sent, failed, dead, suppressed,
+-- cancelled, retried), plus unique opens and clicks from the engagement events.
+CREATE FUNCTION herald.broadcast_stats(broadcast bigint)
+RETURNS TABLE (variation text, metric text, value bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text;
+BEGIN
+    SELECT b.workspace_id INTO v_ws FROM herald.broadcasts b WHERE b.id = broadcast;
+    IF v_ws IS NULL THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    SELECT x.variation, x.metric, sum(x.n)::bigint FROM (
+        SELECT s.variation, s.metric, s.value AS n FROM herald.broadcast_stats s
+         WHERE s.workspace_id = v_ws AND s.broadcast_id = broadcast
+        UNION ALL
+        SELECT d.variation, d.metric, d.n FROM herald.broadcast_stats_delta d
+         WHERE d.workspace_id = v_ws AND d.broadcast_id = broadcast
+        UNION ALL
+        SELECT e.payload ->> 'variation', CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
+               count(DISTINCT e.contact_id)
+          FROM herald.events e
+         WHERE e.workspace_id = v_ws AND (e.payload ->> 'broadcast') = broadcast::text
+           AND e.kind IN ('email.opened', 'email.clicked')
+         GROUP BY 1, 2) x
+     GROUP BY 1, 2
+     ORDER BY 1, 2;
+END
+$$;
+
+-- One row per broadcast: where it stands.
+CREATE VIEW herald.broadcast_overview AS
+SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
+       b.retry_of, b.created_at, b.finished_at
+  FROM herald.broadcasts b;
