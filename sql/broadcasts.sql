@@ -240,20 +240,36 @@ AS $$
 DECLARE
     v_read int;
     v_test float8 := coalesce((v.definition -> 'ab_test' ->> 'test_percent')::float8, 0);
+    -- per variation, computed once per chunk: its key, the lower bound of its bucket range, and the
+    -- whole job payload, so no row builds JSON
+    v_keys text[];
+    v_bounds float8[];
+    v_payloads jsonb[];
+    v_rate_keys text[] := ARRAY[herald._provider_rate_key(v.workspace_id, v.definition ->> 'provider'),
+                                'provider:' || (v.definition ->> 'provider'), 'broadcast:' || v.id];
+    v_local time := (v.definition -> 'send_at' ->> 'local_time')::time;
 BEGIN
+    SELECT array_agg(x.value ->> 'key' ORDER BY x.ord),
+           array_agg(x.lower ORDER BY x.ord),
+           array_agg(jsonb_build_object(
+                         'template', x.value ->> 'template', 'provider', v.definition ->> 'provider',
+                         'broadcast_id', v.id, 'variation', x.value ->> 'key',
+                         'broadcast', (v.definition -> 'variables')
+                                      || jsonb_build_object('id', v.id, 'name', v.name, 'variation', x.value ->> 'key'))
+                     ORDER BY x.ord)
+      INTO v_keys, v_bounds, v_payloads
+      FROM (SELECT e.value, e.ord,
+                   coalesce(sum((e.value ->> 'weight')::float8)
+                                OVER (ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS lower
+              FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY e(value, ord)) x;
+
     WITH page AS MATERIALIZED (
         SELECT a.contact_id, a.timezone FROM herald._audience_page(v, v.cursor, lim) a
     ), chosen AS (
         -- test phase: the test share, split by weight; rest: the others, the winner; all: split by weight
         SELECT p.contact_id, p.timezone,
-               CASE WHEN v.phase = 'rest' THEN v.winner ELSE (
-                   SELECT x.value ->> 'key'
-                     FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY x(value, ord)
-                    WHERE herald._broadcast_bucket(v.id, p.contact_id, 'variation')
-                          < (SELECT sum((y.value ->> 'weight')::float8)
-                               FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY y(value, ord)
-                              WHERE y.ord <= x.ord)
-                    ORDER BY x.ord LIMIT 1) END AS variation
+               CASE WHEN v.phase = 'rest' THEN array_position(v_keys, v.winner)
+                    ELSE width_bucket(herald._broadcast_bucket(v.id, p.contact_id, 'variation'), v_bounds) END AS slot
           FROM page p
          WHERE v.phase = 'all'
             OR (v.phase = 'test' AND herald._broadcast_bucket(v.id, p.contact_id, 'test') < v_test)
@@ -262,23 +278,12 @@ BEGIN
         INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
                                         broadcast_id, variation, payload, run_at)
         SELECT v.workspace_id, 'email', 2, 'b:' || v.id || ':' || ch.contact_id, v.definition ->> 'provider',
-               ARRAY[herald._provider_rate_key(v.workspace_id, v.definition ->> 'provider'),
-                     'provider:' || (v.definition ->> 'provider'), 'broadcast:' || v.id],
-               ch.contact_id, v.id, coalesce(ch.variation, 'default'),
-               jsonb_build_object(
-                   'template', (SELECT x ->> 'template' FROM jsonb_array_elements(v.definition -> 'variations') x
-                                 WHERE x ->> 'key' = ch.variation),
-                   'provider', v.definition ->> 'provider',
-                   'broadcast_id', v.id, 'variation', ch.variation,
-                   'broadcast', (v.definition -> 'variables')
-                                || jsonb_build_object('id', v.id, 'name', v.name, 'variation', ch.variation)),
-               CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'local' THEN
+               v_rate_keys, ch.contact_id, v.id, v_keys[ch.slot], v_payloads[ch.slot],
+               CASE WHEN v_local IS NULL THEN now() ELSE (
                         -- the next time the recipient's clock shows local_time (UTC without a zone)
-                        (SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
-                           FROM (SELECT ((now() AT TIME ZONE coalesce(ch.timezone, 'UTC'))::date
-                                         + (v.definition -> 'send_at' ->> 'local_time')::time)
-                                        AT TIME ZONE coalesce(ch.timezone, 'UTC') AS t) l)
-                    ELSE now() END
+                        SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
+                          FROM (SELECT ((now() AT TIME ZONE coalesce(ch.timezone, 'UTC'))::date + v_local)
+                                       AT TIME ZONE coalesce(ch.timezone, 'UTC') AS t) l) END
           FROM chosen ch
          ORDER BY ch.contact_id
         ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO NOTHING
