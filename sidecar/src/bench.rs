@@ -8,6 +8,7 @@
 //! tick) and `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces).
 
 mod baseline;
+mod broadcast;
 mod contacts;
 mod delivery;
 mod engine;
@@ -51,6 +52,8 @@ pub enum Section {
     Queue,
     /// herald run: emails/s, webhooks/s, track() -> SMTP latency.
     Delivery,
+    /// resolving and enqueueing a 1,000,000-recipient broadcast; segment evaluation (9).
+    Broadcast,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -182,6 +185,7 @@ struct Report {
     ingest: Option<IngestReport>,
     engine: Option<engine::Engine>,
     queue: Option<queue::Queue>,
+    broadcast: Option<broadcast::Broadcast>,
     /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
     delivery: Option<serde_json::Value>,
     goals: Vec<Goal>,
@@ -238,6 +242,14 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let broadcast = if wanted(Section::Broadcast) {
+        info!("broadcast: resolving and enqueueing a large broadcast");
+        let b = broadcast::run(&target, args.small).await?;
+        goals.extend(b.goals());
+        Some(b)
+    } else {
+        None
+    };
     let (delivery_table, delivery) = if wanted(Section::Delivery) {
         info!("delivery: herald run against smtp-sink, an HTTP receiver and an SMTP server that timestamps");
         let (table, d) = delivery::run(&target, args.small).await?;
@@ -259,6 +271,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         ingest,
         engine,
         queue,
+        broadcast,
         delivery,
         goals,
     };
@@ -489,6 +502,9 @@ fn render(report: &Report) -> String {
     }
     if let Some(q) = &report.queue {
         queue::render(&mut o, q);
+    }
+    if let Some(b) = &report.broadcast {
+        broadcast::render(&mut o, b);
     }
     o
 }

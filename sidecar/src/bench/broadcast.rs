@@ -1,0 +1,214 @@
+//! Broadcasts: resolving and enqueueing a broadcast to every contact of a large workspace with ONE
+//! `herald.advance_broadcasts` call (chunks of 10,000, each one INSERT … SELECT), how many statements a
+//! chunk runs (pg_stat_statements, nested statements tracked), and how long a segment takes to evaluate
+//! over the whole workspace.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+use tracing::info;
+
+use super::{thousands, Goal};
+use crate::db::Target;
+
+const WORKSPACE: &str = "bench_broadcast";
+const CHUNK: i64 = 10_000;
+const GOAL_SECS: &str = "1,000,000-recipient broadcast resolved and enqueued <= 10 s";
+const GOAL_STATEMENTS: &str = "enqueue statements per 10,000-row chunk <= 1";
+
+#[derive(Debug, Serialize)]
+pub struct Broadcast {
+    pub contacts: i64,
+    pub setup_secs: f64,
+    pub enqueued: i64,
+    pub enqueue_secs: f64,
+    pub recipients_per_sec: f64,
+    pub chunks: i64,
+    /// Calls of the statement that inserts into the outbox, per chunk.
+    pub insert_statements_per_chunk: f64,
+    /// Every statement run inside advance_broadcasts (the loop's bookkeeping included), per chunk.
+    pub all_statements_per_chunk: f64,
+    pub segment_matches: i64,
+    pub segment_secs: f64,
+}
+
+impl Broadcast {
+    pub(super) fn goals(&self) -> Vec<Goal> {
+        let full = self.contacts >= 1_000_000;
+        vec![
+            Goal::new(
+                GOAL_SECS,
+                self.enqueue_secs,
+                full && self.enqueue_secs <= 10.0,
+            ),
+            Goal::new(
+                GOAL_STATEMENTS,
+                self.insert_statements_per_chunk,
+                self.chunks > 0 && self.insert_statements_per_chunk <= 1.0,
+            ),
+        ]
+    }
+}
+
+pub async fn run(target: &Target, small: bool) -> Result<Broadcast> {
+    let contacts: i64 = if small { 20_000 } else { 1_000_000 };
+    let db = target.connect().await?;
+    let started = Instant::now();
+    db.execute("SELECT herald.create_workspace($1)", &[&WORKSPACE])
+        .await?;
+    db.execute(
+        "SELECT herald.upsert_template($1, 'news', 'News for {{ contact.email }}', '<p>Hello</p>')",
+        &[&WORKSPACE],
+    )
+    .await?;
+    // setup only (not what is measured): plain rows, as an import would leave them
+    db.execute(
+        "INSERT INTO herald.contacts (workspace_id, email, attributes)
+         SELECT $1, 'r' || i || '@broadcast.example',
+                jsonb_build_object('plan', CASE WHEN i % 4 = 0 THEN 'pro' ELSE 'free' END)
+           FROM generate_series(1, $2::bigint) i",
+        &[&WORKSPACE, &contacts],
+    )
+    .await
+    .context("creating the broadcast's contacts")?;
+    db.batch_execute("VACUUM (ANALYZE) herald.contacts, herald.outbox")
+        .await?;
+    let setup_secs = started.elapsed().as_secs_f64();
+    info!("broadcast: {contacts} contacts in {setup_secs:.1} s");
+
+    db.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+         SET pg_stat_statements.track = 'all'",
+    )
+    .await
+    .context("pg_stat_statements (is it in shared_preload_libraries?)")?;
+    let id: i64 = db
+        .query_one(
+            "SELECT herald.create_broadcast($1, $2)",
+            &[&WORKSPACE, &json!({"name": "bench", "template": "news"})],
+        )
+        .await?
+        .get(0);
+    db.execute("SELECT herald.schedule_broadcast($1)", &[&id])
+        .await?;
+    db.batch_execute(
+        "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+    )
+    .await?;
+    let started = Instant::now();
+    let read: i32 = db
+        .query_one(
+            "SELECT herald.advance_broadcasts($1)",
+            &[&(contacts as i32)],
+        )
+        .await
+        .context("herald.advance_broadcasts")?
+        .get(0);
+    let enqueue_secs = started.elapsed().as_secs_f64();
+    let enqueued: i64 = db
+        .query_one(
+            "SELECT enqueued FROM herald.broadcasts WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        read as i64 == contacts && enqueued == contacts,
+        "read {read}, enqueued {enqueued} of {contacts}"
+    );
+    let rows = db
+        .query(
+            "SELECT s.calls, s.query FROM pg_stat_statements s
+              WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND NOT s.toplevel",
+            &[],
+        )
+        .await?;
+    let chunks = (contacts + CHUNK - 1) / CHUNK;
+    let inserts: i64 = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(1).contains("INSERT INTO herald.outbox"))
+        .map(|r| r.get::<_, i64>(0))
+        .sum();
+    let all: i64 = rows.iter().map(|r| r.get::<_, i64>(0)).sum();
+    info!("broadcast: {enqueued} enqueued in {enqueue_secs:.1} s, {inserts} outbox inserts for {chunks} chunks");
+
+    // segment evaluation over the whole workspace, the way audience resolution runs it
+    let started = Instant::now();
+    let segment_matches: i64 = db
+        .query_one(
+            "SELECT count(*) FROM herald.contacts c
+              WHERE c.workspace_id = $1
+                AND herald._matches($2, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)",
+            &[
+                &WORKSPACE,
+                &json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                                {"field": "contact.email", "op": "ends_with", "value": "@broadcast.example"}]}),
+            ],
+        )
+        .await?
+        .get(0);
+    let segment_secs = started.elapsed().as_secs_f64();
+    ensure!(
+        segment_matches == contacts / 4,
+        "segment matched {segment_matches}"
+    );
+    // leave nothing pending for later sections
+    db.execute("SELECT herald.cancel_broadcast($1)", &[&id])
+        .await?;
+    Ok(Broadcast {
+        contacts,
+        setup_secs,
+        enqueued,
+        enqueue_secs,
+        recipients_per_sec: enqueued as f64 / enqueue_secs,
+        chunks,
+        insert_statements_per_chunk: inserts as f64 / chunks as f64,
+        all_statements_per_chunk: all as f64 / chunks as f64,
+        segment_matches,
+        segment_secs,
+    })
+}
+
+pub(super) fn render(o: &mut String, b: &Broadcast) {
+    let goals = b.goals();
+    let _ = writeln!(
+        o,
+        "\n9. Broadcast: one advance_broadcasts() call resolves and enqueues {} contacts (chunks of {})",
+        thousands(b.contacts as f64),
+        thousands(CHUNK as f64)
+    );
+    let _ = writeln!(
+        o,
+        "  enqueued {} in {:.2} s = {} recipients/s; {} chunks, {:.1} outbox INSERT per chunk, {:.1} statements in all per chunk",
+        thousands(b.enqueued as f64),
+        b.enqueue_secs,
+        thousands(b.recipients_per_sec),
+        b.chunks,
+        b.insert_statements_per_chunk,
+        b.all_statements_per_chunk
+    );
+    let _ = writeln!(
+        o,
+        "  segment (plan = pro and email ends_with …) over {} contacts: {:.2} s, {} matches ({} contacts/s)",
+        thousands(b.contacts as f64),
+        b.segment_secs,
+        thousands(b.segment_matches as f64),
+        thousands(b.contacts as f64 / b.segment_secs)
+    );
+    for g in goals {
+        let _ = writeln!(
+            o,
+            "  goal: {:<62} {:>7.2}  {}",
+            g.goal,
+            g.value,
+            if b.contacts < 1_000_000 && g.goal == GOAL_SECS {
+                "n/a (--small)"
+            } else {
+                g.verdict()
+            }
+        );
+    }
+}
