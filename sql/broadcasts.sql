@@ -492,3 +492,72 @@ CREATE VIEW herald.broadcast_overview AS
 SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
        b.retry_of, b.created_at, b.finished_at
   FROM herald.broadcasts b;
+
+-- What recipients and providers report back, recorded in ONE statement per batch (the sidecar's HTTP
+-- side calls it: unsubscribe links, the open pixel, click redirects, provider bounce/complaint events).
+-- feedback: [{"kind": "unsubscribed" | "hard_bounce" | "soft_bounce" | "complaint" | "opened" | "clicked",
+--             "workspace": "…", "email": "…", "message_id": "<…>", "payload": {…}}, …]
+-- workspace and email may be left out when message_id names a message herald sent. unsubscribed,
+-- hard_bounce and complaint suppress the address; every entry becomes an event (list.unsubscribed,
+-- email.bounced, email.complained, email.opened, email.clicked) that automations can trigger on.
+-- Entries that name no known message or workspace are skipped. Returns the events recorded.
+CREATE FUNCTION herald.record_feedback(feedback jsonb) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF jsonb_typeof(feedback) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'feedback must be a JSON array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format('feedback[%s]: kind must be unsubscribed, hard_bounce, soft_bounce, complaint, opened or clicked', t.ord - 1)
+      INTO v_bad
+      FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+     WHERE jsonb_typeof(t.f) IS DISTINCT FROM 'object'
+        OR (t.f ->> 'kind') IS NULL
+        OR t.f ->> 'kind' NOT IN ('unsubscribed', 'hard_bounce', 'soft_bounce', 'complaint', 'opened', 'clicked')
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH input AS (
+        SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
+               coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord
+          FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+          LEFT JOIN LATERAL (SELECT h.workspace_id, h.contact_id FROM herald.message_history h
+                              WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
+                              ORDER BY h.id DESC LIMIT 1) m ON true
+          LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                              WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
+    ), known AS (
+        SELECT i.* FROM input i
+         WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), suppressed AS (
+        INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
+        SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'unsubscribed' WHEN 'hard_bounce' THEN 'hard_bounce' ELSE 'complaint' END,
+               jsonb_strip_nulls(k.payload || jsonb_build_object('message_id', k.message_id))
+          FROM known k WHERE k.kind IN ('unsubscribed', 'hard_bounce', 'complaint')
+         ORDER BY k.workspace_id, k.email, k.ord
+        ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
+        RETURNING 1
+    ), recorded AS (
+        INSERT INTO herald.events (workspace_id, email, kind, payload)
+        SELECT k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
+                           WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked' ELSE 'email.bounced' END,
+               k.payload || jsonb_strip_nulls(jsonb_build_object(
+                   'message_id', k.message_id,
+                   'bounce_type', CASE k.kind WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+          FROM known k ORDER BY k.ord
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_n FROM recorded;
+    RETURN v_n;
+END
+$$;

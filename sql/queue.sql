@@ -387,9 +387,9 @@ BEGIN
         RETURNING o.id
     ), history AS (
         INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, contact_id, automation_id,
-                                            enrollment_id, node, dedupe_key, message_id, error, attempt)
+                                            enrollment_id, broadcast_id, variation, node, dedupe_key, message_id, error, attempt)
         SELECT j.workspace_id, j.id, j.kind, CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
-               j.contact_id, j.automation_id, j.enrollment_id, j.node, j.dedupe_key, j.new_message_id,
+               j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.variation, j.node, j.dedupe_key, j.new_message_id,
                CASE WHEN NOT j.ok THEN j.error END, j.attempt
           FROM job j WHERE j.outcome <> 'pending'
         RETURNING 1

@@ -229,6 +229,8 @@ CREATE TABLE herald.message_history (
     contact_id    bigint,
     automation_id bigint,
     enrollment_id bigint,
+    broadcast_id  bigint,
+    variation     text,
     node          text,
     dedupe_key    text NOT NULL,
     message_id    text,
@@ -239,6 +241,10 @@ CREATE TABLE herald.message_history (
 );
 CREATE INDEX message_history_automation_idx ON herald.message_history (workspace_id, automation_id, created_at);
 CREATE INDEX message_history_contact_idx ON herald.message_history (workspace_id, contact_id, created_at);
+-- provider bounce/complaint reports name the message by its Message-ID (herald.record_feedback)
+CREATE INDEX message_history_message_id_idx ON herald.message_history (message_id) WHERE message_id IS NOT NULL;
+CREATE INDEX message_history_broadcast_idx ON herald.message_history (workspace_id, broadcast_id, status)
+    WHERE broadcast_id IS NOT NULL;
 
 -- Per-enrollment history: one row per tick (or approval) that moved an enrollment, holding the nodes it
 -- passed in order (parallel arrays node/visit/action); herald.step_history shows one row per node.

@@ -169,3 +169,12 @@ SELECT count(*) AS handed_out FROM herald.claim('t', 10) j WHERE j.id = :tx2;
 SELECT herald.advance_broadcasts(0);
 SELECT herald.pause_broadcast(424242);
 SELECT * FROM herald.broadcast_stats(424242);
+-- feedback from links and providers: one call, suppression for unsubscribes, hard bounces, complaints
+SELECT herald.record_feedback('[{"kind": "hard_bounce", "workspace": "b1", "email": "P20@example.com"},
+                                {"kind": "soft_bounce", "workspace": "b1", "email": "p21@example.com", "payload": {"reason": "mailbox full"}},
+                                {"kind": "complaint", "message_id": "<unknown@herald>"},
+                                {"kind": "opened", "workspace": "nope", "email": "p21@example.com"}]') AS recorded;
+SELECT email, reason FROM herald.suppressions WHERE workspace_id = 'b1' AND email IN ('p20@example.com', 'p21@example.com');
+SELECT email, kind, payload FROM herald.events WHERE workspace_id = 'b1' AND kind = 'email.bounced' ORDER BY id;
+SELECT herald.record_feedback('{"kind": "opened"}');
+SELECT herald.record_feedback('[{"kind": "liked", "workspace": "b1", "email": "p1@example.com"}]');

@@ -77,6 +77,31 @@ pub struct RunArgs {
     /// List-Unsubscribe-Post: List-Unsubscribe=One-Click to every email. Default: off.
     #[arg(long, value_name = "URL", env = "HERALD_UNSUBSCRIBE_URL")]
     pub unsubscribe_url: Option<String>,
+    /// Listen address of the HTTP side (one-click unsubscribe, open pixel, click redirects, provider
+    /// events), e.g. 0.0.0.0:8080. Needs HERALD_PUBLIC_URL and HERALD_LINK_SECRET. Default: off, and
+    /// emails carry no tracking or unsubscribe links.
+    #[arg(long, value_name = "ADDR", env = "HERALD_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Public base URL of the HTTP side as recipients reach it (e.g. https://mail.example.com).
+    #[arg(long, value_name = "URL", env = "HERALD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Key that signs the links in emails (HMAC-SHA256); at least 16 characters. Required with
+    /// HERALD_HTTP_ADDR. Changing it invalidates the links of mail already sent.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "HERALD_LINK_SECRET",
+        hide_env_values = true
+    )]
+    pub link_secret: Option<String>,
+    /// Bearer token providers must send to POST /events/…; without it those endpoints answer 404.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HERALD_EVENTS_TOKEN",
+        hide_env_values = true
+    )]
+    pub events_token: Option<String>,
     /// Log format: text or json. Default: text.
     #[arg(long, value_name = "FORMAT", env = "HERALD_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -98,6 +123,10 @@ const KEYS: &[&str] = &[
     "HERALD_WEBHOOK_ALLOW",
     "HERALD_METRICS_ADDR",
     "HERALD_UNSUBSCRIBE_URL",
+    "HERALD_HTTP_ADDR",
+    "HERALD_PUBLIC_URL",
+    "HERALD_LINK_SECRET",
+    "HERALD_EVENTS_TOKEN",
     "HERALD_LOG_FORMAT",
     "HERALD_SHUTDOWN_GRACE_SECONDS",
 ];
@@ -250,8 +279,20 @@ pub struct Config {
     pub webhook_allow: AllowList,
     pub metrics_addr: Option<SocketAddr>,
     pub unsubscribe_url: Option<url::Url>,
+    /// The HTTP side: listen address, public URL and link key, all three or none.
+    pub http: Option<HttpSide>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+}
+
+/// The HTTP side's settings (see `http.rs`).
+#[derive(Clone, Debug)]
+pub struct HttpSide {
+    pub addr: SocketAddr,
+    /// Without a trailing slash.
+    pub public_url: String,
+    pub link_secret: Secret,
+    pub events_token: Option<Secret>,
 }
 
 /// The key a provider's SMTP URL is stored under: `my-esp` → `MY_ESP`.
@@ -283,6 +324,10 @@ impl Config {
             ("HERALD_WEBHOOK_ALLOW", args.webhook_allow),
             ("HERALD_METRICS_ADDR", args.metrics_addr),
             ("HERALD_UNSUBSCRIBE_URL", args.unsubscribe_url),
+            ("HERALD_HTTP_ADDR", args.http_addr),
+            ("HERALD_PUBLIC_URL", args.public_url),
+            ("HERALD_LINK_SECRET", args.link_secret),
+            ("HERALD_EVENTS_TOKEN", args.events_token),
             ("HERALD_LOG_FORMAT", args.log_format),
             ("HERALD_SHUTDOWN_GRACE_SECONDS", args.shutdown_grace_seconds),
         ];
@@ -376,6 +421,37 @@ impl Config {
             })
             .transpose()?;
 
+        let http = match (
+            get("HERALD_HTTP_ADDR"),
+            get("HERALD_PUBLIC_URL"),
+            get("HERALD_LINK_SECRET"),
+        ) {
+            (None, None, None) => None,
+            (Some(addr), Some(public), Some(secret)) => {
+                let addr = addr.parse::<SocketAddr>().map_err(|_| {
+                    anyhow!("HERALD_HTTP_ADDR: expected host:port such as 0.0.0.0:8080, got {addr:?}")
+                })?;
+                let public = url::Url::parse(public.trim_end_matches('/'))
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                    .ok_or_else(|| {
+                        anyhow!("HERALD_PUBLIC_URL: must be an absolute http(s) URL, got {public:?}")
+                    })?;
+                if secret.chars().count() < 16 {
+                    bail!("HERALD_LINK_SECRET: must be at least 16 characters");
+                }
+                Some(HttpSide {
+                    addr,
+                    public_url: public.as_str().trim_end_matches('/').to_string(),
+                    link_secret: Secret(secret.to_string()),
+                    events_token: get("HERALD_EVENTS_TOKEN").map(|t| Secret(t.to_string())),
+                })
+            }
+            _ => bail!(
+                "HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET go together: set all three or none"
+            ),
+        };
+
         let log_format = match get("HERALD_LOG_FORMAT")
             .map(|s| s.to_ascii_lowercase())
             .as_deref()
@@ -404,6 +480,7 @@ impl Config {
                 .map_err(|e| anyhow!("HERALD_WEBHOOK_ALLOW: {e}"))?,
             metrics_addr,
             unsubscribe_url,
+            http,
             log_format,
             shutdown_grace: Duration::from_secs(number(
                 "HERALD_SHUTDOWN_GRACE_SECONDS",

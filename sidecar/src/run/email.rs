@@ -18,8 +18,9 @@ use lettre::Message;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
-use super::config::{provider_key, Config, Secret};
+use super::config::{provider_key, Config, HttpSide, Secret};
 use super::executor::{Job, Outcome};
+use super::links::{self, Claims, Purpose};
 use super::render::{Renderer, Vars};
 use super::smtp_pool::{SendError, SmtpPool};
 
@@ -59,6 +60,8 @@ pub struct Mailer {
     from: Mailbox,
     unsubscribe: Option<url::Url>,
     unsubscribe_key: Option<Secret>,
+    /// With the HTTP side on: signed unsubscribe, click and open links in every email.
+    http: Option<HttpSide>,
 }
 
 impl Mailer {
@@ -79,6 +82,7 @@ impl Mailer {
             from: config.from.clone(),
             unsubscribe: config.unsubscribe_url.clone(),
             unsubscribe_key: config.webhook_secret.clone(),
+            http: config.http.clone(),
         })
     }
 
@@ -157,14 +161,71 @@ impl Mailer {
                 .map_err(|e| format!("invalid from address {f:?}: {e}"))?,
             None => self.from.clone(),
         };
-        let rendered = renderer.render_email(template, vars)?;
+        // the HTTP side's links: one-click unsubscribe (also {{ unsubscribe_url }}), tracked clicks, a pixel
+        let tracking = self.http.as_ref().map(|h| {
+            let claims = Claims {
+                purpose: Purpose::Unsubscribe,
+                workspace: job.workspace.clone(),
+                email: to_text.to_ascii_lowercase(),
+                key: job.dedupe_key.clone(),
+                broadcast: p.get("broadcast_id").and_then(Json::as_i64),
+                variation: p
+                    .get("variation")
+                    .and_then(Json::as_str)
+                    .map(str::to_string),
+                url: None,
+            };
+            let unsubscribe = format!(
+                "{}/u/{}",
+                h.public_url,
+                links::sign(h.link_secret.0.as_bytes(), &claims)
+            );
+            (h, claims, unsubscribe)
+        });
+        let mut rendered = match &tracking {
+            Some((_, _, unsubscribe)) => {
+                renderer.render_email(template, &vars.with_unsubscribe_url(unsubscribe))?
+            }
+            None => renderer.render_email(template, vars)?,
+        };
+        if let Some((h, claims, _)) = &tracking {
+            let key = h.link_secret.0.as_bytes();
+            rendered.html = links::rewrite_links(&rendered.html, |url| {
+                if url.starts_with(&format!("{}/", h.public_url)) {
+                    return url.to_string(); // herald's own links (the unsubscribe link) stay as they are
+                }
+                let click = Claims {
+                    purpose: Purpose::Click,
+                    url: Some(url.to_string()),
+                    ..claims.clone()
+                };
+                format!("{}/c/{}", h.public_url, links::sign(key, &click))
+            });
+            let open = Claims {
+                purpose: Purpose::Open,
+                ..claims.clone()
+            };
+            let pixel = format!(
+                r#"<img src="{}/o/{}" width="1" height="1" alt="" style="display:none">"#,
+                h.public_url,
+                links::sign(key, &open)
+            );
+            match rendered.html.to_ascii_lowercase().rfind("</body>") {
+                Some(at) => rendered.html.insert_str(at, &pixel),
+                None => rendered.html.push_str(&pixel),
+            }
+        }
         let mut builder = Message::builder()
             .message_id(Some(id.to_string()))
             .date_now()
             .from(from)
             .to(to)
             .subject(rendered.subject);
-        if let Some(link) = self.unsubscribe_link(&job.workspace, &to_text.to_ascii_lowercase()) {
+        let link = match &tracking {
+            Some((_, _, unsubscribe)) => Some(unsubscribe.clone()),
+            None => self.unsubscribe_link(&job.workspace, &to_text.to_ascii_lowercase()),
+        };
+        if let Some(link) = link {
             builder = builder
                 .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{link}>")))
                 .raw_header(HeaderValue::new(

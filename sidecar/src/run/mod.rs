@@ -25,6 +25,8 @@ mod completer;
 mod config;
 mod email;
 mod executor;
+mod http;
+mod links;
 mod maintenance;
 mod metrics;
 mod notifier;
@@ -153,6 +155,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
+    let http_listener = match &config.http {
+        Some(side) => Some(
+            tokio::net::TcpListener::bind(side.addr)
+                .await
+                .with_context(|| format!("HERALD_HTTP_ADDR: cannot listen on {}", side.addr))?,
+        ),
+        None => None,
+    };
+
     let stop_claiming = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let give_up = CancellationToken::new();
@@ -219,6 +230,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ),
         )
     });
+    let http_server = http_listener.map(|l| {
+        let side = config.http.clone().expect("bound above");
+        tracing::info!(addr = %side.addr, public_url = %side.public_url, "serving unsubscribe, tracking and provider events");
+        spawn(
+            "http",
+            &crashed,
+            http::serve(l, side, config.database.clone(), background.clone()),
+        )
+    });
     let tasks = TaskTracker::new();
     let producer = spawn(
         "producer",
@@ -281,6 +301,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = maintenance.await;
     if let Some(m) = metrics_server {
         let _ = m.await;
+    }
+    if let Some(h) = http_server {
+        let _ = h.await;
     }
     if crashed.is_cancelled() {
         bail!("a component crashed (see the log); stopped after recording what could be recorded");

@@ -36,6 +36,11 @@ impl Vars {
             workspace => workspace,
         })
     }
+
+    /// The same variables plus `unsubscribe_url` (the HTTP side's signed one-click link).
+    pub fn with_unsubscribe_url(&self, url: &str) -> Self {
+        Self(minijinja::context! { unsubscribe_url => url, ..self.0.clone() })
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -248,7 +253,7 @@ fn attribute(tag: &str, name: &str) -> Option<String> {
     Some(decode_entities(value))
 }
 
-fn decode_entities(s: &str) -> String {
+pub(crate) fn decode_entities(s: &str) -> String {
     if !s.contains('&') {
         return s.to_string();
     }

@@ -1,0 +1,232 @@
+//! Signed links for the HTTP side: one-click unsubscribe, the open pixel and click redirects.
+//!
+//! A token is `base64url(JSON claims) "." base64url(HMAC-SHA256(secret, first part))`. The claims say
+//! what the link may do (purpose), for whom (workspace, recipient, the message's dedupe key, broadcast
+//! and variation) and, for a click, the one URL it may redirect to — so a token cannot be forged, turned
+//! into another purpose, or used as an open redirect to anywhere else. Verification is constant-time.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// What a link does when followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    #[serde(rename = "u")]
+    Unsubscribe,
+    #[serde(rename = "o")]
+    Open,
+    #[serde(rename = "c")]
+    Click,
+}
+
+/// The claims a token carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    #[serde(rename = "p")]
+    pub purpose: Purpose,
+    #[serde(rename = "w")]
+    pub workspace: String,
+    #[serde(rename = "e")]
+    pub email: String,
+    /// The message's dedupe key (its Message-ID derives from it).
+    #[serde(rename = "k")]
+    pub key: String,
+    #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
+    pub broadcast: Option<i64>,
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
+    pub variation: Option<String>,
+    /// Click links only: where to send the reader.
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// Why a token was refused (shown to the client as a plain 400/404, never with details of the key).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    Malformed,
+    BadSignature,
+    WrongPurpose,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refused::Malformed => "malformed link",
+            Refused::BadSignature => "link signature does not match",
+            Refused::WrongPurpose => "link is not for this",
+        })
+    }
+}
+
+fn mac(secret: &[u8]) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length")
+}
+
+pub fn sign(secret: &[u8], claims: &Claims) -> String {
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialise"));
+    let mut m = mac(secret);
+    m.update(body.as_bytes());
+    format!(
+        "{body}.{}",
+        URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+    )
+}
+
+pub fn verify(secret: &[u8], token: &str, purpose: Purpose) -> Result<Claims, Refused> {
+    let (body, sig) = token.split_once('.').ok_or(Refused::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| Refused::Malformed)?;
+    let mut m = mac(secret);
+    m.update(body.as_bytes());
+    m.verify_slice(&sig).map_err(|_| Refused::BadSignature)?;
+    let raw = URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| Refused::Malformed)?;
+    let claims: Claims = serde_json::from_slice(&raw).map_err(|_| Refused::Malformed)?;
+    if claims.purpose != purpose || (purpose == Purpose::Click) != claims.url.is_some() {
+        return Err(Refused::WrongPurpose);
+    }
+    Ok(claims)
+}
+
+/// Rewrites every `href="http(s)://…"` (double or single quotes) of an HTML body to a signed click
+/// link built by `link(url)`; other hrefs (mailto:, #anchors, relative) stay as they are.
+pub fn rewrite_links(html: &str, mut link: impl FnMut(&str) -> String) -> String {
+    let mut out = String::with_capacity(html.len() + 256);
+    let mut rest = html;
+    while let Some(at) = find_href(rest) {
+        let (before, after) = rest.split_at(at.start);
+        out.push_str(before);
+        let quote = at.quote;
+        let value_start = at.value_start - at.start;
+        let value_end = after[value_start..].find(quote).map(|i| value_start + i);
+        let Some(value_end) = value_end else {
+            out.push_str(after);
+            return out;
+        };
+        let url = &after[value_start..value_end];
+        out.push_str(&after[..value_start]);
+        // attribute values are HTML: the template engine escapes "/" and "&" in variables it inserts
+        let decoded = super::render::decode_entities(url);
+        if decoded.starts_with("http://") || decoded.starts_with("https://") {
+            out.push_str(&link(&decoded).replace('&', "&amp;"));
+        } else {
+            out.push_str(url);
+        }
+        rest = &after[value_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+struct Href {
+    start: usize,
+    value_start: usize,
+    quote: char,
+}
+
+/// The next `href=` attribute (case-insensitive) followed by a quoted value.
+fn find_href(s: &str) -> Option<Href> {
+    let lower = s.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("href") {
+        let start = from + i;
+        let mut j = start + 4;
+        let bytes = s.as_bytes();
+        while j < bytes.len() && bytes[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if j < bytes.len() && bytes[j] == b'=' {
+            j += 1;
+            while j < bytes.len() && bytes[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if j < bytes.len() && (bytes[j] == b'"' || bytes[j] == b'\'') {
+                return Some(Href {
+                    start,
+                    value_start: j + 1,
+                    quote: bytes[j] as char,
+                });
+            }
+        }
+        from = start + 4;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"a link secret";
+
+    fn claims(purpose: Purpose, url: Option<&str>) -> Claims {
+        Claims {
+            purpose,
+            workspace: "w".into(),
+            email: "ann@example.com".into(),
+            key: "b:7:42".into(),
+            broadcast: Some(7),
+            variation: Some("a".into()),
+            url: url.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        for (p, u) in [
+            (Purpose::Unsubscribe, None),
+            (Purpose::Open, None),
+            (Purpose::Click, Some("https://example.com/x?a=1&b=2")),
+        ] {
+            let c = claims(p, u);
+            assert_eq!(verify(KEY, &sign(KEY, &c), p), Ok(c));
+        }
+    }
+
+    #[test]
+    fn forged_tampered_and_repurposed_tokens_are_refused() {
+        let t = sign(KEY, &claims(Purpose::Click, Some("https://example.com/")));
+        assert_eq!(
+            verify(b"another key", &t, Purpose::Click),
+            Err(Refused::BadSignature)
+        );
+        // swap in claims pointing elsewhere, keep the old signature
+        let (_, sig) = t.split_once('.').unwrap();
+        let evil = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&claims(Purpose::Click, Some("https://evil.example/"))).unwrap(),
+        );
+        assert_eq!(
+            verify(KEY, &format!("{evil}.{sig}"), Purpose::Click),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify(KEY, &t, Purpose::Unsubscribe),
+            Err(Refused::WrongPurpose)
+        );
+        assert_eq!(verify(KEY, "nodot", Purpose::Open), Err(Refused::Malformed));
+        assert_eq!(
+            verify(KEY, &t[..t.len() - 3], Purpose::Click),
+            Err(Refused::BadSignature)
+        );
+        // a click claim without a URL is not a click link
+        let t = sign(KEY, &claims(Purpose::Click, None));
+        assert_eq!(verify(KEY, &t, Purpose::Click), Err(Refused::WrongPurpose));
+    }
+
+    #[test]
+    fn only_absolute_http_links_are_rewritten() {
+        let html = r##"<a href="https://a.example/x?y=1&amp;z=2">A</a> <A HREF='http:&#x2f;&#x2f;b.example'>B</A>
+<a href="mailto:x@example.com">m</a> <a href="#top">t</a> <a href = "/rel">r</a>"##;
+        let out = rewrite_links(html, |u| format!("https://t.example/c/{}", u.len()));
+        assert!(out.contains(r#"href="https://t.example/c/27""#), "{out}");
+        assert!(out.contains("HREF='https://t.example/c/16'"), "{out}");
+        assert!(out.contains(r#"href="mailto:x@example.com""#));
+        assert!(out.contains(r##"href="#top""##));
+        assert!(out.contains(r#"href = "/rel""#));
+    }
+}

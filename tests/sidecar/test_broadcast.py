@@ -1,0 +1,168 @@
+"""Broadcasts through `herald run` to a real SMTP server, and the HTTP side (unsubscribe, tracking,
+provider events) through real HTTP requests to the daemon."""
+
+import html as htmllib
+import json
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+
+from conftest import free_port, wait_until
+
+LINK_SECRET = "a-link-secret-for-tests"
+EVENTS_TOKEN = "provider-token"
+
+
+def http_side(port):
+    return {
+        "HERALD_HTTP_ADDR": f"127.0.0.1:{port}",
+        "HERALD_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "HERALD_LINK_SECRET": LINK_SECRET,
+        "HERALD_EVENTS_TOKEN": EVENTS_TOKEN,
+    }
+
+
+def request(url, method="GET", body=None, headers=None):
+    """(status, headers, body) without following redirects."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+    opener = urllib.request.build_opener(NoRedirect)
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def add_contacts(db, n):
+    contacts = [{"email": f"r{i}@example.com", "attributes": {"first_name": f"R{i}"}} for i in range(n)]
+    for start in range(0, n, 5000):
+        db.q("SELECT * FROM herald.upsert_contacts('acme', %s::jsonb)", json.dumps(contacts[start:start + 5000]))
+
+
+def test_a_10000_recipient_broadcast_with_two_variations_arrives_once_each(db, smtp, sidecar):
+    add_contacts(db, 10_000)
+    db.q("SELECT herald.upsert_template('acme', 'news-a', 'A: news for {{ contact.first_name }}', '<p>a {{ broadcast.name }}</p>')")
+    db.q("SELECT herald.upsert_template('acme', 'news-b', 'B: news for {{ contact.first_name }}', '<p>b {{ broadcast.name }}</p>')")
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Winter", "variations": [
+                   {"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}]}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", b)
+    sidecar(HERALD_CONCURRENCY="128")
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b) == "sent",
+               timeout=120, what="the broadcast to be sent")
+    messages = smtp.snapshot()
+    per_rcpt = Counter(r for rcpts, _, _ in messages for r in rcpts)
+    assert len(per_rcpt) == 10_000 and set(per_rcpt.values()) == {1}, "every recipient exactly once"
+    assert len({m["Message-ID"] for _, m, _ in messages}) == 10_000
+    subjects = Counter(m["Subject"].split(":")[0] for _, m, _ in messages)
+    assert set(subjects) == {"A", "B"} and min(subjects.values()) > 4_000, subjects
+    stats = dict(((v, m), n) for v, m, n in db.q("SELECT * FROM herald.broadcast_stats(%s)", b))
+    assert stats[("a", "sent")] + stats[("b", "sent")] == 10_000
+    assert stats[("a", "sent")] == subjects["A"] and stats[("b", "sent")] == subjects["B"]
+    # message history is kept per broadcast
+    assert db.one("SELECT count(*) FROM herald.message_history WHERE broadcast_id = %s AND status = 'sent'", b) == 10_000
+
+
+def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
+    add_contacts(db, 3)
+    db.q("""SELECT herald.upsert_template('acme', 'news', 'News',
+            '<p>Read <a href="https://acme.test/post?id=1&amp;x=2">this</a>. <a href="{{ unsubscribe_url }}">Stop</a></p>')""")
+    port = free_port()
+    sidecar(**http_side(port))
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "One", "template": "news"}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", b)
+    wait_until(lambda: smtp.count() == 3, timeout=30, what="3 messages")
+    msg = next(m for rcpts, m, _ in smtp.snapshot() if rcpts == ["r1@example.com"])
+    base = f"http://127.0.0.1:{port}"
+
+    # RFC 8058 headers point at the one-click endpoint
+    unsub = msg["List-Unsubscribe"].strip("<>")
+    assert unsub.startswith(base + "/u/")
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    html = msg.get_body(("html",)).get_content()
+    assert unsub in htmllib.unescape(html), "the template's {{ unsubscribe_url }}"
+    click = re.search(r'href="(http://127\.0\.0\.1:\d+/c/[^"]+)"', html).group(1)
+    pixel = re.search(r'<img src="(http://127\.0\.0\.1:\d+/o/[^"]+)"', html).group(1)
+
+    # a click goes to exactly the URL in the message, and is recorded
+    status, headers, _ = request(click)
+    assert status == 302 and headers["Location"] == "https://acme.test/post?id=1&x=2"
+    # the pixel is a GIF, and records an open
+    status, headers, body = request(pixel)
+    assert status == 200 and headers["Content-Type"] == "image/gif" and body.startswith(b"GIF89a")
+    events = db.q("SELECT kind, payload ->> 'broadcast' FROM herald.events WHERE email = 'r1@example.com' AND kind LIKE 'email.%' ORDER BY id")
+    assert events == [("email.clicked", str(b)), ("email.opened", str(b))]
+
+    # forged and tampered tokens are refused and record nothing
+    body_part, sig = click.rsplit("/", 1)[1].split(".")
+    assert request(f"{base}/c/{body_part}.{sig[:-2]}xx")[0] == 400
+    assert request(f"{base}/c/{pixel.rsplit('/', 1)[1]}")[0] == 400, "an open token is not a click token"
+    assert request(f"{base}/u/forged.token", method="POST", body=b"List-Unsubscribe=One-Click")[0] == 400
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+
+    # GET shows a confirmation page and changes nothing; POST unsubscribes
+    status, _, page = request(unsub)
+    assert status == 200 and b"<form method=\"post\"" in page
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    status, _, _ = request(unsub, method="POST", body=b"List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200
+    assert db.q("SELECT email, reason FROM herald.suppressions") == [("r1@example.com", "unsubscribed")]
+    assert db.one("SELECT count(*) FROM herald.events WHERE email = 'r1@example.com' AND kind = 'list.unsubscribed'") == 1
+
+    # the next broadcast skips the unsubscribed address
+    before = smtp.count()
+    b2 = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Two", "template": "news"}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", b2)
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b2) == "sent", timeout=30,
+               what="the second broadcast")
+    second = [rcpts[0] for rcpts, _, _ in smtp.snapshot()[before:]]
+    assert sorted(second) == ["r0@example.com", "r2@example.com"]
+
+
+def test_provider_events_suppress_bounces_and_complaints(db, smtp, sidecar):
+    add_contacts(db, 4)
+    db.q("SELECT herald.upsert_template('acme', 'news', 'News', '<p>n</p>')")
+    port = free_port()
+    sidecar(**http_side(port))
+    for i in range(4):
+        db.q("SELECT herald.send('acme', %s, 'news')", f"r{i}@example.com")
+    wait_until(lambda: db.counts().get("done") == 4, timeout=30, what="4 messages sent and recorded")
+    mid = {rcpts[0]: m["Message-ID"] for rcpts, m, _ in smtp.snapshot()}
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {EVENTS_TOKEN}", "Content-Type": "application/json"}
+
+    generic = json.dumps({"events": [
+        {"type": "bounce", "bounce_type": "hard", "message_id": mid["r0@example.com"]},
+        {"type": "bounce", "bounce_type": "soft", "email": "r1@example.com", "workspace": "acme"},
+    ]}).encode()
+    assert request(f"{base}/events/generic", "POST", generic, {"Content-Type": "application/json"})[0] == 401
+    assert request(f"{base}/events/generic", "POST", generic,
+                   {**auth, "Authorization": "Bearer wrong"})[0] == 401
+    status, _, body = request(f"{base}/events/generic", "POST", generic, auth)
+    assert status == 200 and json.loads(body) == {"received": 2, "recorded": 2}
+
+    sendgrid = json.dumps([
+        {"email": "r2@example.com", "event": "spamreport", "smtp-id": mid["r2@example.com"]},
+        {"email": "r3@example.com", "event": "delivered", "smtp-id": mid["r3@example.com"]},
+    ]).encode()
+    status, _, body = request(f"{base}/events/sendgrid", "POST", sendgrid, auth)
+    assert status == 200 and json.loads(body) == {"received": 1, "recorded": 1}
+    assert request(f"{base}/events/generic", "POST", b"not json", auth)[0] == 400
+
+    assert db.q("SELECT email, reason FROM herald.suppressions ORDER BY email") == [
+        ("r0@example.com", "hard_bounce"), ("r2@example.com", "complaint")]
+    kinds = db.q("SELECT email, kind, payload ->> 'bounce_type' FROM herald.events WHERE kind LIKE 'email.%' ORDER BY email")
+    assert kinds == [("r0@example.com", "email.bounced", "hard"), ("r1@example.com", "email.bounced", "soft"),
+                     ("r2@example.com", "email.complained", None)]
+    # a hard-bounced address is not mailed again, whatever queues the message
+    before = smtp.count()
+    db.q("SELECT herald.send('acme', 'r0@example.com', 'news')")
+    db.q("SELECT herald.send('acme', 'r1@example.com', 'news')")
+    wait_until(lambda: smtp.count() == before + 1, timeout=30, what="one more message")
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status = 'cancelled'") == 1, timeout=10,
+               what="the suppressed job cancelled")
+    assert [r[0] for r, _, _ in smtp.snapshot()[before:]] == ["r1@example.com"]
