@@ -366,7 +366,10 @@ BEGIN
     ), job AS (
         SELECT o.*, i.ok, i.retryable, i.error, i.message_id AS new_message_id, i.response AS new_response,
                CASE WHEN i.ok THEN 'done'
-                    WHEN i.retryable AND o.attempt < o.max_attempts THEN 'pending'
+                    -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
+                    WHEN i.retryable AND o.attempt < o.max_attempts THEN
+                         CASE (SELECT b.status FROM herald.broadcasts b WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id)
+                              WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'cancelled' ELSE 'pending' END
                     WHEN i.retryable THEN 'dead'
                     ELSE 'failed' END AS outcome
           FROM input i JOIN herald.outbox o ON o.id = i.id
@@ -380,7 +383,7 @@ BEGIN
                message_id = coalesce(j.new_message_id, o.message_id),
                response = coalesce(j.new_response, o.response),
                last_error = CASE WHEN j.ok THEN o.last_error ELSE j.error END,
-               done_at = CASE WHEN j.outcome IN ('done', 'failed', 'dead') THEN now() END,
+               done_at = CASE WHEN j.outcome IN ('done', 'failed', 'dead', 'cancelled') THEN now() END,
                updated_at = now()
           FROM job j
          WHERE o.workspace_id = j.workspace_id AND o.id = j.id
@@ -391,7 +394,7 @@ BEGIN
         SELECT j.workspace_id, j.id, j.kind, CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
                j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.variation, j.node, j.dedupe_key, j.new_message_id,
                CASE WHEN NOT j.ok THEN j.error END, j.attempt
-          FROM job j WHERE j.outcome <> 'pending'
+          FROM job j WHERE j.outcome IN ('done', 'failed', 'dead')
         RETURNING 1
     ), cache AS (
         INSERT INTO herald.decide_cache (workspace_id, request_hash, reply, expires_at)
@@ -428,7 +431,8 @@ BEGIN
     ), counted_b AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
         SELECT j.workspace_id, j.broadcast_id, coalesce(j.variation, 'default'),
-               CASE j.outcome WHEN 'done' THEN 'sent' WHEN 'failed' THEN 'failed' WHEN 'dead' THEN 'dead' ELSE 'retried' END,
+               CASE j.outcome WHEN 'done' THEN 'sent' WHEN 'failed' THEN 'failed' WHEN 'dead' THEN 'dead'
+                              WHEN 'cancelled' THEN 'cancelled' ELSE 'retried' END,
                count(*)
           FROM job j WHERE j.broadcast_id IS NOT NULL
          GROUP BY 1, 2, 3, 4
@@ -467,10 +471,17 @@ SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
     WITH reaped AS (
         UPDATE herald.outbox o
-           SET status = CASE WHEN o.attempt >= o.max_attempts THEN 'dead' ELSE 'pending' END,
+           -- a broadcast paused (or cancelled) meanwhile keeps its job out of claim's reach
+           SET status = CASE WHEN o.attempt >= o.max_attempts THEN 'dead'
+                             ELSE CASE (SELECT b.status FROM herald.broadcasts b
+                                         WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id)
+                                      WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'cancelled' ELSE 'pending' END END,
                last_error = coalesce(o.last_error || '; ', '') || 'lease of ' || coalesce(o.leased_by, '?') || ' expired',
                leased_by = NULL, lease_until = NULL, updated_at = now(),
-               done_at = CASE WHEN o.attempt >= o.max_attempts THEN now() END
+               done_at = CASE WHEN o.attempt >= o.max_attempts
+                                OR (SELECT b.status FROM herald.broadcasts b
+                                     WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id) = 'cancelled'
+                              THEN now() END
          WHERE o.status = 'leased' AND o.lease_until < now()
         RETURNING 1
     )

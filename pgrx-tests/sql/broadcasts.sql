@@ -178,3 +178,23 @@ SELECT email, reason FROM herald.suppressions WHERE workspace_id = 'b1' AND emai
 SELECT email, kind, payload FROM herald.events WHERE workspace_id = 'b1' AND kind = 'email.bounced' ORDER BY id;
 SELECT herald.record_feedback('{"kind": "opened"}');
 SELECT herald.record_feedback('[{"kind": "liked", "workspace": "b1", "email": "p1@example.com"}]');
+-- a job in flight when its broadcast is paused: an expired lease or a retryable failure comes back held,
+-- not claimable; after cancel, cancelled
+SELECT herald.create_broadcast('b1', '{"name": "Flight", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com", "p3@example.com"]}}}') AS flight \gset
+SELECT herald.schedule_broadcast(:flight);
+SELECT herald.advance_broadcasts() AS read;
+UPDATE herald.outbox SET status = 'cancelled' WHERE status = 'pending' AND broadcast_id <> :flight;
+SELECT count(*) AS claimed FROM herald.claim('t', 10, '1 millisecond');
+SELECT herald.pause_broadcast(:flight);
+SELECT pg_sleep(0.01), herald.reap() AS reaped;
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
+SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 10);
+SELECT herald.resume_broadcast(:flight);
+SELECT count(*) AS claimed FROM herald.claim('t', 10);
+SELECT herald.pause_broadcast(:flight);
+SELECT herald.complete((SELECT jsonb_agg(jsonb_build_object('id', o.id, 'ok', false, 'retryable', true, 'error', '451 later'))
+                          FROM herald.outbox o WHERE o.broadcast_id = :flight AND o.status = 'leased')) AS applied;
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
+SELECT herald.cancel_broadcast(:flight);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
+SELECT * FROM herald.broadcast_stats(:flight);
