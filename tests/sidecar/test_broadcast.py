@@ -1,6 +1,7 @@
 """Broadcasts through `herald run` to a real SMTP server, and the HTTP side (unsubscribe, tracking,
 provider events) through real HTTP requests to the daemon."""
 
+import base64
 import html as htmllib
 import json
 import re
@@ -102,6 +103,15 @@ def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
     assert request(f"{base}/c/{pixel.rsplit('/', 1)[1]}")[0] == 400, "an open token is not a click token"
     assert request(f"{base}/u/forged.token", method="POST", body=b"List-Unsubscribe=One-Click")[0] == 400
     assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    # a forged pixel still answers with the GIF (mail clients never see an error) but records nothing
+    status, headers, body = request(f"{base}/o/{body_part}.{sig[:-2]}xx")
+    assert status == 200 and headers["Content-Type"] == "image/gif" and body.startswith(b"GIF89a")
+    # an unsubscribe token whose claims were swapped (another recipient, same signature) is refused
+    forged = base64.urlsafe_b64encode(json.dumps({"p": "u", "w": "acme", "e": "r2@example.com", "k": "x"})
+                                      .encode()).rstrip(b"=").decode()
+    assert request(f"{base}/u/{forged}.{unsub.rsplit('.', 1)[1]}", method="POST",
+                   body=b"List-Unsubscribe=One-Click")[0] == 400
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind LIKE 'email.%' OR kind = 'list.unsubscribed'") == 2
 
     # GET shows a confirmation page and changes nothing; POST unsubscribes
     status, _, page = request(unsub)

@@ -687,6 +687,40 @@ mod tests {
     }
 
     #[test]
+    fn http_side_settings_go_together_and_hide_their_secrets() {
+        let full = [
+            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
+            ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+            ("HERALD_EVENTS_TOKEN", "provider-token-x"),
+        ];
+        let c = Config::from_map(&map(&full)).unwrap();
+        let h = c.http.as_ref().expect("the HTTP side is on");
+        assert_eq!(h.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(h.public_url, "https://mail.acme.test");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sixteen-chars-ok") && !shown.contains("provider-token-x"));
+        assert!(Config::from_map(&map(&[])).unwrap().http.is_none());
+        // any one of the three alone (or two of them) is refused, naming all three
+        for (k, v) in &full[..3] {
+            let e = Config::from_map(&map(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains("set all three or none"), "{e}");
+        }
+        for (k, v) in [
+            ("HERALD_HTTP_ADDR", "localhost"),
+            ("HERALD_PUBLIC_URL", "mail.acme.test"),
+            ("HERALD_PUBLIC_URL", "ftp://mail.acme.test"),
+            ("HERALD_LINK_SECRET", "short"),
+        ] {
+            let mut m = map(&full);
+            m.insert(k.to_string(), v.to_string());
+            let e = Config::from_map(&m).unwrap_err().to_string();
+            assert!(e.starts_with(k), "{e}");
+            assert!(!e.contains("short"), "the secret is not echoed: {e}");
+        }
+    }
+
+    #[test]
     fn toml_file() {
         let m = parse_toml(
             "HERALD_CONCURRENCY = 8\nherald_from = \"x <x@y.z>\"\nHERALD_WEBHOOK_ALLOW = [\"127.0.0.1\", \"10.0.0.0/8\"]\nHERALD_SMTP_URL_DEFAULT = \"smtp://h\"\n",
