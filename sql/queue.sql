@@ -567,7 +567,7 @@ BEGIN
     SELECT x.id INTO v_contact FROM created x;
     IF v_contact IS NULL THEN
         SELECT c.id INTO v_contact FROM herald.contacts c
-         WHERE c.workspace_id = workspace AND c.email = herald._normalize_email(send.email);
+         WHERE c.email = herald._normalize_email(send.email) AND c.workspace_id IS NOT DISTINCT FROM workspace;   -- see contacts' unique index
     END IF;
 
     INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
