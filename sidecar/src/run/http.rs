@@ -136,7 +136,7 @@ pub async fn serve(listener: TcpListener, side: HttpSide, db: Config, shutdown: 
 async fn handle(mut stream: TcpStream, side: &HttpSide, db: &Db) {
     let response = match read_request(&mut stream).await {
         Ok(req) => route(&req, side, db).await,
-        Err(status) => Response::text(status, "bad request\n"),
+        Err((status, why)) => Response::text(status, format!("{why}\n")),
     };
     let mut head = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
@@ -153,7 +153,8 @@ async fn handle(mut stream: TcpStream, side: &HttpSide, db: &Db) {
     let _ = stream.shutdown().await;
 }
 
-async fn read_request(stream: &mut TcpStream) -> Result<Request, &'static str> {
+/// `Err((status, why))` for requests this small server does not take.
+async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, &'static str)> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -161,10 +162,13 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, &'static str> {
             break i;
         }
         if buf.len() > MAX_HEAD {
-            return Err("431 Request Header Fields Too Large");
+            return Err((
+                "431 Request Header Fields Too Large",
+                "the request head is over 16 KiB",
+            ));
         }
         match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err("400 Bad Request"),
+            Ok(0) | Err(_) => return Err(("400 Bad Request", "incomplete request head")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
@@ -180,18 +184,35 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, &'static str> {
             continue;
         };
         match name.trim().to_ascii_lowercase().as_str() {
-            "content-length" => length = value.trim().parse().map_err(|_| "400 Bad Request")?,
+            "content-length" => {
+                length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| ("400 Bad Request", "Content-Length is not a number"))?
+            }
             "authorization" => authorization = Some(value.trim().to_string()),
+            // a chunked body would otherwise read as empty and be refused as "not JSON"
+            "transfer-encoding" if !value.trim().eq_ignore_ascii_case("identity") => {
+                return Err((
+                    "411 Length Required",
+                    "chunked bodies are not accepted; send the body with Content-Length",
+                ))
+            }
             _ => {}
         }
     }
     if length > MAX_BODY {
-        return Err("413 Payload Too Large");
+        return Err((
+            "413 Payload Too Large",
+            "the body is over 1 MiB; send fewer events per request",
+        ));
     }
     let mut body = buf[head_end + 4..].to_vec();
     while body.len() < length {
         match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err("400 Bad Request"),
+            Ok(0) | Err(_) => {
+                return Err(("400 Bad Request", "body shorter than its Content-Length"))
+            }
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
     }
@@ -211,7 +232,7 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
     let (head, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match (req.method.as_str(), head) {
         ("GET", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
-            Ok(c) => Response::html("200 OK", confirm_page(&c, rest)),
+            Ok(c) => Response::html("200 OK", confirm_page(&c)),
             Err(e) => Response::text("400 Bad Request", format!("{e}\n")),
         },
         ("POST", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
@@ -432,15 +453,15 @@ fn page(title: &str, text: &str) -> String {
 }
 
 /// GET never unsubscribes (link scanners follow links); the button does, with the RFC 8058 body.
-fn confirm_page(c: &Claims, token: &str) -> String {
+/// The form has no action: it posts back to the URL it was shown at (also behind a path prefix).
+fn confirm_page(c: &Claims) -> String {
     page(
         "Unsubscribe",
         &format!(
-            "Stop emails to {}?</p><form method=\"post\" action=\"/u/{}\">\
+            "Stop emails to {}?</p><form method=\"post\">\
              <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
              <button type=\"submit\">Unsubscribe</button></form><p>",
-            escape(&c.email),
-            escape(token)
+            escape(&c.email)
         ),
     )
 }
