@@ -160,7 +160,9 @@ def test_provider_events_suppress_bounces_and_complaints(db, smtp, sidecar):
         {"email": "r2@example.com", "event": "spamreport", "smtp-id": mid["r2@example.com"]},
         {"email": "r3@example.com", "event": "delivered", "smtp-id": mid["r3@example.com"]},
     ]).encode()
-    status, _, body = request(f"{base}/events/sendgrid", "POST", sendgrid, auth)
+    # SendGrid can only put credentials into the webhook URL: Basic auth with the token as password
+    basic = {**auth, "Authorization": "Basic " + base64.b64encode(f"sendgrid:{EVENTS_TOKEN}".encode()).decode()}
+    status, _, body = request(f"{base}/events/sendgrid", "POST", sendgrid, basic)
     assert status == 200 and json.loads(body) == {"received": 1, "recorded": 1}
     assert request(f"{base}/events/generic", "POST", b"not json", auth)[0] == 400
     # a chunked body is refused by name rather than read as empty

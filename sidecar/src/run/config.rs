@@ -94,7 +94,8 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub link_secret: Option<String>,
-    /// Bearer token providers must send to POST /events/…; without it those endpoints answer 404.
+    /// Token providers must send to POST /events/… (Authorization: Bearer <token>, or Basic with the
+    /// token as password); without it those endpoints answer 404.
     #[arg(
         long,
         value_name = "TOKEN",

@@ -8,8 +8,9 @@
 //!   POST /events/sendgrid  the same from SendGrid's event webhook (an array of events)
 //!
 //! Tokens are signed (`links.rs`): a forged or altered one is refused and records nothing. The
-//! provider endpoints need `Authorization: Bearer <HERALD_EVENTS_TOKEN>`. Every request records its
-//! facts with ONE `herald.record_feedback` call. A tiny HTTP/1.1 server, one request per connection.
+//! provider endpoints need `Authorization: Bearer <HERALD_EVENTS_TOKEN>` (or Basic with the token as
+//! password). Every request records its facts with ONE `herald.record_feedback` call. A tiny
+//! HTTP/1.1 server, one request per connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -304,13 +305,11 @@ async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) 
             "provider events are off (no HERALD_EVENTS_TOKEN)\n",
         );
     };
-    let given = req
-        .authorization
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), token.0.as_bytes()) {
-        return Response::text("401 Unauthorized", "missing or wrong bearer token\n");
+    if !authorized(req.authorization.as_deref(), token.0.as_bytes()) {
+        return Response::text(
+            "401 Unauthorized",
+            "missing or wrong token (Authorization: Bearer <token>, or Basic with the token as password)\n",
+        );
     }
     let Ok(body) = serde_json::from_slice::<Json>(&req.body) else {
         return Response::text("400 Bad Request", "the body is not JSON\n");
@@ -426,6 +425,29 @@ pub fn sendgrid_events(body: &Json) -> Result<Vec<Json>, String> {
         .collect())
 }
 
+/// `Bearer <token>`, or `Basic base64(<any user>:<token>)` for providers that can only put
+/// credentials into the webhook URL (SendGrid's `https://user:token@host/events/sendgrid`).
+fn authorized(header: Option<&str>, token: &[u8]) -> bool {
+    use base64::Engine as _;
+    let Some((scheme, value)) = header.and_then(|h| h.trim().split_once(' ')) else {
+        return false;
+    };
+    let given = match scheme.to_ascii_lowercase().as_str() {
+        "bearer" => value.trim().as_bytes().to_vec(),
+        "basic" => {
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(value.trim()) else {
+                return false;
+            };
+            match raw.iter().position(|&b| b == b':') {
+                Some(i) => raw[i + 1..].to_vec(),
+                None => return false,
+            }
+        }
+        _ => return false,
+    };
+    constant_time_eq(&given, token)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -506,6 +528,25 @@ mod tests {
         );
         assert_eq!(e[0]["message_id"], "<1@herald>");
         assert!(sendgrid_events(&json!({})).is_err());
+    }
+
+    #[test]
+    fn provider_credentials_bearer_or_basic_password() {
+        let t = b"provider-token";
+        assert!(authorized(Some("Bearer provider-token"), t));
+        assert!(authorized(Some("bearer provider-token "), t));
+        // base64("sendgrid:provider-token")
+        assert!(authorized(
+            Some("Basic c2VuZGdyaWQ6cHJvdmlkZXItdG9rZW4="),
+            t
+        ));
+        // base64("provider-token:x"): the token as user name is not the password
+        assert!(!authorized(Some("Basic cHJvdmlkZXItdG9rZW46eA=="), t));
+        assert!(!authorized(Some("Basic !!!"), t));
+        assert!(!authorized(Some("Bearer provider-toke"), t));
+        assert!(!authorized(Some("Token provider-token"), t));
+        assert!(!authorized(Some("provider-token"), t));
+        assert!(!authorized(None, t));
     }
 
     #[test]
