@@ -195,8 +195,9 @@ END
 $$;
 
 -- The contacts of a broadcast's audience after `after` (contact id), in id order, at most `lim`.
--- Lists and suppressions are index probes; segment and exclude run the condition language (Rust) only
--- on contacts that passed the cheaper tests.
+-- Lists and suppressions are index probes; a segment's attribute equalities are a jsonb containment test
+-- (see broadcast.rs: containment); the condition language (Rust) runs only for what containment cannot
+-- express, and only on contacts that passed the cheaper tests.
 CREATE FUNCTION herald._audience_page(v herald.broadcasts, after bigint, lim int)
 RETURNS TABLE (contact_id bigint, timezone text)
 LANGUAGE sql STABLE
@@ -214,7 +215,9 @@ BEGIN ATOMIC
             OR EXISTS (SELECT 1 FROM herald.outbox o
                         WHERE o.workspace_id = c.workspace_id AND o.broadcast_id = v.retry_of
                           AND o.status IN ('failed', 'dead') AND o.contact_id = c.id))
-       AND (v.definition -> 'segment' = 'null'
+       -- what of the segment SQL can test (attribute equalities) first, the condition engine only if needed
+       AND (coalesce(v.definition -> 'segment_contains', 'null') = 'null' OR c.attributes @> (v.definition -> 'segment_contains'))
+       AND (v.definition -> 'segment' = 'null' OR coalesce((v.definition ->> 'segment_exact')::boolean, false)
             OR herald._matches(v.definition -> 'segment', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
        AND (v.definition -> 'exclude' = 'null'
             OR NOT herald._matches(v.definition -> 'exclude', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))

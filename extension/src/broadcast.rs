@@ -110,10 +110,13 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
     if !faults.is_empty() {
         return Err(faults);
     }
+    let (segment_contains, segment_exact) = containment(&segment);
     Ok(json!({
         "name": name,
         "lists": lists,
         "segment": segment,
+        "segment_contains": segment_contains,
+        "segment_exact": segment_exact,
         "exclude": exclude,
         "variations": variations,
         "ab_test": ab_test,
@@ -122,6 +125,44 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
         "send_at": send_at,
         "variables": variables,
     }))
+}
+
+/// What of a segment SQL can test itself: `contact.<attribute> eq <string or boolean>` leaves, alone or
+/// under `all`, become one jsonb containment object (`attributes @> {...}` — a C-level test, no call into
+/// Rust per contact). `exact` says the object is the whole segment, so the condition engine need not run
+/// at all; otherwise it still runs, on the contacts the containment let through. Strings and booleans
+/// only: `eq` compares numbers numerically, which containment does not. email, timezone and tags are not
+/// attributes (the contact's own columns), so they stay with the condition engine.
+pub fn containment(segment: &Value) -> (Value, bool) {
+    fn leaf(v: &Value) -> Option<(&str, &Value)> {
+        let attr = v.get("field")?.as_str()?.strip_prefix("contact.")?;
+        let value = v.get("value")?;
+        (v.get("op")?.as_str()? == "eq"
+            && !attr.contains('.')
+            && !["email", "timezone", "tags"].contains(&attr)
+            && (value.is_string() || value.is_boolean()))
+        .then_some((attr, value))
+    }
+    let children: Vec<&Value> = match segment.get("all").and_then(Value::as_array) {
+        Some(items) => items.iter().collect(),
+        None if segment.is_object() => vec![segment],
+        None => return (Value::Null, false),
+    };
+    let mut map = Map::new();
+    let mut exact = true;
+    for c in children {
+        match leaf(c) {
+            Some((attr, value)) if map.get(attr).is_none_or(|v| v == value) => {
+                map.insert(attr.to_string(), value.clone());
+            }
+            _ => exact = false,
+        }
+    }
+    if map.is_empty() {
+        (Value::Null, false)
+    } else {
+        (Value::Object(map), exact)
+    }
 }
 
 /// `{lists?: [name], segment?: condition, exclude?: condition}`; `{}` or absent = every contact.
@@ -462,6 +503,48 @@ mod tests {
         );
         assert_eq!(p, vec!["$.ab_test"]);
         assert!(validate(&json!("nope")).is_err());
+    }
+
+    #[test]
+    fn segments_become_containment_where_sql_can_test_them() {
+        let c = |v: Value| containment(&v);
+        assert_eq!(
+            c(json!({"field": "contact.plan", "op": "eq", "value": "pro"})),
+            (json!({"plan": "pro"}), true)
+        );
+        assert_eq!(
+            c(
+                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                             {"field": "contact.vip", "op": "eq", "value": true}]})
+            ),
+            (json!({"plan": "pro", "vip": true}), true)
+        );
+        // partly: the engine still runs on what containment lets through
+        assert_eq!(
+            c(
+                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                             {"field": "contact.age", "op": "gt", "value": 30}]})
+            ),
+            (json!({"plan": "pro"}), false)
+        );
+        // numbers compare numerically, email is a column, any/not are not containment
+        for v in [
+            json!({"field": "contact.age", "op": "eq", "value": 30}),
+            json!({"field": "contact.email", "op": "eq", "value": "a@x.example"}),
+            json!({"any": [{"field": "contact.plan", "op": "eq", "value": "pro"}]}),
+            json!({"field": "contact.address.city", "op": "eq", "value": "Paris"}),
+            Value::Null,
+        ] {
+            assert_eq!(c(v.clone()), (Value::Null, false), "{v}");
+        }
+        // a contradiction is left to the engine
+        assert_eq!(
+            c(
+                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                             {"field": "contact.plan", "op": "eq", "value": "free"}]})
+            ),
+            (json!({"plan": "pro"}), false)
+        );
     }
 
     #[test]
