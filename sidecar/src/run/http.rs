@@ -29,6 +29,8 @@ use super::pg;
 
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
+/// Connections handled at once (each holds at most MAX_HEAD + MAX_BODY and one query in flight).
+const MAX_CONNECTIONS: usize = 512;
 /// A transparent 1×1 GIF.
 const PIXEL: &[u8] = &[
     0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
@@ -110,7 +112,13 @@ pub async fn serve(listener: TcpListener, side: HttpSide, db: Config, shutdown: 
         config: db,
         client: Mutex::new(None),
     });
+    // bounded: a flood of (slow) connections waits in the listen backlog instead of growing tasks
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -124,6 +132,7 @@ pub async fn serve(listener: TcpListener, side: HttpSide, db: Config, shutdown: 
         };
         let (side, db) = (Arc::clone(&side), Arc::clone(&db));
         tokio::spawn(super::in_current_dispatch(async move {
+            let _slot = slot;
             if tokio::time::timeout(Duration::from_secs(30), handle(stream, &side, &db))
                 .await
                 .is_err()
