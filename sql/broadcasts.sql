@@ -211,10 +211,12 @@ BEGIN ATOMIC
                         WHERE m.workspace_id = c.workspace_id AND m.contact_id = c.id AND m.status = 'subscribed'
                           AND m.list IN (SELECT jsonb_array_elements_text(v.definition -> 'lists'))))
        AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
+       -- resend_failed: the failed recipients, read once per page (a set the contacts are tested against,
+       -- not a probe per contact through every failed job of the broadcast)
        AND (v.retry_of IS NULL
-            OR EXISTS (SELECT 1 FROM herald.outbox o
-                        WHERE o.workspace_id = c.workspace_id AND o.broadcast_id = v.retry_of
-                          AND o.status IN ('failed', 'dead') AND o.contact_id = c.id))
+            OR c.id IN (SELECT o.contact_id FROM herald.outbox o
+                         WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.retry_of
+                           AND o.status IN ('failed', 'dead')))
        -- what of the segment SQL can test (attribute equalities) first, the condition engine only if needed
        AND (coalesce(v.definition -> 'segment_contains', 'null') = 'null' OR c.attributes @> (v.definition -> 'segment_contains'))
        AND (v.definition -> 'segment' = 'null' OR coalesce((v.definition ->> 'segment_exact')::boolean, false)

@@ -130,13 +130,17 @@ struct Href {
 }
 
 /// The next `href=` attribute (case-insensitive) followed by a quoted value.
+/// Scans the bytes in place: called once per link, so copying (lower-casing) the rest of the body on
+/// every call would make a long message quadratic.
 fn find_href(s: &str) -> Option<Href> {
-    let lower = s.to_ascii_lowercase();
+    let bytes = s.as_bytes();
     let mut from = 0;
-    while let Some(i) = lower[from..].find("href") {
+    while let Some(i) = bytes[from..]
+        .windows(4)
+        .position(|w| w.eq_ignore_ascii_case(b"href"))
+    {
         let start = from + i;
         let mut j = start + 4;
-        let bytes = s.as_bytes();
         while j < bytes.len() && bytes[j].is_ascii_whitespace() {
             j += 1;
         }
