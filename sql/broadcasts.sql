@@ -55,6 +55,16 @@ BEGIN
 END
 $$;
 
+-- Per variation key, the payload of its jobs (claim adds the recipient): the template, the provider and
+-- the variables {{ broadcast.* }} renders.
+CREATE FUNCTION herald._broadcast_payloads(id bigint, name text, definition jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN (SELECT jsonb_object_agg(x ->> 'key', jsonb_build_object(
+                   'template', x ->> 'template', 'provider', definition ->> 'provider',
+                   'broadcast_id', id, 'variation', x ->> 'key',
+                   'broadcast', (definition -> 'variables') || jsonb_build_object('id', id, 'name', name, 'variation', x ->> 'key')))
+          FROM jsonb_array_elements(definition -> 'variations') x);
+
 -- Locks a broadcast for a state change; raises a clear error when it does not exist.
 CREATE FUNCTION herald._lock_broadcast(broadcast bigint) RETURNS herald.broadcasts
 LANGUAGE plpgsql
@@ -97,6 +107,8 @@ BEGIN
     INSERT INTO herald.broadcasts (workspace_id, name, definition, phase)
     VALUES (workspace, v_def ->> 'name', v_def, CASE WHEN v_def -> 'ab_test' <> 'null' THEN 'test' ELSE 'all' END)
     RETURNING id INTO v_id;
+    UPDATE herald.broadcasts b SET payloads = herald._broadcast_payloads(b.id, b.name, b.definition)
+     WHERE b.workspace_id = workspace AND b.id = v_id;
     IF v_def -> 'rate_per_second' <> 'null' THEN
         INSERT INTO herald.rate_limits (key, per_second) VALUES ('broadcast:' || v_id, (v_def ->> 'rate_per_second')::int);
     END IF;
@@ -194,37 +206,64 @@ BEGIN
 END
 $$;
 
--- The contacts of a broadcast's audience after `after` (contact id), in id order, at most `lim`.
--- Lists and suppressions are index probes; a segment's attribute equalities are a jsonb containment test
--- (see broadcast.rs: containment); the condition language (Rust) runs only for what containment cannot
--- express, and only on contacts that passed the cheaper tests.
-CREATE FUNCTION herald._audience_page(v herald.broadcasts, after bigint, lim int)
+-- The contacts of an audience after `after` (contact id), in id order, at most `lim`. Each filter is
+-- given as a plain value (NULL: no such filter), so a contact costs only the tests that apply: lists and
+-- suppressions are index probes, a segment's attribute equalities a jsonb containment test (see
+-- broadcast.rs: containment), and the condition language (Rust) runs only for what containment cannot
+-- express, on contacts that passed the cheaper tests.
+CREATE FUNCTION herald._audience(workspace text, after bigint, lim int, lists text[], segment_contains jsonb,
+                                 segment jsonb, exclude jsonb, failed_of bigint)
 RETURNS TABLE (contact_id bigint, timezone text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
     SELECT c.id, c.timezone
       FROM herald.contacts c
-     WHERE c.workspace_id = v.workspace_id AND c.id > after
-       AND (jsonb_array_length(v.definition -> 'lists') = 0
+     WHERE c.workspace_id = workspace AND c.id > after
+       AND (lists IS NULL
             OR EXISTS (SELECT 1 FROM herald.list_members m
                         WHERE m.workspace_id = c.workspace_id AND m.contact_id = c.id AND m.status = 'subscribed'
-                          AND m.list IN (SELECT jsonb_array_elements_text(v.definition -> 'lists'))))
+                          AND m.list = ANY (lists)))
        AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
        -- resend_failed: the failed recipients, read once per page (a set the contacts are tested against,
        -- not a probe per contact through every failed job of the broadcast)
-       AND (v.retry_of IS NULL
+       AND (failed_of IS NULL
             OR c.id IN (SELECT o.contact_id FROM herald.outbox o
-                         WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.retry_of
-                           AND o.status IN ('failed', 'dead')))
-       -- what of the segment SQL can test (attribute equalities) first, the condition engine only if needed
-       AND (coalesce(v.definition -> 'segment_contains', 'null') = 'null' OR c.attributes @> (v.definition -> 'segment_contains'))
-       AND (v.definition -> 'segment' = 'null' OR coalesce((v.definition ->> 'segment_exact')::boolean, false)
-            OR herald._matches(v.definition -> 'segment', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
-       AND (v.definition -> 'exclude' = 'null'
-            OR NOT herald._matches(v.definition -> 'exclude', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+                         WHERE o.broadcast_id = failed_of AND o.status IN ('failed', 'dead')))
+       AND (segment_contains IS NULL OR c.attributes @> segment_contains)
+       AND (segment IS NULL
+            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+       AND (exclude IS NULL
+            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
      ORDER BY c.id
      LIMIT lim;
+END;
+
+-- A broadcast definition's audience filters as _audience takes them (computed once per call, not once
+-- per contact).
+CREATE FUNCTION herald._audience_filters(v herald.broadcasts,
+                                         OUT lists text[], OUT segment_contains jsonb, OUT segment jsonb, OUT exclude jsonb)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT CASE WHEN jsonb_array_length(v.definition -> 'lists') > 0
+                THEN ARRAY(SELECT jsonb_array_elements_text(v.definition -> 'lists')) END,
+           nullif(v.definition -> 'segment_contains', 'null'),
+           -- a segment that containment expresses whole needs no condition engine
+           CASE WHEN NOT coalesce((v.definition ->> 'segment_exact')::boolean, false)
+                THEN nullif(v.definition -> 'segment', 'null') END,
+           nullif(v.definition -> 'exclude', 'null');
+END;
+
+-- A broadcast's audience page (what _enqueue_chunk reads; also handy to inspect an audience).
+CREATE FUNCTION herald._audience_page(v herald.broadcasts, after bigint, lim int)
+RETURNS TABLE (contact_id bigint, timezone text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT a.contact_id, a.timezone
+      FROM herald._audience_filters(v) f,
+           herald._audience(v.workspace_id, after, lim, f.lists, f.segment_contains, f.segment, f.exclude, v.retry_of) a;
 END;
 
 -- Which share a contact belongs to, from a hash of (broadcast, contact): stable across retries and
@@ -235,8 +274,12 @@ RETURN ((hashtextextended(salt || ':' || broadcast::text || ':' || contact::text
         / 9007199254740992.0) * 100;
 
 -- Enqueues one chunk (at most `lim` contacts) of a broadcast in its current phase: ONE statement that
--- inserts the jobs (ON CONFLICT on the dedupe key: nobody twice), moves the cursor past the chunk, counts
--- them and appends the 'queued' deltas. Returns the contacts read (0 = the phase's audience is done).
+-- inserts the jobs, moves the cursor past the chunk, counts them and appends the 'queued' deltas.
+-- Returns the contacts read (0 = the phase's audience is done). Nobody is enqueued twice: the cursor
+-- moves in the statement that inserts (a crash repeats nothing), the broadcast row is locked by the
+-- caller (one advancer at a time), and outbox_broadcast_idx is unique on (broadcast, contact).
+-- A row carries ids, not the payload or rate keys: claim takes them from broadcasts.payloads and
+-- herald._job_rate_keys.
 CREATE FUNCTION herald._enqueue_chunk(v herald.broadcasts, lim int) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -245,53 +288,46 @@ AS $$
 DECLARE
     v_read int;
     v_test float8 := coalesce((v.definition -> 'ab_test' ->> 'test_percent')::float8, 0);
-    -- per variation, computed once per chunk: its key, the lower bound of its bucket range, and the
-    -- whole job payload, so no row builds JSON
+    -- per variation, computed once per chunk: its key and the lower bound of its bucket range
     v_keys text[];
     v_bounds float8[];
-    v_payloads jsonb[];
-    v_rate_keys text[] := ARRAY[herald._provider_rate_key(v.workspace_id, v.definition ->> 'provider'),
-                                'provider:' || (v.definition ->> 'provider'), 'broadcast:' || v.id];
     v_local time := (v.definition -> 'send_at' ->> 'local_time')::time;
+    v_audience record;
 BEGIN
-    SELECT array_agg(x.value ->> 'key' ORDER BY x.ord),
-           array_agg(x.lower ORDER BY x.ord),
-           array_agg(jsonb_build_object(
-                         'template', x.value ->> 'template', 'provider', v.definition ->> 'provider',
-                         'broadcast_id', v.id, 'variation', x.value ->> 'key',
-                         'broadcast', (v.definition -> 'variables')
-                                      || jsonb_build_object('id', v.id, 'name', v.name, 'variation', x.value ->> 'key'))
-                     ORDER BY x.ord)
-      INTO v_keys, v_bounds, v_payloads
+    SELECT a.* INTO v_audience FROM herald._audience_filters(v) a;
+    SELECT array_agg(x.value ->> 'key' ORDER BY x.ord), array_agg(x.lower ORDER BY x.ord)
+      INTO v_keys, v_bounds
       FROM (SELECT e.value, e.ord,
                    coalesce(sum((e.value ->> 'weight')::float8)
                                 OVER (ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS lower
               FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY e(value, ord)) x;
 
     WITH page AS MATERIALIZED (
-        SELECT a.contact_id, a.timezone FROM herald._audience_page(v, v.cursor, lim) a
+        SELECT a.contact_id, a.timezone
+          FROM herald._audience(v.workspace_id, v.cursor, lim, v_audience.lists, v_audience.segment_contains,
+                                v_audience.segment, v_audience.exclude, v.retry_of) a
     ), chosen AS (
         -- test phase: the test share, split by weight; rest: the others, the winner; all: split by weight
         SELECT p.contact_id, p.timezone,
                CASE WHEN v.phase = 'rest' THEN array_position(v_keys, v.winner)
+                    WHEN cardinality(v_keys) = 1 THEN 1
                     ELSE width_bucket(herald._broadcast_bucket(v.id, p.contact_id, 'variation'), v_bounds) END AS slot
           FROM page p
          WHERE v.phase = 'all'
             OR (v.phase = 'test' AND herald._broadcast_bucket(v.id, p.contact_id, 'test') < v_test)
             OR (v.phase = 'rest' AND herald._broadcast_bucket(v.id, p.contact_id, 'test') >= v_test)
     ), queued AS (
-        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
+        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, contact_id,
                                         broadcast_id, variation, payload, run_at)
         SELECT v.workspace_id, 'email', 2, 'b:' || v.id || ':' || ch.contact_id, v.definition ->> 'provider',
-               v_rate_keys, ch.contact_id, v.id, v_keys[ch.slot], v_payloads[ch.slot],
+               ch.contact_id, v.id, v_keys[ch.slot], '{}',
                CASE WHEN v_local IS NULL THEN now() ELSE (
                         -- the next time the recipient's clock shows local_time (UTC without a zone)
                         SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
                           FROM (SELECT ((now() AT TIME ZONE coalesce(ch.timezone, 'UTC'))::date + v_local)
                                        AT TIME ZONE coalesce(ch.timezone, 'UTC') AS t) l) END
           FROM chosen ch
-         ORDER BY ch.contact_id
-        ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO NOTHING
+        ON CONFLICT (broadcast_id, contact_id) WHERE broadcast_id IS NOT NULL DO NOTHING
         RETURNING o.variation
     ), counted AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
@@ -454,6 +490,8 @@ BEGIN
                     'weight', 100))),
             'all', v.id, 'scheduled', now())
     RETURNING id INTO v_id;
+    UPDATE herald.broadcasts b SET payloads = herald._broadcast_payloads(b.id, b.name, b.definition)
+     WHERE b.workspace_id = v.workspace_id AND b.id = v_id;
     PERFORM pg_notify('herald.tick', '');
     RETURN v_id;
 END

@@ -77,6 +77,13 @@ CREATE FUNCTION herald._provider_rate_key(workspace text, provider text) RETURNS
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 'workspace_provider:' || workspace || '/' || provider;
 
+-- The rate limits a job counts against. A broadcast's rows store none (a 1,000,000-recipient broadcast
+-- would store the same three keys a million times): theirs follow from the row.
+CREATE FUNCTION herald._job_rate_keys(rate_keys text[], workspace text, provider text, broadcast bigint) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN broadcast IS NULL THEN rate_keys
+            ELSE ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider, 'broadcast:' || broadcast] END;
+
 -- Limits shared by all workspaces: 'provider:<name>' or 'host:<webhook host>'. per_second NULL removes it.
 CREATE FUNCTION herald.set_rate_limit(key text, per_second int) RETURNS void
 LANGUAGE plpgsql
@@ -180,7 +187,9 @@ BEGIN
                row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
           FROM workspaces w
           CROSS JOIN LATERAL (
-              SELECT o.workspace_id, o.id, o.priority, o.run_at, o.rate_keys FROM herald.outbox o
+              SELECT o.workspace_id, o.id, o.priority, o.run_at,
+                     herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id) AS rate_keys
+                FROM herald.outbox o
                WHERE o.workspace_id = w.workspace_id AND o.status = 'pending' AND o.run_at <= now()
                ORDER BY o.priority, o.run_at
                -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
@@ -260,7 +269,7 @@ BEGIN
                    row_number() OVER (PARTITION BY k ORDER BY u.ord) AS n
               FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
               JOIN herald.outbox o ON o.id = u.id
-             CROSS JOIN LATERAL unnest(o.rate_keys) k
+             CROSS JOIN LATERAL unnest(herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id)) k
              WHERE k = ANY (v_keys)
         ), refused AS (
             SELECT DISTINCT w.id FROM wanted w JOIN room r ON r.key = w.key WHERE w.n > r.free
@@ -271,7 +280,8 @@ BEGIN
 
         INSERT INTO herald.rate_grants (key, granted_at, n)
         SELECT k, v_now, count(*)
-          FROM herald.outbox o CROSS JOIN LATERAL unnest(o.rate_keys) k
+          FROM herald.outbox o
+         CROSS JOIN LATERAL unnest(herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id)) k
          WHERE o.id = ANY (coalesce(v_ids, '{}')) AND k = ANY (v_keys)
          GROUP BY k;
         DELETE FROM herald.rate_grants g WHERE g.key = ANY (v_keys) AND g.granted_at < v_now - interval '2 seconds';
@@ -291,7 +301,7 @@ BEGIN
         RETURNING o.*, u.ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
-           l.payload || jsonb_build_object(
+           p.payload || jsonb_build_object(
                'to', c.email,
                'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
                'context', coalesce(e.context, '{}'),
@@ -304,9 +314,12 @@ BEGIN
       FROM leased l
       LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
       LEFT JOIN herald.enrollments e ON e.workspace_id = l.workspace_id AND e.id = l.enrollment_id
+      -- a broadcast's rows carry no payload: its variation's is kept once on the broadcast
+      LEFT JOIN herald.broadcasts b ON b.workspace_id = l.workspace_id AND b.id = l.broadcast_id
+     CROSS JOIN LATERAL (SELECT coalesce(b.payloads -> l.variation, l.payload) AS payload) p
       LEFT JOIN LATERAL (
           SELECT t.* FROM herald.templates t
-           WHERE t.workspace_id = l.workspace_id AND t.key = l.payload ->> 'template'
+           WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
            ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
      ORDER BY l.ord;
 END
@@ -535,10 +548,11 @@ RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     v_contact bigint;
     v_id bigint;
-    v_key text := coalesce(dedupe_key, 'send:' || gen_random_uuid());
+    v_key text := coalesce(send.dedupe_key, 'send:' || gen_random_uuid());
 BEGIN
     PERFORM herald._require_workspace(workspace);
     IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = template) THEN
@@ -552,6 +566,10 @@ BEGIN
     END IF;
     IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_key = '' OR v_key LIKE 'b:%' THEN
+        RAISE EXCEPTION 'dedupe_key % is not allowed', quote_literal(v_key) USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use a non-empty key that does not begin with ''b:'' (reserved for broadcast messages).';
     END IF;
     IF NOT herald._valid_email(herald._normalize_email(email)) THEN
         RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
@@ -574,10 +592,11 @@ BEGIN
     VALUES (workspace, 'email', 0, v_key, provider,
             ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider], v_contact,
             jsonb_build_object('template', template, 'provider', provider, 'variables', context))
-    ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO NOTHING
+    ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO NOTHING
     RETURNING o.id INTO v_id;
     IF v_id IS NULL THEN
-        SELECT o.id INTO v_id FROM herald.outbox o WHERE o.workspace_id = workspace AND o.dedupe_key = v_key;
+        SELECT o.id INTO v_id FROM herald.outbox o
+         WHERE o.workspace_id = workspace AND o.dedupe_key = v_key AND o.broadcast_id IS NULL;
     END IF;
     RETURN v_id;
 END

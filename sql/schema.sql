@@ -171,7 +171,7 @@ CREATE TABLE herald.outbox (
     status        text NOT NULL DEFAULT 'pending'
                   CHECK (status IN ('pending', 'leased', 'done', 'failed', 'dead', 'cancelled', 'held')),
     provider      text,
-    rate_keys     text[] NOT NULL DEFAULT '{}',   -- the rate limits this job counts against
+    rate_keys     text[] NOT NULL DEFAULT '{}',   -- the rate limits this job counts against (a broadcast's: see _job_rate_keys)
     contact_id    bigint,
     automation_id bigint,
     enrollment_id bigint,
@@ -180,7 +180,7 @@ CREATE TABLE herald.outbox (
     node          text,
     on_success    text,                 -- node after success (NULL: the enrollment completes)
     on_error      text,                 -- node after a permanent failure (NULL: the enrollment fails)
-    payload       jsonb NOT NULL,
+    payload       jsonb NOT NULL,       -- '{}' for a broadcast's row: claim uses broadcasts.payloads
     attempt       int NOT NULL DEFAULT 0,
     max_attempts  int NOT NULL DEFAULT 5,
     run_at        timestamptz NOT NULL DEFAULT now(),
@@ -193,16 +193,28 @@ CREATE TABLE herald.outbox (
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     done_at       timestamptz,
-    PRIMARY KEY (workspace_id, id),
-    UNIQUE (workspace_id, dedupe_key)
+    -- the id alone (not (workspace_id, id) as elsewhere): claim and complete find jobs by id, and every
+    -- index costs each job an entry at enqueue and at each non-HOT status change
+    PRIMARY KEY (id)
 );
-CREATE INDEX outbox_id_idx ON herald.outbox (id);
+-- Broadcast rows get only the indexes they need: the primary key, claim's pending index and their own
+-- two below (a 1,000,000-recipient broadcast pays each index a million times). Their dedupe key
+-- 'b:<broadcast>:<contact>' is unique through (broadcast_id, contact_id), two integers, instead of a text
+-- key per row; send() refuses keys beginning with 'b:', so dedupe_key stays unique over all rows.
+CREATE UNIQUE INDEX outbox_dedupe_idx ON herald.outbox (workspace_id, dedupe_key) WHERE broadcast_id IS NULL;
 -- claim's way in: pending work per workspace in priority order (also the skip-scan over busy workspaces)
 CREATE INDEX outbox_pending_idx ON herald.outbox (workspace_id, priority, run_at) WHERE status = 'pending';
 CREATE INDEX outbox_leased_idx ON herald.outbox (lease_until) WHERE status = 'leased';
 CREATE INDEX outbox_dead_idx ON herald.outbox (workspace_id, updated_at) WHERE status = 'dead';
-CREATE INDEX outbox_enrollment_idx ON herald.outbox (workspace_id, enrollment_id) WHERE status = 'pending';
-CREATE INDEX outbox_broadcast_idx ON herald.outbox (workspace_id, broadcast_id, status) WHERE broadcast_id IS NOT NULL;
+-- an automation's jobs not yet handed out (archive, enrollment exit)
+CREATE INDEX outbox_automation_idx ON herald.outbox (workspace_id, automation_id, enrollment_id)
+    WHERE status = 'pending' AND automation_id IS NOT NULL;
+-- a broadcast's recipients, each once (the dedupe of its enqueue)
+CREATE UNIQUE INDEX outbox_broadcast_idx ON herald.outbox (broadcast_id, contact_id) WHERE broadcast_id IS NOT NULL;
+-- a broadcast's unfinished and failed jobs (pause, resume, cancel, 'sent' check, resend_failed); a sent
+-- job leaves it at the next vacuum
+CREATE INDEX outbox_broadcast_open_idx ON herald.outbox (broadcast_id, status)
+    WHERE broadcast_id IS NOT NULL AND status <> 'done';
 
 -- Rate limits shared by every sidecar. key: 'workspace_provider:<ws>/<provider>' (from a provider's
 -- settings.rate_per_second), 'provider:<name>' or 'host:<webhook host>' (herald.set_rate_limit).
@@ -338,6 +350,9 @@ CREATE TABLE herald.broadcasts (
     winner        text,
     winner_reason text,
     retry_of      bigint,               -- resend_failed: the broadcast whose failed recipients this targets
+    -- per variation key, the job payload claim hands out (template, provider, broadcast variables): kept
+    -- once here instead of in each of the broadcast's outbox rows
+    payloads      jsonb NOT NULL DEFAULT '{}',
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
