@@ -111,7 +111,7 @@ BEGIN
                  WHERE x.job IS NOT NULL AND x.cache_reply IS NULL
                  ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
          ORDER BY st.job_key
-        ON CONFLICT ON CONSTRAINT outbox_workspace_id_dedupe_key_key DO UPDATE
+        ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO UPDATE
            -- a shared decide question that failed before is asked again for the newcomers
            SET status = 'pending', attempt = 0, run_at = now(), updated_at = now()
          WHERE o.kind = 'decide' AND o.status = 'failed'
