@@ -277,10 +277,14 @@ RETURN ((hashtextextended(salt || ':' || broadcast::text || ':' || contact::text
 -- inserts the jobs, moves the cursor past the chunk, counts them and appends the 'queued' deltas.
 -- Returns the contacts read (0 = the phase's audience is done). Nobody is enqueued twice: the cursor
 -- moves in the statement that inserts (a crash repeats nothing), the broadcast row is locked by the
--- caller (one advancer at a time), and outbox_broadcast_idx is unique on (broadcast, contact).
+-- caller (one advancer at a time), and the test and rest phases take disjoint hash buckets. The unique
+-- outbox_broadcast_idx on (broadcast, contact) enforces it. The INSERT is plain (ON CONFLICT's
+-- speculative insertion cost a quarter of the enqueue time): should the cursor have been moved back,
+-- the duplicate fails the chunk and advance_broadcasts runs it again with `recheck`, which skips the
+-- contacts already enqueued; so re-running stays a no-op.
 -- A row carries ids, not the payload or rate keys: claim takes them from broadcasts.payloads and
 -- herald._job_rate_keys.
-CREATE FUNCTION herald._enqueue_chunk(v herald.broadcasts, lim int) RETURNS int
+CREATE FUNCTION herald._enqueue_chunk(v herald.broadcasts, lim int, recheck boolean) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 SET jit = off
@@ -327,7 +331,8 @@ BEGIN
                           FROM (SELECT ((now() AT TIME ZONE coalesce(ch.timezone, 'UTC'))::date + v_local)
                                        AT TIME ZONE coalesce(ch.timezone, 'UTC') AS t) l) END
           FROM chosen ch
-        ON CONFLICT (broadcast_id, contact_id) WHERE broadcast_id IS NOT NULL DO NOTHING
+         WHERE NOT recheck
+            OR NOT EXISTS (SELECT 1 FROM herald.outbox x WHERE x.broadcast_id = v.id AND x.contact_id = ch.contact_id)
         RETURNING o.variation
     ), counted AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
@@ -402,21 +407,72 @@ BEGIN
 END
 $$;
 
--- Moves every due broadcast forward, enqueueing at most max_rows contacts in all (chunks of 10,000):
--- scheduled → sending at send_at; enqueue the phase's audience; test → waiting → (winner) → rest;
--- sending → sent once everything is enqueued and no job is pending, held or leased. Broadcasts another
--- advancer holds are skipped (SKIP LOCKED), so any number may run. Returns the contacts read.
+-- Moves one broadcast (locked by the caller) forward, enqueueing at most `budget` contacts (chunks of
+-- 10,000): scheduled → sending at send_at; enqueue the phase's audience; test → waiting → (winner) →
+-- rest; sending → sent once everything is enqueued and no job is pending, held or leased. recheck: skip
+-- contacts already enqueued (see _enqueue_chunk). Returns the contacts read.
+CREATE FUNCTION herald._advance_broadcast(v herald.broadcasts, budget int, recheck boolean) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_left int := budget;
+    v_read int;
+    v_chunk constant int := 10000;
+    v_win record;
+BEGIN
+    IF v.status = 'scheduled' THEN
+        UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        v.status := 'sending';
+    END IF;
+    -- enqueue while there is budget and the phase has contacts left
+    WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP
+        v_read := herald._enqueue_chunk(v, least(v_chunk, v_left), recheck);
+        v_left := v_left - v_read;
+        SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        IF v_read < least(v_chunk, v_left + v_read) THEN
+            -- the phase's audience is exhausted
+            v.phase := CASE v.phase WHEN 'test' THEN 'waiting' ELSE 'done' END;
+            UPDATE herald.broadcasts b
+               SET phase = v.phase, cursor = 0,
+                   test_ends_at = CASE WHEN v.phase = 'waiting'
+                                       THEN now() + make_interval(secs => (v.definition -> 'ab_test' ->> 'wait_seconds')::float8) END,
+                   updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.* INTO v;
+        END IF;
+    END LOOP;
+    IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
+        v_win := herald._ab_winner(v);
+        UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
+               winner_reason = v_win.reason, updated_at = now()
+         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
+    ELSIF v.phase = 'done' AND NOT EXISTS (
+        SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status IN ('pending', 'held', 'leased')) THEN
+        UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
+         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END IF;
+    IF v.last_error IS NOT NULL THEN
+        UPDATE herald.broadcasts b SET last_error = NULL WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END IF;
+    RETURN budget - v_left;
+END
+$$;
+
+-- Moves every due broadcast forward, enqueueing at most max_rows contacts in all. Broadcasts another
+-- advancer holds are skipped (SKIP LOCKED), so any number may run. A broadcast whose step fails (an
+-- error in its segment, say) is rolled back alone, its error kept in last_error and raised as a
+-- warning; the others go on. Returns the contacts read.
 CREATE FUNCTION herald.advance_broadcasts(max_rows int DEFAULT 100000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v herald.broadcasts;
-    v_left int := max_rows;
-    v_read int;
     v_total int := 0;
-    v_chunk constant int := 10000;
-    v_win record;
+    v_error text;
 BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'max_rows must be at least 1, got %', coalesce(max_rows::text, 'NULL')
@@ -428,41 +484,19 @@ BEGIN
          ORDER BY b.send_at, b.id
            FOR UPDATE SKIP LOCKED
     LOOP
-        IF v.status = 'scheduled' THEN
-            UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+        BEGIN
+            BEGIN
+                v_total := v_total + herald._advance_broadcast(v, max_rows - v_total, false);
+            EXCEPTION WHEN unique_violation THEN
+                -- contacts past the cursor are enqueued already (it was moved back): again, skipping them
+                v_total := v_total + herald._advance_broadcast(v, max_rows - v_total, true);
+            END;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+            UPDATE herald.broadcasts b SET last_error = v_error, updated_at = now()
              WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-            v.status := 'sending';
-        END IF;
-        -- enqueue while there is budget and the phase has contacts left
-        WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP
-            v_read := herald._enqueue_chunk(v, least(v_chunk, v_left));
-            v_total := v_total + v_read;
-            v_left := v_left - v_read;
-            SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-            IF v_read < least(v_chunk, v_left + v_read) THEN
-                -- the phase's audience is exhausted
-                v.phase := CASE v.phase WHEN 'test' THEN 'waiting' ELSE 'done' END;
-                UPDATE herald.broadcasts b
-                   SET phase = v.phase, cursor = 0,
-                       test_ends_at = CASE WHEN v.phase = 'waiting'
-                                           THEN now() + make_interval(secs => (v.definition -> 'ab_test' ->> 'wait_seconds')::float8) END,
-                       updated_at = now()
-                 WHERE b.workspace_id = v.workspace_id AND b.id = v.id
-                RETURNING b.* INTO v;
-            END IF;
-        END LOOP;
-        IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
-            v_win := herald._ab_winner(v);
-            UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
-                   winner_reason = v_win.reason, updated_at = now()
-             WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-            PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
-        ELSIF v.phase = 'done' AND NOT EXISTS (
-            SELECT 1 FROM herald.outbox o
-             WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status IN ('pending', 'held', 'leased')) THEN
-            UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
-             WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-        END IF;
+            RAISE WARNING 'broadcast % could not advance: %', v.id, v_error;
+        END;
     END LOOP;
     RETURN v_total;
 END
@@ -533,7 +567,7 @@ $$;
 -- One row per broadcast: where it stands.
 CREATE VIEW herald.broadcast_overview AS
 SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
-       b.retry_of, b.created_at, b.finished_at
+       b.retry_of, b.last_error, b.created_at, b.finished_at
   FROM herald.broadcasts b;
 
 -- What recipients and providers report back, recorded in ONE statement per batch (the sidecar's HTTP

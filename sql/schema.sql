@@ -353,6 +353,7 @@ CREATE TABLE herald.broadcasts (
     -- per variation key, the job payload claim hands out (template, provider, broadcast variables): kept
     -- once here instead of in each of the broadcast's outbox rows
     payloads      jsonb NOT NULL DEFAULT '{}',
+    last_error    text,                 -- why the last advance of this broadcast failed (cleared by the next that works)
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,

@@ -56,6 +56,9 @@ SELECT b.enqueued = (SELECT count(*) FROM herald.outbox o WHERE o.broadcast_id =
 UPDATE herald.broadcasts SET phase = 'all', cursor = 0 WHERE id = :nov;
 SELECT herald.advance_broadcasts() AS read_again;
 SELECT count(*) AS jobs FROM herald.outbox WHERE broadcast_id = :nov;
+SELECT enqueued, last_error FROM herald.broadcast_overview WHERE id = :nov;   -- no error, nobody counted twice
+-- a broadcast's rows carry ids, not the payload or rate keys (claim derives those; see below)
+SELECT count(*) FILTER (WHERE payload = '{}' AND rate_keys = '{}') = count(*) AS ids_only FROM herald.outbox WHERE broadcast_id = :nov;
 
 -- pause: pending jobs are held, claim hands out nothing of it; resume: claimable again
 SELECT herald.pause_broadcast(:nov);
@@ -198,3 +201,11 @@ SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY
 SELECT herald.cancel_broadcast(:flight);
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
 SELECT * FROM herald.broadcast_stats(:flight);
+-- a broadcast that cannot advance (its stored segment is broken) keeps its error and holds up no other
+SELECT herald.create_broadcast('b1', '{"name": "Broken", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com"]}}}') AS broken \gset
+SELECT herald.create_broadcast('b1', '{"name": "Fine", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p2@example.com"]}}}') AS fine \gset
+UPDATE herald.broadcasts SET definition = jsonb_set(definition, '{segment}', '{"op": "nonsense"}') WHERE id = :broken;
+SELECT herald.schedule_broadcast(:broken), herald.schedule_broadcast(:fine);
+SELECT herald.advance_broadcasts() AS read;
+SELECT name, status, enqueued, last_error FROM herald.broadcast_overview WHERE id IN (:broken, :fine) ORDER BY id;
+SELECT herald.cancel_broadcast(:broken), herald.cancel_broadcast(:fine);

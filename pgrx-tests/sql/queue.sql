@@ -19,6 +19,7 @@ SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'ses');
 SELECT herald.send('q1', 'not-mail', 'receipt');
 SELECT herald.send('q1', NULL, 'receipt');
 SELECT herald.send('zz', 'buyer@example.com', 'receipt');
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'b:1:1');   -- reserved for broadcasts
 
 -- claim: everything the sidecar needs
 SELECT workspace, kind, provider, dedupe_key, attempt, payload ->> 'to' AS to, payload -> 'template' ->> 'subject' AS subject,
