@@ -208,15 +208,21 @@ $$;
 
 -- The contacts of an audience after `after` (contact id), in id order, at most `lim`. Each filter is
 -- given as a plain value (NULL: no such filter), so a contact costs only the tests that apply: lists and
--- suppressions are index probes, a segment's attribute equalities a jsonb containment test (see
--- broadcast.rs: containment), and the condition language (Rust) runs only for what containment cannot
--- express, on contacts that passed the cheaper tests.
+-- suppressions are index probes; a segment's SQL part (broadcast.rs: prefilter) is containment on
+-- attributes and tags, or a set of emails; the condition language (Rust) runs only for what SQL cannot
+-- express, on contacts that passed the cheaper tests. Planned afresh for each call (force_custom_plan):
+-- with the values known the NULL tests fold away and the planner can choose, by the segment's estimated
+-- size, between the GIN indexes (a narrow segment) and reading the workspace in id order (a broad one).
 CREATE FUNCTION herald._audience(workspace text, after bigint, lim int, lists text[], segment_contains jsonb,
+                                 segment_any jsonb[], segment_tags text[], segment_emails text[],
                                  segment jsonb, exclude jsonb, failed_of bigint)
 RETURNS TABLE (contact_id bigint, timezone text)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, herald, pg_temp
-BEGIN ATOMIC
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    RETURN QUERY
     SELECT c.id, c.timezone
       FROM herald.contacts c
      WHERE c.workspace_id = workspace AND c.id > after
@@ -231,25 +237,37 @@ BEGIN ATOMIC
             OR c.id IN (SELECT o.contact_id FROM herald.outbox o
                          WHERE o.broadcast_id = failed_of AND o.status IN ('failed', 'dead')))
        AND (segment_contains IS NULL OR c.attributes @> segment_contains)
+       AND (segment_any IS NULL OR c.attributes @> ANY (segment_any))
+       AND (segment_tags IS NULL OR c.tags @> segment_tags)
+       AND (segment_emails IS NULL OR c.email = ANY (segment_emails))
        AND (segment IS NULL
             OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
        AND (exclude IS NULL
             OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
      ORDER BY c.id
      LIMIT lim;
-END;
+END
+$$;
 
 -- A broadcast definition's audience filters as _audience takes them (computed once per call, not once
 -- per contact).
 CREATE FUNCTION herald._audience_filters(v herald.broadcasts,
-                                         OUT lists text[], OUT segment_contains jsonb, OUT segment jsonb, OUT exclude jsonb)
+                                         OUT lists text[], OUT segment_contains jsonb, OUT segment_any jsonb[],
+                                         OUT segment_tags text[], OUT segment_emails text[],
+                                         OUT segment jsonb, OUT exclude jsonb)
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
     SELECT CASE WHEN jsonb_array_length(v.definition -> 'lists') > 0
                 THEN ARRAY(SELECT jsonb_array_elements_text(v.definition -> 'lists')) END,
-           nullif(v.definition -> 'segment_contains', 'null'),
-           -- a segment that containment expresses whole needs no condition engine
+           nullif(v.definition -> 'segment_sql' -> 'contains', 'null'),
+           CASE WHEN jsonb_typeof(v.definition -> 'segment_sql' -> 'any') = 'array'
+                THEN ARRAY(SELECT jsonb_array_elements(v.definition -> 'segment_sql' -> 'any')) END,
+           CASE WHEN jsonb_typeof(v.definition -> 'segment_sql' -> 'tags') = 'array'
+                THEN ARRAY(SELECT jsonb_array_elements_text(v.definition -> 'segment_sql' -> 'tags')) END,
+           CASE WHEN jsonb_typeof(v.definition -> 'segment_sql' -> 'emails') = 'array'
+                THEN ARRAY(SELECT jsonb_array_elements_text(v.definition -> 'segment_sql' -> 'emails')) END,
+           -- a segment the SQL tests express whole needs no condition engine
            CASE WHEN NOT coalesce((v.definition ->> 'segment_exact')::boolean, false)
                 THEN nullif(v.definition -> 'segment', 'null') END,
            nullif(v.definition -> 'exclude', 'null');
@@ -263,7 +281,8 @@ SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
     SELECT a.contact_id, a.timezone
       FROM herald._audience_filters(v) f,
-           herald._audience(v.workspace_id, after, lim, f.lists, f.segment_contains, f.segment, f.exclude, v.retry_of) a;
+           herald._audience(v.workspace_id, after, lim, f.lists, f.segment_contains, f.segment_any, f.segment_tags,
+                            f.segment_emails, f.segment, f.exclude, v.retry_of) a;
 END;
 
 -- Which share a contact belongs to, from a hash of (broadcast, contact): stable across retries and
@@ -309,6 +328,7 @@ BEGIN
     WITH page AS MATERIALIZED (
         SELECT a.contact_id, a.timezone
           FROM herald._audience(v.workspace_id, v.cursor, lim, v_audience.lists, v_audience.segment_contains,
+                                v_audience.segment_any, v_audience.segment_tags, v_audience.segment_emails,
                                 v_audience.segment, v_audience.exclude, v.retry_of) a
     ), chosen AS (
         -- test phase: the test share, split by weight; rest: the others, the winner; all: split by weight

@@ -32,6 +32,11 @@ CREATE TABLE herald.contacts (
     CONSTRAINT contacts_workspace_id_email_key UNIQUE (email, workspace_id)
 );
 CREATE INDEX contacts_id_idx ON herald.contacts (id);
+-- Segments: what of a segment SQL can test (attribute equalities and `in`, tags; see broadcast.rs:
+-- prefilter) is an indexable containment test, so a narrow segment of a large workspace reads only its
+-- contacts. jsonb_path_ops: smaller and faster than the default for @>, the only operator used.
+CREATE INDEX contacts_attributes_idx ON herald.contacts USING gin (attributes jsonb_path_ops);
+CREATE INDEX contacts_tags_idx ON herald.contacts USING gin (tags);
 
 -- Why upsert_contacts rejected an entry. Rows of one call share `batch` (its transaction id), so
 -- `SELECT * FROM herald.contact_rejections WHERE batch = txid_current()` right after the call, or the

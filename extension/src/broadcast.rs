@@ -110,13 +110,13 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
     if !faults.is_empty() {
         return Err(faults);
     }
-    let (segment_contains, segment_exact) = containment(&segment);
+    let prefilter = prefilter(&segment);
     Ok(json!({
         "name": name,
         "lists": lists,
         "segment": segment,
-        "segment_contains": segment_contains,
-        "segment_exact": segment_exact,
+        "segment_sql": prefilter.to_json(),
+        "segment_exact": prefilter.exact && !segment.is_null(),
         "exclude": exclude,
         "variations": variations,
         "ab_test": ab_test,
@@ -127,42 +127,100 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
     }))
 }
 
-/// What of a segment SQL can test itself: `contact.<attribute> eq <string or boolean>` leaves, alone or
-/// under `all`, become one jsonb containment object (`attributes @> {...}` — a C-level test, no call into
-/// Rust per contact). `exact` says the object is the whole segment, so the condition engine need not run
-/// at all; otherwise it still runs, on the contacts the containment let through. Strings and booleans
-/// only: `eq` compares numbers numerically, which containment does not. email, timezone and tags are not
-/// attributes (the contact's own columns), so they stay with the condition engine.
-pub fn containment(segment: &Value) -> (Value, bool) {
-    fn leaf(v: &Value) -> Option<(&str, &Value)> {
-        let attr = v.get("field")?.as_str()?.strip_prefix("contact.")?;
-        let value = v.get("value")?;
-        (v.get("op")?.as_str()? == "eq"
-            && !attr.contains('.')
-            && !["email", "timezone", "tags"].contains(&attr)
-            && (value.is_string() || value.is_boolean()))
-        .then_some((attr, value))
+/// What of a segment SQL can test itself, with an index, before the condition engine (Rust) runs per
+/// contact. Leaves of the segment, alone or under `all`:
+///
+///   contact.<attribute> eq <string | boolean>     → contains: `attributes @> {...}` (all of them in one)
+///   contact.<attribute> in [<string | boolean>…]  → any: `attributes @> ANY ([{...}, …])` (the first such)
+///   contact.tags contains <string>                → tags: `tags @> ARRAY[…]`
+///   contact.email eq <string> | in [<string>…]    → emails: `email = ANY (…)` (the first such)
+///
+/// `exact` says these tests are the whole segment, so the engine need not run at all; otherwise it still
+/// runs, on the contacts they let through. Strings and booleans only: `eq` compares numbers numerically,
+/// which containment does not. Anything else (numbers, ranges, `any`, `not`, nested paths) is the engine's.
+#[derive(Debug, Default, PartialEq)]
+pub struct Prefilter {
+    pub contains: Map<String, Value>,
+    pub any: Option<Vec<Value>>,
+    pub tags: Vec<String>,
+    pub emails: Option<Vec<String>>,
+    pub exact: bool,
+}
+
+impl Prefilter {
+    /// The form stored in a broadcast's definition (`segment_sql`), NULL for what does not apply.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "contains": if self.contains.is_empty() { Value::Null } else { Value::Object(self.contains.clone()) },
+            "any": self.any,
+            "tags": if self.tags.is_empty() { Value::Null } else { json!(self.tags) },
+            "emails": self.emails,
+        })
+    }
+}
+
+pub fn prefilter(segment: &Value) -> Prefilter {
+    fn scalar(v: &Value) -> bool {
+        v.is_string() || v.is_boolean()
     }
     let children: Vec<&Value> = match segment.get("all").and_then(Value::as_array) {
         Some(items) => items.iter().collect(),
         None if segment.is_object() => vec![segment],
-        None => return (Value::Null, false),
+        None => return Prefilter::default(),
     };
-    let mut map = Map::new();
-    let mut exact = true;
+    let mut p = Prefilter {
+        exact: true,
+        ..Prefilter::default()
+    };
     for c in children {
-        match leaf(c) {
-            Some((attr, value)) if map.get(attr).is_none_or(|v| v == value) => {
-                map.insert(attr.to_string(), value.clone());
+        let leaf = (|| {
+            let attr = c.get("field")?.as_str()?.strip_prefix("contact.")?;
+            Some((attr, c.get("op")?.as_str()?, c.get("value")?))
+        })();
+        let taken = match leaf {
+            Some(("email", "eq", Value::String(e))) if p.emails.is_none() => {
+                p.emails = Some(vec![e.clone()]);
+                true
             }
-            _ => exact = false,
-        }
+            Some(("email", "in", Value::Array(items)))
+                if p.emails.is_none()
+                    && !items.is_empty()
+                    && items.iter().all(Value::is_string) =>
+            {
+                p.emails = Some(
+                    items
+                        .iter()
+                        .filter_map(|e| e.as_str().map(String::from))
+                        .collect(),
+                );
+                true
+            }
+            Some(("tags", "contains", Value::String(tag))) => {
+                p.tags.push(tag.clone());
+                true
+            }
+            Some((attr, op, value))
+                if !attr.contains('.') && !["email", "timezone", "tags"].contains(&attr) =>
+            {
+                match (op, value) {
+                    ("eq", v) if scalar(v) && p.contains.get(attr).is_none_or(|old| old == v) => {
+                        p.contains.insert(attr.to_string(), v.clone());
+                        true
+                    }
+                    ("in", Value::Array(items))
+                        if p.any.is_none() && !items.is_empty() && items.iter().all(scalar) =>
+                    {
+                        p.any = Some(items.iter().map(|v| json!({ attr: v })).collect());
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        p.exact &= taken;
     }
-    if map.is_empty() {
-        (Value::Null, false)
-    } else {
-        (Value::Object(map), exact)
-    }
+    p
 }
 
 /// `{lists?: [name], segment?: condition, exclude?: condition}`; `{}` or absent = every contact.
@@ -506,45 +564,78 @@ mod tests {
     }
 
     #[test]
-    fn segments_become_containment_where_sql_can_test_them() {
-        let c = |v: Value| containment(&v);
+    fn segments_become_sql_tests_where_sql_can_make_them() {
+        let sql = |v: Value| {
+            let p = prefilter(&v);
+            (p.to_json(), p.exact)
+        };
+        let none = json!({"contains": null, "any": null, "tags": null, "emails": null});
         assert_eq!(
-            c(json!({"field": "contact.plan", "op": "eq", "value": "pro"})),
-            (json!({"plan": "pro"}), true)
+            sql(json!({"field": "contact.plan", "op": "eq", "value": "pro"})),
+            (
+                json!({"contains": {"plan": "pro"}, "any": null, "tags": null, "emails": null}),
+                true
+            )
         );
         assert_eq!(
-            c(
-                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
-                             {"field": "contact.vip", "op": "eq", "value": true}]})
+            sql(
+                json!({"all": [{"field": "contact.plan", "op": "in", "value": ["pro", "team"]},
+                               {"field": "contact.vip", "op": "eq", "value": true},
+                               {"field": "contact.tags", "op": "contains", "value": "beta"},
+                               {"field": "contact.tags", "op": "contains", "value": "eu"},
+                               {"field": "contact.email", "op": "in", "value": ["a@x.example", "b@x.example"]}]})
             ),
-            (json!({"plan": "pro", "vip": true}), true)
+            (
+                json!({"contains": {"vip": true}, "any": [{"plan": "pro"}, {"plan": "team"}],
+                       "tags": ["beta", "eu"], "emails": ["a@x.example", "b@x.example"]}),
+                true
+            )
         );
-        // partly: the engine still runs on what containment lets through
+        // partly: the engine still runs on what the SQL tests let through
         assert_eq!(
-            c(
+            sql(
                 json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
-                             {"field": "contact.age", "op": "gt", "value": 30}]})
+                               {"field": "contact.age", "op": "gt", "value": 30}]})
             ),
-            (json!({"plan": "pro"}), false)
+            (
+                json!({"contains": {"plan": "pro"}, "any": null, "tags": null, "emails": null}),
+                false
+            )
         );
-        // numbers compare numerically, email is a column, any/not are not containment
+        // a second `in` on attributes, a second email test, a contradiction: left to the engine
+        for (v, kept) in [
+            (
+                json!({"all": [{"field": "contact.plan", "op": "in", "value": ["pro"]},
+                               {"field": "contact.lang", "op": "in", "value": ["fr"]}]}),
+                json!({"contains": null, "any": [{"plan": "pro"}], "tags": null, "emails": null}),
+            ),
+            (
+                json!({"all": [{"field": "contact.email", "op": "eq", "value": "a@x.example"},
+                               {"field": "contact.email", "op": "eq", "value": "b@x.example"}]}),
+                json!({"contains": null, "any": null, "tags": null, "emails": ["a@x.example"]}),
+            ),
+            (
+                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                               {"field": "contact.plan", "op": "eq", "value": "free"}]}),
+                json!({"contains": {"plan": "pro"}, "any": null, "tags": null, "emails": null}),
+            ),
+        ] {
+            assert_eq!(sql(v.clone()), (kept, false), "{v}");
+        }
+        // numbers compare numerically, any/not are not conjunctions, nested paths and empty lists stay
         for v in [
             json!({"field": "contact.age", "op": "eq", "value": 30}),
-            json!({"field": "contact.email", "op": "eq", "value": "a@x.example"}),
+            json!({"field": "contact.plan", "op": "in", "value": []}),
+            json!({"field": "contact.plan", "op": "in", "value": [1, 2]}),
+            json!({"field": "contact.tags", "op": "contains", "value": 3}),
             json!({"any": [{"field": "contact.plan", "op": "eq", "value": "pro"}]}),
+            json!({"not": {"field": "contact.plan", "op": "eq", "value": "pro"}}),
             json!({"field": "contact.address.city", "op": "eq", "value": "Paris"}),
-            Value::Null,
+            json!({"field": "event.plan", "op": "eq", "value": "pro"}),
         ] {
-            assert_eq!(c(v.clone()), (Value::Null, false), "{v}");
+            assert_eq!(sql(v.clone()), (none.clone(), false), "{v}");
         }
-        // a contradiction is left to the engine
-        assert_eq!(
-            c(
-                json!({"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
-                             {"field": "contact.plan", "op": "eq", "value": "free"}]})
-            ),
-            (json!({"plan": "pro"}), false)
-        );
+        assert_eq!(sql(Value::Null), (none, false));
     }
 
     #[test]

@@ -204,8 +204,35 @@ SELECT * FROM herald.broadcast_stats(:flight);
 -- a broadcast that cannot advance (its stored segment is broken) keeps its error and holds up no other
 SELECT herald.create_broadcast('b1', '{"name": "Broken", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com"]}}}') AS broken \gset
 SELECT herald.create_broadcast('b1', '{"name": "Fine", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p2@example.com"]}}}') AS fine \gset
-UPDATE herald.broadcasts SET definition = jsonb_set(definition, '{segment}', '{"op": "nonsense"}') WHERE id = :broken;
+UPDATE herald.broadcasts SET definition = definition || '{"segment": {"op": "nonsense"}, "segment_exact": false}' WHERE id = :broken;
 SELECT herald.schedule_broadcast(:broken), herald.schedule_broadcast(:fine);
 SELECT herald.advance_broadcasts() AS read;
 SELECT name, status, enqueued, last_error FROM herald.broadcast_overview WHERE id IN (:broken, :fine) ORDER BY id;
 SELECT herald.cancel_broadcast(:broken), herald.cancel_broadcast(:fine);
+-- segments: what SQL tests itself (attribute equalities and `in`, tags, emails; broadcast.rs: prefilter)
+-- selects exactly what the condition engine selects, alone or with the engine's part
+UPDATE herald.contacts c SET tags = t.tags
+  FROM (VALUES ('p3@example.com', '{vip}'::text[]), ('p5@example.com', '{vip,beta}'), ('p6@example.com', '{beta}')) t(email, tags)
+ WHERE c.workspace_id = 'b1' AND c.email = t.email;
+CREATE TEMP TABLE segs AS
+SELECT s.n, s.seg, herald.create_broadcast('b1', jsonb_build_object('name', 'seg ' || s.n, 'template', 'news-a',
+                                                                    'audience', jsonb_build_object('segment', s.seg))) AS id
+  FROM (VALUES
+    (1, '{"field": "contact.plan", "op": "in", "value": ["pro", "gold"]}'::jsonb),
+    (2, '{"field": "contact.tags", "op": "contains", "value": "vip"}'),
+    (3, '{"all": [{"field": "contact.tags", "op": "contains", "value": "vip"}, {"field": "contact.tags", "op": "contains", "value": "beta"}]}'),
+    (4, '{"field": "contact.email", "op": "in", "value": ["p1@example.com", "p2@example.com", "nobody@example.com"]}'),
+    (5, '{"all": [{"field": "contact.country", "op": "eq", "value": "XX"}, {"field": "contact.plan", "op": "in", "value": ["pro"]}]}'),
+    (6, '{"all": [{"field": "contact.plan", "op": "eq", "value": "free"}, {"field": "contact.email", "op": "starts_with", "value": "p1"}]}'),
+    (7, '{"all": [{"field": "contact.tags", "op": "contains", "value": "beta"}, {"field": "contact.plan", "op": "ne", "value": "pro"}]}')
+  ) s(n, seg);
+SELECT s.n, b.definition -> 'segment_sql' AS sql_part, b.definition -> 'segment_exact' AS sql_only,
+       a.recipients, a.recipients IS NOT DISTINCT FROM (
+           SELECT string_agg(split_part(c.email, '@', 1), ' ' ORDER BY c.id) FROM herald.contacts c
+            WHERE c.workspace_id = 'b1'
+              AND NOT EXISTS (SELECT 1 FROM herald.suppressions x WHERE x.workspace_id = 'b1' AND x.email = c.email)
+              AND herald._matches(s.seg, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)) AS engine_agrees
+  FROM segs s JOIN herald.broadcasts b ON b.id = s.id
+ CROSS JOIN LATERAL (SELECT string_agg(split_part(c.email, '@', 1), ' ' ORDER BY c.id) AS recipients
+                       FROM herald._audience_page(b, 0, 1000) p JOIN herald.contacts c ON c.id = p.contact_id) a
+ ORDER BY s.n;
