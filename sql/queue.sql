@@ -496,7 +496,16 @@ BEGIN ATOMIC
                                      WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id) = 'cancelled'
                               THEN now() END
          WHERE o.status = 'leased' AND o.lease_until < now()
-        RETURNING 1
+        RETURNING o.workspace_id, o.status, o.automation_id, o.node, o.broadcast_id, o.variation
+    ), counted AS (
+        -- a job that ends here is counted like one complete() ends
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        SELECT r.workspace_id, r.automation_id, r.node, 'dead', count(*)
+          FROM reaped r WHERE r.status = 'dead' AND r.automation_id IS NOT NULL GROUP BY 1, 2, 3
+    ), counted_b AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT r.workspace_id, r.broadcast_id, coalesce(r.variation, 'default'), r.status, count(*)
+          FROM reaped r WHERE r.status IN ('dead', 'cancelled') AND r.broadcast_id IS NOT NULL GROUP BY 1, 2, 3, 4
     )
     SELECT count(*)::int FROM reaped;
 END;

@@ -201,6 +201,15 @@ SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY
 SELECT herald.cancel_broadcast(:flight);
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
 SELECT * FROM herald.broadcast_stats(:flight);
+-- a lease that expires after its broadcast was cancelled ends cancelled, and is counted so
+SELECT herald.create_broadcast('b1', '{"name": "Lapsed", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "eq", "value": "p1@example.com"}}}') AS lapsed \gset
+SELECT herald.schedule_broadcast(:lapsed);
+SELECT herald.advance_broadcasts() AS read;
+SELECT count(*) AS claimed FROM herald.claim('t', 10, '1 millisecond');
+SELECT herald.cancel_broadcast(:lapsed);
+SELECT pg_sleep(0.01), herald.reap() AS reaped;
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :lapsed GROUP BY 1;
+SELECT * FROM herald.broadcast_stats(:lapsed);
 -- a broadcast that cannot advance (its stored segment is broken) keeps its error and holds up no other
 SELECT herald.create_broadcast('b1', '{"name": "Broken", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com"]}}}') AS broken \gset
 SELECT herald.create_broadcast('b1', '{"name": "Fine", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p2@example.com"]}}}') AS fine \gset
