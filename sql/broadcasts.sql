@@ -445,6 +445,11 @@ BEGIN
         UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
          WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
         v.status := 'sending';
+    ELSE
+        -- a job in flight while the broadcast was resumed can come back held (its complete read the
+        -- status before the resume committed): claimable again
+        UPDATE herald.outbox o SET status = 'pending', updated_at = now()
+         WHERE o.broadcast_id = v.id AND o.status = 'held';
     END IF;
     -- enqueue while there is budget and the phase has contacts left
     WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP

@@ -214,19 +214,34 @@ BEGIN
     -- 1b. suppressed recipients: such an email job is never handed out, whatever queued it. It is
     --     finished as cancelled ('suppressed: <reason>'), counted as 'suppressed', and an enrollment
     --     waiting on it moves on as if the step had been done (the journey goes on without the email).
-    WITH suppressed AS (
+    --     And a job of a paused or cancelled broadcast is not handed out either: pause/resume/cancel move
+    --     a broadcast's jobs in their own transaction, but a job in flight meanwhile can come back pending
+    --     (its complete read the broadcast's status before the pause committed). Held or cancelled here.
+    WITH picked AS (
         SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
-               o.variation, s.reason
+               o.variation, s.reason, b.status AS broadcast_status
           FROM unnest(v_ids) u(id)
           JOIN herald.outbox o ON o.id = u.id
-         CROSS JOIN LATERAL (SELECT c.email FROM herald.contacts c
-                              WHERE c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c
-          JOIN herald.suppressions s ON s.workspace_id = o.workspace_id AND s.email = c.email
-         WHERE o.kind = 'email'
+          LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                              WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
+          LEFT JOIN herald.suppressions s ON s.workspace_id = o.workspace_id AND s.email = c.email
+          LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
+    ), suppressed AS (
+        SELECT p.* FROM picked p WHERE p.reason IS NOT NULL
+    ), stopped AS (
+        SELECT p.* FROM picked p WHERE p.reason IS NULL AND p.broadcast_status IN ('paused', 'cancelled')
     ), cancelled AS (
         UPDATE herald.outbox o
            SET status = 'cancelled', last_error = 'suppressed: ' || x.reason, done_at = now(), updated_at = now()
           FROM suppressed x
+         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+        RETURNING o.id
+    ), halted AS (
+        UPDATE herald.outbox o
+           SET status = CASE x.broadcast_status WHEN 'paused' THEN 'held' ELSE 'cancelled' END,
+               last_error = CASE WHEN x.broadcast_status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
+               done_at = CASE WHEN x.broadcast_status = 'cancelled' THEN now() END, updated_at = now()
+          FROM stopped x
          WHERE o.workspace_id = x.workspace_id AND o.id = x.id
         RETURNING o.id
     ), woken AS (
@@ -246,12 +261,18 @@ BEGIN
           FROM suppressed x WHERE x.automation_id IS NOT NULL GROUP BY 1, 2, 3
     ), counted_b AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
-        SELECT x.workspace_id, x.broadcast_id, x.variation, 'suppressed', count(*)
-          FROM suppressed x WHERE x.broadcast_id IS NOT NULL GROUP BY 1, 2, 3
+        SELECT x.workspace_id, x.broadcast_id, x.variation, x.metric, count(*)
+          FROM (SELECT y.workspace_id, y.broadcast_id, y.variation, 'suppressed' AS metric
+                  FROM suppressed y WHERE y.broadcast_id IS NOT NULL
+                UNION ALL
+                SELECT y.workspace_id, y.broadcast_id, y.variation, 'cancelled'
+                  FROM stopped y WHERE y.broadcast_status = 'cancelled') x
+         GROUP BY 1, 2, 3, 4
     )
     SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
       FROM unnest(v_ids) WITH ORDINALITY u(id, ord)
-     WHERE u.id NOT IN (SELECT x.id FROM cancelled x);   -- (woken and counted run to completion regardless)
+     WHERE u.id NOT IN (SELECT x.id FROM cancelled x UNION ALL SELECT x.id FROM halted x);
+       -- (woken and counted run to completion regardless)
     IF v_ids IS NULL THEN
         RETURN;
     END IF;

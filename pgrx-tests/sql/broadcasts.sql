@@ -210,6 +210,26 @@ SELECT herald.cancel_broadcast(:lapsed);
 SELECT pg_sleep(0.01), herald.reap() AS reaped;
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :lapsed GROUP BY 1;
 SELECT * FROM herald.broadcast_stats(:lapsed);
+-- pause, resume and cancel race a job in flight: its complete can read the broadcast's status just
+-- before the change commits, and leave it pending in a paused or cancelled broadcast, or held in a
+-- sending one. Claim itself holds or cancels the first two; the next advance releases the third.
+SELECT herald.create_broadcast('b1', '{"name": "Race", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com", "p3@example.com"]}}}') AS race \gset
+SELECT herald.schedule_broadcast(:race);
+SELECT herald.advance_broadcasts() AS read;
+SELECT herald.pause_broadcast(:race);
+UPDATE herald.outbox SET status = 'pending' WHERE broadcast_id = :race;
+SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 10);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :race GROUP BY 1;
+SELECT herald.resume_broadcast(:race);
+UPDATE herald.outbox SET status = 'held' WHERE broadcast_id = :race;
+SELECT herald.advance_broadcasts() AS read;
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :race GROUP BY 1;
+UPDATE herald.outbox SET status = 'leased' WHERE broadcast_id = :race;   -- in flight during the cancel
+SELECT herald.cancel_broadcast(:race);
+UPDATE herald.outbox SET status = 'pending' WHERE broadcast_id = :race;  -- and back, as a retry
+SELECT count(*) AS claimed_after_cancel FROM herald.claim('t', 10);
+SELECT status, last_error, count(*) FROM herald.outbox WHERE broadcast_id = :race GROUP BY 1, 2;
+SELECT * FROM herald.broadcast_stats(:race);
 -- a broadcast that cannot advance (its stored segment is broken) keeps its error and holds up no other
 SELECT herald.create_broadcast('b1', '{"name": "Broken", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com"]}}}') AS broken \gset
 SELECT herald.create_broadcast('b1', '{"name": "Fine", "template": "news-a", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p2@example.com"]}}}') AS fine \gset
