@@ -630,9 +630,14 @@ BEGIN
                coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
                herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord
           FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
-          LEFT JOIN LATERAL (SELECT h.workspace_id, h.contact_id FROM herald.message_history h
+          -- the message named, in the workspace given if one is; a Message-ID found in two workspaces
+          -- (derived from dedupe keys, which two workspaces may choose alike) names neither
+          LEFT JOIN LATERAL (SELECT min(h.workspace_id) AS workspace_id,
+                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id
+                               FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
-                              ORDER BY h.id DESC LIMIT 1) m ON true
+                                AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                             HAVING count(DISTINCT h.workspace_id) = 1) m ON true
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
     ), known AS (

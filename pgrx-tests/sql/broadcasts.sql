@@ -181,6 +181,18 @@ SELECT email, reason FROM herald.suppressions WHERE workspace_id = 'b1' AND emai
 SELECT email, kind, payload FROM herald.events WHERE workspace_id = 'b1' AND kind = 'email.bounced' ORDER BY id;
 SELECT herald.record_feedback('{"kind": "opened"}');
 SELECT herald.record_feedback('[{"kind": "liked", "workspace": "b1", "email": "p1@example.com"}]');
+-- a report naming only a Message-ID: the workspace and recipient come from the message history; a
+-- Message-ID two workspaces share (their dedupe keys coincide) names neither, unless the report says which
+SELECT herald.create_workspace('b2');
+SELECT herald.upsert_contact('b2', 'p33@example.com') > 0 AS contact;
+INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, contact_id, dedupe_key, message_id, attempt)
+SELECT c.workspace_id, 0, 'email', 'sent', c.id, 'order-1', m.message_id, 1
+  FROM herald.contacts c, (VALUES ('b1', '<shared@herald>'), ('b2', '<shared@herald>'), ('b1', '<only-b1@herald>')) m(ws, message_id)
+ WHERE c.email = 'p33@example.com' AND c.workspace_id = m.ws;
+SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@herald>"}]') AS ambiguous;
+SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@herald>", "workspace": "b2"}]') AS told_which,
+       herald.record_feedback('[{"kind": "hard_bounce", "message_id": "<only-b1@herald>"}]') AS unique_id;
+SELECT workspace_id, email, reason FROM herald.suppressions WHERE email = 'p33@example.com' ORDER BY 1;
 -- a job in flight when its broadcast is paused: an expired lease or a retryable failure comes back held,
 -- not claimable; after cancel, cancelled
 SELECT herald.create_broadcast('b1', '{"name": "Flight", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com", "p3@example.com"]}}}') AS flight \gset
