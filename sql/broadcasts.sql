@@ -509,19 +509,30 @@ BEGIN
          ORDER BY b.send_at, b.id
            FOR UPDATE SKIP LOCKED
     LOOP
-        BEGIN
+        -- one subtransaction per broadcast that does something (a second only for a recheck): each
+        -- that writes takes a subtransaction id, and more than 64 open in one transaction make every
+        -- other session's snapshot overflow to pg_subtrans until it ends
+        v_error := NULL;
+        FOR v_attempt IN 1..2 LOOP
             BEGIN
-                v_total := v_total + herald._advance_broadcast(v, max_rows - v_total, false);
-            EXCEPTION WHEN unique_violation THEN
-                -- contacts past the cursor are enqueued already (it was moved back): again, skipping them
-                v_total := v_total + herald._advance_broadcast(v, max_rows - v_total, true);
+                v_total := v_total + herald._advance_broadcast(v, max_rows - v_total, v_attempt = 2);
+                v_error := NULL;
+                EXIT;
+            EXCEPTION
+                WHEN unique_violation THEN
+                    -- contacts past the cursor are enqueued already (it was moved back): once more,
+                    -- skipping them
+                    GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+                WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+                    EXIT;
             END;
-        EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+        END LOOP;
+        IF v_error IS NOT NULL THEN
             UPDATE herald.broadcasts b SET last_error = v_error, updated_at = now()
              WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
             RAISE WARNING 'broadcast % could not advance: %', v.id, v_error;
-        END;
+        END IF;
     END LOOP;
     RETURN v_total;
 END
