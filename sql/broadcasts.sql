@@ -474,8 +474,20 @@ BEGIN
                winner_reason = v_win.reason, updated_at = now()
          WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
         PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
-    ELSIF v.phase = 'done' AND NOT EXISTS (
-        SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status IN ('pending', 'held', 'leased')) THEN
+    ELSIF v.phase = 'done'
+          -- the counters first (every job that ends is counted in the statement that ends it): while
+          -- fewer have ended than were enqueued, nothing is read; then the rows themselves decide
+          AND (SELECT coalesce(sum(x.n), 0) FROM (
+                   SELECT s.value AS n FROM herald.broadcast_stats s
+                    WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id
+                      AND s.metric IN ('sent', 'failed', 'dead', 'cancelled', 'suppressed')
+                   UNION ALL
+                   SELECT d.n FROM herald.broadcast_stats_delta d
+                    WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id
+                      AND d.metric IN ('sent', 'failed', 'dead', 'cancelled', 'suppressed')) x) >= v.enqueued
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'held')
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.status = 'leased' AND o.broadcast_id = v.id)
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
         UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
          WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
     END IF;

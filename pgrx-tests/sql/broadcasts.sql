@@ -222,6 +222,15 @@ SELECT herald.cancel_broadcast(:lapsed);
 SELECT pg_sleep(0.01), herald.reap() AS reaped;
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :lapsed GROUP BY 1;
 SELECT * FROM herald.broadcast_stats(:lapsed);
+-- 'sent' needs the counters to say every job ended and then no open row: counters alone (a redrive
+-- counts a job twice) do not finish a broadcast
+SELECT herald.create_broadcast('b1', '{"name": "Counted", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "eq", "value": "p1@example.com"}}}') AS counted \gset
+SELECT herald.schedule_broadcast(:counted);
+SELECT herald.advance_broadcasts() AS read;
+INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n) VALUES ('b1', :counted, 'default', 'dead', 1);
+SELECT herald.advance_broadcasts() AS read;
+SELECT status, phase FROM herald.broadcasts WHERE id = :counted;
+SELECT herald.cancel_broadcast(:counted);
 -- pause, resume and cancel race a job in flight: its complete can read the broadcast's status just
 -- before the change commits, and leave it pending in a paused or cancelled broadcast, or held in a
 -- sending one. Claim itself holds or cancels the first two; the next advance releases the third.
