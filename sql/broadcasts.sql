@@ -140,7 +140,12 @@ BEGIN
 END
 $$;
 
--- Stops claims of this broadcast at once: its pending jobs become 'held' in this transaction.
+-- Pause, resume and cancel change the broadcast's status, at once, whatever its size: claim holds
+-- (paused) or cancels (cancelled) any job it picks of such a broadcast, so nothing more is handed out
+-- from the moment the change commits. The jobs follow in chunks of 10,000, the first in the call itself
+-- and the rest in advance_broadcasts (one UPDATE of a million jobs took 12 s, claims going on all the
+-- while): pending → held while paused, pending or held → cancelled (counted) once cancelled, held →
+-- pending once resumed.
 CREATE FUNCTION herald.pause_broadcast(broadcast bigint) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -152,10 +157,11 @@ BEGIN
         RAISE EXCEPTION 'broadcast % is %, only a scheduled or sending broadcast can be paused', v.id, v.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    UPDATE herald.broadcasts b SET status = 'paused', paused_from = v.status, updated_at = now()
-     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    UPDATE herald.outbox o SET status = 'held', updated_at = now()
-     WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'pending';
+    UPDATE herald.broadcasts b SET status = 'paused', paused_from = v.status, settle_cursor = 0, updated_at = now()
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+    RETURNING b.* INTO v;
+    PERFORM herald._settle_chunk(v, 10000);   -- the first chunk now (all of a broadcast this small)
+    PERFORM pg_notify('herald.tick', '');
 END
 $$;
 
@@ -165,25 +171,22 @@ SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v herald.broadcasts := herald._lock_broadcast(broadcast);
-    v_n bigint;
 BEGIN
     IF v.status <> 'paused' THEN
         RAISE EXCEPTION 'broadcast % is %, only a paused broadcast can be resumed', v.id, v.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, updated_at = now()
+    -- jobs not yet held are claimable again at once, and the first 10,000 held ones; the others go back
+    -- with the next advances
+    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, settle_cursor = NULL, updated_at = now()
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    UPDATE herald.outbox o SET status = 'pending', updated_at = now()
-     WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'held';
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    IF v_n > 0 THEN
-        PERFORM pg_notify('herald.outbox', '');
-    END IF;
+    PERFORM herald._release_held(v.id, 10000);
+    PERFORM pg_notify('herald.outbox', '');
     PERFORM pg_notify('herald.tick', '');
 END
 $$;
 
--- Ends the broadcast; every job not yet handed out is cancelled (counted as 'cancelled').
+-- Ends the broadcast; every job not yet handed out ends cancelled (counted as 'cancelled').
 CREATE FUNCTION herald.cancel_broadcast(broadcast bigint) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -194,15 +197,66 @@ BEGIN
     IF v.status IN ('sent', 'cancelled') THEN
         RAISE EXCEPTION 'broadcast % is already %', v.id, v.status USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    UPDATE herald.broadcasts b SET status = 'cancelled', paused_from = NULL, finished_at = now(), updated_at = now()
-     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    WITH gone AS (
-        UPDATE herald.outbox o SET status = 'cancelled', last_error = 'broadcast cancelled', done_at = now(), updated_at = now()
-         WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status IN ('pending', 'held')
-        RETURNING o.variation
+    UPDATE herald.broadcasts b
+       SET status = 'cancelled', paused_from = NULL, settle_cursor = 0, finished_at = now(), updated_at = now()
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+    RETURNING b.* INTO v;
+    PERFORM herald._settle_chunk(v, 10000);   -- the first chunk now (all of a broadcast this small)
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+-- Makes at most `lim` held jobs of a (resumed) broadcast claimable again; returns how many.
+CREATE FUNCTION herald._release_held(broadcast bigint, lim int) RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    WITH released AS (
+        UPDATE herald.outbox o SET status = 'pending', updated_at = now()
+         WHERE o.id IN (SELECT x.id FROM herald.outbox x WHERE x.broadcast_id = _release_held.broadcast AND x.status = 'held'
+                         LIMIT lim)
+           AND o.status = 'held'
+        RETURNING 1
     )
-    INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
-    SELECT v.workspace_id, v.id, g.variation, 'cancelled', count(*) FROM gone g GROUP BY g.variation;
+    SELECT count(*)::int FROM released;
+END;
+
+-- Settles one chunk of a paused or cancelled broadcast's jobs (at most `lim`, in contact order from
+-- settle_cursor): ONE statement that moves them, counts the cancelled ones and moves the cursor (NULL
+-- once the last chunk is done). A job leased meanwhile is left alone: its complete (or reap) reads the
+-- broadcast's status. Returns the jobs read.
+CREATE FUNCTION herald._settle_chunk(v herald.broadcasts, lim int) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_read int;
+BEGIN
+    WITH scanned AS MATERIALIZED (
+        SELECT o.id, o.contact_id FROM herald.outbox o
+         WHERE o.broadcast_id = v.id AND o.contact_id > v.settle_cursor
+         ORDER BY o.contact_id
+         LIMIT lim
+    ), moved AS (
+        UPDATE herald.outbox o
+           SET status = CASE WHEN v.status = 'paused' THEN 'held' ELSE 'cancelled' END,
+               last_error = CASE WHEN v.status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
+               done_at = CASE WHEN v.status = 'cancelled' THEN now() END, updated_at = now()
+          FROM scanned s
+         WHERE o.id = s.id AND (o.status = 'pending' OR (v.status = 'cancelled' AND o.status = 'held'))
+        RETURNING o.variation
+    ), counted AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT v.workspace_id, v.id, m.variation, 'cancelled', count(*) FROM moved m
+         WHERE v.status = 'cancelled' GROUP BY m.variation
+    ), stepped AS (
+        UPDATE herald.broadcasts b
+           SET settle_cursor = CASE WHEN (SELECT count(*) FROM scanned) < lim THEN NULL
+                                    ELSE (SELECT max(s.contact_id) FROM scanned s) END
+         WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+    )
+    SELECT count(*) INTO v_read FROM scanned;
+    RETURN v_read;
 END
 $$;
 
@@ -427,10 +481,11 @@ BEGIN
 END
 $$;
 
--- Moves one broadcast (locked by the caller) forward, enqueueing at most `budget` contacts (chunks of
--- 10,000): scheduled → sending at send_at; enqueue the phase's audience; test → waiting → (winner) →
--- rest; sending → sent once everything is enqueued and no job is pending, held or leased. recheck: skip
--- contacts already enqueued (see _enqueue_chunk). Returns the contacts read.
+-- Moves one broadcast (locked by the caller) forward, reading at most `budget` contacts or jobs (chunks
+-- of 10,000): settles the jobs of a paused or cancelled one; scheduled → sending at send_at; releases
+-- held jobs of a resumed one; enqueues the phase's audience; test → waiting → (winner) → rest;
+-- sending → sent once everything is enqueued and no job is pending, held or leased. recheck: skip
+-- contacts already enqueued (see _enqueue_chunk). Returns the contacts and jobs read.
 CREATE FUNCTION herald._advance_broadcast(v herald.broadcasts, budget int, recheck boolean) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -441,15 +496,22 @@ DECLARE
     v_chunk constant int := 10000;
     v_win record;
 BEGIN
+    -- a paused or cancelled broadcast: settle its jobs, chunk by chunk, and nothing else
+    WHILE v.settle_cursor IS NOT NULL AND v_left > 0 LOOP
+        v_left := v_left - herald._settle_chunk(v, least(v_chunk, v_left));
+        SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END LOOP;
+    IF v.status NOT IN ('scheduled', 'sending') THEN
+        RETURN budget - v_left;
+    END IF;
     IF v.status = 'scheduled' THEN
         UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
          WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
         v.status := 'sending';
-    ELSE
-        -- a job in flight while the broadcast was resumed can come back held (its complete read the
-        -- status before the resume committed): claimable again
-        UPDATE herald.outbox o SET status = 'pending', updated_at = now()
-         WHERE o.broadcast_id = v.id AND o.status = 'held';
+    ELSIF v_left > 0 THEN
+        -- held jobs of a resumed broadcast are claimable again, a chunk per call (also one that came back
+        -- held while the resume committed: its complete read the status just before)
+        v_left := v_left - herald._release_held(v.id, least(v_chunk, v_left));
     END IF;
     -- enqueue while there is budget and the phase has contacts left
     WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP
@@ -517,7 +579,7 @@ BEGIN
     END IF;
     FOR v IN
         SELECT b.* FROM herald.broadcasts b
-         WHERE b.status IN ('scheduled', 'sending') AND b.send_at <= now()
+         WHERE (b.status IN ('scheduled', 'sending') AND b.send_at <= now()) OR b.settle_cursor IS NOT NULL
          ORDER BY b.send_at, b.id
            FOR UPDATE SKIP LOCKED
     LOOP

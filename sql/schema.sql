@@ -360,6 +360,10 @@ CREATE TABLE herald.broadcasts (
     -- once here instead of in each of the broadcast's outbox rows
     payloads      jsonb NOT NULL DEFAULT '{}',
     last_error    text,                 -- why the last advance of this broadcast failed (cleared by the next that works)
+    -- pause and cancel change the status at once (claim holds or cancels any job it picks of such a
+    -- broadcast); advance_broadcasts then settles the jobs in chunks from this contact id on: pending
+    -- → held (paused), pending or held → cancelled. NULL: nothing to settle.
+    settle_cursor bigint,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
@@ -367,6 +371,7 @@ CREATE TABLE herald.broadcasts (
 );
 CREATE INDEX broadcasts_id_idx ON herald.broadcasts (id);
 CREATE INDEX broadcasts_active_idx ON herald.broadcasts (send_at) WHERE status IN ('scheduled', 'sending');
+CREATE INDEX broadcasts_settling_idx ON herald.broadcasts (id) WHERE settle_cursor IS NOT NULL;
 
 -- Per-variation counts of a broadcast, as deltas (like stats_delta): enqueue, claim (suppressed) and
 -- complete append them in the statement that makes them true; flush_stats folds them.

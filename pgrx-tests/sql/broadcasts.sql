@@ -60,10 +60,17 @@ SELECT enqueued, last_error FROM herald.broadcast_overview WHERE id = :nov;   --
 -- a broadcast's rows carry ids, not the payload or rate keys (claim derives those; see below)
 SELECT count(*) FILTER (WHERE payload = '{}' AND rate_keys = '{}') = count(*) AS ids_only FROM herald.outbox WHERE broadcast_id = :nov;
 
--- pause: pending jobs are held, claim hands out nothing of it; resume: claimable again
+-- pause: at once, whatever the size: the status changes, claim holds any job it picks of a paused
+-- broadcast, and the jobs follow in chunks (the first in the call, the rest in advance_broadcasts).
+-- Here: a pause that moved nothing yet (as if the broadcast were larger than a chunk)
 SELECT herald.pause_broadcast(:nov);
-SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :nov GROUP BY 1;
-SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 100);
+UPDATE herald.outbox SET status = 'pending' WHERE broadcast_id = :nov;
+UPDATE herald.broadcasts SET settle_cursor = 0 WHERE id = :nov;
+SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 3);
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :nov GROUP BY 1 ORDER BY 1;
+SELECT herald.advance_broadcasts() AS read;
+SELECT status, count(*), (SELECT settle_cursor FROM herald.broadcasts WHERE id = :nov) AS settle_cursor
+  FROM herald.outbox WHERE broadcast_id = :nov GROUP BY 1;
 SELECT herald.resume_broadcast(:nov);
 SELECT herald.resume_broadcast(:nov);  -- not paused any more
 -- a recipient suppressed after enqueue is refused by claim itself
