@@ -214,9 +214,10 @@ BEGIN
     -- 1b. suppressed recipients: such an email job is never handed out, whatever queued it. It is
     --     finished as cancelled ('suppressed: <reason>'), counted as 'suppressed', and an enrollment
     --     waiting on it moves on as if the step had been done (the journey goes on without the email).
-    --     And a job of a paused or cancelled broadcast is not handed out either: pause/resume/cancel move
-    --     a broadcast's jobs in their own transaction, but a job in flight meanwhile can come back pending
-    --     (its complete read the broadcast's status before the pause committed). Held or cancelled here.
+    --     And a job of a paused or cancelled broadcast is not handed out either: it is held or cancelled
+    --     here. pause and cancel change the status at once; the broadcast's jobs follow in chunks
+    --     (advance_broadcasts), and this is what stops them meanwhile (also a job whose complete read
+    --     the status just before the change committed).
     WITH picked AS (
         SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
                o.variation, s.reason, b.status AS broadcast_status

@@ -202,8 +202,9 @@ CREATE TABLE herald.outbox (
     -- index costs each job an entry at enqueue and at each non-HOT status change
     PRIMARY KEY (id)
 );
--- Broadcast rows get only the indexes they need: the primary key, claim's pending index and their own
--- two below (a 1,000,000-recipient broadcast pays each index a million times). Their dedupe key
+-- Broadcast rows get only the indexes they need: enqueued, a row has three entries (the primary key,
+-- claim's pending index, outbox_broadcast_idx below): a 1,000,000-recipient broadcast pays each index a
+-- million times. Their dedupe key
 -- 'b:<broadcast>:<contact>' is unique through (broadcast_id, contact_id), two integers, instead of a text
 -- key per row; send() refuses keys beginning with 'b:', so dedupe_key stays unique over all rows.
 CREATE UNIQUE INDEX outbox_dedupe_idx ON herald.outbox (workspace_id, dedupe_key) WHERE broadcast_id IS NULL;
