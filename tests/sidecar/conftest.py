@@ -46,8 +46,8 @@ def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
-def message_id(dedupe_key):
-    return "<" + hashlib.sha256(dedupe_key.encode()).hexdigest()[:32] + "@herald>"
+def message_id(workspace, dedupe_key):
+    return "<" + hashlib.sha256(f"{workspace}\n{dedupe_key}".encode()).hexdigest()[:32] + "@herald>"
 
 
 def signature_ok(headers, body):

@@ -49,7 +49,7 @@ def test_transactional_emails_arrive_once_with_headers(db, smtp, sidecar):
         rcpt = rcpts[0]
         per_rcpt[rcpt] += 1
         dedupe_key, stored_id = jobs[rcpt]
-        assert msg["Message-ID"] == message_id(dedupe_key) == stored_id
+        assert msg["Message-ID"] == message_id("acme", dedupe_key) == stored_id
         assert msg["To"] == rcpt
         assert msg["From"] == "Acme <news@acme.test>"
         assert msg["Date"] is not None and msg["Date"].datetime is not None
@@ -167,11 +167,11 @@ def test_kill_9_mid_run_then_restart_delivers_everything(db, smtp, sidecar):
     by_id = delivered(smtp)
     # every message arrived, under the Message-ID its dedupe key gives
     assert len(by_id) == 1000
-    assert set(by_id) == {message_id(k) for k in keys.values()}
+    assert set(by_id) == {message_id("acme", k) for k in keys.values()}
     duplicates = 0
     for mid, copies in by_id.items():
         rcpt = copies[0][0][0]
-        assert mid == message_id(keys[rcpt])
+        assert mid == message_id("acme", keys[rcpt])
         # the rule: a copy sent again is the same message under the same Message-ID
         assert all(c == copies[0] for c in copies), copies
         duplicates += len(copies) - 1
@@ -211,7 +211,7 @@ def test_file_transport_and_json_logs(db, smtp, sidecar, tmp_path):
     wait_until(lambda: db.counts() == {"done": 5}, what="5 files written")
     keys = {r[0] for r in db.q("SELECT dedupe_key FROM herald.outbox")}
     files = sorted(p.name for p in maildir.iterdir())
-    assert files == sorted(message_id(k)[1:-1] + ".eml" for k in keys)
+    assert files == sorted(message_id("acme", k)[1:-1] + ".eml" for k in keys)
     import email as email_lib
     import email.policy
     for p in maildir.iterdir():

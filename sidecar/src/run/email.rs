@@ -1,7 +1,7 @@
 //! Email jobs: render the template, build a multipart/alternative message (text + html), deliver it over
 //! the provider's SMTP pool, or as a file when the provider has no SMTP URL but HERALD_MAILDIR is set.
 //!
-//! The Message-ID is derived from the job's dedupe key, `<{sha256(dedupe_key) hex[..32]}@herald>`, so a
+//! The Message-ID is derived from the job's workspace and dedupe key (`message_id`), so a
 //! message sent again after a crash (its lease expired before the result was recorded) carries the same
 //! Message-ID as the first copy and receivers can recognise it.
 //!
@@ -27,9 +27,15 @@ use super::smtp_pool::{SendError, SmtpPool};
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
 
-/// `<{sha256(dedupe_key) hex[..32]}@herald>`.
-pub fn message_id(dedupe_key: &str) -> String {
-    let digest = hex::encode(Sha256::digest(dedupe_key.as_bytes()));
+/// `<{sha256(workspace + "\n" + dedupe_key) hex[..32]}@herald>`. The workspace is part of it because
+/// dedupe keys are unique per workspace only (two workspaces may both `send()` with key "order-42"), and
+/// a bounce that names a Message-ID must name one message.
+pub fn message_id(workspace: &str, dedupe_key: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(workspace.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(dedupe_key.as_bytes());
+    let digest = hex::encode(hasher.finalize());
     format!("<{}@herald>", &digest[..32])
 }
 
@@ -87,7 +93,7 @@ impl Mailer {
     }
 
     pub async fn send(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
-        let id = message_id(&job.dedupe_key);
+        let id = message_id(&job.workspace, &job.dedupe_key);
         let message = match self.build(job, &id, renderer, vars) {
             Ok(m) => m,
             Err(error) => return Outcome::permanent(error),
@@ -285,17 +291,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn message_ids_follow_the_dedupe_key() {
-        let id = message_id("send:1");
+    fn message_ids_follow_the_workspace_and_dedupe_key() {
+        let id = message_id("acme", "send:1");
         assert_eq!(id.len(), 1 + 32 + "@herald>".len());
         assert!(id.starts_with('<') && id.ends_with("@herald>"));
-        assert_eq!(id, message_id("send:1"));
-        assert_ne!(id, message_id("send:2"));
-        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
-        assert_eq!(
-            message_id("abc"),
-            "<ba7816bf8f01cfea414140de5dae2223@herald>"
-        );
+        assert_eq!(id, message_id("acme", "send:1"));
+        assert_ne!(id, message_id("acme", "send:2"));
+        // the same key in another workspace is another message
+        assert_ne!(id, message_id("globex", "send:1"));
+        // sha256("acme\nabc")
+        assert_eq!(message_id("acme", "abc"), "<9cf5df17ede6ceb7b99c45b77006317f@herald>");
     }
 
     #[test]

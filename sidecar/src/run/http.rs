@@ -302,7 +302,7 @@ fn feedback(kind: &str, c: &Claims) -> Json {
         "kind": kind,
         "workspace": c.workspace,
         "email": c.email,
-        "message_id": message_id(&c.key),
+        "message_id": message_id(&c.workspace, &c.key),
         "payload": {"broadcast": c.broadcast, "variation": c.variation, "message": c.key, "url": c.url},
     })
 }
