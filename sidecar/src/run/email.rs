@@ -300,7 +300,10 @@ mod tests {
         // the same key in another workspace is another message
         assert_ne!(id, message_id("globex", "send:1"));
         // sha256("acme\nabc")
-        assert_eq!(message_id("acme", "abc"), "<9cf5df17ede6ceb7b99c45b77006317f@herald>");
+        assert_eq!(
+            message_id("acme", "abc"),
+            "<9cf5df17ede6ceb7b99c45b77006317f@herald>"
+        );
     }
 
     #[test]
