@@ -118,6 +118,10 @@ def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
     status, _, page = request(unsub)
     assert status == 200 and b"<form method=\"post\"" in page
     assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    # a POST without RFC 8058's body (List-Unsubscribe=One-Click) unsubscribes nobody
+    assert request(unsub, method="POST", body=b"")[0] == 400
+    assert request(unsub, method="POST", body=b"List-Unsubscribe=Maybe")[0] == 400
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
     status, _, _ = request(unsub, method="POST", body=b"List-Unsubscribe=One-Click",
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200

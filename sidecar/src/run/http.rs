@@ -246,6 +246,10 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
             Err(e) => Response::text("400 Bad Request", format!("{e}\n")),
         },
         ("POST", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
+            Ok(_) if !is_one_click(&req.body) => Response::text(
+                "400 Bad Request",
+                "a one-click unsubscribe carries List-Unsubscribe=One-Click in its body (RFC 8058)\n",
+            ),
             Ok(c) => match db.record(json!([feedback("unsubscribed", &c)])).await {
                 Ok(_) => Response::html(
                     "200 OK",
@@ -294,6 +298,16 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
         }
         _ => Response::text("404 Not Found", "not found\n"),
     }
+}
+
+/// RFC 8058: a one-click unsubscribe POST carries `List-Unsubscribe=One-Click`, form-urlencoded or as a
+/// multipart/form-data field. Anything else (an empty POST, from a scanner say) unsubscribes nobody.
+pub fn is_one_click(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body);
+    text.split('&')
+        .any(|pair| pair.trim() == "List-Unsubscribe=One-Click")
+        || (text.contains("name=\"List-Unsubscribe\"")
+            && text.lines().any(|l| l.trim() == "One-Click"))
 }
 
 /// One feedback entry for `herald.record_feedback` from a verified link.
@@ -500,6 +514,22 @@ fn confirm_page(c: &Claims) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_click_needs_the_rfc_8058_body() {
+        assert!(is_one_click(b"List-Unsubscribe=One-Click"));
+        assert!(is_one_click(b"a=1&List-Unsubscribe=One-Click\r\n"));
+        let multipart = b"--x\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--x--\r\n";
+        assert!(is_one_click(multipart));
+        for body in [
+            &b""[..],
+            b"List-Unsubscribe=Other",
+            b"One-Click",
+            b"List-Unsubscribe=One-Click-Now",
+        ] {
+            assert!(!is_one_click(body), "{}", String::from_utf8_lossy(body));
+        }
+    }
 
     #[test]
     fn generic_events_map_to_feedback_kinds() {
