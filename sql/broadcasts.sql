@@ -560,7 +560,8 @@ BEGIN
 END
 $$;
 
--- Moves every due broadcast forward, enqueueing at most max_rows contacts in all. Broadcasts another
+-- Moves every due broadcast forward and settles the jobs of paused or cancelled ones, reading at most
+-- max_rows contacts or jobs in all. Broadcasts another
 -- advancer holds are skipped (SKIP LOCKED), so any number may run. A broadcast whose step fails (an
 -- error in its segment, say) is rolled back alone, its error kept in last_error and raised as a
 -- warning; the others go on. Returns the contacts read.
