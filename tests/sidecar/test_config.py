@@ -39,6 +39,6 @@ def test_help_documents_every_setting():
     for key in ["DATABASE_URL", "HERALD_WORKER_ID", "HERALD_CONCURRENCY", "HERALD_POLL_INTERVAL_MS",
                 "HERALD_LEASE_SECONDS", "HERALD_SMTP_URL_", "HERALD_MAILDIR", "HERALD_FROM", "HERALD_WEBHOOK_SECRET",
                 "HERALD_WEBHOOK_ALLOW", "HERALD_METRICS_ADDR", "HERALD_UNSUBSCRIBE_URL", "HERALD_LOG_FORMAT",
-                "HERALD_SHUTDOWN_GRACE_SECONDS"]:
+                "HERALD_SHUTDOWN_GRACE_SECONDS", "HERALD_SENDGRID_VERIFICATION_KEY"]:
         assert key in out, key
     assert "s3cret" not in out

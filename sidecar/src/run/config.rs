@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lettre::message::Mailbox;
+use p256::ecdsa::VerifyingKey;
 
+use super::http::parse_sendgrid_key;
 use super::webhook::AllowList;
 
 /// Prefix of the per-provider SMTP settings: `HERALD_SMTP_URL_<NAME>` (provider name upper-cased, `-` as `_`).
@@ -103,6 +105,11 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub events_token: Option<String>,
+    /// SendGrid's Signed Event Webhook verification key (the base64 public key SendGrid shows). With
+    /// it, POST /events/sendgrid needs a valid signature over a timestamp at most 5 minutes off, and
+    /// no longer needs HERALD_EVENTS_TOKEN. Needs HERALD_HTTP_ADDR.
+    #[arg(long, value_name = "KEY", env = "HERALD_SENDGRID_VERIFICATION_KEY")]
+    pub sendgrid_verification_key: Option<String>,
     /// Log format: text or json. Default: text.
     #[arg(long, value_name = "FORMAT", env = "HERALD_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -128,6 +135,7 @@ const KEYS: &[&str] = &[
     "HERALD_PUBLIC_URL",
     "HERALD_LINK_SECRET",
     "HERALD_EVENTS_TOKEN",
+    "HERALD_SENDGRID_VERIFICATION_KEY",
     "HERALD_LOG_FORMAT",
     "HERALD_SHUTDOWN_GRACE_SECONDS",
 ];
@@ -294,6 +302,8 @@ pub struct HttpSide {
     pub public_url: String,
     pub link_secret: Secret,
     pub events_token: Option<Secret>,
+    /// SendGrid's Signed Event Webhook key: when set, /events/sendgrid is checked by signature.
+    pub sendgrid_key: Option<VerifyingKey>,
 }
 
 /// The key a provider's SMTP URL is stored under: `my-esp` → `MY_ESP`.
@@ -329,6 +339,10 @@ impl Config {
             ("HERALD_PUBLIC_URL", args.public_url),
             ("HERALD_LINK_SECRET", args.link_secret),
             ("HERALD_EVENTS_TOKEN", args.events_token),
+            (
+                "HERALD_SENDGRID_VERIFICATION_KEY",
+                args.sendgrid_verification_key,
+            ),
             ("HERALD_LOG_FORMAT", args.log_format),
             ("HERALD_SHUTDOWN_GRACE_SECONDS", args.shutdown_grace_seconds),
         ];
@@ -422,11 +436,20 @@ impl Config {
             })
             .transpose()?;
 
+        // validated before the HTTP side so that a bad key is named even when the side is incomplete
+        let sendgrid_key = get("HERALD_SENDGRID_VERIFICATION_KEY")
+            .map(|k| {
+                parse_sendgrid_key(k).map_err(|e| anyhow!("HERALD_SENDGRID_VERIFICATION_KEY: {e}"))
+            })
+            .transpose()?;
         let http = match (
             get("HERALD_HTTP_ADDR"),
             get("HERALD_PUBLIC_URL"),
             get("HERALD_LINK_SECRET"),
         ) {
+            (None, None, None) if sendgrid_key.is_some() => bail!(
+                "HERALD_SENDGRID_VERIFICATION_KEY: SendGrid events arrive through the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too"
+            ),
             (None, None, None) => None,
             (Some(addr), Some(public), Some(secret)) => {
                 let addr = addr.parse::<SocketAddr>().map_err(|_| {
@@ -446,6 +469,7 @@ impl Config {
                     public_url: public.as_str().trim_end_matches('/').to_string(),
                     link_secret: Secret(secret.to_string()),
                     events_token: get("HERALD_EVENTS_TOKEN").map(|t| Secret(t.to_string())),
+                    sendgrid_key,
                 })
             }
             _ => bail!(
@@ -719,6 +743,44 @@ mod tests {
             assert!(e.starts_with(k), "{e}");
             assert!(!e.contains("short"), "the secret is not echoed: {e}");
         }
+    }
+
+    #[test]
+    fn sendgrid_verification_key_is_a_p256_key_on_the_http_side() {
+        let key = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvl8xDT8gYPEN/AJ1nDAHCdeYcjsCC/pPZ1x2Z5qSAWcpZreqWAbg9tVykL0Og7/JuCctZSXvoKi9otsL+tpGew==";
+        let side = [
+            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
+            ("HERALD_PUBLIC_URL", "https://mail.acme.test"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+        ];
+        let mut m = map(&side);
+        let c = Config::from_map(&m).unwrap();
+        assert!(c.http.as_ref().unwrap().sendgrid_key.is_none());
+        m.insert(
+            "HERALD_SENDGRID_VERIFICATION_KEY".into(),
+            format!(" {key}\n"),
+        );
+        let c = Config::from_map(&m).unwrap();
+        assert!(c.http.as_ref().unwrap().sendgrid_key.is_some());
+        // a P-384 key, an RSA-sized blob, text: refused at start, naming the setting
+        for bad in [
+            "MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEMMt3D8OUjxVzmIFsc1WkclS/rvbq+/wtd4wfGUvZDP3h0Ot5ID+7cRFyM+ZUEq2x5Rw4NqwkQSX9ucsxO+OfP5lcygmnSyaWWRGsCAWuOwLTRxfvypRhYsc9rCcA8Z5P",
+            "aGVsbG8gd29ybGQ=",
+            "not a key",
+        ] {
+            m.insert("HERALD_SENDGRID_VERIFICATION_KEY".into(), bad.into());
+            let e = Config::from_map(&m).unwrap_err().to_string();
+            assert!(e.starts_with("HERALD_SENDGRID_VERIFICATION_KEY: not "), "{e}");
+        }
+        // without the HTTP side nothing would receive SendGrid's events
+        let e = Config::from_map(&map(&[("HERALD_SENDGRID_VERIFICATION_KEY", key)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("HERALD_SENDGRID_VERIFICATION_KEY") && e.contains("HERALD_HTTP_ADDR"),
+            "{e}"
+        );
+        assert!(parse_toml(&format!("HERALD_SENDGRID_VERIFICATION_KEY = \"{key}\"")).is_ok());
     }
 
     #[test]

@@ -9,11 +9,18 @@
 //!
 //! Tokens are signed (`links.rs`): a forged or altered one is refused and records nothing. The
 //! provider endpoints need `Authorization: Bearer <HERALD_EVENTS_TOKEN>` (or Basic with the token as
-//! password). Every request records its facts with ONE `herald.record_feedback` call. A tiny
-//! HTTP/1.1 server, one request per connection.
+//! password); with HERALD_SENDGRID_VERIFICATION_KEY, /events/sendgrid instead needs SendGrid's ECDSA
+//! signature over a fresh timestamp and the body (`verify_sendgrid`). Every request records its facts
+//! with ONE `herald.record_feedback` call. A tiny HTTP/1.1 server, one request per connection.
 
+use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use p256::ecdsa::signature::MultipartVerifier as _;
+use p256::ecdsa::{Signature, VerifyingKey};
+use p256::pkcs8::DecodePublicKey as _;
 
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,8 +75,19 @@ struct Request {
     method: String,
     path: String,
     query: String,
-    authorization: Option<String>,
+    /// Header names lower-cased, in the order received.
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
+}
+
+impl Request {
+    /// The first header of that (lower-case) name.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 struct Response {
@@ -188,21 +206,20 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, 
     let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut length = 0usize;
-    let mut authorization = None;
+    let mut headers = Vec::new();
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
-        match name.trim().to_ascii_lowercase().as_str() {
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        match name.as_str() {
             "content-length" => {
                 length = value
-                    .trim()
                     .parse()
                     .map_err(|_| ("400 Bad Request", "Content-Length is not a number"))?
             }
-            "authorization" => authorization = Some(value.trim().to_string()),
             // a chunked body would otherwise read as empty and be refused as "not JSON"
-            "transfer-encoding" if !value.trim().eq_ignore_ascii_case("identity") => {
+            "transfer-encoding" if !value.eq_ignore_ascii_case("identity") => {
                 return Err((
                     "411 Length Required",
                     "chunked bodies are not accepted; send the body with Content-Length",
@@ -210,6 +227,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, 
             }
             _ => {}
         }
+        headers.push((name, value.to_string()));
     }
     if length > MAX_BODY {
         return Err((
@@ -231,7 +249,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, 
         method: method.to_string(),
         path: path.to_string(),
         query: query.to_string(),
-        authorization,
+        headers,
         body,
     })
 }
@@ -246,9 +264,9 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
             Err(e) => Response::text("400 Bad Request", format!("{e}\n")),
         },
         ("POST", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
-            Ok(_) if !is_one_click(&req.body) => Response::text(
+            Ok(_) if !is_one_click(req.header("content-type"), &req.body) => Response::text(
                 "400 Bad Request",
-                "a one-click unsubscribe carries List-Unsubscribe=One-Click in its body (RFC 8058)\n",
+                "a one-click unsubscribe carries List-Unsubscribe=One-Click in a form-urlencoded or multipart/form-data body (RFC 8058)\n",
             ),
             Ok(c) => match db.record(json!([feedback("unsubscribed", &c)])).await {
                 Ok(_) => Response::html(
@@ -300,14 +318,64 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
     }
 }
 
-/// RFC 8058: a one-click unsubscribe POST carries `List-Unsubscribe=One-Click`, form-urlencoded or as a
-/// multipart/form-data field. Anything else (an empty POST, from a scanner say) unsubscribes nobody.
-pub fn is_one_click(body: &[u8]) -> bool {
+/// RFC 8058: a one-click unsubscribe POST carries the field `List-Unsubscribe=One-Click`, as
+/// multipart/form-data or application/x-www-form-urlencoded (also assumed without a Content-Type).
+/// Anything else (an empty POST from a link scanner, another media type) unsubscribes nobody.
+pub fn is_one_click(content_type: Option<&str>, body: &[u8]) -> bool {
+    let content_type = content_type.unwrap_or("application/x-www-form-urlencoded");
+    let mut params = content_type.split(';');
+    let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
+    match media.as_str() {
+        "application/x-www-form-urlencoded" => url::form_urlencoded::parse(body)
+            .any(|(k, v)| k == ONE_CLICK_FIELD && v.trim_end() == ONE_CLICK_VALUE),
+        "multipart/form-data" => params
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+            .map(|(_, b)| b.trim().trim_matches('"'))
+            .is_some_and(|boundary| multipart_one_click(body, boundary)),
+        _ => false,
+    }
+}
+
+const ONE_CLICK_FIELD: &str = "List-Unsubscribe";
+const ONE_CLICK_VALUE: &str = "One-Click";
+
+/// Whether a multipart/form-data body has a part named `List-Unsubscribe` whose value is `One-Click`
+/// (RFC 7578: parts are separated by `--boundary`, each is headers, a blank line, the value).
+fn multipart_one_click(body: &[u8], boundary: &str) -> bool {
+    if boundary.is_empty() {
+        return false;
+    }
     let text = String::from_utf8_lossy(body);
-    text.split('&')
-        .any(|pair| pair.trim() == "List-Unsubscribe=One-Click")
-        || (text.contains("name=\"List-Unsubscribe\"")
-            && text.lines().any(|l| l.trim() == "One-Click"))
+    let delimiter = format!("--{boundary}");
+    text.split(delimiter.as_str()).skip(1).any(|part| {
+        let part = part
+            .strip_prefix("\r\n")
+            .or_else(|| part.strip_prefix('\n'));
+        let Some((head, value)) =
+            part.and_then(|p| p.split_once("\r\n\r\n").or_else(|| p.split_once("\n\n")))
+        else {
+            return false;
+        };
+        let named = head.lines().any(|line| {
+            let Some((name, rest)) = line.split_once(':') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("content-disposition")
+                && rest.split(';').skip(1).any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("name")
+                            && v.trim().trim_matches('"') == ONE_CLICK_FIELD
+                    })
+                })
+        });
+        // the CRLF before the next delimiter belongs to the delimiter, not the value
+        let value = value
+            .strip_suffix("\r\n")
+            .or_else(|| value.strip_suffix('\n'))
+            .unwrap_or(value);
+        named && value.trim() == ONE_CLICK_VALUE
+    })
 }
 
 /// One feedback entry for `herald.record_feedback` from a verified link.
@@ -322,17 +390,8 @@ fn feedback(kind: &str, c: &Claims) -> Json {
 }
 
 async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) -> Response {
-    let Some(token) = &side.events_token else {
-        return Response::text(
-            "404 Not Found",
-            "provider events are off (no HERALD_EVENTS_TOKEN)\n",
-        );
-    };
-    if !authorized(req.authorization.as_deref(), token.0.as_bytes()) {
-        return Response::text(
-            "401 Unauthorized",
-            "missing or wrong token (Authorization: Bearer <token>, or Basic with the token as password)\n",
-        );
+    if let Some(refused) = provider_refusal(req, format, side) {
+        return refused;
     }
     let Ok(body) = serde_json::from_slice::<Json>(&req.body) else {
         return Response::text("400 Bad Request", "the body is not JSON\n");
@@ -379,6 +438,157 @@ async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) 
         ),
         Err(e) => server_error("provider events", &e),
     }
+}
+
+/// Who may post provider events: with a SendGrid verification key, /events/sendgrid takes SendGrid's
+/// signature instead of the token (the signature also proves the body was not altered, and SendGrid
+/// sends it whatever the webhook URL holds); every other case needs HERALD_EVENTS_TOKEN. `None`: go on.
+fn provider_refusal(req: &Request, format: &str, side: &HttpSide) -> Option<Response> {
+    if format == "sendgrid" {
+        if let Some(key) = &side.sendgrid_key {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let checked = verify_sendgrid(
+                key,
+                req.header(SENDGRID_SIGNATURE),
+                req.header(SENDGRID_TIMESTAMP),
+                &req.body,
+                now,
+            );
+            return checked.err().map(|refusal| {
+                tracing::info!(reason = %refusal, "http: SendGrid events refused");
+                Response::text(refusal.status(), format!("{refusal}\n"))
+            });
+        }
+    }
+    let Some(token) = &side.events_token else {
+        return Some(Response::text(
+            "404 Not Found",
+            "provider events are off (no HERALD_EVENTS_TOKEN)\n",
+        ));
+    };
+    if !authorized(req.header("authorization"), token.0.as_bytes()) {
+        return Some(Response::text(
+            "401 Unauthorized",
+            "missing or wrong token (Authorization: Bearer <token>, or Basic with the token as password)\n",
+        ));
+    }
+    None
+}
+
+/// SendGrid's Signed Event Webhook headers (names lower-cased as `Request` keeps them).
+const SENDGRID_SIGNATURE: &str = "x-twilio-email-event-webhook-signature";
+const SENDGRID_TIMESTAMP: &str = "x-twilio-email-event-webhook-timestamp";
+/// How far a signed request's timestamp may be from now, either way: a captured request can be
+/// replayed only this long, and this much clock difference is tolerated.
+pub const SENDGRID_MAX_SKEW_SECS: i64 = 5 * 60;
+
+/// Why a SendGrid verification key from the settings was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendgridKeyError {
+    NotBase64,
+    NotP256,
+}
+
+impl fmt::Display for SendgridKeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotBase64 => "not base64 (paste the verification key SendGrid shows for the Signed Event Webhook)",
+            Self::NotP256 => "not a P-256 (prime256v1) public key in DER SubjectPublicKeyInfo form, as SendGrid shows it",
+        })
+    }
+}
+
+impl std::error::Error for SendgridKeyError {}
+
+/// The key SendGrid shows: base64 of a DER SubjectPublicKeyInfo of a P-256 key. PEM armour
+/// (`-----BEGIN PUBLIC KEY-----` lines) and line breaks are tolerated, since copies often carry them.
+pub fn parse_sendgrid_key(text: &str) -> Result<VerifyingKey, SendgridKeyError> {
+    let b64: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("-----"))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| SendgridKeyError::NotBase64)?;
+    // checks the algorithm (id-ecPublicKey), the curve (P-256) and that the point is on it
+    VerifyingKey::from_public_key_der(&der).map_err(|_| SendgridKeyError::NotP256)
+}
+
+/// Why a request to /events/sendgrid was refused when signatures are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendgridRefusal {
+    MissingSignature,
+    MissingTimestamp,
+    BadTimestamp,
+    StaleTimestamp,
+    MalformedSignature,
+    WrongSignature,
+}
+
+impl SendgridRefusal {
+    /// 401 when the request carries no signature at all, 403 when it carries a bad one.
+    pub fn status(self) -> &'static str {
+        match self {
+            Self::MissingSignature | Self::MissingTimestamp => "401 Unauthorized",
+            _ => "403 Forbidden",
+        }
+    }
+}
+
+impl fmt::Display for SendgridRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MissingSignature => "unsigned: X-Twilio-Email-Event-Webhook-Signature is missing",
+            Self::MissingTimestamp => "unsigned: X-Twilio-Email-Event-Webhook-Timestamp is missing",
+            Self::BadTimestamp => {
+                "X-Twilio-Email-Event-Webhook-Timestamp is not a Unix time in seconds"
+            }
+            Self::StaleTimestamp => "the signed timestamp is more than 5 minutes from now",
+            Self::MalformedSignature => {
+                "the signature is not base64 of a DER-encoded ECDSA signature"
+            }
+            Self::WrongSignature => {
+                "the signature does not match this body, timestamp and verification key"
+            }
+        })
+    }
+}
+
+/// SendGrid's Signed Event Webhook: an ECDSA P-256/SHA-256 signature (base64 of DER) over the bytes
+/// of the timestamp header followed by the raw body, with the timestamp (Unix seconds) within
+/// `SENDGRID_MAX_SKEW_SECS` of `now` so that a captured request cannot be replayed later.
+pub fn verify_sendgrid(
+    key: &VerifyingKey,
+    signature: Option<&str>,
+    timestamp: Option<&str>,
+    body: &[u8],
+    now: i64,
+) -> Result<(), SendgridRefusal> {
+    let signature = signature
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or(SendgridRefusal::MissingSignature)?;
+    let timestamp = timestamp
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(SendgridRefusal::MissingTimestamp)?;
+    let at: i64 = timestamp
+        .parse()
+        .ok()
+        .filter(|_| timestamp.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or(SendgridRefusal::BadTimestamp)?;
+    if now.abs_diff(at) > SENDGRID_MAX_SKEW_SECS.unsigned_abs() {
+        return Err(SendgridRefusal::StaleTimestamp);
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| SendgridRefusal::MalformedSignature)?;
+    let signature = Signature::from_der(&der).map_err(|_| SendgridRefusal::MalformedSignature)?;
+    key.multipart_verify(&[timestamp.as_bytes(), body], &signature)
+        .map_err(|_| SendgridRefusal::WrongSignature)
 }
 
 /// herald's own format: `{"events": [{"type": "bounce" | "complaint" | "unsubscribe", "bounce_type":
@@ -451,7 +661,6 @@ pub fn sendgrid_events(body: &Json) -> Result<Vec<Json>, String> {
 /// `Bearer <token>`, or `Basic base64(<any user>:<token>)` for providers that can only put
 /// credentials into the webhook URL (SendGrid's `https://user:token@host/events/sendgrid`).
 fn authorized(header: Option<&str>, token: &[u8]) -> bool {
-    use base64::Engine as _;
     let Some((scheme, value)) = header.and_then(|h| h.trim().split_once(' ')) else {
         return false;
     };
@@ -517,18 +726,268 @@ mod tests {
 
     #[test]
     fn one_click_needs_the_rfc_8058_body() {
-        assert!(is_one_click(b"List-Unsubscribe=One-Click"));
-        assert!(is_one_click(b"a=1&List-Unsubscribe=One-Click\r\n"));
+        let form = Some("application/x-www-form-urlencoded");
+        assert!(is_one_click(form, b"List-Unsubscribe=One-Click"));
+        assert!(is_one_click(form, b"a=1&List-Unsubscribe=One-Click\r\n"));
+        assert!(is_one_click(
+            Some("application/x-www-form-urlencoded; charset=UTF-8"),
+            b"List-Unsubscribe=One%2DClick"
+        ));
+        // no Content-Type: read as a form
+        assert!(is_one_click(None, b"List-Unsubscribe=One-Click"));
+        // what confirm_page's form posts (a browser sends its fields form-urlencoded)
+        assert!(confirm_page_posts_one_click());
         let multipart = b"--x\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--x--\r\n";
-        assert!(is_one_click(multipart));
+        assert!(is_one_click(
+            Some("multipart/form-data; boundary=x"),
+            multipart
+        ));
+        assert!(is_one_click(
+            Some("Multipart/Form-Data; boundary=\"x\""),
+            multipart
+        ));
         for body in [
             &b""[..],
             b"List-Unsubscribe=Other",
             b"One-Click",
             b"List-Unsubscribe=One-Click-Now",
+            b"list-unsubscribe=One-Click",
         ] {
-            assert!(!is_one_click(body), "{}", String::from_utf8_lossy(body));
+            assert!(
+                !is_one_click(form, body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
+        // the right words in the wrong media type, or in the wrong multipart field
+        assert!(!is_one_click(
+            Some("application/json"),
+            b"List-Unsubscribe=One-Click"
+        ));
+        assert!(
+            !is_one_click(Some("multipart/form-data"), multipart),
+            "no boundary"
+        );
+        assert!(!is_one_click(
+            Some("multipart/form-data; boundary=y"),
+            multipart
+        ));
+        let other_field = b"--x\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nNo\r\n--x\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nOne-Click\r\n--x--\r\n";
+        assert!(!is_one_click(
+            Some("multipart/form-data; boundary=x"),
+            other_field
+        ));
+        assert!(!is_one_click(
+            Some("multipart/form-data; boundary=x"),
+            b"List-Unsubscribe=One-Click"
+        ));
+    }
+
+    /// The hidden field of the confirmation page, posted as a browser would.
+    fn confirm_page_posts_one_click() -> bool {
+        let page = confirm_page(&Claims {
+            purpose: Purpose::Unsubscribe,
+            workspace: "w".into(),
+            email: "a@x.example".into(),
+            key: "k".into(),
+            broadcast: None,
+            variation: None,
+            url: None,
+        });
+        let input = page
+            .split("<input ")
+            .nth(1)
+            .and_then(|i| i.split('>').next())
+            .unwrap_or("");
+        let attr = |name: &str| {
+            input
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair(&attr("name"), &attr("value"))
+            .finish();
+        page.contains("<form method=\"post\">")
+            && is_one_click(Some("application/x-www-form-urlencoded"), body.as_bytes())
+    }
+
+    /// SendGrid's key for the tests, from a fixed scalar (signing is deterministic, RFC 6979).
+    fn sendgrid_pair() -> (p256::ecdsa::SigningKey, VerifyingKey) {
+        let signing = p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).expect("a valid scalar");
+        let verifying = *signing.verifying_key();
+        (signing, verifying)
+    }
+
+    fn sendgrid_sign(key: &p256::ecdsa::SigningKey, timestamp: &str, body: &[u8]) -> String {
+        use p256::ecdsa::signature::Signer as _;
+        let mut message = timestamp.as_bytes().to_vec();
+        message.extend_from_slice(body);
+        let signature: Signature = key.sign(&message);
+        base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes())
+    }
+
+    #[test]
+    fn sendgrid_signatures_verify_over_timestamp_and_body() {
+        use p256::pkcs8::EncodePublicKey as _;
+        let (signing, verifying) = sendgrid_pair();
+        let now = 1_800_000_000;
+        let body = br#"[{"email":"a@x.example","event":"bounce"}]"#;
+        let ts = now.to_string();
+        let sig = sendgrid_sign(&signing, &ts, body);
+        assert_eq!(
+            verify_sendgrid(&verifying, Some(&sig), Some(&ts), body, now),
+            Ok(())
+        );
+        // the key as SendGrid shows it (base64 DER SubjectPublicKeyInfo) round-trips
+        let shown = base64::engine::general_purpose::STANDARD
+            .encode(verifying.to_public_key_der().expect("encodable").as_bytes());
+        let parsed = parse_sendgrid_key(&shown).expect("SendGrid's key form");
+        assert_eq!(
+            verify_sendgrid(&parsed, Some(&sig), Some(&ts), body, now + 299),
+            Ok(())
+        );
+
+        // a changed body, timestamp or key, or a garbled signature, does not verify
+        let mut tampered = body.to_vec();
+        tampered[3] ^= 1;
+        let wrong = Err(SendgridRefusal::WrongSignature);
+        assert_eq!(
+            verify_sendgrid(&verifying, Some(&sig), Some(&ts), &tampered, now),
+            wrong
+        );
+        let ts2 = (now + 1).to_string();
+        assert_eq!(
+            verify_sendgrid(&verifying, Some(&sig), Some(&ts2), body, now),
+            wrong
+        );
+        let other = *p256::ecdsa::SigningKey::from_slice(&[0x43; 32])
+            .expect("a valid scalar")
+            .verifying_key();
+        assert_eq!(
+            verify_sendgrid(&other, Some(&sig), Some(&ts), body, now),
+            wrong
+        );
+        assert_eq!(
+            verify_sendgrid(&verifying, Some("bm90IGRlcg=="), Some(&ts), body, now),
+            Err(SendgridRefusal::MalformedSignature)
+        );
+        assert_eq!(
+            verify_sendgrid(&verifying, Some("%%%"), Some(&ts), body, now),
+            Err(SendgridRefusal::MalformedSignature)
+        );
+
+        // stale or future timestamps (over 5 minutes), even correctly signed, are refused
+        for at in [now - 301, now + 301, 0] {
+            let at_text = at.to_string();
+            let sig = sendgrid_sign(&signing, &at_text, body);
+            assert_eq!(
+                verify_sendgrid(&verifying, Some(&sig), Some(&at_text), body, now),
+                Err(SendgridRefusal::StaleTimestamp),
+                "{at}"
+            );
+        }
+        let sig_300 = sendgrid_sign(&signing, &(now - 300).to_string(), body);
+        assert_eq!(
+            verify_sendgrid(
+                &verifying,
+                Some(&sig_300),
+                Some(&(now - 300).to_string()),
+                body,
+                now
+            ),
+            Ok(())
+        );
+        for bad in ["soon", "-1", "+1800000000", "1.8e9", "99999999999999999999"] {
+            assert_eq!(
+                verify_sendgrid(&verifying, Some(&sig), Some(bad), body, now),
+                Err(SendgridRefusal::BadTimestamp),
+                "{bad}"
+            );
+        }
+
+        // unsigned requests: 401; badly signed ones: 403
+        assert_eq!(
+            verify_sendgrid(&verifying, None, Some(&ts), body, now),
+            Err(SendgridRefusal::MissingSignature)
+        );
+        assert_eq!(
+            verify_sendgrid(&verifying, Some(&sig), Some(" "), body, now),
+            Err(SendgridRefusal::MissingTimestamp)
+        );
+        assert!(SendgridRefusal::MissingSignature
+            .status()
+            .starts_with("401"));
+        assert!(SendgridRefusal::WrongSignature.status().starts_with("403"));
+        assert!(SendgridRefusal::StaleTimestamp.status().starts_with("403"));
+    }
+
+    /// A key, signature and body made by another implementation (Python `cryptography`), so the
+    /// byte layout (timestamp then body, DER signature, SPKI key) is checked, not only a round trip.
+    #[test]
+    fn sendgrid_signature_from_another_implementation() {
+        let key = parse_sendgrid_key(
+            "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvl8xDT8gYPEN/AJ1nDAHCdeYcjsCC/pPZ1x2Z5qSAWcpZreqWAbg9tVykL0Og7/JuCctZSXvoKi9otsL+tpGew==",
+        )
+        .expect("a P-256 key");
+        let sig = "MEYCIQCpTbecBQq0/U9zBfsQJAVu1gTHDjZDCKNmVQHzol0AhwIhAJ8geQ8geWrdVxlfD0WoLq6rMJSXej6HqLAZbf59HwcF";
+        let body = b"[{\"email\":\"a@x.example\",\"event\":\"bounce\"}]\r\n";
+        let ts = "1700000000";
+        assert_eq!(
+            verify_sendgrid(&key, Some(sig), Some(ts), body, 1_700_000_060),
+            Ok(())
+        );
+        assert_eq!(
+            verify_sendgrid(
+                &key,
+                Some(sig),
+                Some(ts),
+                &body[..body.len() - 2],
+                1_700_000_060
+            ),
+            Err(SendgridRefusal::WrongSignature)
+        );
+    }
+
+    #[test]
+    fn sendgrid_keys_must_be_p256_public_keys() {
+        let p256 = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvl8xDT8gYPEN/AJ1nDAHCdeYcjsCC/pPZ1x2Z5qSAWcpZreqWAbg9tVykL0Og7/JuCctZSXvoKi9otsL+tpGew==";
+        assert!(parse_sendgrid_key(p256).is_ok());
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n{}\n-----END PUBLIC KEY-----\n",
+            &p256[..64],
+            &p256[64..]
+        );
+        assert!(
+            parse_sendgrid_key(&pem).is_ok(),
+            "PEM armour and line breaks"
+        );
+        let p384 = "MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEMMt3D8OUjxVzmIFsc1WkclS/rvbq+/wtd4wfGUvZDP3h0Ot5ID+7cRFyM+ZUEq2x5Rw4NqwkQSX9ucsxO+OfP5lcygmnSyaWWRGsCAWuOwLTRxfvypRhYsc9rCcA8Z5P";
+        assert_eq!(
+            parse_sendgrid_key(p384).err(),
+            Some(SendgridKeyError::NotP256)
+        );
+        assert_eq!(
+            parse_sendgrid_key("not base64!").err(),
+            Some(SendgridKeyError::NotBase64)
+        );
+        assert_eq!(
+            parse_sendgrid_key("aGVsbG8=").err(),
+            Some(SendgridKeyError::NotP256)
+        );
+        // a point off the curve: the last coordinate byte changed
+        let mut der = base64::engine::general_purpose::STANDARD
+            .decode(p256)
+            .expect("base64");
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        let off_curve = base64::engine::general_purpose::STANDARD.encode(der);
+        assert_eq!(
+            parse_sendgrid_key(&off_curve).err(),
+            Some(SendgridKeyError::NotP256)
+        );
     }
 
     #[test]

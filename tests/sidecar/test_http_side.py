@@ -1,0 +1,215 @@
+"""Guards of the HTTP side, end to end through `herald run`: SendGrid's Signed Event Webhook
+(HERALD_SENDGRID_VERIFICATION_KEY) and RFC 8058's one-click body on POST /u/<token>. A refused request
+must record nothing: no suppression, no event."""
+
+import base64
+import json
+import socket
+import time
+import uuid
+from html.parser import HTMLParser
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import free_port, wait_until
+from test_broadcast import EVENTS_TOKEN, add_contacts, http_side, request
+
+SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
+TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
+
+
+def new_key():
+    """(private key, the verification key as SendGrid shows it: base64 of a DER SubjectPublicKeyInfo)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(der).decode()
+
+
+def signed(private, body, at=None):
+    """SendGrid's headers: base64(DER ECDSA-P256-SHA256(timestamp || body))."""
+    ts = str(int(time.time()) if at is None else at)
+    sig = private.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))
+    return {SIGNATURE: base64.b64encode(sig).decode(), TIMESTAMP: ts, "Content-Type": "application/json"}
+
+
+def wait_http(port):
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_until(up, timeout=30, what="the HTTP side to listen")
+
+
+def send_to(db, smtp, emails):
+    """Mails each address once through the daemon; returns address → Message-ID as sent."""
+    db.q("SELECT herald.upsert_template('acme', 'news', 'News', '<p>n</p>')")
+    before = smtp.count()
+    for e in emails:
+        db.q("SELECT herald.send('acme', %s, 'news')", e)
+    wait_until(lambda: db.counts().get("done") == before + len(emails), timeout=30, what="the messages sent")
+    return {rcpts[0]: m for rcpts, m, _ in smtp.snapshot()}
+
+
+def bounce(email, mid):
+    return json.dumps([{"email": email, "event": "bounce", "type": "bounce", "smtp-id": mid,
+                        "reason": "550 5.1.1 unknown user", "sg_event_id": uuid.uuid4().hex}]).encode()
+
+
+def test_sendgrid_signed_events_are_verified_and_others_refused(db, smtp, sidecar):
+    add_contacts(db, 3)
+    private, shown = new_key()
+    port = free_port()
+    sidecar(**http_side(port), HERALD_SENDGRID_VERIFICATION_KEY=shown)
+    wait_http(port)
+    sent = send_to(db, smtp, ["r0@example.com", "r1@example.com", "r2@example.com"])
+    mid = {e: m["Message-ID"] for e, m in sent.items()}
+    url = f"http://127.0.0.1:{port}/events/sendgrid"
+
+    # refused, each with a short reason, and nothing recorded
+    body = bounce("r1@example.com", mid["r1@example.com"])
+    other, _ = new_key()
+    now = int(time.time())
+    token = {"Authorization": f"Bearer {EVENTS_TOKEN}", "Content-Type": "application/json"}
+    refusals = [
+        ("unsigned", {"Content-Type": "application/json"}, body, 401, b"unsigned"),
+        ("the events token instead of a signature", token, body, 401, b"unsigned"),
+        ("signature without its timestamp", {SIGNATURE: signed(private, body)[SIGNATURE]}, body, 401,
+         b"Timestamp is missing"),
+        ("signed by another key", signed(other, body), body, 403, b"does not match"),
+        ("body changed after signing", signed(private, body),
+         bounce("r2@example.com", mid["r2@example.com"]), 403, b"does not match"),
+        ("timestamp changed after signing", {**signed(private, body, now), TIMESTAMP: str(now + 1)}, body, 403,
+         b"does not match"),
+        ("stale: signed 10 minutes ago", signed(private, body, now - 600), body, 403, b"5 minutes"),
+        ("from the future: 10 minutes ahead", signed(private, body, now + 600), body, 403, b"5 minutes"),
+        ("not a signature", {**signed(private, body), SIGNATURE: "bm90IGEgc2lnbmF0dXJl"}, body, 403,
+         b"DER-encoded"),
+        ("timestamp not a number", {**signed(private, body), TIMESTAMP: "soon"}, body, 403, b"Unix time"),
+    ]
+    for what, headers, payload, want, reason in refusals:
+        status, _, reply = request(url, "POST", payload, headers)
+        assert (status, reason in reply) == (want, True), (what, status, reply)
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'email.bounced'") == 0
+
+    # correctly signed: recorded, whatever Authorization says (the signature is the credential)
+    status, _, reply = request(url, "POST", body, signed(private, body))
+    assert status == 200 and json.loads(reply) == {"received": 1, "recorded": 1}, reply
+    complaint = json.dumps([{"email": "r0@example.com", "event": "spamreport",
+                             "smtp-id": mid["r0@example.com"]}]).encode()
+    status, _, reply = request(url, "POST", complaint,
+                               {**signed(private, complaint, now - 290), "Authorization": "Bearer wrong"})
+    assert status == 200 and json.loads(reply) == {"received": 1, "recorded": 1}, reply
+    assert db.q("SELECT email, reason FROM herald.suppressions ORDER BY email") == [
+        ("r0@example.com", "complaint"), ("r1@example.com", "hard_bounce")]
+    assert db.q("SELECT email, kind FROM herald.events WHERE kind LIKE 'email.%' ORDER BY email") == [
+        ("r0@example.com", "email.complained"), ("r1@example.com", "email.bounced")]
+
+    # herald's own format keeps its token
+    generic = json.dumps({"events": [{"type": "bounce", "message_id": mid["r2@example.com"]}]}).encode()
+    assert request(f"http://127.0.0.1:{port}/events/generic", "POST", generic, signed(private, generic))[0] == 401
+    assert db.one("SELECT count(*) FROM herald.suppressions WHERE email = 'r2@example.com'") == 0
+    status, _, reply = request(f"http://127.0.0.1:{port}/events/generic", "POST", generic, token)
+    assert status == 200 and json.loads(reply) == {"received": 1, "recorded": 1}
+
+
+def test_sendgrid_key_alone_turns_on_only_the_sendgrid_endpoint(db, smtp, sidecar):
+    add_contacts(db, 1)
+    private, shown = new_key()
+    port = free_port()
+    sidecar(**{**http_side(port), "HERALD_EVENTS_TOKEN": None, "HERALD_SENDGRID_VERIFICATION_KEY": shown})
+    wait_http(port)
+    base = f"http://127.0.0.1:{port}"
+    body = json.dumps([{"email": "r0@example.com", "event": "bounce"}]).encode()
+    assert request(f"{base}/events/sendgrid?workspace=acme", "POST", body)[0] == 401
+    status, _, reply = request(f"{base}/events/sendgrid?workspace=acme", "POST", body, signed(private, body))
+    assert status == 200 and json.loads(reply) == {"received": 1, "recorded": 1}, reply
+    assert db.q("SELECT email, reason FROM herald.suppressions") == [("r0@example.com", "hard_bounce")]
+    generic = json.dumps({"events": [{"type": "complaint", "email": "r0@example.com", "workspace": "acme"}]})
+    assert request(f"{base}/events/generic", "POST", generic.encode(),
+                   {"Authorization": f"Bearer {EVENTS_TOKEN}"})[0] == 404
+
+
+def test_a_bad_sendgrid_key_stops_the_start_naming_the_setting(db, smtp, sidecar):
+    _, shown = new_key()
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for bad, says in [(base64.b64encode(p384).decode(), "not a P-256"), ("not-a-key!", "not base64"),
+                      (shown[:-8], "not a P-256")]:
+        s = sidecar(**http_side(free_port()), HERALD_SENDGRID_VERIFICATION_KEY=bad)
+        assert s.wait(timeout=30) != 0
+        assert f"HERALD_SENDGRID_VERIFICATION_KEY: {says}" in s.log(), s.log()
+    s = sidecar(HERALD_SENDGRID_VERIFICATION_KEY=shown)
+    assert s.wait(timeout=30) != 0
+    assert "HERALD_SENDGRID_VERIFICATION_KEY: SendGrid events arrive through the HTTP side" in s.log(), s.log()
+
+
+class Forms(HTMLParser):
+    """The forms of a page: method, action and their named inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.forms = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self.forms.append({"method": a.get("method"), "action": a.get("action"), "fields": []})
+        elif tag == "input" and self.forms and a.get("name"):
+            self.forms[-1]["fields"].append((a["name"], a.get("value") or ""))
+
+
+def multipart(fields, boundary="herald-test-boundary"):
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields]
+    return ("".join(parts) + f"--{boundary}--\r\n").encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_one_click_unsubscribe_needs_the_rfc_8058_body(db, smtp, sidecar):
+    add_contacts(db, 3)
+    port = free_port()
+    sidecar(**http_side(port))
+    sent = send_to(db, smtp, ["r0@example.com", "r1@example.com", "r2@example.com"])
+    unsub = {e: m["List-Unsubscribe"].strip("<>") for e, m in sent.items()}
+    assert all(m["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click" for m in sent.values())
+
+    form = "application/x-www-form-urlencoded"
+    wrong_part, wrong_part_type = multipart([("List-Unsubscribe", "No"), ("note", "One-Click")])
+    refused = [
+        ("empty", b"", form),
+        ("another value", b"List-Unsubscribe=Yes", form),
+        ("the value alone", b"One-Click", form),
+        ("JSON", b'{"List-Unsubscribe": "One-Click"}', "application/json"),
+        ("the right words as JSON's media type", b"List-Unsubscribe=One-Click", "application/json"),
+        ("multipart, the value in another field", wrong_part, wrong_part_type),
+        ("multipart without a boundary", multipart([("List-Unsubscribe", "One-Click")])[0], "multipart/form-data"),
+    ]
+    for what, body, ctype in refused:
+        status, _, reply = request(unsub["r0@example.com"], "POST", body, {"Content-Type": ctype})
+        assert status == 400 and b"List-Unsubscribe=One-Click" in reply, (what, status, reply)
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'list.unsubscribed'") == 0
+
+    # the confirmation page's own form, posted as a browser posts it (form-urlencoded, to the same URL)
+    status, _, page = request(unsub["r0@example.com"])
+    assert status == 200
+    parser = Forms()
+    parser.feed(page.decode())
+    [f] = parser.forms
+    assert f["method"] == "post" and f["action"] is None
+    status, _, reply = request(unsub["r0@example.com"], "POST", urlencode(f["fields"]).encode(),
+                               {"Content-Type": form})
+    assert status == 200 and b"will not receive these emails again" in reply, reply
+
+    # a mail client's one-click POST, form-urlencoded or multipart/form-data (RFC 8058 prefers the latter)
+    body, ctype = multipart([("List-Unsubscribe", "One-Click")])
+    assert request(unsub["r1@example.com"], "POST", body, {"Content-Type": ctype})[0] == 200
+    assert request(unsub["r2@example.com"], "POST", b"List-Unsubscribe=One-Click",
+                   {"Content-Type": form + "; charset=utf-8"})[0] == 200
+    assert db.q("SELECT email, reason FROM herald.suppressions ORDER BY email") == [
+        ("r0@example.com", "unsubscribed"), ("r1@example.com", "unsubscribed"), ("r2@example.com", "unsubscribed")]
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'list.unsubscribed'") == 3
