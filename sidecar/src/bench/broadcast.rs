@@ -171,9 +171,25 @@ pub async fn run(target: &Target, small: bool) -> Result<Broadcast> {
     ] {
         segments.push(segment_figures(&db, name, &segment, contacts, share).await?);
     }
-    // leave nothing pending for later sections
+    // leave nothing pending for later sections: cancel moves the first chunk, advance settles the rest
     db.execute("SELECT herald.cancel_broadcast($1)", &[&id])
         .await?;
+    db.execute(
+        "SELECT herald.advance_broadcasts($1)",
+        &[&(contacts as i32)],
+    )
+    .await?;
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM herald.outbox WHERE broadcast_id = $1 AND status = 'pending'",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        left == 0,
+        "{left} jobs of the cancelled broadcast still pending"
+    );
     Ok(Broadcast {
         contacts,
         setup_secs,
