@@ -496,6 +496,10 @@ DECLARE
     v_chunk constant int := 10000;
     v_win record;
 BEGIN
+    -- an earlier failure is history once this call gets through (a failure now rolls this back too)
+    IF v.last_error IS NOT NULL THEN
+        UPDATE herald.broadcasts b SET last_error = NULL WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END IF;
     -- a paused or cancelled broadcast: settle its jobs, chunk by chunk, and nothing else
     WHILE v.settle_cursor IS NOT NULL AND v_left > 0 LOOP
         v_left := v_left - herald._settle_chunk(v, least(v_chunk, v_left));
@@ -552,9 +556,6 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
         UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
          WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    END IF;
-    IF v.last_error IS NOT NULL THEN
-        UPDATE herald.broadcasts b SET last_error = NULL WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
     END IF;
     RETURN budget - v_left;
 END
