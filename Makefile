@@ -15,7 +15,7 @@ TEST_TAG  ?=
 REGRESS_DB := herald_regress$(if $(TEST_TAG),_$(TEST_TAG))
 ISOLATION_DB := herald_isolation$(if $(TEST_TAG),_$(TEST_TAG))
 
-.PHONY: setup install build test unit regress isolation e2e sidecar-e2e demo bench bench-small lint fmt
+.PHONY: setup install build test unit regress isolation upgrade-check e2e sidecar-e2e demo bench bench-small lint fmt
 
 setup:
 	@./tests/setup.sh
@@ -25,6 +25,8 @@ install: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG) --package herald 2>&1 \
 	  | sed 's/\x1b\[[0-9;]*m//g' | grep -Ev '^ *(Using|Running|Copying|Discovered|Writing|Building|Installing|Compiling)' || true
 	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
+	@# upgrade scripts (ALTER EXTENSION herald UPDATE) and the kept install scripts of earlier releases
+	install -m 644 sql/herald--*--*.sql sql/releases/herald--*.sql $(shell $(PG_CONFIG) --sharedir)/extension/
 
 build: setup
 	cargo build --release --package herald-sidecar
@@ -44,6 +46,10 @@ isolation: install
 	    --dbname=$(ISOLATION_DB) --load-extension=herald $(ISOLATION) \
 	  || { cat target/pg_isolation$(TEST_TAG)/regression.diffs; exit 1; }
 
+# Every earlier release upgrades to this one with its rows kept and a catalog equal to a fresh install.
+upgrade-check: install
+	./tests/upgrade.sh
+
 e2e: install build
 	./tests/e2e.sh
 
@@ -51,7 +57,7 @@ e2e: install build
 sidecar-e2e: install build
 	./tests/sidecar/run.sh
 
-test: unit regress isolation e2e sidecar-e2e bench-small
+test: unit regress isolation upgrade-check e2e sidecar-e2e bench-small
 
 demo: install build
 	./target/release/herald demo

@@ -37,6 +37,10 @@ DECLARE
     v_bad text;
     v_woken int;
 BEGIN
+    -- a dump being loaded: these events were dispatched in the database they come from
+    IF herald._restoring() THEN
+        RETURN NULL;
+    END IF;
     -- statements that inserted nothing (tick's list events, usually) cost one check, not a dispatch
     IF NOT EXISTS (SELECT 1 FROM new_events) THEN
         RETURN NULL;

@@ -126,7 +126,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM new_rows) THEN
+    IF EXISTS (SELECT 1 FROM new_rows) AND NOT herald._restoring() THEN
         PERFORM pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;

@@ -396,3 +396,55 @@ CREATE TABLE herald.broadcast_stats (
 -- {"broadcast": id, "variation": key}); counted per unique contact from this index.
 CREATE INDEX events_broadcast_engagement_idx ON herald.events (workspace_id, ((payload ->> 'broadcast')), kind)
     WHERE kind IN ('email.opened', 'email.clicked');
+
+-- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
+-- so are the sequences behind their ids: without this a dump of a herald database restores no herald
+-- row. Every table and identity sequence is registered whole (filter ''): CREATE EXTENSION creates no
+-- row of its own in any of them. A restore loads the rows back as they were, without running herald's
+-- triggers again (see herald._restoring). A new table or sequence must be added here and to its
+-- release's upgrade script; `make upgrade-check` fails when one is missing.
+-- (one statement each: two calls in one statement update the extension's row twice)
+SELECT pg_catalog.pg_extension_config_dump('herald.workspaces', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.contacts', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.contact_rejections', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.events', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.automations', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.enrollments', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.templates', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.providers', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.rate_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.message_history', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.step_log', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.stats_delta', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.stats', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.decide_cache', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.list_members', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.suppressions', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.broadcasts', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats_delta', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats', '');
+-- identity sequences: dumped with their position, so ids continue past the highest restored one
+SELECT pg_catalog.pg_extension_config_dump('herald.contacts_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.automations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.enrollments_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.message_history_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.step_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.broadcasts_id_seq', '');
+
+-- True while a dump is being loaded into this database: pg_restore, or psql running a plain pg_dump
+-- file. herald's triggers (the dispatcher, the NOTIFY triggers) then do nothing, because what they
+-- would do is already in the dump: a restored event's enrollments, contact.created events and jobs are
+-- restored rows of their own, so dispatching it again would enrol twice, and restoring events before
+-- workspaces (pg_dump's order) would even fail the dispatcher's integrity check.
+-- A restore is recognised by two settings every pg_dump output sets at its top and applications do
+-- not: check_function_bodies = off (only DDL loaders turn it off) together with row_security = off.
+-- Any other loader says it explicitly with SET herald.restoring = on. Cheap: called once per statement.
+CREATE FUNCTION herald._restoring() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+RETURN coalesce(current_setting('herald.restoring', true), '') IN ('on', 'true', '1')
+    OR (current_setting('check_function_bodies') = 'off' AND current_setting('row_security') = 'off');
