@@ -29,6 +29,9 @@ AS $$
 DECLARE
     v herald.enrollments;
 BEGIN
+    -- the caller's right before the lock: a refused call must not hold another tenant's row
+    PERFORM herald._authorize(e.workspace_id, format('enrollment %s', enrollment))
+       FROM herald.enrollments e WHERE e.id = enrollment;
     SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
@@ -58,6 +61,8 @@ AS $$
 DECLARE
     v herald.automations;
 BEGIN
+    PERFORM herald._authorize(a.workspace_id, format('automation %s', automation))
+       FROM herald.automations a WHERE a.id = automation;
     SELECT * INTO v FROM herald.automations a WHERE a.id = automation FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL')
@@ -141,8 +146,10 @@ $$;
 -- Only live automations accept enrollments.
 CREATE FUNCTION herald._require_live(v herald.automations) RETURNS void
 LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
+    PERFORM herald._authorize(v.workspace_id, format('automation %s', v.id));
     IF v.status <> 'live' THEN
         RAISE EXCEPTION 'automation % is %, only a live automation accepts enrollments', v.id, v.status
             USING ERRCODE = 'object_not_in_prerequisite_state',

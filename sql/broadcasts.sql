@@ -73,6 +73,8 @@ AS $$
 DECLARE
     v herald.broadcasts;
 BEGIN
+    PERFORM herald._authorize(b.workspace_id, format('broadcast %s', broadcast))
+       FROM herald.broadcasts b WHERE b.id = broadcast;
     SELECT b.* INTO v FROM herald.broadcasts b WHERE b.id = broadcast FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
@@ -657,6 +659,7 @@ BEGIN
     IF v_ws IS NULL THEN
         RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
     END IF;
+    PERFORM herald._authorize(v_ws, format('broadcast %s', broadcast));
     RETURN QUERY
     SELECT x.variation, x.metric, sum(x.n)::bigint FROM (
         SELECT s.variation, s.metric, s.value AS n FROM herald.broadcast_stats s

@@ -40,6 +40,8 @@ BEGIN
     IF workspace IS NULL THEN
         RAISE EXCEPTION 'workspace must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- the caller's right first: to a tenant, another tenant's workspace and an unknown one look alike
+    PERFORM herald._authorize(workspace);
     IF NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = workspace) THEN
         RAISE EXCEPTION 'unknown workspace "%"', workspace
             USING ERRCODE = 'foreign_key_violation',

@@ -2,8 +2,11 @@
 --   * every table and identity sequence is registered with pg_extension_config_dump (pg_dump left
 --     herald's rows out of every dump before);
 --   * herald._restoring() recognises a dump being loaded; the dispatcher and the NOTIFY triggers do
---     nothing then.
--- No table changes: every row stays as it is.
+--     nothing then;
+--   * tenants are walled off: roles herald_admin / herald_worker / herald_app, herald.workspace_grants
+--     (grant_workspace, revoke_workspace), SECURITY DEFINER API functions that check the caller's
+--     workspace, nothing granted to PUBLIC, row-level security on every table with a workspace.
+-- Existing tables keep every row; one table is added (workspace_grants).
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.2.0'" to load this file. \quit
 
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
@@ -214,3 +217,465 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- ---------------------------------------------------------------- tenants: roles, grants, checks
+
+-- Which workspaces a role may act for (herald.grant_workspace; see sql/security.sql). Data, not a session
+-- setting a client could change. role_name is a name, not an oid, so grants survive a dump restored into
+-- another cluster that has the same roles.
+CREATE TABLE herald.workspace_grants (
+    workspace_id text NOT NULL REFERENCES herald.workspaces (id),
+    role_name    name NOT NULL,
+    granted_by   name NOT NULL,
+    granted_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, role_name)
+);
+CREATE INDEX workspace_grants_role_idx ON herald.workspace_grants (role_name);
+
+SELECT pg_catalog.pg_extension_config_dump('herald.workspace_grants', '');
+
+-- the functions that now check the caller's workspace (through herald._authorize, defined below;
+-- PL/pgSQL resolves it when called)
+-- Raises unless the workspace exists. Used at the top of every function that takes one.
+CREATE OR REPLACE FUNCTION herald._require_workspace(workspace text) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF workspace IS NULL THEN
+        RAISE EXCEPTION 'workspace must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- the caller's right first: to a tenant, another tenant's workspace and an unknown one look alike
+    PERFORM herald._authorize(workspace);
+    IF NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = workspace) THEN
+        RAISE EXCEPTION 'unknown workspace "%"', workspace
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Create it first with herald.create_workspace(id, name).';
+    END IF;
+END
+$$;
+
+-- Finds an enrollment by id and locks it, or raises a clear error.
+CREATE OR REPLACE FUNCTION herald._lock_enrollment(enrollment bigint) RETURNS herald.enrollments
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+BEGIN
+    -- the caller's right before the lock: a refused call must not hold another tenant's row
+    PERFORM herald._authorize(e.workspace_id, format('enrollment %s', enrollment))
+       FROM herald.enrollments e WHERE e.id = enrollment;
+    SELECT * INTO v FROM herald.enrollments e WHERE e.id = enrollment FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown enrollment %', coalesce(enrollment::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- Finds an automation by id and locks it, or raises a clear error.
+CREATE OR REPLACE FUNCTION herald._lock_automation(automation bigint) RETURNS herald.automations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    PERFORM herald._authorize(a.workspace_id, format('automation %s', automation))
+       FROM herald.automations a WHERE a.id = automation;
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- Only live automations accept enrollments.
+CREATE OR REPLACE FUNCTION herald._require_live(v herald.automations) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._authorize(v.workspace_id, format('automation %s', v.id));
+    IF v.status <> 'live' THEN
+        RAISE EXCEPTION 'automation % is %, only a live automation accepts enrollments', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Call herald.set_automation_status(%s, ''live'') first.', v.id);
+    END IF;
+END
+$$;
+
+-- Locks a broadcast for a state change; raises a clear error when it does not exist.
+CREATE OR REPLACE FUNCTION herald._lock_broadcast(broadcast bigint) RETURNS herald.broadcasts
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._authorize(b.workspace_id, format('broadcast %s', broadcast))
+       FROM herald.broadcasts b WHERE b.id = broadcast;
+    SELECT b.* INTO v FROM herald.broadcasts b WHERE b.id = broadcast FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- Exact per-variation numbers: folded + not yet folded deltas (queued, sent, failed, dead, suppressed,
+-- cancelled, retried), plus unique opens and clicks from the engagement events.
+CREATE OR REPLACE FUNCTION herald.broadcast_stats(broadcast bigint)
+RETURNS TABLE (variation text, metric text, value bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text;
+BEGIN
+    SELECT b.workspace_id INTO v_ws FROM herald.broadcasts b WHERE b.id = broadcast;
+    IF v_ws IS NULL THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._authorize(v_ws, format('broadcast %s', broadcast));
+    RETURN QUERY
+    SELECT x.variation, x.metric, sum(x.n)::bigint FROM (
+        SELECT s.variation, s.metric, s.value AS n FROM herald.broadcast_stats s
+         WHERE s.workspace_id = v_ws AND s.broadcast_id = broadcast
+        UNION ALL
+        SELECT d.variation, d.metric, d.n FROM herald.broadcast_stats_delta d
+         WHERE d.workspace_id = v_ws AND d.broadcast_id = broadcast
+        UNION ALL
+        SELECT e.payload ->> 'variation', CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
+               count(DISTINCT e.contact_id)
+          FROM herald.events e
+         WHERE e.workspace_id = v_ws AND (e.payload ->> 'broadcast') = broadcast::text
+           AND e.kind IN ('email.opened', 'email.clicked')
+         GROUP BY 1, 2) x
+     GROUP BY 1, 2
+     ORDER BY 1, 2;
+END
+$$;
+
+-- Per node and metric, per day: folded + not yet folded. node '' holds automation-level metrics
+-- (enrolled, completed, failed, exited, goal).
+CREATE OR REPLACE FUNCTION herald.automation_stats_daily(automation bigint)
+RETURNS TABLE (day date, node text, metric text, value bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text;
+BEGIN
+    SELECT a.workspace_id INTO v_ws FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._authorize(v_ws, format('automation %s', automation));
+    RETURN QUERY
+    SELECT u.day, u.node, u.metric, sum(u.n)::bigint
+      FROM (SELECT s.day, s.node, s.metric, s.value AS n FROM herald.stats s
+             WHERE s.workspace_id = v_ws AND s.automation_id = automation
+            UNION ALL
+            SELECT d.day, d.node, d.metric, d.n FROM herald.stats_delta d
+             WHERE d.workspace_id = v_ws AND d.automation_id = automation) u
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3;
+END
+$$;
+
+-- Dead jobs back to pending, attempts reset. Any id that is not a dead job is an error; nothing changes.
+CREATE OR REPLACE FUNCTION herald.redrive(ids bigint[]) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- the caller must act for the workspace of every job it names (one check per workspace, not per job)
+    PERFORM herald._authorize(w.workspace_id, format('job %s', w.id))
+       FROM (SELECT DISTINCT ON (o.workspace_id) o.workspace_id, o.id
+               FROM herald.outbox o WHERE o.id = ANY (ids) ORDER BY o.workspace_id, o.id) w;
+    SELECT string_agg(coalesce(u.id::text, 'NULL'), ', ') INTO v_bad
+      FROM unnest(ids) u(id)
+     WHERE u.id IS NULL OR NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = u.id AND o.status = 'dead');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'not dead job(s): %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Only jobs listed in herald.dead_letters can be redriven.';
+    END IF;
+    UPDATE herald.outbox o SET status = 'pending', attempt = 0, run_at = now(), done_at = NULL, updated_at = now()
+     WHERE o.id = ANY (ids) AND o.status = 'dead';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- sql/security.sql, as a fresh install runs it last
+-- Roles are cluster-wide: created once, shared by every database of the cluster, kept when the
+-- extension is dropped (other databases may use them).
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['herald_admin', 'herald_worker', 'herald_app'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The role a call acts as: the session's current role. SET ROLE counts (connection poolers and
+-- PostgREST-style gateways log in as one role and SET ROLE per request); inside these SECURITY DEFINER
+-- functions current_user is the owner, so it cannot tell.
+CREATE FUNCTION herald._caller() RETURNS name
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+RETURN CASE WHEN current_setting('role') = 'none' THEN session_user ELSE current_setting('role')::name END;
+
+-- True when the caller serves every workspace: a superuser, or a member of herald_admin or herald_worker
+-- (pg_has_role is true for superusers too).
+CREATE FUNCTION herald._serves_all_workspaces() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+RETURN pg_has_role(herald._caller(), 'herald_admin', 'USAGE')
+    OR pg_has_role(herald._caller(), 'herald_worker', 'USAGE');
+
+-- The workspaces the caller may act for: every one, or those granted to a role whose privileges it has.
+-- Row-level security policies read it once per query (IN (SELECT …) is planned as one hashed subplan).
+CREATE FUNCTION herald._my_workspaces() RETURNS SETOF text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+    SELECT w.id FROM herald.workspaces w WHERE herald._serves_all_workspaces()
+    UNION
+    SELECT g.workspace_id
+      FROM herald.workspace_grants g
+      JOIN pg_roles r ON r.rolname = g.role_name        -- a dropped role's grants are inert
+     WHERE pg_has_role(herald._caller(), r.oid, 'USAGE');
+$$;
+
+-- Raises unless the caller may act for `workspace`. `subject` names what was asked for when the caller
+-- gave an id ('automation 5'), so the refusal does not reveal another tenant's workspace name.
+CREATE FUNCTION herald._authorize(workspace text, subject text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF herald._serves_all_workspaces() THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1
+                 FROM herald.workspace_grants g
+                 JOIN pg_roles r ON r.rolname = g.role_name
+                WHERE g.workspace_id = workspace AND pg_has_role(herald._caller(), r.oid, 'USAGE')) THEN
+        RETURN;
+    END IF;
+    IF subject IS NULL THEN
+        RAISE EXCEPTION 'permission denied: role "%" may not act for workspace "%"', herald._caller(), workspace
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A herald_admin grants it with herald.grant_workspace(role, workspace).';
+    END IF;
+    RAISE EXCEPTION 'permission denied: role "%" may not act for the workspace of %', herald._caller(), subject
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'A herald_admin grants it with herald.grant_workspace(role, workspace).';
+END
+$$;
+
+-- Lets `role` (and every role that has its privileges) act for `workspace` as herald_app. Idempotent;
+-- returns true when the grant is new. herald_admin only.
+CREATE FUNCTION herald.grant_workspace(role name, workspace text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_new boolean;
+BEGIN
+    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role) THEN
+        RAISE EXCEPTION 'unknown role %', coalesce(quote_ident(role), 'NULL')
+            USING ERRCODE = 'undefined_object', HINT = 'Create the role first (CREATE ROLE … IN ROLE herald_app).';
+    END IF;
+    PERFORM herald._require_workspace(workspace);
+    INSERT INTO herald.workspace_grants (workspace_id, role_name, granted_by)
+    VALUES (workspace, role, herald._caller())
+    ON CONFLICT (workspace_id, role_name) DO NOTHING;
+    GET DIAGNOSTICS v_new = ROW_COUNT;
+    IF NOT pg_has_role(role, 'herald_app', 'USAGE') THEN
+        RAISE WARNING 'role % is not a member of herald_app: it may act for workspace "%" but cannot call herald''s functions yet',
+            quote_ident(role), workspace
+            USING HINT = format('GRANT herald_app TO %s;', quote_ident(role));
+    END IF;
+    RETURN v_new;
+END
+$$;
+
+-- Withdraws a grant; returns true when there was one. herald_admin only.
+CREATE FUNCTION herald.revoke_workspace(role name, workspace text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    DELETE FROM herald.workspace_grants g WHERE g.workspace_id = workspace AND g.role_name = role;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END
+$$;
+
+-- ------------------------------------------------------------------------------------------ functions
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA herald FROM PUBLIC;
+GRANT USAGE ON SCHEMA herald TO herald_admin, herald_worker, herald_app;
+
+-- every API function runs as the owner (see the top of this file)
+ALTER FUNCTION herald.create_workspace(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.upsert_contact(text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.upsert_contacts(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.track(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.track_many(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.create_automation(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.set_automation_status(bigint, text) SECURITY DEFINER;
+ALTER FUNCTION herald.enroll(bigint, bigint[]) SECURITY DEFINER;
+ALTER FUNCTION herald.enroll_segment(bigint, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
+ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
+ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
+ALTER FUNCTION herald.prune(interval) SECURITY DEFINER;
+ALTER FUNCTION herald.upsert_template(text, text, text, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.set_rate_limit(text, int) SECURITY DEFINER;
+ALTER FUNCTION herald.send(text, text, text, jsonb, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.claim(text, int, interval) SECURITY DEFINER;
+ALTER FUNCTION herald.complete(jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.reap() SECURITY DEFINER;
+ALTER FUNCTION herald.redrive(bigint[]) SECURITY DEFINER;
+ALTER FUNCTION herald.flush_stats() SECURITY DEFINER;
+ALTER FUNCTION herald.automation_stats(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.automation_stats_daily(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.suppress(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.unsuppress(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.create_broadcast(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.schedule_broadcast(bigint, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION herald.pause_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.resume_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.cancel_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.resend_failed(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.advance_broadcasts(int) SECURITY DEFINER;
+ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.record_feedback(jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
+ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
+-- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
+-- INSERT INTO herald.events passed row-level security's check of its workspace first)
+ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
+
+-- herald_app (and herald_admin): acting for a granted workspace; each checks it with _authorize
+GRANT EXECUTE ON FUNCTION
+    herald.upsert_contact(text, text, jsonb), herald.upsert_contacts(text, jsonb),
+    herald.track(text, text, text, jsonb), herald.track_many(text, jsonb),
+    herald.enroll(bigint, bigint[]), herald.enroll_segment(bigint, jsonb),
+    herald.exit_enrollment(bigint, text), herald.decide_approval(bigint, boolean, text),
+    herald.send(text, text, text, jsonb, text, text),
+    herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
+    herald.redrive(bigint[]),
+    herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
+    herald._my_workspaces()     -- read by the row-level security policies, as the querying role
+TO herald_app, herald_admin;
+
+-- herald_admin: managing workspaces and what runs in them
+GRANT EXECUTE ON FUNCTION
+    herald.create_workspace(text, text), herald.grant_workspace(name, text), herald.revoke_workspace(name, text),
+    herald.create_automation(text, jsonb), herald.set_automation_status(bigint, text),
+    herald.upsert_template(text, text, text, text, text), herald.upsert_provider(text, text, text, jsonb),
+    herald.set_rate_limit(text, int),
+    herald.create_broadcast(text, jsonb), herald.schedule_broadcast(bigint, timestamptz),
+    herald.pause_broadcast(bigint), herald.resume_broadcast(bigint), herald.cancel_broadcast(bigint),
+    herald.resend_failed(bigint)
+TO herald_admin;
+
+-- herald_worker (and herald_admin): the daemon
+GRANT EXECUTE ON FUNCTION
+    herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
+    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb), herald.prune(interval),
+    herald._my_workspaces()
+TO herald_worker, herald_admin;
+
+-- ------------------------------------------------------------------------------- tables and views
+
+-- Reads: views run as the reader (security_invoker), so the tables' row-level security applies to them.
+ALTER VIEW herald.automation_overview SET (security_invoker = true);
+ALTER VIEW herald.broadcast_overview SET (security_invoker = true);
+ALTER VIEW herald.step_history SET (security_invoker = true);
+ALTER VIEW herald.pending_approvals SET (security_invoker = true);
+ALTER VIEW herald.dead_letters SET (security_invoker = true);
+ALTER VIEW herald.queue_status SET (security_invoker = true);
+
+GRANT SELECT ON
+    herald.workspaces, herald.contacts, herald.contact_rejections, herald.events, herald.automations,
+    herald.enrollments, herald.templates, herald.providers, herald.outbox, herald.message_history,
+    herald.step_log, herald.stats_delta, herald.stats, herald.decide_cache, herald.list_members,
+    herald.suppressions, herald.broadcasts, herald.broadcast_stats_delta, herald.broadcast_stats,
+    herald.automation_overview, herald.broadcast_overview, herald.step_history, herald.pending_approvals,
+    herald.dead_letters, herald.queue_status
+TO herald_app, herald_admin;
+GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
+-- /metrics reads the queue depth
+GRANT SELECT ON herald.outbox, herald.queue_status TO herald_worker;
+-- events may also be written with plain INSERT (the dispatcher takes them from there)
+GRANT INSERT ON herald.events TO herald_app, herald_admin;
+GRANT USAGE ON SEQUENCE herald.events_id_seq TO herald_app, herald_admin;
+
+-- Row-level security: a role that is not the owner (nor a superuser) sees and writes only the rows of
+-- the workspaces it may act for. The owner (every SECURITY DEFINER function above) is not subject to it.
+ALTER TABLE herald.workspaces ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.workspaces USING (id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.workspace_grants ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.workspace_grants USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.contacts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.contacts USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.contact_rejections ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.contact_rejections USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.events USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.automations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.automations USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.enrollments ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.enrollments USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.templates ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.templates USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.providers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.providers USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.outbox USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.message_history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.message_history USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.step_log ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.step_log USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.stats_delta ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.stats_delta USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.stats ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.stats USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.decide_cache ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.decide_cache USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.list_members ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.list_members USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.suppressions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.suppressions USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.broadcasts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.broadcasts USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.broadcast_stats_delta ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.broadcast_stats_delta USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.broadcast_stats ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.broadcast_stats USING (workspace_id IN (SELECT herald._my_workspaces()));
+-- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
+ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);
+ALTER TABLE herald.rate_grants ENABLE ROW LEVEL SECURITY;

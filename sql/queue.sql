@@ -544,6 +544,10 @@ BEGIN
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- the caller must act for the workspace of every job it names (one check per workspace, not per job)
+    PERFORM herald._authorize(w.workspace_id, format('job %s', w.id))
+       FROM (SELECT DISTINCT ON (o.workspace_id) o.workspace_id, o.id
+               FROM herald.outbox o WHERE o.id = ANY (ids) ORDER BY o.workspace_id, o.id) w;
     SELECT string_agg(coalesce(u.id::text, 'NULL'), ', ') INTO v_bad
       FROM unnest(ids) u(id)
      WHERE u.id IS NULL OR NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = u.id AND o.status = 'dead');

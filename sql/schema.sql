@@ -397,6 +397,18 @@ CREATE TABLE herald.broadcast_stats (
 CREATE INDEX events_broadcast_engagement_idx ON herald.events (workspace_id, ((payload ->> 'broadcast')), kind)
     WHERE kind IN ('email.opened', 'email.clicked');
 
+-- Which workspaces a role may act for (herald.grant_workspace; see sql/security.sql). Data, not a session
+-- setting a client could change. role_name is a name, not an oid, so grants survive a dump restored into
+-- another cluster that has the same roles.
+CREATE TABLE herald.workspace_grants (
+    workspace_id text NOT NULL REFERENCES herald.workspaces (id),
+    role_name    name NOT NULL,
+    granted_by   name NOT NULL,
+    granted_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, role_name)
+);
+CREATE INDEX workspace_grants_role_idx ON herald.workspace_grants (role_name);
+
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
 -- so are the sequences behind their ids: without this a dump of a herald database restores no herald
 -- row. Every table and identity sequence is registered whole (filter ''): CREATE EXTENSION creates no
@@ -425,6 +437,7 @@ SELECT pg_catalog.pg_extension_config_dump('herald.suppressions', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.broadcasts', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats_delta', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.workspace_grants', '');
 -- identity sequences: dumped with their position, so ids continue past the highest restored one
 SELECT pg_catalog.pg_extension_config_dump('herald.contacts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.events_id_seq', '');

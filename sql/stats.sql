@@ -41,6 +41,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
     END IF;
+    PERFORM herald._authorize(v_ws, format('automation %s', automation));
     RETURN QUERY
     SELECT u.day, u.node, u.metric, sum(u.n)::bigint
       FROM (SELECT s.day, s.node, s.metric, s.value AS n FROM herald.stats s

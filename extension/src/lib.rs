@@ -48,3 +48,5 @@ pgrx::extension_sql_file!(
     name = "broadcasts",
     requires = ["engine", api::_check_broadcast]
 );
+// roles, grants, SECURITY DEFINER, row-level security: after every function and table exists
+pgrx::extension_sql_file!("../../sql/security.sql", name = "security", finalize);
