@@ -734,6 +734,19 @@ BEGIN
         SELECT i.* FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), fresh AS (
+        -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
+        -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
+        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+                                                        ORDER BY k.ord) AS nth
+                           FROM known k) k
+         WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
+            OR (k.nth = 1 AND NOT EXISTS (
+                   SELECT 1 FROM herald.events e
+                    WHERE e.workspace_id = k.workspace_id AND (e.payload ->> 'message_id') = k.message_id
+                      AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
+                      AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
+                      AND e.created_at > now() - interval '10 minutes'))
     ), suppressed AS (
         INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
         SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
@@ -751,7 +764,7 @@ BEGIN
                k.payload || jsonb_strip_nulls(jsonb_build_object(
                    'message_id', k.message_id,
                    'bounce_type', CASE k.kind WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
-          FROM known k ORDER BY k.ord
+          FROM fresh k ORDER BY k.ord
         RETURNING 1
     )
     SELECT count(*) INTO v_n FROM recorded;

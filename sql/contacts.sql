@@ -5,11 +5,15 @@ CREATE FUNCTION herald._normalize_email(email text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN lower(btrim(email));
 
--- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters. NULL is
--- not valid (false, never NULL, so `NOT _valid_email(x)` always decides).
+-- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters, and no
+-- control or bidirectional-formatting characters (they pass for invisible in a mail client or an
+-- operator's page, and can make one address display as another). NULL is not valid (false, never NULL,
+-- so `NOT _valid_email(x)` always decides).
 CREATE FUNCTION herald._valid_email(email text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE   -- not STRICT: a strict function with an AND body is not inlined
-RETURN coalesce(length(email) <= 254 AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$', false);
+RETURN coalesce(length(email) <= 254
+                AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$'
+                AND email !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]', false);
 
 -- `a || b`, then drop null values: a key set to null is removed. (Stored attributes never hold nulls, at
 -- any depth.) A plain expression, so Postgres inlines it into the statements that call it.

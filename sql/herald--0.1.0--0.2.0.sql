@@ -6,6 +6,9 @@
 --   * tenants are walled off: roles herald_admin / herald_worker / herald_app, herald.workspace_grants
 --     (grant_workspace, revoke_workspace), SECURITY DEFINER API functions that check the caller's
 --     workspace, nothing granted to PUBLIC, row-level security on every table with a workspace.
+--   * bounded input: emails with control or bidi characters are refused, templates are size-limited;
+--     replayed opens and clicks (same message, kind and link within 10 minutes) are recorded once.
+--   * no foreign key between herald tables, so pg_restore -j works.
 -- Existing tables keep every row; one table is added (workspace_grants).
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -218,13 +221,17 @@ BEGIN
 END
 $$;
 
+-- pg_restore -j loads the tables of an extension in parallel, unordered: a foreign key between herald
+-- tables failed a parallel restore (automations -> workspaces). herald's functions check workspaces.
+ALTER TABLE herald.automations DROP CONSTRAINT automations_workspace_id_fkey;
+
 -- ---------------------------------------------------------------- tenants: roles, grants, checks
 
 -- Which workspaces a role may act for (herald.grant_workspace; see sql/security.sql). Data, not a session
 -- setting a client could change. role_name is a name, not an oid, so grants survive a dump restored into
 -- another cluster that has the same roles.
 CREATE TABLE herald.workspace_grants (
-    workspace_id text NOT NULL REFERENCES herald.workspaces (id),
+    workspace_id text NOT NULL,             -- no foreign key: see herald.automations
     role_name    name NOT NULL,
     granted_by   name NOT NULL,
     granted_at   timestamptz NOT NULL DEFAULT now(),
@@ -413,6 +420,146 @@ BEGIN
     UPDATE herald.outbox o SET status = 'pending', attempt = 0, run_at = now(), done_at = NULL, updated_at = now()
      WHERE o.id = ANY (ids) AND o.status = 'dead';
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- ------------------------------------------------------------------- bounded input, replayed opens
+-- (before security.sql's part below: CREATE OR REPLACE resets SECURITY DEFINER, which that part sets)
+CREATE INDEX events_engagement_message_idx ON herald.events (workspace_id, ((payload ->> 'message_id')))
+    WHERE kind IN ('email.opened', 'email.clicked');
+
+-- A pragmatic address check: one @, no whitespace, a dot in the domain, at most 254 characters, and no
+-- control or bidirectional-formatting characters (they pass for invisible in a mail client or an
+-- operator's page, and can make one address display as another). NULL is not valid (false, never NULL,
+-- so `NOT _valid_email(x)` always decides).
+CREATE OR REPLACE FUNCTION herald._valid_email(email text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE   -- not STRICT: a strict function with an AND body is not inlined
+RETURN coalesce(length(email) <= 254
+                AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$'
+                AND email !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]', false);
+
+CREATE OR REPLACE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_version int;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
+        RAISE EXCEPTION 'invalid template key %', coalesce(quote_literal(key), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A template key is 1 to 100 characters: letters, digits, "_", "-" and ".".';
+    END IF;
+    IF subject IS NULL OR btrim(subject) = '' OR html IS NULL OR btrim(html) = '' THEN
+        RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- bounded, so one workspace's template cannot make the daemon render (and hold) megabytes per message
+    IF length(subject) > 998 THEN
+        RAISE EXCEPTION 'template %: the subject is % characters; at most 998 are allowed', quote_literal(key), length(subject)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF octet_length(html) > 524288 OR octet_length(coalesce(text_body, '')) > 524288 THEN
+        RAISE EXCEPTION 'template %: the html and the text body may be at most 512 KiB each (html % bytes, text % bytes)',
+            quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    -- serialise versions of one key
+    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    SELECT coalesce(max(t.version), 0) + 1 INTO v_version
+      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
+    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body)
+    VALUES (workspace, key, v_version, subject, html, text_body);
+    RETURN v_version;
+END
+$$;
+
+-- What recipients and providers report back, recorded in ONE statement per batch (the sidecar's HTTP
+-- side calls it: unsubscribe links, the open pixel, click redirects, provider bounce/complaint events).
+-- feedback: [{"kind": "unsubscribed" | "hard_bounce" | "soft_bounce" | "complaint" | "opened" | "clicked",
+--             "workspace": "…", "email": "…", "message_id": "<…>", "payload": {…}}, …]
+-- workspace and email may be left out when message_id names a message herald sent. unsubscribed,
+-- hard_bounce and complaint suppress the address; every entry becomes an event (list.unsubscribed,
+-- email.bounced, email.complained, email.opened, email.clicked) that automations can trigger on.
+-- Entries that name no known message or workspace are skipped. Returns the events recorded.
+CREATE OR REPLACE FUNCTION herald.record_feedback(feedback jsonb) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF jsonb_typeof(feedback) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'feedback must be a JSON array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format('feedback[%s]: kind must be unsubscribed, hard_bounce, soft_bounce, complaint, opened or clicked', t.ord - 1)
+      INTO v_bad
+      FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+     WHERE jsonb_typeof(t.f) IS DISTINCT FROM 'object'
+        OR (t.f ->> 'kind') IS NULL
+        OR t.f ->> 'kind' NOT IN ('unsubscribed', 'hard_bounce', 'soft_bounce', 'complaint', 'opened', 'clicked')
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH input AS (
+        SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
+               coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord
+          FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+          -- the message named, in the workspace given if one is; a Message-ID found in two workspaces
+          -- (derived from dedupe keys, which two workspaces may choose alike) names neither
+          LEFT JOIN LATERAL (SELECT min(h.workspace_id) AS workspace_id,
+                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id
+                               FROM herald.message_history h
+                              WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
+                                AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                             HAVING count(DISTINCT h.workspace_id) = 1) m ON true
+          LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                              WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
+    ), known AS (
+        SELECT i.* FROM input i
+         WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), fresh AS (
+        -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
+        -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
+        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+                                                        ORDER BY k.ord) AS nth
+                           FROM known k) k
+         WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
+            OR (k.nth = 1 AND NOT EXISTS (
+                   SELECT 1 FROM herald.events e
+                    WHERE e.workspace_id = k.workspace_id AND (e.payload ->> 'message_id') = k.message_id
+                      AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
+                      AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
+                      AND e.created_at > now() - interval '10 minutes'))
+    ), suppressed AS (
+        INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
+        SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'unsubscribed' WHEN 'hard_bounce' THEN 'hard_bounce' ELSE 'complaint' END,
+               jsonb_strip_nulls(k.payload || jsonb_build_object('message_id', k.message_id))
+          FROM known k WHERE k.kind IN ('unsubscribed', 'hard_bounce', 'complaint')
+         ORDER BY k.workspace_id, k.email, k.ord
+        ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
+        RETURNING 1
+    ), recorded AS (
+        INSERT INTO herald.events (workspace_id, email, kind, payload)
+        SELECT k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
+                           WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked' ELSE 'email.bounced' END,
+               k.payload || jsonb_strip_nulls(jsonb_build_object(
+                   'message_id', k.message_id,
+                   'bounce_type', CASE k.kind WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+          FROM fresh k ORDER BY k.ord
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_n FROM recorded;
     RETURN v_n;
 END
 $$;

@@ -18,6 +18,16 @@ BEGIN
         RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- bounded, so one workspace's template cannot make the daemon render (and hold) megabytes per message
+    IF length(subject) > 998 THEN
+        RAISE EXCEPTION 'template %: the subject is % characters; at most 998 are allowed', quote_literal(key), length(subject)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF octet_length(html) > 524288 OR octet_length(coalesce(text_body, '')) > 524288 THEN
+        RAISE EXCEPTION 'template %: the html and the text body may be at most 512 KiB each (html % bytes, text % bytes)',
+            quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
     -- serialise versions of one key
     PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
     SELECT coalesce(max(t.version), 0) + 1 INTO v_version

@@ -67,8 +67,11 @@ CREATE TABLE herald.events (
 );
 CREATE INDEX events_contact_kind_idx ON herald.events (workspace_id, contact_id, kind, occurred_at);
 
+-- No foreign key to workspaces (nor between any herald tables): pg_restore -j loads the tables of an
+-- extension in parallel, unordered, so a foreign key between them fails a parallel restore. herald's
+-- functions check the workspace themselves (_require_workspace).
 CREATE TABLE herald.automations (
-    workspace_id   text NOT NULL REFERENCES herald.workspaces (id),
+    workspace_id   text NOT NULL,
     id             bigint GENERATED ALWAYS AS IDENTITY,
     name           text NOT NULL,
     definition     jsonb NOT NULL,
@@ -396,12 +399,15 @@ CREATE TABLE herald.broadcast_stats (
 -- {"broadcast": id, "variation": key}); counted per unique contact from this index.
 CREATE INDEX events_broadcast_engagement_idx ON herald.events (workspace_id, ((payload ->> 'broadcast')), kind)
     WHERE kind IN ('email.opened', 'email.clicked');
+-- record_feedback: a replayed open or click of a message within minutes is recognised through this index
+CREATE INDEX events_engagement_message_idx ON herald.events (workspace_id, ((payload ->> 'message_id')))
+    WHERE kind IN ('email.opened', 'email.clicked');
 
 -- Which workspaces a role may act for (herald.grant_workspace; see sql/security.sql). Data, not a session
 -- setting a client could change. role_name is a name, not an oid, so grants survive a dump restored into
 -- another cluster that has the same roles.
 CREATE TABLE herald.workspace_grants (
-    workspace_id text NOT NULL REFERENCES herald.workspaces (id),
+    workspace_id text NOT NULL,             -- no foreign key: see herald.automations
     role_name    name NOT NULL,
     granted_by   name NOT NULL,
     granted_at   timestamptz NOT NULL DEFAULT now(),

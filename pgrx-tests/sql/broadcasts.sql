@@ -200,6 +200,16 @@ SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@her
 SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@herald>", "workspace": "b2"}]') AS told_which,
        herald.record_feedback('[{"kind": "hard_bounce", "message_id": "<only-b1@herald>"}]') AS unique_id;
 SELECT workspace_id, email, reason FROM herald.suppressions WHERE email = 'p33@example.com' ORDER BY 1;
+-- opens and clicks count once per (message, kind, link) in 10 minutes: a replayed pixel or link adds nothing
+SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>"},
+                                {"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>"}]') AS opened_twice_in_one_call;
+SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>"}]') AS replayed_open;
+SELECT herald.record_feedback('[{"kind": "clicked", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>", "payload": {"url": "https://a.example/1"}},
+                                {"kind": "clicked", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>", "payload": {"url": "https://a.example/2"}}]') AS two_links;
+SELECT herald.record_feedback('[{"kind": "clicked", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>", "payload": {"url": "https://a.example/1"}}]') AS replayed_click,
+       herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<another@herald>"}]') AS another_message;
+SELECT kind, payload ->> 'url' AS url, count(*) FROM herald.events
+ WHERE workspace_id = 'b1' AND payload ->> 'message_id' IN ('<replay@herald>', '<another@herald>') GROUP BY 1, 2 ORDER BY 1, 2;
 -- a job in flight when its broadcast is paused: an expired lease or a retryable failure comes back held,
 -- not claimable; after cancel, cancelled
 SELECT herald.create_broadcast('b1', '{"name": "Flight", "template": "news-b", "audience": {"segment": {"field": "contact.email", "op": "in", "value": ["p1@example.com", "p3@example.com"]}}}') AS flight \gset

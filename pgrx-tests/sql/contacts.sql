@@ -27,6 +27,11 @@ SELECT kind, payload FROM herald.events WHERE contact_id = :ann ORDER BY id;
 SELECT count(*) AS contacts_before FROM herald.contacts WHERE workspace_id = 'c1';
 SELECT herald.upsert_contact('nope', 'a@example.com');
 SELECT herald.upsert_contact('c1', 'not an email');
+-- control and bidirectional-formatting characters are refused (they hide or reorder what a person reads)
+SELECT herald.upsert_contact('c1', E'ann\x01@example.com');
+SELECT herald.upsert_contact('c1', E'ann\u202e@example.com');
+SELECT herald._valid_email(e) AS valid, e FROM unnest(ARRAY['plain@example.com', E'tab\t@example.com', E'rlo\u202emoc.elpmaxe@x.com',
+                                                            E'lrm\u200e@example.com', 'zoë@exämple.com']) e;
 SELECT herald.upsert_contact('c1', NULL);
 SELECT herald.upsert_contact('c1', 'b@example.com', '[1,2]');
 SELECT count(*) AS contacts_after FROM herald.contacts WHERE workspace_id = 'c1';

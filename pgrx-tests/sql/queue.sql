@@ -8,6 +8,9 @@ DO $$ DECLARE t text; BEGIN
 END $$;
 SELECT herald.create_workspace('q1');
 SELECT herald.upsert_template('q1', 'receipt', 'Your receipt {{ context.order }}', '<p>Thanks {{ contact.first_name }}</p>', 'Thanks');
+-- templates are bounded: a subject of at most 998 characters, html and text of at most 512 KiB each
+SELECT herald.upsert_template('q1', 'huge', repeat('s', 999), '<p>x</p>');
+SELECT herald.upsert_template('q1', 'huge', 'Hi', repeat('x', 524289));
 SELECT herald.upsert_contact('q1', 'buyer@example.com', '{"first_name": "Bo"}') > 0 AS contact;
 
 -- send: transactional mail, priority 0; a dedupe key makes a repeated request a no-op
