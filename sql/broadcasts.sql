@@ -693,7 +693,10 @@ SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b
 -- hard_bounce and complaint suppress the address; every entry becomes an event (list.unsubscribed,
 -- email.bounced, email.complained, email.opened, email.clicked) that automations can trigger on.
 -- Entries that name no known message or workspace are skipped. Returns the events recorded.
-CREATE FUNCTION herald.record_feedback(feedback jsonb) RETURNS int
+-- only_workspace: the workspace whose credentials the report came with (a provider's events token, a
+-- link key); entries are then resolved in that workspace only, and entries naming another are skipped,
+-- so one workspace's token can never unsubscribe or suppress another's contacts.
+CREATE FUNCTION herald.record_feedback(feedback jsonb, only_workspace text DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
@@ -727,12 +730,14 @@ BEGIN
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                                AND (only_workspace IS NULL OR h.workspace_id = only_workspace)
                              HAVING count(DISTINCT h.workspace_id) = 1) m ON true
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
     ), known AS (
         SELECT i.* FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
     ), fresh AS (
         -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or

@@ -477,6 +477,8 @@ BEGIN
 END
 $$;
 
+-- record_feedback gains only_workspace (a report's credentials name its workspace)
+DROP FUNCTION herald.record_feedback(jsonb);
 -- What recipients and providers report back, recorded in ONE statement per batch (the sidecar's HTTP
 -- side calls it: unsubscribe links, the open pixel, click redirects, provider bounce/complaint events).
 -- feedback: [{"kind": "unsubscribed" | "hard_bounce" | "soft_bounce" | "complaint" | "opened" | "clicked",
@@ -485,7 +487,10 @@ $$;
 -- hard_bounce and complaint suppress the address; every entry becomes an event (list.unsubscribed,
 -- email.bounced, email.complained, email.opened, email.clicked) that automations can trigger on.
 -- Entries that name no known message or workspace are skipped. Returns the events recorded.
-CREATE OR REPLACE FUNCTION herald.record_feedback(feedback jsonb) RETURNS int
+-- only_workspace: the workspace whose credentials the report came with (a provider's events token, a
+-- link key); entries are then resolved in that workspace only, and entries naming another are skipped,
+-- so one workspace's token can never unsubscribe or suppress another's contacts.
+CREATE FUNCTION herald.record_feedback(feedback jsonb, only_workspace text DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
@@ -519,12 +524,14 @@ BEGIN
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                                AND (only_workspace IS NULL OR h.workspace_id = only_workspace)
                              HAVING count(DISTINCT h.workspace_id) = 1) m ON true
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
     ), known AS (
         SELECT i.* FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
     ), fresh AS (
         -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
@@ -563,6 +570,7 @@ BEGIN
     RETURN v_n;
 END
 $$;
+
 
 -- sql/security.sql, as a fresh install runs it last
 -- Roles are cluster-wide: created once, shared by every database of the cluster, kept when the
@@ -717,7 +725,7 @@ ALTER FUNCTION herald.cancel_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.resend_failed(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.advance_broadcasts(int) SECURITY DEFINER;
 ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.record_feedback(jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
@@ -751,7 +759,7 @@ TO herald_admin;
 -- herald_worker (and herald_admin): the daemon
 GRANT EXECUTE ON FUNCTION
     herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
-    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb), herald.prune(interval),
+    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval),
     herald._my_workspaces()
 TO herald_worker, herald_admin;
 

@@ -169,7 +169,7 @@ ALTER FUNCTION herald.cancel_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.resend_failed(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.advance_broadcasts(int) SECURITY DEFINER;
 ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.record_feedback(jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
@@ -203,7 +203,7 @@ TO herald_admin;
 -- herald_worker (and herald_admin): the daemon
 GRANT EXECUTE ON FUNCTION
     herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
-    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb), herald.prune(interval),
+    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval),
     herald._my_workspaces()
 TO herald_worker, herald_admin;
 

@@ -200,6 +200,11 @@ SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@her
 SELECT herald.record_feedback('[{"kind": "complaint", "message_id": "<shared@herald>", "workspace": "b2"}]') AS told_which,
        herald.record_feedback('[{"kind": "hard_bounce", "message_id": "<only-b1@herald>"}]') AS unique_id;
 SELECT workspace_id, email, reason FROM herald.suppressions WHERE email = 'p33@example.com' ORDER BY 1;
+-- a report that came with one workspace's credentials (only_workspace) affects that workspace only
+SELECT herald.record_feedback('[{"kind": "hard_bounce", "message_id": "<only-b1@herald>"}]', 'b2') AS b1_message_with_b2_token,
+       herald.record_feedback('[{"kind": "unsubscribed", "workspace": "b1", "email": "p41@example.com"}]', 'b2') AS names_b1_with_b2_token,
+       herald.record_feedback('[{"kind": "unsubscribed", "workspace": "b1", "email": "p41@example.com"}]', 'b1') AS own_workspace;
+SELECT workspace_id, email, reason FROM herald.suppressions WHERE email = 'p41@example.com';
 -- opens and clicks count once per (message, kind, link) in 10 minutes: a replayed pixel or link adds nothing
 SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>"},
                                 {"kind": "opened", "workspace": "b1", "email": "p1@example.com", "message_id": "<replay@herald>"}]') AS opened_twice_in_one_call;
