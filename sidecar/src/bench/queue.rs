@@ -6,6 +6,8 @@
 
 #[path = "queue_idle.rs"]
 mod idle;
+#[path = "queue_wake.rs"]
+mod wake;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use super::{thousands, Goal};
 use crate::db::Target;
 
 pub use idle::IdleWorkspaces;
+pub use wake::QueueWake;
 
 const WORKSPACE: &str = "bench_queue";
 /// Jobs per claim / complete / lease.
@@ -65,6 +68,7 @@ pub struct Queue {
     pub pgq_tick_per_100: Throughput,
     pub pgq_one_tick: Throughput,
     pub idle_workspaces: IdleWorkspaces,
+    pub wake_up: QueueWake,
 }
 
 impl Queue {
@@ -132,6 +136,8 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
 
     info!("queue: claim cost against idle workspaces");
     let idle_workspaces = idle::run(target, small).await?;
+    info!("queue: jobs that wake enrollments, with and without table statistics");
+    let wake_up = wake::run(target, small).await?;
     Ok(Queue {
         jobs,
         herald,
@@ -145,6 +151,7 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
         pgq_tick_per_100,
         pgq_one_tick,
         idle_workspaces,
+        wake_up,
     })
 }
 
@@ -432,5 +439,6 @@ pub(super) fn render(o: &mut String, q: &Queue) {
             g.verdict()
         );
     }
+    wake::render(o, &q.wake_up);
     idle::render(o, &q.idle_workspaces);
 }
