@@ -1,8 +1,10 @@
 //! Connecting to Postgres. One place decides the default target so every subcommand agrees:
 //! `DATABASE_URL` when given, else the local socket as the current OS user (peer auth).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio_postgres::{Client, Config, NoTls};
+
+use crate::compat::{self, Verdict};
 
 /// Where to connect; can hand out connections to sibling databases (demo and bench make their own).
 #[derive(Clone, Debug)]
@@ -70,6 +72,14 @@ impl Target {
         Ok(client)
     }
 
+    /// A connection to a database with a herald extension this binary fits (see [`compat`]); for the
+    /// subcommands that use an existing installation.
+    pub async fn connect_herald(&self) -> Result<Client> {
+        let client = self.connect().await?;
+        check_extension(&client, self.dbname()).await?;
+        Ok(client)
+    }
+
     /// Drops and re-creates this target's database with the extension installed (demo and bench
     /// run in databases of their own so they never touch real data).
     pub async fn recreate_with_extension(&self) -> Result<Client> {
@@ -91,5 +101,26 @@ impl Target {
             .await
             .context("CREATE EXTENSION herald (run `make install` first)")?;
         Ok(client)
+    }
+}
+
+/// Reads the installed extension's version and applies [`compat::check`]: refuses with a message that
+/// says what to run, or warns and goes on.
+pub async fn check_extension(client: &Client, dbname: &str) -> Result<()> {
+    let installed: Option<String> = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'herald'",
+            &[],
+        )
+        .await
+        .context("reading the installed herald extension version")?
+        .map(|row| row.get(0));
+    match compat::check(installed.as_deref(), dbname) {
+        Verdict::Fits => Ok(()),
+        Verdict::Warn(message) => {
+            tracing::warn!("{message}");
+            Ok(())
+        }
+        Verdict::Refuse(message) => bail!(message),
     }
 }

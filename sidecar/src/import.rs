@@ -46,7 +46,7 @@ pub struct Summary {
 const SHOWN_REJECTIONS: usize = 20;
 
 pub async fn run(target: &Target, args: ImportArgs) -> Result<()> {
-    let db = target.connect().await?;
+    let db = target.connect_herald().await?;
     let file = std::fs::File::open(&args.file)
         .with_context(|| format!("opening {}", args.file.display()))?;
     let summary = import(&db, &args.workspace, file, args.chunk as usize, progress).await?;

@@ -159,7 +159,7 @@ pub async fn render_queue(client: &Client) -> Result<String> {
 }
 
 pub async fn run(target: &Target) -> Result<()> {
-    let client = target.connect().await?;
+    let client = target.connect_herald().await?;
     print!("{}", render(&counts(&client).await?));
     println!();
     print!("{}", render_queue(&client).await?);

@@ -1,7 +1,11 @@
 //! Completer: gathers executors' results and records them with ONE `herald.complete` call per batch —
 //! every 100 results, or 50 ms after the first result of a batch. A failed call is retried with back-off
 //! and the batch is kept (complete() ignores results it has already applied, so a retry after an
-//! ambiguous failure is harmless). Ends when every executor is gone, after a final flush.
+//! ambiguous failure is harmless), for as long as the database stays away: while it retries it reads no
+//! new results, so the bounded channel fills up and executors wait to hand theirs over (holding their
+//! slots, so nothing more is claimed). Results are dropped only when shutdown gives up (`give_up`):
+//! their jobs stay leased and run again once the lease expires. Ends when every executor is gone,
+//! after a final flush.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +13,10 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::db_health::DbHealth;
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
@@ -19,11 +24,13 @@ pub const BATCH: usize = 100;
 pub const LINGER: Duration = Duration::from_millis(50);
 
 pub struct Completer {
-    pub db: Config,
+    pub db: Arc<DbHealth>,
     pub results: mpsc::Receiver<Json>,
     /// Cancelled when the process must exit even though results could not be recorded.
     pub give_up: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// Results dropped because shutdown gave up, reported once at the end.
+    pub lost: usize,
 }
 
 impl Completer {
@@ -59,33 +66,53 @@ impl Completer {
         if !batch.is_empty() {
             self.flush(&mut client, &mut batch).await;
         }
-        tracing::info!("all results recorded");
+        if self.lost > 0 {
+            tracing::error!(
+                results = self.lost,
+                "gave up on recording results at shutdown: those jobs stay leased until their lease expires, then run again"
+            );
+        } else {
+            tracing::info!("all results recorded");
+        }
     }
 
     /// Records the batch, retrying until it is recorded or the process gives up.
-    async fn flush(&self, client: &mut Option<Client>, batch: &mut Vec<Json>) {
+    async fn flush(&mut self, client: &mut Option<Client>, batch: &mut Vec<Json>) {
         let mut backoff = Backoff::default();
         let array = Json::Array(std::mem::take(batch));
+        let n = array.as_array().map_or(0, Vec::len);
         loop {
             let attempt = async {
                 if client.as_ref().is_none_or(Client::is_closed) {
-                    *client = Some(pg::connect(&self.db, "completer").await?);
+                    *client = Some(self.db.connect("completer").await?);
                 }
                 let c = client.as_ref().expect("connected above");
                 c.query_one("SELECT herald.complete($1::jsonb)", &[&array])
                     .await
             };
-            match attempt.await {
+            let attempt = tokio::select! {
+                biased;
+                // once shutdown gives up, what is left is dropped without a try (each try could wait
+                // for the connect timeout)
+                () = self.give_up.cancelled() => None,
+                r = attempt => Some(r),
+            };
+            let Some(attempt) = attempt else {
+                self.lost += n;
+                self.metrics.not_recorded(n);
+                return;
+            };
+            match attempt {
                 Ok(row) => {
                     let applied: i32 = row.try_get(0).unwrap_or(-1);
-                    let n = array.as_array().map_or(0, Vec::len);
                     tracing::debug!(results = n, applied, "recorded");
+                    self.db.ok();
                     self.metrics.completed(n);
                     return;
                 }
                 Err(e) if is_data_error(&e) && array.as_array().is_some_and(|a| a.len() > 1) => {
                     // a result complete() refuses (a bug on this side) must not hold up the others
-                    tracing::error!(error = %e, "complete refused the batch; recording its results one by one");
+                    tracing::error!(error = %pg::describe(&e), "complete refused the batch; recording its results one by one");
                     for one in array.as_array().into_iter().flatten() {
                         let mut single = vec![one.clone()];
                         Box::pin(self.flush(client, &mut single)).await;
@@ -94,25 +121,26 @@ impl Completer {
                 }
                 Err(e) if is_data_error(&e) => {
                     self.metrics.complete_error();
-                    tracing::error!(error = %e, result = %array, "complete refused this result; its job will run again once its lease expires");
+                    self.metrics.not_recorded(n);
+                    tracing::error!(error = %pg::describe(&e), result = %array, "complete refused this result; its job will run again once its lease expires");
                     return;
                 }
                 Err(e) => {
                     self.metrics.complete_error();
-                    if self.give_up.is_cancelled() {
-                        let n = array.as_array().map_or(0, Vec::len);
-                        tracing::error!(error = %e, results = n,
-                            "giving up on recording results: those jobs stay leased until their lease expires, then run again");
-                        return;
-                    }
+                    self.metrics.recording_stalled();
                     let delay = backoff.step();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
+                    if pg::is_connection_error(&e) {
+                        // DbHealth says once that the database is away; the batch waits for it
+                        tracing::debug!(error = %pg::describe(&e), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
+                    } else {
+                        tracing::warn!(error = %pg::describe(&e), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
+                    }
                     if client.as_ref().is_some_and(Client::is_closed) {
                         *client = None;
                     }
                     tokio::select! {
                         () = self.give_up.cancelled() => {}
-                        () = tokio::time::sleep(delay) => {}
+                        () = self.db.pause(delay) => {}
                     }
                 }
             }

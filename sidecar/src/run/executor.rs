@@ -131,6 +131,8 @@ impl Executor {
                 tracing::warn!(job = id, kind, attempt, ms, %error, "failed permanently")
             }
         }
+        // waits while the channel is full (the completer is retrying a database that is away): the slot
+        // held meanwhile is what keeps the producer from claiming more than can be recorded
         if self.results.send(outcome.to_result(job.id)).await.is_err() {
             tracing::error!(
                 "completer is gone: result lost (the lease will expire and the job run again)"

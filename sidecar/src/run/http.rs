@@ -26,13 +26,15 @@ use serde_json::{json, Value as Json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, Config};
+use tokio::time::Instant;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::config::HttpSide;
+use super::db_health::DbHealth;
 use super::email::message_id;
 use super::links::{self, Claims, Purpose};
-use super::pg;
+use super::pg::{self, Backoff};
 
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
@@ -46,28 +48,102 @@ const PIXEL: &[u8] = &[
 ];
 
 /// One shared connection (tokio-postgres pipelines concurrent queries on it), reconnected on loss.
+/// Requests drive reconnecting, so after a failed attempt the next ones answer 503 at once until a
+/// back-off step has passed (or another component found the database back): while it is away, a
+/// burst of requests does not become a burst of connection attempts, each waiting for the timeout.
 struct Db {
-    config: Config,
-    client: Mutex<Option<Arc<Client>>>,
+    health: Arc<DbHealth>,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    client: Option<Arc<Client>>,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+}
+
+enum RecordError {
+    /// The database is away; no attempt was made.
+    Unavailable,
+    Failed(tokio_postgres::Error),
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable => f.write_str("waiting for the database"),
+            Self::Failed(e) => f.write_str(&pg::describe(e)),
+        }
+    }
+}
+
+impl RecordError {
+    /// An outage is `DbHealth`'s to report, not once per request.
+    fn log(&self, what: &str) {
+        match self {
+            Self::Failed(e) if !pg::is_connection_error(e) => {
+                tracing::warn!(error = %self, "http: {what} failed")
+            }
+            _ => tracing::debug!(error = %self, "http: {what} failed"),
+        }
+    }
 }
 
 impl Db {
-    async fn record(&self, feedback: Json) -> Result<i32, tokio_postgres::Error> {
-        let client = {
-            let mut slot = self.client.lock().await;
-            match slot.as_ref().filter(|c| !c.is_closed()) {
-                Some(c) => Arc::clone(c),
-                None => {
-                    let c = Arc::new(pg::connect(&self.config, "http").await?);
-                    *slot = Some(Arc::clone(&c));
-                    c
-                }
+    /// The shared connection, and whether it was opened just now.
+    async fn client(&self) -> Result<(Arc<Client>, bool), RecordError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(c) = slot.client.as_ref().filter(|c| !c.is_closed()) {
+            return Ok((Arc::clone(c), false));
+        }
+        if slot
+            .retry_at
+            .is_some_and(|at| Instant::now() < at && !self.health.is_up())
+        {
+            return Err(RecordError::Unavailable);
+        }
+        match self.health.connect("http").await {
+            Ok(c) => {
+                let c = Arc::new(c);
+                slot.client = Some(Arc::clone(&c));
+                slot.backoff.reset();
+                slot.retry_at = None;
+                Ok((c, true))
             }
-        };
-        let row = client
-            .query_one("SELECT herald.record_feedback($1::jsonb)", &[&feedback])
-            .await?;
-        row.try_get(0)
+            Err(e) => {
+                slot.client = None;
+                slot.retry_at = Some(Instant::now() + slot.backoff.step());
+                Err(RecordError::Failed(e))
+            }
+        }
+    }
+
+    async fn record(&self, feedback: Json) -> Result<i32, RecordError> {
+        loop {
+            let (client, fresh) = self.client().await?;
+            match client
+                .query_one("SELECT herald.record_feedback($1::jsonb)", &[&feedback])
+                .await
+            {
+                Ok(row) => {
+                    self.health.ok();
+                    return row.try_get(0).map_err(RecordError::Failed);
+                }
+                // a connection that died while idle (the server restarted): once more on a new one
+                Err(e) if !fresh && pg::is_connection_error(&e) => {
+                    let mut slot = self.slot.lock().await;
+                    if slot
+                        .client
+                        .as_ref()
+                        .is_some_and(|c| Arc::ptr_eq(c, &client))
+                    {
+                        slot.client = None;
+                    }
+                }
+                Err(e) => return Err(RecordError::Failed(e)),
+            }
+        }
     }
 }
 
@@ -124,11 +200,16 @@ impl Response {
     }
 }
 
-pub async fn serve(listener: TcpListener, side: HttpSide, db: Config, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    side: HttpSide,
+    health: Arc<DbHealth>,
+    shutdown: CancellationToken,
+) {
     let side = Arc::new(side);
     let db = Arc::new(Db {
-        config: db,
-        client: Mutex::new(None),
+        health,
+        slot: Mutex::new(Slot::default()),
     });
     // bounded: a flood of (slow) connections waits in the listen backlog instead of growing tasks
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -284,7 +365,7 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
             // a mail client shows whatever it gets; only a valid token records anything
             if let Ok(c) = links::verify(key, rest, Purpose::Open) {
                 if let Err(e) = db.record(json!([feedback("opened", &c)])).await {
-                    tracing::warn!(error = %e, "http: recording an open failed");
+                    e.log("recording an open");
                 }
             }
             Response {
@@ -299,7 +380,7 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
                 let url = c.url.clone().unwrap_or_default();
                 if let Err(e) = db.record(json!([feedback("clicked", &c)])).await {
                     // the reader still gets where they wanted to go
-                    tracing::warn!(error = %e, "http: recording a click failed");
+                    e.log("recording a click");
                 }
                 Response {
                     status: "302 Found",
@@ -684,8 +765,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn server_error(what: &str, e: &tokio_postgres::Error) -> Response {
-    tracing::warn!(error = %e, "http: {what} failed");
+fn server_error(what: &str, e: &RecordError) -> Response {
+    e.log(what);
     Response::text(
         "503 Service Unavailable",
         "could not record it now; please try again\n",

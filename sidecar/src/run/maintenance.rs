@@ -8,24 +8,31 @@
 //!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
 //! Any number of `herald run` processes may do this at once: each function is safe concurrently.
+//! While the database is away the timers keep firing but reconnecting waits for a back-off step (or
+//! for another component to find it back); reap also waits while this process's completer is behind,
+//! so that after a long outage our own finished jobs are recorded before their expired leases are
+//! reaped (which would send them again).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::time::MissedTickBehavior;
-use tokio_postgres::{Client, Config};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::pg;
+use super::db_health::DbHealth;
+use super::metrics::Metrics;
+use super::pg::{self, Backoff};
 
 pub const TICK_BATCH: i64 = 10_000;
 /// advance_broadcasts' budget per call (contacts read); a call that uses it all is repeated at once.
 pub const BROADCAST_BUDGET: i64 = 100_000;
 
 pub struct Maintenance {
-    pub db: Config,
+    pub db: Arc<DbHealth>,
+    pub metrics: Arc<Metrics>,
     pub tick_wake: Arc<Notify>,
     pub poll: Duration,
     pub shutdown: CancellationToken,
@@ -66,6 +73,9 @@ struct State {
     client: Option<Client>,
     missing: HashSet<Task>,
     failing: HashSet<Task>,
+    backoff: Backoff,
+    /// No connection attempt before this (after a failed one), unless the database is known back.
+    retry_at: Option<Instant>,
 }
 
 impl Maintenance {
@@ -83,6 +93,8 @@ impl Maintenance {
             client: None,
             missing: HashSet::new(),
             failing: HashSet::new(),
+            backoff: Backoff::default(),
+            retry_at: None,
         };
         loop {
             let task = tokio::select! {
@@ -116,10 +128,31 @@ impl Maintenance {
         if state.missing.contains(&task) {
             return None;
         }
-        let result = async {
-            if state.client.as_ref().is_none_or(Client::is_closed) {
-                state.client = Some(pg::connect(&self.db, "maintenance").await?);
+        if task == Task::Reap && self.metrics.is_recording_stalled() {
+            tracing::debug!("reap waits: this process has results it could not record yet");
+            return None;
+        }
+        if state.client.as_ref().is_none_or(Client::is_closed) {
+            if state
+                .retry_at
+                .is_some_and(|at| Instant::now() < at && !self.db.is_up())
+            {
+                return None;
             }
+            match self.db.connect("maintenance").await {
+                Ok(c) => {
+                    state.client = Some(c);
+                    state.backoff.reset();
+                    state.retry_at = None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %pg::describe(&e), "cannot connect");
+                    state.retry_at = Some(Instant::now() + state.backoff.step());
+                    return None;
+                }
+            }
+        }
+        let result = async {
             let client = state.client.as_ref().expect("connected above");
             client
                 .query_one(task.sql(), &[])
@@ -129,6 +162,7 @@ impl Maintenance {
         .await;
         match result {
             Ok(n) => {
+                self.db.ok();
                 if state.failing.remove(&task) {
                     tracing::info!(task = task.name(), "works again");
                 }
@@ -142,10 +176,16 @@ impl Maintenance {
                 state.missing.insert(task);
                 None
             }
+            Err(e) if pg::is_connection_error(&e) => {
+                // the connection is gone; the next call reconnects (and DbHealth tells the log)
+                tracing::debug!(task = task.name(), error = %pg::describe(&e), "failed");
+                state.client = None;
+                None
+            }
             Err(e) => {
                 // one line per task and outage, not one per timer
                 if state.failing.insert(task) {
-                    tracing::warn!(task = task.name(), error = %e, "failed; will retry on its next timer");
+                    tracing::warn!(task = task.name(), error = %pg::describe(&e), "failed; will retry on its next timer");
                 }
                 if state.client.as_ref().is_some_and(Client::is_closed) {
                     state.client = None;

@@ -7,12 +7,19 @@
 //!     └────wake─────▶ maintenance (tick, reap, flush_stats, prune)     metrics (/metrics, optional)
 //! ```
 //!
-//! Each component has a file and a database connection of its own. Shutdown (SIGTERM/SIGINT): the
-//! producer stops claiming; jobs in flight get the grace period to finish, then report a retryable
-//! failure; the completer records every result; the process exits 0.
+//! Each component has a file and a database connection of its own, opened through `db_health`, which
+//! tells the log and /metrics when the database is away. The daemon outlives the database: each
+//! component reconnects with back-off, finished jobs' results wait in the completer, and nothing is
+//! claimed meanwhile. Started while the database is away, it waits for it too (but stops at once on
+//! what waiting cannot fix: see `pg::is_permanent`, and the extension version check in `compat`).
+//!
+//! Shutdown (SIGTERM/SIGINT): the producer stops claiming; jobs in flight get the grace period to
+//! finish, then report a retryable failure; the completer records every result (giving up after 10 s
+//! more if the database is away); the process exits 0.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures_util::FutureExt;
@@ -23,6 +30,7 @@ use tracing::instrument::{WithDispatch, WithSubscriber};
 
 mod completer;
 mod config;
+mod db_health;
 mod email;
 mod executor;
 mod http;
@@ -112,39 +120,23 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-/// Runs until `shutdown` resolves, then stops gracefully. Errors only at start-up (database unreachable,
-/// extension missing, metrics address taken, bad transport settings).
+/// How long shutdown waits for the completer once the executors are done (or interrupted).
+const RECORD_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown waits for a background component (one may be inside a connect timeout).
+const BACKGROUND_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` resolves, then stops gracefully. Errors only at start-up (metrics address
+/// taken, bad transport settings, and what waiting for the database cannot fix: refused credentials,
+/// no such database, the extension missing or too old).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let dbname = config.database.get_dbname().unwrap_or("?").to_string();
     tracing::info!(worker = %config.worker_id, "herald run starting: {}", config.summary());
-
-    let probe = pg::connect(&config.database, "startup")
-        .await
-        .with_context(|| format!("connecting to database {dbname:?}"))?;
-    let installed = probe
-        .query_opt(
-            "SELECT extversion FROM pg_extension WHERE extname = 'herald'",
-            &[],
-        )
-        .await
-        .context("checking for the herald extension")?;
-    if installed.is_none() {
-        bail!("the herald extension is not installed in database {dbname:?}: run CREATE EXTENSION herald");
-    }
-    drop(probe);
-    if config.smtp.is_empty() && config.maildir.is_none() {
-        tracing::warn!("no email transport: set HERALD_SMTP_URL_DEFAULT (or HERALD_MAILDIR); email jobs will be retried until one is configured");
-    }
-    if config.webhook_secret.is_none() {
-        tracing::warn!(
-            "HERALD_WEBHOOK_SECRET is not set: webhooks are sent without X-Herald-Signature"
-        );
-    }
-
+    let health = Arc::new(db_health::DbHealth::new(config.database.clone()));
     let slots = Arc::new(Semaphore::new(config.concurrency));
     let metrics = Arc::new(metrics::Metrics::new(
         config.concurrency,
         Arc::clone(&slots),
+        Arc::clone(&health),
     ));
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(
@@ -154,6 +146,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
+    let background = CancellationToken::new();
+    let crashed = CancellationToken::new();
+    // served from the start, so a daemon waiting for the database can be watched
+    let metrics_server = metrics_listener.map(|l| {
+        tracing::info!(addr = %config.metrics_addr.expect("bound above"), "serving /metrics");
+        spawn(
+            "metrics",
+            &crashed,
+            metrics::serve(l, Arc::clone(&metrics), background.clone()),
+        )
+    });
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let ready = tokio::select! {
+        () = &mut shutdown => None,
+        r = async {
+            let probe = health.wait_until_up("startup").await?;
+            crate::db::check_extension(&probe, &dbname).await
+        } => Some(r),
+    };
+    match ready {
+        Some(Ok(())) => {}
+        not_ready => {
+            background.cancel();
+            if let Some(m) = metrics_server {
+                let _ = m.await;
+            }
+            return not_ready.unwrap_or_else(|| {
+                tracing::info!("stopped before the database was reachable");
+                Ok(())
+            });
+        }
+    }
+
+    if config.smtp.is_empty() && config.maildir.is_none() {
+        tracing::warn!("no email transport: set HERALD_SMTP_URL_DEFAULT (or HERALD_MAILDIR); email jobs will be retried until one is configured");
+    }
+    if config.webhook_secret.is_none() {
+        tracing::warn!(
+            "HERALD_WEBHOOK_SECRET is not set: webhooks are sent without X-Herald-Signature"
+        );
+    }
 
     let http_listener = match &config.http {
         Some(side) => Some(
@@ -167,8 +201,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stop_claiming = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let give_up = CancellationToken::new();
-    let background = CancellationToken::new();
-    let crashed = CancellationToken::new();
     let outbox_wake = Arc::new(Notify::new());
     let tick_wake = Arc::new(Notify::new());
     let (results_tx, results_rx) = mpsc::channel(config.concurrency * 2 + completer::BATCH);
@@ -188,10 +220,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "completer",
         &crashed,
         completer::Completer {
-            db: config.database.clone(),
+            db: Arc::clone(&health),
             results: results_rx,
             give_up: give_up.clone(),
             metrics: Arc::clone(&metrics),
+            lost: 0,
         }
         .run(),
     );
@@ -199,7 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "notifier",
         &crashed,
         notifier::Notifier {
-            db: config.database.clone(),
+            db: Arc::clone(&health),
             outbox: Arc::clone(&outbox_wake),
             tick: Arc::clone(&tick_wake),
             shutdown: background.clone(),
@@ -210,33 +243,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "maintenance",
         &crashed,
         maintenance::Maintenance {
-            db: config.database.clone(),
+            db: Arc::clone(&health),
+            metrics: Arc::clone(&metrics),
             tick_wake: Arc::clone(&tick_wake),
             poll: config.poll_interval,
             shutdown: background.clone(),
         }
         .run(),
     );
-    let metrics_server = metrics_listener.map(|l| {
-        tracing::info!(addr = %config.metrics_addr.expect("bound above"), "serving /metrics");
-        spawn(
-            "metrics",
-            &crashed,
-            metrics::serve(
-                l,
-                Arc::clone(&metrics),
-                config.database.clone(),
-                background.clone(),
-            ),
-        )
-    });
     let http_server = http_listener.map(|l| {
         let side = config.http.clone().expect("bound above");
         tracing::info!(addr = %side.addr, public_url = %side.public_url, "serving unsubscribe, tracking and provider events");
         spawn(
             "http",
             &crashed,
-            http::serve(l, side, config.database.clone(), background.clone()),
+            http::serve(l, side, Arc::clone(&health), background.clone()),
         )
     });
     let tasks = TaskTracker::new();
@@ -244,7 +265,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "producer",
         &crashed,
         producer::Producer {
-            db: config.database.clone(),
+            db: Arc::clone(&health),
             worker: config.worker_id.clone(),
             lease: config.lease,
             poll: config.poll_interval,
@@ -285,25 +306,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "grace period over: interrupting the jobs still running (they are retried)"
         );
         hard_stop.cancel();
-        tasks.wait().await;
     }
-    // every executor is gone, so the completer's channel closes once drained
+    // Executors that finished may still be waiting to hand their result to a completer that cannot
+    // record (the database is away), so both are waited for together: once every executor is gone,
+    // the completer's channel closes when drained. After RECORD_GRACE the completer gives up, which
+    // also drains the channel and so releases the executors.
     let mut completer = completer;
-    if tokio::time::timeout(std::time::Duration::from_secs(10), &mut completer)
-        .await
-        .is_err()
-    {
+    let recorded = tokio::time::timeout(RECORD_GRACE, async {
+        tasks.wait().await;
+        let _ = (&mut completer).await;
+    })
+    .await;
+    if recorded.is_err() {
         give_up.cancel();
+        tasks.wait().await;
         let _ = completer.await;
     }
     background.cancel();
-    let _ = notifier.await;
-    let _ = maintenance.await;
-    if let Some(m) = metrics_server {
-        let _ = m.await;
-    }
-    if let Some(h) = http_server {
-        let _ = h.await;
+    for handle in [
+        Some(notifier),
+        Some(maintenance),
+        metrics_server,
+        http_server,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut handle = handle;
+        if tokio::time::timeout(BACKGROUND_GRACE, &mut handle)
+            .await
+            .is_err()
+        {
+            handle.abort();
+        }
     }
     if crashed.is_cancelled() {
         bail!("a component crashed (see the log); stopped after recording what could be recorded");

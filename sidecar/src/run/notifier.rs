@@ -1,20 +1,22 @@
 //! Notifier: one connection LISTENing on `herald.outbox` (jobs to claim) and `herald.tick` (enrollments
 //! due). A notification only wakes the producer or the maintenance loop; they find the work themselves,
 //! so a lost notification costs at most one fallback poll. Reconnects forever with back-off, and wakes
-//! everyone after each (re)connection, since notifications sent meanwhile are gone.
+//! everyone after each (re)connection, since notifications sent meanwhile are gone. A lost connection
+//! is logged; failed attempts to reconnect are `DbHealth`'s to report.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
 
-use super::pg::Backoff;
+use super::db_health::DbHealth;
+use super::pg::{self, Backoff};
 
 pub struct Notifier {
-    pub db: Config,
+    pub db: Arc<DbHealth>,
     pub outbox: Arc<Notify>,
     pub tick: Arc<Notify>,
     pub shutdown: CancellationToken,
@@ -23,30 +25,40 @@ pub struct Notifier {
 impl Notifier {
     pub async fn run(self) {
         let mut backoff = Backoff::default();
-        let mut failures = 0u32;
         while !self.shutdown.is_cancelled() {
-            match self.session(&mut backoff).await {
+            let session = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                s = self.session(&mut backoff) => s,
+            };
+            match session {
                 Ok(()) => break,
-                Err(e) => {
-                    failures += 1;
-                    // the first failure and then every tenth, so an outage does not flood the log
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(error = %e, failures, "LISTEN connection lost; reconnecting (polling meanwhile)");
-                    }
+                Err(Lost::Connecting(e)) => {
+                    tracing::debug!(error = %pg::describe(&e), "cannot connect");
+                }
+                Err(Lost::Listening(e)) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting (polling meanwhile)");
                 }
             }
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
-                () = tokio::time::sleep(backoff.step()) => {}
+                () = self.db.pause(backoff.step()) => {}
             }
         }
     }
 
     /// One connection's life: Ok when shut down, Err when the connection failed.
-    async fn session(&self, backoff: &mut Backoff) -> anyhow::Result<()> {
-        let mut config = self.db.clone();
-        config.application_name("herald run: notifier");
-        let (client, mut connection) = config.connect(NoTls).await?;
+    async fn session(&self, backoff: &mut Backoff) -> Result<(), Lost> {
+        let config = pg::settings(self.db.config(), "notifier");
+        let (client, mut connection) = match config.connect(NoTls).await {
+            Ok(c) => {
+                self.db.ok();
+                c
+            }
+            Err(e) => {
+                self.db.failed(&e);
+                return Err(Lost::Connecting(e));
+            }
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(
             async move {
@@ -68,7 +80,8 @@ impl Notifier {
         );
         client
             .batch_execute(r#"LISTEN "herald.outbox"; LISTEN "herald.tick""#)
-            .await?;
+            .await
+            .map_err(|e| Lost::Listening(pg::describe(&e)))?;
         tracing::info!("listening on herald.outbox and herald.tick");
         backoff.reset();
         self.outbox.notify_one();
@@ -85,13 +98,20 @@ impl Notifier {
                     Some(_) => {}
                     None => {
                         drop(client);
-                        return match driver.await {
-                            Ok(Err(e)) => Err(e.into()),
-                            _ => Err(anyhow::anyhow!("the server closed the connection")),
-                        };
+                        return Err(Lost::Listening(match driver.await {
+                            Ok(Err(e)) => pg::describe(&e),
+                            _ => "the server closed the connection".to_string(),
+                        }));
                     }
                 },
             }
         }
     }
+}
+
+/// Why a session ended: an attempt to connect failed (reported to `DbHealth`), or an established
+/// LISTEN connection was lost.
+enum Lost {
+    Connecting(tokio_postgres::Error),
+    Listening(String),
 }

@@ -1,21 +1,40 @@
-//! Database connections of `herald run`: each component keeps its own and reconnects with back-off.
+//! Database connections of `herald run`: each component keeps its own and reconnects with back-off
+//! (reporting to [`super::db_health`], which tells the log and /metrics whether the database is there).
 //! Server notices (e.g. complete()'s WARNING about ignored results) are logged, never dropped.
 
+use std::error::Error as _;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 use tracing::instrument::WithSubscriber;
 
-/// Opens a connection named after the component (`application_name`, visible in pg_stat_activity).
+/// The settings every connection of the daemon uses: named after the component (`application_name`,
+/// visible in pg_stat_activity), and with time limits, so that a server that vanished without closing
+/// the connection (network cut, failover) is noticed in seconds rather than after the kernel's TCP
+/// retransmission limit (~15 min) or the 2 h keepalive default. What DATABASE_URL sets is kept.
+pub fn settings(config: &Config, component: &'static str) -> Config {
+    let mut config = config.clone();
+    config.application_name(format!("herald run: {component}"));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    if config.get_keepalives_idle() == Config::new().get_keepalives_idle() {
+        // the LISTEN connection is idle for long stretches: only keepalives find it dead
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    config
+}
+
+/// Opens a connection with [`settings`]. Components call it through `DbHealth::connect`.
 pub async fn connect(
     config: &Config,
     component: &'static str,
 ) -> Result<Client, tokio_postgres::Error> {
-    let mut config = config.clone();
-    config.application_name(format!("herald run: {component}"));
-    config.connect_timeout(Duration::from_secs(10));
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = settings(config, component).connect(NoTls).await?;
     tokio::spawn(
         async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -38,7 +57,8 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Exponential back-off with jitter: 100 ms, 200 ms, … up to 30 s.
+/// Exponential back-off with jitter: 100 ms, 200 ms, … up to 10 s. The cap bounds how long a component
+/// stays idle after the database comes back (the first component to reconnect also wakes the others).
 pub struct Backoff {
     next: Duration,
 }
@@ -51,7 +71,7 @@ impl Default for Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(10);
 
     pub fn reset(&mut self) {
         self.next = Self::FIRST;
@@ -74,6 +94,59 @@ pub fn is_undefined_function(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
 }
 
+/// The error with its causes: tokio-postgres prints only its kind ("db error", "error connecting to
+/// server") and keeps the server's message or the OS error in the source chain.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string().replace('\n', " "));
+        source = s.source();
+    }
+    text
+}
+
+/// True when the error is about the connection rather than the statement: the server went away or
+/// cannot take us now (I/O, closed, timeout, SQLSTATE class 08, shutdown/starting up, too many
+/// connections). These are retried quietly: `DbHealth` says once that the database is away.
+pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        // tokio-postgres does not expose its error kinds; these are its fixed descriptions
+        None => {
+            e.is_closed()
+                || matches!(
+                    e.to_string().as_str(),
+                    "error connecting to server"
+                        | "error communicating with the server"
+                        | "timeout waiting for server"
+                )
+        }
+    }
+}
+
+/// True when reconnecting cannot help, so `herald run` stops at start-up instead of waiting:
+/// authentication refused (28000 no pg_hba entry / peer mismatch, 28P01 wrong password, a password
+/// missing from the settings), the role may not connect (42501), bad settings or TLS. A database that
+/// does not exist (3D000) is also final: it may be created later, but a typo in DATABASE_URL is the
+/// common cause, and a clear error says so at once. Once running, every failure is retried.
+pub fn is_permanent(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => matches!(code.code(), "28000" | "28P01" | "3D000" | "42501"),
+        None => matches!(
+            e.to_string().as_str(),
+            "invalid configuration"
+                | "invalid connection string"
+                | "authentication error"
+                | "error performing TLS handshake"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,9 +157,9 @@ mod tests {
         let first = b.step();
         assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
         for _ in 0..20 {
-            assert!(b.step() <= Duration::from_secs(30));
+            assert!(b.step() <= Duration::from_secs(10));
         }
-        assert!(b.step() >= Duration::from_secs(15));
+        assert!(b.step() >= Duration::from_secs(5));
         b.reset();
         assert!(b.step() <= Duration::from_millis(100));
     }

@@ -1,22 +1,24 @@
 //! Producer: claims as many jobs as there are free executor slots, in ONE `herald.claim` call, and
 //! starts an executor task for each. A full batch means there is more: it claims again as soon as a
 //! slot frees up; otherwise it sleeps until a notification or the fallback poll. Stops claiming on
-//! shutdown; the jobs it already started finish on their own.
+//! shutdown; the jobs it already started finish on their own. While the database is away it retries
+//! with back-off (quietly: `DbHealth` tells the log) and resumes as soon as it is back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::db_health::DbHealth;
 use super::executor::{Executor, Job};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
 pub struct Producer {
-    pub db: Config,
+    pub db: Arc<DbHealth>,
     pub worker: String,
     pub lease: Duration,
     pub poll: Duration,
@@ -64,7 +66,7 @@ impl Producer {
 
             let claimed = match &client {
                 Some(c) => self.claim(c, want).await,
-                None => match pg::connect(&self.db, "producer").await {
+                None => match self.db.connect("producer").await {
                     Ok(c) => {
                         let r = self.claim(&c, want).await;
                         client = Some(c);
@@ -76,6 +78,7 @@ impl Producer {
             let jobs = match claimed {
                 Ok(jobs) => {
                     backoff.reset();
+                    self.db.ok();
                     jobs
                 }
                 Err(e) => {
@@ -85,10 +88,15 @@ impl Producer {
                         client = None;
                     }
                     let delay = backoff.step();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "claim failed");
+                    let (error, retry_in_ms) = (pg::describe(&e), delay.as_millis() as u64);
+                    if pg::is_connection_error(&e) {
+                        tracing::debug!(%error, retry_in_ms, "claim failed");
+                    } else {
+                        tracing::warn!(%error, retry_in_ms, "claim failed");
+                    }
                     tokio::select! {
                         () = self.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => continue,
+                        () = self.db.pause(delay) => continue,
                     }
                 }
             };
