@@ -97,14 +97,20 @@ async fn setup(db: &Client, contacts: usize) -> Result<()> {
     queue_jobs(db).await
 }
 
-/// Enrols every contact and ticks until each enrollment waits on its webhook job.
+/// Finishes the previous round (woken enrollments still have their exit step to take), enrols every
+/// contact and ticks until each enrollment waits on its webhook job.
 async fn queue_jobs(db: &Client) -> Result<()> {
+    tick_until_idle(db).await?;
     db.execute(
         "SELECT * FROM herald.enroll((SELECT id FROM herald.automations WHERE workspace_id = $1),
                                      (SELECT array_agg(id) FROM herald.contacts WHERE workspace_id = $1))",
         &[&WORKSPACE],
     )
     .await?;
+    tick_until_idle(db).await
+}
+
+async fn tick_until_idle(db: &Client) -> Result<()> {
     while db
         .query_one("SELECT herald.tick(10000)", &[])
         .await?
