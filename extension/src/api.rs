@@ -2,20 +2,113 @@
 //! failure into an `ereport` a SQL user can act on. Names start with `_`: they are herald's internals,
 //! called by the SQL API in `sql/`, not part of the contract.
 
+use std::cell::RefCell;
+use std::ffi::CStr;
+
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::nullable::Nullable;
 use pgrx::prelude::*;
 use pgrx::{Json, JsonB};
 use serde_json::{json, Value};
 
 use crate::condition::{Condition, Facts, Scope};
 use crate::definition::{self, Reentry};
+use crate::definition_cache::DefinitionCache;
 use crate::fault::Fault;
 
-/// Raises `what: <first fault>`; when there are several, DETAIL lists every one, one per line.
+thread_local! {
+    /// Automations validated by this backend's ticks (a backend is single-threaded): each
+    /// definition is validated once, not on every tick.
+    static DEFINITIONS: RefCell<DefinitionCache> = RefCell::new(DefinitionCache::new());
+}
+
+/// A `json` argument as its text, unparsed. pgrx's `Json` parses it with serde_json first, whose
+/// recursion limit (128 levels) would fail the whole call because of one deep value inside.
+pub struct JsonText(pub String);
+
+/// A `jsonb` argument printed to text (`jsonb_out`) and not parsed, so the function can check its
+/// size and nesting before parsing it (pgrx's `JsonB` would fail on a document deeper than 128
+/// levels with serde_json's message, before the function runs).
+pub struct JsonbText(pub String);
+
+impl FromDatum for JsonText {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        oid: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: the caller hands a json datum (the function's declared argument type)
+        unsafe { pgrx::datum::JsonString::from_polymorphic_datum(datum, is_null, oid) }
+            .map(|j| JsonText(j.0))
+    }
+}
+
+impl FromDatum for JsonbText {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: the caller hands a jsonb datum; jsonb_out detoasts it and returns a palloc'd
+        // C string, copied and freed here
+        unsafe {
+            let cstr = pgrx::direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(datum)])
+                .expect("jsonb_out returned NULL");
+            let text = cstr.to_string_lossy().into_owned();
+            pg_sys::pfree(cstr.as_ptr() as *mut std::ffi::c_void);
+            Some(JsonbText(text))
+        }
+    }
+}
+
+// SAFETY (both): unboxed with FromDatum from the declared json/jsonb argument, as pgrx's Json does.
+unsafe impl<'fcx> ArgAbi<'fcx> for JsonText {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for JsonbText {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+pgrx::impl_sql_translatable!(JsonText, arg_only = "json");
+pgrx::impl_sql_translatable!(JsonbText, arg_only = "jsonb");
+
+/// DETAIL lists at most this many faults (a hostile definition can have thousands).
+const MAX_DETAIL_FAULTS: usize = 100;
+
+/// Raises `what: <first fault>`; when there are several, DETAIL lists them, one per line (the
+/// first [`MAX_DETAIL_FAULTS`]).
 fn raise_faults(what: &str, faults: &[Fault]) -> ! {
     let first = faults.first().map(Fault::to_string).unwrap_or_default();
     let message = format!("{what}: {first}");
     if faults.len() > 1 {
-        let all: Vec<String> = faults.iter().map(Fault::to_string).collect();
+        let mut all: Vec<String> = faults
+            .iter()
+            .take(MAX_DETAIL_FAULTS)
+            .map(Fault::to_string)
+            .collect();
+        if faults.len() > MAX_DETAIL_FAULTS {
+            all.push(format!("… and {} more", faults.len() - MAX_DETAIL_FAULTS));
+        }
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -31,15 +124,18 @@ fn raise_faults(what: &str, faults: &[Fault]) -> ! {
 }
 
 /// Validates an automation definition and returns what the automations table stores next to it:
-/// `{"name", "trigger_event", "trigger_filter", "reentry", "start"}`.
+/// `{"name", "trigger_event", "trigger_filter", "reentry", "start"}`. The definition arrives as
+/// text, so one too big or too deeply nested is refused with the limit before it is parsed.
 #[pg_extern(immutable, parallel_safe)]
-fn _check_automation(definition: Option<JsonB>) -> JsonB {
-    let Some(JsonB(def)) = definition else {
+fn _check_automation(definition: Option<JsonbText>) -> JsonB {
+    let Some(JsonbText(text)) = definition else {
         raise_faults(
             "invalid automation definition",
             &[Fault::new("$", "definition must not be NULL")],
         );
     };
+    let def = definition::read_text(&text)
+        .unwrap_or_else(|faults| raise_faults("invalid automation definition", &faults));
     let automation = definition::validate(&def)
         .unwrap_or_else(|faults| raise_faults("invalid automation definition", &faults));
     let reentry = match automation.reentry {
@@ -125,6 +221,15 @@ fn _matches(
     condition.eval(&facts)
 }
 
+/// Why a JSON text is out of bounds: `None` when it nests at most `max_depth` arrays/objects deep
+/// and is at most `max_bytes` long, else e.g. "nests 200 levels deep; at most 32 are allowed" or
+/// "is 2000000 bytes; at most 65536 are allowed". One pass over the bytes, nothing parsed; SQL
+/// calls it on what a tenant stores (`herald._json_fault(payload::text, 32, 65536)`).
+#[pg_extern(immutable, parallel_safe, strict)]
+fn _json_fault(value: &str, max_depth: i32, max_bytes: i32) -> Option<String> {
+    crate::json_limits::fault(value, max_depth.max(0) as usize, max_bytes.max(0) as usize)
+}
+
 /// True when `name` is an IANA time zone name (e.g. `Europe/Paris`).
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _valid_timezone(name: &str) -> bool {
@@ -148,15 +253,17 @@ fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {
 /// `enrollments` is an array of `{id, workspace_id, automation_id, contact_id, status, node, visit,
 /// context, event, contact, timezone}`. Pure computation: tick() does all reading and writing, in one statement. One row per
 /// enrollment, what tick() writes back. `json`/text, not `jsonb`, both ways: pgrx reads a jsonb by
-/// printing it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text; the
-/// enrollments come as the json's text and are parsed straight into typed rows. The step log
+/// printing it to text first (~25 µs per enrollment in a 10,000 batch), while json is already text.
+/// Both documents arrive as text and each automation and enrollment is parsed on its own, so one
+/// that cannot be read fails alone (see tick_batch.rs); automations are validated once per backend
+/// (the thread-local definition cache). The step log
 /// comes back as arrays, so SQL unnests it without parsing JSON; the stats deltas come back summed for
 /// the whole batch, on the first row.
 // pgrx needs the row tuple spelled out in the signature, so no type alias.
 #[allow(clippy::type_complexity)]
 #[pg_extern(strict)]
 fn _steps(
-    automations: Json,
+    automations: JsonText,
     enrollments: &str,
     now_epoch: f64,
     max_transitions: i32,
@@ -186,7 +293,16 @@ fn _steps(
         name!(count_n, Option<Vec<i64>>),
     ),
 > {
-    let outcomes = crate::tick_batch::run(&automations.0, enrollments, now_epoch, max_transitions)
+    let outcomes = DEFINITIONS
+        .with_borrow_mut(|cache| {
+            crate::tick_batch::run(
+                &automations.0,
+                enrollments,
+                now_epoch,
+                max_transitions,
+                cache,
+            )
+        })
         .unwrap_or_else(|e| {
             ereport!(
                 ERROR,

@@ -278,6 +278,19 @@ impl Condition {
         }
     }
 
+    /// How many single tests evaluating the condition can take: one per leaf, and for an `in` leaf
+    /// one per value of its list (it compares with each). Definitions bound the sum.
+    pub fn tests(&self) -> usize {
+        match self {
+            Condition::All(cs) | Condition::Any(cs) => cs.iter().map(Condition::tests).sum(),
+            Condition::Not(c) => c.tests(),
+            Condition::Leaf {
+                op: Op::In, value, ..
+            } => value.as_array().map_or(1, |items| items.len().max(1)),
+            Condition::Leaf { .. } => 1,
+        }
+    }
+
     /// Which scopes the condition reads (so callers can skip fetching data).
     pub fn scopes(&self) -> ScopeSet {
         let mut set = ScopeSet::default();
@@ -975,6 +988,22 @@ mod tests {
         assert!(!ev(json!({"any": [f, f]})));
         assert!(ev(json!({"not": f})));
         assert!(!ev(json!({"not": t})));
+    }
+
+    #[test]
+    fn tests_count_leaves_and_in_values() {
+        assert_eq!(cond(json!({"all": []})).tests(), 0);
+        assert_eq!(
+            cond(json!({"all": [
+                {"field": "contact.a", "op": "exists"},
+                {"not": {"any": [
+                    {"field": "contact.b", "op": "in", "value": [1, 2, 3]},
+                    {"field": "contact.c", "op": "in", "value": []}
+                ]}}
+            ]}))
+            .tests(),
+            5
+        );
     }
 
     #[test]

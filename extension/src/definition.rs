@@ -9,8 +9,30 @@
 //! every node must be reachable from `start`, and every cycle must pass
 //! through a wait node (delay, wait_event, approval) so an enrollment can
 //! never loop without pausing.
+//!
+//! Limits: a definition is written by one tenant and validated inside a
+//! Postgres backend that serves all of them, so its size bounds the work.
+//! Validation is linear in the definition apart from the wait-free-cycle
+//! search (a breadth-first search per non-wait node on a cycle, bounded by
+//! the size limit), and takes milliseconds at the limits:
+//!
+//! | limit                         | value   | fault at                         |
+//! |-------------------------------|---------|----------------------------------|
+//! | definition text (jsonb form)  | 256 KiB | `$` ([`validate_text`])          |
+//! | nesting of arrays and objects | 100     | `$` ([`validate_text`])          |
+//! | nodes                         | 1,000   | `$.nodes`                        |
+//! | paths of a branch             | 100     | `$.nodes.<id>.paths`             |
+//! | variants of a split           | 100     | `$.nodes.<id>.variants`          |
+//! | paths of a decide             | 100     | `$.nodes.<id>.paths`             |
+//! | condition tests in all        | 5,000   | the condition that goes over     |
+//! | entries of a tag/list list    | 100     | `$.nodes.<id>.add_tags` etc.     |
+//! | attributes of a `set`         | 100     | `$.nodes.<id>.set`               |
+//! | conditions nest (condition.rs)| 32      | the condition too deep           |
+//!
+//! A condition test is one field/op/value leaf; an `in` leaf counts one per
+//! value of its list, since evaluating it compares with each.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value};
@@ -205,13 +227,12 @@ impl NodeKind {
             NodeKind::Goal { next } => next.iter().collect(),
             NodeKind::Exit => Vec::new(),
         };
-        let mut out: Vec<&str> = Vec::with_capacity(all.len());
-        for s in all {
-            if !out.contains(&s.as_str()) {
-                out.push(s);
-            }
-        }
-        out
+        // a set, not `Vec::contains`: a node may list many targets
+        let mut seen: HashSet<&str> = HashSet::with_capacity(all.len());
+        all.into_iter()
+            .map(String::as_str)
+            .filter(|s| seen.insert(s))
+            .collect()
     }
 
     /// Wait nodes pause the enrollment, which is what makes a cycle safe.
@@ -252,11 +273,53 @@ const TOP_KEYS: &[&str] = &[
 const MAX_NAME_CHARS: usize = 200;
 /// Keeps graph checks cheap inside a Postgres backend.
 pub const MAX_NODES: usize = 1000;
+/// The definition's text as Postgres prints the jsonb (what `_check_automation` and tick see).
+pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
+/// Arrays and objects nested in each other; serde_json stops at 128, and tick nests a definition
+/// one level deeper in its batch. Conditions at their own limit (32) need about 70.
+pub const MAX_DEFINITION_DEPTH: usize = 100;
+pub const MAX_BRANCH_PATHS: usize = 100;
+pub const MAX_SPLIT_VARIANTS: usize = 100;
+pub const MAX_DECIDE_PATHS: usize = 100;
+/// Condition tests over the whole automation (trigger filter, goal, branches, filters, wait_event
+/// filters): every enrollment may evaluate them on every tick.
+pub const MAX_CONDITION_TESTS: usize = 5000;
+/// Entries of each of add_tags, remove_tags, add_lists, remove_lists.
+pub const MAX_LIST_ENTRIES: usize = 100;
+/// Attributes an update_contact node may set.
+pub const MAX_SET_ATTRIBUTES: usize = 100;
+/// Wait-free cycles reported one by one; the nodes of any further ones are listed in one fault.
+const MAX_CYCLE_FAULTS: usize = 20;
+/// Edges the shortest-cycle searches may look at in all (a few milliseconds): past it, the nodes on
+/// wait-free cycles not reported yet are listed in one fault. Only graphs near the size limit made
+/// of long wait-free cycles get there.
+const CYCLE_SEARCH_BUDGET: usize = 250_000;
 const MAX_URL_LEN: usize = 2048;
 const MAX_TIMEOUT_MS: u64 = 120_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 const WAIT_HELP: &str = "add a delay, wait_event or approval node to it";
+
+/// Validates a definition given as JSON text: its size and nesting are checked before it is parsed,
+/// so an oversized or too deeply nested one gets a fault naming the limit instead of a parser error.
+pub fn validate_text(text: &str) -> Result<Automation, Vec<Fault>> {
+    validate(&read_text(text)?)
+}
+
+/// Parses a definition's text once its size and nesting are within the limits.
+pub fn read_text(text: &str) -> Result<Value, Vec<Fault>> {
+    if let Some(problem) =
+        crate::json_limits::fault(text, MAX_DEFINITION_DEPTH, MAX_DEFINITION_BYTES)
+    {
+        return Err(vec![Fault::new("$", format!("the definition {problem}"))]);
+    }
+    serde_json::from_str(text).map_err(|e| {
+        vec![Fault::new(
+            "$",
+            format!("the definition is not valid JSON: {e}"),
+        )]
+    })
+}
 
 /// Validates a definition; on failure returns every fault found.
 pub fn validate(def: &Value) -> Result<Automation, Vec<Fault>> {
@@ -331,7 +394,9 @@ pub fn validate(def: &Value) -> Result<Automation, Vec<Fault>> {
     let mut nodes = BTreeMap::new();
     let mut all_parsed = true;
     if let (Some(Value::Object(map)), Some(ids)) = (top.get("nodes"), &ids) {
-        if ids.len() > MAX_NODES {
+        // too many: the count is the fault; parsing them all is work a hostile definition asks for
+        let too_many = ids.len() > MAX_NODES;
+        if too_many {
             cx.fault(
                 "$.nodes",
                 format!(
@@ -339,8 +404,9 @@ pub fn validate(def: &Value) -> Result<Automation, Vec<Fault>> {
                     ids.len()
                 ),
             );
+            all_parsed = false;
         }
-        for id in ids {
+        for id in ids.iter().filter(|_| !too_many) {
             let path = child("$.nodes", id);
             if !valid_id(id) {
                 cx.fault(
@@ -419,11 +485,13 @@ pub fn validate(def: &Value) -> Result<Automation, Vec<Fault>> {
     }
 }
 
-/// Faults found so far, and node references to check once all ids are known.
+/// Faults found so far, node references to check once all ids are known, and the condition tests
+/// counted against [`MAX_CONDITION_TESTS`].
 #[derive(Default)]
 struct Cx {
     faults: Vec<Fault>,
     refs: Vec<(String, String)>,
+    tests: usize,
 }
 
 impl Cx {
@@ -432,9 +500,22 @@ impl Cx {
     }
 
     fn condition(&mut self, v: &Value, path: &str) -> Option<Condition> {
-        Condition::parse(v, path)
+        let c = Condition::parse(v, path)
             .map_err(|fs| self.faults.extend(fs))
-            .ok()
+            .ok()?;
+        let before = self.tests;
+        self.tests = before.saturating_add(c.tests());
+        if before <= MAX_CONDITION_TESTS && self.tests > MAX_CONDITION_TESTS {
+            self.fault(
+                path,
+                format!(
+                    "the automation's conditions reach {} tests here; at most {MAX_CONDITION_TESTS} are allowed in all (a field test counts 1, an \"in\" test 1 per value in its list)",
+                    self.tests
+                ),
+            );
+            return None;
+        }
+        Some(c)
     }
 }
 
@@ -730,12 +811,23 @@ impl<'a> NodeReader<'a> {
             );
             return None;
         };
+        if items.len() > MAX_LIST_ENTRIES {
+            cx.fault(
+                &self.at(key),
+                format!(
+                    "{key} may have at most {MAX_LIST_ENTRIES} entries; this one has {}",
+                    items.len()
+                ),
+            );
+            return None;
+        }
         let mut out = Vec::new();
+        let mut seen = HashSet::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             match item {
                 Value::String(s) if !s.trim().is_empty() => {
-                    if !out.contains(s) {
+                    if seen.insert(s.as_str()) {
                         out.push(s.clone());
                     }
                 }
@@ -1133,6 +1225,16 @@ fn parse_branch(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
 fn parse_branch_paths(r: &NodeReader, v: &Value, cx: &mut Cx) -> Option<Vec<(Condition, String)>> {
     let path = r.at("paths");
     let items = match v {
+        Value::Array(items) if items.len() > MAX_BRANCH_PATHS => {
+            cx.fault(
+                &path,
+                format!(
+                    "a branch may have at most {MAX_BRANCH_PATHS} paths; this one has {}",
+                    items.len()
+                ),
+            );
+            return None;
+        }
         Value::Array(items) if !items.is_empty() => items,
         other => {
             cx.fault(
@@ -1200,6 +1302,16 @@ fn parse_split(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
     )?;
     let path = r.at("variants");
     let items = match v {
+        Value::Array(items) if items.len() > MAX_SPLIT_VARIANTS => {
+            cx.fault(
+                &path,
+                format!(
+                    "a split may have at most {MAX_SPLIT_VARIANTS} variants; this one has {}",
+                    items.len()
+                ),
+            );
+            return None;
+        }
         Value::Array(items) if items.len() >= 2 => items,
         other => {
             cx.fault(
@@ -1266,6 +1378,16 @@ fn parse_split(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
 fn parse_update_contact(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
     let set = match r.get("set") {
         None => Some(Map::new()),
+        Some(Value::Object(m)) if m.len() > MAX_SET_ATTRIBUTES => {
+            cx.fault(
+                &r.at("set"),
+                format!(
+                    "set may hold at most {MAX_SET_ATTRIBUTES} attributes; this one has {}",
+                    m.len()
+                ),
+            );
+            None
+        }
         Some(Value::Object(m)) => {
             if m.contains_key("") {
                 cx.fault(&r.at("set"), "attribute names in set must not be empty");
@@ -1293,6 +1415,7 @@ fn parse_update_contact(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
         (&add_lists, &remove_lists, "remove_lists"),
     ] {
         if let (Some(a), Some(rm)) = (added, removed) {
+            let a: HashSet<&String> = a.iter().collect();
             for (i, item) in rm.iter().enumerate() {
                 if a.contains(item) {
                     cx.fault(
@@ -1359,6 +1482,16 @@ fn parse_decide(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
     let paths = r
         .required("paths", "an object mapping reply values to node ids", cx)
         .and_then(|v| match v {
+            Value::Object(map) if map.len() > MAX_DECIDE_PATHS => {
+                cx.fault(
+                    &r.at("paths"),
+                    format!(
+                        "a decide node may have at most {MAX_DECIDE_PATHS} paths; this one has {}",
+                        map.len()
+                    ),
+                );
+                None
+            }
             Value::Object(map) if !map.is_empty() => {
                 let mut out = BTreeMap::new();
                 let mut ok = true;
@@ -1403,6 +1536,35 @@ fn parse_decide(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
     })
 }
 
+/// The parsed nodes as a graph over dense indices (in id order), each successor list computed once.
+/// (Graph checks used to call `successors()` per visit, deduplicating with a linear scan, from a
+/// search started at every node: a branch of 20,000 paths took minutes.)
+struct Graph<'a> {
+    names: Vec<&'a str>,
+    wait: Vec<bool>,
+    succ: Vec<Vec<usize>>,
+}
+
+impl<'a> Graph<'a> {
+    fn new(nodes: &'a BTreeMap<String, Node>) -> Self {
+        let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
+        let at: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        // targets that are not parsed nodes have no edges to follow: leave them out
+        let succ = nodes
+            .values()
+            .map(|n| {
+                let targets = n.kind.successors();
+                targets
+                    .into_iter()
+                    .filter_map(|t| at.get(t).copied())
+                    .collect()
+            })
+            .collect();
+        let wait = nodes.values().map(|n| n.kind.is_wait()).collect();
+        Graph { names, wait, succ }
+    }
+}
+
 /// Reachability and wait-free cycles, over the nodes that parsed.
 fn check_graph(
     nodes: &BTreeMap<String, Node>,
@@ -1411,92 +1573,225 @@ fn check_graph(
     ids: &BTreeSet<String>,
     faults: &mut Vec<Fault>,
 ) {
+    let g = Graph::new(nodes);
+    let n = g.names.len();
     // Unreachable: only meaningful when every node's edges are known.
     if let Some(start) = start.filter(|s| all_parsed && ids.contains(*s)) {
-        let mut seen: BTreeSet<&str> = BTreeSet::new();
-        let mut queue = VecDeque::from([start]);
-        seen.insert(start);
-        while let Some(id) = queue.pop_front() {
-            for next in nodes
-                .get(id)
-                .map(|n| n.kind.successors())
-                .unwrap_or_default()
-            {
-                if seen.insert(next) {
-                    queue.push_back(next);
+        if let Ok(s) = g.names.binary_search(&start) {
+            let mut seen = vec![false; n];
+            let mut queue = VecDeque::from([s]);
+            seen[s] = true;
+            while let Some(v) = queue.pop_front() {
+                for &w in &g.succ[v] {
+                    if !seen[w] {
+                        seen[w] = true;
+                        queue.push_back(w);
+                    }
                 }
             }
-        }
-        for id in nodes.keys().filter(|id| !seen.contains(id.as_str())) {
-            faults.push(Fault::new(
-                child("$.nodes", id),
-                format!(
-                    "node {id:?} is not reachable from start {start:?}; link to it or remove it"
-                ),
-            ));
+            for (id, _) in g.names.iter().zip(&seen).filter(|(_, seen)| !**seen) {
+                faults.push(Fault::new(
+                    child("$.nodes", id),
+                    format!(
+                        "node {id:?} is not reachable from start {start:?}; link to it or remove it"
+                    ),
+                ));
+            }
         }
     }
 
     // Cycles through non-wait nodes only: a wait node breaks any cycle it is
     // on. Each node's shortest cycle is reported once, rotated to start at
     // its smallest id so the same loop found from two nodes is one fault.
-    let plain = |id: &str| nodes.get(id).is_some_and(|n| !n.kind.is_wait());
-    let mut reported: BTreeSet<Vec<&str>> = BTreeSet::new();
-    for id in nodes.keys().map(String::as_str).filter(|id| plain(id)) {
-        let Some(mut cycle) = shortest_cycle(nodes, id, &plain) else {
+    // Only nodes on a cycle are searched from (those in a strongly connected
+    // component of the non-wait subgraph with more than one node, or with a
+    // self-loop), and each search stays inside the node's component: a cycle
+    // never leaves it, so the shortest one found is the same.
+    let plain_succ: Vec<Vec<usize>> = (0..n)
+        .map(|v| {
+            if g.wait[v] {
+                Vec::new()
+            } else {
+                g.succ[v].iter().copied().filter(|&w| !g.wait[w]).collect()
+            }
+        })
+        .collect();
+    let comp = components(&plain_succ);
+    let mut comp_size = vec![0usize; n];
+    for &c in &comp {
+        comp_size[c] += 1;
+    }
+    let on_cycle: Vec<bool> = (0..n)
+        .map(|v| !g.wait[v] && (comp_size[comp[v]] > 1 || plain_succ[v].contains(&v)))
+        .collect();
+
+    let mut reported: HashSet<Vec<usize>> = HashSet::new();
+    let mut covered = vec![false; n];
+    let mut parent = vec![usize::MAX; n];
+    let mut touched: Vec<usize> = Vec::new();
+    let mut budget = CYCLE_SEARCH_BUDGET;
+    for from in (0..n).filter(|&v| on_cycle[v]) {
+        if reported.len() == MAX_CYCLE_FAULTS || budget == 0 {
+            break;
+        }
+        let search = Search {
+            succ: &plain_succ,
+            comp: &comp,
+        };
+        let Some(mut cycle) = search.shortest_cycle(from, &mut parent, &mut touched, &mut budget)
+        else {
             continue;
         };
-        cycle.pop();
         let first = (0..cycle.len()).min_by_key(|&i| cycle[i]).unwrap_or(0);
         cycle.rotate_left(first);
         if reported.insert(cycle.clone()) {
-            let head = cycle[0];
-            cycle.push(head);
+            for &v in &cycle {
+                covered[v] = true;
+            }
+            let mut names: Vec<&str> = cycle.iter().map(|&v| g.names[v]).collect();
+            let head = names[0];
+            names.push(head);
             faults.push(Fault::new(
                 child("$.nodes", head),
                 format!(
                     "cycle with no wait step: {}; {WAIT_HELP}",
-                    cycle.join(" -> ")
+                    names.join(" -> ")
                 ),
             ));
         }
     }
+    let rest: Vec<&str> = (0..n)
+        .filter(|&v| on_cycle[v] && !covered[v])
+        .map(|v| g.names[v])
+        .collect();
+    if !rest.is_empty() {
+        const SHOWN: usize = 20;
+        let more = rest.len().saturating_sub(SHOWN);
+        let suffix = if more > 0 {
+            format!(", … ({more} more)")
+        } else {
+            String::new()
+        };
+        faults.push(Fault::new(
+            "$.nodes",
+            format!(
+                "more nodes are on cycles with no wait step: {}{suffix}; {WAIT_HELP}",
+                rest[..rest.len().min(SHOWN)].join(", ")
+            ),
+        ));
+    }
 }
 
-/// The shortest cycle from `from` back to itself through `plain` nodes,
-/// as `[from, …, from]`.
-fn shortest_cycle<'a>(
-    nodes: &'a BTreeMap<String, Node>,
-    from: &'a str,
-    plain: &dyn Fn(&str) -> bool,
-) -> Option<Vec<&'a str>> {
-    let mut parent: BTreeMap<&'a str, &'a str> = BTreeMap::new();
-    let mut queue = VecDeque::from([from]);
-    while let Some(id) = queue.pop_front() {
-        for next in nodes
-            .get(id)
-            .map(|n| n.kind.successors())
-            .unwrap_or_default()
-        {
-            if next == from {
-                let mut back = Vec::new();
-                let mut cur = id;
-                while cur != from {
-                    back.push(cur);
-                    cur = parent.get(cur).copied()?;
+/// The non-wait subgraph and its strongly connected components.
+struct Search<'g> {
+    succ: &'g [Vec<usize>],
+    comp: &'g [usize],
+}
+
+impl Search<'_> {
+    /// The shortest cycle from `from` back to itself, as `[from, …]` (without repeating `from`),
+    /// searching breadth-first inside `from`'s component. `None` when there is none, or when the
+    /// `budget` of edges to look at runs out (it is then 0). `parent` is all `usize::MAX` on entry
+    /// and left so; `touched` is scratch.
+    fn shortest_cycle(
+        &self,
+        from: usize,
+        parent: &mut [usize],
+        touched: &mut Vec<usize>,
+        budget: &mut usize,
+    ) -> Option<Vec<usize>> {
+        let mut queue = VecDeque::from([from]);
+        let mut found = None;
+        'search: while let Some(v) = queue.pop_front() {
+            for &w in &self.succ[v] {
+                if *budget == 0 {
+                    break 'search;
                 }
-                let mut cycle = vec![from];
-                cycle.extend(back.into_iter().rev());
-                cycle.push(from);
-                return Some(cycle);
+                *budget -= 1;
+                if w == from {
+                    found = Some(v);
+                    break 'search;
+                }
+                if self.comp[w] == self.comp[from] && parent[w] == usize::MAX {
+                    parent[w] = v;
+                    touched.push(w);
+                    queue.push_back(w);
+                }
             }
-            if plain(next) && !parent.contains_key(next) {
-                parent.insert(next, id);
-                queue.push_back(next);
+        }
+        let cycle = found.map(|last| {
+            let mut back = Vec::new();
+            let mut cur = last;
+            while cur != from {
+                back.push(cur);
+                cur = parent[cur];
+            }
+            let mut cycle = vec![from];
+            cycle.extend(back.into_iter().rev());
+            cycle
+        });
+        for v in touched.drain(..) {
+            parent[v] = usize::MAX;
+        }
+        cycle
+    }
+}
+
+/// Strongly connected components (Tarjan's algorithm, without recursion):
+/// the component number of each node.
+fn components(succ: &[Vec<usize>]) -> Vec<usize> {
+    const UNSET: usize = usize::MAX;
+    let n = succ.len();
+    let (mut index, mut low) = (vec![UNSET; n], vec![0usize; n]);
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<usize> = Vec::new();
+    let mut comp = vec![UNSET; n];
+    let (mut next_index, mut next_comp) = (0usize, 0usize);
+    // (node, position in its successor list): the recursion, made explicit
+    let mut calls: Vec<(usize, usize)> = Vec::new();
+    for root in 0..n {
+        if index[root] != UNSET {
+            continue;
+        }
+        index[root] = next_index;
+        low[root] = next_index;
+        next_index += 1;
+        stack.push(root);
+        on_stack[root] = true;
+        calls.push((root, 0));
+        while let Some(top) = calls.len().checked_sub(1) {
+            let (v, pos) = calls[top];
+            if let Some(&w) = succ[v].get(pos) {
+                calls[top].1 += 1;
+                if index[w] == UNSET {
+                    index[w] = next_index;
+                    low[w] = next_index;
+                    next_index += 1;
+                    stack.push(w);
+                    on_stack[w] = true;
+                    calls.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            calls.pop();
+            if let Some(&(up, _)) = calls.last() {
+                low[up] = low[up].min(low[v]);
+            }
+            if low[v] == index[v] {
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    comp[w] = next_comp;
+                    if w == v {
+                        break;
+                    }
+                }
+                next_comp += 1;
             }
         }
     }
-    None
+    comp
 }
 
 #[cfg(test)]
@@ -2601,5 +2896,270 @@ mod tests {
             d
         });
         has(&f, &format!("$.goal{}", ".any[0]".repeat(32)), "nest");
+    }
+
+    // ---- limits: validation stays bounded whatever a tenant sends ----
+
+    /// `n` nodes `n0000…` that are splits, each to the `k` nodes after it (wrapping around): long
+    /// wait-free cycles, the slowest shape for the cycle search.
+    fn forward_chords(n: usize, k: usize) -> Value {
+        let mut nodes = Map::new();
+        for i in 0..n {
+            let vs: Vec<Value> = (1..=k)
+                .map(|j| json!({"weight": 1, "next": format!("n{:04}", (i + j) % n)}))
+                .collect();
+            nodes.insert(format!("n{i:04}"), json!({"type": "split", "variants": vs}));
+        }
+        json!({"name": "x", "start": "n0000", "nodes": nodes})
+    }
+
+    #[test]
+    fn a_branch_of_20000_paths_is_refused_at_once() {
+        // took 29 s (release) before: successors() deduplicated with Vec::contains and was
+        // recomputed by a search from every node
+        let paths: Vec<Value> = (0..20_000)
+            .map(|i| json!({"when": {"field": "contact.x", "op": "eq", "value": i}, "next": format!("t{}", i % 998)}))
+            .collect();
+        let mut nodes = Map::new();
+        nodes.insert(
+            "b".into(),
+            json!({"type": "branch", "paths": paths, "default": "t0"}),
+        );
+        for t in 0..998 {
+            nodes.insert(format!("t{t}"), json!({"type": "goal", "next": "b"}));
+        }
+        let d = json!({"name": "x", "start": "b", "nodes": nodes});
+        let t = std::time::Instant::now();
+        let f = faults(&d);
+        has(
+            &f,
+            "$.nodes.b.paths",
+            "a branch may have at most 100 paths; this one has 20000",
+        );
+        let f = validate_text(&d.to_string()).unwrap_err();
+        assert_eq!(f.len(), 1);
+        has(&f, "$", "the definition is 1");
+        has(&f, "$", " bytes; at most 262144 are allowed");
+        assert!(t.elapsed().as_millis() < 1000, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn definition_text_limits() {
+        let ok = example().to_string();
+        assert!(validate_text(&ok).is_ok());
+        let mut big = example();
+        big["description"] = json!("x".repeat(MAX_DEFINITION_BYTES));
+        let f = validate_text(&big.to_string()).unwrap_err();
+        assert_eq!(f.len(), 1);
+        has(&f, "$", "bytes; at most 262144 are allowed");
+        // deeper than serde_json can read: the limit, not the parser, answers
+        let mut body = String::from("1");
+        for _ in 0..500 {
+            body = format!("[{body}]");
+        }
+        let text = format!(
+            r#"{{"name": "x", "start": "w", "nodes": {{"w": {{"type": "webhook", "url": "https://x.example", "body": {body}}}}}}}"#
+        );
+        let f = validate_text(&text).unwrap_err();
+        assert_eq!(
+            f,
+            vec![Fault::new(
+                "$",
+                "the definition nests 503 levels deep; at most 100 are allowed"
+            )]
+        );
+        let f = validate_text("{\"name\": ").unwrap_err();
+        has(&f, "$", "not valid JSON");
+        // a condition at its own nesting limit fits in the definition's
+        let mut c = json!({"field": "contact.a", "op": "in", "value": [1]});
+        for _ in 0..crate::condition::MAX_DEPTH - 1 {
+            c = json!({ "all": [c] });
+        }
+        let mut d = example();
+        d["goal"] = c;
+        assert!(validate_text(&d.to_string()).is_ok());
+    }
+
+    #[test]
+    fn split_decide_and_update_contact_limits() {
+        let variants: Vec<Value> = (0..101)
+            .map(|_| json!({"weight": 1, "next": "end"}))
+            .collect();
+        has(
+            &node_faults(json!({"type": "split", "variants": variants})),
+            "$.nodes.n.variants",
+            "a split may have at most 100 variants; this one has 101",
+        );
+        let paths: Map<String, Value> = (0..101).map(|i| (format!("r{i}"), json!("end"))).collect();
+        has(
+            &node_faults(
+                json!({"type": "decide", "url": "https://x.example", "paths": paths, "default": "end"}),
+            ),
+            "$.nodes.n.paths",
+            "a decide node may have at most 100 paths; this one has 101",
+        );
+        let tags: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
+        has(
+            &node_faults(json!({"type": "update_contact", "remove_lists": tags, "next": "end"})),
+            "$.nodes.n.remove_lists",
+            "remove_lists may have at most 100 entries; this one has 101",
+        );
+        let set: Map<String, Value> = (0..101).map(|i| (format!("a{i}"), json!(i))).collect();
+        has(
+            &node_faults(json!({"type": "update_contact", "set": set, "next": "end"})),
+            "$.nodes.n.set",
+            "set may hold at most 100 attributes; this one has 101",
+        );
+        // at the limits: fine
+        let variants: Vec<Value> = (0..100)
+            .map(|i| json!({"weight": 1, "next": if i % 2 == 0 { "n" } else { "alt" }}))
+            .collect();
+        let mut d = with_node(json!({"type": "exit"}));
+        d["nodes"]["s"] = json!({"type": "split", "variants": variants});
+        assert!(validate(&d).is_ok());
+        let tags: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+        ok_node(json!({"type": "update_contact", "add_tags": tags, "next": "end"}));
+    }
+
+    #[test]
+    fn condition_tests_are_counted_over_the_automation() {
+        let values: Vec<usize> = (0..3000).collect();
+        let mut d = example();
+        d["trigger"]["filter"] = json!({"field": "event.id", "op": "in", "value": values});
+        assert!(validate(&d).is_ok(), "3000 is fine");
+        d["goal"] = json!({"not": {"field": "contact.id", "op": "in", "value": values}});
+        let f = faults(&d);
+        assert_eq!(f.len(), 1, "{}", crate::fault::describe(&f));
+        has(
+            &f,
+            "$.goal",
+            "the automation's conditions reach 6000 tests here; at most 5000 are allowed in all",
+        );
+        // leaves count one each, over every node
+        let leaf = json!({"field": "contact.plan", "op": "eq", "value": "pro"});
+        let mut nodes = Map::new();
+        for i in 0..60 {
+            let paths: Vec<Value> = (0..100)
+                .map(|_| json!({"when": leaf, "next": "end"}))
+                .collect();
+            let next = if i == 59 {
+                "end".to_owned()
+            } else {
+                format!("b{:02}", i + 1)
+            };
+            nodes.insert(
+                format!("b{i:02}"),
+                json!({"type": "branch", "paths": paths, "default": next}),
+            );
+        }
+        nodes.insert("end".into(), json!({"type": "exit"}));
+        let f = faults(&json!({"name": "x", "start": "b00", "nodes": nodes}));
+        assert_eq!(f.len(), 1, "{}", crate::fault::describe(&f));
+        has(&f, "$.nodes.b50.paths[0].when", "reach 5001 tests");
+    }
+
+    #[test]
+    fn too_many_nodes_are_not_parsed_one_by_one() {
+        let mut nodes = Map::new();
+        for i in 0..5000 {
+            nodes.insert(format!("n{i}"), json!({"type": "nonsense"}));
+        }
+        let f = faults(&json!({"name": "big", "start": "n0", "nodes": nodes}));
+        assert_eq!(f.len(), 1, "{}", f[0]);
+        has(&f, "$.nodes", "at most 1000 nodes; this one has 5000");
+    }
+
+    #[test]
+    fn many_cycles_are_summarised() {
+        // 490 two-node loops: 20 reported one by one, the other nodes listed once
+        let mut nodes = Map::new();
+        let starts: Vec<Value> = (0..490)
+            .map(|i| json!({"weight": 1, "next": format!("a{i:03}")}))
+            .collect();
+        for (i, chunk) in starts.chunks(98).enumerate() {
+            let mut vs = chunk.to_vec();
+            if i < 4 {
+                vs.push(json!({"weight": 1, "next": format!("s{}", i + 1)}));
+            }
+            nodes.insert(format!("s{i}"), json!({"type": "split", "variants": vs}));
+        }
+        for i in 0..490 {
+            nodes.insert(
+                format!("a{i:03}"),
+                json!({"type": "goal", "next": format!("b{i:03}")}),
+            );
+            nodes.insert(
+                format!("b{i:03}"),
+                json!({"type": "goal", "next": format!("a{i:03}")}),
+            );
+        }
+        let d = json!({"name": "x", "start": "s0", "nodes": nodes});
+        let f = faults(&d);
+        assert_eq!(f.len(), 21, "{}", crate::fault::describe(&f));
+        has(
+            &f,
+            "$.nodes.a000",
+            "cycle with no wait step: a000 -> b000 -> a000",
+        );
+        has(&f, "$.nodes.a019", "a019 -> b019 -> a019");
+        has(
+            &f,
+            "$.nodes",
+            "more nodes are on cycles with no wait step: a020, a021,",
+        );
+        has(&f, "$.nodes", ", … (920 more); add a delay");
+    }
+
+    #[test]
+    fn validation_stays_fast_at_the_limits() {
+        // the slowest shapes found, just under 256 KiB (release: ~15 ms with parsing; debug is
+        // ~10x slower, hence the generous bound)
+        let ring = {
+            let mut nodes = Map::new();
+            for i in 0..MAX_NODES {
+                nodes.insert(
+                    format!("n{i:04}"),
+                    json!({"type": "goal", "next": format!("n{:04}", (i + 1) % MAX_NODES)}),
+                );
+            }
+            json!({"name": "x", "start": "n0000", "nodes": nodes})
+        };
+        for (label, d, cycles) in [
+            ("ring", ring, 1),
+            ("chords", forward_chords(MAX_NODES, 8), 8),
+        ] {
+            let text = d.to_string();
+            assert!(text.len() < MAX_DEFINITION_BYTES, "{label}");
+            let t = std::time::Instant::now();
+            let f = validate_text(&text).unwrap_err();
+            let took = t.elapsed();
+            assert_eq!(f.len(), cycles, "{label}: {}", crate::fault::describe(&f));
+            assert!(f
+                .iter()
+                .all(|f| f.message.contains("cycle with no wait step")));
+            assert!(took.as_millis() < 1500, "{label} took {took:?}");
+        }
+    }
+
+    #[test]
+    fn cycle_search_agrees_with_every_node_searched() {
+        // the shortest cycle of every node on one, over small graphs: reported once each
+        let d = json!({"name": "loops", "start": "a", "nodes": {
+            "a": {"type": "split", "variants": [{"weight": 1, "next": "b"}, {"weight": 1, "next": "w"}]},
+            "b": {"type": "split", "variants": [{"weight": 1, "next": "c"}, {"weight": 1, "next": "a"}]},
+            "c": {"type": "split", "variants": [{"weight": 1, "next": "b"}, {"weight": 1, "next": "d"}]},
+            "d": {"type": "goal", "next": "d"},
+            "w": {"type": "delay", "duration": "1h", "next": "a"}
+        }});
+        let f = faults(&d);
+        let messages: Vec<&str> = f.iter().map(|f| f.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "cycle with no wait step: a -> b -> a; add a delay, wait_event or approval node to it",
+                "cycle with no wait step: b -> c -> b; add a delay, wait_event or approval node to it",
+                "cycle with no wait step: d -> d; add a delay, wait_event or approval node to it",
+            ]
+        );
     }
 }

@@ -11,8 +11,10 @@ pub mod backoff;
 pub mod broadcast;
 pub mod condition;
 pub mod definition;
+pub mod definition_cache;
 pub mod duration;
 pub mod fault;
+pub mod json_limits;
 pub mod step_engine;
 pub mod tick_batch;
 
@@ -20,7 +22,7 @@ pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!(
     "../../sql/contacts.sql",
     name = "contacts",
-    requires = ["schema", api::_valid_timezone]
+    requires = ["schema", api::_valid_timezone, api::_json_fault]
 );
 pgrx::extension_sql_file!(
     "../../sql/events.sql",

@@ -1,15 +1,22 @@
 //! The bridge between `herald.tick()`'s batch (two JSON documents built by SQL) and the step engine:
-//! parse each automation once, build the engine's inputs, and flatten its outcomes into the rows SQL
-//! writes back. No Postgres here, so it is tested with plain `cargo test`.
+//! take each automation validated (from the [`DefinitionCache`], so once per backend, not per tick),
+//! build the engine's inputs, and flatten its outcomes into the rows SQL writes back. No Postgres
+//! here, so it is tested with plain `cargo test`.
+//!
+//! One tenant's data cannot stop the tick for the others: the batch is split into raw enrollments
+//! (skipping a value is iterative in serde_json, so no depth reaches its recursion limit) and each is
+//! read on its own; one that cannot be read (nested too deep, a wrong type, an unknown status), whose
+//! automation does not validate, or that makes the engine panic becomes a `failed` row alone.
 
 use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::definition::{self, Automation};
-use crate::fault;
+use crate::definition_cache::{DefinitionCache, Validated};
 use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
 
 /// One enrollment's outcome, shaped like a row of `herald._steps`.
@@ -56,51 +63,92 @@ pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
         .collect()
 }
 
-/// Runs one batch. `automations`: `{"<id>": definition}`; `enrollments`: array of
-/// `{id, workspace_id, automation_id, contact_id, status, node, visit, context, event, contact, timezone}`.
-/// A malformed batch is an error (SQL builds it, so that is a bug); an automation whose stored
-/// definition no longer validates fails its enrollments with the reason instead of stopping the tick.
+/// Runs one batch. `automations`: the text of `{"<id>": definition}`; `enrollments`: the text of an
+/// array of `{id, workspace_id, automation_id, contact_id, status, node, visit, context, event,
+/// contact, timezone}`. A batch SQL did not build right is an error: automations not an object of
+/// numeric ids, enrollments not an array, an enrollment whose keys (id, workspace_id, automation_id,
+/// contact_id, node, visit) cannot be read. Anything else wrong with one enrollment or automation
+/// fails that enrollment with the reason instead of stopping the tick.
 pub fn run(
-    automations: &Value,
+    automations: &str,
     enrollments: &str,
     now_epoch: f64,
     max_transitions: i32,
+    cache: &mut DefinitionCache,
+) -> Result<Vec<StepRow>, String> {
+    run_with(
+        automations,
+        enrollments,
+        now_epoch,
+        max_transitions,
+        cache,
+        step_engine::advance,
+    )
+}
+
+/// [`run`] with the step engine passed in, so a test can make it panic.
+fn run_with(
+    automations: &str,
+    enrollments: &str,
+    now_epoch: f64,
+    max_transitions: i32,
+    cache: &mut DefinitionCache,
+    advance: impl Fn(StepInput) -> Outcome,
 ) -> Result<Vec<StepRow>, String> {
     let now = DateTime::<Utc>::from_timestamp_micros((now_epoch * 1e6).round() as i64)
         .ok_or_else(|| format!("now {now_epoch} is out of range"))?;
-    let defs = automations
-        .as_object()
-        .ok_or("automations must be an object")?;
-    let parsed: HashMap<i64, Result<Automation, String>> = defs
-        .iter()
+    // Each definition stays raw text here: read (and validated) only when an enrollment needs it,
+    // and only on a cache miss.
+    let defs: HashMap<String, &RawValue> = serde_json::from_str(automations)
+        .map_err(|e| format!("automations must be an object of id -> definition: {e}"))?;
+    let defs: HashMap<i64, &RawValue> = defs
+        .into_iter()
         .map(|(id, def)| {
-            let id: i64 = id
-                .parse()
-                .map_err(|_| format!("automation id {id:?} is not a number"))?;
-            Ok((
-                id,
-                definition::validate(def).map_err(|f| fault::describe(&f)),
-            ))
+            id.parse()
+                .map(|id| (id, def))
+                .map_err(|_| format!("automation id {id:?} is not a number"))
         })
         .collect::<Result<_, String>>()?;
-    // typed straight from the text: no intermediate JSON object per enrollment
-    let items: Option<Vec<RawEnrollment>> =
+    let mut validated: HashMap<i64, Validated> = HashMap::new();
+    let items: Option<Vec<&RawValue>> =
         serde_json::from_str(enrollments).map_err(|e| format!("enrollments: {e}"))?;
     let items = items.unwrap_or_default();
 
     let mut rows = Vec::with_capacity(items.len());
-    for item in items {
-        let e = Enrollment::from_raw(item)?;
-        let row = match parsed.get(&e.automation_id) {
+    for raw in items {
+        let e = match read_enrollment(raw.get()) {
+            Ok(e) => e,
+            Err(reason) => {
+                // the keys alone (other fields skipped unparsed) say which row fails
+                let keys: Keys = serde_json::from_str(raw.get()).map_err(|e| {
+                    format!("enrollments: an enrollment's keys cannot be read: {e}")
+                })?;
+                rows.push(failed(
+                    &keys,
+                    format!("enrollment data cannot be read: {reason}"),
+                ));
+                continue;
+            }
+        };
+        let automation = match defs.get(&e.keys.automation_id) {
+            Some(def) => Some(
+                validated
+                    .entry(e.keys.automation_id)
+                    .or_insert_with(|| cache.get(e.keys.automation_id, def.get()))
+                    .clone(),
+            ),
+            None => None,
+        };
+        let row = match automation.as_deref() {
             Some(Ok(automation)) => {
-                let keys = (e.workspace_id.clone(), e.automation_id, e.contact_id);
+                let keys = e.keys.clone();
                 let input = StepInput {
-                    enrollment_id: e.id,
-                    automation_id: e.automation_id,
+                    enrollment_id: e.keys.id,
+                    automation_id: e.keys.automation_id,
                     automation,
                     status: e.status,
-                    node: e.node,
-                    visit: e.visit,
+                    node: e.keys.node,
+                    visit: e.keys.visit,
                     context: e.context,
                     contact: e.contact,
                     event: e.event,
@@ -108,18 +156,33 @@ pub fn run(
                     now,
                     max_transitions: max_transitions.max(1) as u32,
                 };
-                to_row(step_engine::advance(input), keys)
+                // No Postgres call happens inside the step engine (plain Rust over its input), so
+                // catching its panic cannot swallow a Postgres ERROR that pgrx carries as a panic:
+                // an engine bug fails this enrollment, not the tick of every workspace.
+                match catch_unwind(AssertUnwindSafe(|| advance(input))) {
+                    Ok(outcome) => to_row(outcome, &keys),
+                    Err(panic) => failed(
+                        &keys,
+                        format!(
+                            "the step engine failed on this enrollment (a bug in herald): {}",
+                            panic_message(panic.as_ref())
+                        ),
+                    ),
+                }
             }
             Some(Err(reason)) => failed(
-                &e,
+                &e.keys,
                 format!(
                     "automation {} no longer validates: {reason}",
-                    e.automation_id
+                    e.keys.automation_id
                 ),
             ),
             None => failed(
-                &e,
-                format!("automation {} is missing from the batch", e.automation_id),
+                &e.keys,
+                format!(
+                    "automation {} is missing from the batch",
+                    e.keys.automation_id
+                ),
             ),
         };
         rows.push(row);
@@ -127,30 +190,46 @@ pub fn run(
     Ok(rows)
 }
 
-struct Enrollment {
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
+/// What identifies an enrollment's row: enough to write a `failed` row when the rest cannot be
+/// read. Unknown fields are skipped without being parsed.
+#[derive(Deserialize, Clone)]
+struct Keys {
     id: i64,
     workspace_id: String,
     automation_id: i64,
     contact_id: i64,
-    status: Status,
     node: String,
     visit: i32,
+}
+
+struct Enrollment {
+    keys: Keys,
+    status: Status,
     context: Value,
     contact: Value,
     event: Option<Value>,
     timezone: Option<String>,
 }
 
-/// One element of the batch as SQL builds it.
+/// One element of the batch as SQL builds it. (The keys are spelled out rather than a flattened
+/// [`Keys`]: serde buffers a flattened struct's fields, every value included, before reading them.)
 #[derive(Deserialize)]
 struct RawEnrollment {
     id: i64,
     workspace_id: String,
     automation_id: i64,
     contact_id: i64,
-    status: String,
     node: String,
     visit: i32,
+    status: String,
     #[serde(default)]
     context: Value,
     #[serde(default)]
@@ -161,34 +240,36 @@ struct RawEnrollment {
     timezone: Option<String>,
 }
 
-impl Enrollment {
-    fn from_raw(r: RawEnrollment) -> Result<Self, String> {
-        Ok(Self {
-            status: Status::parse(&r.status)
-                .ok_or_else(|| format!("unknown enrollment status {:?}", r.status))?,
+/// Reads one enrollment of the batch; `Err` says why it cannot be read.
+fn read_enrollment(text: &str) -> Result<Enrollment, String> {
+    let r: RawEnrollment = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(Enrollment {
+        status: Status::parse(&r.status)
+            .ok_or_else(|| format!("unknown enrollment status {:?}", r.status))?,
+        keys: Keys {
             id: r.id,
             workspace_id: r.workspace_id,
             automation_id: r.automation_id,
             contact_id: r.contact_id,
             node: r.node,
             visit: r.visit,
-            context: if r.context.is_object() {
-                r.context
-            } else {
-                json!({})
-            },
-            contact: if r.contact.is_null() {
-                json!({})
-            } else {
-                r.contact
-            },
-            event: Some(r.event).filter(|e| !e.is_null()),
-            timezone: r.timezone,
-        })
-    }
+        },
+        context: if r.context.is_object() {
+            r.context
+        } else {
+            json!({})
+        },
+        contact: if r.contact.is_null() {
+            json!({})
+        } else {
+            r.contact
+        },
+        event: Some(r.event).filter(|e| !e.is_null()),
+        timezone: r.timezone,
+    })
 }
 
-fn failed(e: &Enrollment, reason: String) -> StepRow {
+fn failed(e: &Keys, reason: String) -> StepRow {
     StepRow {
         enrollment_id: e.id,
         workspace_id: e.workspace_id.clone(),
@@ -211,9 +292,13 @@ fn failed(e: &Enrollment, reason: String) -> StepRow {
     }
 }
 
-/// `keys`: the enrollment's (workspace, automation, contact), passed through to SQL.
-fn to_row(o: Outcome, keys: (String, i64, i64)) -> StepRow {
-    let (workspace_id, automation_id, contact_id) = keys;
+/// `keys`: the enrollment's workspace, automation and contact are passed through to SQL.
+fn to_row(o: Outcome, keys: &Keys) -> StepRow {
+    let (workspace_id, automation_id, contact_id) = (
+        keys.workspace_id.clone(),
+        keys.automation_id,
+        keys.contact_id,
+    );
     let (wait_kind, wait_event, wait_filter) = match &o.wait {
         Some(Wait::Event { kind, filter }) => (
             Some("event".to_string()),
@@ -304,15 +389,24 @@ mod tests {
 
     const NOW: f64 = 1_795_000_000.0;
 
-    #[test]
-    fn an_email_node_parks_with_a_job() {
-        let rows = run(
-            &automations(),
-            &json!([enrollment(1, 7, "hello")]).to_string(),
+    /// One batch with a fresh cache.
+    fn run1(automations: &Value, enrollments: &str) -> Result<Vec<StepRow>, String> {
+        run(
+            &automations.to_string(),
+            enrollments,
             NOW,
             50,
+            &mut DefinitionCache::new(),
         )
-        .unwrap();
+    }
+
+    fn batch(items: &[Value]) -> String {
+        Value::Array(items.to_vec()).to_string()
+    }
+
+    #[test]
+    fn an_email_node_parks_with_a_job() {
+        let rows = run1(&automations(), &batch(&[enrollment(1, 7, "hello")])).unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!(
@@ -332,12 +426,12 @@ mod tests {
 
     #[test]
     fn counts_are_summed_per_automation_node_and_metric() {
-        let batch = json!([
+        let items = [
             enrollment(1, 7, "hello"),
             enrollment(2, 7, "hello"),
-            enrollment(3, 8, "x")
-        ]);
-        let rows = run(&automations(), &batch.to_string(), NOW, 50).unwrap();
+            enrollment(3, 8, "x"),
+        ];
+        let rows = run1(&automations(), &batch(&items)).unwrap();
         let totals = count_totals(&rows);
         let per_enrollment: usize = rows.iter().map(|r| r.counts.len()).sum();
         assert_eq!(
@@ -353,13 +447,7 @@ mod tests {
 
     #[test]
     fn a_delay_schedules_the_next_node_in_epoch_seconds() {
-        let rows = run(
-            &automations(),
-            &json!([enrollment(2, 7, "wait")]).to_string(),
-            NOW,
-            50,
-        )
-        .unwrap();
+        let rows = run1(&automations(), &batch(&[enrollment(2, 7, "wait")])).unwrap();
         assert_eq!(rows[0].status, "active");
         assert_eq!(rows[0].node, "done");
         assert_eq!(rows[0].next_run_at, Some(NOW + 3600.0));
@@ -367,12 +455,12 @@ mod tests {
 
     #[test]
     fn a_broken_or_missing_automation_fails_only_its_enrollments() {
-        let batch = json!([
+        let items = [
             enrollment(3, 8, "x"),
             enrollment(4, 9, "x"),
-            enrollment(5, 7, "done")
-        ]);
-        let rows = run(&automations(), &batch.to_string(), NOW, 50).unwrap();
+            enrollment(5, 7, "done"),
+        ];
+        let rows = run1(&automations(), &batch(&items)).unwrap();
         assert_eq!(rows[0].status, "failed");
         assert!(rows[0]
             .exit_reason
@@ -386,13 +474,196 @@ mod tests {
 
     #[test]
     fn malformed_batches_are_errors() {
-        assert!(run(&json!([]), "[]", NOW, 50).is_err());
-        assert!(run(&automations(), "{}", NOW, 50).is_err());
-        assert!(run(&automations(), r#"[{"id": 1}]"#, NOW, 50).is_err());
-        assert!(run(&json!({"x": {}}), "[]", NOW, 50).is_err());
+        assert!(run1(&json!([]), "[]").is_err());
+        assert!(run1(&json!(null), "[]").is_err());
+        assert!(run1(&automations(), "{}").is_err());
+        assert!(run1(&automations(), r#"[{"id": 1}]"#).is_err());
+        assert!(run1(&json!({"x": {}}), "[]").is_err());
+        // keys of the wrong type: SQL built them, so the batch is wrong, not one enrollment
         let mut bad = enrollment(1, 7, "hello");
-        bad["status"] = json!("sleeping");
-        assert!(run(&automations(), &json!([bad]).to_string(), NOW, 50).is_err());
-        assert_eq!(run(&automations(), "null", NOW, 50).unwrap(), vec![]);
+        bad["visit"] = json!("zero");
+        let err = run1(&automations(), &batch(&[bad])).unwrap_err();
+        assert!(err.contains("keys cannot be read"), "{err}");
+        assert_eq!(run1(&automations(), "null").unwrap(), vec![]);
+    }
+
+    /// `bad` (an enrollment's text) fails alone, with a reason containing `needle`, and the normal
+    /// enrollment next to it advances exactly as it does alone.
+    #[track_caller]
+    fn fails_alone(bad: &str, needle: &str) {
+        let normal = enrollment(2, 7, "hello").to_string();
+        let alone = run1(&automations(), &format!("[{normal}]")).unwrap();
+        let rows = run1(&automations(), &format!("[{bad}, {normal}]")).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1], alone[0]);
+        let r = &rows[0];
+        assert_eq!(
+            (r.enrollment_id, r.workspace_id.as_str(), r.automation_id),
+            (1, "w", 7)
+        );
+        assert_eq!((r.contact_id, r.node.as_str(), r.visit), (101, "hello", 0));
+        assert_eq!(r.status, "failed");
+        let reason = r.exit_reason.as_deref().unwrap();
+        assert!(
+            reason.starts_with("enrollment data cannot be read: ") && reason.contains(needle),
+            "{reason}"
+        );
+        assert_eq!(r.log_actions, vec![format!("failed: {reason}")]);
+        assert_eq!(r.log_nodes, vec!["hello"]);
+        assert_eq!(r.counts, vec![(String::new(), "failed")]);
+        assert!(r.job.is_none() && r.next_run_at.is_none());
+    }
+
+    /// Enrollment 1 with `field` set to `value` (JSON text, built as text: a deep `Value` would
+    /// overflow the test's stack when serialized or dropped).
+    fn with_field(field: &str, value: &str) -> String {
+        let mut e = enrollment(1, 7, "hello");
+        e[field] = json!("@@");
+        e.to_string().replacen("\"@@\"", value, 1)
+    }
+
+    fn nested(levels: usize) -> String {
+        format!(
+            r#"{}{{"leaf": true}}{}"#,
+            r#"{"a": "#.repeat(levels),
+            "}".repeat(levels)
+        )
+    }
+
+    #[test]
+    fn an_enrollment_nested_too_deep_fails_alone() {
+        fails_alone(
+            &with_field("context", &nested(200)),
+            "recursion limit exceeded",
+        );
+        let contact = format!(
+            r#"{{"email": "a@example.com", "deep": {}}}"#,
+            nested(100_000)
+        );
+        fails_alone(&with_field("contact", &contact), "recursion limit exceeded");
+        // 127 inside the enrollment object and its batch array is beyond serde_json's 128
+        fails_alone(
+            &with_field("event", &nested(127)),
+            "recursion limit exceeded at line 1",
+        );
+        // what ingest allows (32 levels) reads fine
+        let rows = run1(
+            &automations(),
+            &format!("[{}]", with_field("event", &nested(32))),
+        )
+        .unwrap();
+        assert_eq!(rows[0].status, "waiting");
+    }
+
+    #[test]
+    fn an_enrollment_with_a_wrong_type_fails_alone() {
+        fails_alone(
+            &with_field("timezone", "42"),
+            "invalid type: integer `42`, expected a string",
+        );
+        fails_alone(
+            &with_field("status", r#"["active"]"#),
+            "invalid type: sequence",
+        );
+    }
+
+    #[test]
+    fn an_enrollment_with_an_unknown_status_fails_alone() {
+        fails_alone(
+            &with_field("status", r#""sleeping""#),
+            "unknown enrollment status \"sleeping\"",
+        );
+    }
+
+    #[test]
+    fn skipping_a_deep_value_never_hits_the_recursion_limit() {
+        // the raw split and the keys-only read skip values with serde_json's iterative ignore_value
+        let text = format!(
+            r#"[{{"id": 1, "workspace_id": "w", "automation_id": 7, "contact_id": 2, "node": "n",
+                 "visit": 0, "context": {}1{}}}]"#,
+            "[".repeat(1_000_000),
+            "]".repeat(1_000_000)
+        );
+        let raw: Vec<&RawValue> = serde_json::from_str(&text).unwrap();
+        let keys: Keys = serde_json::from_str(raw[0].get()).unwrap();
+        assert_eq!(
+            (keys.id, keys.automation_id, keys.node.as_str()),
+            (1, 7, "n")
+        );
+        let rows = run1(&automations(), &text).unwrap();
+        assert_eq!(rows[0].status, "failed");
+        // and where serde_json's limit lies: 127 nested levels read, 128 do not
+        let depth = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(serde_json::from_str::<Value>(&depth(127)).is_ok());
+        assert!(serde_json::from_str::<Value>(&depth(128)).is_err());
+    }
+
+    #[test]
+    fn a_panic_in_the_engine_fails_only_that_enrollment() {
+        let items = [enrollment(1, 7, "hello"), enrollment(2, 7, "hello")];
+        let rows = run_with(
+            &automations().to_string(),
+            &batch(&items),
+            NOW,
+            50,
+            &mut DefinitionCache::new(),
+            |input: StepInput| {
+                if input.enrollment_id == 1 {
+                    panic!("index out of bounds");
+                }
+                step_engine::advance(input)
+            },
+        )
+        .unwrap();
+        assert_eq!(rows[0].status, "failed");
+        assert_eq!(
+            rows[0].exit_reason.as_deref(),
+            Some(
+                "the step engine failed on this enrollment (a bug in herald): index out of bounds"
+            )
+        );
+        assert_eq!(rows[1].status, "waiting");
+    }
+
+    #[test]
+    fn an_automation_is_validated_once_across_ticks() {
+        let mut cache = DefinitionCache::new();
+        let text = automations().to_string();
+        let items = batch(&[enrollment(1, 7, "hello"), enrollment(2, 8, "x")]);
+        for _ in 0..3 {
+            let rows = run(&text, &items, NOW, 50, &mut cache).unwrap();
+            assert_eq!(
+                (rows[0].status.as_str(), rows[1].status.as_str()),
+                ("waiting", "failed")
+            );
+        }
+        assert_eq!(cache.validations(), 2, "7 and 8 once each");
+        // a changed definition is validated again
+        let mut changed = automations();
+        changed["7"]["name"] = json!("renamed");
+        run(&changed.to_string(), &items, NOW, 50, &mut cache).unwrap();
+        assert_eq!(cache.validations(), 3);
+    }
+
+    #[test]
+    fn a_deep_definition_fails_its_enrollments_not_the_batch() {
+        // deeper than serde_json reads: stored before the definition limits, or edited by hand
+        let mut body = json!(1);
+        for _ in 0..300 {
+            body = json!([body]);
+        }
+        let text = format!(
+            r#"{{"7": {}, "9": {{"name": "deep", "start": "e", "nodes": {{"e": {{"type": "webhook", "url": "https://x.example", "body": {}}}}}}}}}"#,
+            automations()["7"],
+            body
+        );
+        let items = batch(&[enrollment(1, 9, "e"), enrollment(2, 7, "hello")]);
+        let rows = run(&text, &items, NOW, 50, &mut DefinitionCache::new()).unwrap();
+        let reason = rows[0].exit_reason.as_deref().unwrap();
+        assert!(
+            reason.contains("automation 9 no longer validates: $: the definition nests 303 levels deep; at most 100 are allowed"),
+            "{reason}"
+        );
+        assert_eq!(rows[1].status, "waiting");
     }
 }
