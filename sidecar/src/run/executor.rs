@@ -27,6 +27,101 @@ pub struct Job {
     pub payload: Json,
 }
 
+/// A row of `herald.claim` as the producer decoded it.
+#[derive(Debug)]
+pub enum Claimed {
+    Job(Job),
+    /// Its id is readable, the rest is not: failed permanently with this error, alone.
+    Undecodable {
+        id: i64,
+        error: String,
+    },
+    /// Not even its id (cannot happen with a sane server): left to its lease.
+    Unreadable(String),
+}
+
+/// What the executors read from a payload, by kind: a field of the wrong type is refused here, with
+/// its name, rather than read as absent later (`"to": 42` is not "the contact was deleted").
+pub fn check_payload(job: &Job) -> Result<(), String> {
+    let p = &job.payload;
+    if !p.is_object() {
+        return Err(format!("expected a JSON object, got {}", type_name(p)));
+    }
+    let fields: &[(&str, Want)] = match job.kind.as_str() {
+        "email" => &[
+            ("to", Want::Str),
+            ("from", Want::Str),
+            ("provider", Want::Str),
+            ("template", Want::Object),
+            ("broadcast_id", Want::Int),
+            ("variation", Want::Str),
+        ],
+        "webhook" | "decide" => &[
+            ("url", Want::Str),
+            ("method", Want::Str),
+            ("headers", Want::Object),
+            ("timeout_ms", Want::Int),
+        ],
+        _ => &[],
+    };
+    for (name, want) in fields {
+        let Some(v) = p.get(*name).filter(|v| !v.is_null()) else {
+            continue; // absence is the executor's to explain ("the job has no url")
+        };
+        let fits = match want {
+            Want::Str => v.is_string(),
+            Want::Object => v.is_object(),
+            Want::Int => v.is_i64() || v.is_u64(),
+        };
+        if !fits {
+            return Err(format!(
+                "{name}: expected {}, got {}",
+                want.name(),
+                type_name(v)
+            ));
+        }
+    }
+    if let Some(t) = p.get("template").and_then(Json::as_object) {
+        for part in ["subject", "html", "text"] {
+            if let Some(v) = t.get(part).filter(|v| !v.is_null() && !v.is_string()) {
+                return Err(format!(
+                    "template.{part}: expected a string, got {}",
+                    type_name(v)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Want {
+    Str,
+    Object,
+    Int,
+}
+
+impl Want {
+    fn name(self) -> &'static str {
+        match self {
+            Want::Str => "a string",
+            Want::Object => "an object",
+            Want::Int => "a whole number",
+        }
+    }
+}
+
+fn type_name(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Done {
@@ -141,6 +236,21 @@ impl Executor {
         drop(permit);
     }
 
+    /// A claimed job the producer could not decode: reported as a permanent failure, like any result.
+    pub async fn reject(self: Arc<Self>, id: i64, error: String, permit: OwnedSemaphorePermit) {
+        let outcome = Outcome::permanent(error);
+        self.metrics.record("undecodable", &outcome, Duration::ZERO);
+        if let Outcome::Failed { error, .. } = &outcome {
+            tracing::warn!(job = id, %error, "failed permanently");
+        }
+        if self.results.send(outcome.to_result(id)).await.is_err() {
+            tracing::error!(
+                "completer is gone: result lost (the lease will expire and the job run again)"
+            );
+        }
+        drop(permit);
+    }
+
     async fn execute(&self, job: &Job) -> Outcome {
         let vars = Vars::from_payload(&job.workspace, &job.payload);
         match job.kind.as_str() {
@@ -175,7 +285,51 @@ mod tests {
             json!({"id": 18, "ok": false, "retryable": true, "error": "451 4.3.0 try later"})
         );
         let long = Outcome::permanent("x".repeat(5000)).to_result(2);
+        assert_eq!(long["error"].as_str().unwrap().chars().count(), 2000);
         assert_eq!(long["error"].as_str().unwrap().len(), 2000);
         assert_eq!(long["retryable"], json!(false));
+    }
+
+    fn job(kind: &str, payload: Json) -> Job {
+        Job {
+            id: 1,
+            workspace: "w".into(),
+            kind: kind.into(),
+            provider: None,
+            dedupe_key: "k".into(),
+            attempt: 1,
+            payload,
+        }
+    }
+
+    #[test]
+    fn payload_fields_of_the_wrong_type_are_named() {
+        assert_eq!(
+            check_payload(&job(
+                "email",
+                json!({"to": "a@x.example", "template": {"subject": "s", "html": "h", "text": null}})
+            )),
+            Ok(())
+        );
+        assert_eq!(check_payload(&job("email", json!({"to": null}))), Ok(()));
+        assert_eq!(
+            check_payload(&job("email", json!({"to": 42}))),
+            Err("to: expected a string, got a number".into())
+        );
+        assert_eq!(
+            check_payload(&job(
+                "email",
+                json!({"to": "a@x.example", "template": {"html": ["x"]}})
+            )),
+            Err("template.html: expected a string, got an array".into())
+        );
+        assert_eq!(
+            check_payload(&job(
+                "webhook",
+                json!({"url": "http://x", "timeout_ms": "soon"})
+            )),
+            Err("timeout_ms: expected a whole number, got a string".into())
+        );
+        assert!(check_payload(&job("webhook", json!([1]))).is_err());
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::db_health::DbHealth;
-use super::executor::{Executor, Job};
+use super::executor::{Claimed, Executor, Job};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
@@ -108,9 +108,24 @@ impl Producer {
             }
             for job in jobs {
                 let permit = permits.split(1).expect("one permit per claimed job");
-                self.tasks.spawn(super::in_current_dispatch(
-                    Arc::clone(&self.executor).run(job, permit),
-                ));
+                let executor = Arc::clone(&self.executor);
+                match job {
+                    Claimed::Job(job) => {
+                        self.tasks
+                            .spawn(super::in_current_dispatch(executor.run(job, permit)));
+                    }
+                    // a row this process cannot read fails alone, permanently: the others run
+                    Claimed::Undecodable { id, error } => {
+                        let reject = executor.reject(id, error, permit);
+                        self.tasks.spawn(super::in_current_dispatch(reject));
+                    }
+                    Claimed::Unreadable(error) => {
+                        // not even its id: nothing to report it under; its lease expires, and reap
+                        // gives it back (and in the end makes it dead) without holding up the others
+                        tracing::error!(%error, "a claimed row cannot be read at all; it is left to its lease");
+                        drop(permit);
+                    }
+                }
             }
             drop(permits);
             backlog = got == want;
@@ -131,25 +146,52 @@ impl Producer {
         (self.slots_total / 4).max(1)
     }
 
-    async fn claim(&self, client: &Client, want: usize) -> Result<Vec<Job>, tokio_postgres::Error> {
+    async fn claim(
+        &self,
+        client: &Client,
+        want: usize,
+    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
         let rows = client
             .query(
                 CLAIM,
                 &[&self.worker, &(want as i32), &self.lease.as_secs_f64()],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Job {
-                    id: r.try_get(0)?,
-                    workspace: r.try_get(1)?,
-                    kind: r.try_get(2)?,
-                    provider: r.try_get(3)?,
-                    dedupe_key: r.try_get(4)?,
-                    attempt: r.try_get(5)?,
-                    payload: r.try_get(6)?,
-                })
-            })
-            .collect()
+        // each row on its own terms: the claim has committed, so a row that cannot be decoded must not
+        // take the rest of the batch (other workspaces' jobs included) down with it
+        Ok(rows.iter().map(decode).collect())
+    }
+}
+
+/// One row of `herald.claim`, decoded on its own: the id first (it is what a failure is reported
+/// under), then the other columns, then the payload's shape (`executor::check_payload`).
+fn decode(r: &tokio_postgres::Row) -> Claimed {
+    let id: i64 = match r.try_get(0) {
+        Ok(id) => id,
+        Err(e) => return Claimed::Unreadable(pg::describe(&e)),
+    };
+    let column = |name: &str, e: tokio_postgres::Error| {
+        format!(
+            "herald run cannot decode the job's {name}: {}",
+            pg::describe(&e)
+        )
+    };
+    let job = (|| -> Result<Job, String> {
+        let job = Job {
+            id,
+            workspace: r.try_get(1).map_err(|e| column("workspace", e))?,
+            kind: r.try_get(2).map_err(|e| column("kind", e))?,
+            provider: r.try_get(3).map_err(|e| column("provider", e))?,
+            dedupe_key: r.try_get(4).map_err(|e| column("dedupe_key", e))?,
+            attempt: r.try_get(5).map_err(|e| column("attempt", e))?,
+            payload: r.try_get(6).map_err(|e| column("payload", e))?,
+        };
+        super::executor::check_payload(&job)
+            .map_err(|e| format!("herald run cannot decode the job's payload: {e}"))?;
+        Ok(job)
+    })();
+    match job {
+        Ok(job) => Claimed::Job(job),
+        Err(error) => Claimed::Undecodable { id, error },
     }
 }

@@ -1,0 +1,57 @@
+"""No tenant can stop another, on the daemon's side (issue 11): workspace A's poisoned job fails alone,
+permanently and with its reason, while workspace B's jobs in the same claimed batch are delivered and
+the daemon keeps running."""
+
+import json
+
+from conftest import wait_until
+
+
+def two_workspaces(db, normal=20):
+    """acme holds the poison (added by each test); globex `normal` ordinary emails."""
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    for ws in ("acme", "globex"):
+        db.q("SELECT herald.upsert_template(%s, 'hello', 'Hello {{ contact.email }}', '<p>hi</p>')", ws)
+    db.q("""SELECT herald.send('globex', format('b%%s@example.com', i), 'hello')
+              FROM generate_series(1, %s) i""", normal)
+
+
+def poison(db, email, template="hello"):
+    """A pending job of acme; returns its id."""
+    db.q("SELECT herald.send('acme', %s, %s)", email, template)
+    return db.one("SELECT o.id FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id "
+                  "WHERE c.email = %s", email)
+
+
+def outcome(db, job):
+    return db.q("SELECT status, last_error FROM herald.outbox WHERE id = %s", job)[0]
+
+
+def test_a_job_the_daemon_cannot_decode_fails_alone(db, smtp, sidecar):
+    two_workspaces(db)
+    # nested deeper than the daemon's JSON decoder goes (serde_json stops at 128 levels)
+    deep = poison(db, "deep@example.com")
+    db.q("UPDATE herald.outbox SET payload = payload || jsonb_build_object('variables', %s::jsonb) WHERE id = %s",
+         "[" * 200 + "]" * 200, deep)
+    # a field the executor needs, of the wrong type (it used to be read as absent: the default From)
+    wrong = poison(db, "wrong@example.com")
+    db.q("""UPDATE herald.outbox SET payload = payload || '{"from": 42}' WHERE id = %s""", wrong)
+    # a healthy job of the poisoned workspace still goes out too
+    db.q("SELECT herald.send('acme', 'fine@example.com', 'hello')")
+
+    s = sidecar(HERALD_CONCURRENCY="64")
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status IN ('pending', 'leased')") == 0,
+               timeout=60, what="every job finished")
+    status, error = outcome(db, deep)
+    assert status == "failed", (status, error)
+    assert "cannot decode the job's payload" in error, error
+    status, error = outcome(db, wrong)
+    assert status == "failed", (status, error)
+    assert "from: expected a string, got a number" in error, error
+    # attempted once: a permanent failure is not retried
+    assert db.q("SELECT attempt FROM herald.outbox WHERE id IN (%s, %s)", deep, wrong) == [(1,), (1,)]
+    got = sorted(r for rcpts, _, _ in smtp.snapshot() for r in rcpts)
+    assert got == sorted([f"b{i}@example.com" for i in range(1, 21)] + ["fine@example.com"])
+    assert db.one("SELECT count(*) FROM herald.outbox WHERE workspace_id = 'globex' AND status = 'done'") == 20
+    assert s.running()
+    assert "failed permanently" in s.log()
