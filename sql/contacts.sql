@@ -72,6 +72,15 @@ $$;
 
 -- Validates one upsert_contacts entry; NULL when it is acceptable, else the reason. No sub-selects, so
 -- Postgres inlines it (a non-inlined SQL function costs ~30 µs per row).
+-- Why a JSON value a tenant stores (event payload, contact attributes, a send's context) is out of
+-- bounds, or NULL: at most 32 levels deep and 64 KiB. Deeper values broke every tick for every workspace
+-- once (the engine's JSON parser stops at 128 levels). Small values, the common case, are not even
+-- printed: 33 levels take more than 256 bytes (a compressed value is always checked).
+CREATE FUNCTION herald._value_fault(v jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE WHEN pg_column_size(v) > 256 OR pg_column_compression(v) IS NOT NULL
+            THEN herald._json_fault(v::text, 32, 65536) END;
+
 CREATE FUNCTION herald._contact_entry_fault(entry jsonb) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
 RETURN CASE
@@ -84,6 +93,8 @@ RETURN CASE
         format('email %s is not a valid address', entry -> 'email')
     WHEN entry ? 'attributes' AND jsonb_typeof(entry -> 'attributes') <> 'object' THEN
         format('attributes must be a JSON object, got %s', jsonb_typeof(entry -> 'attributes'))
+    WHEN herald._value_fault(entry -> 'attributes') IS NOT NULL THEN
+        'attributes ' || herald._value_fault(entry -> 'attributes')
     WHEN entry ? 'timezone' AND jsonb_typeof(entry -> 'timezone') <> 'null'
          AND (jsonb_typeof(entry -> 'timezone') <> 'string' OR NOT herald._valid_timezone(entry ->> 'timezone')) THEN
         format('timezone %s is not an IANA time zone name such as "Europe/Paris"', entry -> 'timezone')

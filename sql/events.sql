@@ -45,7 +45,14 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM new_events) THEN
         RETURN NULL;
     END IF;
-    -- 1. integrity, checked once for the whole statement
+    -- 1. integrity, checked once for the whole statement; payloads bounded like track's (for plain
+    --    INSERT and COPY; the check prints only payloads large enough to be out of bounds)
+    SELECT format('event %s (workspace %s): payload %s', n.id, quote_literal(n.workspace_id), herald._value_fault(n.payload))
+      INTO v_bad
+      FROM new_events n WHERE herald._value_fault(n.payload) IS NOT NULL LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'program_limit_exceeded';
+    END IF;
     SELECT string_agg(DISTINCT quote_literal(n.workspace_id), ', ') INTO v_bad
       FROM new_events n
      WHERE NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = n.workspace_id);
@@ -193,6 +200,8 @@ RETURN CASE
     WHEN length(entry ->> 'kind') > 200 THEN 'kind is longer than 200 characters'
     WHEN entry ? 'payload' AND jsonb_typeof(entry -> 'payload') <> 'object' THEN
         format('payload must be a JSON object, got %s', jsonb_typeof(entry -> 'payload'))
+    WHEN herald._value_fault(entry -> 'payload') IS NOT NULL THEN
+        'payload ' || herald._value_fault(entry -> 'payload')
     WHEN entry ? 'occurred_at' AND (jsonb_typeof(entry -> 'occurred_at') <> 'string'
                                     OR NOT herald._valid_timestamp(entry ->> 'occurred_at')) THEN
         format('occurred_at %s is not an RFC 3339 timestamp such as "2026-11-22T10:00:00Z"', entry -> 'occurred_at')

@@ -9,7 +9,9 @@
 --   * bounded input: emails with control or bidi characters are refused, templates are size-limited;
 --     replayed opens and clicks (same message, kind and link within 10 minutes) are recorded once.
 --   * no foreign key between herald tables, so pg_restore -j works;
---   * complete() wakes waiting enrollments with one index probe per job, whatever the statistics.
+--   * complete() wakes waiting enrollments with one index probe per job, whatever the statistics;
+--   * JSON a tenant stores (event payloads, contact attributes, send contexts) is at most 32 levels deep
+--     and 64 KiB (herald._value_fault), at every way in.
 -- Existing tables keep every row; one table is added (workspace_grants).
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -82,7 +84,14 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM new_events) THEN
         RETURN NULL;
     END IF;
-    -- 1. integrity, checked once for the whole statement
+    -- 1. integrity, checked once for the whole statement; payloads bounded like track's (for plain
+    --    INSERT and COPY; the check prints only payloads large enough to be out of bounds)
+    SELECT format('event %s (workspace %s): payload %s', n.id, quote_literal(n.workspace_id), herald._value_fault(n.payload))
+      INTO v_bad
+      FROM new_events n WHERE herald._value_fault(n.payload) IS NOT NULL LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'program_limit_exceeded';
+    END IF;
     SELECT string_agg(DISTINCT quote_literal(n.workspace_id), ', ') INTO v_bad
       FROM new_events n
      WHERE NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = n.workspace_id);
@@ -210,6 +219,10 @@ BEGIN
 END
 $$;
 
+-- One coalesced wake-up per transaction: Postgres folds identical notifications of a transaction into one,
+-- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim) and
+-- herald.tick (enrollments due now).
+-- The channel is the trigger's argument.
 CREATE OR REPLACE FUNCTION herald._notify() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -244,6 +257,7 @@ SELECT pg_catalog.pg_extension_config_dump('herald.workspace_grants', '');
 
 -- the functions that now check the caller's workspace (through herald._authorize, defined below;
 -- PL/pgSQL resolves it when called)
+
 -- Raises unless the workspace exists. Used at the top of every function that takes one.
 CREATE OR REPLACE FUNCTION herald._require_workspace(workspace text) RETURNS void
 LANGUAGE plpgsql STABLE
@@ -580,6 +594,127 @@ CREATE FUNCTION herald._json_fault(value text, max_depth int, max_bytes int) RET
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_json_fault_wrapper';
+
+-- ---------------------------------------------------- JSON a tenant stores is bounded
+-- Validates one upsert_contacts entry; NULL when it is acceptable, else the reason. No sub-selects, so
+-- Postgres inlines it (a non-inlined SQL function costs ~30 µs per row).
+-- Why a JSON value a tenant stores (event payload, contact attributes, a send's context) is out of
+-- bounds, or NULL: at most 32 levels deep and 64 KiB. Deeper values broke every tick for every workspace
+-- once (the engine's JSON parser stops at 128 levels). Small values, the common case, are not even
+-- printed: 33 levels take more than 256 bytes (a compressed value is always checked).
+CREATE FUNCTION herald._value_fault(v jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE WHEN pg_column_size(v) > 256 OR pg_column_compression(v) IS NOT NULL
+            THEN herald._json_fault(v::text, 32, 65536) END;
+
+CREATE OR REPLACE FUNCTION herald._contact_entry_fault(entry jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
+RETURN CASE
+    WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
+        format('entry must be a JSON object, got %s', coalesce(jsonb_typeof(entry), 'NULL'))
+    WHEN (entry - ARRAY['email', 'attributes', 'timezone']) <> '{}' THEN
+        format('unknown key(s) in %s; allowed: email, attributes, timezone', entry - ARRAY['email', 'attributes', 'timezone'])
+    WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
+    WHEN NOT herald._valid_email(herald._normalize_email(entry ->> 'email')) THEN
+        format('email %s is not a valid address', entry -> 'email')
+    WHEN entry ? 'attributes' AND jsonb_typeof(entry -> 'attributes') <> 'object' THEN
+        format('attributes must be a JSON object, got %s', jsonb_typeof(entry -> 'attributes'))
+    WHEN herald._value_fault(entry -> 'attributes') IS NOT NULL THEN
+        'attributes ' || herald._value_fault(entry -> 'attributes')
+    WHEN entry ? 'timezone' AND jsonb_typeof(entry -> 'timezone') <> 'null'
+         AND (jsonb_typeof(entry -> 'timezone') <> 'string' OR NOT herald._valid_timezone(entry ->> 'timezone')) THEN
+        format('timezone %s is not an IANA time zone name such as "Europe/Paris"', entry -> 'timezone')
+END;
+
+-- Validates one track_many entry; NULL when it is acceptable, else the reason (inlinable: no sub-selects).
+CREATE OR REPLACE FUNCTION herald._event_entry_fault(entry jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
+RETURN CASE
+    WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
+        format('must be a JSON object, got %s', coalesce(jsonb_typeof(entry), 'NULL'))
+    WHEN (entry - ARRAY['email', 'kind', 'payload', 'occurred_at']) <> '{}' THEN
+        format('unknown key(s) in %s; allowed: email, kind, payload, occurred_at', entry - ARRAY['email', 'kind', 'payload', 'occurred_at'])
+    WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
+    WHEN NOT herald._valid_email(herald._normalize_email(entry ->> 'email')) THEN
+        format('email %s is not a valid address', entry -> 'email')
+    WHEN jsonb_typeof(entry -> 'kind') IS DISTINCT FROM 'string' OR entry ->> 'kind' = '' THEN
+        'kind is missing or not a non-empty string'
+    WHEN length(entry ->> 'kind') > 200 THEN 'kind is longer than 200 characters'
+    WHEN entry ? 'payload' AND jsonb_typeof(entry -> 'payload') <> 'object' THEN
+        format('payload must be a JSON object, got %s', jsonb_typeof(entry -> 'payload'))
+    WHEN herald._value_fault(entry -> 'payload') IS NOT NULL THEN
+        'payload ' || herald._value_fault(entry -> 'payload')
+    WHEN entry ? 'occurred_at' AND (jsonb_typeof(entry -> 'occurred_at') <> 'string'
+                                    OR NOT herald._valid_timestamp(entry ->> 'occurred_at')) THEN
+        format('occurred_at %s is not an RFC 3339 timestamp such as "2026-11-22T10:00:00Z"', entry -> 'occurred_at')
+END;
+
+-- Transactional email (priority 0: claimed before automation and broadcast mail). The contact is created
+-- when the email is unknown. dedupe_key makes a retry of the caller's own request a no-op; by default
+-- every call is a new message. Returns the outbox id (of the existing job when the key was seen before).
+CREATE OR REPLACE FUNCTION herald.send(workspace text, email text, template text, context jsonb DEFAULT '{}',
+                            provider text DEFAULT 'default', dedupe_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_contact bigint;
+    v_id bigint;
+    v_key text := coalesce(send.dedupe_key, 'send:' || gen_random_uuid());
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = template) THEN
+        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
+    END IF;
+    IF provider IS NULL OR (provider <> 'default'
+        AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF herald._value_fault(context) IS NOT NULL THEN
+        RAISE EXCEPTION 'context %', herald._value_fault(context) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF v_key = '' OR v_key LIKE 'b:%' THEN
+        RAISE EXCEPTION 'dedupe_key % is not allowed', quote_literal(v_key) USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use a non-empty key that does not begin with ''b:'' (reserved for broadcast messages).';
+    END IF;
+    IF NOT herald._valid_email(herald._normalize_email(email)) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH created AS (
+        INSERT INTO herald.contacts AS c (workspace_id, email) VALUES (workspace, herald._normalize_email(send.email))
+        ON CONFLICT ON CONSTRAINT contacts_workspace_id_email_key DO NOTHING RETURNING c.id, c.email
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind) SELECT workspace, c.id, c.email, 'contact.created' FROM created c
+    )
+    SELECT x.id INTO v_contact FROM created x;
+    IF v_contact IS NULL THEN
+        SELECT c.id INTO v_contact FROM herald.contacts c
+         WHERE c.email = herald._normalize_email(send.email) AND c.workspace_id IS NOT DISTINCT FROM workspace;   -- see contacts' unique index
+    END IF;
+
+    INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
+    VALUES (workspace, 'email', 0, v_key, provider,
+            ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider], v_contact,
+            jsonb_build_object('template', template, 'provider', provider, 'variables', context))
+    ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO NOTHING
+    RETURNING o.id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT o.id INTO v_id FROM herald.outbox o
+         WHERE o.workspace_id = workspace AND o.dedupe_key = v_key AND o.broadcast_id IS NULL;
+    END IF;
+    RETURN v_id;
+END
+$$;
+
 
 -- ------------------------------------------------ complete() plans well without table statistics
 -- Finishes a batch of jobs in ONE statement: outbox rows, message history, stats deltas, decide cache,

@@ -626,6 +626,9 @@ BEGIN
     IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF herald._value_fault(context) IS NOT NULL THEN
+        RAISE EXCEPTION 'context %', herald._value_fault(context) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
     IF v_key = '' OR v_key LIKE 'b:%' THEN
         RAISE EXCEPTION 'dedupe_key % is not allowed', quote_literal(v_key) USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Use a non-empty key that does not begin with ''b:'' (reserved for broadcast messages).';
