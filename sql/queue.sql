@@ -481,10 +481,12 @@ BEGIN
                                   ELSE format('%s failed: %s', r.node, r.error) END,
                wait_kind = NULL, wait_job = NULL, updated_at = now()
           FROM waiting r
-         WHERE e.workspace_id = r.workspace_id AND e.id = r.enrollment_id
-           -- still waiting when locked (re-checked if a concurrent exit changed the row). Written with IS
-           -- NOT DISTINCT FROM on purpose: `=` would let the planner drive this update from the partial
-           -- index enrollments_wait_job_idx again, estimated at one row on a table without statistics
+         WHERE e.id = r.enrollment_id
+           -- by id alone (enrollments_id_idx), the rest written with IS NOT DISTINCT FROM on purpose: it
+           -- is not indexable, so a planner without statistics cannot drive this update from an index it
+           -- guesses at one row (the partial wait index, or (workspace_id, automation_id)) and filter
+           -- every waiting enrollment. Status and wait_kind are re-checked on the locked row.
+           AND e.workspace_id IS NOT DISTINCT FROM r.workspace_id
            AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
         RETURNING e.workspace_id, e.automation_id, e.status, r.node, r.outcome
     ), counted_b AS (
