@@ -55,3 +55,36 @@ def test_a_job_the_daemon_cannot_decode_fails_alone(db, smtp, sidecar):
     assert db.one("SELECT count(*) FROM herald.outbox WHERE workspace_id = 'globex' AND status = 'done'") == 20
     assert s.running()
     assert "failed permanently" in s.log()
+
+
+def doubling(times):
+    """The reported attack: a few hundred bytes that double a string `times` times (2 GiB at 28)."""
+    return '{% set s = "12345678" %}' + "{% set s = s ~ s %}" * times + "{{ s|length }}"
+
+
+def test_a_template_that_asks_for_gigabytes_fails_its_job_not_the_daemon(db, smtp, sidecar):
+    two_workspaces(db)
+    bomb = doubling(28)
+    assert len(bomb) < 600
+    db.q("SELECT herald.upsert_template('acme', 'bomb', 'Hi', %s)", bomb)
+    # output past the 2 MiB bound, and runaway work, are the job's errors too
+    db.q("SELECT herald.upsert_template('acme', 'wide', 'Hi', %s)", doubling(19).replace("{{ s|length }}", "{{ s }}"))
+    db.q("""SELECT herald.upsert_template('acme', 'busy', 'Hi',
+            '{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}')""")
+    jobs = {t: poison(db, f"{t}@example.com", t) for t in ("bomb", "wide", "busy")}
+    db.q("SELECT herald.send('acme', 'fine@example.com', 'hello')")
+
+    s = sidecar(HERALD_CONCURRENCY="16")
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status IN ('pending', 'leased')") == 0,
+               timeout=90, what="every job finished")
+    reasons = {t: outcome(db, j) for t, j in jobs.items()}
+    assert reasons["bomb"][0] == "failed" and "more than 512 MiB of memory" in reasons["bomb"][1], reasons
+    assert reasons["wide"][0] == "failed" and "over 2 MiB" in reasons["wide"][1], reasons
+    assert reasons["busy"][0] == "failed" and "too much work" in reasons["busy"][1], reasons
+    got = sorted(r for rcpts, _, _ in smtp.snapshot() for r in rcpts)
+    assert got == sorted([f"b{i}@example.com" for i in range(1, 21)] + ["fine@example.com"])
+    assert s.running(), s.log()
+    # and it goes on working: a mail queued after the bomb still goes out
+    db.q("SELECT herald.send('globex', 'later@example.com', 'hello')")
+    wait_until(lambda: smtp.count() == 22, timeout=30, what="a later mail")
+    assert s.running()

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::config::{provider_key, Config, HttpSide, Secret};
 use super::executor::{Job, Outcome};
 use super::links::{self, Claims, Purpose};
-use super::render::{Renderer, Vars};
+use super::render::{RenderedEmail, Renderer, Vars};
 use super::smtp_pool::{SendError, SmtpPool};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
@@ -94,7 +94,31 @@ impl Mailer {
 
     pub async fn send(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
         let id = message_id(&job.workspace, &job.dedupe_key);
-        let message = match self.build(job, &id, renderer, vars) {
+        let prepared = match self.prepare(job) {
+            Ok(p) => p,
+            Err(error) => return Outcome::permanent(error),
+        };
+        let template = match job.payload.get("template") {
+            Some(t @ Json::Object(_)) => t,
+            _ => {
+                return Outcome::permanent(
+                    "the template no longer exists (deleted after the job was queued)",
+                )
+            }
+        };
+        let rendered = match &prepared.tracking {
+            Some((_, _, unsubscribe)) => {
+                renderer
+                    .render_email(template, &vars.with_unsubscribe_url(unsubscribe))
+                    .await
+            }
+            None => renderer.render_email(template, vars).await,
+        };
+        let rendered = match rendered {
+            Ok(r) => r,
+            Err(e) => return e.outcome(),
+        };
+        let message = match self.build(job, &id, prepared, rendered) {
             Ok(m) => m,
             Err(error) => return Outcome::permanent(error),
         };
@@ -138,22 +162,9 @@ impl Mailer {
         ))
     }
 
-    fn build(
-        &self,
-        job: &Job,
-        id: &str,
-        renderer: &Renderer,
-        vars: &Vars,
-    ) -> Result<Message, String> {
+    /// Addresses and links, before rendering.
+    fn prepare(&self, job: &Job) -> Result<Prepared, String> {
         let p = &job.payload;
-        let template = match p.get("template") {
-            Some(t @ Json::Object(_)) => t,
-            _ => {
-                return Err(
-                    "the template no longer exists (deleted after the job was queued)".into(),
-                )
-            }
-        };
         let to_text = p
             .get("to")
             .and_then(Json::as_str)
@@ -186,14 +197,29 @@ impl Mailer {
                 h.public_url,
                 links::sign(h.link_secret.0.as_bytes(), &claims)
             );
-            (h, claims, unsubscribe)
+            (h.clone(), claims, unsubscribe)
         });
-        let mut rendered = match &tracking {
-            Some((_, _, unsubscribe)) => {
-                renderer.render_email(template, &vars.with_unsubscribe_url(unsubscribe))?
-            }
-            None => renderer.render_email(template, vars)?,
-        };
+        Ok(Prepared {
+            to_text: to_text.to_string(),
+            to,
+            from,
+            tracking,
+        })
+    }
+
+    fn build(
+        &self,
+        job: &Job,
+        id: &str,
+        prepared: Prepared,
+        mut rendered: RenderedEmail,
+    ) -> Result<Message, String> {
+        let Prepared {
+            to_text,
+            to,
+            from,
+            tracking,
+        } = prepared;
         if let Some((h, claims, _)) = &tracking {
             let key = h.link_secret.0.as_bytes();
             rendered.html = links::rewrite_links(&rendered.html, |url| {
@@ -264,6 +290,15 @@ impl Mailer {
         }
         Some(url.to_string())
     }
+}
+
+/// What `prepare` found: recipient, sender, and with the HTTP side its settings, the link claims and
+/// the unsubscribe link.
+struct Prepared {
+    to_text: String,
+    to: Mailbox,
+    from: Mailbox,
+    tracking: Option<(HttpSide, Claims, String)>,
 }
 
 pub fn unsubscribe_token(key: &[u8], workspace: &str, email: &str) -> String {

@@ -48,6 +48,12 @@ pub use config::{Config, LogFormat, RunArgs};
 
 /// The subcommand: settings, logging, signals, then [`run`].
 pub async fn main(args: RunArgs) -> Result<()> {
+    if std::env::var_os(render::WORKER_ENV).is_some() {
+        // a render worker of another `herald run` (see render.rs): no settings, no database
+        return tokio::task::spawn_blocking(render::worker_main)
+            .await
+            .context("render worker")?;
+    }
     use tokio::signal::unix::{signal, SignalKind};
     // handlers first, so a signal during start-up is a clean stop rather than the default kill
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -118,6 +124,11 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// One render worker per core (rendering is CPU work; each worker takes one request at a time).
+fn render_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
 }
 
 /// How long shutdown waits for the completer once the executors are done (or interrupted).
@@ -208,7 +219,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let executor = Arc::new(executor::Executor {
         mailer: email::Mailer::new(&config)?,
         webhooks: webhook::Webhooks::new(&config)?,
-        renderer: render::Renderer::new(),
+        renderer: render::Renderer::isolated(render_workers()),
         metrics: Arc::clone(&metrics),
         results: results_tx,
         // a job still running near the end of its lease is given up (another worker may take it then)

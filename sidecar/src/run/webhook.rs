@@ -327,19 +327,54 @@ impl Webhooks {
     }
 
     pub async fn call(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
-        match self.prepare(job, renderer, vars) {
+        let p = &job.payload;
+        let Some(url_src) = p.get("url").and_then(Json::as_str) else {
+            return Outcome::permanent("the job has no url");
+        };
+        // everything templated in one render: the URL, header values, the body's strings
+        let mut fields = vec![("url".to_string(), Json::from(url_src))];
+        let mut header_names = Vec::new();
+        if let Some(map) = p.get("headers").and_then(Json::as_object) {
+            for (name, value) in map {
+                if let Json::String(s) = value {
+                    fields.push((format!("headers.{name}"), Json::from(s.as_str())));
+                    header_names.push(name.clone());
+                }
+            }
+        }
+        let body = p.get("body").filter(|b| !b.is_null());
+        if let Some(b) = body {
+            fields.push(("body".to_string(), b.clone()));
+        }
+        let mut rendered = match renderer.render_fields(fields, vars).await {
+            Ok(r) => r.into_iter(),
+            Err(e) => return e.outcome(),
+        };
+        let url_text = match rendered.next() {
+            Some(Json::String(u)) => u,
+            _ => return Outcome::permanent("the url did not render to text"),
+        };
+        let headers: Vec<(String, String)> = header_names
+            .into_iter()
+            .zip(rendered.by_ref())
+            .map(|(n, v)| (n, v.as_str().unwrap_or_default().to_string()))
+            .collect();
+        let body = body.and_then(|_| rendered.next());
+        match self.prepare(job, &url_text, &headers, body.as_ref()) {
             Ok(request) => self.send(request).await,
             Err(error) => Outcome::permanent(error),
         }
     }
 
-    fn prepare(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Result<Prepared, String> {
+    /// The request from the rendered URL, string header values and body.
+    fn prepare(
+        &self,
+        job: &Job,
+        url_text: &str,
+        rendered_headers: &[(String, String)],
+        body: Option<&Json>,
+    ) -> Result<Prepared, String> {
         let p = &job.payload;
-        let url_src = p
-            .get("url")
-            .and_then(Json::as_str)
-            .ok_or("the job has no url")?;
-        let url_text = renderer.render("url", url_src, vars)?;
         let url = reqwest::Url::parse(url_text.trim())
             .map_err(|e| format!("invalid url {url_text:?}: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -367,7 +402,11 @@ impl Webhooks {
         if let Some(map) = p.get("headers").and_then(Json::as_object) {
             for (name, value) in map {
                 let value = match value {
-                    Json::String(s) => renderer.render(&format!("headers.{name}"), s, vars)?,
+                    Json::String(_) => rendered_headers
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default(),
                     Json::Null => continue,
                     other => other.to_string(),
                 };
@@ -378,10 +417,9 @@ impl Webhooks {
                 headers.insert(name, value);
             }
         }
-        let body = match p.get("body") {
-            None | Some(Json::Null) => Vec::new(),
-            Some(b) => serde_json::to_vec(&renderer.render_json("body", b, vars)?)
-                .expect("JSON serialises"),
+        let body = match body {
+            None => Vec::new(),
+            Some(b) => serde_json::to_vec(b).expect("JSON serialises"),
         };
         if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
