@@ -4,6 +4,7 @@ must record nothing: no suppression, no event."""
 
 import base64
 import json
+import re
 import socket
 import time
 import uuid
@@ -213,3 +214,58 @@ def test_one_click_unsubscribe_needs_the_rfc_8058_body(db, smtp, sidecar):
     assert db.q("SELECT email, reason FROM herald.suppressions ORDER BY email") == [
         ("r0@example.com", "unsubscribed"), ("r1@example.com", "unsubscribed"), ("r2@example.com", "unsubscribed")]
     assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'list.unsubscribed'") == 3
+
+
+def raw_get(port, path):
+    """The raw response head of a GET (so an injected header line would show as its own line)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    lines = head.split("\r\n")
+    return lines[0], lines[1:]
+
+
+def sign_link(claims):
+    """A link token as herald makes them: base64url(JSON claims) "." base64url(HMAC-SHA256(key, part 1))."""
+    import hashlib
+    import hmac
+    from test_broadcast import LINK_SECRET
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    body = b64(json.dumps(claims).encode())
+    return body + "." + b64(hmac.new(LINK_SECRET.encode(), body.encode(), hashlib.sha256).digest())
+
+
+def test_click_redirects_cannot_inject_headers(db, smtp, sidecar):
+    evil = "x\r\nSet-Cookie: injected=1\r\nX-Evil: 1"
+    db.q("SELECT herald.upsert_contact('acme', 'r0@example.com', %s::jsonb)", json.dumps({"slug": evil}))
+    db.q("""SELECT herald.upsert_template('acme', 'shop', 'Shop',
+            '<p><a href="https://shop.example/p/{{ contact.slug }}">see</a></p>')""")
+    port = free_port()
+    sidecar(**http_side(port))
+    wait_http(port)
+    db.q("SELECT herald.send('acme', 'r0@example.com', 'shop')")
+    wait_until(lambda: smtp.count() == 1, timeout=30, what="the message")
+    html = smtp.snapshot()[0][1].get_body(("html",)).get_content()
+    click = re.search(r'href="http://127\.0\.0\.1:\d+(/c/[^"]+)"', html).group(1)
+
+    status, headers = raw_get(port, click)
+    assert status.startswith("HTTP/1.1 302"), (status, headers)
+    locations = [h for h in headers if h.lower().startswith("location:")]
+    assert locations == ["Location: https://shop.example/p/xSet-Cookie:%20injected=1X-Evil:%201"], headers
+    assert not any(h.lower().startswith(("set-cookie", "x-evil")) for h in headers), headers
+
+    # a token signed before targets were normalised (any URL at all): normalised, or refused
+    claims = {"p": "c", "w": "acme", "e": "r0@example.com", "k": "k1"}
+    status, headers = raw_get(port, "/c/" + sign_link({**claims, "u": "https://a.example/\r\nSet-Cookie: b=2"}))
+    assert status.startswith("HTTP/1.1 302") and "Location: https://a.example/Set-Cookie:%20b=2" in headers, headers
+    assert not any(h.lower().startswith("set-cookie") for h in headers), headers
+    for bad in ["javascript:alert(1)", "data:text/html,x", "//evil.example/"]:
+        status, headers = raw_get(port, "/c/" + sign_link({**claims, "u": bad}))
+        assert status.startswith("HTTP/1.1 400"), (bad, status)
+        assert not any(h.lower().startswith("location") for h in headers), headers

@@ -254,7 +254,21 @@ async fn handle(mut stream: TcpStream, side: &HttpSide, db: &Db) {
         response.body.len()
     );
     if let Some(location) = &response.location {
-        head.push_str(&format!("Location: {location}\r\n"));
+        // every header built from data is checked: a CR/LF would start a header of its own
+        if links::is_header_safe(location) {
+            head.push_str(&format!("Location: {location}\r\n"));
+        } else {
+            tracing::warn!("http: refused a Location with control characters");
+            let body = b"refused: the redirect target holds control characters\n";
+            let head = format!(
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
     }
     head.push_str("\r\n");
     let _ = stream.write_all(head.as_bytes()).await;
@@ -377,7 +391,13 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
         }
         ("GET", "c") => match links::verify(key, rest, Purpose::Click) {
             Ok(c) => {
-                let url = c.url.clone().unwrap_or_default();
+                // normalised again: a link signed before targets were normalised may hold anything
+                let Some(url) = c.url.as_deref().and_then(links::normalise_url) else {
+                    return Response::text(
+                        "400 Bad Request",
+                        "this link's target is not an http(s) URL herald can redirect to\n",
+                    );
+                };
                 if let Err(e) = db.record(json!([feedback("clicked", &c)])).await {
                     // the reader still gets where they wanted to go
                     e.log("recording a click");

@@ -93,6 +93,24 @@ pub fn verify(secret: &[u8], token: &str, purpose: Purpose) -> Result<Claims, Re
     Ok(claims)
 }
 
+/// The form of a link target herald signs and redirects to: parsed and re-serialised by a real URL
+/// parser (WHATWG, the `url` crate), which drops tabs and line breaks and percent-encodes other
+/// control bytes and spaces; only absolute http(s) URLs with a host. `None`: not a link herald follows.
+pub fn normalise_url(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw.trim()).ok()?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return None;
+    }
+    let text = url.to_string();
+    // the serialisation is ASCII without controls; checked anyway, as it goes into a header
+    is_header_safe(&text).then_some(text)
+}
+
+/// Whether a value may go into an HTTP or mail header as it is: no CR, LF or other control bytes.
+pub fn is_header_safe(value: &str) -> bool {
+    !value.bytes().any(|b| b.is_ascii_control() && b != b'\t')
+}
+
 /// Rewrites every `href="http(s)://…"` (double or single quotes) of an HTML body to a signed click
 /// link built by `link(url)`; other hrefs (mailto:, #anchors, relative) stay as they are.
 pub fn rewrite_links(html: &str, mut link: impl FnMut(&str) -> String) -> String {
@@ -112,10 +130,14 @@ pub fn rewrite_links(html: &str, mut link: impl FnMut(&str) -> String) -> String
         out.push_str(&after[..value_start]);
         // attribute values are HTML: the template engine escapes "/" and "&" in variables it inserts
         let decoded = super::render::decode_entities(url);
-        if decoded.starts_with("http://") || decoded.starts_with("https://") {
-            out.push_str(&link(&decoded).replace('&', "&amp;"));
-        } else {
-            out.push_str(url);
+        let absolute = decoded.trim_start();
+        let normalised = (absolute.starts_with("http://") || absolute.starts_with("https://"))
+            .then(|| normalise_url(absolute))
+            .flatten();
+        match normalised {
+            // signed in its normalised form: the redirect sends the reader to exactly that
+            Some(target) => out.push_str(&link(&target).replace('&', "&amp;")),
+            None => out.push_str(url),
         }
         rest = &after[value_end..];
     }
@@ -223,12 +245,52 @@ mod tests {
     }
 
     #[test]
+    fn link_targets_are_normalised_and_never_carry_line_breaks() {
+        for (raw, want) in [
+            ("https://a.example/x?y=1", Some("https://a.example/x?y=1")),
+            ("HTTPS://A.Example", Some("https://a.example/")),
+            (" https://a.example/p q", Some("https://a.example/p%20q")),
+            // the reported injection: a contact attribute with CR/LF inside a link
+            (
+                "https://a.example/x\r\nSet-Cookie: a=b",
+                Some("https://a.example/xSet-Cookie:%20a=b"),
+            ),
+            (
+                "https://a.example/\u{1}\u{7f}",
+                Some("https://a.example/%01%7F"),
+            ),
+            ("javascript:alert(1)", None),
+            ("ftp://a.example/", None),
+            ("https://", None),
+            ("/relative", None),
+        ] {
+            let got = normalise_url(raw);
+            assert_eq!(got.as_deref(), want, "{raw:?}");
+            if let Some(g) = got {
+                assert!(is_header_safe(&g), "{g:?}");
+            }
+        }
+        assert!(!is_header_safe("a\r\nb") && !is_header_safe("a\u{0}") && is_header_safe("a b"));
+        let html = "<a href=\"https://a.example/x\r\nLocation: https://evil.example\">x</a>";
+        let mut seen = Vec::new();
+        rewrite_links(html, |u| {
+            seen.push(u.to_string());
+            String::new()
+        });
+        assert_eq!(
+            seen,
+            ["https://a.example/xLocation:%20https://evil.example"]
+        );
+    }
+
+    #[test]
     fn only_absolute_http_links_are_rewritten() {
         let html = r##"<a href="https://a.example/x?y=1&amp;z=2">A</a> <A HREF='http:&#x2f;&#x2f;b.example'>B</A>
 <a href="mailto:x@example.com">m</a> <a href="#top">t</a> <a href = "/rel">r</a>"##;
         let out = rewrite_links(html, |u| format!("https://t.example/c/{}", u.len()));
         assert!(out.contains(r#"href="https://t.example/c/27""#), "{out}");
-        assert!(out.contains("HREF='https://t.example/c/16'"), "{out}");
+        // normalised: "http://b.example" is "http://b.example/"
+        assert!(out.contains("HREF='https://t.example/c/17'"), "{out}");
         assert!(out.contains(r#"href="mailto:x@example.com""#));
         assert!(out.contains(r##"href="#top""##));
         assert!(out.contains(r#"href = "/rel""#));
