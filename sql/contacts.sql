@@ -200,3 +200,214 @@ BEGIN
     RETURN v_id;
 END
 $$;
+
+-- The key an erased address is remembered by: 'sha256:' and the hex SHA-256 of the normalised address.
+CREATE FUNCTION herald._email_key(email text) RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE   -- STABLE like convert_to(); a stricter label would block inlining
+RETURN 'sha256:' || encode(sha256(convert_to(herald._normalize_email(email), 'UTF8')), 'hex');
+
+-- ------------------------------------------------------------------------------------------- lists
+
+-- Creates a list (or updates its description). Returns true when it is new. herald_app.
+CREATE FUNCTION herald.create_list(workspace text, name text, description text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_new boolean;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
+        RAISE EXCEPTION 'invalid list name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A list name is 1 to 200 characters.';
+    END IF;
+    IF length(description) > 2000 THEN
+        RAISE EXCEPTION 'list %: the description is % characters; at most 2000 are allowed', quote_literal(name), length(description)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    INSERT INTO herald.lists AS l (workspace_id, name, description) VALUES (workspace, name, description)
+    ON CONFLICT ON CONSTRAINT lists_pkey DO UPDATE SET description = coalesce(EXCLUDED.description, l.description)
+    RETURNING (xmax = 0) INTO v_new;
+    RETURN v_new;
+END
+$$;
+
+-- Subscribes addresses to a list (one or many; an unknown address becomes a contact, with its
+-- contact.created event). Every new subscription is a list.joined event, as update_contact nodes emit,
+-- so automations can trigger on it. Totals add up to the array's length: subscribed (new, or back
+-- from unsubscribed), already (subscribed before, or a repeat in the array), rejected (not a valid
+-- address). Set-based: a constant number of statements whatever the array's length. herald_app.
+CREATE FUNCTION herald.subscribe(workspace text, list text, emails text[])
+RETURNS TABLE (subscribed bigint, already bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    v_valid jsonb;
+BEGIN
+    PERFORM herald.create_list(workspace, list);
+    IF emails IS NULL THEN
+        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cardinality(emails) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    SELECT jsonb_agg(jsonb_build_object('email', e)) INTO v_valid
+      FROM (SELECT DISTINCT herald._normalize_email(u.e) AS e FROM unnest(emails) u(e)
+             WHERE herald._valid_email(herald._normalize_email(u.e))) v;
+    -- missing contacts are created the way every import creates them
+    PERFORM herald.upsert_contacts(workspace, coalesce(v_valid, '[]'));
+    WITH wanted AS (
+        SELECT c.id FROM jsonb_array_elements(coalesce(v_valid, '[]')) v(x)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.email = v.x ->> 'email' AND c.workspace_id IS NOT DISTINCT FROM workspace LIMIT 1) c
+    ), joined AS (
+        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
+        SELECT subscribe.workspace, subscribe.list, w.id, 'subscribed' FROM wanted w ORDER BY w.id
+        ON CONFLICT ON CONSTRAINT list_members_pkey DO UPDATE SET status = 'subscribed', updated_at = now()
+         WHERE m.status <> 'subscribed'
+        RETURNING m.contact_id
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT subscribe.workspace, j.contact_id, 'list.joined', jsonb_build_object('list', subscribe.list)
+          FROM joined j ORDER BY j.contact_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM announced),
+           cardinality(emails) - (SELECT count(*) FROM announced)
+               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
+           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
+      INTO subscribed, already, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Unsubscribes addresses from a list (the membership stays, as 'unsubscribed'; a list.left event each).
+-- Not a suppression: other lists and transactional mail still reach them (herald.suppress stops all).
+-- Totals: unsubscribed, not_subscribed (unknown address, not a member, already out, or a repeat),
+-- rejected (not a valid address). herald_app.
+CREATE FUNCTION herald.unsubscribe(workspace text, list text, emails text[])
+RETURNS TABLE (unsubscribed bigint, not_subscribed bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF emails IS NULL THEN
+        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cardinality(emails) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    WITH wanted AS (
+        SELECT DISTINCT c.id
+          FROM unnest(emails) u(e)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.email = herald._normalize_email(u.e) AND c.workspace_id IS NOT DISTINCT FROM workspace
+                              LIMIT 1) c
+    ), left_list AS (
+        UPDATE herald.list_members m SET status = 'unsubscribed', updated_at = now()
+          FROM wanted w
+         WHERE m.workspace_id = workspace AND m.list = unsubscribe.list AND m.contact_id = w.id AND m.status = 'subscribed'
+        RETURNING m.contact_id
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT unsubscribe.workspace, l.contact_id, 'list.left', jsonb_build_object('list', unsubscribe.list)
+          FROM left_list l ORDER BY l.contact_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM announced),
+           cardinality(emails) - (SELECT count(*) FROM announced)
+               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
+           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
+      INTO unsubscribed, not_subscribed, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Every list of a workspace (made with create_list or joined by an update_contact node) with its counts.
+CREATE VIEW herald.list_overview AS
+SELECT n.workspace_id, n.name AS list, l.description,
+       count(m.contact_id) FILTER (WHERE m.status = 'subscribed') AS subscribed,
+       count(m.contact_id) FILTER (WHERE m.status = 'unsubscribed') AS unsubscribed,
+       l.created_at
+  FROM (SELECT workspace_id, name FROM herald.lists
+        UNION
+        SELECT DISTINCT workspace_id, list FROM herald.list_members) n
+  LEFT JOIN herald.lists l ON l.workspace_id = n.workspace_id AND l.name = n.name
+  LEFT JOIN herald.list_members m ON m.workspace_id = n.workspace_id AND m.list = n.name
+ GROUP BY n.workspace_id, n.name, l.description, l.created_at;
+
+-- ---------------------------------------------------------------------------------------- erasure
+
+-- Erases a contact everywhere (a person's right to erasure): the contact, its events, enrollments and
+-- their step log, its jobs (sent or not; a job already handed to a daemon may still go out), message
+-- history, list memberships, import rejections that name it, and any suppression of the address.
+-- What stays: a suppression under the address's key (herald._email_key, reason 'erased'), so it is
+-- never mailed again even if it comes back; stats (counts, no one in them); and an audit row in
+-- herald.erasures (who, when, rows removed per table). Returns those counts. An address herald does
+-- not know is still suppressed by key. Cost: a scan of the workspace's enrollments and outbox (no
+-- index by contact on those hot tables, on purpose). herald_app.
+CREATE FUNCTION herald.delete_contact(workspace text, email text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(email);
+    v_key text;
+    v_contact bigint;
+    v_removed jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_key := herald._email_key(v_email);
+    SELECT c.id INTO v_contact FROM herald.contacts c
+     WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM workspace FOR UPDATE;
+
+    WITH enrollments AS (
+        DELETE FROM herald.enrollments e WHERE e.workspace_id = workspace AND e.contact_id = v_contact
+        RETURNING e.id
+    ), steps AS (
+        DELETE FROM herald.step_log l
+         WHERE l.workspace_id = workspace AND l.enrollment_id IN (SELECT x.id FROM enrollments x)
+        RETURNING 1
+    ), jobs AS (
+        DELETE FROM herald.outbox o WHERE o.workspace_id = workspace AND o.contact_id = v_contact RETURNING 1
+    ), history AS (
+        DELETE FROM herald.message_history h WHERE h.workspace_id = workspace AND h.contact_id = v_contact RETURNING 1
+    ), events AS (
+        DELETE FROM herald.events e
+         WHERE e.workspace_id = workspace AND (e.contact_id = v_contact OR (e.contact_id IS NULL AND e.email = v_email))
+        RETURNING 1
+    ), lists AS (
+        DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.contact_id = v_contact RETURNING 1
+    ), rejections AS (
+        DELETE FROM herald.contact_rejections r
+         WHERE r.workspace_id = workspace AND herald._normalize_email(r.input ->> 'email') = v_email
+        RETURNING 1
+    ), suppressions AS (
+        DELETE FROM herald.suppressions s WHERE s.workspace_id = workspace AND s.email = v_email RETURNING 1
+    ), contacts AS (
+        DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
+    )
+    SELECT jsonb_build_object(
+               'contacts', (SELECT count(*) FROM contacts), 'events', (SELECT count(*) FROM events),
+               'enrollments', (SELECT count(*) FROM enrollments), 'step_log', (SELECT count(*) FROM steps),
+               'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
+               'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
+               'suppressions', (SELECT count(*) FROM suppressions))
+      INTO v_removed;
+
+    INSERT INTO herald.suppressions (workspace_id, email, reason)
+    VALUES (workspace, v_key, 'erased')
+    ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING;
+    INSERT INTO herald.erasures (workspace_id, email_key, erased_by, removed)
+    VALUES (workspace, v_key, herald._caller(), v_removed);
+    RETURN v_removed;
+END
+$$;

@@ -235,7 +235,11 @@ BEGIN
           JOIN herald.outbox o ON o.id = u.id
           LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
                               WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
-          LEFT JOIN herald.suppressions s ON s.workspace_id = o.workspace_id AND s.email = c.email
+          -- the address, or its key when the contact was erased and came back (delete_contact)
+          LEFT JOIN LATERAL (SELECT s.reason FROM herald.suppressions s
+                              WHERE c.email IS NOT NULL AND s.workspace_id = o.workspace_id
+                                AND s.email IN (c.email, herald._email_key(c.email))
+                              LIMIT 1) s ON true
           LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
     ), suppressed AS (
         SELECT p.* FROM picked p WHERE p.reason IS NOT NULL
