@@ -269,3 +269,49 @@ def test_click_redirects_cannot_inject_headers(db, smtp, sidecar):
         status, headers = raw_get(port, "/c/" + sign_link({**claims, "u": bad}))
         assert status.startswith("HTTP/1.1 400"), (bad, status)
         assert not any(h.lower().startswith("location") for h in headers), headers
+
+
+def test_idle_connections_cannot_hold_up_real_requests(db, smtp, sidecar):
+    """1,000 connections that send only a request line used to make a real request wait 36 s. Now a
+    head must arrive within 10 s, and one address holds at most 32 connections."""
+    port = free_port()
+    sidecar(**http_side(port))
+    wait_http(port)
+    idle = []
+    for _ in range(300):
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(b"GET /o/x HTTP/1.1\r\n")          # never finished
+        idle.append(s)
+    opened = time.monotonic()
+
+    # a real request from another address answers at once
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.2", 0)) as s:
+        s.sendall(b"GET /o/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert time.monotonic() - started < 15
+
+    # every idle connection is closed: those over the per-address limit at once, the others when their
+    # head is overdue (with a 408)
+    def closed(s):
+        try:
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+        except ConnectionResetError:
+            return b"reset"
+    answers = [closed(s) for s in idle]
+    assert time.monotonic() - opened < 20
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
+    assert len(timed_out) <= 32, len(timed_out)
+    assert len(timed_out) >= 1
+    for s in idle:
+        s.close()
+
+    # and the address that held them is served again
+    status, _, body = request(f"http://127.0.0.1:{port}/o/x")
+    assert status == 200 and body.startswith(b"GIF89a")

@@ -40,6 +40,54 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 /// Connections handled at once (each holds at most MAX_HEAD + MAX_BODY and one query in flight).
 const MAX_CONNECTIONS: usize = 512;
+/// Connections one client address may hold at once; more are closed at once, unread. (A client
+/// that holds connections open without sending anything must not use up `MAX_CONNECTIONS`.)
+pub const MAX_PER_ADDRESS: usize = 32;
+/// How long a request head may take to arrive (slowloris: idle or trickling connections are closed).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole request may take, body and recording included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Open connections per client address.
+#[derive(Default)]
+struct PerAddress {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection counted against its address until dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// A slot for one more connection from `ip`, or None when it holds `MAX_PER_ADDRESS` already.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 /// A transparent 1×1 GIF.
 const PIXEL: &[u8] = &[
     0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
@@ -213,6 +261,7 @@ pub async fn serve(
     });
     // bounded: a flood of (slow) connections waits in the listen backlog instead of growing tasks
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -221,7 +270,13 @@ pub async fn serve(
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => match per_address.take(peer.ip()) {
+                    Some(counted) => (stream, counted),
+                    None => {
+                        tracing::debug!(client = %peer.ip(), "http: too many connections from one address; closed");
+                        continue; // dropping the stream closes it; the slot is taken again
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "http: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -229,10 +284,12 @@ pub async fn serve(
                 }
             },
         };
+        let (stream, counted) = stream;
         let (side, db) = (Arc::clone(&side), Arc::clone(&db));
         tokio::spawn(super::in_current_dispatch(async move {
             let _slot = slot;
-            if tokio::time::timeout(Duration::from_secs(30), handle(stream, &side, &db))
+            let _counted = counted;
+            if tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &side, &db))
                 .await
                 .is_err()
             {
@@ -280,6 +337,7 @@ async fn handle(mut stream: TcpStream, side: &HttpSide, db: &Db) {
 async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, &'static str)> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
+    let head_by = Instant::now() + HEAD_TIMEOUT;
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
@@ -290,9 +348,15 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, 
                 "the request head is over 16 KiB",
             ));
         }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err(("400 Bad Request", "incomplete request head")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout_at(head_by, stream.read(&mut chunk)).await {
+            Err(_) => {
+                return Err((
+                    "408 Request Timeout",
+                    "the request head did not arrive within 10 s",
+                ))
+            }
+            Ok(Ok(0) | Err(_)) => return Err(("400 Bad Request", "incomplete request head")),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
@@ -1146,6 +1210,27 @@ mod tests {
         assert!(!authorized(Some("Token provider-token"), t));
         assert!(!authorized(Some("provider-token"), t));
         assert!(!authorized(None, t));
+    }
+
+    #[test]
+    fn connections_are_counted_per_address() {
+        let table = Arc::new(PerAddress::default());
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let mut held: Vec<AddressSlot> = (0..MAX_PER_ADDRESS - 1)
+            .map(|_| table.take(a).expect("under the limit"))
+            .collect();
+        held.push(table.take(mapped).expect("the same address, IPv4-mapped"));
+        assert!(table.take(a).is_none() && table.take(mapped).is_none());
+        assert!(table.take(b).is_some(), "another address is not held up");
+        held.pop();
+        assert!(
+            table.take(a).is_some(),
+            "a closed connection frees its place"
+        );
+        held.clear();
+        assert!(table.open.lock().unwrap().is_empty(), "nothing left behind");
     }
 
     #[test]
