@@ -127,8 +127,15 @@ impl AllowList {
         self.hosts.contains(&host)
     }
 
+    /// An IPv6 address that reaches an IPv4 host is allowed when either form is listed.
     fn allows_ip(&self, ip: IpAddr) -> bool {
-        self.nets.iter().any(|n| n.contains(ip))
+        let inner = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        self.nets
+            .iter()
+            .any(|n| n.contains(ip) || inner.is_some_and(|v4| n.contains(v4)))
     }
 
     /// The addresses of `host` that may be connected to, or why none may.
@@ -174,19 +181,50 @@ impl fmt::Display for AllowList {
     }
 }
 
+/// The IPv4 address an IPv6 address carries on to an IPv4 host, for the forms that reach one:
+/// IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, SIIT `::ffff:0:a.b.c.d`, NAT64
+/// `64:ff9b::a.b.c.d` (RFC 6052, /96) and 6to4 `2002:aabb:ccdd::/48` (RFC 3056).
+pub fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = v6.segments();
+    let v4 = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    };
+    match seg {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(v4(hi, lo)),
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(v4(hi, lo)),
+        // :: and ::1 are themselves, not IPv4-compatible addresses
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(v4(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        _ => None,
+    }
+}
+
 /// Why a webhook may not reach this address by default, or None for a public one.
 pub fn restricted(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => restricted_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return restricted_v4(v4);
-            }
             let seg = v6.segments();
+            if let Some(v4) = embedded_v4(v6) {
+                // judged by the IPv4 host it reaches; the forms without a public use are refused whole
+                return match seg {
+                    [0, 0, 0, 0, 0, 0xffff, ..] => restricted_v4(v4),
+                    [0x64, 0xff9b, ..] => {
+                        restricted_v4(v4).map(|_| "NAT64 of a restricted IPv4 address")
+                    }
+                    [0x2002, ..] => restricted_v4(v4).map(|_| "6to4 of a restricted IPv4 address"),
+                    _ => Some("reserved (IPv4-compatible or -translated)"),
+                };
+            }
             if v6.is_unspecified() {
                 Some("unspecified")
             } else if v6.is_loopback() {
                 Some("loopback")
+            } else if seg[..6] == [0; 6] {
+                Some("reserved (IPv4-compatible or -translated)")
             } else if seg[0] & 0xfe00 == 0xfc00 {
                 Some("private (unique local)")
             } else if seg[0] & 0xffc0 == 0xfe80 {
@@ -195,13 +233,17 @@ pub fn restricted(ip: IpAddr) -> Option<&'static str> {
                 Some("private (site-local)")
             } else if seg[0] & 0xff00 == 0xff00 {
                 Some("multicast")
-            } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                // NAT64: judge the IPv4 address inside
-                let [a, b] = seg[6].to_be_bytes();
-                let [c, d] = seg[7].to_be_bytes();
-                restricted_v4(Ipv4Addr::new(a, b, c, d))
-            } else if seg[..6] == [0; 6] {
-                Some("reserved (IPv4-compatible)")
+            } else if seg[0] == 0x2001 && seg[1] == 0 {
+                // the client's IPv4 address is hidden (XOR-ed) inside: it may be anything
+                Some("Teredo (tunnels to an IPv4 address)")
+            } else if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+                Some("local-use NAT64 (RFC 8215)")
+            } else if seg[0] == 0x64 && seg[1] == 0xff9b {
+                Some("NAT64 (not the well-known /96 form)")
+            } else if seg[0] == 0x2001 && seg[1] == 0xdb8 {
+                Some("reserved (documentation)")
+            } else if seg[..4] == [0x100, 0, 0, 0] {
+                Some("reserved (discard-only)")
             } else {
                 None
             }
@@ -227,6 +269,9 @@ fn restricted_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("reserved (benchmarking)")
     } else if ip.is_multicast() {
         Some("multicast")
+    } else if (a, b, c) == (192, 0, 2) || (a, b, c) == (198, 51, 100) || (a, b, c) == (203, 0, 113)
+    {
+        Some("reserved (documentation)")
     } else if a >= 240 {
         Some("reserved")
     } else {
@@ -569,7 +614,36 @@ mod tests {
             ("ff02::1", "multicast"),
             ("::ffff:127.0.0.1", "loopback"),
             ("::ffff:10.0.0.1", "private"),
-            ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("64:ff9b::a9fe:a9fe", "NAT64 of a restricted IPv4 address"),
+            ("64:ff9b::7f00:1", "NAT64 of a restricted IPv4 address"),
+            // 6to4 wrapping private, loopback, link-local IPv4
+            ("2002:0a00:0001::1", "6to4 of a restricted IPv4 address"),
+            ("2002:7f00:0001::", "6to4 of a restricted IPv4 address"),
+            ("2002:a9fe:a9fe:1::5", "6to4 of a restricted IPv4 address"),
+            ("2002:c0a8:0101::1", "6to4 of a restricted IPv4 address"),
+            // Teredo: the IPv4 address inside is obfuscated, so all of it
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                "Teredo (tunnels to an IPv4 address)",
+            ),
+            ("2001::1", "Teredo (tunnels to an IPv4 address)"),
+            // local-use NAT64, whatever it wraps
+            ("64:ff9b:1::a00:1", "local-use NAT64 (RFC 8215)"),
+            ("64:ff9b:1:ffff::808:808", "local-use NAT64 (RFC 8215)"),
+            ("64:ff9b:0:1::1", "NAT64 (not the well-known /96 form)"),
+            // IPv4-compatible (deprecated) and SIIT-translated forms
+            ("::10.0.0.1", "reserved (IPv4-compatible or -translated)"),
+            ("::8.8.8.8", "reserved (IPv4-compatible or -translated)"),
+            ("::102", "reserved (IPv4-compatible or -translated)"),
+            (
+                "::ffff:0:10.0.0.1",
+                "reserved (IPv4-compatible or -translated)",
+            ),
+            ("::ffff:169.254.169.254", "link-local"),
+            ("::ffff:0.0.0.0", "unspecified"),
+            ("2001:db8::1", "reserved (documentation)"),
+            ("100::1", "reserved (discard-only)"),
+            ("192.0.2.10", "reserved (documentation)"),
         ] {
             assert_eq!(restricted(ip(a)), Some(why), "{a}");
         }
@@ -580,9 +654,24 @@ mod tests {
             "93.184.216.34",
             "2606:4700::1111",
             "::ffff:1.1.1.1",
+            "64:ff9b::808:808",
+            "2002:0808:0808::1",
+            "2001:4860:4860::8888",
+            "2001:1::1",
         ] {
             assert_eq!(restricted(ip(a)), None, "{a}");
         }
+        // listed, the embedded IPv4 address counts too
+        let allow = AllowList::parse("10.0.0.0/8, 2001::/32").unwrap();
+        for a in [
+            "2002:0a00:0001::1",
+            "64:ff9b::a00:1",
+            "::ffff:10.0.0.1",
+            "2001:0:4136:e378::1",
+        ] {
+            assert!(allow.check("h", &[ip(a)]).is_ok(), "{a}");
+        }
+        assert!(allow.check("h", &[ip("2002:c0a8:0101::1")]).is_err());
     }
 
     #[test]
