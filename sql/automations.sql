@@ -17,6 +17,9 @@ BEGIN
             nullif(v_checked -> 'trigger_filter', 'null'), (v_checked ->> 'filter_reads_contact')::boolean,
             v_checked ->> 'reentry', v_checked ->> 'start')
     RETURNING id INTO v_id;
+    -- version 1 (sql/versions.sql: update_automation makes the next ones)
+    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by)
+    VALUES (workspace, v_id, 1, definition, v_checked ->> 'start', herald._caller());
     RETURN v_id;
 END
 $$;
@@ -186,9 +189,13 @@ BEGIN
     ), known AS (
         SELECT c.id FROM herald.contacts c JOIN wanted w ON c.workspace_id = v.workspace_id AND c.id = w.id
     ), ins AS (
-        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node)
-        SELECT v.workspace_id, v.id, k.id, herald._entry_key(v.reentry, NULL), v.start_node
-          FROM known k ORDER BY k.id
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event)
+        -- the newest version and its start node, read together in this statement (sql/versions.sql)
+        SELECT v.workspace_id, v.id, k.id, herald._entry_key(v.reentry, NULL), coalesce(cur.start_node, v.start_node),
+               nullif(herald._version_tag(cur.version), '{}')
+          FROM known k
+          LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
+         ORDER BY k.id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
            DO NOTHING
@@ -230,9 +237,13 @@ BEGIN
          WHERE c.workspace_id = v.workspace_id
            AND herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)
     ), ins AS (
-        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node)
-        SELECT v.workspace_id, v.id, m.id, herald._entry_key(v.reentry, NULL), v.start_node
-          FROM matching m ORDER BY m.id
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event)
+        -- the newest version and its start node, read together in this statement (sql/versions.sql)
+        SELECT v.workspace_id, v.id, m.id, herald._entry_key(v.reentry, NULL), coalesce(cur.start_node, v.start_node),
+               nullif(herald._version_tag(cur.version), '{}')
+          FROM matching m
+          LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
+         ORDER BY m.id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
            DO NOTHING

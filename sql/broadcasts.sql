@@ -776,3 +776,118 @@ BEGIN
     RETURN v_n;
 END
 $$;
+
+-- ------------------------------------------------------------------ previewing an audience (issue 15)
+
+-- What a broadcast would send to, creating and changing nothing: the audience exactly as the enqueue
+-- reads it (herald._audience with the definition's filters: lists, segment, exclusions, suppressions;
+-- failed recipients for a resend_failed broadcast), counted; its split per variation and A/B share (the
+-- enqueue's hash buckets: exact for a broadcast that exists, with its id; for a definition not yet
+-- created the same hashing over id 0, so the same proportions); with send_at.local_time, recipients per
+-- UTC hour they would be sent in (from now, or from send_at when that is later); and a sample of
+-- addresses (the first `sample` in contact order). One pass over the audience; the time zones are
+-- grouped before any time is computed.
+CREATE FUNCTION herald._preview_audience(v herald.broadcasts, sample int) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    f record;
+    v_test float8 := coalesce((v.definition -> 'ab_test' ->> 'test_percent')::float8, 0);
+    v_local time := (v.definition -> 'send_at' ->> 'local_time')::time;
+    v_from timestamptz := greatest(now(), coalesce(v.send_at, now()));
+    v_keys text[];
+    v_bounds float8[];
+    v_result jsonb;
+BEGIN
+    SELECT a.* INTO f FROM herald._audience_filters(v) a;
+    SELECT array_agg(x.value ->> 'key' ORDER BY x.ord), array_agg(x.lower ORDER BY x.ord)
+      INTO v_keys, v_bounds
+      FROM (SELECT e.value, e.ord,
+                   coalesce(sum((e.value ->> 'weight')::float8)
+                                OVER (ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS lower
+              FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY e(value, ord)) x;
+
+    WITH audience AS MATERIALIZED (
+        SELECT a.contact_id, a.timezone
+          FROM herald._audience(v.workspace_id, 0, 2147483647, f.lists, f.segment_contains, f.segment_any,
+                                f.segment_tags, f.segment_emails, f.segment, f.exclude, v.retry_of) a
+    ), placed AS MATERIALIZED (
+        -- as _enqueue_chunk places them: the test share (bucket < test_percent) split by weight and the
+        -- rest to the winner; without a test, everyone split by weight
+        SELECT v_test > 0 AND herald._broadcast_bucket(coalesce(v.id, 0), a.contact_id, 'test') < v_test AS in_test,
+               CASE WHEN cardinality(v_keys) = 1 THEN 1
+                    ELSE width_bucket(herald._broadcast_bucket(coalesce(v.id, 0), a.contact_id, 'variation'), v_bounds) END AS slot
+          FROM audience a
+    ), per_slot AS (
+        SELECT p.slot, count(*) AS n FROM placed p WHERE v_test = 0 OR p.in_test GROUP BY p.slot
+    ), zones AS (
+        SELECT a.timezone, count(*) AS n FROM audience a WHERE v_local IS NOT NULL GROUP BY a.timezone
+    ), hours AS (
+        -- the next time the recipient's clock shows local_time, as the enqueue computes it
+        SELECT date_trunc('hour', CASE WHEN t > v_from THEN t ELSE t + interval '1 day' END) AS hour, sum(z.n) AS n
+          FROM zones z
+         CROSS JOIN LATERAL (SELECT ((v_from AT TIME ZONE coalesce(z.timezone, 'UTC'))::date + v_local)
+                                    AT TIME ZONE coalesce(z.timezone, 'UTC') AS t) l
+         GROUP BY 1
+    )
+    SELECT jsonb_build_object(
+        'recipients', (SELECT count(*) FROM audience),
+        'variations', (SELECT coalesce(jsonb_agg(jsonb_build_object('key', k.key,
+                                                                    'weight', v.definition -> 'variations' -> (k.ord::int - 1) -> 'weight',
+                                                                    'recipients', coalesce(s.n, 0)) ORDER BY k.ord), '[]')
+                         FROM unnest(v_keys) WITH ORDINALITY k(key, ord)
+                         LEFT JOIN per_slot s ON s.slot = k.ord),
+        'ab_test', CASE WHEN v_test > 0 THEN jsonb_build_object(
+                       'test_percent', v_test, 'metric', v.definition -> 'ab_test' -> 'metric',
+                       'test', (SELECT count(*) FROM placed p WHERE p.in_test),
+                       'rest', (SELECT count(*) FROM placed p WHERE NOT p.in_test)) END,
+        'local_time', v.definition -> 'send_at' -> 'local_time',
+        'send_hours', CASE WHEN v_local IS NOT NULL THEN
+                          (SELECT coalesce(jsonb_agg(jsonb_build_object('hour', h.hour, 'recipients', h.n) ORDER BY h.hour), '[]')
+                             FROM hours h) END,
+        'sample', (SELECT coalesce(jsonb_agg(c.email ORDER BY s.contact_id), '[]')
+                     FROM (SELECT a.contact_id FROM audience a ORDER BY a.contact_id LIMIT greatest(sample, 0)) s
+                    CROSS JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                                         WHERE c.workspace_id = v.workspace_id AND c.id = s.contact_id LIMIT 1) c),
+        'exact_split', v.id IS NOT NULL)
+      INTO v_result;
+    RETURN v_result;
+END
+$$;
+
+-- Previews a broadcast definition (validated like create_broadcast; nothing is created): see
+-- herald._preview_audience for the answer's shape.
+CREATE FUNCTION herald.preview_broadcast(workspace text, definition jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v.workspace_id := workspace;
+    v.definition := herald._check_broadcast(definition);
+    v.name := v.definition ->> 'name';
+    RETURN herald._preview_audience(v, 10);
+END
+$$;
+
+-- Previews an existing broadcast (any status), without locking or changing it.
+CREATE FUNCTION herald.preview_broadcast(broadcast bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._authorize(b.workspace_id, format('broadcast %s', broadcast))
+       FROM herald.broadcasts b WHERE b.id = broadcast;
+    SELECT b.* INTO v FROM herald.broadcasts b WHERE b.id = broadcast;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN herald._preview_audience(v, 10) || jsonb_build_object('broadcast', v.id, 'status', v.status);
+END
+$$;

@@ -32,7 +32,9 @@ BEGIN
 
     WITH due AS (
         SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
-               e.context, e.event
+               e.context, e.event,
+               -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
+               coalesce((e.event ->> 'version')::int, 1) AS version
           FROM herald.enrollments e
          WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now()
            AND EXISTS (SELECT 1 FROM herald.automations a
@@ -40,12 +42,24 @@ BEGIN
          ORDER BY e.next_run_at
          LIMIT max_steps
            FOR UPDATE OF e SKIP LOCKED
+    ), defs AS (
+        -- the definition of every (automation, version) in the batch, read once per version. An
+        -- enrollment moved to a newer version by an update_automation that committed after this
+        -- statement's snapshot (the row lock returns the moved row) finds no definition here and is left
+        -- for the next tick, unchanged. Automations without version rows (none should be) run version 1
+        -- on their definition.
+        SELECT v.automation_id, v.version, v.definition
+          FROM herald.automation_versions v
+         WHERE (v.workspace_id, v.automation_id, v.version) IN (SELECT DISTINCT d.workspace_id, d.automation_id, d.version FROM due d)
+        UNION ALL
+        SELECT a.id, 1, a.definition
+          FROM herald.automations a
+         WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d WHERE d.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM herald.automation_versions v WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id)
     ), batch AS (
-        SELECT (SELECT json_object_agg(a.id::text, a.definition)
-                  FROM herald.automations a
-                 WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d)) AS automations,
+        SELECT (SELECT json_object_agg(x.automation_id::text || ':' || x.version::text, x.definition) FROM defs x) AS automations,
                json_agg(json_build_object(
-                   'id', d.id, 'workspace_id', d.workspace_id, 'automation_id', d.automation_id,
+                   'id', d.id, 'workspace_id', d.workspace_id, 'automation_id', d.automation_id, 'version', d.version,
                    'contact_id', d.contact_id, 'status', d.status, 'node', d.current_node,
                    'visit', d.visit, 'context', d.context, 'event', d.event -> 'payload',
                    'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
@@ -54,6 +68,7 @@ BEGIN
           -- a primary-key probe per due row (a plain join was planned as a merge over the contacts index)
          CROSS JOIN LATERAL (SELECT c.email, c.attributes, c.timezone, c.tags FROM herald.contacts c
                               WHERE c.workspace_id = d.workspace_id AND c.id = d.contact_id LIMIT 1) c
+         WHERE (d.automation_id, d.version) IN (SELECT x.automation_id, x.version FROM defs x)
     ), stepped AS MATERIALIZED (
         -- _steps passes workspace, automation and contact through: no join back to due, so the
         -- planner's estimate stays _steps' ROWS and the writes below probe indexes row by row
@@ -206,8 +221,9 @@ BEGIN
         RAISE EXCEPTION 'enrollment % is not waiting for an approval (status %, at node %)', enrollment, v.status, v.current_node
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    SELECT a.definition -> 'nodes' -> v.current_node ->> CASE WHEN approved THEN 'approved' ELSE 'rejected' END INTO v_next
-      FROM herald.automations a WHERE a.workspace_id = v.workspace_id AND a.id = v.automation_id;
+    -- the node's paths in the version the enrollment is on (sql/versions.sql)
+    v_next := herald._version_definition(v.workspace_id, v.automation_id, coalesce((v.event ->> 'version')::int, 1))
+              -> 'nodes' -> v.current_node ->> CASE WHEN approved THEN 'approved' ELSE 'rejected' END;
 
     UPDATE herald.enrollments e
        SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,

@@ -137,6 +137,10 @@ BEGIN
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
                m.event_id, jsonb_build_object('kind', m.kind, 'payload', m.payload)
+                           -- the newest version (sql/versions.sql), read in this statement's snapshot like
+                           -- start_node, so the two agree; version 1 is not written
+                           || herald._version_tag((SELECT max(v.version) FROM herald.automation_versions v
+                                                    WHERE v.workspace_id = m.workspace_id AND v.automation_id = m.automation_id))
           FROM matched m
          ORDER BY m.workspace_id, m.automation_id, m.contact_id, m.event_id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)

@@ -177,6 +177,10 @@ BEGIN
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT m.workspace_id, m.automation_id, m.contact_id, herald._entry_key(m.reentry, m.event_id), m.start_node,
                m.event_id, jsonb_build_object('kind', m.kind, 'payload', m.payload)
+                           -- the newest version (sql/versions.sql), read in this statement's snapshot like
+                           -- start_node, so the two agree; version 1 is not written
+                           || herald._version_tag((SELECT max(v.version) FROM herald.automation_versions v
+                                                    WHERE v.workspace_id = m.workspace_id AND v.automation_id = m.automation_id))
           FROM matched m
          ORDER BY m.workspace_id, m.automation_id, m.contact_id, m.event_id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
@@ -883,6 +887,852 @@ BEGIN
 END
 $$;
 
+-- ------------------------------------------------- versions of an automation (issue 15)
+-- update_automation makes version n+1 of an automation; enrollments are pinned to their version (written as
+-- "version" in their event document) unless the update migrates them; tick runs each enrollment on its
+-- version's definition; preview_automation_update and preview_broadcast answer without changing anything.
+CREATE TABLE herald.automation_versions (
+    workspace_id  text NOT NULL,
+    automation_id bigint NOT NULL,
+    version       int NOT NULL CHECK (version >= 1),
+    definition    jsonb NOT NULL,
+    start_node    text NOT NULL,
+    created_by    name,                 -- herald._caller() of the call that made it
+    note          text,                 -- update_automation's options.note
+    report        jsonb,                -- what the update did (its return value); NULL for version 1
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, automation_id, version)
+);
+SELECT pg_catalog.pg_extension_config_dump('herald.automation_versions', '');
+-- every automation so far is its version 1 (who made it was not recorded)
+INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_at)
+SELECT a.workspace_id, a.id, 1, a.definition, a.start_node, a.created_at FROM herald.automations a;
+
+-- The `event` keys that pin an enrollment to `version` (version 1 writes nothing). Inlinable.
+CREATE FUNCTION herald._version_tag(version int) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE WHEN version > 1 THEN jsonb_build_object('version', version) ELSE '{}'::jsonb END;
+
+-- The newest version of an automation and its start node (no row: an automation without version rows,
+-- which runs as version 1).
+CREATE FUNCTION herald._newest_version(workspace text, automation bigint)
+RETURNS TABLE (version int, start_node text)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT v.version, v.start_node FROM herald.automation_versions v
+     WHERE v.workspace_id = _newest_version.workspace AND v.automation_id = _newest_version.automation
+     ORDER BY v.version DESC
+     LIMIT 1;
+END;
+
+-- The definition of one version (version 1 of an automation without version rows: its definition).
+CREATE FUNCTION herald._version_definition(workspace text, automation bigint, version int) RETURNS jsonb
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(
+        (SELECT v.definition FROM herald.automation_versions v
+          WHERE v.workspace_id = _version_definition.workspace AND v.automation_id = _version_definition.automation
+            AND v.version = _version_definition.version),
+        (SELECT a.definition FROM herald.automations a
+          WHERE a.workspace_id = _version_definition.workspace AND a.id = _version_definition.automation
+            AND _version_definition.version = 1
+            AND NOT EXISTS (SELECT 1 FROM herald.automation_versions v
+                             WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id)));
+END;
+
+-- What a new definition changes against the old one: node ids added, removed, changed (sorted), and the
+-- other top-level keys that differ (name, trigger, start, reentry, …).
+CREATE FUNCTION herald._version_changes(old jsonb, new jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+    SELECT jsonb_build_object(
+        'added', coalesce((SELECT jsonb_agg(k ORDER BY k) FROM jsonb_object_keys(new -> 'nodes') k
+                            WHERE NOT (old -> 'nodes') ? k), '[]'),
+        'removed', coalesce((SELECT jsonb_agg(k ORDER BY k) FROM jsonb_object_keys(old -> 'nodes') k
+                              WHERE NOT (new -> 'nodes') ? k), '[]'),
+        'changed', coalesce((SELECT jsonb_agg(k ORDER BY k) FROM jsonb_object_keys(new -> 'nodes') k
+                              WHERE (old -> 'nodes') ? k AND old -> 'nodes' -> k <> new -> 'nodes' -> k), '[]'),
+        'settings', coalesce((SELECT jsonb_agg(k ORDER BY k)
+                                FROM (SELECT jsonb_object_keys(old) UNION SELECT jsonb_object_keys(new)) s(k)
+                               WHERE k <> 'nodes' AND (old -> k) IS DISTINCT FROM (new -> k)), '[]'));
+END;
+
+-- update_automation's options, checked: {"migrate": {"<old node>": "<new node>" | null}, "note": text}.
+CREATE FUNCTION herald._version_options(options jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+BEGIN
+    IF options IS NULL OR options = 'null' THEN
+        RETURN '{}';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object, got %', jsonb_typeof(options)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Example: {"migrate": {"old_node": "new_node"}, "note": "why"}';
+    END IF;
+    SELECT string_agg(k, ', ' ORDER BY k) INTO v_bad FROM jsonb_object_keys(options) k WHERE k NOT IN ('migrate', 'note');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown option(s) %; allowed: migrate, note', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'note' AND (jsonb_typeof(options -> 'note') <> 'string' OR length(options ->> 'note') > 1000) THEN
+        RAISE EXCEPTION 'options.note must be a string of at most 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options -> 'migrate' = 'null' THEN
+        options := options - 'migrate';
+    END IF;
+    IF options ? 'migrate' THEN
+        IF jsonb_typeof(options -> 'migrate') <> 'object' THEN
+            RAISE EXCEPTION 'options.migrate must be an object of old node id -> new node id (or null: exit), got %',
+                jsonb_typeof(options -> 'migrate') USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT string_agg(format('%s: %s', quote_literal(m.key), m.value), ', ' ORDER BY m.key) INTO v_bad
+          FROM jsonb_each(options -> 'migrate') m WHERE jsonb_typeof(m.value) NOT IN ('string', 'null');
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'options.migrate: each old node maps to a new node id or to null (exit), not %', v_bad
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    RETURN options;
+END
+$$;
+
+-- What updating automation `v` to `definition` does, as update_automation reports it. `ids`: the
+-- in-progress enrollments the update locked (NULL: a preview, counted without locks). Faults are listed
+-- in "errors" (the update refuses when there is one; a preview shows them).
+CREATE FUNCTION herald._version_plan(v herald.automations, definition jsonb, options jsonb, ids bigint[]) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_migrate jsonb := options -> 'migrate';
+    v_new_nodes jsonb := definition -> 'nodes';
+    v_cur int;
+    v_cur_def jsonb;
+    v_errors text[] := '{}';
+    v_nodes jsonb;
+    v_node_errors text[];
+    v_pinned bigint;
+    v_moved bigint;
+    v_exited bigint;
+BEGIN
+    PERFORM herald._check_automation(definition);
+    SELECT n.version, herald._version_definition(v.workspace_id, v.id, n.version) INTO v_cur, v_cur_def
+      FROM herald._newest_version(v.workspace_id, v.id) n;
+    IF NOT FOUND THEN
+        v_cur := 1;
+        v_cur_def := v.definition;
+    END IF;
+    IF v.status = 'archived' THEN
+        v_errors := v_errors || format('automation %s is archived: an archived automation is final', v.id);
+    END IF;
+    IF v_migrate IS NOT NULL THEN
+        SELECT v_errors || coalesce(array_agg(format('migrate: %s -> %s: %s', m.key, coalesce(m.value #>> '{}', 'null'),
+                                                     CASE WHEN NOT m.known THEN format('%s is not a node of any version of automation %s', m.key, v.id)
+                                                          ELSE format('node %s does not exist in the new version', m.value #>> '{}') END)
+                                              ORDER BY m.key), '{}')
+          INTO v_errors
+          FROM (SELECT j.key, j.value,
+                       EXISTS (SELECT 1 FROM herald.automation_versions x
+                                WHERE x.workspace_id = v.workspace_id AND x.automation_id = v.id AND x.definition -> 'nodes' ? j.key)
+                       OR v.definition -> 'nodes' ? j.key AS known
+                  FROM jsonb_each(v_migrate) j) m
+         WHERE NOT m.known OR (jsonb_typeof(m.value) = 'string' AND NOT v_new_nodes ? (m.value #>> '{}'));
+    END IF;
+
+    WITH held AS (
+        SELECT coalesce((e.event ->> 'version')::int, 1) AS version, e.current_node AS node,
+               count(*) FILTER (WHERE e.status = 'active') AS active,
+               count(*) FILTER (WHERE e.status = 'waiting') AS waiting,
+               count(*) FILTER (WHERE e.wait_kind = 'job') AS on_job
+          FROM herald.enrollments e
+         WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting')
+           AND (ids IS NULL OR e.id = ANY (ids))
+         GROUP BY 1, 2
+    ), decided AS (
+        SELECT h.*, o.node_def AS old_node, v_new_nodes -> (v_migrate ->> h.node) AS new_node,
+               CASE WHEN v_migrate IS NULL THEN 'pinned'
+                    WHEN NOT v_migrate ? h.node THEN 'unmapped'
+                    WHEN v_migrate -> h.node = 'null' THEN 'exit'
+                    ELSE 'move' END AS action,
+               v_migrate ->> h.node AS target
+          FROM held h
+         CROSS JOIN LATERAL (SELECT herald._version_definition(v.workspace_id, v.id, h.version) -> 'nodes' -> h.node AS node_def) o
+    ), judged AS (
+        SELECT d.*,
+               CASE WHEN d.action = 'unmapped' THEN
+                        format('node %s (version %s) holds %s contact(s) (%s active, %s waiting) and is not in options.migrate',
+                               d.node, d.version, d.active + d.waiting, d.active, d.waiting)
+                    WHEN d.action = 'move' AND d.new_node IS NOT NULL AND d.waiting > 0
+                         AND d.old_node ->> 'type' IS DISTINCT FROM d.new_node ->> 'type' THEN
+                        format('node %s (version %s) holds %s contact(s) waiting at a node of type %s: they keep that wait, so %s must be of type %s too (it is of type %s)',
+                               d.node, d.version, d.waiting, d.old_node ->> 'type', d.target, d.old_node ->> 'type', d.new_node ->> 'type')
+                    WHEN d.action = 'move' AND d.new_node IS NOT NULL AND d.on_job > 0 AND d.old_node ->> 'type' = 'decide'
+                         AND (d.old_node -> 'field' IS DISTINCT FROM d.new_node -> 'field'
+                              OR d.old_node -> 'paths' IS DISTINCT FROM d.new_node -> 'paths'
+                              OR d.old_node -> 'default' IS DISTINCT FROM d.new_node -> 'default') THEN
+                        format('node %s (version %s) holds %s contact(s) waiting on a decide question, which routes by its field, paths and default: %s must have the same ones',
+                               d.node, d.version, d.on_job, d.target)
+               END AS fault
+          FROM decided d
+    )
+    SELECT jsonb_agg(jsonb_build_object('version', j.version, 'node', j.node, 'type', j.old_node ->> 'type',
+                                        'contacts', j.active + j.waiting, 'active', j.active, 'waiting', j.waiting,
+                                        'action', j.action, 'to', j.target) ORDER BY j.version, j.node),
+           array_agg(j.fault ORDER BY j.version, j.node) FILTER (WHERE j.fault IS NOT NULL),
+           coalesce(sum(j.active + j.waiting) FILTER (WHERE j.action = 'pinned'), 0),
+           coalesce(sum(j.active + j.waiting) FILTER (WHERE j.action = 'move'), 0),
+           coalesce(sum(j.active + j.waiting) FILTER (WHERE j.action = 'exit'), 0)
+      INTO v_nodes, v_node_errors, v_pinned, v_moved, v_exited
+      FROM judged j;
+
+    RETURN jsonb_build_object(
+        'automation', v.id, 'from_version', v_cur, 'to_version', v_cur + 1,
+        'changes', herald._version_changes(v_cur_def, definition),
+        'nodes', coalesce(v_nodes, '[]'),
+        'pinned', v_pinned, 'moved', v_moved, 'exited', v_exited,
+        'errors', to_jsonb(v_errors || coalesce(v_node_errors, '{}')));
+END
+$$;
+
+-- Makes `definition` the next version of `automation` (same id). Validated like create_automation; an
+-- archived automation cannot change; a live or paused one needs its templates and providers to exist.
+-- Enrollments in progress stay on their version unless options.migrate moves them (see the top of this
+-- file). Returns what it did, in the shape preview_automation_update answers with.
+CREATE FUNCTION herald.update_automation(automation bigint, definition jsonb, options jsonb DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+    v_opts jsonb;
+    v_checked jsonb;
+    v_ids bigint[];
+    v_plan jsonb;
+    v_next int;
+    v_missing text;
+    v_reason text;
+    v_moved bigint;
+BEGIN
+    v_opts := herald._version_options(options);
+    v := herald._lock_automation(automation);   -- the caller's workspace checked before the lock
+    IF v.status = 'archived' THEN
+        RAISE EXCEPTION 'automation % is archived: an archived automation is final', v.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Create a new automation with herald.create_automation(…).';
+    END IF;
+    -- raises "invalid automation definition: <path>: <fault>" naming every fault
+    v_checked := herald._check_automation(definition);
+    IF v_opts ? 'migrate' THEN
+        -- the contacts to move, locked (and waited for while a tick runs them) in id order; one that a
+        -- dispatcher enrols meanwhile starts on the version it read and stays there
+        SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO v_ids
+          FROM (SELECT e.id FROM herald.enrollments e
+                 WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting')
+                 ORDER BY e.id
+                   FOR UPDATE) x;
+    END IF;
+    v_plan := herald._version_plan(v, definition, v_opts, v_ids);
+    IF jsonb_array_length(v_plan -> 'errors') > 0 THEN
+        RAISE EXCEPTION '%', format('automation %s cannot be updated: %s%s', v.id, v_plan -> 'errors' ->> 0,
+                                    CASE WHEN jsonb_array_length(v_plan -> 'errors') > 1
+                                         THEN format(' (and %s more)', jsonb_array_length(v_plan -> 'errors') - 1) ELSE '' END)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = (SELECT string_agg(x, E'\n') FROM jsonb_array_elements_text(v_plan -> 'errors') x),
+                  HINT = 'Map every node that holds contacts in options.migrate ({"old": "new"}, or null to exit them), '
+                         'or leave migrate out to keep them on their version; herald.preview_automation_update(…) shows the plan.';
+    END IF;
+    IF v.status IN ('live', 'paused') THEN
+        -- what the new version sends with must exist, as when going live (provider "default" always does)
+        SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
+          FROM jsonb_each(definition -> 'nodes') AS n(id, node)
+         WHERE n.node ->> 'type' = 'email'
+           AND NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = v.workspace_id AND t.key = n.node ->> 'template');
+        IF v_missing IS NULL THEN
+            SELECT string_agg(DISTINCT format('provider %s (node %s)', quote_literal(n.node ->> 'provider'), n.id), ', ') INTO v_missing
+              FROM jsonb_each(definition -> 'nodes') AS n(id, node)
+             WHERE n.node ->> 'type' = 'email' AND coalesce(n.node ->> 'provider', 'default') <> 'default'
+               AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = v.workspace_id AND p.name = n.node ->> 'provider');
+        END IF;
+        IF v_missing IS NOT NULL THEN
+            RAISE EXCEPTION 'automation % cannot be updated: unknown %', v.id, v_missing
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Create them with herald.upsert_template(…) / herald.upsert_provider(…) first.';
+        END IF;
+    END IF;
+
+    v_next := (v_plan ->> 'to_version')::int;
+    v_plan := v_plan - 'errors' || jsonb_build_object('version', v_next);
+    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by, note, report)
+    VALUES (v.workspace_id, v.id, v_next, definition, v_checked ->> 'start', herald._caller(), v_opts ->> 'note', v_plan);
+    UPDATE herald.automations a
+       SET name = v_checked ->> 'name', definition = update_automation.definition,
+           trigger_event = v_checked ->> 'trigger_event', trigger_filter = nullif(v_checked -> 'trigger_filter', 'null'),
+           filter_reads_contact = (v_checked ->> 'filter_reads_contact')::boolean,
+           reentry = v_checked ->> 'reentry', start_node = v_checked ->> 'start', updated_at = now()
+     WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
+
+    IF v_opts ? 'migrate' AND cardinality(v_ids) > 0 THEN
+        v_reason := format('exited by the update to version %s', v_next);
+        WITH moves AS (
+            SELECT m.key AS node, m.value #>> '{}' AS target FROM jsonb_each(v_opts -> 'migrate') m
+        ), moved AS (
+            -- waits are kept: status, wait_kind, wait_job / wait_event / wait_filter and next_run_at as they were
+            UPDATE herald.enrollments e
+               SET current_node = m.target, event = coalesce(e.event, '{}') || jsonb_build_object('version', v_next),
+                   updated_at = now()
+              FROM moves m
+             WHERE e.id = ANY (v_ids) AND e.workspace_id = v.workspace_id AND e.current_node = m.node AND m.target IS NOT NULL
+               AND e.status IN ('active', 'waiting')
+            RETURNING e.id, e.wait_kind, e.wait_job, e.current_node
+        ), rerouted AS (
+            -- an email or webhook job in flight or queued takes its enrollment along the new node's exits
+            UPDATE herald.outbox o
+               SET on_success = definition -> 'nodes' -> mv.current_node ->> 'next',
+                   on_error = definition -> 'nodes' -> mv.current_node ->> 'on_error', updated_at = now()
+              FROM moved mv
+             WHERE mv.wait_kind = 'job' AND o.workspace_id = v.workspace_id AND o.dedupe_key = mv.wait_job
+               AND o.broadcast_id IS NULL AND o.kind IN ('email', 'webhook')
+               AND o.status IN ('pending', 'leased', 'held', 'dead')
+            RETURNING 1
+        ), exited AS (
+            UPDATE herald.enrollments e
+               SET status = 'exited', exit_reason = v_reason, ended_at = now(), updated_at = now()
+              FROM moves m
+             WHERE e.id = ANY (v_ids) AND e.workspace_id = v.workspace_id AND e.current_node = m.node AND m.target IS NULL
+               AND e.status IN ('active', 'waiting')
+            RETURNING e.id
+        ), cancelled AS (
+            UPDATE herald.outbox o
+               SET status = 'cancelled', last_error = 'enrollment exited: ' || v_reason, done_at = now(), updated_at = now()
+             WHERE o.workspace_id = v.workspace_id AND o.status = 'pending' AND o.kind <> 'decide'
+               AND o.automation_id = v.id AND o.enrollment_id IN (SELECT x.id FROM exited x)
+            RETURNING 1
+        ), counted AS (
+            INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+            SELECT v.workspace_id, v.id, 'exited', count(*) FROM exited HAVING count(*) > 0
+        )
+        SELECT count(*) INTO v_moved FROM moved;   -- every data-modifying CTE above runs to completion
+        PERFORM pg_notify('herald.tick', '');
+    END IF;
+    RETURN v_plan;
+END
+$$;
+
+-- What update_automation(automation, definition, options) would do, changing nothing: per node holding
+-- contacts, how many and where they would go; what the new version changes; "errors" lists why the
+-- update would be refused (empty: it would go through). An invalid definition raises, as the update does.
+CREATE FUNCTION herald.preview_automation_update(automation bigint, definition jsonb, options jsonb DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+    v_opts jsonb;
+BEGIN
+    v_opts := herald._version_options(options);
+    PERFORM herald._authorize(a.workspace_id, format('automation %s', automation))
+       FROM herald.automations a WHERE a.id = automation;
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN herald._version_plan(v, definition, v_opts, NULL);
+END
+$$;
+
+-- Enrollments per version of an automation, by status and node (where an enrollment is, or where it
+-- ended). automation_stats stays the total over every version.
+CREATE FUNCTION herald.automation_version_stats(automation bigint)
+RETURNS TABLE (version int, status text, node text, enrollments bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text;
+BEGIN
+    SELECT a.workspace_id INTO v_ws FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._authorize(v_ws, format('automation %s', automation));
+    RETURN QUERY
+    SELECT coalesce((e.event ->> 'version')::int, 1), e.status, e.current_node, count(*)
+      FROM herald.enrollments e
+     WHERE e.workspace_id = v_ws AND e.automation_id = automation_version_stats.automation
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3;
+END
+$$;
+
+-- The versions of every automation, newest marked current: who made each, when, why (note), what it
+-- changed and what its update did (contacts pinned, moved, exited).
+CREATE VIEW herald.automation_history AS
+SELECT v.workspace_id, v.automation_id, v.version,
+       v.version = max(v.version) OVER (PARTITION BY v.workspace_id, v.automation_id) AS current,
+       v.definition ->> 'name' AS name, v.created_by, v.created_at, v.note,
+       v.report -> 'changes' AS changes,
+       (v.report ->> 'pinned')::bigint AS pinned, (v.report ->> 'moved')::bigint AS moved,
+       (v.report ->> 'exited')::bigint AS exited,
+       v.definition
+  FROM herald.automation_versions v;
+
+CREATE OR REPLACE FUNCTION herald.create_automation(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_checked jsonb;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    -- raises "invalid automation definition: <path>: <fault>" naming every fault
+    v_checked := herald._check_automation(definition);
+    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, filter_reads_contact,
+                                    reentry, start_node)
+    VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
+            nullif(v_checked -> 'trigger_filter', 'null'), (v_checked ->> 'filter_reads_contact')::boolean,
+            v_checked ->> 'reentry', v_checked ->> 'start')
+    RETURNING id INTO v_id;
+    -- version 1 (sql/versions.sql: update_automation makes the next ones)
+    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by)
+    VALUES (workspace, v_id, 1, definition, v_checked ->> 'start', herald._caller());
+    RETURN v_id;
+END
+$$;
+
+-- Enrols contacts by id. Totals add up to the input's length:
+--   enrolled  new enrollments;
+--   skipped   already enrolled as the re-entry rule forbids again (also a duplicate id in the input);
+--   rejected  NULL or not a contact of the automation's workspace.
+-- Concurrent calls for the same contacts cannot both enrol: the re-entry unique index decides.
+CREATE OR REPLACE FUNCTION herald.enroll(automation bigint, contact_ids bigint[])
+RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._require_live(v);
+    IF contact_ids IS NULL THEN
+        RAISE EXCEPTION 'contact_ids must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH wanted AS (
+        SELECT DISTINCT u.id FROM unnest(contact_ids) AS u(id) WHERE u.id IS NOT NULL
+    ), known AS (
+        SELECT c.id FROM herald.contacts c JOIN wanted w ON c.workspace_id = v.workspace_id AND c.id = w.id
+    ), ins AS (
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event)
+        -- the newest version and its start node, read together in this statement (sql/versions.sql)
+        SELECT v.workspace_id, v.id, k.id, herald._entry_key(v.reentry, NULL), coalesce(cur.start_node, v.start_node),
+               nullif(herald._version_tag(cur.version), '{}')
+          FROM known k
+          LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
+         ORDER BY k.id
+        ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           DO NOTHING
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+        SELECT v.workspace_id, v.id, 'enrolled', count(*) FROM ins HAVING count(*) > 0
+    ), accepted AS (
+        SELECT count(*) AS n FROM unnest(contact_ids) u(id) WHERE u.id IN (SELECT k.id FROM known k)
+    )
+    SELECT (SELECT count(*) FROM ins),
+           (SELECT a.n FROM accepted a) - (SELECT count(*) FROM ins),
+           cardinality(contact_ids) - (SELECT a.n FROM accepted a)
+      INTO enrolled, skipped, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Enrols every contact of the workspace that matches a segment condition (contact.* fields only).
+-- rejected is always 0 here; skipped counts matching contacts the re-entry rule keeps out.
+CREATE OR REPLACE FUNCTION herald.enroll_segment(automation bigint, segment jsonb)
+RETURNS TABLE (enrolled bigint, skipped bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+AS $$
+DECLARE
+    v herald.automations;
+BEGIN
+    SELECT * INTO v FROM herald.automations a WHERE a.id = automation;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown automation %', coalesce(automation::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._require_live(v);
+    PERFORM herald._check_segment(segment);
+
+    WITH matching AS (
+        SELECT c.id FROM herald.contacts c
+         WHERE c.workspace_id = v.workspace_id
+           AND herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)
+    ), ins AS (
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event)
+        -- the newest version and its start node, read together in this statement (sql/versions.sql)
+        SELECT v.workspace_id, v.id, m.id, herald._entry_key(v.reentry, NULL), coalesce(cur.start_node, v.start_node),
+               nullif(herald._version_tag(cur.version), '{}')
+          FROM matching m
+          LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
+         ORDER BY m.id
+        ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
+           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           DO NOTHING
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+        SELECT v.workspace_id, v.id, 'enrolled', count(*) FROM ins HAVING count(*) > 0
+    )
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM matching) - (SELECT count(*) FROM ins), 0
+      INTO enrolled, skipped, rejected;
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+AS $$
+DECLARE
+    v_steps int;
+BEGIN
+    IF max_steps IS NULL OR max_steps < 1 OR max_steps > 100000 THEN
+        RAISE EXCEPTION 'max_steps must be between 1 and 100000, got %', coalesce(max_steps::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH due AS (
+        SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
+               e.context, e.event,
+               -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
+               coalesce((e.event ->> 'version')::int, 1) AS version
+          FROM herald.enrollments e
+         WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now()
+           AND EXISTS (SELECT 1 FROM herald.automations a
+                        WHERE a.workspace_id = e.workspace_id AND a.id = e.automation_id AND a.status = 'live')
+         ORDER BY e.next_run_at
+         LIMIT max_steps
+           FOR UPDATE OF e SKIP LOCKED
+    ), defs AS (
+        -- the definition of every (automation, version) in the batch, read once per version. An
+        -- enrollment moved to a newer version by an update_automation that committed after this
+        -- statement's snapshot (the row lock returns the moved row) finds no definition here and is left
+        -- for the next tick, unchanged. Automations without version rows (none should be) run version 1
+        -- on their definition.
+        SELECT v.automation_id, v.version, v.definition
+          FROM herald.automation_versions v
+         WHERE (v.workspace_id, v.automation_id, v.version) IN (SELECT DISTINCT d.workspace_id, d.automation_id, d.version FROM due d)
+        UNION ALL
+        SELECT a.id, 1, a.definition
+          FROM herald.automations a
+         WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d WHERE d.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM herald.automation_versions v WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id)
+    ), batch AS (
+        SELECT (SELECT json_object_agg(x.automation_id::text || ':' || x.version::text, x.definition) FROM defs x) AS automations,
+               json_agg(json_build_object(
+                   'id', d.id, 'workspace_id', d.workspace_id, 'automation_id', d.automation_id, 'version', d.version,
+                   'contact_id', d.contact_id, 'status', d.status, 'node', d.current_node,
+                   'visit', d.visit, 'context', d.context, 'event', d.event -> 'payload',
+                   'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+                   'timezone', c.timezone)) AS enrollments
+          FROM due d
+          -- a primary-key probe per due row (a plain join was planned as a merge over the contacts index)
+         CROSS JOIN LATERAL (SELECT c.email, c.attributes, c.timezone, c.tags FROM herald.contacts c
+                              WHERE c.workspace_id = d.workspace_id AND c.id = d.contact_id LIMIT 1) c
+         WHERE (d.automation_id, d.version) IN (SELECT x.automation_id, x.version FROM defs x)
+    ), stepped AS MATERIALIZED (
+        -- _steps passes workspace, automation and contact through: no join back to due, so the
+        -- planner's estimate stays _steps' ROWS and the writes below probe indexes row by row
+        -- instead of hashing whole tables (which grew with every enrollment ever made).
+        -- A decide question already answered in the cache (a primary-key probe) takes the enrollment
+        -- straight to the chosen path: cache_reply / cache_next.
+        SELECT s.*, k.job_kind, k.job_key, dc.reply AS cache_reply,
+               coalesce(s.job -> 'payload' -> 'paths' ->> (dc.reply ->> (s.job -> 'payload' ->> 'field')),
+                        s.job -> 'payload' ->> 'default') AS cache_next
+          FROM batch b
+         CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments::text, extract(epoch FROM now())::float8, 50) s
+         CROSS JOIN LATERAL (
+             SELECT s.job ->> 'kind' AS job_kind,
+                    -- decide: identical questions share one job per TTL window (and one cached reply)
+                    CASE WHEN s.job ->> 'kind' = 'decide'
+                         THEN format('decide:%s:%s', s.job ->> 'request_hash',
+                                     floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
+                         ELSE s.job ->> 'dedupe_key' END AS job_key) k
+          LEFT JOIN LATERAL (
+              SELECT c.reply FROM herald.decide_cache c
+               WHERE k.job_kind = 'decide' AND c.workspace_id = s.workspace_id
+                 AND c.request_hash = s.job ->> 'request_hash' AND c.expires_at > now()
+               LIMIT 1) dc ON true
+    ), moved AS (
+        UPDATE herald.enrollments e
+           SET status = CASE WHEN st.cache_reply IS NOT NULL THEN 'active' ELSE st.status END,
+               current_node = CASE WHEN st.cache_reply IS NOT NULL THEN coalesce(st.cache_next, st.node) ELSE st.node END,
+               next_run_at = CASE WHEN st.cache_reply IS NOT NULL THEN now()
+                                  ELSE coalesce(to_timestamp(st.next_run_at), 'infinity') END,
+               visit = st.visit,
+               context = CASE WHEN st.cache_reply IS NOT NULL THEN e.context || jsonb_build_object(st.node, st.cache_reply)
+                              ELSE e.context END,
+               exit_reason = st.exit_reason,
+               ended_at = CASE WHEN st.status IN ('completed', 'exited', 'failed') THEN now() END,
+               wait_kind = CASE WHEN st.cache_reply IS NOT NULL THEN NULL ELSE st.wait_kind END,
+               wait_job = CASE WHEN st.cache_reply IS NULL AND st.wait_kind = 'job' THEN st.job_key END,
+               wait_event = st.wait_event,
+               wait_filter = st.wait_filter::jsonb,
+               updated_at = now()
+          FROM stepped st
+         WHERE e.workspace_id = st.workspace_id AND e.id = st.enrollment_id
+        RETURNING 1
+    ), queued AS (
+        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
+                                        automation_id, enrollment_id, node, on_success, on_error, payload)
+        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.job ->> 'provider',
+               CASE WHEN st.job_kind = 'email'
+                    THEN ARRAY[herald._provider_rate_key(st.workspace_id, st.job ->> 'provider'), 'provider:' || (st.job ->> 'provider')]
+                    ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
+               st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
+               st.job ->> 'on_success', st.job ->> 'on_error',
+               (st.job -> 'payload')::jsonb || jsonb_build_object('request_hash', st.job ->> 'request_hash',
+                                                                 'cache_ttl_seconds', (st.job -> 'cache_ttl_seconds')::jsonb)
+          FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
+                 WHERE x.job IS NOT NULL AND x.cache_reply IS NULL
+                 ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
+         ORDER BY st.job_key
+        ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO UPDATE
+           -- a shared decide question that failed before is asked again for the newcomers
+           SET status = 'pending', attempt = 0, run_at = now(), updated_at = now()
+         WHERE o.kind = 'decide' AND o.status = 'failed'
+        RETURNING 1
+    ), contact_changes AS (
+        SELECT st.workspace_id, st.contact_id,
+               herald._jsonb_merge_agg(coalesce((st.contact_update -> 'set')::jsonb, '{}') ORDER BY st.enrollment_id) AS set_attrs,
+               array_agg(DISTINCT t) FILTER (WHERE t IS NOT NULL) AS add_tags
+          FROM stepped st
+          LEFT JOIN LATERAL json_array_elements_text(st.contact_update -> 'add_tags') t ON true
+         WHERE st.contact_update IS NOT NULL
+         GROUP BY st.workspace_id, st.contact_id
+    ), contact_removals AS (
+        SELECT st.workspace_id, st.contact_id, array_agg(DISTINCT t) AS remove_tags
+          FROM stepped st
+         CROSS JOIN LATERAL json_array_elements_text(st.contact_update -> 'remove_tags') t
+         GROUP BY st.workspace_id, st.contact_id
+    ), contacts_updated AS (
+        UPDATE herald.contacts c
+           SET attributes = herald._merge_attributes(c.attributes, ch.set_attrs),
+               tags = ARRAY(SELECT DISTINCT x FROM unnest(c.tags || coalesce(ch.add_tags, '{}')) x
+                             WHERE x <> ALL (coalesce(r.remove_tags, '{}')) ORDER BY x),
+               updated_at = now()
+          FROM contact_changes ch
+          LEFT JOIN contact_removals r ON r.workspace_id = ch.workspace_id AND r.contact_id = ch.contact_id
+         WHERE c.workspace_id = ch.workspace_id AND c.id = ch.contact_id
+        RETURNING 1
+    ), list_moves AS (
+        SELECT DISTINCT ON (st.workspace_id, l.list, st.contact_id)
+               st.workspace_id, st.contact_id, l.list, l.status
+          FROM stepped st
+         CROSS JOIN LATERAL (
+             SELECT j, 'subscribed' AS status FROM json_array_elements_text(st.contact_update -> 'add_lists') j
+             UNION ALL
+             SELECT j, 'unsubscribed' FROM json_array_elements_text(st.contact_update -> 'remove_lists') j) l(list, status)
+         WHERE st.contact_update IS NOT NULL
+         ORDER BY st.workspace_id, l.list, st.contact_id, st.enrollment_id DESC
+    ), memberships AS (
+        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
+        SELECT lm.workspace_id, lm.list, lm.contact_id, lm.status FROM list_moves lm
+         ORDER BY lm.workspace_id, lm.list, lm.contact_id
+        ON CONFLICT (workspace_id, list, contact_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+         WHERE m.status <> EXCLUDED.status
+        RETURNING m.workspace_id, m.contact_id, m.list, m.status
+    ), list_events AS (
+        -- reach the dispatcher, so automations can trigger on list.joined / list.left
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT mb.workspace_id, mb.contact_id,
+               CASE mb.status WHEN 'subscribed' THEN 'list.joined' ELSE 'list.left' END,
+               jsonb_build_object('list', mb.list)
+          FROM memberships mb
+        RETURNING 1
+    ), logged AS (
+        INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
+        SELECT st.workspace_id, st.enrollment_id, st.automation_id, st.log_nodes, st.log_visits, st.log_actions
+          FROM stepped st WHERE cardinality(st.log_nodes) > 0
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        -- _steps sums the batch's counts per (automation, node, metric) on its first row; the
+        -- automations of one batch may belong to several workspaces
+        SELECT a.workspace_id, c.automation, c.node, c.metric, c.n
+          FROM stepped st
+         CROSS JOIN LATERAL unnest(st.count_automations, st.count_nodes, st.count_metrics, st.count_n) c(automation, node, metric, n)
+          JOIN herald.automations a ON a.id = c.automation
+         WHERE st.count_automations IS NOT NULL
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_steps FROM stepped;
+    RETURN v_steps;
+END
+$$;
+
+-- Resolves an enrollment parked on an approval node: approved → the node's "approved" path, else "rejected".
+-- Who decided and when are recorded on the enrollment and in the step log.
+CREATE OR REPLACE FUNCTION herald.decide_approval(enrollment bigint, approved boolean, actor text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+    v_next text;
+BEGIN
+    IF approved IS NULL THEN
+        RAISE EXCEPTION 'approved must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF actor IS NULL OR btrim(actor) = '' THEN
+        RAISE EXCEPTION 'actor is required: who decides' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v := herald._lock_enrollment(enrollment);
+    IF v.status <> 'waiting' OR v.wait_kind IS DISTINCT FROM 'approval' THEN
+        RAISE EXCEPTION 'enrollment % is not waiting for an approval (status %, at node %)', enrollment, v.status, v.current_node
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    -- the node's paths in the version the enrollment is on (sql/versions.sql)
+    v_next := herald._version_definition(v.workspace_id, v.automation_id, coalesce((v.event ->> 'version')::int, 1))
+              -> 'nodes' -> v.current_node ->> CASE WHEN approved THEN 'approved' ELSE 'rejected' END;
+
+    UPDATE herald.enrollments e
+       SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,
+           decided_by = actor, decided_at = now(), approved = decide_approval.approved, updated_at = now()
+     WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
+    VALUES (v.workspace_id, v.id, v.automation_id, ARRAY[v.current_node], ARRAY[v.visit],
+            ARRAY[format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next)]);
+    INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+    VALUES (v.workspace_id, v.automation_id, v.current_node, CASE WHEN approved THEN 'approved' ELSE 'rejected' END, 1);
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+-- What a broadcast would send to, creating and changing nothing: the audience exactly as the enqueue
+-- reads it (herald._audience with the definition's filters: lists, segment, exclusions, suppressions;
+-- failed recipients for a resend_failed broadcast), counted; its split per variation and A/B share (the
+-- enqueue's hash buckets: exact for a broadcast that exists, with its id; for a definition not yet
+-- created the same hashing over id 0, so the same proportions); with send_at.local_time, recipients per
+-- UTC hour they would be sent in (from now, or from send_at when that is later); and a sample of
+-- addresses (the first `sample` in contact order). One pass over the audience; the time zones are
+-- grouped before any time is computed.
+CREATE FUNCTION herald._preview_audience(v herald.broadcasts, sample int) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    f record;
+    v_test float8 := coalesce((v.definition -> 'ab_test' ->> 'test_percent')::float8, 0);
+    v_local time := (v.definition -> 'send_at' ->> 'local_time')::time;
+    v_from timestamptz := greatest(now(), coalesce(v.send_at, now()));
+    v_keys text[];
+    v_bounds float8[];
+    v_result jsonb;
+BEGIN
+    SELECT a.* INTO f FROM herald._audience_filters(v) a;
+    SELECT array_agg(x.value ->> 'key' ORDER BY x.ord), array_agg(x.lower ORDER BY x.ord)
+      INTO v_keys, v_bounds
+      FROM (SELECT e.value, e.ord,
+                   coalesce(sum((e.value ->> 'weight')::float8)
+                                OVER (ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS lower
+              FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY e(value, ord)) x;
+
+    WITH audience AS MATERIALIZED (
+        SELECT a.contact_id, a.timezone
+          FROM herald._audience(v.workspace_id, 0, 2147483647, f.lists, f.segment_contains, f.segment_any,
+                                f.segment_tags, f.segment_emails, f.segment, f.exclude, v.retry_of) a
+    ), placed AS MATERIALIZED (
+        -- as _enqueue_chunk places them: the test share (bucket < test_percent) split by weight and the
+        -- rest to the winner; without a test, everyone split by weight
+        SELECT v_test > 0 AND herald._broadcast_bucket(coalesce(v.id, 0), a.contact_id, 'test') < v_test AS in_test,
+               CASE WHEN cardinality(v_keys) = 1 THEN 1
+                    ELSE width_bucket(herald._broadcast_bucket(coalesce(v.id, 0), a.contact_id, 'variation'), v_bounds) END AS slot
+          FROM audience a
+    ), per_slot AS (
+        SELECT p.slot, count(*) AS n FROM placed p WHERE v_test = 0 OR p.in_test GROUP BY p.slot
+    ), zones AS (
+        SELECT a.timezone, count(*) AS n FROM audience a WHERE v_local IS NOT NULL GROUP BY a.timezone
+    ), hours AS (
+        -- the next time the recipient's clock shows local_time, as the enqueue computes it
+        SELECT date_trunc('hour', CASE WHEN t > v_from THEN t ELSE t + interval '1 day' END) AS hour, sum(z.n) AS n
+          FROM zones z
+         CROSS JOIN LATERAL (SELECT ((v_from AT TIME ZONE coalesce(z.timezone, 'UTC'))::date + v_local)
+                                    AT TIME ZONE coalesce(z.timezone, 'UTC') AS t) l
+         GROUP BY 1
+    )
+    SELECT jsonb_build_object(
+        'recipients', (SELECT count(*) FROM audience),
+        'variations', (SELECT coalesce(jsonb_agg(jsonb_build_object('key', k.key,
+                                                                    'weight', v.definition -> 'variations' -> (k.ord::int - 1) -> 'weight',
+                                                                    'recipients', coalesce(s.n, 0)) ORDER BY k.ord), '[]')
+                         FROM unnest(v_keys) WITH ORDINALITY k(key, ord)
+                         LEFT JOIN per_slot s ON s.slot = k.ord),
+        'ab_test', CASE WHEN v_test > 0 THEN jsonb_build_object(
+                       'test_percent', v_test, 'metric', v.definition -> 'ab_test' -> 'metric',
+                       'test', (SELECT count(*) FROM placed p WHERE p.in_test),
+                       'rest', (SELECT count(*) FROM placed p WHERE NOT p.in_test)) END,
+        'local_time', v.definition -> 'send_at' -> 'local_time',
+        'send_hours', CASE WHEN v_local IS NOT NULL THEN
+                          (SELECT coalesce(jsonb_agg(jsonb_build_object('hour', h.hour, 'recipients', h.n) ORDER BY h.hour), '[]')
+                             FROM hours h) END,
+        'sample', (SELECT coalesce(jsonb_agg(c.email ORDER BY s.contact_id), '[]')
+                     FROM (SELECT a.contact_id FROM audience a ORDER BY a.contact_id LIMIT greatest(sample, 0)) s
+                    CROSS JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                                         WHERE c.workspace_id = v.workspace_id AND c.id = s.contact_id LIMIT 1) c),
+        'exact_split', v.id IS NOT NULL)
+      INTO v_result;
+    RETURN v_result;
+END
+$$;
+
+-- Previews a broadcast definition (validated like create_broadcast; nothing is created): see
+-- herald._preview_audience for the answer's shape.
+CREATE FUNCTION herald.preview_broadcast(workspace text, definition jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v.workspace_id := workspace;
+    v.definition := herald._check_broadcast(definition);
+    v.name := v.definition ->> 'name';
+    RETURN herald._preview_audience(v, 10);
+END
+$$;
+
+-- Previews an existing broadcast (any status), without locking or changing it.
+CREATE FUNCTION herald.preview_broadcast(broadcast bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._authorize(b.workspace_id, format('broadcast %s', broadcast))
+       FROM herald.broadcasts b WHERE b.id = broadcast;
+    SELECT b.* INTO v FROM herald.broadcasts b WHERE b.id = broadcast;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN herald._preview_audience(v, 10) || jsonb_build_object('broadcast', v.id, 'status', v.status);
+END
+$$;
+
 -- sql/security.sql, as a fresh install runs it last
 -- Roles are cluster-wide: created once, shared by every database of the cluster, kept when the
 -- extension is dropped (other databases may use them).
@@ -1039,6 +1889,11 @@ ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
+ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_broadcast(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -1055,6 +1910,10 @@ GRANT EXECUTE ON FUNCTION
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;
+-- read-only: an application's segment editor previews its audience; per-version counts of its journeys
+GRANT EXECUTE ON FUNCTION
+    herald.preview_broadcast(text, jsonb), herald.preview_broadcast(bigint), herald.automation_version_stats(bigint)
+TO herald_app, herald_admin;
 
 -- herald_admin: managing workspaces and what runs in them
 GRANT EXECUTE ON FUNCTION
@@ -1065,6 +1924,10 @@ GRANT EXECUTE ON FUNCTION
     herald.create_broadcast(text, jsonb), herald.schedule_broadcast(bigint, timestamptz),
     herald.pause_broadcast(bigint), herald.resume_broadcast(bigint), herald.cancel_broadcast(bigint),
     herald.resend_failed(bigint)
+TO herald_admin;
+-- changing a journey, and previewing a change: the admin's, like create_automation
+GRANT EXECUTE ON FUNCTION
+    herald.update_automation(bigint, jsonb, jsonb), herald.preview_automation_update(bigint, jsonb, jsonb)
 TO herald_admin;
 
 -- herald_worker (and herald_admin): the daemon
@@ -1083,6 +1946,7 @@ ALTER VIEW herald.step_history SET (security_invoker = true);
 ALTER VIEW herald.pending_approvals SET (security_invoker = true);
 ALTER VIEW herald.dead_letters SET (security_invoker = true);
 ALTER VIEW herald.queue_status SET (security_invoker = true);
+ALTER VIEW herald.automation_history SET (security_invoker = true);
 
 GRANT SELECT ON
     herald.workspaces, herald.contacts, herald.contact_rejections, herald.events, herald.automations,
@@ -1093,6 +1957,7 @@ GRANT SELECT ON
     herald.dead_letters, herald.queue_status
 TO herald_app, herald_admin;
 GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
+GRANT SELECT ON herald.automation_versions, herald.automation_history TO herald_app, herald_admin;
 -- /metrics reads the queue depth
 GRANT SELECT ON herald.outbox, herald.queue_status TO herald_worker;
 -- events may also be written with plain INSERT (the dispatcher takes them from there)
@@ -1141,6 +2006,8 @@ ALTER TABLE herald.broadcast_stats_delta ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats_delta USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.broadcast_stats ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.automation_versions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.automation_versions USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);

@@ -467,3 +467,21 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, herald, pg_temp
 RETURN coalesce(current_setting('herald.restoring', true), '') IN ('on', 'true', '1')
     OR (current_setting('check_function_bodies') = 'off' AND current_setting('row_security') = 'off');
+
+-- Versions of an automation (sql/versions.sql). Version 1 is written by create_automation, each
+-- update_automation adds the next; herald.automations keeps the newest definition (what the dispatcher
+-- and set_automation_status read). An enrollment runs on the version it is pinned to, written as
+-- `"version"` in its `event` (none: version 1), until an update's `migrate` moves it.
+CREATE TABLE herald.automation_versions (
+    workspace_id  text NOT NULL,
+    automation_id bigint NOT NULL,
+    version       int NOT NULL CHECK (version >= 1),
+    definition    jsonb NOT NULL,
+    start_node    text NOT NULL,
+    created_by    name,                 -- herald._caller() of the call that made it
+    note          text,                 -- update_automation's options.note
+    report        jsonb,                -- what the update did (its return value); NULL for version 1
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, automation_id, version)
+);
+SELECT pg_catalog.pg_extension_config_dump('herald.automation_versions', '');

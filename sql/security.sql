@@ -172,6 +172,11 @@ ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
+ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_broadcast(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -188,6 +193,10 @@ GRANT EXECUTE ON FUNCTION
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;
+-- read-only: an application's segment editor previews its audience; per-version counts of its journeys
+GRANT EXECUTE ON FUNCTION
+    herald.preview_broadcast(text, jsonb), herald.preview_broadcast(bigint), herald.automation_version_stats(bigint)
+TO herald_app, herald_admin;
 
 -- herald_admin: managing workspaces and what runs in them
 GRANT EXECUTE ON FUNCTION
@@ -198,6 +207,10 @@ GRANT EXECUTE ON FUNCTION
     herald.create_broadcast(text, jsonb), herald.schedule_broadcast(bigint, timestamptz),
     herald.pause_broadcast(bigint), herald.resume_broadcast(bigint), herald.cancel_broadcast(bigint),
     herald.resend_failed(bigint)
+TO herald_admin;
+-- changing a journey, and previewing a change: the admin's, like create_automation
+GRANT EXECUTE ON FUNCTION
+    herald.update_automation(bigint, jsonb, jsonb), herald.preview_automation_update(bigint, jsonb, jsonb)
 TO herald_admin;
 
 -- herald_worker (and herald_admin): the daemon
@@ -216,6 +229,7 @@ ALTER VIEW herald.step_history SET (security_invoker = true);
 ALTER VIEW herald.pending_approvals SET (security_invoker = true);
 ALTER VIEW herald.dead_letters SET (security_invoker = true);
 ALTER VIEW herald.queue_status SET (security_invoker = true);
+ALTER VIEW herald.automation_history SET (security_invoker = true);
 
 GRANT SELECT ON
     herald.workspaces, herald.contacts, herald.contact_rejections, herald.events, herald.automations,
@@ -226,6 +240,7 @@ GRANT SELECT ON
     herald.dead_letters, herald.queue_status
 TO herald_app, herald_admin;
 GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
+GRANT SELECT ON herald.automation_versions, herald.automation_history TO herald_app, herald_admin;
 -- /metrics reads the queue depth
 GRANT SELECT ON herald.outbox, herald.queue_status TO herald_worker;
 -- events may also be written with plain INSERT (the dispatcher takes them from there)
@@ -274,6 +289,8 @@ ALTER TABLE herald.broadcast_stats_delta ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats_delta USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.broadcast_stats ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.automation_versions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.automation_versions USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);

@@ -1,8 +1,10 @@
 //! Validated automations kept across ticks, so a definition is validated once per backend and not
 //! once per tick for every automation in the batch.
 //!
-//! Keyed by automation id and a hash of the definition's text: a changed definition hashes
-//! differently and is validated again (the entry is replaced). Failures are kept too, so a broken
+//! Keyed by automation id and version, plus a hash of the definition's text: a changed definition
+//! hashes differently and is validated again (the entry is replaced). Versions are separate entries,
+//! so enrollments pinned to an older version and those on the newest, ticked in the same batch, do
+//! not evict each other. Failures are kept too, so a broken
 //! definition costs one validation, not one per tick. Bounded by entries and by the bytes of the
 //! definitions behind them; the least recently used entry goes first. Plain Rust: `api.rs` keeps one
 //! in a `thread_local!` (a backend is single-threaded) and `tick_batch::run` takes it.
@@ -17,6 +19,9 @@ use crate::fault;
 /// A validated automation, or why its definition does not validate (faults with their paths).
 pub type Validated = Rc<Result<Automation, String>>;
 
+/// (automation id, version)
+pub type Key = (i64, i32);
+
 /// Entries kept at most.
 pub const MAX_ENTRIES: usize = 1000;
 /// Definition text behind the entries at most (a parsed automation takes a few times its text).
@@ -27,9 +32,9 @@ pub struct DefinitionCache {
     max_bytes: usize,
     /// Keyed per cache (per backend): a tenant cannot craft two definitions with the same hash.
     hasher: RandomState,
-    entries: HashMap<i64, Entry>,
-    /// last use → automation id, oldest first
-    order: BTreeMap<u64, i64>,
+    entries: HashMap<Key, Entry>,
+    /// last use → (automation id, version), oldest first
+    order: BTreeMap<u64, Key>,
     clock: u64,
     bytes: usize,
     validations: u64,
@@ -66,9 +71,9 @@ impl DefinitionCache {
         }
     }
 
-    /// Automation `id` with definition `text` (JSON), validated unless this exact text was
-    /// validated for it before.
-    pub fn get(&mut self, id: i64, text: &str) -> Validated {
+    /// Automation version `id` = (automation id, version) with definition `text` (JSON), validated
+    /// unless this exact text was validated for it before.
+    pub fn get(&mut self, id: Key, text: &str) -> Validated {
         let hash = self.hasher.hash_one(text);
         self.clock += 1;
         let now = self.clock;
@@ -106,7 +111,7 @@ impl DefinitionCache {
         value
     }
 
-    fn remove(&mut self, id: i64) {
+    fn remove(&mut self, id: Key) {
         if let Some(e) = self.entries.remove(&id) {
             self.order.remove(&e.used);
             self.bytes -= e.len;
@@ -139,38 +144,47 @@ mod tests {
     #[test]
     fn validates_once_per_definition_text() {
         let mut c = DefinitionCache::new();
-        let a = c.get(1, &def("a"));
+        let a = c.get((1, 1), &def("a"));
         assert_eq!(a.as_ref().as_ref().unwrap().name, "a");
-        let again = c.get(1, &def("a"));
+        let again = c.get((1, 1), &def("a"));
         assert!(Rc::ptr_eq(&a, &again));
         assert_eq!(c.validations(), 1);
-        c.get(2, &def("a"));
+        c.get((2, 1), &def("a"));
         assert_eq!(c.validations(), 2, "keyed by automation id too");
         assert_eq!(c.len(), 2);
+        c.get((1, 2), &def("a"));
+        c.get((1, 1), &def("a"));
+        c.get((1, 2), &def("a"));
+        assert_eq!(
+            c.validations(),
+            3,
+            "and by version: two versions of 1 are kept side by side"
+        );
+        assert_eq!(c.len(), 3);
     }
 
     #[test]
     fn a_changed_definition_is_validated_again() {
         let mut c = DefinitionCache::new();
-        c.get(1, &def("a"));
-        let b = c.get(1, &def("b"));
+        c.get((1, 1), &def("a"));
+        let b = c.get((1, 1), &def("b"));
         assert_eq!(b.as_ref().as_ref().unwrap().name, "b");
         assert_eq!(c.validations(), 2);
         assert_eq!(c.len(), 1, "the old version is replaced, not kept");
-        c.get(1, &def("b"));
+        c.get((1, 1), &def("b"));
         assert_eq!(c.validations(), 2);
     }
 
     #[test]
     fn failures_are_kept_with_their_faults() {
         let mut c = DefinitionCache::new();
-        let bad = c.get(7, r#"{"name": "x"}"#);
+        let bad = c.get((7, 1), r#"{"name": "x"}"#);
         let reason = bad.as_ref().as_ref().unwrap_err();
         assert!(reason.contains("$.nodes: nodes is required"), "{reason}");
-        c.get(7, r#"{"name": "x"}"#);
+        c.get((7, 1), r#"{"name": "x"}"#);
         assert_eq!(c.validations(), 1);
         let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
-        let r = c.get(8, &deep);
+        let r = c.get((8, 1), &deep);
         assert!(
             r.as_ref()
                 .as_ref()
@@ -184,17 +198,17 @@ mod tests {
     fn the_least_recently_used_entry_goes_first() {
         let mut c = DefinitionCache::with_limits(3, usize::MAX);
         for id in 1..=3 {
-            c.get(id, &def("a"));
+            c.get((id, 1), &def("a"));
         }
-        c.get(1, &def("a")); // 2 is now the oldest
-        c.get(4, &def("a"));
+        c.get((1, 1), &def("a")); // 2 is now the oldest
+        c.get((4, 1), &def("a"));
         assert_eq!(c.len(), 3);
         assert_eq!(c.validations(), 4);
-        c.get(1, &def("a"));
-        c.get(3, &def("a"));
-        c.get(4, &def("a"));
+        c.get((1, 1), &def("a"));
+        c.get((3, 1), &def("a"));
+        c.get((4, 1), &def("a"));
         assert_eq!(c.validations(), 4, "1, 3 and 4 stayed");
-        c.get(2, &def("a"));
+        c.get((2, 1), &def("a"));
         assert_eq!(c.validations(), 5, "2 was evicted");
     }
 
@@ -203,11 +217,11 @@ mod tests {
         let text = def("a");
         let mut c = DefinitionCache::with_limits(100, text.len() * 2);
         for id in 1..=5 {
-            c.get(id, &text);
+            c.get((id, 1), &text);
         }
         assert_eq!(c.len(), 2);
         let mut tiny = DefinitionCache::with_limits(100, 3);
-        let v = tiny.get(1, &text);
+        let v = tiny.get((1, 1), &text);
         assert!(v.is_ok(), "too big to keep is still validated");
         assert!(tiny.is_empty());
     }

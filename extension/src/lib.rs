@@ -46,6 +46,11 @@ pgrx::extension_sql_file!(
     requires = ["stats", api::_steps]
 );
 pgrx::extension_sql_file!(
+    "../../sql/versions.sql",
+    name = "versions",
+    requires = ["engine", api::_check_automation]
+);
+pgrx::extension_sql_file!(
     "../../sql/broadcasts.sql",
     name = "broadcasts",
     requires = ["engine", api::_check_broadcast]

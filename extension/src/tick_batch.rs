@@ -63,10 +63,12 @@ pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
         .collect()
 }
 
-/// Runs one batch. `automations`: the text of `{"<id>": definition}`; `enrollments`: the text of an
-/// array of `{id, workspace_id, automation_id, contact_id, status, node, visit, context, event,
-/// contact, timezone}`. A batch SQL did not build right is an error: automations not an object of
-/// numeric ids, enrollments not an array, an enrollment whose keys (id, workspace_id, automation_id,
+/// Runs one batch. `automations`: the text of `{"<id>:<version>": definition}` (a key without
+/// `:<version>` is version 1); `enrollments`: the text of an array of `{id, workspace_id,
+/// automation_id, version, contact_id, status, node, visit, context, event, contact, timezone}`
+/// (`version` defaults to 1): each enrollment runs on the definition of its own version, so two
+/// versions of one automation can share a batch. A batch SQL did not build right is an error:
+/// automations not an object of `<id>:<version>` keys, enrollments not an array, an enrollment whose keys (id, workspace_id, automation_id,
 /// contact_id, node, visit) cannot be read. Anything else wrong with one enrollment or automation
 /// fails that enrollment with the reason instead of stopping the tick.
 pub fn run(
@@ -99,17 +101,18 @@ fn run_with(
         .ok_or_else(|| format!("now {now_epoch} is out of range"))?;
     // Each definition stays raw text here: read (and validated) only when an enrollment needs it,
     // and only on a cache miss.
-    let defs: HashMap<String, &RawValue> = serde_json::from_str(automations)
-        .map_err(|e| format!("automations must be an object of id -> definition: {e}"))?;
-    let defs: HashMap<i64, &RawValue> = defs
+    let defs: HashMap<String, &RawValue> = serde_json::from_str(automations).map_err(|e| {
+        format!("automations must be an object of \"<id>:<version>\" -> definition: {e}")
+    })?;
+    let defs: HashMap<(i64, i32), &RawValue> = defs
         .into_iter()
-        .map(|(id, def)| {
-            id.parse()
-                .map(|id| (id, def))
-                .map_err(|_| format!("automation id {id:?} is not a number"))
+        .map(|(key, def)| {
+            version_key(&key)
+                .map(|k| (k, def))
+                .ok_or_else(|| format!("automation key {key:?} is not <id>:<version>"))
         })
         .collect::<Result<_, String>>()?;
-    let mut validated: HashMap<i64, Validated> = HashMap::new();
+    let mut validated: HashMap<(i64, i32), Validated> = HashMap::new();
     let items: Option<Vec<&RawValue>> =
         serde_json::from_str(enrollments).map_err(|e| format!("enrollments: {e}"))?;
     let items = items.unwrap_or_default();
@@ -130,15 +133,13 @@ fn run_with(
                 continue;
             }
         };
-        let automation = match defs.get(&e.keys.automation_id) {
-            Some(def) => Some(
-                validated
-                    .entry(e.keys.automation_id)
-                    .or_insert_with(|| cache.get(e.keys.automation_id, def.get()))
-                    .clone(),
-            ),
-            None => None,
-        };
+        let key = (e.keys.automation_id, e.version);
+        let automation = defs.get(&key).map(|def| {
+            validated
+                .entry(key)
+                .or_insert_with(|| cache.get(key, def.get()))
+                .clone()
+        });
         let row = match automation.as_deref() {
             Some(Ok(automation)) => {
                 let keys = e.keys.clone();
@@ -180,14 +181,23 @@ fn run_with(
             None => failed(
                 &e.keys,
                 format!(
-                    "automation {} is missing from the batch",
-                    e.keys.automation_id
+                    "automation {} version {} is missing from the batch",
+                    e.keys.automation_id, e.version
                 ),
             ),
         };
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// A definition's key in the batch: `"<automation id>:<version>"`, or `"<automation id>"` for
+/// version 1 (what tick sent before automations had versions).
+fn version_key(key: &str) -> Option<(i64, i32)> {
+    match key.split_once(':') {
+        Some((id, version)) => Some((id.parse().ok()?, version.parse().ok()?)),
+        None => Some((key.parse().ok()?, 1)),
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
@@ -212,6 +222,8 @@ struct Keys {
 
 struct Enrollment {
     keys: Keys,
+    /// The automation version the enrollment runs on (1 when the batch does not say).
+    version: i32,
     status: Status,
     context: Value,
     contact: Value,
@@ -230,6 +242,8 @@ struct RawEnrollment {
     node: String,
     visit: i32,
     status: String,
+    #[serde(default = "first_version")]
+    version: i32,
     #[serde(default)]
     context: Value,
     #[serde(default)]
@@ -241,11 +255,16 @@ struct RawEnrollment {
 }
 
 /// Reads one enrollment of the batch; `Err` says why it cannot be read.
+fn first_version() -> i32 {
+    1
+}
+
 fn read_enrollment(text: &str) -> Result<Enrollment, String> {
     let r: RawEnrollment = serde_json::from_str(text).map_err(|e| e.to_string())?;
     Ok(Enrollment {
         status: Status::parse(&r.status)
             .ok_or_else(|| format!("unknown enrollment status {:?}", r.status))?,
+        version: r.version,
         keys: Keys {
             id: r.id,
             workspace_id: r.workspace_id,
@@ -623,6 +642,54 @@ mod tests {
             )
         );
         assert_eq!(rows[1].status, "waiting");
+    }
+
+    #[test]
+    fn each_enrollment_runs_on_its_own_version() {
+        // version 1 of automation 7 sends an email first; version 2 starts with the delay
+        let defs = automations();
+        let v1 = defs["7"].clone();
+        let mut v2 = v1.clone();
+        v2["nodes"]["hello"] = json!({"type": "delay", "duration": "2 hours", "next": "wait"});
+        let defs = json!({"7:1": v1, "7:2": v2, "8": defs["8"]});
+        let mut on_v2 = enrollment(2, 7, "hello");
+        on_v2["version"] = json!(2);
+        let mut on_v3 = enrollment(3, 7, "hello");
+        on_v3["version"] = json!(3);
+        let mut cache = DefinitionCache::new();
+        for _ in 0..3 {
+            let items = batch(&[enrollment(1, 7, "hello"), on_v2.clone(), on_v3.clone()]);
+            let rows = run(&defs.to_string(), &items, NOW, 50, &mut cache).unwrap();
+            assert_eq!(
+                (rows[0].status.as_str(), rows[0].wait_kind.as_deref()),
+                ("waiting", Some("job")),
+                "no version: version 1"
+            );
+            assert_eq!(
+                (rows[1].status.as_str(), rows[1].node.as_str()),
+                ("active", "wait")
+            );
+            assert_eq!(rows[1].next_run_at, Some(NOW + 7200.0));
+            assert_eq!(rows[2].status, "failed");
+            assert_eq!(
+                rows[2].exit_reason.as_deref(),
+                Some("automation 7 version 3 is missing from the batch")
+            );
+        }
+        assert_eq!(
+            cache.validations(),
+            2,
+            "two versions of one automation in one batch: each validated once, no thrashing"
+        );
+    }
+
+    #[test]
+    fn definition_keys_name_automation_and_version() {
+        assert_eq!(version_key("7"), Some((7, 1)));
+        assert_eq!(version_key("7:3"), Some((7, 3)));
+        assert_eq!(version_key("7:x"), None);
+        assert_eq!(version_key(":3"), None);
+        assert!(run1(&json!({"7:": {}}), "[]").is_err());
     }
 
     #[test]
