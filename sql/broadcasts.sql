@@ -94,6 +94,12 @@ DECLARE
 BEGIN
     PERFORM herald._require_workspace(workspace);
     v_def := herald._check_broadcast(definition);
+    -- a time already past would send at once, which is never what "send at" meant
+    IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
+        RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave send_at out to send when the broadcast is scheduled (herald.schedule_broadcast(id)), or give a future time.';
+    END IF;
     SELECT string_agg(DISTINCT quote_literal(v ->> 'template'), ', ') INTO v_missing
       FROM jsonb_array_elements(v_def -> 'variations') v
      WHERE NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = v ->> 'template');
@@ -132,6 +138,14 @@ BEGIN
     END IF;
     IF at IS NULL THEN
         RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the definition's send_at.at was in the future when it was created; not necessarily now
+    IF (CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
+             ELSE at END) < now() - interval '1 minute' THEN
+        RAISE EXCEPTION 'broadcast %: the time to send at (%) is in the past', v.id,
+            CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN 'send_at.at of its definition' ELSE 'at' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Schedule it for now (herald.schedule_broadcast(id)) or a future time; a send_at.at in its definition wins over at.';
     END IF;
     UPDATE herald.broadcasts b
        SET status = 'scheduled', updated_at = now(),

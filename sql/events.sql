@@ -156,11 +156,12 @@ BEGIN
         -- by statistics: on tables autovacuum had not analysed yet it scanned every waiting enrollment
         -- once per event (266 wake-ups/s instead of 22,000)
         SELECT DISTINCT ON (x.id) x.workspace_id, x.id, ev.payload,
-               (SELECT a.definition -> 'nodes' -> x.current_node ->> 'next' FROM herald.automations a
-                 WHERE a.workspace_id = x.workspace_id AND a.id = x.automation_id) AS next_node
+               -- the next node in the version the enrollment is pinned to (update_automation)
+               herald._version_definition(x.workspace_id, x.automation_id, coalesce((x.event ->> 'version')::int, 1))
+                   -> 'nodes' -> x.current_node ->> 'next' AS next_node
           FROM ev
          CROSS JOIN LATERAL (SELECT e.workspace_id, e.id, e.contact_id, e.automation_id, e.current_node,
-                                    e.wait_filter, e.context
+                                    e.wait_filter, e.context, e.event
                                FROM herald.enrollments e
                               WHERE e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id
                                 AND e.wait_event = ev.kind AND e.status = 'waiting' AND e.wait_kind = 'event'

@@ -13,7 +13,10 @@
 --     whatever the table statistics;
 --   * JSON a tenant stores (event payloads, contact attributes, send contexts) is at most 32 levels deep
 --     and 64 KiB (herald._value_fault), at every way in.
--- Existing tables keep every row; one table is added (workspace_grants).
+--   * a broadcast's send time in the past is refused (create_broadcast, schedule_broadcast);
+--   * lists (create_list, subscribe, unsubscribe, list_overview) and erasure (delete_contact: the
+--     contact everywhere, a keyed suppression and an audit row in herald.erasures stay).
+-- Existing tables keep every row; tables added: workspace_grants, lists, erasures.
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.2.0'" to load this file. \quit
 
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
@@ -196,11 +199,12 @@ BEGIN
         -- by statistics: on tables autovacuum had not analysed yet it scanned every waiting enrollment
         -- once per event (266 wake-ups/s instead of 22,000)
         SELECT DISTINCT ON (x.id) x.workspace_id, x.id, ev.payload,
-               (SELECT a.definition -> 'nodes' -> x.current_node ->> 'next' FROM herald.automations a
-                 WHERE a.workspace_id = x.workspace_id AND a.id = x.automation_id) AS next_node
+               -- the next node in the version the enrollment is pinned to (update_automation)
+               herald._version_definition(x.workspace_id, x.automation_id, coalesce((x.event ->> 'version')::int, 1))
+                   -> 'nodes' -> x.current_node ->> 'next' AS next_node
           FROM ev
          CROSS JOIN LATERAL (SELECT e.workspace_id, e.id, e.contact_id, e.automation_id, e.current_node,
-                                    e.wait_filter, e.context
+                                    e.wait_filter, e.context, e.event
                                FROM herald.enrollments e
                               WHERE e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id
                                 AND e.wait_event = ev.kind AND e.status = 'waiting' AND e.wait_kind = 'event'
@@ -1698,23 +1702,6 @@ BEGIN
 END
 $$;
 
--- Previews a broadcast definition (validated like create_broadcast; nothing is created): see
--- herald._preview_audience for the answer's shape.
-CREATE FUNCTION herald.preview_broadcast(workspace text, definition jsonb) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v herald.broadcasts;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    v.workspace_id := workspace;
-    v.definition := herald._check_broadcast(definition);
-    v.name := v.definition ->> 'name';
-    RETURN herald._preview_audience(v, 10);
-END
-$$;
-
 -- Previews an existing broadcast (any status), without locking or changing it.
 CREATE FUNCTION herald.preview_broadcast(broadcast bigint) RETURNS jsonb
 LANGUAGE plpgsql
@@ -1732,6 +1719,546 @@ BEGIN
     RETURN herald._preview_audience(v, 10) || jsonb_build_object('broadcast', v.id, 'status', v.status);
 END
 $$;
+
+-- Previews a broadcast definition (validated like create_broadcast; nothing is created): see
+-- herald._preview_audience for the answer's shape.
+CREATE FUNCTION herald.preview_broadcast(workspace text, definition jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v.workspace_id := workspace;
+    v.definition := herald._check_broadcast(definition);
+    v.name := v.definition ->> 'name';
+    RETURN herald._preview_audience(v, 10);
+END
+$$;
+
+-- ---------------------------------------------------------- lists and erasure (right to be forgotten)
+-- Lists a workspace has made (create_list, subscribe). Memberships are herald.list_members; a list an
+-- update_contact node joins contacts to exists there even without a row here.
+CREATE TABLE herald.lists (
+    workspace_id text NOT NULL,
+    name         text NOT NULL CHECK (name <> '' AND length(name) <= 200),
+    description  text CHECK (length(description) <= 2000),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, name)
+);
+
+-- Contacts erased with herald.delete_contact (a person's right to erasure): who, when, how many rows
+-- went from each table. The address itself is not kept, only its key (herald._email_key).
+CREATE TABLE herald.erasures (
+    workspace_id text NOT NULL,
+    email_key    text NOT NULL,
+    erased_by    name NOT NULL,
+    erased_at    timestamptz NOT NULL DEFAULT now(),
+    removed      jsonb NOT NULL,
+    PRIMARY KEY (workspace_id, email_key, erased_at)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('herald.lists', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.erasures', '');
+ALTER TABLE herald.suppressions DROP CONSTRAINT suppressions_reason_check,
+    ADD CONSTRAINT suppressions_reason_check CHECK (reason IN ('unsubscribed', 'hard_bounce', 'complaint', 'manual', 'erased'));
+
+-- The key an erased address is remembered by: 'sha256:' and the hex SHA-256 of the normalised address.
+CREATE FUNCTION herald._email_key(email text) RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE   -- STABLE like convert_to(); a stricter label would block inlining
+RETURN 'sha256:' || encode(sha256(convert_to(herald._normalize_email(email), 'UTF8')), 'hex');
+
+-- Creates a list (or updates its description). Returns true when it is new. herald_app.
+CREATE FUNCTION herald.create_list(workspace text, name text, description text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_new boolean;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
+        RAISE EXCEPTION 'invalid list name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A list name is 1 to 200 characters.';
+    END IF;
+    IF length(description) > 2000 THEN
+        RAISE EXCEPTION 'list %: the description is % characters; at most 2000 are allowed', quote_literal(name), length(description)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    INSERT INTO herald.lists AS l (workspace_id, name, description) VALUES (workspace, name, description)
+    ON CONFLICT ON CONSTRAINT lists_pkey DO UPDATE SET description = coalesce(EXCLUDED.description, l.description)
+    RETURNING (xmax = 0) INTO v_new;
+    RETURN v_new;
+END
+$$;
+
+-- Subscribes addresses to a list (one or many; an unknown address becomes a contact, with its
+-- contact.created event). Every new subscription is a list.joined event, as update_contact nodes emit,
+-- so automations can trigger on it. Totals add up to the array's length: subscribed (new, or back
+-- from unsubscribed), already (subscribed before, or a repeat in the array), rejected (not a valid
+-- address). Set-based: a constant number of statements whatever the array's length. herald_app.
+CREATE FUNCTION herald.subscribe(workspace text, list text, emails text[])
+RETURNS TABLE (subscribed bigint, already bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    v_valid jsonb;
+BEGIN
+    PERFORM herald.create_list(workspace, list);
+    IF emails IS NULL THEN
+        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cardinality(emails) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    SELECT jsonb_agg(jsonb_build_object('email', e)) INTO v_valid
+      FROM (SELECT DISTINCT herald._normalize_email(u.e) AS e FROM unnest(emails) u(e)
+             WHERE herald._valid_email(herald._normalize_email(u.e))) v;
+    -- missing contacts are created the way every import creates them
+    PERFORM herald.upsert_contacts(workspace, coalesce(v_valid, '[]'));
+    WITH wanted AS (
+        SELECT c.id FROM jsonb_array_elements(coalesce(v_valid, '[]')) v(x)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.email = v.x ->> 'email' AND c.workspace_id IS NOT DISTINCT FROM workspace LIMIT 1) c
+    ), joined AS (
+        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
+        SELECT subscribe.workspace, subscribe.list, w.id, 'subscribed' FROM wanted w ORDER BY w.id
+        ON CONFLICT ON CONSTRAINT list_members_pkey DO UPDATE SET status = 'subscribed', updated_at = now()
+         WHERE m.status <> 'subscribed'
+        RETURNING m.contact_id
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT subscribe.workspace, j.contact_id, 'list.joined', jsonb_build_object('list', subscribe.list)
+          FROM joined j ORDER BY j.contact_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM announced),
+           cardinality(emails) - (SELECT count(*) FROM announced)
+               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
+           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
+      INTO subscribed, already, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Unsubscribes addresses from a list (the membership stays, as 'unsubscribed'; a list.left event each).
+-- Not a suppression: other lists and transactional mail still reach them (herald.suppress stops all).
+-- Totals: unsubscribed, not_subscribed (unknown address, not a member, already out, or a repeat),
+-- rejected (not a valid address). herald_app.
+CREATE FUNCTION herald.unsubscribe(workspace text, list text, emails text[])
+RETURNS TABLE (unsubscribed bigint, not_subscribed bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF emails IS NULL THEN
+        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cardinality(emails) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    WITH wanted AS (
+        SELECT DISTINCT c.id
+          FROM unnest(emails) u(e)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.email = herald._normalize_email(u.e) AND c.workspace_id IS NOT DISTINCT FROM workspace
+                              LIMIT 1) c
+    ), left_list AS (
+        UPDATE herald.list_members m SET status = 'unsubscribed', updated_at = now()
+          FROM wanted w
+         WHERE m.workspace_id = workspace AND m.list = unsubscribe.list AND m.contact_id = w.id AND m.status = 'subscribed'
+        RETURNING m.contact_id
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT unsubscribe.workspace, l.contact_id, 'list.left', jsonb_build_object('list', unsubscribe.list)
+          FROM left_list l ORDER BY l.contact_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM announced),
+           cardinality(emails) - (SELECT count(*) FROM announced)
+               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
+           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
+      INTO unsubscribed, not_subscribed, rejected;
+    RETURN NEXT;
+END
+$$;
+
+-- Erases a contact everywhere (a person's right to erasure): the contact, its events, enrollments and
+-- their step log, its jobs (sent or not; a job already handed to a daemon may still go out), message
+-- history, list memberships, import rejections that name it, and any suppression of the address.
+-- What stays: a suppression under the address's key (herald._email_key, reason 'erased'), so it is
+-- never mailed again even if it comes back; stats (counts, no one in them); and an audit row in
+-- herald.erasures (who, when, rows removed per table). Returns those counts. An address herald does
+-- not know is still suppressed by key. Cost: a scan of the workspace's enrollments and outbox (no
+-- index by contact on those hot tables, on purpose). herald_app.
+CREATE FUNCTION herald.delete_contact(workspace text, email text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(email);
+    v_key text;
+    v_contact bigint;
+    v_removed jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_key := herald._email_key(v_email);
+    SELECT c.id INTO v_contact FROM herald.contacts c
+     WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM workspace FOR UPDATE;
+
+    WITH enrollments AS (
+        DELETE FROM herald.enrollments e WHERE e.workspace_id = workspace AND e.contact_id = v_contact
+        RETURNING e.id
+    ), steps AS (
+        DELETE FROM herald.step_log l
+         WHERE l.workspace_id = workspace AND l.enrollment_id IN (SELECT x.id FROM enrollments x)
+        RETURNING 1
+    ), jobs AS (
+        DELETE FROM herald.outbox o WHERE o.workspace_id = workspace AND o.contact_id = v_contact RETURNING 1
+    ), history AS (
+        DELETE FROM herald.message_history h WHERE h.workspace_id = workspace AND h.contact_id = v_contact RETURNING 1
+    ), events AS (
+        DELETE FROM herald.events e
+         WHERE e.workspace_id = workspace AND (e.contact_id = v_contact OR (e.contact_id IS NULL AND e.email = v_email))
+        RETURNING 1
+    ), lists AS (
+        DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.contact_id = v_contact RETURNING 1
+    ), rejections AS (
+        DELETE FROM herald.contact_rejections r
+         WHERE r.workspace_id = workspace AND herald._normalize_email(r.input ->> 'email') = v_email
+        RETURNING 1
+    ), suppressions AS (
+        DELETE FROM herald.suppressions s WHERE s.workspace_id = workspace AND s.email = v_email RETURNING 1
+    ), contacts AS (
+        DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
+    )
+    SELECT jsonb_build_object(
+               'contacts', (SELECT count(*) FROM contacts), 'events', (SELECT count(*) FROM events),
+               'enrollments', (SELECT count(*) FROM enrollments), 'step_log', (SELECT count(*) FROM steps),
+               'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
+               'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
+               'suppressions', (SELECT count(*) FROM suppressions))
+      INTO v_removed;
+
+    INSERT INTO herald.suppressions (workspace_id, email, reason)
+    VALUES (workspace, v_key, 'erased')
+    ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING;
+    INSERT INTO herald.erasures (workspace_id, email_key, erased_by, removed)
+    VALUES (workspace, v_key, herald._caller(), v_removed);
+    RETURN v_removed;
+END
+$$;
+
+-- Leases up to max_jobs due jobs. Three steps, whatever the batch size:
+--   1. pick fairly and lock (SKIP LOCKED): a skip-scan visits only workspaces with pending work (idle ones
+--      cost nothing), each offers its next jobs, and jobs are interleaved by their rank inside their
+--      workspace, so a workspace with 100,000 pending cannot starve one with 10; priority first
+--      (0 transactional, 1 automation, 2 broadcast);
+--   2. rate limits (only when a picked job counts against a limit): lock those limits, keep the jobs that fit
+--      in every key's sliding one-second window, record the grants;
+--   3. lease them and return them with the contact, the latest template version and the enrollment context.
+CREATE OR REPLACE FUNCTION herald.claim(worker text, max_jobs int DEFAULT 100, lease interval DEFAULT '60 seconds')
+RETURNS SETOF herald.job
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+AS $$
+DECLARE
+    v_ids bigint[];
+    v_keys text[];
+    v_now timestamptz;
+BEGIN
+    IF worker IS NULL OR btrim(worker) = '' THEN
+        RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_jobs IS NULL OR max_jobs < 1 OR max_jobs > 10000 THEN
+        RAISE EXCEPTION 'max_jobs must be between 1 and 10000, got %', coalesce(max_jobs::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lease IS NULL OR lease <= interval '0' OR lease > interval '1 day' THEN
+        RAISE EXCEPTION 'lease must be longer than 0 and at most 1 day, got %', coalesce(lease::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- 1. pick and lock
+    WITH RECURSIVE busy AS (
+        (SELECT o.workspace_id FROM herald.outbox o
+          WHERE o.status = 'pending' AND o.run_at <= now()
+          ORDER BY o.workspace_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT o.workspace_id FROM herald.outbox o
+                 WHERE o.status = 'pending' AND o.run_at <= now() AND o.workspace_id > b.workspace_id
+                 ORDER BY o.workspace_id LIMIT 1)
+          FROM busy b WHERE b.workspace_id IS NOT NULL
+    ), workspaces AS (
+        SELECT b.workspace_id, count(*) OVER () AS n FROM busy b WHERE b.workspace_id IS NOT NULL
+    ), offered AS (
+        -- locked while scanned (SKIP LOCKED inside the per-workspace scan), so rows another claimer holds
+        -- do not use up the limit; rows offered but not picked are released when claim commits
+        SELECT c.workspace_id, c.id, c.priority, c.rate_keys,
+               row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
+          FROM workspaces w
+          CROSS JOIN LATERAL (
+              SELECT o.workspace_id, o.id, o.priority, o.run_at,
+                     herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id) AS rate_keys
+                FROM herald.outbox o
+               WHERE o.workspace_id = w.workspace_id AND o.status = 'pending' AND o.run_at <= now()
+               ORDER BY o.priority, o.run_at
+               -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
+               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)
+                 FOR UPDATE OF o SKIP LOCKED) c
+    ), locked AS (
+        SELECT f.id, f.rate_keys, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
+          FROM offered f
+         ORDER BY f.priority, f.rank, f.workspace_id
+         LIMIT max_jobs
+    )
+    SELECT array_agg(l.id ORDER BY l.ord),
+           (SELECT array_agg(DISTINCT k) FROM locked l2, unnest(l2.rate_keys) k
+             WHERE k IN (SELECT r.key FROM herald.rate_limits r))
+      INTO v_ids, v_keys
+      FROM locked l;
+
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 1b. suppressed recipients: such an email job is never handed out, whatever queued it. It is
+    --     finished as cancelled ('suppressed: <reason>'), counted as 'suppressed', and an enrollment
+    --     waiting on it moves on as if the step had been done (the journey goes on without the email).
+    --     And a job of a paused or cancelled broadcast is not handed out either: it is held or cancelled
+    --     here. pause and cancel change the status at once; the broadcast's jobs follow in chunks
+    --     (advance_broadcasts), and this is what stops them meanwhile (also a job whose complete read
+    --     the status just before the change committed).
+    WITH picked AS (
+        SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
+               o.variation, s.reason, b.status AS broadcast_status
+          FROM unnest(v_ids) u(id)
+          JOIN herald.outbox o ON o.id = u.id
+          LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                              WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
+          -- the address, or its key when the contact was erased and came back (delete_contact)
+          LEFT JOIN LATERAL (SELECT s.reason FROM herald.suppressions s
+                              WHERE c.email IS NOT NULL AND s.workspace_id = o.workspace_id
+                                AND s.email IN (c.email, herald._email_key(c.email))
+                              LIMIT 1) s ON true
+          LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
+    ), suppressed AS (
+        SELECT p.* FROM picked p WHERE p.reason IS NOT NULL
+    ), stopped AS (
+        SELECT p.* FROM picked p WHERE p.reason IS NULL AND p.broadcast_status IN ('paused', 'cancelled')
+    ), cancelled AS (
+        UPDATE herald.outbox o
+           SET status = 'cancelled', last_error = 'suppressed: ' || x.reason, done_at = now(), updated_at = now()
+          FROM suppressed x
+         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+        RETURNING o.id
+    ), halted AS (
+        UPDATE herald.outbox o
+           SET status = CASE x.broadcast_status WHEN 'paused' THEN 'held' ELSE 'cancelled' END,
+               last_error = CASE WHEN x.broadcast_status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
+               done_at = CASE WHEN x.broadcast_status = 'cancelled' THEN now() END, updated_at = now()
+          FROM stopped x
+         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+        RETURNING o.id
+    ), woken AS (
+        UPDATE herald.enrollments e
+           SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
+               current_node = coalesce(x.on_success, e.current_node), next_run_at = now(),
+               ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
+               exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
+               wait_kind = NULL, wait_job = NULL, updated_at = now()
+          FROM suppressed x
+         WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
+           AND e.status = 'waiting' AND e.wait_kind = 'job'
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+        SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
+          FROM suppressed x WHERE x.automation_id IS NOT NULL GROUP BY 1, 2, 3
+    ), counted_b AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT x.workspace_id, x.broadcast_id, x.variation, x.metric, count(*)
+          FROM (SELECT y.workspace_id, y.broadcast_id, y.variation, 'suppressed' AS metric
+                  FROM suppressed y WHERE y.broadcast_id IS NOT NULL
+                UNION ALL
+                SELECT y.workspace_id, y.broadcast_id, y.variation, 'cancelled'
+                  FROM stopped y WHERE y.broadcast_status = 'cancelled') x
+         GROUP BY 1, 2, 3, 4
+    )
+    SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
+      FROM unnest(v_ids) WITH ORDINALITY u(id, ord)
+     WHERE u.id NOT IN (SELECT x.id FROM cancelled x UNION ALL SELECT x.id FROM halted x);
+       -- (woken and counted run to completion regardless)
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 2. rate limits
+    IF v_keys IS NOT NULL THEN
+        PERFORM 1 FROM herald.rate_limits r WHERE r.key = ANY (v_keys) ORDER BY r.key FOR UPDATE;
+        v_now := clock_timestamp();   -- after the lock: grants of one key are recorded in time order
+        WITH room AS (
+            SELECT r.key, r.per_second - coalesce((SELECT sum(g.n) FROM herald.rate_grants g
+                                                    WHERE g.key = r.key AND g.granted_at > v_now - interval '1 second'), 0) AS free
+              FROM herald.rate_limits r WHERE r.key = ANY (v_keys)
+        ), wanted AS (
+            SELECT u.id, u.ord, k AS key,
+                   row_number() OVER (PARTITION BY k ORDER BY u.ord) AS n
+              FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+              JOIN herald.outbox o ON o.id = u.id
+             CROSS JOIN LATERAL unnest(herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id)) k
+             WHERE k = ANY (v_keys)
+        ), refused AS (
+            SELECT DISTINCT w.id FROM wanted w JOIN room r ON r.key = w.key WHERE w.n > r.free
+        )
+        SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
+          FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+         WHERE u.id NOT IN (SELECT f.id FROM refused f);
+
+        INSERT INTO herald.rate_grants (key, granted_at, n)
+        SELECT k, v_now, count(*)
+          FROM herald.outbox o
+         CROSS JOIN LATERAL unnest(herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id)) k
+         WHERE o.id = ANY (coalesce(v_ids, '{}')) AND k = ANY (v_keys)
+         GROUP BY k;
+        DELETE FROM herald.rate_grants g WHERE g.key = ANY (v_keys) AND g.granted_at < v_now - interval '2 seconds';
+        IF v_ids IS NULL THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    -- 3. lease and return
+    RETURN QUERY
+    WITH leased AS (
+        UPDATE herald.outbox o
+           SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
+               lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
+          FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+         WHERE o.id = u.id AND o.status = 'pending'
+        RETURNING o.*, u.ord
+    )
+    SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
+           p.payload || jsonb_build_object(
+               'to', c.email,
+               'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+               'context', coalesce(e.context, '{}'),
+               'event', e.event -> 'payload',
+               'automation_id', l.automation_id,
+               'enrollment_id', l.enrollment_id)
+           || CASE WHEN l.kind = 'email' THEN jsonb_build_object('template', CASE WHEN t.key IS NULL THEN NULL ELSE
+                  jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body) END)
+              ELSE '{}' END
+      FROM leased l
+      LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
+      LEFT JOIN herald.enrollments e ON e.workspace_id = l.workspace_id AND e.id = l.enrollment_id
+      -- a broadcast's rows carry no payload: its variation's is kept once on the broadcast
+      LEFT JOIN herald.broadcasts b ON b.workspace_id = l.workspace_id AND b.id = l.broadcast_id
+     CROSS JOIN LATERAL (SELECT coalesce(b.payloads -> l.variation, l.payload) AS payload) p
+      LEFT JOIN LATERAL (
+          SELECT t.* FROM herald.templates t
+           WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
+           ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
+     ORDER BY l.ord;
+END
+$$;
+
+
+-- Every list of a workspace (made with create_list or joined by an update_contact node) with its counts.
+CREATE VIEW herald.list_overview AS
+SELECT n.workspace_id, n.name AS list, l.description,
+       count(m.contact_id) FILTER (WHERE m.status = 'subscribed') AS subscribed,
+       count(m.contact_id) FILTER (WHERE m.status = 'unsubscribed') AS unsubscribed,
+       l.created_at
+  FROM (SELECT workspace_id, name FROM herald.lists
+        UNION
+        SELECT DISTINCT workspace_id, list FROM herald.list_members) n
+  LEFT JOIN herald.lists l ON l.workspace_id = n.workspace_id AND l.name = n.name
+  LEFT JOIN herald.list_members m ON m.workspace_id = n.workspace_id AND m.list = n.name
+ GROUP BY n.workspace_id, n.name, l.description, l.created_at;
+
+CREATE OR REPLACE FUNCTION herald.create_broadcast(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_def jsonb;
+    v_missing text;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v_def := herald._check_broadcast(definition);
+    -- a time already past would send at once, which is never what "send at" meant
+    IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
+        RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave send_at out to send when the broadcast is scheduled (herald.schedule_broadcast(id)), or give a future time.';
+    END IF;
+    SELECT string_agg(DISTINCT quote_literal(v ->> 'template'), ', ') INTO v_missing
+      FROM jsonb_array_elements(v_def -> 'variations') v
+     WHERE NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = v ->> 'template');
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
+    END IF;
+    IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
+        SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    INSERT INTO herald.broadcasts (workspace_id, name, definition, phase)
+    VALUES (workspace, v_def ->> 'name', v_def, CASE WHEN v_def -> 'ab_test' <> 'null' THEN 'test' ELSE 'all' END)
+    RETURNING id INTO v_id;
+    UPDATE herald.broadcasts b SET payloads = herald._broadcast_payloads(b.id, b.name, b.definition)
+     WHERE b.workspace_id = workspace AND b.id = v_id;
+    IF v_def -> 'rate_per_second' <> 'null' THEN
+        INSERT INTO herald.rate_limits (key, per_second) VALUES ('broadcast:' || v_id, (v_def ->> 'rate_per_second')::int);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- draft → scheduled. `at` is when sending starts (default now); a definition's send_at.at wins over it.
+CREATE OR REPLACE FUNCTION herald.schedule_broadcast(broadcast bigint, at timestamptz DEFAULT now()) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+BEGIN
+    IF v.status <> 'draft' THEN
+        RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF at IS NULL THEN
+        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the definition's send_at.at was in the future when it was created; not necessarily now
+    IF (CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
+             ELSE at END) < now() - interval '1 minute' THEN
+        RAISE EXCEPTION 'broadcast %: the time to send at (%) is in the past', v.id,
+            CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN 'send_at.at of its definition' ELSE 'at' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Schedule it for now (herald.schedule_broadcast(id)) or a future time; a send_at.at in its definition wins over at.';
+    END IF;
+    UPDATE herald.broadcasts b
+       SET status = 'scheduled', updated_at = now(),
+           send_at = CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
+                          ELSE at END
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
 
 -- sql/security.sql, as a fresh install runs it last
 -- Roles are cluster-wide: created once, shared by every database of the cluster, kept when the
@@ -1889,6 +2416,10 @@ ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
+ALTER FUNCTION herald.create_list(text, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.unsubscribe(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
@@ -1907,6 +2438,8 @@ GRANT EXECUTE ON FUNCTION
     herald.send(text, text, text, jsonb, text, text),
     herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
     herald.redrive(bigint[]),
+    herald.create_list(text, text, text), herald.subscribe(text, text, text[]), herald.unsubscribe(text, text, text[]),
+    herald.delete_contact(text, text),
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;
@@ -1946,6 +2479,7 @@ ALTER VIEW herald.step_history SET (security_invoker = true);
 ALTER VIEW herald.pending_approvals SET (security_invoker = true);
 ALTER VIEW herald.dead_letters SET (security_invoker = true);
 ALTER VIEW herald.queue_status SET (security_invoker = true);
+ALTER VIEW herald.list_overview SET (security_invoker = true);
 ALTER VIEW herald.automation_history SET (security_invoker = true);
 
 GRANT SELECT ON
@@ -1954,7 +2488,7 @@ GRANT SELECT ON
     herald.step_log, herald.stats_delta, herald.stats, herald.decide_cache, herald.list_members,
     herald.suppressions, herald.broadcasts, herald.broadcast_stats_delta, herald.broadcast_stats,
     herald.automation_overview, herald.broadcast_overview, herald.step_history, herald.pending_approvals,
-    herald.dead_letters, herald.queue_status
+    herald.dead_letters, herald.queue_status, herald.lists, herald.erasures, herald.list_overview
 TO herald_app, herald_admin;
 GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
 GRANT SELECT ON herald.automation_versions, herald.automation_history TO herald_app, herald_admin;
@@ -2008,6 +2542,10 @@ ALTER TABLE herald.broadcast_stats ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.automation_versions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.automation_versions USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.lists ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.lists USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.erasures ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.erasures USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);

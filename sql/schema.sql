@@ -331,8 +331,10 @@ CREATE INDEX list_members_contact_idx ON herald.list_members (workspace_id, cont
 -- Addresses that must never be mailed again in a workspace. claim checks every email job against it.
 CREATE TABLE herald.suppressions (
     workspace_id text NOT NULL,
-    email        text NOT NULL,          -- normalised like contacts.email
-    reason       text NOT NULL CHECK (reason IN ('unsubscribed', 'hard_bounce', 'complaint', 'manual')),
+    -- normalised like contacts.email; for an erased contact (delete_contact) its key 'sha256:<hex>'
+    -- instead (herald._email_key), so the address is kept nowhere and still never mailed again
+    email        text NOT NULL,
+    reason       text NOT NULL CHECK (reason IN ('unsubscribed', 'hard_bounce', 'complaint', 'manual', 'erased')),
     detail       jsonb NOT NULL DEFAULT '{}',
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (workspace_id, email)
@@ -415,6 +417,27 @@ CREATE TABLE herald.workspace_grants (
 );
 CREATE INDEX workspace_grants_role_idx ON herald.workspace_grants (role_name);
 
+-- Lists a workspace has made (create_list, subscribe). Memberships are herald.list_members; a list an
+-- update_contact node joins contacts to exists there even without a row here.
+CREATE TABLE herald.lists (
+    workspace_id text NOT NULL,
+    name         text NOT NULL CHECK (name <> '' AND length(name) <= 200),
+    description  text CHECK (length(description) <= 2000),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, name)
+);
+
+-- Contacts erased with herald.delete_contact (a person's right to erasure): who, when, how many rows
+-- went from each table. The address itself is not kept, only its key (herald._email_key).
+CREATE TABLE herald.erasures (
+    workspace_id text NOT NULL,
+    email_key    text NOT NULL,
+    erased_by    name NOT NULL,
+    erased_at    timestamptz NOT NULL DEFAULT now(),
+    removed      jsonb NOT NULL,
+    PRIMARY KEY (workspace_id, email_key, erased_at)
+);
+
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
 -- so are the sequences behind their ids: without this a dump of a herald database restores no herald
 -- row. Every table and identity sequence is registered whole (filter ''): CREATE EXTENSION creates no
@@ -444,6 +467,8 @@ SELECT pg_catalog.pg_extension_config_dump('herald.broadcasts', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats_delta', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.workspace_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.lists', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.erasures', '');
 -- identity sequences: dumped with their position, so ids continue past the highest restored one
 SELECT pg_catalog.pg_extension_config_dump('herald.contacts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.events_id_seq', '');

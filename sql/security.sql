@@ -172,6 +172,10 @@ ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.grant_workspace(name, text) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_workspace(name, text) SECURITY DEFINER;
+ALTER FUNCTION herald.create_list(text, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.unsubscribe(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
@@ -190,6 +194,8 @@ GRANT EXECUTE ON FUNCTION
     herald.send(text, text, text, jsonb, text, text),
     herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
     herald.redrive(bigint[]),
+    herald.create_list(text, text, text), herald.subscribe(text, text, text[]), herald.unsubscribe(text, text, text[]),
+    herald.delete_contact(text, text),
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;
@@ -229,6 +235,7 @@ ALTER VIEW herald.step_history SET (security_invoker = true);
 ALTER VIEW herald.pending_approvals SET (security_invoker = true);
 ALTER VIEW herald.dead_letters SET (security_invoker = true);
 ALTER VIEW herald.queue_status SET (security_invoker = true);
+ALTER VIEW herald.list_overview SET (security_invoker = true);
 ALTER VIEW herald.automation_history SET (security_invoker = true);
 
 GRANT SELECT ON
@@ -237,7 +244,7 @@ GRANT SELECT ON
     herald.step_log, herald.stats_delta, herald.stats, herald.decide_cache, herald.list_members,
     herald.suppressions, herald.broadcasts, herald.broadcast_stats_delta, herald.broadcast_stats,
     herald.automation_overview, herald.broadcast_overview, herald.step_history, herald.pending_approvals,
-    herald.dead_letters, herald.queue_status
+    herald.dead_letters, herald.queue_status, herald.lists, herald.erasures, herald.list_overview
 TO herald_app, herald_admin;
 GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
 GRANT SELECT ON herald.automation_versions, herald.automation_history TO herald_app, herald_admin;
@@ -291,6 +298,10 @@ ALTER TABLE herald.broadcast_stats ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.broadcast_stats USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.automation_versions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.automation_versions USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.lists ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.lists USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.erasures ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.erasures USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);

@@ -33,6 +33,8 @@ SELECT herald.unsuppress('b1', 'x@example.com') AS removed_nothing;
 SELECT herald.create_broadcast('b1', '{"name": "", "template": "news-a", "colour": 1}');
 SELECT herald.create_broadcast('b1', '{"name": "n", "template": "missing"}');
 SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "provider": "ses"}');
+-- a send time in the past is refused, at creation and when scheduling
+SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "send_at": {"at": "2001-01-01T00:00:00Z"}}');
 SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "audience": {"segment": {"field": "event.x", "op": "eq", "value": 1}}}');
 
 -- audience: the list (subscribed only), pro plan, not country XX, not suppressed
@@ -103,6 +105,7 @@ SELECT * FROM herald.broadcast_stats(:retry);
 
 -- cancel stops a running broadcast at once
 SELECT herald.create_broadcast('b1', '{"name": "Stop", "template": "news-b"}') AS stop \gset
+SELECT herald.schedule_broadcast(:stop, now() - interval '1 day');
 SELECT herald.schedule_broadcast(:stop);
 SELECT herald.advance_broadcasts() AS read;
 SELECT herald.cancel_broadcast(:stop);
