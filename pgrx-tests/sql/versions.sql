@@ -145,3 +145,18 @@ SELECT herald.preview_broadcast('verb', '{"name": "all", "template": "t", "audie
 SELECT herald.preview_broadcast('verb', '{"name": "x"}');
 SELECT herald.preview_broadcast('nope', '{"name": "all", "template": "t", "audience": {}}');
 SELECT herald.preview_broadcast(-1);
+
+-- a contact pinned to version 1 and waiting on an event is woken onto version 1's next node, not the
+-- newest version's
+SELECT herald.create_workspace('verw');
+SELECT herald.create_automation('verw', '{"name": "w1", "trigger": {"event": "go"}, "start": "wait",
+  "nodes": {"wait": {"type": "wait_event", "event": "clicked", "timeout": "7 days", "next": "old", "timeout_next": "old"},
+            "old": {"type": "delay", "duration": "1 day", "next": "done"}, "done": {"type": "exit"}}}') AS wa \gset
+SELECT herald.set_automation_status(:wa, 'live');
+SELECT herald.track('verw', 'pinned@example.com', 'go') > 0 AS tracked;
+SELECT herald.tick() > 0 AS ticked;
+SELECT herald.update_automation(:wa, '{"name": "w2", "trigger": {"event": "go"}, "start": "wait",
+  "nodes": {"wait": {"type": "wait_event", "event": "clicked", "timeout": "7 days", "next": "new", "timeout_next": "new"},
+            "new": {"type": "delay", "duration": "2 days", "next": "done"}, "done": {"type": "exit"}}}') ->> 'pinned' AS pinned;
+SELECT herald.track('verw', 'pinned@example.com', 'clicked') > 0 AS clicked;
+SELECT current_node, status, coalesce((event ->> 'version')::int, 1) AS version FROM herald.enrollments WHERE workspace_id = 'verw';
