@@ -42,3 +42,26 @@ def test_help_documents_every_setting():
                 "HERALD_SHUTDOWN_GRACE_SECONDS", "HERALD_SENDGRID_VERIFICATION_KEY"]:
         assert key in out, key
     assert "s3cret" not in out
+
+
+def test_help_documents_secrets_rotation_and_tls():
+    out = subprocess.run([BIN, "run", "--help"], capture_output=True, text=True, timeout=10, env={
+        **{k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}}).stdout
+    for words in ["HERALD_<PURPOSE>_PREVIOUS", "HERALD_<PURPOSE>_FILE", "[workspaces.acme]", "webhook_secret_previous",
+                  "events_token", "link_secret_file", "X-Herald-Signature-Previous", "sslmode=require", "verify-full",
+                  "sslrootcert", "herald_worker", "HERALD_LINK_SECRET", "HERALD_EVENTS_TOKEN"]:
+        assert words in out, words
+
+
+def test_per_workspace_secrets_are_checked_at_start_without_showing_them(tmp_path):
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text('[workspaces.acme]\nlink_secret = "tooshort-x"\n')
+    r = run({}, "--config", str(cfg))
+    assert r.returncode != 0
+    assert "[workspaces.acme] link_secret: must be at least 16 characters" in r.stderr, r.stderr
+    assert "tooshort-x" not in r.stderr
+    cfg.write_text('[workspaces.acme]\nevents_token = "shared-token-1"\n[workspaces.globex]\nevents_token = "shared-token-1"\n')
+    r = run({}, "--config", str(cfg))
+    assert r.returncode != 0 and "events tokens must differ" in r.stderr and "shared-token-1" not in r.stderr
+    r = run({"HERALD_WEBHOOK_SECRET_FILE": str(tmp_path / "missing")})
+    assert r.returncode != 0 and "HERALD_WEBHOOK_SECRET_FILE: cannot read" in r.stderr, r.stderr

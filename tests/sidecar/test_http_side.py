@@ -315,3 +315,108 @@ def test_idle_connections_cannot_hold_up_real_requests(db, smtp, sidecar):
     # and the address that held them is served again
     status, _, body = request(f"http://127.0.0.1:{port}/o/x")
     assert status == 200 and body.startswith(b"GIF89a")
+
+
+def test_a_workspace_events_token_affects_only_its_workspace(db, smtp, sidecar, tmp_path):
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    for ws in ("acme", "globex"):
+        db.q("SELECT herald.upsert_contact(%s, 'same@example.com')", ws)
+        db.q("SELECT herald.upsert_contact(%s, %s)", ws, f"only-{ws}@example.com")
+        db.q("SELECT herald.upsert_template(%s, 'news', 'News', '<p>n</p>')", ws)
+    db.q("SELECT herald.send('globex', 'only-globex@example.com', 'news')")
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text('[workspaces.acme]\nevents_token = "acme-events-token"\n'
+                   '[workspaces.globex]\nevents_token = "globex-events-token-new"\n'
+                   'events_token_previous = "globex-events-token-old"\n')
+    port = free_port()
+    sidecar(**http_side(port), HERALD_CONFIG=str(cfg))
+    wait_http(port)
+    wait_until(lambda: smtp.count() == 1, timeout=30, what="globex's message")
+    globex_mid = smtp.snapshot()[0][1]["Message-ID"]
+    url = f"http://127.0.0.1:{port}/events/generic"
+
+    def post(token, *events):
+        status, _, reply = request(url, "POST", json.dumps({"events": list(events)}).encode(),
+                                   {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        return status, json.loads(reply) if status == 200 else reply
+
+    def suppressed():
+        return db.q("SELECT workspace_id, email FROM herald.suppressions ORDER BY 1, 2")
+
+    # acme's token naming globex's contacts, by workspace or by a globex Message-ID: nothing happens
+    assert post("acme-events-token",
+                {"type": "unsubscribe", "email": "same@example.com", "workspace": "globex"},
+                {"type": "unsubscribe", "email": "only-globex@example.com", "workspace": "globex"},
+                {"type": "complaint", "message_id": globex_mid}) == (200, {"received": 3, "recorded": 0})
+    assert suppressed() == []
+    # without a workspace, acme's token means acme
+    assert post("acme-events-token", {"type": "bounce", "email": "same@example.com"}) == \
+        (200, {"received": 1, "recorded": 1})
+    assert suppressed() == [("acme", "same@example.com")]
+    # globex's previous token still works during its rotation, for globex only
+    assert post("globex-events-token-old", {"type": "complaint", "message_id": globex_mid},
+                {"type": "unsubscribe", "email": "only-acme@example.com", "workspace": "acme"}) == \
+        (200, {"received": 2, "recorded": 1})
+    assert suppressed() == [("acme", "same@example.com"), ("globex", "only-globex@example.com")]
+    # a wrong token is refused; the default token still speaks for every workspace
+    assert post("globex-events-token", {"type": "bounce", "email": "x@example.com"})[0] == 401
+    assert post(EVENTS_TOKEN, {"type": "unsubscribe", "email": "same@example.com", "workspace": "globex"}) == \
+        (200, {"received": 1, "recorded": 1})
+    assert ("globex", "same@example.com") in suppressed()
+
+
+def test_link_keys_rotate_and_are_per_workspace(db, smtp, sidecar, tmp_path):
+    import hashlib
+    import hmac
+    from test_broadcast import LINK_SECRET
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    for ws in ("acme", "globex"):
+        db.q("SELECT herald.upsert_contact(%s, 'r0@example.com')", ws)
+        db.q("SELECT herald.upsert_template(%s, 'news', 'News', '<p>n</p>')", ws)
+    port = free_port()
+
+    def unsubscribe_links():
+        return {m["Message-ID"]: m["List-Unsubscribe"].strip("<>") for _, m, _ in smtp.snapshot()}
+
+    def signed_with(link, key):
+        body, sig = link.rsplit("/", 1)[1].split(".")
+        mac = base64.urlsafe_b64encode(hmac.new(key.encode(), body.encode(), hashlib.sha256).digest()).rstrip(b"=")
+        return mac.decode() == sig
+
+    # 1. the old key
+    s = sidecar(**http_side(port))
+    wait_http(port)
+    db.q("SELECT herald.send('acme', 'r0@example.com', 'news')")
+    wait_until(lambda: smtp.count() == 1, timeout=30, what="the first message")
+    [old_link] = unsubscribe_links().values()
+    assert signed_with(old_link, LINK_SECRET)
+    s.stop()
+
+    # 2. rotating: a new key signs, the old one still verifies; globex has a key of its own
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text('[workspaces.globex]\nlink_secret = "globex-own-link-key"\n')
+    s = sidecar(**{**http_side(port), "HERALD_LINK_SECRET": "the-new-link-key-2",
+                   "HERALD_LINK_SECRET_PREVIOUS": LINK_SECRET, "HERALD_CONFIG": str(cfg)})
+    wait_http(port)
+    db.q("SELECT herald.send('acme', 'r0@example.com', 'news')")
+    db.q("SELECT herald.send('globex', 'r0@example.com', 'news')")
+    wait_until(lambda: smtp.count() == 3, timeout=30, what="two more messages")
+    links = unsubscribe_links()
+    new_acme = next(l for l in links.values() if l != old_link and signed_with(l, "the-new-link-key-2"))
+    globex_link = next(l for l in links.values() if signed_with(l, "globex-own-link-key"))
+    assert request(old_link)[0] == 200, "signed with the previous key: still valid"
+    assert request(new_acme)[0] == 200
+    assert request(globex_link)[0] == 200
+    # a token claiming globex, signed with a key that is not globex's, is refused
+    forged = sign_link({"p": "u", "w": "globex", "e": "r0@example.com", "k": "x"})
+    assert request(f"http://127.0.0.1:{port}/u/{forged}", "POST", b"List-Unsubscribe=One-Click")[0] == 400
+    assert db.one("SELECT count(*) FROM herald.suppressions") == 0
+    assert request(old_link, "POST", b"List-Unsubscribe=One-Click")[0] == 200
+    assert db.q("SELECT workspace_id, email FROM herald.suppressions") == [("acme", "r0@example.com")]
+    s.stop()
+
+    # 3. rotation over: the old key is gone
+    s = sidecar(**{**http_side(port), "HERALD_LINK_SECRET": "the-new-link-key-2"})
+    wait_http(port)
+    assert request(old_link)[0] == 400
+    assert request(new_acme)[0] == 200

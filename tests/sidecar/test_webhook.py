@@ -95,3 +95,37 @@ def test_private_targets_are_refused_unless_allowed(db, http, sidecar):
         assert f"webhook target {host} refused" in error and "loopback" in error and "HERALD_WEBHOOK_ALLOW" in error
     assert http.count() == 0
     assert s.running()
+
+
+def test_webhooks_are_signed_with_their_workspace_key_and_the_previous_one_during_rotation(db, http, sidecar, tmp_path):
+    import hashlib
+    import hmac
+    from conftest import SECRET
+
+    def sig(key, headers, body):
+        return "sha256=" + hmac.new(key.encode(), headers["X-Herald-Timestamp"].encode() + b"." + body,
+                                    hashlib.sha256).hexdigest()
+
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    a = webhook(db, "acme-1", http.url + "/acme")
+    contact = db.one("SELECT herald.upsert_contact('globex', 'gus@example.com')")
+    g = db.one("""INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, rate_keys, contact_id, payload)
+                  VALUES ('globex', 'webhook', 'globex-1', ARRAY['host:127.0.0.1'], %s, %s::jsonb) RETURNING id""",
+               contact, json.dumps({"url": http.url + "/globex", "body": {"w": "{{ workspace }}"}}))
+    (tmp_path / "acme-old").write_text("acme-webhook-key-old\n")
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text('[workspaces.acme]\nwebhook_secret = "acme-webhook-key-new"\n'
+                   f'webhook_secret_previous_file = "{tmp_path / "acme-old"}"\n')
+    sidecar(HERALD_CONFIG=str(cfg))
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status = 'done'") == 2, what="2 webhooks")
+    reqs = {r["path"]: r for r in http.snapshot()}
+    acme, globex = reqs["/acme"], reqs["/globex"]
+    # acme's: its current key, and during the rotation its previous one too
+    assert acme["headers"]["X-Herald-Signature"] == sig("acme-webhook-key-new", acme["headers"], acme["body"])
+    assert acme["headers"]["X-Herald-Signature-Previous"] == sig("acme-webhook-key-old", acme["headers"], acme["body"])
+    assert not signature_ok(acme["headers"], acme["body"]), "not the default key"
+    # globex has no key of its own: the default (HERALD_WEBHOOK_SECRET), and no previous one
+    assert signature_ok(globex["headers"], globex["body"])
+    assert globex["headers"]["X-Herald-Signature"] == sig(SECRET, globex["headers"], globex["body"])
+    assert "X-Herald-Signature-Previous" not in globex["headers"]
+    assert [job(db, x)[0] for x in (a, g)] == ["done", "done"]

@@ -31,7 +31,29 @@ named <NAME> (upper-cased, '-' written '_'); jobs of provider 'default' use HERA
 A provider without an SMTP URL writes its mail as <message-id>.eml files into HERALD_MAILDIR.
 
 Database: --database-url or DATABASE_URL (environment or config file); by default
-the local socket /var/run/postgresql, database herald, as the current OS user.
+the local socket /var/run/postgresql, database herald, as the current OS user. TLS: sslmode=require
+(encrypted, server not checked), verify-ca / verify-full (checked against the system's CA store, or
+sslrootcert=<file>); e.g. postgres://herald_daemon@db.example.com/herald?sslmode=verify-full.
+Run it as a role in herald_worker, not a superuser (it warns otherwise).
+
+Secrets and rotation. Each of HERALD_WEBHOOK_SECRET, HERALD_LINK_SECRET and HERALD_EVENTS_TOKEN is the
+default for every workspace, and may also be given as:
+  HERALD_<PURPOSE>_PREVIOUS          the key being rotated out: still accepted, never used to sign
+  HERALD_<PURPOSE>_FILE              read from a file (trailing newline dropped); not with the value itself
+  HERALD_<PURPOSE>_PREVIOUS_FILE
+Per workspace, in the --config file (each purpose falls back to the default when not set):
+  [workspaces.acme]
+  webhook_secret = '...'            # signs acme's webhooks (X-Herald-Signature)
+  webhook_secret_previous = '...'   # during a rotation: also sent as X-Herald-Signature-Previous
+  link_secret_file = '/run/secrets/acme-links'   # signs acme's links; the previous one still verifies
+  events_token = '...'              # /events/...: may only affect acme (others' reports are skipped)
+  events_token_previous = '...'
+Rotation without downtime: set the new key as current and the old one as _previous, restart the
+daemons one by one, and drop _previous once nothing signed with it matters any more (links in mail
+already sent verify while it is there; a provider has switched to the new events token).
+The default events token acts for every workspace; a workspace's own token only for that workspace.
+Unsubscribe tokens of HERALD_UNSUBSCRIBE_URL are keyed with the link key (HERALD_LINK_SECRET may be
+set without the HTTP side for them); without any link key the webhook secret is used, with a warning.
 
 Signals: SIGTERM or SIGINT stops claiming, waits up to the grace period for jobs in flight, reports
 their results and exits 0.")]
@@ -118,7 +140,23 @@ pub struct RunArgs {
     pub shutdown_grace_seconds: Option<String>,
 }
 
-/// Keys a config file may hold (plus `HERALD_SMTP_URL_<NAME>`).
+/// The secrets that exist per workspace (config file `[workspaces.<name>]`, lower-case) and as the
+/// default of every workspace (environment `HERALD_<PURPOSE>`), each also as `…_PREVIOUS` (still
+/// accepted during a rotation) and `…_FILE` / `…_PREVIOUS_FILE` (read from a file).
+pub const SECRET_PURPOSES: &[&str] = &["WEBHOOK_SECRET", "LINK_SECRET", "EVENTS_TOKEN"];
+
+/// The four settings of one purpose: (value, previous value, file, previous file).
+fn secret_settings(purpose: &str) -> [String; 4] {
+    [
+        format!("HERALD_{purpose}"),
+        format!("HERALD_{purpose}_PREVIOUS"),
+        format!("HERALD_{purpose}_FILE"),
+        format!("HERALD_{purpose}_PREVIOUS_FILE"),
+    ]
+}
+
+/// Keys a config file may hold (plus `HERALD_SMTP_URL_<NAME>`, the `_PREVIOUS`/`_FILE` forms of the
+/// secrets, and `[workspaces.<name>]` tables).
 const KEYS: &[&str] = &[
     "DATABASE_URL",
     "HERALD_WORKER_ID",
@@ -273,6 +311,96 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The current key of one purpose and, during a rotation, the previous one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPair {
+    pub current: Option<Secret>,
+    pub previous: Option<Secret>,
+}
+
+impl KeyPair {
+    /// The keys that verify: current first, then previous.
+    pub fn verifying(&self) -> impl Iterator<Item = &[u8]> {
+        self.current
+            .iter()
+            .chain(self.previous.iter())
+            .map(|s| s.0.as_bytes())
+    }
+
+    fn is_set(&self) -> bool {
+        self.current.is_some()
+    }
+}
+
+/// One workspace's (or the default) keys, one pair per purpose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Secrets {
+    pub webhook: KeyPair,
+    pub link: KeyPair,
+    pub events: KeyPair,
+}
+
+/// Who an events token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenScope {
+    /// The default token: every workspace.
+    All,
+    /// A workspace's own token: that workspace only.
+    Workspace(String),
+}
+
+/// Every key the daemon signs or verifies with: the defaults and the per-workspace ones. A workspace
+/// without its own key of a purpose uses the default of that purpose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keys {
+    pub default: Secrets,
+    pub workspaces: BTreeMap<String, Secrets>,
+}
+
+impl Keys {
+    fn pick(&self, workspace: &str, purpose: impl Fn(&Secrets) -> &KeyPair) -> &KeyPair {
+        self.workspaces
+            .get(workspace)
+            .map(&purpose)
+            .filter(|p| p.is_set())
+            .unwrap_or_else(|| purpose(&self.default))
+    }
+
+    /// The webhook signing keys of a workspace.
+    pub fn webhook(&self, workspace: &str) -> &KeyPair {
+        self.pick(workspace, |s| &s.webhook)
+    }
+
+    /// The link signing keys of a workspace.
+    pub fn link(&self, workspace: &str) -> &KeyPair {
+        self.pick(workspace, |s| &s.link)
+    }
+
+    /// Whether any events token is configured (else /events/… are off).
+    pub fn has_events_tokens(&self) -> bool {
+        self.default.events.is_set() || self.workspaces.values().any(|s| s.events.is_set())
+    }
+
+    /// Whom a presented events token speaks for, checking every token (constant time each).
+    pub fn events_scope(&self, matches: impl Fn(&[u8]) -> bool) -> Option<TokenScope> {
+        let mut found = None;
+        for (name, s) in &self.workspaces {
+            if s.events.verifying().fold(false, |hit, t| matches(t) | hit) {
+                found = Some(TokenScope::Workspace(name.clone()));
+            }
+        }
+        if self
+            .default
+            .events
+            .verifying()
+            .fold(false, |hit, t| matches(t) | hit)
+        {
+            found = Some(TokenScope::All);
+        }
+        found
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database: tokio_postgres::Config,
@@ -284,7 +412,8 @@ pub struct Config {
     pub smtp: BTreeMap<String, SmtpSettings>,
     pub maildir: Option<PathBuf>,
     pub from: Mailbox,
-    pub webhook_secret: Option<Secret>,
+    /// Signing keys and events tokens, default and per workspace.
+    pub keys: std::sync::Arc<Keys>,
     pub webhook_allow: AllowList,
     pub metrics_addr: Option<SocketAddr>,
     pub unsubscribe_url: Option<url::Url>,
@@ -300,8 +429,8 @@ pub struct HttpSide {
     pub addr: SocketAddr,
     /// Without a trailing slash.
     pub public_url: String,
-    pub link_secret: Secret,
-    pub events_token: Option<Secret>,
+    /// The same keys as `Config::keys` (links and events tokens are checked here).
+    pub keys: std::sync::Arc<Keys>,
     /// SendGrid's Signed Event Webhook key: when set, /events/sendgrid is checked by signature.
     pub sendgrid_key: Option<VerifyingKey>,
 }
@@ -351,8 +480,12 @@ impl Config {
                 raw.insert(k.to_string(), v);
             }
         }
+        let extra: Vec<String> = SECRET_PURPOSES
+            .iter()
+            .flat_map(|p| secret_settings(p).into_iter().skip(1))
+            .collect();
         for (k, v) in std::env::vars() {
-            if k.starts_with(SMTP_PREFIX) {
+            if k.starts_with(SMTP_PREFIX) || extra.contains(&k) {
                 raw.insert(k, v);
             }
         }
@@ -436,6 +569,14 @@ impl Config {
             })
             .transpose()?;
 
+        let keys = std::sync::Arc::new(read_keys(raw)?);
+        if unsubscribe_url.is_none()
+            && http_parts(raw) == (false, false)
+            && keys.default.link.is_set()
+        {
+            bail!("HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET go together: set all three or none (HERALD_LINK_SECRET alone keys HERALD_UNSUBSCRIBE_URL's tokens only)");
+        }
+
         // validated before the HTTP side so that a bad key is named even when the side is incomplete
         let sendgrid_key = get("HERALD_SENDGRID_VERIFICATION_KEY")
             .map(|k| {
@@ -445,13 +586,13 @@ impl Config {
         let http = match (
             get("HERALD_HTTP_ADDR"),
             get("HERALD_PUBLIC_URL"),
-            get("HERALD_LINK_SECRET"),
+            keys.default.link.is_set(),
         ) {
-            (None, None, None) if sendgrid_key.is_some() => bail!(
+            (None, None, _) if sendgrid_key.is_some() => bail!(
                 "HERALD_SENDGRID_VERIFICATION_KEY: SendGrid events arrive through the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too"
             ),
-            (None, None, None) => None,
-            (Some(addr), Some(public), Some(secret)) => {
+            (None, None, _) => None,
+            (Some(addr), Some(public), true) => {
                 let addr = addr.parse::<SocketAddr>().map_err(|_| {
                     anyhow!("HERALD_HTTP_ADDR: expected host:port such as 0.0.0.0:8080, got {addr:?}")
                 })?;
@@ -461,14 +602,10 @@ impl Config {
                     .ok_or_else(|| {
                         anyhow!("HERALD_PUBLIC_URL: must be an absolute http(s) URL, got {public:?}")
                     })?;
-                if secret.chars().count() < 16 {
-                    bail!("HERALD_LINK_SECRET: must be at least 16 characters");
-                }
                 Some(HttpSide {
                     addr,
                     public_url: public.as_str().trim_end_matches('/').to_string(),
-                    link_secret: Secret(secret.to_string()),
-                    events_token: get("HERALD_EVENTS_TOKEN").map(|t| Secret(t.to_string())),
+                    keys: std::sync::Arc::clone(&keys),
                     sendgrid_key,
                 })
             }
@@ -500,7 +637,7 @@ impl Config {
             smtp,
             maildir: get("HERALD_MAILDIR").map(PathBuf::from),
             from,
-            webhook_secret: get("HERALD_WEBHOOK_SECRET").map(|s| Secret(s.to_string())),
+            keys,
             webhook_allow: AllowList::parse(get("HERALD_WEBHOOK_ALLOW").unwrap_or(""))
                 .map_err(|e| anyhow!("HERALD_WEBHOOK_ALLOW: {e}"))?,
             metrics_addr,
@@ -520,19 +657,149 @@ impl Config {
     pub fn summary(&self) -> String {
         let providers: Vec<String> = self.smtp.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!(
-            "database {:?}, concurrency {}, lease {}s, poll {}ms, smtp [{}], maildir {}, webhook signing {}, allow [{}], metrics {}",
+            "database {:?}, concurrency {}, lease {}s, poll {}ms, smtp [{}], maildir {}, webhook signing {}, workspaces with keys of their own [{}], allow [{}], metrics {}",
             self.database.get_dbname().unwrap_or("?"),
             self.concurrency,
             self.lease.as_secs(),
             self.poll_interval.as_millis(),
             providers.join(", "),
             self.maildir.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
-            if self.webhook_secret.is_some() { "on" } else { "off" },
+            if self.keys.default.webhook.is_set() { "on" } else { "off" },
+            self.keys.workspaces.keys().cloned().collect::<Vec<_>>().join(", "),
             self.webhook_allow,
             self.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         )
     }
 }
+
+/// Whether HERALD_HTTP_ADDR and HERALD_PUBLIC_URL are set.
+fn http_parts(raw: &BTreeMap<String, String>) -> (bool, bool) {
+    let set = |k: &str| raw.get(k).is_some_and(|v| !v.trim().is_empty());
+    (set("HERALD_HTTP_ADDR"), set("HERALD_PUBLIC_URL"))
+}
+
+/// One secret from its value or its file (never both); errors name the setting, never the value.
+fn read_secret(
+    raw: &BTreeMap<String, String>,
+    value_key: &str,
+    file_key: &str,
+    (shown, shown_file): (&str, &str),
+) -> Result<Option<Secret>> {
+    let get = |k: &str| raw.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+    let secret = match (get(value_key), get(file_key)) {
+        (Some(_), Some(_)) => bail!("{shown}: set the value or the file, not both"),
+        (Some(v), None) => Some(v.to_string()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("{shown_file}: cannot read {path}: {e}"))?;
+            let text = text.trim_end_matches(['\r', '\n']).to_string();
+            if text.trim().is_empty() {
+                bail!("{shown_file}: {path} is empty");
+            }
+            Some(text)
+        }
+        (None, None) => None,
+    };
+    Ok(secret.map(Secret))
+}
+
+/// The defaults (`HERALD_<PURPOSE>…`) and the `[workspaces.<name>]` keys (flattened by `parse_toml`
+/// to `workspaces.<name>.<purpose>…`), validated: link keys at least 16 characters, a previous key
+/// only with a current one, and no events token shared by two scopes.
+fn read_keys(raw: &BTreeMap<String, String>) -> Result<Keys> {
+    let pair = |scope: &str, purpose: &str, keys: [String; 4]| -> Result<KeyPair> {
+        let shown = |k: &str| {
+            if scope.is_empty() {
+                k.to_string()
+            } else {
+                let field = k.rsplit('.').next().unwrap_or(k);
+                format!("[workspaces.{scope}] {}", field.to_ascii_lowercase())
+            }
+        };
+        let current = read_secret(
+            raw,
+            &keys[0],
+            &keys[2],
+            (&shown(&keys[0]), &shown(&keys[2])),
+        )?;
+        let previous = read_secret(
+            raw,
+            &keys[1],
+            &keys[3],
+            (&shown(&keys[1]), &shown(&keys[3])),
+        )?;
+        if previous.is_some() && current.is_none() {
+            bail!(
+                "{}: a previous key needs a current one ({})",
+                shown(&keys[1]),
+                shown(&keys[0])
+            );
+        }
+        if purpose == "LINK_SECRET" {
+            for (k, s) in [(&keys[0], &current), (&keys[1], &previous)] {
+                if s.as_ref().is_some_and(|s| s.0.chars().count() < 16) {
+                    bail!("{}: must be at least 16 characters", shown(k));
+                }
+            }
+        }
+        Ok(KeyPair { current, previous })
+    };
+    let secrets = |scope: &str, names: &dyn Fn(&str) -> [String; 4]| -> Result<Secrets> {
+        Ok(Secrets {
+            webhook: pair(scope, "WEBHOOK_SECRET", names("WEBHOOK_SECRET"))?,
+            link: pair(scope, "LINK_SECRET", names("LINK_SECRET"))?,
+            events: pair(scope, "EVENTS_TOKEN", names("EVENTS_TOKEN"))?,
+        })
+    };
+    let mut keys = Keys {
+        default: secrets("", &|p| secret_settings(p))?,
+        workspaces: BTreeMap::new(),
+    };
+    let names: std::collections::BTreeSet<String> = raw
+        .keys()
+        .filter_map(|k| k.strip_prefix("workspaces."))
+        .filter_map(|rest| rest.rsplit_once('.').map(|(name, _)| name.to_string()))
+        .collect();
+    for name in names {
+        let prefix = format!("workspaces.{name}.");
+        let own = secrets(&name, &|p| {
+            secret_settings(p).map(|k| format!("{prefix}{}", k.trim_start_matches("HERALD_")))
+        })?;
+        keys.workspaces.insert(name, own);
+    }
+    // an events token says whom it speaks for: the same token in two scopes would be ambiguous
+    let mut seen: Vec<(&[u8], String)> = Vec::new();
+    let scopes = std::iter::once(("the default".to_string(), &keys.default)).chain(
+        keys.workspaces
+            .iter()
+            .map(|(n, s)| (format!("workspace {n:?}"), s)),
+    );
+    for (scope, s) in scopes {
+        for t in s.events.verifying() {
+            if let Some((_, other)) = seen.iter().find(|(u, _)| *u == t) {
+                bail!("events tokens must differ: {scope} and {other} share one");
+            }
+            seen.push((t, scope.clone()));
+        }
+    }
+    Ok(keys)
+}
+
+/// The fields a `[workspaces.<name>]` table may hold.
+const WORKSPACE_FIELDS: &[&str] = &[
+    "webhook_secret",
+    "webhook_secret_previous",
+    "webhook_secret_file",
+    "webhook_secret_previous_file",
+    "link_secret",
+    "link_secret_previous",
+    "link_secret_file",
+    "link_secret_previous_file",
+    "events_token",
+    "events_token_previous",
+    "events_token_file",
+    "events_token_previous_file",
+];
 
 /// A config file: a flat TOML table whose keys are the environment variables' names.
 pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
@@ -541,8 +808,38 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
         .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
+        if key == "workspaces" {
+            let toml::Value::Table(workspaces) = value else {
+                bail!("workspaces: expected tables, e.g. [workspaces.acme]");
+            };
+            for (name, fields) in workspaces {
+                let toml::Value::Table(fields) = fields else {
+                    bail!("workspaces.{name}: expected a table of keys ([workspaces.{name}])");
+                };
+                for (field, v) in fields {
+                    let lower = field.to_ascii_lowercase();
+                    if !WORKSPACE_FIELDS.contains(&lower.as_str()) {
+                        bail!(
+                            "[workspaces.{name}]: unknown key {field:?} (known: {})",
+                            WORKSPACE_FIELDS.join(", ")
+                        );
+                    }
+                    let toml::Value::String(text) = v else {
+                        bail!("[workspaces.{name}] {field}: expected a string");
+                    };
+                    out.insert(
+                        format!("workspaces.{name}.{}", lower.to_ascii_uppercase()),
+                        text,
+                    );
+                }
+            }
+            continue;
+        }
         let upper = key.to_ascii_uppercase();
-        if !KEYS.contains(&upper.as_str()) && !upper.starts_with(SMTP_PREFIX) {
+        let secret_form = SECRET_PURPOSES
+            .iter()
+            .any(|p| secret_settings(p).contains(&upper));
+        if !KEYS.contains(&upper.as_str()) && !upper.starts_with(SMTP_PREFIX) && !secret_form {
             bail!(
                 "unknown key {key:?} (known: {}, {SMTP_PREFIX}<NAME>)",
                 KEYS.join(", ")
@@ -781,6 +1078,101 @@ mod tests {
             "{e}"
         );
         assert!(parse_toml(&format!("HERALD_SENDGRID_VERIFICATION_KEY = \"{key}\"")).is_ok());
+    }
+
+    #[test]
+    fn per_workspace_keys_with_rotation_and_defaults() {
+        let dir = std::env::temp_dir().join(format!("herald-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("globex-link");
+        std::fs::write(&file, "globex-link-key-from-file\n").unwrap();
+        let mut m = parse_toml(&format!(
+            "HERALD_WEBHOOK_SECRET = \"default-hook\"\n\
+             HERALD_LINK_SECRET = \"default-link-key-16\"\n\
+             HERALD_LINK_SECRET_PREVIOUS = \"default-link-key-old\"\n\
+             HERALD_EVENTS_TOKEN = \"default-token\"\n\
+             [workspaces.acme]\n\
+             webhook_secret = \"acme-hook-new\"\n\
+             webhook_secret_previous = \"acme-hook-old\"\n\
+             events_token = \"acme-token\"\n\
+             events_token_previous = \"acme-token-old\"\n\
+             [workspaces.\"globex.eu\"]\n\
+             link_secret_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
+        m.insert("HERALD_HTTP_ADDR".into(), "127.0.0.1:8080".into());
+        m.insert("HERALD_PUBLIC_URL".into(), "https://mail.test".into());
+        let c = Config::from_map(&m).unwrap();
+        let k = &c.keys;
+        let text = |p: &KeyPair| {
+            p.verifying()
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(text(k.webhook("acme")), ["acme-hook-new", "acme-hook-old"]);
+        assert_eq!(
+            text(k.webhook("globex.eu")),
+            ["default-hook"],
+            "falls back per purpose"
+        );
+        assert_eq!(text(k.webhook("other")), ["default-hook"]);
+        assert_eq!(
+            text(k.link("acme")),
+            ["default-link-key-16", "default-link-key-old"]
+        );
+        assert_eq!(text(k.link("globex.eu")), ["globex-link-key-from-file"]);
+        let scope = |t: &str| k.events_scope(|x| x == t.as_bytes());
+        assert_eq!(
+            scope("acme-token"),
+            Some(TokenScope::Workspace("acme".into()))
+        );
+        assert_eq!(
+            scope("acme-token-old"),
+            Some(TokenScope::Workspace("acme".into()))
+        );
+        assert_eq!(scope("default-token"), Some(TokenScope::All));
+        assert_eq!(scope("nope"), None);
+        let shown = format!("{c:?}");
+        for secret in ["acme-hook-new", "globex-link-key-from-file", "acme-token"] {
+            assert!(!shown.contains(secret), "{secret} shown");
+        }
+
+        // refusals name the setting, never the value
+        for (toml, says) in [
+            ("[workspaces.acme]\nlink_secret = \"short-secret\"\n", "[workspaces.acme] link_secret: must be at least 16 characters"),
+            ("[workspaces.acme]\nevents_token_previous = \"x-secret\"\n", "[workspaces.acme] events_token_previous: a previous key needs a current one"),
+            ("[workspaces.a]\nevents_token = \"same-secret\"\n[workspaces.b]\nevents_token = \"same-secret\"\n", "events tokens must differ"),
+            ("HERALD_EVENTS_TOKEN = \"same-secret\"\n[workspaces.b]\nevents_token_previous = \"same-secret\"\nevents_token = \"b-secret\"\n", "events tokens must differ"),
+            ("[workspaces.acme]\nwebhook_secret = \"a-secret\"\nwebhook_secret_file = \"/x\"\n", "[workspaces.acme] webhook_secret: set the value or the file, not both"),
+            ("[workspaces.acme]\nwebhook_secret_file = \"/nonexistent/secret\"\n", "[workspaces.acme] webhook_secret_file: cannot read /nonexistent/secret"),
+            ("HERALD_LINK_SECRET_PREVIOUS = \"x-secret-but-long-enough\"\n", "HERALD_LINK_SECRET_PREVIOUS: a previous key needs a current one"),
+        ] {
+            let e = Config::from_map(&parse_toml(toml).unwrap()).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{toml}: {e}");
+            assert!(!e.contains("secret\""), "{e}");
+            assert!(!e.contains("same-secret") && !e.contains("x-secret"), "{e}");
+        }
+        assert!(parse_toml("[workspaces.acme]\nwebhook_key = \"x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key \"webhook_key\""));
+        assert!(parse_toml("[workspaces.acme]\nevents_token = 5\n").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn link_secret_alone_keys_the_unsubscribe_url() {
+        let c = Config::from_map(&map(&[
+            ("HERALD_UNSUBSCRIBE_URL", "https://acme.test/unsub"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+        ]))
+        .unwrap();
+        assert!(c.http.is_none() && c.keys.link("acme").current.is_some());
+        let e = Config::from_map(&map(&[("HERALD_LINK_SECRET", "sixteen-chars-ok")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set all three or none"), "{e}");
     }
 
     #[test]

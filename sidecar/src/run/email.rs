@@ -18,7 +18,7 @@ use lettre::Message;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
-use super::config::{provider_key, Config, HttpSide, Secret};
+use super::config::{provider_key, Config, HttpSide, Keys};
 use super::executor::{Job, Outcome};
 use super::links::{self, Claims, Purpose};
 use super::render::{RenderedEmail, Renderer, Vars};
@@ -65,7 +65,7 @@ pub struct Mailer {
     maildir: Option<PathBuf>,
     from: Mailbox,
     unsubscribe: Option<url::Url>,
-    unsubscribe_key: Option<Secret>,
+    keys: std::sync::Arc<Keys>,
     /// With the HTTP side on: signed unsubscribe, click and open links in every email.
     http: Option<HttpSide>,
 }
@@ -87,7 +87,7 @@ impl Mailer {
             maildir: config.maildir.clone(),
             from: config.from.clone(),
             unsubscribe: config.unsubscribe_url.clone(),
-            unsubscribe_key: config.webhook_secret.clone(),
+            keys: std::sync::Arc::clone(&config.keys),
             http: config.http.clone(),
         })
     }
@@ -192,11 +192,8 @@ impl Mailer {
                     .map(str::to_string),
                 url: None,
             };
-            let unsubscribe = format!(
-                "{}/u/{}",
-                h.public_url,
-                links::sign(h.link_secret.0.as_bytes(), &claims)
-            );
+            let key = self.link_key(&job.workspace);
+            let unsubscribe = format!("{}/u/{}", h.public_url, links::sign(key, &claims));
             (h.clone(), claims, unsubscribe)
         });
         Ok(Prepared {
@@ -221,7 +218,7 @@ impl Mailer {
             tracking,
         } = prepared;
         if let Some((h, claims, _)) = &tracking {
-            let key = h.link_secret.0.as_bytes();
+            let key = self.link_key(&job.workspace);
             rendered.html = links::rewrite_links(&rendered.html, |url| {
                 if url.starts_with(&format!("{}/", h.public_url)) {
                     return url.to_string(); // herald's own links (the unsubscribe link) stay as they are
@@ -273,15 +270,27 @@ impl Mailer {
             .map_err(|e| format!("cannot build the message: {e}"))
     }
 
-    /// `<base>?workspace=…&email=…[&token=…]`; the token (with a webhook secret configured) is
-    /// hex(HMAC-SHA256(secret, "unsubscribe:" + workspace + ":" + email))[..32], for the endpoint to check.
+    /// The key that signs this workspace's links (the HTTP side is on, so one exists).
+    fn link_key(&self, workspace: &str) -> &[u8] {
+        self.keys
+            .link(workspace)
+            .current
+            .as_ref()
+            .map_or(&[][..], |k| k.0.as_bytes())
+    }
+
+    /// `<base>?workspace=…&email=…[&token=…]`; the token (with a link key configured, or else the
+    /// webhook secret) is hex(HMAC-SHA256(key, "unsubscribe:" + workspace + ":" + email))[..32], for
+    /// the endpoint to check. The workspace's own link key when it has one.
     fn unsubscribe_link(&self, workspace: &str, email: &str) -> Option<String> {
         let mut url = self.unsubscribe.clone()?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("workspace", workspace)
                 .append_pair("email", email);
-            if let Some(key) = &self.unsubscribe_key {
+            // the link key; the webhook secret only as the deprecated fallback (warned at start)
+            let keys = [self.keys.link(workspace), self.keys.webhook(workspace)];
+            if let Some(key) = keys.iter().find_map(|k| k.current.as_ref()) {
                 q.append_pair(
                     "token",
                     &unsubscribe_token(key.0.as_bytes(), workspace, email),

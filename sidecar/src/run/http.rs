@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::config::HttpSide;
+use super::config::{HttpSide, TokenScope};
 use super::db_health::DbHealth;
 use super::email::message_id;
 use super::links::{self, Claims, Purpose};
@@ -167,11 +167,20 @@ impl Db {
         }
     }
 
-    async fn record(&self, feedback: Json) -> Result<i32, RecordError> {
+    /// One `record_feedback` call; `only_workspace`: the workspace whose credentials came with it
+    /// (a link key, a workspace's events token): entries are resolved there only.
+    async fn record(
+        &self,
+        feedback: Json,
+        only_workspace: Option<&str>,
+    ) -> Result<i32, RecordError> {
         loop {
             let (client, fresh) = self.client().await?;
             match client
-                .query_one("SELECT herald.record_feedback($1::jsonb)", &[&feedback])
+                .query_one(
+                    "SELECT herald.record_feedback($1::jsonb, $2::text)",
+                    &[&feedback, &only_workspace],
+                )
                 .await
             {
                 Ok(row) => {
@@ -413,21 +422,26 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, (&'static str, 
     })
 }
 
+/// A link token verified with its workspace's link keys (current, then previous during a rotation).
+fn verify_link(side: &HttpSide, token: &str, purpose: Purpose) -> Result<Claims, links::Refused> {
+    let workspace = links::claimed_workspace(token).ok_or(links::Refused::Malformed)?;
+    links::verify_any(side.keys.link(&workspace).verifying(), token, purpose)
+}
+
 async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
-    let key = side.link_secret.0.as_bytes();
     let mut parts = req.path.trim_start_matches('/').splitn(2, '/');
     let (head, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match (req.method.as_str(), head) {
-        ("GET", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
+        ("GET", "u") => match verify_link(side, rest, Purpose::Unsubscribe) {
             Ok(c) => Response::html("200 OK", confirm_page(&c)),
             Err(e) => Response::text("400 Bad Request", format!("{e}\n")),
         },
-        ("POST", "u") => match links::verify(key, rest, Purpose::Unsubscribe) {
+        ("POST", "u") => match verify_link(side, rest, Purpose::Unsubscribe) {
             Ok(_) if !is_one_click(req.header("content-type"), &req.body) => Response::text(
                 "400 Bad Request",
                 "a one-click unsubscribe carries List-Unsubscribe=One-Click in a form-urlencoded or multipart/form-data body (RFC 8058)\n",
             ),
-            Ok(c) => match db.record(json!([feedback("unsubscribed", &c)])).await {
+            Ok(c) => match db.record(json!([feedback("unsubscribed", &c)]), Some(&c.workspace)).await {
                 Ok(_) => Response::html(
                     "200 OK",
                     page(
@@ -441,8 +455,8 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
         },
         ("GET", "o") => {
             // a mail client shows whatever it gets; only a valid token records anything
-            if let Ok(c) = links::verify(key, rest, Purpose::Open) {
-                if let Err(e) = db.record(json!([feedback("opened", &c)])).await {
+            if let Ok(c) = verify_link(side, rest, Purpose::Open) {
+                if let Err(e) = db.record(json!([feedback("opened", &c)]), Some(&c.workspace)).await {
                     e.log("recording an open");
                 }
             }
@@ -453,7 +467,7 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
                 body: PIXEL.to_vec(),
             }
         }
-        ("GET", "c") => match links::verify(key, rest, Purpose::Click) {
+        ("GET", "c") => match verify_link(side, rest, Purpose::Click) {
             Ok(c) => {
                 // normalised again: a link signed before targets were normalised may hold anything
                 let Some(url) = c.url.as_deref().and_then(links::normalise_url) else {
@@ -462,7 +476,7 @@ async fn route(req: &Request, side: &HttpSide, db: &Db) -> Response {
                         "this link's target is not an http(s) URL herald can redirect to\n",
                     );
                 };
-                if let Err(e) = db.record(json!([feedback("clicked", &c)])).await {
+                if let Err(e) = db.record(json!([feedback("clicked", &c)]), Some(&c.workspace)).await {
                     // the reader still gets where they wanted to go
                     e.log("recording a click");
                 }
@@ -555,21 +569,28 @@ fn feedback(kind: &str, c: &Claims) -> Json {
 }
 
 async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) -> Response {
-    if let Some(refused) = provider_refusal(req, format, side) {
-        return refused;
-    }
+    let scope = match provider_scope(req, format, side) {
+        Ok(scope) => scope,
+        Err(refused) => return refused,
+    };
     let Ok(body) = serde_json::from_slice::<Json>(&req.body) else {
         return Response::text("400 Bad Request", "the body is not JSON\n");
     };
-    let workspace = req
-        .query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("workspace="))
-        .map(|w| {
-            percent_encoding::percent_decode_str(w)
-                .decode_utf8_lossy()
-                .to_string()
-        });
+    let only = match &scope {
+        TokenScope::All => None,
+        TokenScope::Workspace(w) => Some(w.clone()),
+    };
+    // a workspace's token: its entries are that workspace's unless they name another (then skipped)
+    let workspace = only.clone().or_else(|| {
+        req.query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("workspace="))
+            .map(|w| {
+                percent_encoding::percent_decode_str(w)
+                    .decode_utf8_lossy()
+                    .to_string()
+            })
+    });
     let entries = match format {
         "generic" => generic_events(&body),
         "sendgrid" => sendgrid_events(&body),
@@ -596,7 +617,7 @@ async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) 
         })
         .collect();
     let received = feedback.len();
-    match db.record(Json::Array(feedback)).await {
+    match db.record(Json::Array(feedback), only.as_deref()).await {
         Ok(recorded) => Response::json(
             "200 OK",
             json!({"received": received, "recorded": recorded}),
@@ -605,10 +626,12 @@ async fn provider_events(req: &Request, format: &str, side: &HttpSide, db: &Db) 
     }
 }
 
-/// Who may post provider events: with a SendGrid verification key, /events/sendgrid takes SendGrid's
-/// signature instead of the token (the signature also proves the body was not altered, and SendGrid
-/// sends it whatever the webhook URL holds); every other case needs HERALD_EVENTS_TOKEN. `None`: go on.
-fn provider_refusal(req: &Request, format: &str, side: &HttpSide) -> Option<Response> {
+/// Who may post provider events, and for which workspaces: with a SendGrid verification key,
+/// /events/sendgrid takes SendGrid's signature instead of a token (the signature also proves the body
+/// was not altered, and SendGrid sends it whatever the webhook URL holds; it speaks for every
+/// workspace); every other case needs an events token: the default one (every workspace) or a
+/// workspace's own (that workspace only), current or previous. `Err`: the refusal to send.
+fn provider_scope(req: &Request, format: &str, side: &HttpSide) -> Result<TokenScope, Response> {
     if format == "sendgrid" {
         if let Some(key) = &side.sendgrid_key {
             let now = SystemTime::now()
@@ -621,25 +644,27 @@ fn provider_refusal(req: &Request, format: &str, side: &HttpSide) -> Option<Resp
                 &req.body,
                 now,
             );
-            return checked.err().map(|refusal| {
+            return checked.map(|()| TokenScope::All).map_err(|refusal| {
                 tracing::info!(reason = %refusal, "http: SendGrid events refused");
                 Response::text(refusal.status(), format!("{refusal}\n"))
             });
         }
     }
-    let Some(token) = &side.events_token else {
-        return Some(Response::text(
+    if !side.keys.has_events_tokens() {
+        return Err(Response::text(
             "404 Not Found",
             "provider events are off (no HERALD_EVENTS_TOKEN)\n",
         ));
-    };
-    if !authorized(req.header("authorization"), token.0.as_bytes()) {
-        return Some(Response::text(
-            "401 Unauthorized",
-            "missing or wrong token (Authorization: Bearer <token>, or Basic with the token as password)\n",
-        ));
     }
-    None
+    let header = req.header("authorization");
+    side.keys
+        .events_scope(|token| authorized(header, token))
+        .ok_or_else(|| {
+            Response::text(
+                "401 Unauthorized",
+                "missing or wrong token (Authorization: Bearer <token>, or Basic with the token as password)\n",
+            )
+        })
 }
 
 /// SendGrid's Signed Event Webhook headers (names lower-cased as `Request` keeps them).

@@ -111,6 +111,34 @@ pub fn is_header_safe(value: &str) -> bool {
     !value.bytes().any(|b| b.is_ascii_control() && b != b'\t')
 }
 
+/// The workspace a token claims, read WITHOUT verifying it: only to pick the keys to verify it with.
+pub fn claimed_workspace(token: &str) -> Option<String> {
+    let (body, _) = token.split_once('.')?;
+    let raw = URL_SAFE_NO_PAD.decode(body).ok()?;
+    serde_json::from_slice::<Claims>(&raw)
+        .ok()
+        .map(|c| c.workspace)
+}
+
+/// Verifies with each key in turn (a workspace's current link key, then the previous one during a
+/// rotation); the refusal is the current key's.
+pub fn verify_any<'k>(
+    keys: impl IntoIterator<Item = &'k [u8]>,
+    token: &str,
+    purpose: Purpose,
+) -> Result<Claims, Refused> {
+    let mut first = None;
+    for key in keys {
+        match verify(key, token, purpose) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(first.unwrap_or(Refused::BadSignature))
+}
+
 /// Rewrites every `href="http(s)://…"` (double or single quotes) of an HTML body to a signed click
 /// link built by `link(url)`; other hrefs (mailto:, #anchors, relative) stay as they are.
 pub fn rewrite_links(html: &str, mut link: impl FnMut(&str) -> String) -> String {
@@ -281,6 +309,41 @@ mod tests {
             seen,
             ["https://a.example/xLocation:%20https://evil.example"]
         );
+    }
+
+    #[test]
+    fn rotation_previous_keys_still_verify() {
+        let old: &[u8] = b"the previous link key";
+        let new: &[u8] = b"the current link key!";
+        let c = claims(Purpose::Unsubscribe, None);
+        let signed_before = sign(old, &c);
+        let signed_after = sign(new, &c);
+        assert_eq!(claimed_workspace(&signed_before).as_deref(), Some("w"));
+        // during the rotation both verify
+        for t in [&signed_before, &signed_after] {
+            assert_eq!(
+                verify_any([new, old], t, Purpose::Unsubscribe),
+                Ok(c.clone())
+            );
+        }
+        // after it, the old one no longer does
+        assert_eq!(
+            verify_any([new], &signed_before, Purpose::Unsubscribe),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_any([new, old], &signed_after, Purpose::Open),
+            Err(Refused::WrongPurpose)
+        );
+        assert_eq!(
+            verify_any(
+                std::iter::empty::<&[u8]>(),
+                &signed_after,
+                Purpose::Unsubscribe
+            ),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(claimed_workspace("garbage"), None);
     }
 
     #[test]

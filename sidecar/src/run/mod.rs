@@ -194,10 +194,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.smtp.is_empty() && config.maildir.is_none() {
         tracing::warn!("no email transport: set HERALD_SMTP_URL_DEFAULT (or HERALD_MAILDIR); email jobs will be retried until one is configured");
     }
-    if config.webhook_secret.is_none() {
+    if config.keys.default.webhook.current.is_none() {
         tracing::warn!(
-            "HERALD_WEBHOOK_SECRET is not set: webhooks are sent without X-Herald-Signature"
+            "HERALD_WEBHOOK_SECRET is not set: webhooks of workspaces without a key of their own are sent without X-Herald-Signature"
         );
+    }
+    if config.unsubscribe_url.is_some()
+        && config.http.is_none()
+        && config.keys.default.link.current.is_none()
+    {
+        tracing::warn!("HERALD_UNSUBSCRIBE_URL: its tokens are keyed with HERALD_WEBHOOK_SECRET because no HERALD_LINK_SECRET is set; this is deprecated (one key for two purposes): set HERALD_LINK_SECRET and check the tokens with it");
     }
 
     let http_listener = match &config.http {

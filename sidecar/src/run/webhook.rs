@@ -3,7 +3,8 @@
 //! Request: the payload's method, URL and headers, its body rendered (every string inside it is a
 //! template), `Content-Type: application/json`, `Idempotency-Key: <dedupe key>`, `X-Herald-Timestamp:
 //! <unix seconds>` and, with a key configured, `X-Herald-Signature: sha256=<hex HMAC-SHA256(key,
-//! timestamp + "." + body)>`. Timeout: the payload's `timeout_ms` (default 10 s), for the whole exchange.
+//! timestamp + "." + body)>` with the job's workspace's key (or the default), plus, during a rotation,
+//! `X-Herald-Signature-Previous` with the previous key. Timeout: the payload's `timeout_ms` (default 10 s), for the whole exchange.
 //!
 //! Reply: 2xx succeeds and its JSON (at most 64 KiB; anything else becomes `{"text": …}`) goes back as the
 //! job's response; 408, 429, 5xx, time-outs and connection errors are retried; other statuses (redirects
@@ -26,7 +27,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Value as Json};
 use sha2::Sha256;
 
-use super::config::{Config, Secret};
+use super::config::{Config, Keys};
 use super::executor::{Job, Outcome};
 use super::render::{Renderer, Vars};
 
@@ -347,7 +348,7 @@ pub fn reply_value(body: &[u8], truncated: bool) -> Option<Json> {
 pub struct Webhooks {
     client: reqwest::Client,
     allow: Arc<AllowList>,
-    secret: Option<Secret>,
+    keys: Arc<Keys>,
     max_timeout: Duration,
 }
 
@@ -366,7 +367,7 @@ impl Webhooks {
         Ok(Self {
             client,
             allow,
-            secret: config.webhook_secret.clone(),
+            keys: Arc::clone(&config.keys),
             max_timeout: config.lease,
         })
     }
@@ -479,11 +480,21 @@ impl Webhooks {
             };
         set(&mut headers, "idempotency-key", &job.dedupe_key)?;
         set(&mut headers, "x-herald-timestamp", &timestamp.to_string())?;
-        if let Some(secret) = &self.secret {
+        // the workspace's key (or the default); during a rotation also the previous key's signature,
+        // so a receiver that knows only one of the two verifies either way
+        let keys = self.keys.webhook(&job.workspace);
+        if let Some(current) = &keys.current {
             set(
                 &mut headers,
                 "x-herald-signature",
-                &signature(secret.0.as_bytes(), timestamp, &body),
+                &signature(current.0.as_bytes(), timestamp, &body),
+            )?;
+        }
+        if let Some(previous) = &keys.previous {
+            set(
+                &mut headers,
+                "x-herald-signature-previous",
+                &signature(previous.0.as_bytes(), timestamp, &body),
             )?;
         }
         let timeout = match p.get("timeout_ms").and_then(Json::as_u64) {
