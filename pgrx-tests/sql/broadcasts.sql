@@ -226,7 +226,8 @@ SELECT herald.advance_broadcasts() AS read;
 UPDATE herald.outbox SET status = 'cancelled' WHERE status = 'pending' AND broadcast_id <> :flight;
 SELECT count(*) AS claimed FROM herald.claim('t', 10, '1 millisecond');
 SELECT herald.pause_broadcast(:flight);
-SELECT pg_sleep(0.01), herald.reap() AS reaped;
+SELECT pg_sleep(0.01);
+SELECT herald.reap() AS reaped;   -- its own statement: now() is after the sleep
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :flight GROUP BY 1;
 SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 10);
 SELECT herald.resume_broadcast(:flight);
@@ -244,7 +245,8 @@ SELECT herald.schedule_broadcast(:lapsed);
 SELECT herald.advance_broadcasts() AS read;
 SELECT count(*) AS claimed FROM herald.claim('t', 10, '1 millisecond');
 SELECT herald.cancel_broadcast(:lapsed);
-SELECT pg_sleep(0.01), herald.reap() AS reaped;
+SELECT pg_sleep(0.01);
+SELECT herald.reap() AS reaped;   -- its own statement: now() is after the sleep
 SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :lapsed GROUP BY 1;
 SELECT * FROM herald.broadcast_stats(:lapsed);
 -- 'sent' needs the counters to say every job ended and then no open row: counters alone (a redrive

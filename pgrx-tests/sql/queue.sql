@@ -77,7 +77,8 @@ SELECT status, error FROM herald.message_history WHERE outbox_id = :flaky ORDER 
 SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'reaped') AS reaped \gset
 SELECT count(*) AS claimed FROM herald.claim('dying-worker', 10, '1 millisecond');
 SELECT pg_sleep(0.01);
-SELECT herald.reap() AS reaped_count;
+-- at least this job (on a loaded machine another short lease of this file may have expired too)
+SELECT herald.reap() >= 1 AS reaped_some;
 SELECT status, attempt, last_error FROM herald.outbox WHERE id = :reaped;
 SELECT herald.reap() AS nothing_to_reap;
 
