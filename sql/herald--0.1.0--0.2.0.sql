@@ -19,6 +19,17 @@
 -- Existing tables keep every row; tables added: workspace_grants, lists, erasures.
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.2.0'" to load this file. \quit
 
+-- Every table first, in one statement, before any catalog row changes: an autovacuum worker busy on one
+-- of them is cancelled by this wait (Postgres cancels autovacuum that blocks a lock request), instead of
+-- waiting on this transaction's catalog updates while we wait for its lock (a deadlock the upgrade test
+-- met). Applications wait for the few seconds the upgrade takes.
+LOCK TABLE herald.workspaces, herald.contacts, herald.contact_rejections, herald.events, herald.automations,
+           herald.enrollments, herald.templates, herald.providers, herald.outbox, herald.rate_limits,
+           herald.rate_grants, herald.message_history, herald.step_log, herald.stats_delta, herald.stats,
+           herald.decide_cache, herald.list_members, herald.suppressions, herald.broadcasts,
+           herald.broadcast_stats_delta, herald.broadcast_stats
+    IN ACCESS EXCLUSIVE MODE;
+
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
 -- so are the sequences behind their ids: without this a dump of a herald database restores no herald
 -- row. Every table and identity sequence is registered whole (filter ''): CREATE EXTENSION creates no

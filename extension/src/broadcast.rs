@@ -223,19 +223,32 @@ pub fn prefilter(segment: &Value) -> Prefilter {
     p
 }
 
-/// `{lists?: [name], segment?: condition, exclude?: condition}`; `{}` or absent = every contact.
+/// `"all"` (every contact that is not suppressed) or `{lists?: [name], segment?: condition,
+/// exclude?: condition}` with at least one of them. A missing or empty audience is refused: sending to
+/// everyone must be said, never a default a forgotten key falls into.
 fn audience(v: Option<&Value>, faults: &mut Vec<Fault>) -> (Vec<String>, Value, Value) {
+    const SHAPE: &str =
+        "\"all\" (every contact that is not suppressed) or an object with lists, segment and/or exclude";
     let mut lists = Vec::new();
     let (mut segment, mut exclude) = (Value::Null, Value::Null);
-    let Some(v) = v else {
-        return (lists, segment, exclude);
-    };
-    let Some(obj) = v.as_object() else {
-        faults.push(Fault::new(
-            "$.audience",
-            "an object with lists, segment and/or exclude ({} = every contact)",
-        ));
-        return (lists, segment, exclude);
+    let obj = match v {
+        Some(Value::String(s)) if s == "all" => return (lists, segment, exclude),
+        None => {
+            faults.push(Fault::new("$.audience", format!("required: {SHAPE}")));
+            return (lists, segment, exclude);
+        }
+        Some(Value::Object(obj)) if obj.is_empty() => {
+            faults.push(Fault::new(
+                "$.audience",
+                "an empty audience would reach every contact: write \"all\" if that is meant",
+            ));
+            return (lists, segment, exclude);
+        }
+        Some(Value::Object(obj)) => obj,
+        Some(_) => {
+            faults.push(Fault::new("$.audience", SHAPE));
+            return (lists, segment, exclude);
+        }
     };
     for k in obj.keys() {
         if !["lists", "segment", "exclude"].contains(&k.as_str()) {
@@ -488,8 +501,28 @@ mod tests {
     }
 
     #[test]
+    fn the_audience_must_be_said() {
+        assert_eq!(paths(json!({"name": "x", "template": "t"})), vec!["$.audience"]);
+        assert_eq!(
+            paths(json!({"name": "x", "template": "t", "audience": {}})),
+            vec!["$.audience"]
+        );
+        assert_eq!(
+            paths(json!({"name": "x", "template": "t", "audience": "everyone"})),
+            vec!["$.audience"]
+        );
+        let all = validate(&json!({"name": "x", "template": "t", "audience": "all"})).unwrap();
+        assert_eq!(
+            (&all["lists"], &all["segment"], &all["exclude"]),
+            (&json!([]), &Value::Null, &Value::Null)
+        );
+        let f = validate(&json!({"name": "x", "template": "t", "audience": {}})).unwrap_err();
+        assert!(f[0].message.contains("write \"all\""), "{}", f[0].message);
+    }
+
+    #[test]
     fn a_single_template_becomes_one_default_variation() {
-        let n = validate(&json!({"name": "News", "template": "news"})).unwrap();
+        let n = validate(&json!({"name": "News", "audience": "all", "template": "news"})).unwrap();
         assert_eq!(
             n["variations"],
             json!([{"key": "default", "template": "news", "weight": 100.0}])
@@ -523,7 +556,7 @@ mod tests {
     #[test]
     fn every_fault_is_reported_with_its_path() {
         let p = paths(
-            json!({"name": "", "template": "t", "variations": [], "colour": 1,
+            json!({"name": "", "audience": "all", "template": "t", "variations": [], "colour": 1,
                              "audience": {"lists": [""], "segment": {"field": "event.x", "op": "eq", "value": 1}},
                              "rate_per_second": 0, "send_at": {"local_time": "25:00"}}),
         );
@@ -543,7 +576,7 @@ mod tests {
     #[test]
     fn variations_and_ab_tests_are_checked() {
         let p = paths(
-            json!({"name": "x", "variations": [{"key": "a", "template": "t"}, {"key": "a", "template": "", "weight": 0}],
+            json!({"name": "x", "audience": "all", "variations": [{"key": "a", "template": "t"}, {"key": "a", "template": "", "weight": 0}],
                              "ab_test": {"test_percent": 80, "metric": "likes"}}),
         );
         for want in [
@@ -557,7 +590,7 @@ mod tests {
             assert!(p.contains(&want.to_string()), "{want} missing from {p:?}");
         }
         let p = paths(
-            json!({"name": "x", "template": "t", "ab_test": {"test_percent": 10, "wait": "1 hour"}}),
+            json!({"name": "x", "audience": "all", "template": "t", "ab_test": {"test_percent": 10, "wait": "1 hour"}}),
         );
         assert_eq!(p, vec!["$.ab_test"]);
         assert!(validate(&json!("nope")).is_err());
@@ -641,23 +674,23 @@ mod tests {
     #[test]
     fn send_times() {
         let n =
-            validate(&json!({"name": "x", "template": "t", "send_at": {"local_time": "09:30"}}))
+            validate(&json!({"name": "x", "audience": "all", "template": "t", "send_at": {"local_time": "09:30"}}))
                 .unwrap();
         assert_eq!(
             n["send_at"],
             json!({"kind": "local", "local_time": "09:30"})
         );
         let n = validate(
-            &json!({"name": "x", "template": "t", "send_at": {"at": "2026-12-01T09:00:00+01:00"}}),
+            &json!({"name": "x", "audience": "all", "template": "t", "send_at": {"at": "2026-12-01T09:00:00+01:00"}}),
         )
         .unwrap();
         assert_eq!(n["send_at"]["kind"], "at");
         assert_eq!(
-            paths(json!({"name": "x", "template": "t", "send_at": {"at": "tomorrow"}})),
+            paths(json!({"name": "x", "audience": "all", "template": "t", "send_at": {"at": "tomorrow"}})),
             vec!["$.send_at.at"]
         );
         assert_eq!(
-            paths(json!({"name": "x", "template": "t", "send_at": "now"})),
+            paths(json!({"name": "x", "audience": "all", "template": "t", "send_at": "now"})),
             vec!["$.send_at"]
         );
     }

@@ -31,10 +31,12 @@ SELECT herald.unsuppress('b1', 'x@example.com') AS removed_nothing;
 
 -- definitions are validated with paths; templates and providers must exist
 SELECT herald.create_broadcast('b1', '{"name": "", "template": "news-a", "colour": 1}');
-SELECT herald.create_broadcast('b1', '{"name": "n", "template": "missing"}');
-SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "provider": "ses"}');
+-- the audience must be said: none, or an empty one, is refused ("all" means every contact)
+SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "audience": {}}');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "missing"}');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "provider": "ses"}');
 -- a send time in the past is refused, at creation and when scheduling
-SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "send_at": {"at": "2001-01-01T00:00:00Z"}}');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "send_at": {"at": "2001-01-01T00:00:00Z"}}');
 SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "audience": {"segment": {"field": "event.x", "op": "eq", "value": 1}}}');
 
 -- audience: the list (subscribed only), pro plan, not country XX, not suppressed
@@ -104,7 +106,7 @@ SELECT herald.cancel_broadcast(:retry);
 SELECT * FROM herald.broadcast_stats(:retry);
 
 -- cancel stops a running broadcast at once
-SELECT herald.create_broadcast('b1', '{"name": "Stop", "template": "news-b"}') AS stop \gset
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Stop", "template": "news-b"}') AS stop \gset
 SELECT herald.schedule_broadcast(:stop, now() - interval '1 day');
 SELECT herald.schedule_broadcast(:stop);
 SELECT herald.advance_broadcasts() AS read;
@@ -113,7 +115,7 @@ SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :stop GROUP BY 1
 SELECT count(*) AS claimed_after_cancel FROM herald.claim('t', 100);
 
 -- a schedule in the future waits; local-time sends get each recipient's own run_at
-SELECT herald.create_broadcast('b1', '{"name": "Later", "template": "news-b", "send_at": {"at": "2999-01-01T00:00:00Z"}}') AS later \gset
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Later", "template": "news-b", "send_at": {"at": "2999-01-01T00:00:00Z"}}') AS later \gset
 SELECT herald.schedule_broadcast(:later);
 SELECT herald.advance_broadcasts() AS read, (SELECT status FROM herald.broadcasts WHERE id = :later);
 SELECT herald.cancel_broadcast(:later);
@@ -127,7 +129,7 @@ SELECT c.email, to_char(o.run_at AT TIME ZONE coalesce(c.timezone, 'UTC'), 'HH24
 SELECT herald.cancel_broadcast(:morning);
 
 -- A/B: 50% test share split a/b; the winner by unique opens goes to the rest
-SELECT herald.create_broadcast('b1', '{"name": "AB", "variations": [{"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}],
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "AB", "variations": [{"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}],
   "ab_test": {"test_percent": 50, "metric": "opens", "wait": "1 minute"}}') AS ab \gset
 SELECT herald.schedule_broadcast(:ab);
 SELECT herald.advance_broadcasts() AS read;
@@ -154,7 +156,7 @@ SELECT count(DISTINCT contact_id) = count(*) AS each_once,
 SELECT * FROM herald.broadcast_stats(:ab) WHERE metric IN ('opened', 'queued');
 
 -- the winner rules on crafted numbers: a tie, and too small a sample
-SELECT herald.create_broadcast('b1', '{"name": "Tie", "variations": [{"key": "x", "template": "news-a"}, {"key": "y", "template": "news-b"}],
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Tie", "variations": [{"key": "x", "template": "news-a"}, {"key": "y", "template": "news-b"}],
   "ab_test": {"test_percent": 50, "metric": "clicks", "wait": "1 minute"}}') AS tie \gset
 SELECT herald.schedule_broadcast(:tie);
 SELECT herald.advance_broadcasts() > 0 AS test_enqueued;

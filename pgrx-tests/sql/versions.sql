@@ -141,9 +141,9 @@ SELECT herald.advance_broadcasts(1000) >= 0 AS advanced;
 SELECT variation, count(*) FROM herald.outbox WHERE broadcast_id = :bc GROUP BY 1 ORDER BY 1;
 SELECT (herald.preview_broadcast(:bc) -> 'variations') AS variations;
 -- no segment: everyone not suppressed; bad input
-SELECT herald.preview_broadcast('verb', '{"name": "all", "template": "t", "audience": {}}') - 'sample' AS everyone;
+SELECT herald.preview_broadcast('verb', '{"name": "all", "template": "t", "audience": "all"}') - 'sample' AS everyone;
 SELECT herald.preview_broadcast('verb', '{"name": "x"}');
-SELECT herald.preview_broadcast('nope', '{"name": "all", "template": "t", "audience": {}}');
+SELECT herald.preview_broadcast('nope', '{"name": "all", "template": "t", "audience": "all"}');
 SELECT herald.preview_broadcast(-1);
 
 -- a contact pinned to version 1 and waiting on an event is woken onto version 1's next node, not the

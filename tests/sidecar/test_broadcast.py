@@ -49,7 +49,7 @@ def test_a_10000_recipient_broadcast_with_two_variations_arrives_once_each(db, s
     add_contacts(db, 10_000)
     db.q("SELECT herald.upsert_template('acme', 'news-a', 'A: news for {{ contact.first_name }}', '<p>a {{ broadcast.name }}</p>')")
     db.q("SELECT herald.upsert_template('acme', 'news-b', 'B: news for {{ contact.first_name }}', '<p>b {{ broadcast.name }}</p>')")
-    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Winter", "variations": [
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Winter", "audience": "all", "variations": [
                    {"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}]}')""")
     db.q("SELECT herald.schedule_broadcast(%s)", b)
     sidecar(HERALD_CONCURRENCY="128")
@@ -74,7 +74,7 @@ def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
             '<p>Read <a href="https://acme.test/post?id=1&amp;x=2">this</a>. <a href="{{ unsubscribe_url }}">Stop</a></p>')""")
     port = free_port()
     sidecar(**http_side(port))
-    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "One", "template": "news"}')""")
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "One", "audience": "all", "template": "news"}')""")
     db.q("SELECT herald.schedule_broadcast(%s)", b)
     wait_until(lambda: smtp.count() == 3, timeout=30, what="3 messages")
     msg = next(m for rcpts, m, _ in smtp.snapshot() if rcpts == ["r1@example.com"])
@@ -130,7 +130,7 @@ def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
 
     # the next broadcast skips the unsubscribed address
     before = smtp.count()
-    b2 = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Two", "template": "news"}')""")
+    b2 = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Two", "audience": "all", "template": "news"}')""")
     db.q("SELECT herald.schedule_broadcast(%s)", b2)
     wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b2) == "sent", timeout=30,
                what="the second broadcast")

@@ -367,7 +367,7 @@ def set_up(conn):
         a = one(conn, "SELECT herald.create_automation(%s, %s::jsonb)", ws, json.dumps(flow(f"{event} flow", event)))
         q(conn, "SELECT herald.set_automation_status(%s, 'live')", a)
         automations[ws] = a
-    broadcast = one(conn, """SELECT herald.create_broadcast(%s, '{"name": "Crash news", "provider": "mail",
+    broadcast = one(conn, """SELECT herald.create_broadcast(%s, '{"name": "Crash news", "audience": "all", "provider": "mail",
                                "variations": [{"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}]}')""",
                     WS_B)
     q(conn, "SELECT herald.schedule_broadcast(%s)", broadcast)
