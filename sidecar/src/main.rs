@@ -9,6 +9,7 @@ mod compat;
 mod db;
 mod demo;
 mod import;
+mod listing;
 mod run;
 mod status;
 
@@ -28,12 +29,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Per-workspace counts (contacts, events, live automations, enrollments by status) and the queue
-    /// (jobs by state, oldest pending age, dead letters, rate limits).
+    /// Per-workspace counts (contacts, events, live automations, enrollments by status), the queue
+    /// (jobs by state, oldest pending age, dead letters, rate limits) and broadcasts (by status, and
+    /// the progress of those in flight).
     Status,
     /// Imports contacts from a CSV file (email, optional timezone, attribute columns), streamed via COPY
     /// in chunks through herald.upsert_contacts; prints inserted/updated/rejected with reasons.
     Import(import::ImportArgs),
+    /// Lists automations: id, workspace, name, status, trigger, enrollments by status.
+    Automations(listing::ListArgs),
+    /// Lists broadcasts: id, workspace, name, status, phase, enqueued/sent/failed, progress.
+    Broadcasts(listing::ListArgs),
     /// Runs the end-to-end demo in a fresh database `herald_demo`.
     Demo,
     /// Prints throughput figures and writes them as JSON (see the README's performance section).
@@ -58,6 +64,8 @@ async fn main() -> Result<()> {
         Command::Status => status::run(&target).await,
         Command::Demo => demo::run(&target).await,
         Command::Import(args) => import::run(&target, args).await,
+        Command::Automations(args) => listing::run_automations(&target, args).await,
+        Command::Broadcasts(args) => listing::run_broadcasts(&target, args).await,
         Command::Bench(args) => bench::run(&target, args).await,
         Command::Run(args) => run::main(*args).await,
     }

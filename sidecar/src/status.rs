@@ -158,10 +158,56 @@ pub async fn render_queue(client: &Client) -> Result<String> {
     Ok(out)
 }
 
+/// Broadcasts per workspace and status, one grouped scan.
+const BROADCASTS: &str = "
+    SELECT workspace_id,
+           count(*) FILTER (WHERE status = 'draft'), count(*) FILTER (WHERE status = 'scheduled'),
+           count(*) FILTER (WHERE status = 'sending'), count(*) FILTER (WHERE status = 'paused'),
+           count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'cancelled')
+      FROM herald.broadcast_overview
+     GROUP BY workspace_id
+     ORDER BY workspace_id";
+
+/// Broadcasts by workspace and status, then those in flight (scheduled, sending, paused) with their
+/// progress, as `herald broadcasts` shows them.
+pub async fn render_broadcasts(client: &Client) -> Result<String> {
+    let rows = client
+        .query(BROADCASTS, &[])
+        .await
+        .context("reading herald.broadcast_overview")?;
+    if rows.is_empty() {
+        return Ok("(no broadcasts)\n".into());
+    }
+    let mut out = format!(
+        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "broadcasts", "draft", "scheduled", "sending", "paused", "sent", "cancelled"
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, i64>(5),
+            r.get::<_, i64>(6)
+        ));
+    }
+    let in_flight = crate::listing::broadcasts(client, None, true).await?;
+    if !in_flight.is_empty() {
+        out.push('\n');
+        out.push_str(&crate::listing::render_broadcasts(&in_flight));
+    }
+    Ok(out)
+}
+
 pub async fn run(target: &Target) -> Result<()> {
     let client = target.connect_herald().await?;
     print!("{}", render(&counts(&client).await?));
     println!();
     print!("{}", render_queue(&client).await?);
+    println!();
+    print!("{}", render_broadcasts(&client).await?);
     Ok(())
 }
