@@ -510,8 +510,9 @@ impl Config {
 
         let database = match get("DATABASE_URL") {
             // the parser's message could quote the string, which may hold a password: say only what is wrong
-            Some(url) => url.parse::<tokio_postgres::Config>().map_err(|_| {
-                anyhow!("DATABASE_URL: not a valid connection string (postgres://user@host/db or key=value pairs)")
+            Some(url) => crate::db::parse_database_url(url).map_err(|e| match e {
+                crate::db::UrlError::Tls(why) => anyhow!("DATABASE_URL: {why}"),
+                crate::db::UrlError::Other(_) => anyhow!("DATABASE_URL: not a valid connection string (postgres://user@host/db or key=value pairs)"),
             })?,
             None => {
                 let mut c = tokio_postgres::Config::new();

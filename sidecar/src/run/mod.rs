@@ -126,6 +126,30 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
+/// The daemon needs only what `herald_worker` grants; a superuser's rights behind an internet-facing
+/// HTTP side are a risk worth a line in the log.
+async fn warn_if_superuser(client: &tokio_postgres::Client) {
+    let row = client
+        .query_opt(
+            "SELECT r.rolsuper, current_user::text FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(Some(row)) if row.get::<_, bool>(0) => {
+            let role: String = row.get(1);
+            tracing::warn!(
+                role = %role,
+                "connected as a superuser: herald run needs only the rights of herald_worker; connect as a role in it (CREATE ROLE herald_daemon LOGIN IN ROLE herald_worker)"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %pg::describe(&e), "could not read the role's attributes")
+        }
+    }
+}
+
 /// One render worker per core (rendering is CPU work; each worker takes one request at a time).
 fn render_workers() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
@@ -174,7 +198,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = &mut shutdown => None,
         r = async {
             let probe = health.wait_until_up("startup").await?;
-            crate::db::check_extension(&probe, &dbname).await
+            crate::db::check_extension(&probe, &dbname).await?;
+            warn_if_superuser(&probe).await;
+            Ok(())
         } => Some(r),
     };
     match ready {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
 
@@ -49,7 +49,7 @@ impl Notifier {
     /// One connection's life: Ok when shut down, Err when the connection failed.
     async fn session(&self, backoff: &mut Backoff) -> Result<(), Lost> {
         let config = pg::settings(self.db.config(), "notifier");
-        let (client, mut connection) = match config.connect(NoTls).await {
+        let (client, mut messages) = match crate::db::connect(&config).await {
             Ok(c) => {
                 self.db.ok();
                 c
@@ -62,8 +62,6 @@ impl Notifier {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(
             async move {
-                let mut messages =
-                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 while let Some(m) = messages.next().await {
                     match m {
                         Ok(m) => {

@@ -6,7 +6,7 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config};
 use tracing::instrument::WithSubscriber;
 
 /// The settings every connection of the daemon uses: named after the component (`application_name`,
@@ -34,10 +34,10 @@ pub async fn connect(
     config: &Config,
     component: &'static str,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, mut connection) = settings(config, component).connect(NoTls).await?;
+    // TLS as DATABASE_URL's sslmode says (crate::db::connect)
+    let (client, mut messages) = crate::db::connect(&settings(config, component)).await?;
     tokio::spawn(
         async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notice(n)) => match n.severity() {
