@@ -118,7 +118,12 @@ pub async fn check_extension(client: &Client, dbname: &str) -> Result<()> {
             &[],
         )
         .await
-        .context("reading the installed herald extension version")?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading the installed herald extension version: {}",
+                describe(&e)
+            )
+        })?
         .map(|row| row.get(0));
     match compat::check(installed.as_deref(), dbname) {
         Verdict::Fits => Ok(()),
@@ -366,12 +371,26 @@ pub async fn connect(config: &Config) -> Result<(Client, Messages), tokio_postgr
     }
 }
 
+/// The error with its causes: tokio-postgres prints only its kind ("db error", "error connecting to
+/// server") and keeps the server's message or the OS error in the source chain.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string().replace('\n', " "));
+        source = s.source();
+    }
+    text
+}
+
 /// Drives a connection to its end, logging only how it ended (for the command-line tools).
 pub async fn drive(mut messages: Messages) {
     use futures_util::StreamExt;
     while let Some(m) = messages.next().await {
         if let Err(e) = m {
-            tracing::debug!(error = %e, "connection closed");
+            tracing::debug!(error = %describe(&e), "connection closed");
             break;
         }
     }

@@ -88,3 +88,16 @@ def test_a_template_that_asks_for_gigabytes_fails_its_job_not_the_daemon(db, smt
     db.q("SELECT herald.send('globex', 'later@example.com', 'hello')")
     wait_until(lambda: smtp.count() == 22, timeout=30, what="a later mail")
     assert s.running()
+
+
+def test_maintenance_errors_carry_the_servers_message(db, smtp, sidecar):
+    # tick made to fail with a server error: a table only it writes is gone
+    db.q("ALTER TABLE herald.step_log RENAME TO step_log_away")
+    s = sidecar()
+    wait_until(lambda: 'task="herald.tick"' in s.log() and "failed" in s.log(), timeout=30, what="tick to fail")
+    line = next(l for l in s.log().splitlines() if 'task="herald.tick"' in l and "failed" in l)
+    assert "does not exist" in line, line          # the server's words, not only "db error"
+    # and the daemon still sends mail meanwhile
+    db.q("SELECT herald.upsert_template('acme', 'hello', 'Hello', '<p>hi</p>')")
+    db.q("SELECT herald.send('acme', 'a@example.com', 'hello')")
+    wait_until(lambda: smtp.count() == 1, timeout=30, what="the mail")

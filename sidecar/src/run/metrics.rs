@@ -255,13 +255,24 @@ impl Metrics {
             cache.client = self.health.connect("metrics").await.ok();
         }
         let client = cache.client.as_ref()?;
-        let rows = tokio::time::timeout(
+        let rows = match tokio::time::timeout(
             QUEUE_TIMEOUT,
             client.query("SELECT kind, status, sum(jobs)::bigint FROM herald.queue_status GROUP BY 1, 2 ORDER BY 1, 2", &[]),
         )
         .await
         .ok()?
-        .ok()?;
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                // the server's reason (e.g. a role without read access to herald.queue_status)
+                if super::pg::is_connection_error(&e) {
+                    tracing::debug!(error = %super::pg::describe(&e), "queue depth not read");
+                } else {
+                    tracing::warn!(error = %super::pg::describe(&e), "queue depth not read");
+                }
+                return None;
+            }
+        };
         self.health.ok();
         cache.rows = rows
             .iter()

@@ -2,7 +2,6 @@
 //! (reporting to [`super::db_health`], which tells the log and /metrics whether the database is there).
 //! Server notices (e.g. complete()'s WARNING about ignored results) are logged, never dropped.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -46,7 +45,7 @@ pub async fn connect(
                     },
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(component, error = %e, "connection closed");
+                        tracing::debug!(component, error = %describe(&e), "connection closed");
                         break;
                     }
                 }
@@ -95,17 +94,9 @@ pub fn is_undefined_function(e: &tokio_postgres::Error) -> bool {
 }
 
 /// The error with its causes: tokio-postgres prints only its kind ("db error", "error connecting to
-/// server") and keeps the server's message or the OS error in the source chain.
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string().replace('\n', " "));
-        source = s.source();
-    }
-    text
-}
+/// server") and keeps the server's message or the OS error in the source chain. Every error the
+/// daemon logs goes through it.
+pub use crate::db::describe;
 
 /// True when the error is about the connection rather than the statement: the server went away or
 /// cannot take us now (I/O, closed, timeout, SQLSTATE class 08, shutdown/starting up, too many
