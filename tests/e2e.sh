@@ -93,6 +93,18 @@ out=$("$bin" import "$csv2" --workspace acme 2>&1) && fail "duplicate header acc
 echo "$out" | grep -q 'columns 2 and 3 of the CSV header are both named "plan"' || fail "duplicate header message: $out"
 [ "$(snapshot)" = "$before" ] || fail "a refused header wrote something"
 
+# the run stops half-way (here a trigger fails the third chunk): the summary says what is in, exit 1
+q "CREATE FUNCTION public.e2e_boom() RETURNS trigger LANGUAGE plpgsql AS \$\$ BEGIN
+     IF NEW.email = 'boom@example.com' THEN RAISE EXCEPTION 'e2e: boom'; END IF; RETURN NEW; END \$\$;
+   CREATE TRIGGER e2e_boom BEFORE INSERT ON herald.contacts FOR EACH ROW EXECUTE FUNCTION public.e2e_boom()"
+printf 'email\nstop1@example.com\nstop2@example.com\n\nstop3@example.com\nstop4@example.com\nboom@example.com\nstop6@example.com\n' >"$csv2"
+out=$("$bin" import "$csv2" --workspace acme --chunk 2 2>&1) && fail "an import whose chunk failed exited 0: $out"
+echo "$out" | grep -q "import stopped: 4 of 6 rows done (lines up to 6 are in, none after): 4 inserted, 0 updated, 0 rejected" \
+    || fail "stopped import summary: $out"
+echo "$out" | grep -q "stopped after line 6: upsert_contacts of lines 7–8: .*e2e: boom" || fail "stopped import error: $out"
+[ "$(q "SELECT count(*) FROM herald.contacts WHERE email LIKE 'stop%@example.com'")" = 4 ] || fail "stopped import: rows in"
+q "DROP TRIGGER e2e_boom ON herald.contacts; DROP FUNCTION public.e2e_boom()"
+
 # herald automations / broadcasts / status: what the demo made, and a broadcast half-way
 out=$("$bin" automations --workspace acme)
 echo "$out" | grep -Eq '^ *1 +acme +Welcome series +live +signup +335 +0 +0 +0 +0$' || fail "automations: $out"

@@ -405,10 +405,10 @@ pub async fn run(target: &Target, args: ImportArgs) -> Result<()> {
     eprintln!();
     print!("{}", summary.render(&args.workspace));
     if let Some(why) = summary.stopped {
-        bail!(
-            "the import stopped at line {}: {why}",
-            summary.last_line + 1
-        );
+        match summary.last_line {
+            0 => bail!("the import stopped before any row was done: {why}"),
+            n => bail!("the import stopped after line {n}: {why}"),
+        }
     }
     Ok(())
 }
