@@ -181,6 +181,8 @@ ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY D
 ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_broadcast(text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.simulate_automation(text, jsonb, timestamptz, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.simulate_automation(bigint, timestamptz, jsonb) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -202,6 +204,10 @@ TO herald_app, herald_admin;
 -- read-only: an application's segment editor previews its audience; per-version counts of its journeys
 GRANT EXECUTE ON FUNCTION
     herald.preview_broadcast(text, jsonb), herald.preview_broadcast(bigint), herald.automation_version_stats(bigint)
+TO herald_app, herald_admin;
+-- read-only too: a dry run of a journey over the workspace's own recorded events (writes and sends nothing)
+GRANT EXECUTE ON FUNCTION
+    herald.simulate_automation(text, jsonb, timestamptz, jsonb), herald.simulate_automation(bigint, timestamptz, jsonb)
 TO herald_app, herald_admin;
 
 -- herald_admin: managing workspaces and what runs in them

@@ -351,3 +351,78 @@ fn _steps(
         )
     }))
 }
+
+/// The dry run of an automation (see `simulate.rs`; called by `sql/simulate.sql`). With `events`
+/// NULL it only checks: the definition (every fault with its JSON path) and the options (every fault
+/// naming its key), and answers `{"kinds": [the event kinds to read, trigger first], "until":
+/// options.until or null, "include_enrolled": bool}`. With `events` and `contacts` (json texts, the
+/// shapes `simulate::run` documents) it runs and returns the report. Nothing is read or written here.
+#[pg_extern]
+fn _simulate(
+    definition: Option<JsonbText>,
+    options: Option<JsonbText>,
+    events: Option<JsonText>,
+    contacts: Option<JsonText>,
+    since: Option<f64>,
+    until: Option<f64>,
+) -> JsonB {
+    let what = "invalid automation definition";
+    let Some(JsonbText(text)) = definition else {
+        raise_faults(what, &[Fault::new("$", "definition must not be NULL")]);
+    };
+    let def = definition::read_text(&text).unwrap_or_else(|faults| raise_faults(what, &faults));
+    let automation =
+        definition::validate(&def).unwrap_or_else(|faults| raise_faults(what, &faults));
+    if automation.trigger.is_none() {
+        raise_faults(
+            what,
+            &[Fault::new(
+                "$.trigger",
+                "the automation has no trigger, so no recorded event would enrol anyone: nothing to simulate",
+            )],
+        );
+    }
+    let options: Value = match options {
+        None => Value::Null,
+        Some(JsonbText(t)) => serde_json::from_str(&t).unwrap_or_else(|e| {
+            raise_faults("invalid options", &[Fault::new("options", e.to_string())])
+        }),
+    };
+    let opts = crate::simulate::read_options(&options, &automation)
+        .unwrap_or_else(|faults| raise_faults("invalid options", &faults));
+    let (Some(JsonText(events)), Some(JsonText(contacts)), Some(since), Some(until)) =
+        (events, contacts, since, until)
+    else {
+        return JsonB(json!({
+            "kinds": crate::simulate::event_kinds(&automation),
+            "until": opts.until.map(|t| t.to_rfc3339()),
+            "include_enrolled": opts.include_enrolled,
+        }));
+    };
+    let time = |epoch: f64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_micros((epoch * 1e6).round() as i64)
+            .unwrap_or_else(|| {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+                    format!("time {epoch} is out of range")
+                );
+            })
+    };
+    let report = crate::simulate::run(
+        &automation,
+        &opts,
+        &events,
+        &contacts,
+        time(since),
+        time(until),
+    )
+    .unwrap_or_else(|e| {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("simulate: {e}")
+        );
+    });
+    JsonB(report)
+}

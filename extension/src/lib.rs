@@ -15,6 +15,7 @@ pub mod definition_cache;
 pub mod duration;
 pub mod fault;
 pub mod json_limits;
+pub mod simulate;
 pub mod step_engine;
 pub mod tick_batch;
 
@@ -49,6 +50,11 @@ pgrx::extension_sql_file!(
     "../../sql/versions.sql",
     name = "versions",
     requires = ["engine", api::_check_automation]
+);
+pgrx::extension_sql_file!(
+    "../../sql/simulate.sql",
+    name = "simulate",
+    requires = ["versions", api::_simulate]
 );
 pgrx::extension_sql_file!(
     "../../sql/broadcasts.sql",

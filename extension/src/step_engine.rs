@@ -221,6 +221,13 @@ pub struct Count {
 
 /// Runs one enrollment until it parks, ends or reaches the cap.
 pub fn advance(input: StepInput) -> Outcome {
+    advance_returning(input).0
+}
+
+/// [`advance`], also handing back the input's contact facts (with this call's update_contact
+/// changes applied, as its later conditions saw them) and event, so a caller that runs the same
+/// contact again (the dry run, `simulate.rs`) moves them in and out instead of cloning them per call.
+pub fn advance_returning(input: StepInput) -> (Outcome, Value, Option<Value>) {
     let mut run = Run {
         automation: input.automation,
         automation_id: input.automation_id,
@@ -252,7 +259,7 @@ pub fn advance(input: StepInput) -> Outcome {
     if due {
         run.run(input.max_transitions.max(1));
     }
-    run.out
+    (run.out, run.contact, run.event)
 }
 
 /// [`advance`] over a batch, in order.

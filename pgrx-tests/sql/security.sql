@@ -96,6 +96,8 @@ INSERT INTO calls (fn, q) VALUES
   ('broadcast_stats',       $q$SELECT herald.broadcast_stats({broadcast})$q$),
   ('preview_broadcast(ws, definition)', $q$SELECT herald.preview_broadcast('{ws}', '{"name": "n", "template": "t", "audience": "all"}')$q$),
   ('preview_broadcast(id)', $q$SELECT herald.preview_broadcast({broadcast})$q$),
+  ('simulate_automation(ws, definition)', $q$SELECT herald.simulate_automation('{ws}', '{"name": "n", "trigger": {"event": "ping"}, "start": "x", "nodes": {"x": {"type": "exit"}}}'::jsonb, now() - interval '1 day')$q$),
+  ('simulate_automation(id)', $q$SELECT herald.simulate_automation({automation}, now() - interval '1 day')$q$),
   ('create_workspace',      $q$SELECT herald.create_workspace('{ws}-2')$q$),
   ('grant_workspace',       $q$SELECT herald.grant_workspace('hsec_app_b', '{ws}')$q$),
   ('revoke_workspace',      $q$SELECT herald.revoke_workspace('hsec_app_a', '{ws}')$q$),
