@@ -14,6 +14,7 @@
 --   * JSON a tenant stores (event payloads, contact attributes, send contexts) is at most 32 levels deep
 --     and 64 KiB (herald._value_fault), at every way in.
 --   * a broadcast's send time in the past is refused (create_broadcast, schedule_broadcast);
+--   * retry_failed: failed and dead jobs back, with the journeys that failed on them;
 --   * lists (create_list, subscribe, unsubscribe, list_overview) and erasure (delete_contact: the
 --     contact everywhere, a keyed suppression and an audit row in herald.erasures stay).
 -- Existing tables keep every row; tables added: workspace_grants, lists, erasures.
@@ -2393,6 +2394,119 @@ BEGIN
 END
 $$;
 
+-- ------------------------------------------------- recovery: retry failed jobs and their journeys
+-- Recovery after a mistake is fixed (a webhook refused by the allow-list, a provider without its SMTP
+-- URL, a template error): failed (permanent) and dead jobs of a workspace go back to pending with their
+-- attempts reset, and the enrollments that failed because of them wait on them again, at the node they
+-- failed on, so the journey resumes where it broke. Choose the jobs with options:
+--   {"ids": [job ids]} and/or {"automation": id}, {"error": "text the job's last error contains"},
+--   {"since": "<timestamptz>"} (failed or died at or after), {"dry_run": true} (say, change nothing).
+-- At least one of ids / automation / error is required (a bare call retrying everything is refused).
+-- Broadcast jobs are left out (herald.resend_failed(broadcast) is their retry). An enrollment whose
+-- contact has started the same automation again since (re-entry after_exit) stays failed, and its job
+-- is not retried either: skipped.
+-- A decide job is shared by identical questions; only the enrollment that asked first is restored.
+-- Returns {"jobs", "enrollments", "skipped", "dry_run", "sample": [up to 10 job ids]}. herald_app.
+CREATE FUNCTION herald.retry_failed(workspace text, options jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[];
+    v_jobs bigint[];
+    v_enrollments bigint[];
+    v_restore boolean[];
+    v_skipped bigint;
+    v_automation bigint;
+    v_error text;
+    v_since timestamptz;
+    v_dry boolean;
+    v_bad text;
+    v_result jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF jsonb_typeof(options) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Example: {"automation": 7, "error": "allow-list", "dry_run": true}';
+    END IF;
+    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(options) k
+     WHERE k NOT IN ('ids', 'automation', 'error', 'since', 'dry_run');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown option(s) %; allowed: ids, automation, error, since, dry_run', v_bad
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        v_ids := CASE WHEN options ? 'ids' THEN ARRAY(SELECT jsonb_array_elements_text(options -> 'ids')::bigint) END;
+        v_automation := (options ->> 'automation')::bigint;
+        v_since := (options ->> 'since')::timestamptz;
+        v_dry := coalesce((options ->> 'dry_run')::boolean, false);
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'options: %', SQLERRM USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'ids is an array of job ids, automation an id, since a timestamp, dry_run true or false.';
+    END;
+    v_error := options ->> 'error';
+    IF v_ids IS NULL AND v_automation IS NULL AND v_error IS NULL THEN
+        RAISE EXCEPTION 'say which failed jobs to retry: ids, automation or error'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(v_ids) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 ids per call' USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+
+    -- the chosen jobs as three parallel arrays (no temporary table: a SECURITY DEFINER function must not
+    -- resolve a name a caller could have created in pg_temp first). A job whose enrollment failed on it
+    -- but cannot wait again (its contact is in the automation again) is skipped with it: retrying the
+    -- job alone would repeat a side effect for a journey that will not go on.
+    WITH chosen AS (
+        SELECT o.id, o.enrollment_id, e.id IS NOT NULL AS failed_here,
+               -- no newer enrollment of the same contact in the same automation is in progress
+               e.id IS NOT NULL AND NOT EXISTS (
+                   SELECT 1 FROM herald.enrollments n
+                    WHERE n.workspace_id = e.workspace_id AND n.automation_id = e.automation_id
+                      AND n.contact_id = e.contact_id AND n.status IN ('active', 'waiting')) AS restore
+          FROM herald.outbox o
+          LEFT JOIN herald.enrollments e
+            ON e.workspace_id = o.workspace_id AND e.id = o.enrollment_id AND e.status = 'failed'
+           AND e.exit_reason LIKE o.node || ' failed:%'
+         WHERE o.workspace_id = retry_failed.workspace AND o.status IN ('failed', 'dead') AND o.broadcast_id IS NULL
+           AND (v_ids IS NULL OR o.id = ANY (v_ids))
+           AND (v_automation IS NULL OR o.automation_id = v_automation)
+           AND (v_error IS NULL OR strpos(lower(o.last_error), lower(v_error)) > 0)   -- case does not matter
+           AND (v_since IS NULL OR o.done_at >= v_since OR o.updated_at >= v_since)
+         ORDER BY o.id
+         LIMIT 100000
+    )
+    SELECT coalesce(array_agg(c.id ORDER BY c.id) FILTER (WHERE NOT c.failed_here OR c.restore), '{}'),
+           coalesce(array_agg(c.enrollment_id ORDER BY c.id) FILTER (WHERE NOT c.failed_here OR c.restore), '{}'),
+           coalesce(array_agg(c.restore ORDER BY c.id) FILTER (WHERE NOT c.failed_here OR c.restore), '{}'),
+           count(*) FILTER (WHERE c.failed_here AND NOT c.restore)
+      INTO v_jobs, v_enrollments, v_restore, v_skipped
+      FROM chosen c;
+
+    v_result := jsonb_build_object(
+        'jobs', cardinality(v_jobs),
+        'enrollments', (SELECT count(*) FROM unnest(v_restore) r WHERE r),
+        'skipped', v_skipped,
+        'dry_run', v_dry,
+        'sample', to_jsonb(v_jobs[1:10]));
+    IF v_dry THEN
+        RETURN v_result;
+    END IF;
+
+    UPDATE herald.enrollments e
+       SET status = 'waiting', wait_kind = 'job', wait_job = o.dedupe_key, next_run_at = 'infinity',
+           ended_at = NULL, exit_reason = NULL, updated_at = now()
+      FROM unnest(v_jobs, v_enrollments, v_restore) r(id, enrollment_id, restore)
+      JOIN herald.outbox o ON o.id = r.id
+     WHERE r.restore AND e.workspace_id = o.workspace_id AND e.id = r.enrollment_id AND e.status = 'failed';
+    UPDATE herald.outbox o
+       SET status = 'pending', attempt = 0, run_at = now(), done_at = NULL, updated_at = now()
+     WHERE o.id = ANY (v_jobs) AND o.workspace_id = retry_failed.workspace AND o.status IN ('failed', 'dead');
+    RETURN v_result;
+END
+$$;
+
+
 -- sql/security.sql, as a fresh install runs it last
 -- Roles are cluster-wide: created once, shared by every database of the cluster, kept when the
 -- extension is dropped (other databases may use them).
@@ -2553,6 +2667,7 @@ ALTER FUNCTION herald.create_list(text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.unsubscribe(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.retry_failed(text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
@@ -2574,7 +2689,7 @@ GRANT EXECUTE ON FUNCTION
     herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
     herald.redrive(bigint[]),
     herald.create_list(text, text, text), herald.subscribe(text, text, text[]), herald.unsubscribe(text, text, text[]),
-    herald.delete_contact(text, text),
+    herald.delete_contact(text, text), herald.retry_failed(text, jsonb),
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;

@@ -176,6 +176,7 @@ ALTER FUNCTION herald.create_list(text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.unsubscribe(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.retry_failed(text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_automation_update(bigint, jsonb, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.automation_version_stats(bigint) SECURITY DEFINER;
@@ -197,7 +198,7 @@ GRANT EXECUTE ON FUNCTION
     herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
     herald.redrive(bigint[]),
     herald.create_list(text, text, text), herald.subscribe(text, text, text[]), herald.unsubscribe(text, text, text[]),
-    herald.delete_contact(text, text),
+    herald.delete_contact(text, text), herald.retry_failed(text, jsonb),
     herald.automation_stats(bigint), herald.automation_stats_daily(bigint), herald.broadcast_stats(bigint),
     herald._my_workspaces()     -- read by the row-level security policies, as the querying role
 TO herald_app, herald_admin;

@@ -90,6 +90,7 @@ INSERT INTO calls (fn, q) VALUES
   ('subscribe',             $q$SELECT herald.subscribe('{ws}', 'news', ARRAY['x@example.com'])$q$),
   ('unsubscribe',           $q$SELECT herald.unsubscribe('{ws}', 'news', ARRAY['x@example.com'])$q$),
   ('delete_contact',        $q$SELECT herald.delete_contact('{ws}', 'x@example.com')$q$),
+  ('retry_failed',          $q$SELECT herald.retry_failed('{ws}', '{"error": "x"}')$q$),
   ('automation_stats',      $q$SELECT herald.automation_stats({automation})$q$),
   ('automation_stats_daily',$q$SELECT herald.automation_stats_daily({automation})$q$),
   ('automation_version_stats', $q$SELECT herald.automation_version_stats({automation})$q$),
