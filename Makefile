@@ -20,13 +20,23 @@ ISOLATION_DB := herald_isolation$(if $(TEST_TAG),_$(TEST_TAG))
 setup:
 	@./tests/setup.sh
 
-# Builds the extension (release) and installs it into the system Postgres.
+# Builds the extension (release) and installs it into the system Postgres. Each file is written beside
+# its destination and renamed over it: running backends keep the old herald.so they mapped (copying over
+# it in place, as `cargo pgrx install` does, killed them with SIGBUS and sent the server into recovery).
+PKG := target/release/herald-pg15
 install: setup
-	cargo pgrx install --release --pg-config $(PG_CONFIG) --package herald 2>&1 \
+	cargo pgrx package --pg-config $(PG_CONFIG) --package herald 2>&1 \
 	  | sed 's/\x1b\[[0-9;]*m//g' | grep -Ev '^ *(Using|Running|Copying|Discovered|Writing|Building|Installing|Compiling)' || true
-	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
+	@test -f $(PKG)$(shell $(PG_CONFIG) --pkglibdir)/herald.so || { echo "herald was not built" >&2; exit 1; }
+	@cd $(PKG) && find . -type f | while read -r f; do \
+	    dest="/$${f#./}"; install -D -m 644 "$$f" "$$dest.new.$$$$" && mv -f "$$dest.new.$$$$" "$$dest"; \
+	done
 	@# upgrade scripts (ALTER EXTENSION herald UPDATE) and the kept install scripts of earlier releases
-	install -m 644 sql/herald--*--*.sql sql/releases/herald--*.sql $(shell $(PG_CONFIG) --sharedir)/extension/
+	@for f in sql/herald--*--*.sql sql/releases/herald--*.sql; do \
+	    dest="$(shell $(PG_CONFIG) --sharedir)/extension/$$(basename $$f)"; \
+	    install -m 644 "$$f" "$$dest.new.$$$$" && mv -f "$$dest.new.$$$$" "$$dest"; \
+	done
+	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
 
 build: setup
 	cargo build --release --package herald-sidecar
