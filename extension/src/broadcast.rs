@@ -502,7 +502,10 @@ mod tests {
 
     #[test]
     fn the_audience_must_be_said() {
-        assert_eq!(paths(json!({"name": "x", "template": "t"})), vec!["$.audience"]);
+        assert_eq!(
+            paths(json!({"name": "x", "template": "t"})),
+            vec!["$.audience"]
+        );
         assert_eq!(
             paths(json!({"name": "x", "template": "t", "audience": {}})),
             vec!["$.audience"]
@@ -686,7 +689,9 @@ mod tests {
         .unwrap();
         assert_eq!(n["send_at"]["kind"], "at");
         assert_eq!(
-            paths(json!({"name": "x", "audience": "all", "template": "t", "send_at": {"at": "tomorrow"}})),
+            paths(
+                json!({"name": "x", "audience": "all", "template": "t", "send_at": {"at": "tomorrow"}})
+            ),
             vec!["$.send_at.at"]
         );
         assert_eq!(
