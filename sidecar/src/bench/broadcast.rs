@@ -100,7 +100,10 @@ pub async fn run(target: &Target, small: bool) -> Result<Broadcast> {
     let id: i64 = db
         .query_one(
             "SELECT herald.create_broadcast($1, $2)",
-            &[&WORKSPACE, &json!({"name": "bench", "template": "news", "audience": "all"})],
+            &[
+                &WORKSPACE,
+                &json!({"name": "bench", "template": "news", "audience": "all"}),
+            ],
         )
         .await?
         .get(0);
