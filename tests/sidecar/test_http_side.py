@@ -331,7 +331,8 @@ def test_a_workspace_events_token_affects_only_its_workspace(db, smtp, sidecar, 
     port = free_port()
     sidecar(**http_side(port), HERALD_CONFIG=str(cfg))
     wait_http(port)
-    wait_until(lambda: smtp.count() == 1, timeout=30, what="globex's message")
+    # recorded (its Message-ID is in the message history), not only delivered
+    wait_until(lambda: db.counts().get("done") == 1, timeout=30, what="globex's message")
     globex_mid = smtp.snapshot()[0][1]["Message-ID"]
     url = f"http://127.0.0.1:{port}/events/generic"
 
