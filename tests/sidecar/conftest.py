@@ -239,6 +239,9 @@ def http():
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
+    # a backlog for the daemon's bursts (64 connections at once); the default of 5 let connections time
+    # out under load, and their webhooks were retried
+    ThreadingHTTPServer.request_queue_size = 128
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
