@@ -1444,16 +1444,11 @@ BEGIN
         -- the definition of every (automation, version) in the batch, read once per version. An
         -- enrollment moved to a newer version by an update_automation that committed after this
         -- statement's snapshot (the row lock returns the moved row) finds no definition here and is left
-        -- for the next tick, unchanged. Automations without version rows (none should be) run version 1
-        -- on their definition.
+        -- for the next tick, unchanged. Every automation has its version rows (create_automation writes
+        -- version 1; the 0.2.0 upgrade wrote them for older ones).
         SELECT v.automation_id, v.version, v.definition
           FROM herald.automation_versions v
          WHERE (v.workspace_id, v.automation_id, v.version) IN (SELECT DISTINCT d.workspace_id, d.automation_id, d.version FROM due d)
-        UNION ALL
-        SELECT a.id, 1, a.definition
-          FROM herald.automations a
-         WHERE (a.workspace_id, a.id) IN (SELECT DISTINCT d.workspace_id, d.automation_id FROM due d WHERE d.version = 1)
-           AND NOT EXISTS (SELECT 1 FROM herald.automation_versions v WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id)
     ), batch AS (
         SELECT (SELECT json_object_agg(x.automation_id::text || ':' || x.version::text, x.definition) FROM defs x) AS automations,
                json_agg(json_build_object(
