@@ -2241,6 +2241,8 @@ SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_fixed boolean;
+    v_send_at timestamptz;
 BEGIN
     IF v.status <> 'draft' THEN
         RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
@@ -2249,18 +2251,18 @@ BEGIN
     IF at IS NULL THEN
         RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- the definition's send_at.at was in the future when it was created; not necessarily now
-    IF (CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
-             ELSE at END) < now() - interval '1 minute' THEN
+    -- a send_at.at in the definition wins over at; it was in the future when the broadcast was created,
+    -- not necessarily now
+    v_fixed := v.definition -> 'send_at' ->> 'kind' = 'at';
+    v_send_at := CASE WHEN v_fixed THEN (v.definition -> 'send_at' ->> 'at')::timestamptz ELSE at END;
+    IF v_send_at < now() - interval '1 minute' THEN
         RAISE EXCEPTION 'broadcast %: the time to send at (%) is in the past', v.id,
-            CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN 'send_at.at of its definition' ELSE 'at' END
+            CASE WHEN v_fixed THEN 'send_at.at of its definition' ELSE 'at' END
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Schedule it for now (herald.schedule_broadcast(id)) or a future time; a send_at.at in its definition wins over at.';
     END IF;
     UPDATE herald.broadcasts b
-       SET status = 'scheduled', updated_at = now(),
-           send_at = CASE WHEN v.definition -> 'send_at' ->> 'kind' = 'at' THEN (v.definition -> 'send_at' ->> 'at')::timestamptz
-                          ELSE at END
+       SET status = 'scheduled', updated_at = now(), send_at = v_send_at
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
     PERFORM pg_notify('herald.tick', '');
 END
