@@ -38,8 +38,10 @@ install: setup
 	done
 	@test -f $(shell $(PG_CONFIG) --sharedir)/extension/herald.control || { echo "herald was not installed" >&2; exit 1; }
 
+# The daemon/CLI (`herald`) and the benchmark harness (`herald-bench`, a binary of its own so the daemon
+# users deploy does not carry it).
 build: setup
-	cargo build --release --package herald-sidecar
+	cargo build --release --package herald-sidecar --package herald-bench
 
 unit: setup
 	cargo test --workspace --quiet
@@ -77,11 +79,11 @@ demo: install build
 	./target/release/herald demo
 
 bench: install build
-	./target/release/herald bench
+	./target/release/herald-bench
 
 # Keeps the benchmark working in CI at a tiny size; prints figures, asserts nothing about time.
 bench-small: install build
-	./target/release/herald bench --small
+	./target/release/herald-bench --small
 
 lint:
 	cargo fmt --all -- --check

@@ -1,17 +1,9 @@
-//! `herald`: the command-line side of herald. This file only parses arguments and wires logging;
-//! each subcommand lives in its own module.
+//! `herald`: the command-line side of herald. This file only parses arguments, sets up logging and
+//! signals, and hands over to the library (`herald_sidecar`), where each subcommand has its module.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-
-mod bench;
-mod compat;
-mod db;
-mod demo;
-mod import;
-mod listing;
-mod run;
-mod status;
+use herald_sidecar::{db, demo, import, listing, logging, run, status};
 
 #[derive(Parser)]
 #[command(
@@ -42,31 +34,55 @@ enum Command {
     Broadcasts(listing::ListArgs),
     /// Runs the end-to-end demo in a fresh database `herald_demo`.
     Demo,
-    /// Prints throughput figures and writes them as JSON (see the README's performance section).
-    Bench(bench::BenchArgs),
     /// The daemon: sends the queued email, calls webhooks, runs the step engine and queue upkeep.
     Run(Box<run::RunArgs>),
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
-    let target = db::Target::new(cli.database_url);
-    match cli.command {
-        Command::Status => status::run(&target).await,
-        Command::Demo => demo::run(&target).await,
-        Command::Import(args) => import::run(&target, args).await,
-        Command::Automations(args) => listing::run_automations(&target, args).await,
-        Command::Broadcasts(args) => listing::run_broadcasts(&target, args).await,
-        Command::Bench(args) => bench::run(&target, args).await,
-        Command::Run(args) => run::main(*args).await,
+fn main() -> Result<()> {
+    if run::render::is_worker() {
+        // a render worker of another `herald run` (see run/render.rs): no settings, no database,
+        // no runtime; it logs through its parent's stderr as text
+        logging::init(logging::LogFormat::Text);
+        return run::render::worker_main();
     }
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Run(args) => {
+            // settings first: the log format is one of them
+            let config = run::Config::load(*args, cli.database_url)?;
+            logging::init(config.log_format);
+            runtime.block_on(run::run(config, stop_signal()?))
+        }
+        command => {
+            logging::init(logging::LogFormat::Text);
+            let target = db::Target::new(cli.database_url);
+            runtime.block_on(async {
+                match command {
+                    Command::Status => status::run(&target).await,
+                    Command::Demo => demo::run(&target).await,
+                    Command::Import(args) => import::run(&target, args).await,
+                    Command::Automations(args) => listing::run_automations(&target, args).await,
+                    Command::Broadcasts(args) => listing::run_broadcasts(&target, args).await,
+                    Command::Run(_) => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed now, so a signal during
+/// start-up is a clean stop rather than the default kill.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _guard = tokio::runtime::Handle::try_current().ok();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+    })
 }

@@ -178,11 +178,7 @@ const KEYS: &[&str] = &[
     "HERALD_SHUTDOWN_GRACE_SECONDS",
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::logging::LogFormat;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmtpTls {

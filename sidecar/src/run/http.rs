@@ -295,7 +295,7 @@ pub async fn serve(
         };
         let (stream, counted) = stream;
         let (side, db) = (Arc::clone(&side), Arc::clone(&db));
-        tokio::spawn(super::in_current_dispatch(async move {
+        tokio::spawn(async move {
             let _slot = slot;
             let _counted = counted;
             if tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &side, &db))
@@ -304,7 +304,7 @@ pub async fn serve(
             {
                 tracing::debug!("http: request timed out");
             }
-        }));
+        });
     }
 }
 

@@ -304,13 +304,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             },
         };
         let metrics = Arc::clone(&metrics);
-        tokio::spawn(super::in_current_dispatch(async move {
+        tokio::spawn(async move {
             if let Err(e) =
                 tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await
             {
                 tracing::debug!(error = %e, "metrics request timed out");
             }
-        }));
+        });
     }
 }
 

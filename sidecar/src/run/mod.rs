@@ -26,7 +26,6 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::instrument::{WithDispatch, WithSubscriber};
 
 mod completer;
 mod config;
@@ -40,62 +39,11 @@ mod metrics;
 mod notifier;
 mod pg;
 mod producer;
-mod render;
+pub mod render;
 mod smtp_pool;
 mod webhook;
 
-pub use config::{Config, LogFormat, RunArgs};
-
-/// The subcommand: settings, logging, signals, then [`run`].
-pub async fn main(args: RunArgs) -> Result<()> {
-    if std::env::var_os(render::WORKER_ENV).is_some() {
-        // a render worker of another `herald run` (see render.rs): no settings, no database
-        return tokio::task::spawn_blocking(render::worker_main)
-            .await
-            .context("render worker")?;
-    }
-    use tokio::signal::unix::{signal, SignalKind};
-    // handlers first, so a signal during start-up is a clean stop rather than the default kill
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let shutdown = async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutting down");
-    };
-
-    // `--database-url` is a global flag of the binary (also read from DATABASE_URL by clap); read it
-    // back from the same command line rather than widening the other subcommands' interface.
-    let database_url = <crate::Cli as clap::Parser>::try_parse()
-        .ok()
-        .and_then(|cli| cli.database_url);
-    let config = Config::load(args, database_url)?;
-    match config.log_format {
-        LogFormat::Text => run(config, shutdown).await,
-        LogFormat::Json => {
-            let json = tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-                )
-                .with_writer(std::io::stderr)
-                .finish();
-            run(config, shutdown).with_subscriber(json).await
-        }
-    }
-}
-
-/// Wraps a future so that tasks spawned with it log through the subscriber of the spawning task (the
-/// JSON one when HERALD_LOG_FORMAT=json) rather than the process-wide one.
-pub(crate) fn in_current_dispatch<F: Future>(f: F) -> WithDispatch<F> {
-    f.with_current_subscriber()
-}
+pub use config::{Config, RunArgs};
 
 /// Spawns a component. Its log lines carry its module as their target (`herald::run::producer`), so
 /// no span is needed: spans are avoided on purpose, as a span closed under another task's subscriber
@@ -106,7 +54,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let crashed = crashed.clone();
-    tokio::spawn(in_current_dispatch(async move {
+    tokio::spawn(async move {
         if let Err(panic) = std::panic::AssertUnwindSafe(f).catch_unwind().await {
             tracing::error!(
                 component = name,
@@ -115,7 +63,7 @@ where
             );
             crashed.cancel();
         }
-    }))
+    })
 }
 
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
-use tracing::instrument::WithSubscriber;
 
 use super::db_health::DbHealth;
 use super::pg::{self, Backoff};
@@ -60,22 +59,19 @@ impl Notifier {
             }
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(
-            async move {
-                while let Some(m) = messages.next().await {
-                    match m {
-                        Ok(m) => {
-                            if tx.send(m).is_err() {
-                                return Ok(());
-                            }
+        let driver = tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(m) => {
+                        if tx.send(m).is_err() {
+                            return Ok(());
                         }
-                        Err(e) => return Err(e),
                     }
+                    Err(e) => return Err(e),
                 }
-                Ok(())
             }
-            .with_current_subscriber(),
-        );
+            Ok(())
+        });
         client
             .batch_execute(r#"LISTEN "herald.outbox"; LISTEN "herald.tick""#)
             .await

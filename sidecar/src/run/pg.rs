@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, Client, Config};
-use tracing::instrument::WithSubscriber;
 
 /// The settings every connection of the daemon uses: named after the component (`application_name`,
 /// visible in pg_stat_activity), and with time limits, so that a server that vanished without closing
@@ -35,24 +34,21 @@ pub async fn connect(
 ) -> Result<Client, tokio_postgres::Error> {
     // TLS as DATABASE_URL's sslmode says (crate::db::connect)
     let (client, mut messages) = crate::db::connect(&settings(config, component)).await?;
-    tokio::spawn(
-        async move {
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notice(n)) => match n.severity() {
-                        "WARNING" | "ERROR" => tracing::warn!(component, "server: {}", n.message()),
-                        _ => tracing::debug!(component, "server: {}", n.message()),
-                    },
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(component, error = %describe(&e), "connection closed");
-                        break;
-                    }
+    tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notice(n)) => match n.severity() {
+                    "WARNING" | "ERROR" => tracing::warn!(component, "server: {}", n.message()),
+                    _ => tracing::debug!(component, "server: {}", n.message()),
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(component, error = %describe(&e), "connection closed");
+                    break;
                 }
             }
         }
-        .with_current_subscriber(),
-    );
+    });
     Ok(client)
 }
 

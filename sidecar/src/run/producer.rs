@@ -111,13 +111,12 @@ impl Producer {
                 let executor = Arc::clone(&self.executor);
                 match job {
                     Claimed::Job(job) => {
-                        self.tasks
-                            .spawn(super::in_current_dispatch(executor.run(job, permit)));
+                        self.tasks.spawn(executor.run(job, permit));
                     }
                     // a row this process cannot read fails alone, permanently: the others run
                     Claimed::Undecodable { id, error } => {
                         let reject = executor.reject(id, error, permit);
-                        self.tasks.spawn(super::in_current_dispatch(reject));
+                        self.tasks.spawn(reject);
                     }
                     Claimed::Unreadable(error) => {
                         // not even its id: nothing to report it under; its lease expires, and reap

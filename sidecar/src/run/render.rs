@@ -37,6 +37,11 @@ pub const WORKER_MEMORY: u64 = 512 * 1024 * 1024;
 /// The environment variable that turns `herald run` into a render worker.
 pub const WORKER_ENV: &str = "HERALD_INTERNAL_RENDER_WORKER";
 
+/// True in a process started as a render worker: its `main` calls [`worker_main`] and nothing else.
+pub fn is_worker() -> bool {
+    std::env::var_os(WORKER_ENV).is_some()
+}
+
 /// Everything one job's templates see: the claimed payload and a few extras. Serialisable, so a
 /// render worker can rebuild the same variables.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::super::stats::Summary;
-use crate::db::Target;
+use crate::stats::Summary;
+use herald_sidecar::db::Target;
 
 const DATABASE: &str = "herald_bench_wake";
 const WORKSPACE: &str = "bench_wake";

@@ -2,11 +2,9 @@
 //! connection, with herald's bookkeeping (leases, message history, stats deltas), next to three plain
 //! queues in the same database and run: a textbook single-row SKIP LOCKED queue (one job per
 //! transaction), a bare batched lease queue (lease 100, delete them), and PgQ. Then what one
-//! `claim(100)` costs when most workspaces are idle (`queue_idle.rs`).
+//! `claim(100)` costs when most workspaces are idle (`queue/idle.rs`).
 
-#[path = "queue_idle.rs"]
 mod idle;
-#[path = "queue_wake.rs"]
 mod wake;
 
 use std::fmt::Write as _;
@@ -20,7 +18,7 @@ use tracing::{info, warn};
 
 use super::stats::Summary;
 use super::{thousands, Goal};
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 pub use idle::IdleWorkspaces;
 pub use wake::QueueWake;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::Rate;
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 pub const WORKSPACE: &str = "bench";
 /// The event kind the matching automations trigger on.

@@ -11,7 +11,7 @@ use tokio::sync::Barrier;
 
 use super::stats::Summary;
 use super::{ingest, Side};
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Latency {

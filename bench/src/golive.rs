@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use super::stats::{ms, Summary};
 use super::{baseline, ingest, Side};
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 pub const GO_LIVES: usize = 20;
 pub const BATCH: usize = 200;

@@ -12,7 +12,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::{thousands, Goal};
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 const WORKSPACE: &str = "bench_broadcast";
 const CHUNK: i64 = 10_000;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::baseline;
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 pub const CALL: usize = 10_000;
 const WORKSPACE: &str = "bench_contacts";

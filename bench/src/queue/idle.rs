@@ -9,10 +9,10 @@ use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::super::stats::Summary;
-use super::super::thousands;
 use super::{BATCH, CLAIM};
-use crate::db::Target;
+use crate::stats::Summary;
+use crate::thousands;
+use herald_sidecar::db::Target;
 
 const WORKSPACES: i32 = 1_000;
 /// Every STRIDE-th workspace has pending jobs: 10 busy ones spread among the idle.

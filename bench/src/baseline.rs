@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::Rate;
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 const SCHEMA: &str = "
     CREATE SCHEMA bench_base;

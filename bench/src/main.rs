@@ -1,4 +1,4 @@
-//! `herald bench`: throughput and latency figures in a fresh database `herald_bench`, each next to a
+//! `herald-bench`: throughput and latency figures in a fresh database `herald_bench`, each next to a
 //! plain-Postgres baseline doing the same work in the same run. Prints a report to stdout and writes
 //! it as JSON; goals are printed as PASS/MISS and never fail the command.
 //!
@@ -26,7 +26,36 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use crate::db::Target;
+use herald_sidecar::db::Target;
+use herald_sidecar::{logging, run as daemon};
+
+/// The benchmark harness is a binary of its own, so that the daemon users deploy does not carry it.
+#[derive(clap::Parser)]
+#[command(
+    name = "herald-bench",
+    version,
+    about = "herald's performance figures, each next to a plain-Postgres baseline in the same run"
+)]
+struct Cli {
+    /// The server to measure on (database `herald_bench` is recreated there). Defaults to the local
+    /// socket as the current OS user.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn main() -> Result<()> {
+    if daemon::render::is_worker() {
+        // the delivery section runs `herald run` in this process; its render workers are this binary
+        logging::init(logging::LogFormat::Text);
+        return daemon::render::worker_main();
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    logging::init(logging::LogFormat::Text);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(run(&Target::new(cli.database_url), cli.args))
+}
 
 #[derive(clap::Args)]
 pub struct BenchArgs {

@@ -5,18 +5,16 @@
 //!   a. emails/s: N emails queued by ONE `herald.send` statement, drained into postfix's `smtp-sink`;
 //!      next to `smtp-source` pushing N messages of the same size into the same sink (20 sessions).
 //!   b. webhooks/s: N webhook jobs INSERTed into the outbox, drained into a tiny HTTP receiver
-//!      (`delivery_receiver.rs`); next to `wrk` POSTing to the same receiver.
+//!      (`delivery/receiver.rs`); next to `wrk` POSTing to the same receiver.
 //!   c. latency from `herald.track()` to the final `.` of the message reaching an SMTP server
-//!      (`delivery_smtp.rs`, which records when), through a live one-email automation.
+//!      (`delivery/smtp.rs`, which records when), through a live one-email automation.
 //!
 //! The peers are child processes on free loopback ports, killed when their guard drops (errors included).
 //! Part c runs first: it measures the size of herald's message, which smtp-source then copies.
 //! Concurrency stays at most 256: smtp-sink serves about 256 sessions at once, and connections beyond
 //! that hang until the client's time-out.
 
-#[path = "delivery_receiver.rs"]
 mod receiver;
-#[path = "delivery_smtp.rs"]
 mod smtp;
 
 use std::collections::BTreeMap;
@@ -34,8 +32,8 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::stats::Summary;
-use crate::db::Target;
-use crate::run;
+use herald_sidecar::db::Target;
+use herald_sidecar::run;
 
 const DBNAME: &str = "herald_bench_delivery";
 const WORKSPACE: &str = "bench";

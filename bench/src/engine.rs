@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::stats::Summary;
 use super::{thousands, Goal};
-use crate::db::Target;
+use herald_sidecar::db::Target;
 
 const WORKSPACE: &str = "bench_engine";
 /// Enrollments per tick call in the throughput run (what `herald run` asks for).
