@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use lettre::message::Mailbox;
 use p256::ecdsa::VerifyingKey;
 
+use super::address_policy::AllowList;
 use super::http::parse_sendgrid_key;
-use super::webhook::AllowList;
 
 /// Prefix of the per-provider SMTP settings: `HERALD_SMTP_URL_<NAME>` (provider name upper-cased, `-` as `_`).
 pub const SMTP_PREFIX: &str = "HERALD_SMTP_URL_";

@@ -16,28 +16,16 @@ use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::Message;
 use serde_json::{json, Value as Json};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use super::config::{provider_key, Config, HttpSide, Keys};
-use super::executor::{Job, Outcome};
-use super::links::{self, Claims, Purpose};
+use super::job::{Job, Outcome};
+use super::links::{self, message_id, Claims, Purpose};
 use super::render::{RenderedEmail, Renderer, Vars};
 use super::smtp_pool::{SendError, SmtpPool};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
-
-/// `<{sha256(workspace + "\n" + dedupe_key) hex[..32]}@herald>`. The workspace is part of it because
-/// dedupe keys are unique per workspace only (two workspaces may both `send()` with key "order-42"), and
-/// a bounce that names a Message-ID must name one message.
-pub fn message_id(workspace: &str, dedupe_key: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(workspace.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(dedupe_key.as_bytes());
-    let digest = hex::encode(hasher.finalize());
-    format!("<{}@herald>", &digest[..32])
-}
 
 /// Whether an SMTP failure is worth retrying, and the error recorded for it ("451 4.3.0 try later").
 pub fn classify_smtp(e: &lettre::transport::smtp::Error) -> (bool, String) {

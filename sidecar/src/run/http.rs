@@ -32,8 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{HttpSide, TokenScope};
 use super::db_health::DbHealth;
-use super::email::message_id;
-use super::links::{self, Claims, Purpose};
+use super::links::{self, message_id, Claims, Purpose};
 use super::pg::{self, Backoff};
 
 const MAX_HEAD: usize = 16 * 1024;

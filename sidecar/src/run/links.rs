@@ -4,12 +4,25 @@
 //! what the link may do (purpose), for whom (workspace, recipient, the message's dedupe key, broadcast
 //! and variation) and, for a click, the one URL it may redirect to — so a token cannot be forged, turned
 //! into another purpose, or used as an open redirect to anywhere else. Verification is constant-time.
+//! The Message-ID lives here too: a link names its message by the same workspace + dedupe key.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
+
+/// `<{sha256(workspace + "\n" + dedupe_key) hex[..32]}@herald>`. The workspace is part of it because
+/// dedupe keys are unique per workspace only (two workspaces may both `send()` with key "order-42"), and
+/// a bounce that names a Message-ID must name one message.
+pub fn message_id(workspace: &str, dedupe_key: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(workspace.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(dedupe_key.as_bytes());
+    let digest = hex::encode(hasher.finalize());
+    format!("<{}@herald>", &digest[..32])
+}
 
 /// What a link does when followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::db_health::DbHealth;
-use super::executor::Outcome;
+use super::job::Outcome;
 
 const KINDS: [&str; 4] = ["email", "webhook", "decide", "other"];
 /// Upper bounds of the latency buckets, in seconds.

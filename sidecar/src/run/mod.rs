@@ -27,12 +27,15 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod address_policy;
 mod completer;
 mod config;
+mod database;
 mod db_health;
 mod email;
 mod executor;
 mod http;
+mod job;
 mod links;
 mod maintenance;
 mod metrics;

@@ -1,6 +1,6 @@
-//! Database connections of `herald run`: each component keeps its own and reconnects with back-off
-//! (reporting to [`super::db_health`], which tells the log and /metrics whether the database is there).
-//! Server notices (e.g. complete()'s WARNING about ignored results) are logged, never dropped.
+//! How `herald run` connects: the settings every connection gets, back-off, and which errors mean the
+//! database is away rather than the statement wrong. Server notices (e.g. complete()'s WARNING about
+//! ignored results) are logged, never dropped.
 
 use std::time::Duration;
 
@@ -27,14 +27,16 @@ pub fn settings(config: &Config, component: &'static str) -> Config {
     config
 }
 
-/// Opens a connection with [`settings`]. Components call it through `DbHealth::connect`.
-pub async fn connect(
+/// Opens a connection with [`settings`] and starts the task that drives it, which logs the server's
+/// notices; the task ends when the connection closes. The pool (`database`) and the notifier's LISTEN
+/// connection are the only callers.
+pub async fn connect_driven(
     config: &Config,
     component: &'static str,
-) -> Result<Client, tokio_postgres::Error> {
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
     // TLS as DATABASE_URL's sslmode says (crate::db::connect)
     let (client, mut messages) = crate::db::connect(&settings(config, component)).await?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notice(n)) => match n.severity() {
@@ -49,7 +51,15 @@ pub async fn connect(
             }
         }
     });
-    Ok(client)
+    Ok((client, driver))
+}
+
+/// [`connect_driven`] without the driver's handle.
+pub async fn connect(
+    config: &Config,
+    component: &'static str,
+) -> Result<Client, tokio_postgres::Error> {
+    Ok(connect_driven(config, component).await?.0)
 }
 
 /// Exponential back-off with jitter: 100 ms, 200 ms, … up to 10 s. The cap bounds how long a component

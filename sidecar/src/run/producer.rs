@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::db_health::DbHealth;
-use super::executor::{Claimed, Executor, Job};
+use super::executor::Executor;
+use super::job::{check_payload, Claimed, Job};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
@@ -163,7 +164,7 @@ impl Producer {
 }
 
 /// One row of `herald.claim`, decoded on its own: the id first (it is what a failure is reported
-/// under), then the other columns, then the payload's shape (`executor::check_payload`).
+/// under), then the other columns, then the payload's shape (`job::check_payload`).
 fn decode(r: &tokio_postgres::Row) -> Claimed {
     let id: i64 = match r.try_get(0) {
         Ok(id) => id,
@@ -185,7 +186,7 @@ fn decode(r: &tokio_postgres::Row) -> Claimed {
             attempt: r.try_get(5).map_err(|e| column("attempt", e))?,
             payload: r.try_get(6).map_err(|e| column("payload", e))?,
         };
-        super::executor::check_payload(&job)
+        check_payload(&job)
             .map_err(|e| format!("herald run cannot decode the job's payload: {e}"))?;
         Ok(job)
     })();

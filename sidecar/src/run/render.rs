@@ -337,10 +337,10 @@ impl From<String> for RenderError {
 }
 
 impl RenderError {
-    pub fn outcome(self) -> super::executor::Outcome {
+    pub fn outcome(self) -> super::job::Outcome {
         match self {
-            Self::Template(e) => super::executor::Outcome::permanent(e),
-            Self::Unavailable(e) => super::executor::Outcome::retry(e),
+            Self::Template(e) => super::job::Outcome::permanent(e),
+            Self::Unavailable(e) => super::job::Outcome::retry(e),
         }
     }
 }
