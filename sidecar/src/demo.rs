@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::db::Target;
-use crate::run;
+use crate::run::{self, TICK_BATCH};
 use crate::status;
 
 const CONTACTS: usize = 1_000;
@@ -168,7 +168,10 @@ pub async fn run(target: &Target) -> Result<()> {
     step("tick: the step engine moves every due enrollment (emails are queued in the outbox)");
     let mut steps = 0;
     loop {
-        let n: i32 = db.query_one("SELECT herald.tick(10000)", &[]).await?.get(0);
+        let n: i32 = db
+            .query_one("SELECT herald.tick($1)", &[&TICK_BATCH])
+            .await?
+            .get(0);
         if n == 0 {
             break;
         }

@@ -223,8 +223,8 @@ def test_file_transport_and_json_logs(db, smtp, sidecar, tmp_path):
     assert s.wait(30) == 0
     lines = [line for line in s.log().splitlines() if line.strip()]
     parsed = [json.loads(line) for line in lines]
-    assert any(p.get("message") == "running" and p.get("target") == "herald::run" for p in parsed)
-    assert any(p.get("target") == "herald::run::notifier" for p in parsed)
+    assert any(p.get("message") == "running" and p.get("target") == "herald_sidecar::run" for p in parsed)
+    assert any(p.get("target") == "herald_sidecar::run::notifier" for p in parsed)
 
 
 def test_reconnects_after_its_connections_are_killed(db, smtp, sidecar):

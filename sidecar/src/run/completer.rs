@@ -13,18 +13,17 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::db_health::DbHealth;
+use super::database::{Database, DbError};
 use super::metrics::Metrics;
-use super::pg::{self, Backoff};
+use super::pg::Backoff;
 
 pub const BATCH: usize = 100;
 pub const LINGER: Duration = Duration::from_millis(50);
 
 pub struct Completer {
-    pub db: Arc<DbHealth>,
+    pub db: Arc<Database>,
     pub results: mpsc::Receiver<Json>,
     /// Cancelled when the process must exit even though results could not be recorded.
     pub give_up: CancellationToken,
@@ -35,7 +34,6 @@ pub struct Completer {
 
 impl Completer {
     pub async fn run(mut self) {
-        let mut client: Option<Client> = None;
         let mut batch: Vec<Json> = Vec::with_capacity(BATCH);
         let mut flush_at = Instant::now();
         loop {
@@ -45,7 +43,7 @@ impl Completer {
                 tokio::select! {
                     r = self.results.recv() => r,
                     () = tokio::time::sleep_until(flush_at) => {
-                        self.flush(&mut client, &mut batch).await;
+                        self.flush(&mut batch).await;
                         continue;
                     }
                 }
@@ -57,14 +55,14 @@ impl Completer {
                     }
                     batch.push(result);
                     if batch.len() >= BATCH {
-                        self.flush(&mut client, &mut batch).await;
+                        self.flush(&mut batch).await;
                     }
                 }
                 None => break,
             }
         }
         if !batch.is_empty() {
-            self.flush(&mut client, &mut batch).await;
+            self.flush(&mut batch).await;
         }
         if self.lost > 0 {
             tracing::error!(
@@ -77,18 +75,17 @@ impl Completer {
     }
 
     /// Records the batch, retrying until it is recorded or the process gives up.
-    async fn flush(&mut self, client: &mut Option<Client>, batch: &mut Vec<Json>) {
+    async fn flush(&mut self, batch: &mut Vec<Json>) {
         let mut backoff = Backoff::default();
         let array = Json::Array(std::mem::take(batch));
         let n = array.as_array().map_or(0, Vec::len);
         loop {
             let attempt = async {
-                if client.as_ref().is_none_or(Client::is_closed) {
-                    *client = Some(self.db.connect("completer").await?);
-                }
-                let c = client.as_ref().expect("connected above");
-                c.query_one("SELECT herald.complete($1::jsonb)", &[&array])
-                    .await
+                let c = self.db.get().await?;
+                Ok::<_, DbError>(
+                    c.query_one("SELECT herald.complete($1::jsonb)", &[&array])
+                        .await?,
+                )
             };
             let attempt = tokio::select! {
                 biased;
@@ -106,41 +103,37 @@ impl Completer {
                 Ok(row) => {
                     let applied: i32 = row.try_get(0).unwrap_or(-1);
                     tracing::debug!(results = n, applied, "recorded");
-                    self.db.ok();
                     self.metrics.completed(n);
                     return;
                 }
                 Err(e) if is_data_error(&e) && array.as_array().is_some_and(|a| a.len() > 1) => {
                     // a result complete() refuses (a bug on this side) must not hold up the others
-                    tracing::error!(error = %pg::describe(&e), "complete refused the batch; recording its results one by one");
+                    tracing::error!(error = %e.describe(), "complete refused the batch; recording its results one by one");
                     for one in array.as_array().into_iter().flatten() {
                         let mut single = vec![one.clone()];
-                        Box::pin(self.flush(client, &mut single)).await;
+                        Box::pin(self.flush(&mut single)).await;
                     }
                     return;
                 }
                 Err(e) if is_data_error(&e) => {
                     self.metrics.complete_error();
                     self.metrics.not_recorded(n);
-                    tracing::error!(error = %pg::describe(&e), result = %array, "complete refused this result; its job will run again once its lease expires");
+                    tracing::error!(error = %e.describe(), result = %array, "complete refused this result; its job will run again once its lease expires");
                     return;
                 }
                 Err(e) => {
                     self.metrics.complete_error();
                     self.metrics.recording_stalled();
                     let delay = backoff.step();
-                    if pg::is_connection_error(&e) {
+                    if e.is_connection_error() {
                         // DbHealth says once that the database is away; the batch waits for it
-                        tracing::debug!(error = %pg::describe(&e), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
+                        tracing::debug!(error = %e.describe(), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
                     } else {
-                        tracing::warn!(error = %pg::describe(&e), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
-                    }
-                    if client.as_ref().is_some_and(Client::is_closed) {
-                        *client = None;
+                        tracing::warn!(error = %e.describe(), results = n, retry_in_ms = delay.as_millis() as u64, "complete failed; keeping the batch");
                     }
                     tokio::select! {
                         () = self.give_up.cancelled() => {}
-                        () = self.db.pause(delay) => {}
+                        () = self.db.health().pause(delay) => {}
                     }
                 }
             }
@@ -149,6 +142,6 @@ impl Completer {
 }
 
 /// SQLSTATE class 22 (data exception): complete() refused the input; retrying it cannot help.
-fn is_data_error(e: &tokio_postgres::Error) -> bool {
+fn is_data_error(e: &DbError) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("22"))
 }

@@ -1,15 +1,15 @@
 //! Maintenance: the step engine and the queue's housekeeping, on timers.
-//!   herald.tick(10000)     on a herald.tick notification and every poll interval, again at once
+//!   herald.tick(TICK_BATCH) on a herald.tick notification and every poll interval, again at once
 //!                          while a call returns a full batch
 //!   herald.reap()          every 5 s: expired leases back to pending
 //!   herald.flush_stats()   every 2 s
 //!   herald.prune('30 days') hourly (and at start)
-//!   herald.advance_broadcasts(100000) after every tick round: starts due broadcasts and enqueues their
+//!   herald.advance_broadcasts(BROADCAST_BUDGET) after every tick round: starts due broadcasts and enqueues their
 //!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
 //! Any number of `herald run` processes may do this at once: each function is safe concurrently.
-//! While the database is away the timers keep firing but reconnecting waits for a back-off step (or
-//! for another component to find it back); reap also waits while this process's completer is behind,
+//! Each call borrows a connection from the pool (`database`). While the database is away the timers
+//! keep firing but a new attempt waits for a back-off step (or for another component to find it back); reap also waits while this process's completer is behind,
 //! so that after a long outage our own finished jobs are recorded before their expired leases are
 //! reaped (which would send them again).
 
@@ -19,19 +19,19 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::db_health::DbHealth;
+use super::database::{Database, DbError};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
-pub const TICK_BATCH: i64 = 10_000;
+/// tick's batch (enrollments per call); a call that returns a full batch is repeated at once.
+pub const TICK_BATCH: i32 = 10_000;
 /// advance_broadcasts' budget per call (contacts read); a call that uses it all is repeated at once.
-pub const BROADCAST_BUDGET: i64 = 100_000;
+pub const BROADCAST_BUDGET: i32 = 100_000;
 
 pub struct Maintenance {
-    pub db: Arc<DbHealth>,
+    pub db: Arc<Database>,
     pub metrics: Arc<Metrics>,
     pub tick_wake: Arc<Notify>,
     pub poll: Duration,
@@ -48,13 +48,17 @@ enum Task {
 }
 
 impl Task {
-    fn sql(self) -> &'static str {
+    /// The statement, and its one argument where it takes one.
+    fn sql(self) -> (&'static str, Option<i32>) {
         match self {
-            Task::Tick => "SELECT herald.tick(10000)::bigint",
-            Task::Reap => "SELECT herald.reap()::bigint",
-            Task::FlushStats => "SELECT herald.flush_stats()::bigint",
-            Task::Prune => "SELECT herald.prune('30 days')::bigint",
-            Task::Broadcasts => "SELECT herald.advance_broadcasts(100000)::bigint", // = BROADCAST_BUDGET,
+            Task::Tick => ("SELECT herald.tick($1::int)::bigint", Some(TICK_BATCH)),
+            Task::Reap => ("SELECT herald.reap()::bigint", None),
+            Task::FlushStats => ("SELECT herald.flush_stats()::bigint", None),
+            Task::Prune => ("SELECT herald.prune('30 days')::bigint", None),
+            Task::Broadcasts => (
+                "SELECT herald.advance_broadcasts($1::int)::bigint",
+                Some(BROADCAST_BUDGET),
+            ),
         }
     }
 
@@ -70,11 +74,11 @@ impl Task {
 }
 
 struct State {
-    client: Option<Client>,
     missing: HashSet<Task>,
     failing: HashSet<Task>,
     backoff: Backoff,
-    /// No connection attempt before this (after a failed one), unless the database is known back.
+    /// No attempt before this (after one failed for want of a connection), unless the database is
+    /// known back.
     retry_at: Option<Instant>,
 }
 
@@ -90,7 +94,6 @@ impl Maintenance {
         let mut stats = every(Duration::from_secs(2));
         let mut prune = every(Duration::from_secs(3600));
         let mut state = State {
-            client: None,
             missing: HashSet::new(),
             failing: HashSet::new(),
             backoff: Backoff::default(),
@@ -108,12 +111,14 @@ impl Maintenance {
             };
             if task == Task::Tick {
                 // a full batch means more are due now
-                while let Some(TICK_BATCH) = self.call(&mut state, task).await {
+                while self.call(&mut state, task).await == Some(i64::from(TICK_BATCH)) {
                     if self.shutdown.is_cancelled() {
                         break;
                     }
                 }
-                while let Some(BROADCAST_BUDGET) = self.call(&mut state, Task::Broadcasts).await {
+                while self.call(&mut state, Task::Broadcasts).await
+                    == Some(i64::from(BROADCAST_BUDGET))
+                {
                     if self.shutdown.is_cancelled() {
                         break;
                     }
@@ -132,37 +137,35 @@ impl Maintenance {
             tracing::debug!("reap waits: this process has results it could not record yet");
             return None;
         }
-        if state.client.as_ref().is_none_or(Client::is_closed) {
-            if state
-                .retry_at
-                .is_some_and(|at| Instant::now() < at && !self.db.is_up())
-            {
+        if state
+            .retry_at
+            .is_some_and(|at| Instant::now() < at && !self.db.health().is_up())
+        {
+            return None;
+        }
+        let client = match self.db.get().await {
+            Ok(c) => {
+                state.backoff.reset();
+                state.retry_at = None;
+                c
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.describe(), "no database connection");
+                state.retry_at = Some(Instant::now() + state.backoff.step());
                 return None;
             }
-            match self.db.connect("maintenance").await {
-                Ok(c) => {
-                    state.client = Some(c);
-                    state.backoff.reset();
-                    state.retry_at = None;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %pg::describe(&e), "cannot connect");
-                    state.retry_at = Some(Instant::now() + state.backoff.step());
-                    return None;
-                }
-            }
-        }
+        };
         let result = async {
-            let client = state.client.as_ref().expect("connected above");
-            client
-                .query_one(task.sql(), &[])
-                .await?
-                .try_get::<_, i64>(0)
+            let (sql, arg) = task.sql();
+            let row = match arg {
+                Some(n) => client.query_one(sql, &[&n]).await?,
+                None => client.query_one(sql, &[]).await?,
+            };
+            Ok::<_, DbError>(row.try_get::<_, i64>(0)?)
         }
         .await;
         match result {
             Ok(n) => {
-                self.db.ok();
                 if state.failing.remove(&task) {
                     tracing::info!(task = task.name(), "works again");
                 }
@@ -171,24 +174,21 @@ impl Maintenance {
                 }
                 Some(n)
             }
-            Err(e) if pg::is_undefined_function(&e) => {
+            Err(DbError::Pg(e)) if pg::is_undefined_function(&e) => {
                 tracing::warn!(task = task.name(), "not installed in this database (older herald build); skipping it until restart");
                 state.missing.insert(task);
                 None
             }
-            Err(e) if pg::is_connection_error(&e) => {
-                // the connection is gone; the next call reconnects (and DbHealth tells the log)
-                tracing::debug!(task = task.name(), error = %pg::describe(&e), "failed");
-                state.client = None;
+            Err(e) if e.is_connection_error() => {
+                // the connection is gone (the pool drops it); the next call gets another, and
+                // DbHealth tells the log when the database is away
+                tracing::debug!(task = task.name(), error = %e.describe(), "failed");
                 None
             }
             Err(e) => {
                 // one line per task and outage, not one per timer
                 if state.failing.insert(task) {
-                    tracing::warn!(task = task.name(), error = %pg::describe(&e), "failed; will retry on its next timer");
-                }
-                if state.client.as_ref().is_some_and(Client::is_closed) {
-                    state.client = None;
+                    tracing::warn!(task = task.name(), error = %e.describe(), "failed; will retry on its next timer");
                 }
                 None
             }

@@ -47,8 +47,9 @@ mod smtp_pool;
 mod webhook;
 
 pub use config::{Config, RunArgs};
+pub use maintenance::TICK_BATCH;
 
-/// Spawns a component. Its log lines carry its module as their target (`herald::run::producer`), so
+/// Spawns a component. Its log lines carry its module as their target (`herald_sidecar::run::producer`), so
 /// no span is needed: spans are avoided on purpose, as a span closed under another task's subscriber
 /// would confuse the JSON subscriber's registry. A component that panics cancels `crashed`, which
 /// stops the whole process (gracefully, then with an error).
@@ -118,6 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let dbname = config.database.get_dbname().unwrap_or("?").to_string();
     tracing::info!(worker = %config.worker_id, "herald run starting: {}", config.summary());
     let health = Arc::new(db_health::DbHealth::new(config.database.clone()));
+    let database = Arc::new(database::Database::new(Arc::clone(&health)));
     let slots = Arc::new(Semaphore::new(config.concurrency));
     let metrics = Arc::new(metrics::Metrics::new(
         config.concurrency,
@@ -214,7 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "completer",
         &crashed,
         completer::Completer {
-            db: Arc::clone(&health),
+            db: Arc::clone(&database),
             results: results_rx,
             give_up: give_up.clone(),
             metrics: Arc::clone(&metrics),
@@ -237,7 +239,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "maintenance",
         &crashed,
         maintenance::Maintenance {
-            db: Arc::clone(&health),
+            db: Arc::clone(&database),
             metrics: Arc::clone(&metrics),
             tick_wake: Arc::clone(&tick_wake),
             poll: config.poll_interval,
@@ -259,7 +261,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "producer",
         &crashed,
         producer::Producer {
-            db: Arc::clone(&health),
+            db: Arc::clone(&database),
             worker: config.worker_id.clone(),
             lease: config.lease,
             poll: config.poll_interval,
@@ -334,6 +336,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             handle.abort();
         }
     }
+    database.close();
     if crashed.is_cancelled() {
         bail!("a component crashed (see the log); stopped after recording what could be recorded");
     }

@@ -2,24 +2,24 @@
 //! starts an executor task for each. A full batch means there is more: it claims again as soon as a
 //! slot frees up; otherwise it sleeps until a notification or the fallback poll. Stops claiming on
 //! shutdown; the jobs it already started finish on their own. While the database is away it retries
-//! with back-off (quietly: `DbHealth` tells the log) and resumes as soon as it is back.
+//! with back-off (quietly: `DbHealth` tells the log) and resumes as soon as it is back. Each claim
+//! borrows a connection from the pool (`database`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::db_health::DbHealth;
+use super::database::{Database, DbError};
 use super::executor::Executor;
 use super::job::{check_payload, Claimed, Job};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 
 pub struct Producer {
-    pub db: Arc<DbHealth>,
+    pub db: Arc<Database>,
     pub worker: String,
     pub lease: Duration,
     pub poll: Duration,
@@ -39,7 +39,6 @@ const BATCH_WAIT: Duration = Duration::from_millis(10);
 
 impl Producer {
     pub async fn run(self) {
-        let mut client: Option<Client> = None;
         let mut backoff = Backoff::default();
         let mut backlog = false;
         loop {
@@ -65,39 +64,24 @@ impl Producer {
             }
             let want = permits.num_permits();
 
-            let claimed = match &client {
-                Some(c) => self.claim(c, want).await,
-                None => match self.db.connect("producer").await {
-                    Ok(c) => {
-                        let r = self.claim(&c, want).await;
-                        client = Some(c);
-                        r
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            let jobs = match claimed {
+            let jobs = match self.claim(want).await {
                 Ok(jobs) => {
                     backoff.reset();
-                    self.db.ok();
                     jobs
                 }
                 Err(e) => {
                     drop(permits);
                     backlog = false;
-                    if client.as_ref().is_none_or(Client::is_closed) {
-                        client = None;
-                    }
                     let delay = backoff.step();
-                    let (error, retry_in_ms) = (pg::describe(&e), delay.as_millis() as u64);
-                    if pg::is_connection_error(&e) {
+                    let (error, retry_in_ms) = (e.describe(), delay.as_millis() as u64);
+                    if e.is_connection_error() {
                         tracing::debug!(%error, retry_in_ms, "claim failed");
                     } else {
                         tracing::warn!(%error, retry_in_ms, "claim failed");
                     }
                     tokio::select! {
                         () = self.shutdown.cancelled() => break,
-                        () = self.db.pause(delay) => continue,
+                        () = self.db.health().pause(delay) => continue,
                     }
                 }
             };
@@ -146,11 +130,8 @@ impl Producer {
         (self.slots_total / 4).max(1)
     }
 
-    async fn claim(
-        &self,
-        client: &Client,
-        want: usize,
-    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    async fn claim(&self, want: usize) -> Result<Vec<Claimed>, DbError> {
+        let client = self.db.get().await?;
         let rows = client
             .query(
                 CLAIM,
