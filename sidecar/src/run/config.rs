@@ -14,12 +14,12 @@ use lettre::message::Mailbox;
 use p256::ecdsa::VerifyingKey;
 
 use super::address_policy::AllowList;
-use super::http::parse_sendgrid_key;
+use super::http::sendgrid::parse_sendgrid_key;
 
 /// Prefix of the per-provider SMTP settings: `HERALD_SMTP_URL_<NAME>` (provider name upper-cased, `-` as `_`).
 pub const SMTP_PREFIX: &str = "HERALD_SMTP_URL_";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, serde::Serialize)]
 #[command(after_long_help = "\
 Email providers: HERALD_SMTP_URL_<NAME> (environment or config file) gives the SMTP server of the provider
 named <NAME> (upper-cased, '-' written '_'); jobs of provider 'default' use HERALD_SMTP_URL_DEFAULT.
@@ -61,6 +61,7 @@ pub struct RunArgs {
     /// TOML file with the same keys as the environment (e.g. `HERALD_CONCURRENCY = 64`); flags and
     /// environment variables win over it.
     #[arg(long, value_name = "FILE", env = "HERALD_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Name written on the jobs this process leases. Default: <hostname>-<pid>.
     #[arg(long, value_name = "NAME", env = "HERALD_WORKER_ID")]
@@ -155,28 +156,39 @@ fn secret_settings(purpose: &str) -> [String; 4] {
     ]
 }
 
+/// Every setting RunArgs declares, as (argument id, environment variable): the one list of names,
+/// read from clap's own description of the flags (DATABASE_URL, a flag of the whole binary, and
+/// HERALD_CONFIG, the file itself, are not in it).
+fn declared_settings() -> Vec<(String, String)> {
+    let command = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"));
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_str()?;
+            (env != "HERALD_CONFIG").then(|| (arg.get_id().to_string(), env.to_string()))
+        })
+        .collect()
+}
+
 /// Keys a config file may hold (plus `HERALD_SMTP_URL_<NAME>`, the `_PREVIOUS`/`_FILE` forms of the
 /// secrets, and `[workspaces.<name>]` tables).
-const KEYS: &[&str] = &[
-    "DATABASE_URL",
-    "HERALD_WORKER_ID",
-    "HERALD_CONCURRENCY",
-    "HERALD_POLL_INTERVAL_MS",
-    "HERALD_LEASE_SECONDS",
-    "HERALD_MAILDIR",
-    "HERALD_FROM",
-    "HERALD_WEBHOOK_SECRET",
-    "HERALD_WEBHOOK_ALLOW",
-    "HERALD_METRICS_ADDR",
-    "HERALD_UNSUBSCRIBE_URL",
-    "HERALD_HTTP_ADDR",
-    "HERALD_PUBLIC_URL",
-    "HERALD_LINK_SECRET",
-    "HERALD_EVENTS_TOKEN",
-    "HERALD_SENDGRID_VERIFICATION_KEY",
-    "HERALD_LOG_FORMAT",
-    "HERALD_SHUTDOWN_GRACE_SECONDS",
-];
+fn known_keys() -> Vec<String> {
+    std::iter::once("DATABASE_URL".to_string())
+        .chain(declared_settings().into_iter().map(|(_, env)| env))
+        .collect()
+}
+
+impl RunArgs {
+    /// The settings given as flags or environment variables, by name: what they say wins over the
+    /// config file.
+    fn given(&self) -> Vec<(String, String)> {
+        let values = serde_json::to_value(self).expect("RunArgs holds strings only");
+        declared_settings()
+            .into_iter()
+            .filter_map(|(id, env)| Some((env, values.get(&id)?.as_str()?.to_string())))
+            .collect()
+    }
+}
 
 pub use crate::logging::LogFormat;
 
@@ -448,33 +460,12 @@ impl Config {
             }
             None => BTreeMap::new(),
         };
-        let given = [
-            ("DATABASE_URL", database_url),
-            ("HERALD_WORKER_ID", args.worker_id),
-            ("HERALD_CONCURRENCY", args.concurrency),
-            ("HERALD_POLL_INTERVAL_MS", args.poll_interval_ms),
-            ("HERALD_LEASE_SECONDS", args.lease_seconds),
-            ("HERALD_MAILDIR", args.maildir),
-            ("HERALD_FROM", args.from),
-            ("HERALD_WEBHOOK_SECRET", args.webhook_secret),
-            ("HERALD_WEBHOOK_ALLOW", args.webhook_allow),
-            ("HERALD_METRICS_ADDR", args.metrics_addr),
-            ("HERALD_UNSUBSCRIBE_URL", args.unsubscribe_url),
-            ("HERALD_HTTP_ADDR", args.http_addr),
-            ("HERALD_PUBLIC_URL", args.public_url),
-            ("HERALD_LINK_SECRET", args.link_secret),
-            ("HERALD_EVENTS_TOKEN", args.events_token),
-            (
-                "HERALD_SENDGRID_VERIFICATION_KEY",
-                args.sendgrid_verification_key,
-            ),
-            ("HERALD_LOG_FORMAT", args.log_format),
-            ("HERALD_SHUTDOWN_GRACE_SECONDS", args.shutdown_grace_seconds),
-        ];
+        let given = args
+            .given()
+            .into_iter()
+            .chain(database_url.map(|url| ("DATABASE_URL".to_string(), url)));
         for (k, v) in given {
-            if let Some(v) = v {
-                raw.insert(k.to_string(), v);
-            }
+            raw.insert(k, v);
         }
         let extra: Vec<String> = SECRET_PURPOSES
             .iter()
@@ -836,10 +827,11 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
         let secret_form = SECRET_PURPOSES
             .iter()
             .any(|p| secret_settings(p).contains(&upper));
-        if !KEYS.contains(&upper.as_str()) && !upper.starts_with(SMTP_PREFIX) && !secret_form {
+        let known = known_keys();
+        if !known.contains(&upper) && !upper.starts_with(SMTP_PREFIX) && !secret_form {
             bail!(
                 "unknown key {key:?} (known: {}, {SMTP_PREFIX}<NAME>)",
-                KEYS.join(", ")
+                known.join(", ")
             );
         }
         let text = match value {
@@ -872,6 +864,34 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_are_named_once_by_their_flags() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "run",
+            "--worker-id",
+            "w1",
+            "--shutdown-grace-seconds",
+            "5",
+        ])
+        .unwrap();
+        let given = cli.run.given();
+        assert!(given.contains(&("HERALD_WORKER_ID".to_string(), "w1".to_string())));
+        assert!(given.contains(&("HERALD_SHUTDOWN_GRACE_SECONDS".to_string(), "5".to_string())));
+        let keys = known_keys();
+        assert_eq!(keys[0], "DATABASE_URL");
+        assert_eq!(keys.len(), 19, "{keys:?}");
+        assert!(!keys.iter().any(|k| k == "HERALD_CONFIG"));
+        // every declared setting is one a config file may hold
+        for key in &keys[1..] {
+            assert!(parse_toml(&format!("{key} = 'x'")).is_ok(), "{key}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -145,6 +145,12 @@ impl Database {
         }
     }
 
+    /// Drops the idle connections, e.g. once a statement failed because the server restarted: the
+    /// next `get` connects afresh instead of trying the other dead ones first.
+    pub fn forget_idle(&self) {
+        self.pool.retain(|_, _| false);
+    }
+
     /// Closes the pool at shutdown: idle connections are closed, borrowers get an error.
     pub fn close(&self) {
         self.pool.close();
