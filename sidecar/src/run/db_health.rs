@@ -1,7 +1,7 @@
-//! Is the database there? Every component connects through [`DbHealth::connect`] and reports what it
-//! sees, so that an outage is told ONCE — one WARN "waiting for the database" when the first connection
-//! attempt fails, one INFO "database is back after N s" when one succeeds — instead of a line per
-//! component per retry, and /metrics can show `herald_database_up` and `herald_database_down_seconds`.
+//! Is the database there? Every connection attempt (the pool's, in `database`, and the notifier's)
+//! reports what it sees, so that an outage is told ONCE — one WARN "waiting for the database" when the
+//! first connection attempt fails, one INFO "database is back after N s" when one succeeds — instead of
+//! a line per component per retry, and /metrics can show `herald_database_up` and `herald_database_down_seconds`.
 //!
 //! Only connection attempts decide that the database is away: a statement failing on an established
 //! connection (the server just restarted, a backend was terminated) makes the component reconnect,
@@ -70,20 +70,6 @@ impl DbHealth {
         self.lock()
             .down_since
             .map_or(Duration::ZERO, |since| since.elapsed())
-    }
-
-    /// Opens a component's connection and reports the outcome.
-    pub async fn connect(&self, component: &'static str) -> Result<Client, tokio_postgres::Error> {
-        match pg::connect(&self.config, component).await {
-            Ok(client) => {
-                self.ok();
-                Ok(client)
-            }
-            Err(e) => {
-                self.failed(&e);
-                Err(e)
-            }
-        }
     }
 
     /// The database answered (a connection opened or a statement ran). Cheap when nothing changes.
