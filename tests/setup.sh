@@ -11,7 +11,7 @@ set -euo pipefail
 
 PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev postfix postgresql-15-pgq3 wrk sudo)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev postfix postgresql-15-pgq3 wrk sudo chromium chromium-driver)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
