@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::condition::{Condition, Scope};
 use crate::duration::parse_duration;
-use crate::fault::{child, index, Fault};
+use crate::fault::{child, index, reject_unknown_keys, Fault};
 
 const KEYS: &[&str] = &[
     "name",
@@ -46,14 +46,7 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
             "a broadcast definition must be a JSON object",
         )]);
     };
-    for k in obj.keys() {
-        if !KEYS.contains(&k.as_str()) {
-            faults.push(Fault::new(
-                child("$", k),
-                format!("unknown key (allowed: {})", KEYS.join(", ")),
-            ));
-        }
-    }
+    reject_unknown_keys(obj, KEYS, "$", "in a broadcast", &mut faults);
 
     let name = match obj.get("name") {
         Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= 200 => s.clone(),
@@ -250,14 +243,13 @@ fn audience(v: Option<&Value>, faults: &mut Vec<Fault>) -> (Vec<String>, Value, 
             return (lists, segment, exclude);
         }
     };
-    for k in obj.keys() {
-        if !["lists", "segment", "exclude"].contains(&k.as_str()) {
-            faults.push(Fault::new(
-                child("$.audience", k),
-                "unknown key (allowed: lists, segment, exclude)",
-            ));
-        }
-    }
+    reject_unknown_keys(
+        obj,
+        &["lists", "segment", "exclude"],
+        "$.audience",
+        "in an audience",
+        faults,
+    );
     match obj.get("lists") {
         None => {}
         Some(Value::Array(items)) => {
@@ -342,14 +334,14 @@ fn variations(obj: &Map<String, Value>, faults: &mut Vec<Fault>) -> Vec<Value> {
                     None => Some(1),
                     Some(w) => w.as_u64().filter(|w| (1..=1000).contains(w)),
                 };
-                if let Some(extra) = item.as_object().and_then(|o| {
-                    o.keys()
-                        .find(|k| !["key", "template", "weight"].contains(&k.as_str()))
-                }) {
-                    faults.push(Fault::new(
-                        child(&path, extra),
-                        "unknown key (allowed: key, template, weight)",
-                    ));
+                if let Some(o) = item.as_object() {
+                    reject_unknown_keys(
+                        o,
+                        &["key", "template", "weight"],
+                        &path,
+                        "in a variation",
+                        faults,
+                    );
                 }
                 match key {
                     Some(k) if is_name(k, 32) => {
@@ -430,14 +422,13 @@ fn ab_test(v: Option<&Value>, n_variations: usize, faults: &mut Vec<Fault>) -> V
             None
         }
     };
-    for k in obj.keys() {
-        if !["test_percent", "metric", "wait"].contains(&k.as_str()) {
-            faults.push(Fault::new(
-                child("$.ab_test", k),
-                "unknown key (allowed: test_percent, metric, wait)",
-            ));
-        }
-    }
+    reject_unknown_keys(
+        obj,
+        &["test_percent", "metric", "wait"],
+        "$.ab_test",
+        "in an A/B test",
+        faults,
+    );
     json!({"test_percent": pct, "metric": metric, "wait_seconds": wait})
 }
 

@@ -35,7 +35,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::fault::{child, index, type_name, Fault};
+use crate::fault::{child, index, reject_unknown_keys, type_name, Fault};
 
 /// Conditions nest at most this deep, so a hostile definition cannot
 /// exhaust the stack of the Postgres backend.
@@ -338,7 +338,7 @@ fn parse_at(v: &Value, path: &str, depth: usize, faults: &mut Vec<Fault>) -> Opt
         [kind] => match *kind {
             "all" | "any" => parse_list(obj, kind, path, depth, faults),
             "not" => {
-                reject_extra_keys(obj, &["not"], path, faults);
+                reject_unknown_keys(obj, &["not"], path, "in a condition", faults);
                 let inner = obj
                     .get("not")
                     .and_then(|v| parse_at(v, &child(path, "not"), depth + 1, faults));
@@ -363,7 +363,7 @@ fn parse_list(
     depth: usize,
     faults: &mut Vec<Fault>,
 ) -> Option<Condition> {
-    reject_extra_keys(obj, &[kind], path, faults);
+    reject_unknown_keys(obj, &[kind], path, "in a condition", faults);
     let list_path = child(path, kind);
     let Some(items) = obj.get(kind).and_then(Value::as_array) else {
         let got = obj.get(kind).map_or("nothing", type_name);
@@ -391,7 +391,13 @@ fn parse_list(
 
 fn parse_leaf(obj: &Map<String, Value>, path: &str, faults: &mut Vec<Fault>) -> Option<Condition> {
     let before = faults.len();
-    reject_extra_keys(obj, &["field", "op", "value"], path, faults);
+    reject_unknown_keys(
+        obj,
+        &["field", "op", "value"],
+        path,
+        "in a condition",
+        faults,
+    );
 
     let field = match obj.get("field") {
         Some(Value::String(s)) => match Field::parse(s) {
@@ -465,25 +471,6 @@ fn parse_leaf(obj: &Map<String, Value>, path: &str, faults: &mut Vec<Fault>) -> 
             value: obj.get("value").cloned().unwrap_or(Value::Null),
         }),
         _ => None,
-    }
-}
-
-fn reject_extra_keys(
-    obj: &Map<String, Value>,
-    allowed: &[&str],
-    path: &str,
-    faults: &mut Vec<Fault>,
-) {
-    let mut extra: Vec<&String> = obj
-        .keys()
-        .filter(|k| !allowed.contains(&k.as_str()))
-        .collect();
-    extra.sort();
-    for key in extra {
-        faults.push(Fault::new(
-            child(path, key),
-            format!("unknown key {key:?}; allowed here: {}", allowed.join(", ")),
-        ));
     }
 }
 

@@ -39,7 +39,7 @@ use serde_json::{Map, Value};
 
 use crate::condition::Condition;
 use crate::duration::{parse_duration, TimeWindow};
-use crate::fault::{child, index, type_name, Fault};
+use crate::fault::{child, index, reject_unknown_keys, type_name, Fault};
 
 /// How often the same contact may enter the automation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -333,7 +333,7 @@ pub fn validate(def: &Value) -> Result<Automation, Vec<Fault>> {
             ),
         )]);
     };
-    reject_unknown(top, TOP_KEYS, "$", "at the top level", &mut cx.faults);
+    reject_unknown_keys(top, TOP_KEYS, "$", "at the top level", &mut cx.faults);
 
     let name = parse_name(top.get("name"), &mut cx.faults);
     if let Some(d) = top.get("description") {
@@ -547,7 +547,7 @@ fn parse_trigger(v: &Value, cx: &mut Cx) -> Option<Trigger> {
         );
         return None;
     };
-    reject_unknown(
+    reject_unknown_keys(
         obj,
         &["event", "filter"],
         "$.trigger",
@@ -601,29 +601,6 @@ fn not_a_node(target: &str, ids: &BTreeSet<String>) -> String {
         "{target:?} is not a node; nodes are: {}{suffix}",
         list.join(", ")
     )
-}
-
-fn reject_unknown(
-    obj: &Map<String, Value>,
-    allowed: &[&str],
-    path: &str,
-    place: &str,
-    faults: &mut Vec<Fault>,
-) {
-    let mut extra: Vec<&String> = obj
-        .keys()
-        .filter(|k| !allowed.contains(&k.as_str()))
-        .collect();
-    extra.sort();
-    for key in extra {
-        faults.push(Fault::new(
-            child(path, key),
-            format!(
-                "unknown key {key:?} {place}; allowed: {}",
-                allowed.join(", ")
-            ),
-        ));
-    }
 }
 
 /// "an email", "a delay": messages read as English.
@@ -886,7 +863,7 @@ fn parse_node(v: &Value, path: &str, cx: &mut Cx) -> Option<NodeKind> {
         }
     };
     let place = format!("for {} node", a_node_type(ty));
-    reject_unknown(obj, allowed_fields(ty), path, &place, &mut cx.faults);
+    reject_unknown_keys(obj, allowed_fields(ty), path, &place, &mut cx.faults);
     let r = NodeReader { obj, path, ty };
     match ty {
         "email" => parse_email(&r, cx),
@@ -1262,7 +1239,7 @@ fn parse_branch_paths(r: &NodeReader, v: &Value, cx: &mut Cx) -> Option<Vec<(Con
             );
             continue;
         };
-        reject_unknown(
+        reject_unknown_keys(
             obj,
             &["when", "next"],
             &item_path,
@@ -1342,7 +1319,7 @@ fn parse_split(r: &NodeReader, cx: &mut Cx) -> Option<NodeKind> {
             );
             continue;
         };
-        reject_unknown(
+        reject_unknown_keys(
             obj,
             &["weight", "next"],
             &item_path,

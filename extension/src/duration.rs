@@ -11,7 +11,7 @@ use chrono::{
 use chrono_tz::Tz;
 use serde_json::Value;
 
-use crate::fault::{child, index, type_name, Fault};
+use crate::fault::{child, index, reject_unknown_keys, type_name, Fault};
 
 const DURATION_HELP: &str = "a duration is one or more whole numbers with units, e.g. \"2 days\", \"1 hour 30 minutes\", \"45s\"; units: s/sec/second(s), m/min/minute(s), h/hr/hour(s), d/day(s), w/week(s)";
 
@@ -137,17 +137,13 @@ impl TimeWindow {
                 ),
             )]);
         };
-        let mut extra: Vec<&String> = obj
-            .keys()
-            .filter(|k| !["start", "end", "days"].contains(&k.as_str()))
-            .collect();
-        extra.sort();
-        for key in extra {
-            faults.push(Fault::new(
-                child(path, key),
-                format!("unknown key {key:?}; a window has start, end and days"),
-            ));
-        }
+        reject_unknown_keys(
+            obj,
+            &["start", "end", "days"],
+            path,
+            "in a window",
+            &mut faults,
+        );
         let mut time = |key: &str| match obj.get(key) {
             None => {
                 faults.push(Fault::new(

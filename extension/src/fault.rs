@@ -58,6 +58,35 @@ pub fn index(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
 }
 
+/// The one unknown-key check of every validator: a fault for each key of `obj` that `allowed` does
+/// not name, at the key's own path, in key order (so messages do not depend on the input's order):
+/// `unknown key "colour" in a broadcast; allowed: name, audience, …`. `place` says where the object
+/// sits (empty: nowhere said). Returns whether it found any.
+pub fn reject_unknown_keys(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    allowed: &[&str],
+    path: &str,
+    place: &str,
+    faults: &mut Vec<Fault>,
+) -> bool {
+    let mut extra: Vec<&String> = obj
+        .keys()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .collect();
+    extra.sort();
+    let sep = if place.is_empty() { "" } else { " " };
+    for key in &extra {
+        faults.push(Fault::new(
+            child(path, key),
+            format!(
+                "unknown key {key:?}{sep}{place}; allowed: {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    !extra.is_empty()
+}
+
 /// Short name of a JSON value's type, for "expected X, got Y" messages.
 pub fn type_name(v: &serde_json::Value) -> &'static str {
     use serde_json::Value;
@@ -109,6 +138,47 @@ mod tests {
     #[test]
     fn index_uses_brackets() {
         assert_eq!(index("$.paths", 3), "$.paths[3]");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_order_with_what_is_allowed() {
+        let obj = json!({"b": 1, "field": 2, "a b": 3});
+        let mut faults = Vec::new();
+        let found = reject_unknown_keys(
+            obj.as_object().unwrap(),
+            &["field", "op"],
+            "$.x",
+            "in a condition",
+            &mut faults,
+        );
+        assert!(found);
+        assert_eq!(
+            describe(&faults),
+            "$.x[\"a b\"]: unknown key \"a b\" in a condition; allowed: field, op; \
+             $.x.b: unknown key \"b\" in a condition; allowed: field, op"
+        );
+        faults.clear();
+        assert!(reject_unknown_keys(
+            obj.as_object().unwrap(),
+            &["field"],
+            "options",
+            "",
+            &mut faults
+        ));
+        assert_eq!(
+            faults[0].to_string(),
+            "options[\"a b\"]: unknown key \"a b\"; allowed: field"
+        );
+        faults.clear();
+        let ok = json!({"field": 1});
+        assert!(!reject_unknown_keys(
+            ok.as_object().unwrap(),
+            &["field"],
+            "$",
+            "",
+            &mut faults
+        ));
+        assert!(faults.is_empty());
     }
 
     #[test]

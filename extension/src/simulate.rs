@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 
 use crate::condition::Facts;
 use crate::definition::{Automation, NodeKind, Reentry};
-use crate::fault::Fault;
+use crate::fault::{reject_unknown_keys, Fault};
 use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
 
 /// What a job node is answered with in the dry run.
@@ -89,7 +89,13 @@ pub struct Options {
     pub until: Option<DateTime<Utc>>,
 }
 
-const OPTION_KEYS: &str = "until, replies, approvals, histogram, include_enrolled";
+const OPTION_KEYS: &[&str] = &[
+    "until",
+    "replies",
+    "approvals",
+    "histogram",
+    "include_enrolled",
+];
 
 /// Reads and checks `options` against the automation: every fault names its key
 /// (`options.replies.crm.status: …`).
@@ -112,6 +118,7 @@ pub fn read_options(options: &Value, automation: &Automation) -> Result<Options,
             )])
         }
     };
+    reject_unknown_keys(map, OPTION_KEYS, "options", "", &mut faults);
     for (key, value) in map {
         let path = format!("options.{key}");
         match key.as_str() {
@@ -133,10 +140,7 @@ pub fn read_options(options: &Value, automation: &Automation) -> Result<Options,
             },
             "replies" => read_replies(value, &path, automation, &mut out, &mut faults),
             "approvals" => read_approvals(value, &path, automation, &mut out, &mut faults),
-            _ => faults.push(Fault::new(
-                path,
-                format!("unknown option; allowed: {OPTION_KEYS}"),
-            )),
+            _ => {} // reported above
         }
     }
     if faults.is_empty() {
@@ -220,11 +224,7 @@ fn read_replies(
             ));
             continue;
         };
-        if let Some(k) = r.keys().find(|k| !["status", "body"].contains(&k.as_str())) {
-            faults.push(Fault::new(
-                format!("{p}.{k}"),
-                "unknown key; allowed: status, body",
-            ));
+        if reject_unknown_keys(r, &["status", "body"], &p, "in a reply", faults) {
             continue;
         }
         let body = r
@@ -1228,7 +1228,10 @@ mod tests {
             bad(json!([])),
             vec!["options: must be a JSON object, got array"]
         );
-        assert!(bad(json!({"speed": 1}))[0].starts_with("options.speed: unknown option"));
+        assert_eq!(
+            bad(json!({"speed": 1})),
+            vec!["options.speed: unknown key \"speed\"; allowed: until, replies, approvals, histogram, include_enrolled"]
+        );
         assert!(
             bad(json!({"until": "yesterday"}))[0].starts_with("options.until: must be an RFC 3339")
         );
