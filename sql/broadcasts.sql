@@ -55,6 +55,14 @@ BEGIN
 END
 $$;
 
+-- How many contacts or jobs one statement of a broadcast reads or moves: an enqueue chunk, a settle
+-- chunk (pause, cancel), a release of held jobs (resume). Large enough that a million recipients take a
+-- hundred statements; small enough that one statement holds its row locks briefly and a crash repeats
+-- little. Inlined where it is used.
+CREATE FUNCTION herald._chunk_size() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 10000;
+
 -- Per variation key, the payload of its jobs (claim adds the recipient): the template, the provider and
 -- the variables {{ broadcast.* }} renders.
 CREATE FUNCTION herald._broadcast_payloads(id bigint, name text, definition jsonb) RETURNS jsonb
@@ -118,7 +126,7 @@ BEGIN
     UPDATE herald.broadcasts b SET payloads = herald._broadcast_payloads(b.id, b.name, b.definition)
      WHERE b.workspace_id = workspace AND b.id = v_id;
     IF v_def -> 'rate_per_second' <> 'null' THEN
-        INSERT INTO herald.rate_limits (key, per_second) VALUES ('broadcast:' || v_id, (v_def ->> 'rate_per_second')::int);
+        INSERT INTO herald.rate_limits (key, per_second) VALUES (herald._broadcast_rate_key(v_id), (v_def ->> 'rate_per_second')::int);
     END IF;
     RETURN v_id;
 END
@@ -178,7 +186,7 @@ BEGIN
     UPDATE herald.broadcasts b SET status = 'paused', paused_from = v.status, settle_cursor = 0, updated_at = now()
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id
     RETURNING b.* INTO v;
-    PERFORM herald._settle_chunk(v, 10000);   -- the first chunk now (all of a broadcast this small)
+    PERFORM herald._settle_chunk(v, herald._chunk_size());   -- the first chunk now (all of a broadcast this small)
     PERFORM pg_notify('herald.tick', '');
 END
 $$;
@@ -198,7 +206,7 @@ BEGIN
     -- with the next advances
     UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, settle_cursor = NULL, updated_at = now()
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    PERFORM herald._release_held(v.id, 10000);
+    PERFORM herald._release_held(v.id, herald._chunk_size());
     PERFORM pg_notify('herald.outbox', '');
     PERFORM pg_notify('herald.tick', '');
 END
@@ -219,7 +227,7 @@ BEGIN
        SET status = 'cancelled', paused_from = NULL, settle_cursor = 0, finished_at = now(), updated_at = now()
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id
     RETURNING b.* INTO v;
-    PERFORM herald._settle_chunk(v, 10000);   -- the first chunk now (all of a broadcast this small)
+    PERFORM herald._settle_chunk(v, herald._chunk_size());   -- the first chunk now (all of a broadcast this small)
     PERFORM pg_notify('herald.tick', '');
 END
 $$;
@@ -257,7 +265,7 @@ BEGIN
          LIMIT lim
     ), moved AS (
         UPDATE herald.outbox o
-           SET status = CASE WHEN v.status = 'paused' THEN 'held' ELSE 'cancelled' END,
+           SET status = herald._queue_status(v.status),
                last_error = CASE WHEN v.status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
                done_at = CASE WHEN v.status = 'cancelled' THEN now() END, updated_at = now()
           FROM scanned s
@@ -511,7 +519,7 @@ AS $$
 DECLARE
     v_left int := budget;
     v_read int;
-    v_chunk constant int := 10000;
+    v_chunk constant int := herald._chunk_size();
     v_win record;
 BEGIN
     -- an earlier failure is history once this call gets through (a failure now rolls this back too)

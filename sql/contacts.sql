@@ -15,6 +15,35 @@ RETURN coalesce(length(email) <= 254
                 AND email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$'
                 AND email !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]', false);
 
+-- Creates the contacts that do not exist yet, each with its contact.created event (payload {}: made
+-- from an address alone), and returns the ones it created. The one rule for a contact made on the fly:
+-- events naming an unknown address (the dispatcher, track/track_many) and send() call it.
+-- (upsert_contacts makes contacts with attributes, and its contact.created carries them.)
+-- Takes (workspace, email) pairs as two parallel arrays, the emails normalised and valid already
+-- (every caller has refused invalid ones). Contacts are inserted in (workspace, email) order, so two
+-- callers lock in the same order and cannot deadlock; the events follow in contact id order. One
+-- statement whatever the number of addresses. Internal: granted to no role.
+CREATE FUNCTION herald._create_contacts(workspaces text[], emails text[])
+RETURNS TABLE (workspace_id text, id bigint, email text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH created AS (
+        INSERT INTO herald.contacts AS c (workspace_id, email)
+        SELECT DISTINCT u.w, u.e FROM unnest(workspaces, emails) u(w, e) ORDER BY 1, 2
+        ON CONFLICT (workspace_id, email) DO NOTHING
+        RETURNING c.workspace_id, c.id, c.email
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
+        SELECT c.workspace_id, c.id, c.email, 'contact.created', '{}' FROM created c ORDER BY c.id
+    )
+    SELECT c.workspace_id, c.id, c.email FROM created c;
+END
+$$;
+
 -- `a || b`, then drop null values: a key set to null is removed. (Stored attributes never hold nulls, at
 -- any depth.) A plain expression, so Postgres inlines it into the statements that call it.
 CREATE FUNCTION herald._merge_attributes(a jsonb, b jsonb) RETURNS jsonb

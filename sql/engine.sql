@@ -111,7 +111,7 @@ BEGIN
                                         automation_id, enrollment_id, node, on_success, on_error, payload)
         SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.job ->> 'provider',
                CASE WHEN st.job_kind = 'email'
-                    THEN ARRAY[herald._provider_rate_key(st.workspace_id, st.job ->> 'provider'), 'provider:' || (st.job ->> 'provider')]
+                    THEN herald._email_rate_keys(st.workspace_id, st.job ->> 'provider')
                     ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
                st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
                st.job ->> 'on_success', st.job ->> 'on_error',

@@ -4,7 +4,8 @@
 -- in ONE statement-level trigger with a transition table. Per statement it runs a constant number of
 -- set-based statements, whatever the number of rows or of automations:
 --   1. refuse unknown workspaces and contact ids from another workspace;
---   2. events that carry only an email: create missing contacts (emitting contact.created), fill contact_id;
+--   2. events that carry only an email: create missing contacts (herald._create_contacts: with their
+--      contact.created events), fill contact_id;
 --   3. join the new events with the live automations of their (workspace, kind) through a partial index,
 --      evaluate trigger filters in Rust (herald._matches), and insert the enrollments with
 --      ON CONFLICT DO NOTHING on the re-entry key (plus their 'enrolled' stats deltas);
@@ -86,17 +87,9 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
 
-        WITH missing AS (
-            SELECT DISTINCT n.workspace_id, herald._normalize_email(n.email) AS email
-              FROM new_events n WHERE n.contact_id IS NULL
-        ), created AS (
-            INSERT INTO herald.contacts (workspace_id, email)
-            SELECT m.workspace_id, m.email FROM missing m ORDER BY 1, 2
-            ON CONFLICT (workspace_id, email) DO NOTHING
-            RETURNING workspace_id, id, email
-        )
-        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
-        SELECT c.workspace_id, c.id, c.email, 'contact.created', '{}' FROM created c ORDER BY c.id;
+        PERFORM herald._create_contacts(m.workspaces, m.emails)
+           FROM (SELECT array_agg(n.workspace_id) AS workspaces, array_agg(herald._normalize_email(n.email)) AS emails
+                   FROM new_events n WHERE n.contact_id IS NULL) m;
 
         UPDATE herald.events e
            SET contact_id = c.id, email = c.email
@@ -225,7 +218,8 @@ RETURN CASE
 END;
 
 -- The one ingest path behind track and track_many: validate all, create missing contacts (with their
--- contact.created events), insert the events. Three statements whatever the array's length.
+-- contact.created events: herald._create_contacts), insert the events. Three statements whatever the
+-- array's length.
 CREATE FUNCTION herald._ingest(workspace text, events jsonb, caller text) RETURNS SETOF bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -256,16 +250,9 @@ BEGIN
                   DETAIL = format('%s of %s entries are invalid; nothing was recorded.', v_bad.bad_count, jsonb_array_length(events));
     END IF;
 
-    WITH missing AS (
-        SELECT DISTINCT herald._normalize_email(e ->> 'email') AS email FROM jsonb_array_elements(events) e
-    ), created AS (
-        INSERT INTO herald.contacts (workspace_id, email)
-        SELECT v_ws, m.email FROM missing m ORDER BY m.email
-        ON CONFLICT (workspace_id, email) DO NOTHING
-        RETURNING id, email
-    )
-    INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
-    SELECT v_ws, c.id, c.email, 'contact.created', '{}' FROM created c ORDER BY c.id;
+    PERFORM herald._create_contacts(m.workspaces, m.emails)
+       FROM (SELECT array_agg(v_ws) AS workspaces, array_agg(herald._normalize_email(e ->> 'email')) AS emails
+               FROM jsonb_array_elements(events) e) m;
 
     RETURN QUERY
     WITH inserted AS (

@@ -87,12 +87,32 @@ CREATE FUNCTION herald._provider_rate_key(workspace text, provider text) RETURNS
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 'workspace_provider:' || workspace || '/' || provider;
 
+-- The rate limits an email counts against: its workspace's provider and the provider across workspaces
+-- (send, tick's email jobs, a broadcast's rows through _job_rate_keys).
+CREATE FUNCTION herald._email_rate_keys(workspace text, provider text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider];
+
+-- A broadcast's own limit (its definition's rate_per_second). bigint::text, not text || bigint: the
+-- latter is STABLE, and an IMMUTABLE function calling it is not inlined.
+CREATE FUNCTION herald._broadcast_rate_key(broadcast bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'broadcast:' || broadcast::text;
+
 -- The rate limits a job counts against. A broadcast's rows store none (a 1,000,000-recipient broadcast
 -- would store the same three keys a million times): theirs follow from the row.
 CREATE FUNCTION herald._job_rate_keys(rate_keys text[], workspace text, provider text, broadcast bigint) RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN broadcast IS NULL THEN rate_keys
-            ELSE ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider, 'broadcast:' || broadcast] END;
+            ELSE herald._email_rate_keys(workspace, provider) || herald._broadcast_rate_key(broadcast) END;
+
+-- Where a job goes when it returns to the queue (a retryable failure in complete, an expired lease in
+-- reap) or is stopped on its way out (claim, advance_broadcasts settling a paused or cancelled
+-- broadcast), by the status of its broadcast (NULL: not a broadcast's job): held while the broadcast is
+-- paused (out of claim's index), cancelled once it is cancelled, else pending.
+CREATE FUNCTION herald._queue_status(broadcast_status text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE broadcast_status WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'cancelled' ELSE 'pending' END;
 
 -- Limits shared by all workspaces: 'provider:<name>' or 'host:<webhook host>'. per_second NULL removes it.
 CREATE FUNCTION herald.set_rate_limit(key text, per_second int) RETURNS void
@@ -253,7 +273,7 @@ BEGIN
         RETURNING o.id
     ), halted AS (
         UPDATE herald.outbox o
-           SET status = CASE x.broadcast_status WHEN 'paused' THEN 'held' ELSE 'cancelled' END,
+           SET status = herald._queue_status(x.broadcast_status),
                last_error = CASE WHEN x.broadcast_status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
                done_at = CASE WHEN x.broadcast_status = 'cancelled' THEN now() END, updated_at = now()
           FROM stopped x
@@ -417,8 +437,8 @@ BEGIN
                CASE WHEN i.ok THEN 'done'
                     -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
                     WHEN i.retryable AND o.attempt < o.max_attempts THEN
-                         CASE (SELECT b.status FROM herald.broadcasts b WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id)
-                              WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'cancelled' ELSE 'pending' END
+                         herald._queue_status((SELECT b.status FROM herald.broadcasts b
+                                                WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id))
                     WHEN i.retryable THEN 'dead'
                     ELSE 'failed' END AS outcome
           FROM input i JOIN herald.outbox o ON o.id = i.id
@@ -534,20 +554,21 @@ CREATE FUNCTION herald.reap() RETURNS int
 LANGUAGE sql
 SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
-    WITH reaped AS (
+    WITH expired AS (
+        -- a broadcast paused (or cancelled) meanwhile keeps its job out of claim's reach
+        SELECT o.id, CASE WHEN o.attempt >= o.max_attempts THEN 'dead' ELSE herald._queue_status(b.status) END AS status
+          FROM herald.outbox o
+          LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
+         WHERE o.status = 'leased' AND o.lease_until < now()
+    ), reaped AS (
         UPDATE herald.outbox o
-           -- a broadcast paused (or cancelled) meanwhile keeps its job out of claim's reach
-           SET status = CASE WHEN o.attempt >= o.max_attempts THEN 'dead'
-                             ELSE CASE (SELECT b.status FROM herald.broadcasts b
-                                         WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id)
-                                      WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'cancelled' ELSE 'pending' END END,
+           SET status = x.status,
                last_error = coalesce(o.last_error || '; ', '') || 'lease of ' || coalesce(o.leased_by, '?') || ' expired',
                leased_by = NULL, lease_until = NULL, updated_at = now(),
-               done_at = CASE WHEN o.attempt >= o.max_attempts
-                                OR (SELECT b.status FROM herald.broadcasts b
-                                     WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id) = 'cancelled'
-                              THEN now() END
-         WHERE o.status = 'leased' AND o.lease_until < now()
+               done_at = CASE WHEN x.status IN ('dead', 'cancelled') THEN now() END
+          FROM expired x
+         -- re-checked on the locked row: a job completed or reaped meanwhile is left alone
+         WHERE o.id = x.id AND o.status = 'leased' AND o.lease_until < now()
         RETURNING o.workspace_id, o.status, o.automation_id, o.node, o.broadcast_id, o.variation
     ), counted AS (
         -- a job that ends here is counted like one complete() ends
@@ -755,13 +776,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    WITH created AS (
-        INSERT INTO herald.contacts AS c (workspace_id, email) VALUES (workspace, herald._normalize_email(send.email))
-        ON CONFLICT ON CONSTRAINT contacts_workspace_id_email_key DO NOTHING RETURNING c.id, c.email
-    ), announced AS (
-        INSERT INTO herald.events (workspace_id, contact_id, email, kind) SELECT workspace, c.id, c.email, 'contact.created' FROM created c
-    )
-    SELECT x.id INTO v_contact FROM created x;
+    SELECT c.id INTO v_contact FROM herald._create_contacts(ARRAY[workspace], ARRAY[herald._normalize_email(send.email)]) c;
     IF v_contact IS NULL THEN
         SELECT c.id INTO v_contact FROM herald.contacts c
          WHERE c.email = herald._normalize_email(send.email) AND c.workspace_id IS NOT DISTINCT FROM workspace;   -- see contacts' unique index
@@ -769,7 +784,7 @@ BEGIN
 
     INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
     VALUES (workspace, 'email', 0, v_key, provider,
-            ARRAY[herald._provider_rate_key(workspace, provider), 'provider:' || provider], v_contact,
+            herald._email_rate_keys(workspace, provider), v_contact,
             jsonb_build_object('template', template, 'provider', provider, 'variables', context))
     ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO NOTHING
     RETURNING o.id INTO v_id;
