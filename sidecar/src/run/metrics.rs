@@ -1,23 +1,35 @@
-//! Metrics: counters and a latency histogram kept in atomics, served in the Prometheus text format at
-//! `GET /metrics` on HERALD_METRICS_ADDR by a tiny HTTP/1.1 server (one request per connection). The
-//! queue depth comes from `herald.queue_status`, queried at most every 5 s; while the database is away
-//! it is left out (a scrape must not hang on it) and the health gauges say so. The server starts before
-//! the daemon first reaches the database, so a daemon waiting for it at start-up can be watched too.
+//! Metrics of this process in a prometheus-client registry (no global state), and the router that
+//! serves them at `GET /metrics` on HERALD_METRICS_ADDR (run by `http::serve`, like the HTTP side).
+//! The exposition is OpenMetrics text, which Prometheus reads.
+//!
+//! The queue depth comes from `herald.queue_status`, read on a pooled connection at most every 5 s;
+//! while the database is away it is left out (a scrape must not hang on it) and the health gauges
+//! say so. The server starts before the daemon first reaches the database, so a daemon waiting for it
+//! at start-up can be watched too.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::sync::{Mutex, Semaphore};
-use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
+use super::database::Database;
 use super::db_health::DbHealth;
 use super::job::Outcome;
 
+/// Job kinds with series of their own; any other kind counts as the last.
 const KINDS: [&str; 4] = ["email", "webhook", "decide", "other"];
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -26,29 +38,43 @@ const BUCKETS: [f64; 12] = [
 const QUEUE_CACHE: Duration = Duration::from_secs(5);
 /// A scrape answers within this even when the database hangs.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The OpenMetrics text format's media type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-#[derive(Default)]
-struct PerKind {
-    sent: AtomicU64,
-    failed: AtomicU64,
-    retried: AtomicU64,
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    kind: String,
+    status: String,
+}
+
+type Latency = Family<KindLabels, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
-    claimed: AtomicU64,
-    completed: AtomicU64,
-    complete_errors: AtomicU64,
+    registry: Registry,
+    claimed: Counter,
+    completed: Counter,
+    complete_errors: Counter,
+    sent: Family<KindLabels, Counter>,
+    failed: Family<KindLabels, Counter>,
+    retried: Family<KindLabels, Counter>,
+    duration: Latency,
+    in_flight: Gauge,
     /// Results handed to the completer and not yet recorded (or given up): the ones an outage holds.
-    unrecorded: AtomicU64,
+    unrecorded: Gauge,
+    database_up: Gauge,
+    database_down_seconds: Gauge<f64, AtomicU64>,
+    queue_jobs: Family<QueueLabels, Gauge>,
     /// The completer is retrying a batch it could not record.
     recording_stalled: AtomicBool,
-    kinds: [PerKind; KINDS.len()],
     concurrency: usize,
     slots: Arc<Semaphore>,
     health: Arc<DbHealth>,
+    /// The last queue depth read; held while a scrape fills `queue_jobs` and encodes.
     queue: Mutex<QueueCache>,
 }
 
@@ -56,25 +82,120 @@ pub struct Metrics {
 struct QueueCache {
     at: Option<Instant>,
     rows: Vec<(String, String, i64)>,
-    client: Option<Client>,
 }
 
-fn kind_index(kind: &str) -> usize {
-    KINDS
-        .iter()
-        .position(|k| *k == kind)
-        .unwrap_or(KINDS.len() - 1)
+fn kind(kind: &str) -> KindLabels {
+    KindLabels {
+        kind: KINDS
+            .iter()
+            .find(|k| **k == kind)
+            .unwrap_or(&KINDS[KINDS.len() - 1]),
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
 impl Metrics {
     pub fn new(concurrency: usize, slots: Arc<Semaphore>, health: Arc<DbHealth>) -> Self {
+        let mut registry = Registry::default();
+        // counters are named without `_total`: the encoder adds it
+        let claimed = Counter::default();
+        registry.register(
+            "herald_jobs_claimed",
+            "Jobs leased by this process.",
+            claimed.clone(),
+        );
+        let sent = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "herald_jobs_sent",
+            "Jobs that succeeded (email accepted, 2xx reply).",
+            sent.clone(),
+        );
+        let failed = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "herald_jobs_failed",
+            "Jobs that failed permanently.",
+            failed.clone(),
+        );
+        let retried = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "herald_jobs_retried",
+            "Jobs that failed and will be retried.",
+            retried.clone(),
+        );
+        let completed = Counter::default();
+        registry.register(
+            "herald_results_recorded",
+            "Results recorded with herald.complete.",
+            completed.clone(),
+        );
+        let complete_errors = Counter::default();
+        registry.register(
+            "herald_complete_errors",
+            "Failed herald.complete calls (retried).",
+            complete_errors.clone(),
+        );
+        let duration: Latency = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "herald_job_duration_seconds",
+            "Time from claim to result, per job.",
+            duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "herald_jobs_in_flight",
+            "Jobs being executed by this process.",
+            in_flight.clone(),
+        );
+        let unrecorded = Gauge::default();
+        registry.register(
+            "herald_results_unrecorded",
+            "Results of finished jobs not yet recorded with herald.complete (kept while the database is away).",
+            unrecorded.clone(),
+        );
+        let database_up = Gauge::default();
+        registry.register(
+            "herald_database_up",
+            "1 while this process reaches the database, 0 while it waits for it.",
+            database_up.clone(),
+        );
+        let database_down_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "herald_database_down_seconds",
+            "How long the database has been unreachable (0 while it answers).",
+            database_down_seconds.clone(),
+        );
+        let queue_jobs = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "herald_queue_jobs",
+            "Jobs in herald.outbox by kind and status (all workers).",
+            queue_jobs.clone(),
+        );
+        // every kind is shown from the start, at 0
+        for k in KINDS {
+            let labels = kind(k);
+            drop(sent.get_or_create(&labels));
+            drop(failed.get_or_create(&labels));
+            drop(retried.get_or_create(&labels));
+            drop(duration.get_or_create(&labels));
+        }
         Self {
-            claimed: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            complete_errors: AtomicU64::new(0),
-            unrecorded: AtomicU64::new(0),
+            registry,
+            claimed,
+            completed,
+            complete_errors,
+            sent,
+            failed,
+            retried,
+            duration,
+            in_flight,
+            unrecorded,
+            database_up,
+            database_down_seconds,
+            queue_jobs,
             recording_stalled: AtomicBool::new(false),
-            kinds: Default::default(),
             concurrency,
             slots,
             health,
@@ -83,22 +204,22 @@ impl Metrics {
     }
 
     pub fn claimed(&self, n: usize) {
-        self.claimed.fetch_add(n as u64, Relaxed);
+        self.claimed.inc_by(n as u64);
     }
 
     pub fn completed(&self, n: usize) {
-        self.completed.fetch_add(n as u64, Relaxed);
-        self.unrecorded.fetch_sub(n as u64, Relaxed);
+        self.completed.inc_by(n as u64);
+        self.unrecorded.dec_by(n as i64);
         self.recording_stalled.store(false, Relaxed);
     }
 
     /// Results the completer dropped (refused by complete(), or given up at shutdown).
     pub fn not_recorded(&self, n: usize) {
-        self.unrecorded.fetch_sub(n as u64, Relaxed);
+        self.unrecorded.dec_by(n as i64);
     }
 
     pub fn complete_error(&self) {
-        self.complete_errors.fetch_add(1, Relaxed);
+        self.complete_errors.inc();
     }
 
     /// A batch failed for a reason retrying may cure; cleared by the next recorded batch.
@@ -112,234 +233,125 @@ impl Metrics {
     }
 
     /// A job finished; its result goes to the completer next.
-    pub fn record(&self, kind: &str, outcome: &Outcome, elapsed: Duration) {
-        self.unrecorded.fetch_add(1, Relaxed);
-        let k = &self.kinds[kind_index(kind)];
+    pub fn record(&self, job_kind: &str, outcome: &Outcome, elapsed: Duration) {
+        self.unrecorded.inc();
+        let labels = kind(job_kind);
         match outcome {
-            Outcome::Done { .. } => &k.sent,
+            Outcome::Done { .. } => &self.sent,
             Outcome::Failed {
                 retryable: true, ..
-            } => &k.retried,
+            } => &self.retried,
             Outcome::Failed {
                 retryable: false, ..
-            } => &k.failed,
+            } => &self.failed,
         }
-        .fetch_add(1, Relaxed);
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            k.buckets[i].fetch_add(1, Relaxed);
-        }
-        k.count.fetch_add(1, Relaxed);
-        k.sum_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        .get_or_create(&labels)
+        .inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition; `queue` rows are (kind, status, jobs).
-    pub fn render(&self, queue: Option<&[(String, String, i64)]>) -> String {
-        let mut out = String::new();
-        let mut counter =
-            |name: &str, help: &str, values: &mut dyn Iterator<Item = (String, u64)>| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (labels, v) in values {
-                    let _ = writeln!(out, "{name}{labels} {v}");
-                }
-            };
-        counter(
-            "herald_jobs_claimed_total",
-            "Jobs leased by this process.",
-            &mut std::iter::once((String::new(), self.claimed.load(Relaxed))),
-        );
-        let per_kind = |f: fn(&PerKind) -> &AtomicU64| {
-            KINDS
-                .iter()
-                .zip(&self.kinds)
-                .map(move |(k, p)| (format!("{{kind=\"{k}\"}}"), f(p).load(Relaxed)))
-        };
-        counter(
-            "herald_jobs_sent_total",
-            "Jobs that succeeded (email accepted, 2xx reply).",
-            &mut per_kind(|p| &p.sent),
-        );
-        counter(
-            "herald_jobs_failed_total",
-            "Jobs that failed permanently.",
-            &mut per_kind(|p| &p.failed),
-        );
-        counter(
-            "herald_jobs_retried_total",
-            "Jobs that failed and will be retried.",
-            &mut per_kind(|p| &p.retried),
-        );
-        counter(
-            "herald_results_recorded_total",
-            "Results recorded with herald.complete.",
-            &mut std::iter::once((String::new(), self.completed.load(Relaxed))),
-        );
-        counter(
-            "herald_complete_errors_total",
-            "Failed herald.complete calls (retried).",
-            &mut std::iter::once((String::new(), self.complete_errors.load(Relaxed))),
-        );
-
-        let name = "herald_job_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from claim to result, per job.\n# TYPE {name} histogram"
-        );
-        for (k, p) in KINDS.iter().zip(&self.kinds) {
-            let mut cumulative = 0;
-            for (b, n) in BUCKETS.iter().zip(&p.buckets) {
-                cumulative += n.load(Relaxed);
-                let _ = writeln!(out, "{name}_bucket{{kind=\"{k}\",le=\"{b}\"}} {cumulative}");
-            }
-            let count = p.count.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{kind=\"{k}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(
-                out,
-                "{name}_sum{{kind=\"{k}\"}} {}",
-                p.sum_micros.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(out, "{name}_count{{kind=\"{k}\"}} {count}");
-        }
-
+    /// The exposition; `queue` rows are (kind, status, jobs), `None` when the depth is not known.
+    fn render(&self, queue: Option<&[(String, String, i64)]>) -> String {
         let in_flight = self
             .concurrency
             .saturating_sub(self.slots.available_permits());
-        let _ = writeln!(out, "# HELP herald_jobs_in_flight Jobs being executed by this process.\n# TYPE herald_jobs_in_flight gauge\nherald_jobs_in_flight {in_flight}");
-        let mut gauge = |name: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge(
-            "herald_results_unrecorded",
-            "Results of finished jobs not yet recorded with herald.complete (kept while the database is away).",
-            self.unrecorded.load(Relaxed).to_string(),
-        );
-        gauge(
-            "herald_database_up",
-            "1 while this process reaches the database, 0 while it waits for it.",
-            u8::from(self.health.is_up()).to_string(),
-        );
-        gauge(
-            "herald_database_down_seconds",
-            "How long the database has been unreachable (0 while it answers).",
-            format!("{:.1}", self.health.down_for().as_secs_f64()),
-        );
-        if let Some(rows) = queue {
-            let _ = writeln!(out, "# HELP herald_queue_jobs Jobs in herald.outbox by kind and status (all workers).\n# TYPE herald_queue_jobs gauge");
-            for (kind, status, n) in rows {
-                let _ = writeln!(
-                    out,
-                    "herald_queue_jobs{{kind=\"{}\",status=\"{}\"}} {n}",
-                    escape(kind),
-                    escape(status)
-                );
-            }
+        self.in_flight.set(in_flight as i64);
+        self.database_up.set(i64::from(self.health.is_up()));
+        // tenths of a second, as a scrape is not more precise than that
+        let down = (self.health.down_for().as_secs_f64() * 10.0).round() / 10.0;
+        self.database_down_seconds.set(down);
+        self.queue_jobs.clear();
+        for (kind, status, jobs) in queue.unwrap_or_default() {
+            let labels = QueueLabels {
+                kind: kind.clone(),
+                status: status.clone(),
+            };
+            self.queue_jobs.get_or_create(&labels).set(*jobs);
         }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 
-    /// Queue depth, from the cache when fresh; None when the database cannot be asked. Reconnecting
-    /// is left to the components that retry with back-off: while they find the database away, a
-    /// scrape does not try (it would wait for the connect timeout).
-    async fn queue(&self) -> Option<Vec<(String, String, i64)>> {
+    /// The exposition with a fresh-enough queue depth. One scrape at a time (the queue gauges are
+    /// filled for the encoding).
+    async fn scrape(&self, database: &Database) -> String {
         let mut cache = self.queue.lock().await;
-        if cache.at.is_some_and(|t| t.elapsed() < QUEUE_CACHE) {
-            return Some(cache.rows.clone());
+        let fresh = cache.at.is_some_and(|t| t.elapsed() < QUEUE_CACHE);
+        if !fresh {
+            match self.read_queue(database).await {
+                Some(rows) => {
+                    cache.rows = rows;
+                    cache.at = Some(Instant::now());
+                }
+                None => return self.render(None),
+            }
         }
+        self.render(Some(&cache.rows))
+    }
+
+    /// Queue depth; None when the database cannot be asked. While the components that retry with
+    /// back-off find the database away, a scrape does not try (it would wait for the connect timeout).
+    async fn read_queue(&self, database: &Database) -> Option<Vec<(String, String, i64)>> {
         if !self.health.is_up() {
             return None;
         }
-        if cache.client.as_ref().is_none_or(Client::is_closed) {
-            cache.client = self.health.connect("metrics").await.ok();
-        }
-        let client = cache.client.as_ref()?;
-        let rows = match tokio::time::timeout(
-            QUEUE_TIMEOUT,
-            client.query("SELECT kind, status, sum(jobs)::bigint FROM herald.queue_status GROUP BY 1, 2 ORDER BY 1, 2", &[]),
-        )
-        .await
-        .ok()?
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                // the server's reason (e.g. a role without read access to herald.queue_status)
-                if super::pg::is_connection_error(&e) {
-                    tracing::debug!(error = %super::pg::describe(&e), "queue depth not read");
-                } else {
-                    tracing::warn!(error = %super::pg::describe(&e), "queue depth not read");
-                }
-                return None;
-            }
+        let read = async {
+            let client = database.get().await?;
+            let rows = client
+                .query(
+                    "SELECT kind, status, sum(jobs)::bigint FROM herald.queue_status GROUP BY 1, 2 ORDER BY 1, 2",
+                    &[],
+                )
+                .await?;
+            Ok::<_, super::database::DbError>(rows)
         };
-        self.health.ok();
-        cache.rows = rows
-            .iter()
-            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?)))
-            .collect();
-        cache.at = Some(Instant::now());
-        Some(cache.rows.clone())
-    }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Serves `GET /metrics` until shutdown.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await
-            {
-                tracing::debug!(error = %e, "metrics request timed out");
+        match tokio::time::timeout(QUEUE_TIMEOUT, read).await {
+            Err(_) => {
+                tracing::debug!("queue depth not read in time");
+                None
             }
-        });
+            // the server's reason (e.g. a role without read access to herald.queue_status)
+            Ok(Err(e)) if e.is_connection_error() => {
+                tracing::debug!(error = %e, "queue depth not read");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "queue depth not read");
+                None
+            }
+            Ok(Ok(rows)) => Some(
+                rows.iter()
+                    .filter_map(|r| {
+                        Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?))
+                    })
+                    .collect(),
+            ),
+        }
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut words = head.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => {
-            let queue = metrics.queue().await;
-            ("200 OK", metrics.render(queue.as_deref()))
-        }
-        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "GET only\n".to_string()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+#[derive(Clone)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    database: Arc<Database>,
+}
+
+/// `GET /metrics`, for `http::serve` on HERALD_METRICS_ADDR.
+pub fn router(metrics: Arc<Metrics>, database: Arc<Database>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try /metrics\n") })
+        .method_not_allowed_fallback(|| async { (StatusCode::METHOD_NOT_ALLOWED, "GET only\n") })
+        .with_state(Scrape { metrics, database })
+}
+
+async fn metrics_page(State(s): State<Scrape>) -> Response {
+    let text = s.metrics.scrape(&s.database).await;
+    ([(CONTENT_TYPE, OPENMETRICS)], text).into_response()
 }
 
 #[cfg(test)]
@@ -367,6 +379,7 @@ mod tests {
             &Outcome::permanent("404"),
             Duration::from_secs(60),
         );
+        m.record("undecodable", &Outcome::permanent("?"), Duration::ZERO);
         m.completed(1);
         let text = m.render(Some(&[("email".into(), "pending".into(), 7)]));
         assert!(
@@ -376,25 +389,73 @@ mod tests {
         health.ok();
         let text = m.render(Some(&[("email".into(), "pending".into(), 7)]));
         for line in [
+            "# TYPE herald_jobs_claimed counter",
             "herald_jobs_claimed_total 3",
             "herald_jobs_sent_total{kind=\"email\"} 1",
+            "herald_jobs_sent_total{kind=\"decide\"} 0",
             "herald_jobs_retried_total{kind=\"email\"} 1",
             "herald_jobs_failed_total{kind=\"webhook\"} 1",
-            "herald_job_duration_seconds_bucket{kind=\"email\",le=\"0.025\"} 1",
-            "herald_job_duration_seconds_bucket{kind=\"email\",le=\"0.5\"} 2",
-            "herald_job_duration_seconds_bucket{kind=\"webhook\",le=\"30\"} 0",
-            "herald_job_duration_seconds_bucket{kind=\"webhook\",le=\"+Inf\"} 1",
+            "herald_jobs_failed_total{kind=\"other\"} 1",
+            "herald_results_recorded_total 1",
+            "herald_complete_errors_total 0",
+            "# TYPE herald_job_duration_seconds histogram",
+            "herald_job_duration_seconds_bucket{le=\"0.025\",kind=\"email\"} 1",
+            "herald_job_duration_seconds_bucket{le=\"0.5\",kind=\"email\"} 2",
+            "herald_job_duration_seconds_bucket{le=\"30.0\",kind=\"webhook\"} 0",
+            "herald_job_duration_seconds_bucket{le=\"+Inf\",kind=\"webhook\"} 1",
             "herald_job_duration_seconds_count{kind=\"email\"} 2",
+            "herald_job_duration_seconds_sum{kind=\"email\"} 0.32",
+            "# TYPE herald_jobs_in_flight gauge",
             "herald_jobs_in_flight 1",
             "herald_queue_jobs{kind=\"email\",status=\"pending\"} 7",
-            "herald_results_unrecorded 2",
+            "herald_results_unrecorded 3",
             "herald_database_up 1",
             "herald_database_down_seconds 0.0",
+            "# EOF",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
+        // the depth is left out when it cannot be read
+        let text = m.render(None);
+        assert!(!text.contains("herald_queue_jobs{"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_router_serves_only_metrics() {
+        use axum::body::{to_bytes, Body};
+        use axum::http::Request;
+        use tower::ServiceExt as _;
+
+        let health = Arc::new(DbHealth::new(tokio_postgres::Config::new()));
+        let m = Arc::new(Metrics::new(
+            1,
+            Arc::new(Semaphore::new(1)),
+            Arc::clone(&health),
+        ));
+        let database = Arc::new(Database::new(health));
+        let app = router(m, database);
+        let call = |method: &str, path: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .expect("a request");
+            app.clone().oneshot(request)
+        };
+        let response = call("GET", "/metrics").await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], OPENMETRICS);
+        let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        // the database is not known to be up: no queue depth, and no attempt to read it
+        assert!(text.contains("\nherald_database_up 0\n"), "{text}");
+        assert!(!text.contains("herald_queue_jobs{"), "{text}");
+        let response = call("GET", "/").await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let response = call("POST", "/metrics").await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 }

@@ -142,7 +142,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spawn(
             "metrics",
             &crashed,
-            metrics::serve(l, Arc::clone(&metrics), background.clone()),
+            http::serve(
+                l,
+                metrics::router(Arc::clone(&metrics), Arc::clone(&database)),
+                background.clone(),
+            ),
         )
     });
 
@@ -253,7 +257,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spawn(
             "http",
             &crashed,
-            http::serve(l, side, Arc::clone(&health), background.clone()),
+            http::serve(
+                l,
+                http::router(side, Arc::clone(&database)),
+                background.clone(),
+            ),
         )
     });
     let tasks = TaskTracker::new();
