@@ -52,7 +52,12 @@ fn main() -> Result<()> {
             // settings first: the log format is one of them
             let config = run::Config::load(*args, cli.database_url)?;
             logging::init(config.log_format);
-            runtime.block_on(run::run(config, stop_signal()?))
+            // tokio's signal handlers register with the runtime's reactor
+            let stop = {
+                let _entered = runtime.enter();
+                stop_signal()?
+            };
+            runtime.block_on(run::run(config, stop))
         }
         command => {
             logging::init(logging::LogFormat::Text);
@@ -75,7 +80,6 @@ fn main() -> Result<()> {
 /// start-up is a clean stop rather than the default kill.
 fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let _guard = tokio::runtime::Handle::try_current().ok();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(async move {
