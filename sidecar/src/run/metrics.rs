@@ -100,77 +100,77 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     pub fn new(concurrency: usize, slots: Arc<Semaphore>, health: Arc<DbHealth>) -> Self {
         let mut registry = Registry::default();
-        // counters are named without `_total`: the encoder adds it
+        // counters are named without `_total`, help texts without a full stop: the encoder adds both
         let claimed = Counter::default();
         registry.register(
             "herald_jobs_claimed",
-            "Jobs leased by this process.",
+            "Jobs leased by this process",
             claimed.clone(),
         );
         let sent = Family::<KindLabels, Counter>::default();
         registry.register(
             "herald_jobs_sent",
-            "Jobs that succeeded (email accepted, 2xx reply).",
+            "Jobs that succeeded (email accepted, 2xx reply)",
             sent.clone(),
         );
         let failed = Family::<KindLabels, Counter>::default();
         registry.register(
             "herald_jobs_failed",
-            "Jobs that failed permanently.",
+            "Jobs that failed permanently",
             failed.clone(),
         );
         let retried = Family::<KindLabels, Counter>::default();
         registry.register(
             "herald_jobs_retried",
-            "Jobs that failed and will be retried.",
+            "Jobs that failed and will be retried",
             retried.clone(),
         );
         let completed = Counter::default();
         registry.register(
             "herald_results_recorded",
-            "Results recorded with herald.complete.",
+            "Results recorded with herald.complete",
             completed.clone(),
         );
         let complete_errors = Counter::default();
         registry.register(
             "herald_complete_errors",
-            "Failed herald.complete calls (retried).",
+            "Failed herald.complete calls (retried)",
             complete_errors.clone(),
         );
         let duration: Latency = Family::new_with_constructor(latency_histogram);
         registry.register(
             "herald_job_duration_seconds",
-            "Time from claim to result, per job.",
+            "Time from claim to result, per job",
             duration.clone(),
         );
         let in_flight = Gauge::default();
         registry.register(
             "herald_jobs_in_flight",
-            "Jobs being executed by this process.",
+            "Jobs being executed by this process",
             in_flight.clone(),
         );
         let unrecorded = Gauge::default();
         registry.register(
             "herald_results_unrecorded",
-            "Results of finished jobs not yet recorded with herald.complete (kept while the database is away).",
+            "Results of finished jobs not yet recorded with herald.complete (kept while the database is away)",
             unrecorded.clone(),
         );
         let database_up = Gauge::default();
         registry.register(
             "herald_database_up",
-            "1 while this process reaches the database, 0 while it waits for it.",
+            "1 while this process reaches the database, 0 while it waits for it",
             database_up.clone(),
         );
         let database_down_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "herald_database_down_seconds",
-            "How long the database has been unreachable (0 while it answers).",
+            "How long the database has been unreachable (0 while it answers)",
             database_down_seconds.clone(),
         );
         let queue_jobs = Family::<QueueLabels, Gauge>::default();
         registry.register(
             "herald_queue_jobs",
-            "Jobs in herald.outbox by kind and status (all workers).",
+            "Jobs in herald.outbox by kind and status (all workers)",
             queue_jobs.clone(),
         );
         // every kind is shown from the start, at 0
@@ -389,6 +389,7 @@ mod tests {
         health.ok();
         let text = m.render(Some(&[("email".into(), "pending".into(), 7)]));
         for line in [
+            "# HELP herald_jobs_claimed Jobs leased by this process.",
             "# TYPE herald_jobs_claimed counter",
             "herald_jobs_claimed_total 3",
             "herald_jobs_sent_total{kind=\"email\"} 1",

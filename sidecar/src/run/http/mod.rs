@@ -8,12 +8,12 @@
 //!   POST /events/sendgrid  the same from SendGrid's event webhook (an array of events)
 //!
 //! An axum router (`router`; routes in `links` and `events`, SendGrid's signature in the leaf
-//! `sendgrid`), its limits as tower layers: bodies ≤ 1 MiB (413), 30 s per request (408), and
-//! `Cache-Control: no-store` on every answer. [`serve`] runs it — and the metrics router on
-//! HERALD_METRICS_ADDR — on hyper's HTTP/1.1 (keep-alive and chunked bodies are hyper's): at most
-//! [`MAX_CONNECTIONS`] connections, [`per_address::MAX_PER_ADDRESS`] per client address, a request head within
-//! [`HEAD_TIMEOUT`] (slowloris), and a graceful stop on shutdown. Every request records its facts with
-//! ONE `herald.record_feedback` call on a pooled connection (`record`).
+//! `sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
+//! HTTP/1.1 (keep-alive and chunked bodies are hyper's) with the same limits for both: tower layers
+//! for bodies ≤ 1 MiB (413), 30 s a request (408) and `Cache-Control: no-store` on every answer; at
+//! most [`MAX_CONNECTIONS`] connections, [`per_address::MAX_PER_ADDRESS`] per client address, a
+//! request head within [`HEAD_TIMEOUT`] (slowloris); a graceful stop on shutdown. Every request
+//! records its facts with ONE `herald.record_feedback` call on a pooled connection (`record`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +69,7 @@ struct App {
     recorder: Arc<Recorder>,
 }
 
-/// The public routes with their limits.
+/// The public routes (their limits are added by [`serve`], for whatever it serves).
 pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
     let app = App {
         side: Arc::new(side),
@@ -83,8 +83,13 @@ pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
-        // innermost first: the size limit on bodies (at once by Content-Length, else while a
-        // chunked body is read), then the time limit, then what every answer carries
+}
+
+/// The limits every served route gets, as tower layers. Innermost first: the size limit on bodies
+/// (at once by Content-Length, else while a chunked body is read), then the time limit, then what
+/// every answer carries.
+fn with_limits(router: Router) -> Router {
+    router
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(RequestBodyLimitLayer::new(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
@@ -123,14 +128,17 @@ async fn explain_limits(response: Response) -> Response {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`: HTTP/1.1 by hyper, with the connection limits of
-/// this module. On shutdown it stops accepting, lets requests in progress finish (for
-/// [`SHUTDOWN_GRACE`] at most) and closes idle connections.
+/// Serves `router` on `listener` until `shutdown`: HTTP/1.1 by hyper, with the limits of this module
+/// (connections, request heads, and [`with_limits`]). On shutdown it stops accepting, lets requests
+/// in progress finish (for [`SHUTDOWN_GRACE`] at most) and closes idle connections.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let router = with_limits(router);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
-        .max_header_size(MAX_HEAD);
+        .max_header_size(MAX_HEAD)
+        // `Location:`, not `location:`, as before: some clients and scripts match it so
+        .title_case_headers(true);
     let graceful = GracefulShutdown::new();
     // bounded: a flood of (slow) connections waits in the listen backlog instead of growing tasks
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -209,7 +217,8 @@ mod tests {
         Arc::new(Database::new(Arc::new(DbHealth::new(config))))
     }
 
-    fn app() -> Router {
+    /// The public routes, as `serve` is given them.
+    fn public() -> Router {
         let key = |k: &str| KeyPair {
             current: Some(Secret(k.into())),
             previous: None,
@@ -229,6 +238,11 @@ mod tests {
             sendgrid_key: None,
         };
         router(side, away())
+    }
+
+    /// The public routes with their limits, as `serve` serves them.
+    fn app() -> Router {
+        with_limits(public())
     }
 
     fn token(purpose: Purpose, url: Option<&str>) -> String {
@@ -407,7 +421,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let addr = listener.local_addr().expect("bound");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app(), shutdown.clone()));
+        let server = tokio::spawn(serve(listener, public(), shutdown.clone()));
 
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
