@@ -175,6 +175,17 @@ fn _check_broadcast(definition: Option<JsonB>) -> JsonB {
     )
 }
 
+/// Checks a result subscription's URL and options (see `subscription.rs`) and returns the normalised
+/// form `herald.subscribe_results` stores; a bad one raises with every fault.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_subscription(url: Option<&str>, options: Option<JsonB>) -> JsonB {
+    let options = options.map_or(Value::Null, |JsonB(v)| v);
+    JsonB(
+        crate::subscription::validate(url, &options)
+            .unwrap_or_else(|faults| raise_faults("invalid subscription", &faults)),
+    )
+}
+
 /// Checks a segment: a valid condition that reads contact fields only.
 #[pg_extern(immutable, parallel_safe)]
 fn _check_segment(segment: Option<JsonB>) {

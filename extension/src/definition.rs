@@ -295,8 +295,8 @@ const MAX_CYCLE_FAULTS: usize = 20;
 /// of long wait-free cycles get there.
 const CYCLE_SEARCH_BUDGET: usize = 250_000;
 const MAX_URL_LEN: usize = 2048;
-const MAX_TIMEOUT_MS: u64 = 120_000;
-const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+pub const MAX_TIMEOUT_MS: u64 = 120_000;
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 const WAIT_HELP: &str = "add a delay, wait_event or approval node to it";
 
@@ -1046,7 +1046,7 @@ fn parse_headers(r: &NodeReader, cx: &mut Cx) -> Option<BTreeMap<String, String>
 
 /// Checks for an absolute http(s) URL with a plausible host, by hand so the
 /// extension needs no URL crate.
-fn check_url(s: &str) -> Result<(), String> {
+pub fn check_url(s: &str) -> Result<(), String> {
     let help = "url must be an absolute http:// or https:// URL with a host, e.g. \"https://crm.example/hooks/pro\"";
     if s.len() > MAX_URL_LEN {
         return Err(format!("url must be at most {MAX_URL_LEN} characters"));

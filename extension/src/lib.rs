@@ -17,6 +17,7 @@ pub mod fault;
 pub mod json_limits;
 pub mod simulate;
 pub mod step_engine;
+pub mod subscription;
 pub mod tick_batch;
 
 pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
@@ -60,6 +61,11 @@ pgrx::extension_sql_file!(
     "../../sql/broadcasts.sql",
     name = "broadcasts",
     requires = ["engine", api::_check_broadcast]
+);
+pgrx::extension_sql_file!(
+    "../../sql/results.sql",
+    name = "results",
+    requires = ["broadcasts", api::_check_subscription]
 );
 // roles, grants, SECURITY DEFINER, row-level security: after every function and table exists
 pgrx::extension_sql_file!("../../sql/security.sql", name = "security", finalize);
