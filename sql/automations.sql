@@ -134,10 +134,19 @@ BEGIN
      WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
 
     IF status = 'archived' THEN
-        UPDATE herald.enrollments e
-           SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
-         WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting');
-        GET DIAGNOSTICS v_exited = ROW_COUNT;
+        WITH exited AS (
+            UPDATE herald.enrollments e
+               SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
+             WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting')
+            RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.current_node, e.exit_reason, e.context
+        ), reported AS (
+            -- the results stream (sql/results.sql)
+            INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+            SELECT x.workspace_id, 'enrollment.exited', x.contact_id, x.automation_id, x.id,
+                   herald._ended_data(x.current_node, x.exit_reason, x.context)
+              FROM exited x
+        )
+        SELECT count(*) INTO v_exited FROM exited;
         PERFORM herald._cancel_pending_jobs(v.workspace_id, v.id, NULL, 'automation archived');
         IF v_exited > 0 THEN
             INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.id, 'exited', v_exited);
@@ -276,6 +285,9 @@ BEGIN
     UPDATE herald.enrollments e
        SET status = 'exited', exit_reason = reason, ended_at = now(), updated_at = now()
      WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+    VALUES (v.workspace_id, 'enrollment.exited', v.contact_id, v.automation_id, v.id,
+            herald._ended_data(v.current_node, reason, v.context));
     PERFORM herald._cancel_pending_jobs(v.workspace_id, v.automation_id, v.id, 'enrollment exited: ' || reason);
     INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.automation_id, 'exited', 1);
 END

@@ -535,8 +535,14 @@ BEGIN
         RETURN budget - v_left;
     END IF;
     IF v.status = 'scheduled' THEN
-        UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH started AS (
+            UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.send_at
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT s.workspace_id, 'broadcast.started', s.id, jsonb_build_object('name', s.name, 'send_at', s.send_at)
+          FROM started s;
         v.status := 'sending';
     ELSIF v_left > 0 THEN
         -- held jobs of a resumed broadcast are claimable again, a chunk per call (also one that came back
@@ -562,9 +568,16 @@ BEGIN
     END LOOP;
     IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
         v_win := herald._ab_winner(v);
-        UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
-               winner_reason = v_win.reason, updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH decided AS (
+            UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
+                   winner_reason = v_win.reason, updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.winner, b.winner_reason
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT d.workspace_id, 'broadcast.winner', d.id,
+               jsonb_build_object('name', d.name, 'winner', d.winner, 'reason', d.winner_reason)
+          FROM decided d;
         PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
     ELSIF v.phase = 'done'
           -- the counters first (every job that ends is counted in the statement that ends it): while
@@ -580,8 +593,14 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'held')
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.status = 'leased' AND o.broadcast_id = v.id)
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
-        UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH sent AS (
+            UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.enqueued
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT x.workspace_id, 'broadcast.sent', x.id, jsonb_build_object('name', x.name, 'enqueued', x.enqueued)
+          FROM sent x;
     END IF;
     RETURN budget - v_left;
 END
@@ -745,12 +764,26 @@ BEGIN
     WITH input AS (
         SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
                coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
-               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id,
+               -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
+               -- report's payload with the message and the kind of bounce
+               CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
+                                   WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked'
+                                   ELSE 'email.bounced' END AS event_kind,
+               coalesce(t.f -> 'payload', '{}') || jsonb_strip_nulls(jsonb_build_object(
+                   'message_id', t.f ->> 'message_id',
+                   'bounce_type', CASE t.f ->> 'kind' WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+                   AS event_payload
           FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
           -- the message named, in the workspace given if one is; a Message-ID found in two workspaces
           -- (derived from dedupe keys, which two workspaces may choose alike) names neither
           LEFT JOIN LATERAL (SELECT min(h.workspace_id) AS workspace_id,
-                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id
+                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id,
+                                    (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
+                                    (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
+                                    (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
@@ -787,14 +820,21 @@ BEGIN
         RETURNING 1
     ), recorded AS (
         INSERT INTO herald.events (workspace_id, email, kind, payload)
-        SELECT k.workspace_id, k.email,
-               CASE k.kind WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
-                           WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked' ELSE 'email.bounced' END,
-               k.payload || jsonb_strip_nulls(jsonb_build_object(
-                   'message_id', k.message_id,
-                   'bounce_type', CASE k.kind WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+        SELECT k.workspace_id, k.email, k.event_kind, k.event_payload
           FROM fresh k ORDER BY k.ord
         RETURNING 1
+    ), reported AS (
+        -- the results stream (sql/results.sql): bounces, opens and clicks of the messages herald sent
+        -- (an address named alone: its contact, when there is one yet)
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, broadcast_id,
+                                           job_id, data)
+        SELECT k.workspace_id, k.event_kind,
+               coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
+                                        WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
+               k.automation_id, k.enrollment_id, k.broadcast_id, k.job_id, k.event_payload
+          FROM fresh k
+         WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
+         ORDER BY k.ord
     )
     SELECT count(*) INTO v_n FROM recorded;
     RETURN v_n;

@@ -373,7 +373,8 @@ SELECT n.workspace_id, n.name AS list, l.description,
 
 -- Erases a contact everywhere (a person's right to erasure): the contact, its events, enrollments and
 -- their step log, its jobs (sent or not; a job already handed to a daemon may still go out), message
--- history, list memberships, import rejections that name it, and any suppression of the address.
+-- history, list memberships, import rejections that name it, its results (the results stream: not the
+-- copies already delivered to subscribers), and any suppression of the address.
 -- What stays: a suppression under the address's key (herald._email_key, reason 'erased'), so it is
 -- never mailed again even if it comes back; stats (counts, no one in them); and an audit row in
 -- herald.erasures (who, when, rows removed per table). Returns those counts. An address herald does
@@ -421,6 +422,11 @@ BEGIN
         RETURNING 1
     ), suppressions AS (
         DELETE FROM herald.suppressions s WHERE s.workspace_id = workspace AND s.email = v_email RETURNING 1
+    ), results AS (
+        -- the results stream, published or not yet (copies already delivered to subscribers are theirs)
+        DELETE FROM herald.results r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), staged AS (
+        DELETE FROM herald.results_staged r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
     ), contacts AS (
         DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
     )
@@ -429,7 +435,8 @@ BEGIN
                'enrollments', (SELECT count(*) FROM enrollments), 'step_log', (SELECT count(*) FROM steps),
                'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
                'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
-               'suppressions', (SELECT count(*) FROM suppressions))
+               'suppressions', (SELECT count(*) FROM suppressions),
+               'results', (SELECT count(*) FROM results) + (SELECT count(*) FROM staged))
       INTO v_removed;
 
     INSERT INTO herald.suppressions (workspace_id, email, reason)

@@ -105,7 +105,18 @@ BEGIN
                updated_at = now()
           FROM stepped st
          WHERE e.workspace_id = st.workspace_id AND e.id = st.enrollment_id
-        RETURNING 1
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason,
+                  e.context, e.wait_kind
+    ), reported AS (
+        -- the results stream (sql/results.sql): journeys that ended, and approvals asked for (a waiting
+        -- enrollment due again always leaves its approval node: waiting on one now means it just came)
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+        SELECT m.workspace_id, CASE WHEN m.wait_kind = 'approval' THEN 'approval.requested' ELSE 'enrollment.' || m.status END,
+               m.contact_id, m.automation_id, m.id,
+               CASE WHEN m.wait_kind = 'approval' THEN jsonb_build_object('node', m.current_node, 'context', m.context)
+                    ELSE herald._ended_data(m.current_node, m.exit_reason, m.context) END
+          FROM moved m
+         WHERE m.status IN ('completed', 'exited', 'failed') OR m.wait_kind = 'approval'
     ), queued AS (
         INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
                                         automation_id, enrollment_id, node, on_success, on_error, payload)
@@ -224,6 +235,9 @@ BEGIN
        SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,
            decided_by = actor, decided_at = now(), approved = decide_approval.approved, updated_at = now()
      WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+    VALUES (v.workspace_id, 'approval.decided', v.contact_id, v.automation_id, v.id,
+            jsonb_build_object('node', v.current_node, 'approved', approved, 'actor', actor, 'next', v_next));
     INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
     VALUES (v.workspace_id, v.id, v.automation_id, ARRAY[v.current_node], ARRAY[v.visit],
             ARRAY[format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next)]);
@@ -248,8 +262,12 @@ SELECT e.workspace_id, e.id AS enrollment_id, e.automation_id, a.name AS automat
   JOIN herald.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
  WHERE e.status = 'waiting' AND e.wait_kind = 'approval';
 
--- Old step-log rows go; per-node history stays bounded. Returns how many rows were removed.
-CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days') RETURNS bigint
+-- Old rows go: the step log, import rejections, finished jobs and expired decide replies older than
+-- `older_than`, and results of the results stream (sql/results.sql) published longer ago than
+-- `results_older_than` (what a subscriber or reader has not fetched by then is gone). Returns how many
+-- rows were removed. herald_worker (the daemon's maintenance, hourly) and herald_admin.
+CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days', results_older_than interval DEFAULT '7 days')
+RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
@@ -260,6 +278,11 @@ BEGIN
     IF older_than IS NULL OR older_than < interval '1 hour' THEN
         RAISE EXCEPTION 'older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF results_older_than IS NULL OR results_older_than < interval '1 hour' THEN
+        RAISE EXCEPTION 'results_older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM herald.results WHERE published_at < now() - results_older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.step_log WHERE created_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;

@@ -6,7 +6,15 @@
 --     keys of an email (herald._email_rate_keys, herald._broadcast_rate_key: tick, send, claim's
 --     herald._job_rate_keys, which is now inlined: it called the STABLE text || bigint); the broadcast
 --     chunk size (herald._chunk_size). Same behaviour, same messages.
--- Existing tables keep every row.
+--   * the results stream (issue 16 §2, sql/results.sql): herald.results (+ results_staged, where the
+--     statements that make a result true append it, and result_subscriptions); written by complete,
+--     tick, claim, record_feedback, decide_approval, exit_enrollment, set_automation_status (archive),
+--     update_automation, advance_broadcasts; read with herald.read_results; outgoing webhook
+--     subscriptions (subscribe_results, unsubscribe_results, result_subscription_overview) delivered
+--     by herald.advance_results, which also publishes staged results; prune takes results_older_than
+--     (default 7 days); delete_contact erases a contact's results too. The stream starts empty: no
+--     result is made up for what happened before the upgrade.
+-- Existing tables keep every row; tables added: results_staged, results, result_subscriptions.
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.3.0'" to load this file. \quit
 
 -- ------------------------------------------------------------------ one rule, one place (issue 12)
@@ -431,7 +439,13 @@ BEGIN
           FROM suppressed x
          WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
            AND e.status = 'waiting' AND e.wait_kind = 'job'
-        RETURNING 1
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
+    ), reported AS (
+        -- the results stream (sql/results.sql): journeys that ended here
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+        SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id,
+               herald._ended_data(w.current_node, w.exit_reason, w.context)
+          FROM woken w WHERE w.status = 'completed'
     ), counted AS (
         INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
         SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
@@ -553,7 +567,7 @@ BEGIN
                t.r ->> 'error' AS error, t.r ->> 'message_id' AS message_id, t.r -> 'response' AS response
           FROM jsonb_array_elements(results) WITH ORDINALITY t(r, ord)
          ORDER BY (t.r ->> 'id')::bigint, t.ord DESC
-    ), job AS (
+    ), locked AS (
         SELECT o.*, i.ok, i.retryable, i.error, i.message_id AS new_message_id, i.response AS new_response,
                CASE WHEN i.ok THEN 'done'
                     -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
@@ -565,6 +579,14 @@ BEGIN
           FROM input i JOIN herald.outbox o ON o.id = i.id
          WHERE o.status = 'leased'
            FOR UPDATE OF o
+    ), job AS (
+        -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
+        SELECT j.*,
+               CASE WHEN j.outcome = 'done' AND j.kind = 'decide'
+                        THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
+                    WHEN j.outcome = 'done' THEN j.on_success
+                    ELSE j.on_error END AS next_node
+          FROM locked j
     ), finished AS (
         UPDATE herald.outbox o
            SET status = j.outcome,
@@ -594,12 +616,7 @@ BEGIN
         ON CONFLICT (workspace_id, request_hash) DO UPDATE SET reply = EXCLUDED.reply, expires_at = EXCLUDED.expires_at
         RETURNING 1
     ), resolution AS (
-        -- where each finished job sends the enrollments waiting on it
-        SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response,
-               CASE WHEN j.outcome = 'done' AND j.kind = 'decide'
-                        THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
-                    WHEN j.outcome = 'done' THEN j.on_success
-                    ELSE j.on_error END AS next_node
+        SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response, j.next_node
           FROM job j WHERE j.outcome IN ('done', 'failed')
     ), waiting AS (
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
@@ -633,7 +650,31 @@ BEGIN
            -- every waiting enrollment. Status and wait_kind are re-checked on the locked row.
            AND e.workspace_id IS NOT DISTINCT FROM r.workspace_id
            AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
-        RETURNING e.workspace_id, e.automation_id, e.status, r.node, r.outcome
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
+    ), reported AS (
+        -- the results stream (sql/results.sql): what the jobs came to, and the journeys they ended. A
+        -- webhook job without an automation is the stream's own delivery: not a result.
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, broadcast_id,
+                                           job_id, data)
+        SELECT j.workspace_id,
+               CASE WHEN j.kind <> 'email' THEN j.kind || '.answered' WHEN j.outcome = 'done' THEN 'email.sent'
+                    ELSE 'email.failed' END,
+               j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.id,
+               CASE WHEN j.kind = 'email'
+                    THEN jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
+                                            'message_id', j.new_message_id, 'error', CASE WHEN NOT j.ok THEN j.error END,
+                                            'node', j.node, 'variation', j.variation, 'attempt', j.attempt)
+                    ELSE jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'ok' ELSE j.outcome END,
+                                            'reply', j.new_response, 'error', CASE WHEN NOT j.ok THEN j.error END,
+                                            'node', j.node, 'attempt', j.attempt)
+                         || CASE WHEN j.kind = 'decide' AND j.outcome = 'done'
+                                 THEN jsonb_build_object('next', j.next_node) ELSE '{}' END END
+          FROM job j
+         WHERE j.outcome IN ('done', 'failed', 'dead') AND (j.kind = 'email' OR j.automation_id IS NOT NULL)
+        UNION ALL
+        SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id, NULL, NULL,
+               herald._ended_data(w.current_node, w.exit_reason, w.context)
+          FROM woken w WHERE w.status IN ('completed', 'failed')
     ), counted_b AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
         SELECT j.workspace_id, j.broadcast_id, coalesce(j.variation, 'default'),
@@ -825,7 +866,18 @@ BEGIN
                updated_at = now()
           FROM stepped st
          WHERE e.workspace_id = st.workspace_id AND e.id = st.enrollment_id
-        RETURNING 1
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason,
+                  e.context, e.wait_kind
+    ), reported AS (
+        -- the results stream (sql/results.sql): journeys that ended, and approvals asked for (a waiting
+        -- enrollment due again always leaves its approval node: waiting on one now means it just came)
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+        SELECT m.workspace_id, CASE WHEN m.wait_kind = 'approval' THEN 'approval.requested' ELSE 'enrollment.' || m.status END,
+               m.contact_id, m.automation_id, m.id,
+               CASE WHEN m.wait_kind = 'approval' THEN jsonb_build_object('node', m.current_node, 'context', m.context)
+                    ELSE herald._ended_data(m.current_node, m.exit_reason, m.context) END
+          FROM moved m
+         WHERE m.status IN ('completed', 'exited', 'failed') OR m.wait_kind = 'approval'
     ), queued AS (
         INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
                                         automation_id, enrollment_id, node, on_success, on_error, payload)
@@ -1034,8 +1086,14 @@ BEGIN
         RETURN budget - v_left;
     END IF;
     IF v.status = 'scheduled' THEN
-        UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH started AS (
+            UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.send_at
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT s.workspace_id, 'broadcast.started', s.id, jsonb_build_object('name', s.name, 'send_at', s.send_at)
+          FROM started s;
         v.status := 'sending';
     ELSIF v_left > 0 THEN
         -- held jobs of a resumed broadcast are claimable again, a chunk per call (also one that came back
@@ -1061,9 +1119,16 @@ BEGIN
     END LOOP;
     IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
         v_win := herald._ab_winner(v);
-        UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
-               winner_reason = v_win.reason, updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH decided AS (
+            UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
+                   winner_reason = v_win.reason, updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.winner, b.winner_reason
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT d.workspace_id, 'broadcast.winner', d.id,
+               jsonb_build_object('name', d.name, 'winner', d.winner, 'reason', d.winner_reason)
+          FROM decided d;
         PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
     ELSIF v.phase = 'done'
           -- the counters first (every job that ends is counted in the statement that ends it): while
@@ -1079,10 +1144,755 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'held')
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.status = 'leased' AND o.broadcast_id = v.id)
           AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
-        UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
-         WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        WITH sent AS (
+            UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.enqueued
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT x.workspace_id, 'broadcast.sent', x.id, jsonb_build_object('name', x.name, 'enqueued', x.enqueued)
+          FROM sent x;
     END IF;
     RETURN budget - v_left;
+END
+$$;
+
+-- ------------------------------------------------------------------------- the results stream (issue 16)
+
+CREATE TABLE herald.results_staged (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,   -- staging order (not the cursor)
+    kind          text NOT NULL,
+    at            timestamptz NOT NULL DEFAULT now(),    -- when it happened
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    broadcast_id  bigint,
+    job_id        bigint,
+    data          jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (id)
+);
+CREATE TABLE herald.results (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,   -- the cursor: increasing in the order results became visible
+    kind          text NOT NULL,
+    at            timestamptz NOT NULL,                  -- when it happened
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    broadcast_id  bigint,
+    job_id        bigint,
+    data          jsonb NOT NULL DEFAULT '{}',
+    published_at  timestamptz NOT NULL DEFAULT now(),    -- when advance_results numbered it (pruning)
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX results_kind_idx ON herald.results (workspace_id, kind, id);
+CREATE INDEX results_published_idx ON herald.results USING brin (published_at);
+CREATE TABLE herald.result_subscriptions (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    url           text NOT NULL,
+    kinds         text[],               -- NULL: every kind
+    options       jsonb NOT NULL,
+    cursor        bigint NOT NULL,      -- the last result id queued for delivery
+    job_id        bigint,               -- the outbox job of the last batch queued
+    queued        bigint NOT NULL DEFAULT 0,   -- results queued for it in all
+    created_by    name,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX result_subscriptions_id_idx ON herald.result_subscriptions (id);
+-- in every backup (one statement each)
+SELECT pg_catalog.pg_extension_config_dump('herald.results_staged', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results_staged_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions_id_seq', '');
+
+-- a subscription's URL and options (extension/src/subscription.rs), as generated by pgrx
+CREATE  FUNCTION "_check_subscription"(
+	"url" TEXT, /* Option < & str > */
+	"options" jsonb /* Option < JsonB > */
+) RETURNS jsonb /* JsonB */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_subscription_wrapper';
+
+-- sql/results.sql
+CREATE FUNCTION herald._result_kinds() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY['email.sent', 'email.failed', 'email.bounced', 'email.opened', 'email.clicked',
+             'webhook.answered', 'decide.answered',
+             'enrollment.completed', 'enrollment.exited', 'enrollment.failed',
+             'approval.requested', 'approval.decided',
+             'broadcast.started', 'broadcast.winner', 'broadcast.sent', 'broadcast.auto_paused'];
+CREATE FUNCTION herald._ended_data(node text, reason text, context jsonb) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like jsonb_build_object(); a stricter label would block inlining
+RETURN jsonb_build_object('node', node, 'reason', reason, 'context', context);
+CREATE FUNCTION herald._result_json(r herald.results) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN jsonb_build_object('id', r.id, 'kind', r.kind, 'at', r.at)
+       || jsonb_strip_nulls(jsonb_build_object('contact_id', r.contact_id, 'automation_id', r.automation_id,
+                                               'enrollment_id', r.enrollment_id, 'broadcast_id', r.broadcast_id,
+                                               'job_id', r.job_id))
+       || jsonb_build_object('data', r.data);
+CREATE FUNCTION herald._check_result_kinds(kinds text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+BEGIN
+    IF cardinality(kinds) = 0 THEN
+        RAISE EXCEPTION 'kinds must name at least one kind of result, or be NULL for every kind'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(coalesce(quote_literal(k), 'NULL'), ', ') INTO v_bad
+      FROM unnest(kinds) k WHERE k IS NULL OR k <> ALL (herald._result_kinds());
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown result kind(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Known kinds: ' || array_to_string(herald._result_kinds(), ', ') || '.';
+    END IF;
+END
+$$;
+CREATE FUNCTION herald._results_after(workspace text, after bigint, lim int, kinds text[])
+RETURNS SETOF herald.results
+LANGUAGE sql STABLE
+AS $$
+    SELECT x.* FROM (
+        (SELECT r.* FROM herald.results r
+          WHERE kinds IS NULL AND r.workspace_id = workspace AND r.id > after
+          ORDER BY r.id LIMIT lim)
+        UNION ALL
+        (SELECT r.* FROM (SELECT DISTINCT unnest(kinds)) k(kind)
+          CROSS JOIN LATERAL (SELECT r.* FROM herald.results r
+                               WHERE r.workspace_id = workspace AND r.kind = k.kind AND r.id > after
+                               ORDER BY r.id LIMIT lim) r)
+    ) x
+    ORDER BY x.id
+    LIMIT lim
+$$;
+CREATE FUNCTION herald.read_results(workspace text, after bigint, max int DEFAULT 1000, kinds text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, kind text, at timestamptz, contact_id bigint, automation_id bigint,
+               enrollment_id bigint, broadcast_id bigint, job_id bigint, data jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF after IS NULL OR after < 0 THEN
+        RAISE EXCEPTION 'after must be a result id (0 reads from the oldest kept), got %', coalesce(after::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max IS NULL OR max < 1 OR max > 10000 THEN
+        RAISE EXCEPTION 'max must be between 1 and 10000, got %', coalesce(max::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM herald._check_result_kinds(kinds);
+    RETURN QUERY
+    SELECT r.id, r.kind, r.at, r.contact_id, r.automation_id, r.enrollment_id, r.broadcast_id, r.job_id, r.data
+      FROM herald._results_after(workspace, after, max, kinds) r
+     ORDER BY r.id;
+END
+$$;
+CREATE FUNCTION herald.subscribe_results(workspace text, url text, kinds text[], options jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_options jsonb;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    PERFORM herald._check_result_kinds(kinds);
+    v_options := herald._check_subscription(url, options);
+    INSERT INTO herald.result_subscriptions (workspace_id, url, kinds, options, cursor, created_by)
+    VALUES (workspace, url, (SELECT array_agg(DISTINCT k ORDER BY k) FROM unnest(kinds) k), v_options - 'after' - 'url',
+            coalesce((v_options ->> 'after')::bigint,
+                     (SELECT max(r.id) FROM herald.results r WHERE r.workspace_id = subscribe_results.workspace), 0),
+            herald._caller())
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+CREATE FUNCTION herald.unsubscribe_results(workspace text, subscription bigint) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_job bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    -- after any advance_results that is queuing a delivery for it (see there)
+    PERFORM pg_advisory_xact_lock(hashtext('herald.advance_results'));
+    DELETE FROM herald.result_subscriptions s
+     WHERE s.workspace_id = unsubscribe_results.workspace AND s.id = subscription
+    RETURNING s.job_id INTO v_job;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE herald.outbox o
+       SET status = 'cancelled', last_error = 'unsubscribed', done_at = now(), updated_at = now()
+     WHERE o.id = v_job AND o.workspace_id = unsubscribe_results.workspace AND o.status = 'pending';
+    RETURN true;
+END
+$$;
+CREATE FUNCTION herald.advance_results(max_rows int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+AS $$
+DECLARE
+    v_published int;
+    v_queued int;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 100000 THEN
+        RAISE EXCEPTION 'max_rows must be between 1 and 100000, got %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(hashtext('herald.advance_results')) THEN
+        RETURN 0;
+    END IF;
+
+    WITH batch AS (
+        SELECT s.id FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
+    ), moved AS (
+        DELETE FROM herald.results_staged s USING batch b WHERE s.id = b.id
+        RETURNING s.*
+    ), published AS (
+        INSERT INTO herald.results (workspace_id, kind, at, contact_id, automation_id, enrollment_id, broadcast_id,
+                                    job_id, data)
+        SELECT m.workspace_id, m.kind, m.at, m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id,
+               m.job_id, m.data
+          FROM moved m ORDER BY m.id
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_published FROM published;
+
+    WITH ready AS MATERIALIZED (
+        -- nothing of theirs in flight: the last job is done (or pruned, or there was none)
+        SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor
+          FROM herald.result_subscriptions s
+         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = s.job_id AND o.status <> 'done')
+    ), picked AS (
+        -- each one's next results: at most its batch, and about 1 MiB of data (at least one result)
+        SELECT s.workspace_id, s.id AS subscription, r.id AS result_id, herald._result_json(r) AS result,
+               sum(pg_column_size(r.data)) OVER (PARTITION BY s.id ORDER BY r.id) - pg_column_size(r.data) AS bytes_before
+          FROM ready s
+         CROSS JOIN LATERAL herald._results_after(s.workspace_id, s.cursor, (s.options ->> 'batch')::int, s.kinds) r
+    ), batch AS (
+        SELECT p.workspace_id, p.subscription, max(p.result_id) AS last_id, count(*) AS n,
+               jsonb_agg(p.result ORDER BY p.result_id) AS results
+          FROM picked p
+         WHERE p.bytes_before < 1048576
+         GROUP BY p.workspace_id, p.subscription
+    ), queued AS (
+        INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, rate_keys, payload, max_attempts)
+        SELECT b.workspace_id, 'webhook', 1, format('results:%s:%s', b.subscription, b.last_id),
+               ARRAY['host:' || (s.options ->> 'host')],
+               -- verbatim: the body is data, sent as it is (not a template whose strings are rendered)
+               jsonb_build_object('url', s.url, 'method', 'POST', 'headers', '{}'::jsonb,
+                                  'timeout_ms', s.options -> 'timeout_ms', 'verbatim', true,
+                                  'body', jsonb_build_object('subscription', b.subscription, 'workspace', b.workspace_id,
+                                                             'after', s.cursor, 'results', b.results)),
+               (s.options ->> 'max_attempts')::int
+          FROM batch b
+          JOIN ready s ON s.workspace_id = b.workspace_id AND s.id = b.subscription
+         ORDER BY b.workspace_id, b.subscription
+        -- a key taken already (send() lets an application choose any key) holds up that subscription
+        -- alone: no job, no move
+        ON CONFLICT (workspace_id, dedupe_key) WHERE broadcast_id IS NULL DO NOTHING
+        RETURNING o.id, o.workspace_id, o.dedupe_key
+    ), moved AS (
+        UPDATE herald.result_subscriptions s
+           SET cursor = b.last_id, job_id = q.id, queued = s.queued + b.n, updated_at = now()
+          FROM batch b
+          JOIN queued q ON q.workspace_id = b.workspace_id AND q.dedupe_key = format('results:%s:%s', b.subscription, b.last_id)
+         WHERE s.workspace_id = b.workspace_id AND s.id = b.subscription
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_queued FROM moved;
+    RETURN v_published;
+END
+$$;
+CREATE VIEW herald.result_subscription_overview AS
+SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor, s.queued,
+       CASE WHEN o.status IS NULL OR o.status = 'done' THEN 'idle'
+            WHEN o.status IN ('pending', 'leased', 'held') THEN 'delivering'
+            ELSE 'blocked' END AS state,
+       s.job_id, o.status AS job_status, o.attempt AS attempts,
+       CASE WHEN o.status = 'pending' THEN o.run_at END AS next_attempt_at, o.last_error,
+       s.created_by, s.created_at, s.updated_at
+  FROM herald.result_subscriptions s
+  LEFT JOIN herald.outbox o ON o.id = s.job_id;
+
+-- the writers: each statement that makes a result true stages it (complete, tick, claim and
+-- _advance_broadcast are replaced above)
+CREATE OR REPLACE FUNCTION herald.decide_approval(enrollment bigint, approved boolean, actor text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+    v_next text;
+BEGIN
+    IF approved IS NULL THEN
+        RAISE EXCEPTION 'approved must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF actor IS NULL OR btrim(actor) = '' THEN
+        RAISE EXCEPTION 'actor is required: who decides' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v := herald._lock_enrollment(enrollment);
+    IF v.status <> 'waiting' OR v.wait_kind IS DISTINCT FROM 'approval' THEN
+        RAISE EXCEPTION 'enrollment % is not waiting for an approval (status %, at node %)', enrollment, v.status, v.current_node
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    -- the node's paths in the version the enrollment is on (sql/versions.sql)
+    v_next := herald._version_definition(v.workspace_id, v.automation_id, coalesce((v.event ->> 'version')::int, 1))
+              -> 'nodes' -> v.current_node ->> CASE WHEN approved THEN 'approved' ELSE 'rejected' END;
+
+    UPDATE herald.enrollments e
+       SET status = 'active', current_node = v_next, next_run_at = now(), wait_kind = NULL,
+           decided_by = actor, decided_at = now(), approved = decide_approval.approved, updated_at = now()
+     WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+    VALUES (v.workspace_id, 'approval.decided', v.contact_id, v.automation_id, v.id,
+            jsonb_build_object('node', v.current_node, 'approved', approved, 'actor', actor, 'next', v_next));
+    INSERT INTO herald.step_log (workspace_id, enrollment_id, automation_id, nodes, visits, actions)
+    VALUES (v.workspace_id, v.id, v.automation_id, ARRAY[v.current_node], ARRAY[v.visit],
+            ARRAY[format('%s by %s -> %s', CASE WHEN approved THEN 'approved' ELSE 'rejected' END, actor, v_next)]);
+    INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+    VALUES (v.workspace_id, v.automation_id, v.current_node, CASE WHEN approved THEN 'approved' ELSE 'rejected' END, 1);
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.exit_enrollment(enrollment bigint, reason text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.enrollments;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'an exit reason is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v := herald._lock_enrollment(enrollment);
+    IF v.status NOT IN ('active', 'waiting') THEN
+        RAISE EXCEPTION 'enrollment % has already ended (%)', enrollment, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE herald.enrollments e
+       SET status = 'exited', exit_reason = reason, ended_at = now(), updated_at = now()
+     WHERE e.workspace_id = v.workspace_id AND e.id = v.id;
+    INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+    VALUES (v.workspace_id, 'enrollment.exited', v.contact_id, v.automation_id, v.id,
+            herald._ended_data(v.current_node, reason, v.context));
+    PERFORM herald._cancel_pending_jobs(v.workspace_id, v.automation_id, v.id, 'enrollment exited: ' || reason);
+    INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.automation_id, 'exited', 1);
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.set_automation_status(automation bigint, status text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+    v_allowed text[];
+    v_exited bigint;
+    v_missing text;
+BEGIN
+    IF status IS NULL OR status NOT IN ('live', 'paused', 'archived') THEN
+        RAISE EXCEPTION 'invalid automation status %', coalesce(quote_literal(status), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use one of: live, paused, archived.';
+    END IF;
+    v := herald._lock_automation(automation);
+    IF v.status = status THEN
+        RETURN;  -- already there: idempotent
+    END IF;
+    v_allowed := CASE v.status
+        WHEN 'draft' THEN ARRAY['live', 'archived']
+        WHEN 'live' THEN ARRAY['paused', 'archived']
+        WHEN 'paused' THEN ARRAY['live', 'archived']
+        ELSE ARRAY[]::text[]
+    END;
+    IF NOT status = ANY (v_allowed) THEN
+        RAISE EXCEPTION 'automation % cannot go from % to %', automation, v.status, status
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = CASE WHEN v.status = 'archived' THEN 'An archived automation is final.'
+                                ELSE format('From %s it can go to: %s.', v.status, array_to_string(v_allowed, ', ')) END;
+    END IF;
+
+    IF status = 'live' THEN
+        -- what the automation sends with must exist before it can run (provider "default" always does:
+        -- the sidecar maps it to its default transport)
+        SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
+          FROM jsonb_each(v.definition -> 'nodes') AS n(id, node)
+         WHERE n.node ->> 'type' = 'email'
+           AND NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = v.workspace_id AND t.key = n.node ->> 'template');
+        IF v_missing IS NULL THEN
+            SELECT string_agg(DISTINCT format('provider %s (node %s)', quote_literal(n.node ->> 'provider'), n.id), ', ') INTO v_missing
+              FROM jsonb_each(v.definition -> 'nodes') AS n(id, node)
+             WHERE n.node ->> 'type' = 'email' AND coalesce(n.node ->> 'provider', 'default') <> 'default'
+               AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = v.workspace_id AND p.name = n.node ->> 'provider');
+        END IF;
+        IF v_missing IS NOT NULL THEN
+            RAISE EXCEPTION 'automation % cannot go live: unknown %', automation, v_missing
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Create them with herald.upsert_template(…) / herald.upsert_provider(…) first.';
+        END IF;
+    END IF;
+
+    UPDATE herald.automations a SET status = set_automation_status.status, updated_at = now()
+     WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
+
+    IF status = 'archived' THEN
+        WITH exited AS (
+            UPDATE herald.enrollments e
+               SET status = 'exited', exit_reason = 'automation archived', ended_at = now(), updated_at = now()
+             WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting')
+            RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.current_node, e.exit_reason, e.context
+        ), reported AS (
+            -- the results stream (sql/results.sql)
+            INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+            SELECT x.workspace_id, 'enrollment.exited', x.contact_id, x.automation_id, x.id,
+                   herald._ended_data(x.current_node, x.exit_reason, x.context)
+              FROM exited x
+        )
+        SELECT count(*) INTO v_exited FROM exited;
+        PERFORM herald._cancel_pending_jobs(v.workspace_id, v.id, NULL, 'automation archived');
+        IF v_exited > 0 THEN
+            INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n) VALUES (v.workspace_id, v.id, 'exited', v_exited);
+        END IF;
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.update_automation(automation bigint, definition jsonb, options jsonb DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.automations;
+    v_opts jsonb;
+    v_checked jsonb;
+    v_ids bigint[];
+    v_plan jsonb;
+    v_next int;
+    v_missing text;
+    v_reason text;
+    v_moved bigint;
+BEGIN
+    v_opts := herald._version_options(options);
+    v := herald._lock_automation(automation);   -- the caller's workspace checked before the lock
+    IF v.status = 'archived' THEN
+        RAISE EXCEPTION 'automation % is archived: an archived automation is final', v.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Create a new automation with herald.create_automation(…).';
+    END IF;
+    -- raises "invalid automation definition: <path>: <fault>" naming every fault
+    v_checked := herald._check_automation(definition);
+    IF v_opts ? 'migrate' THEN
+        -- the contacts to move, locked (and waited for while a tick runs them) in id order; one that a
+        -- dispatcher enrols meanwhile starts on the version it read and stays there
+        SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO v_ids
+          FROM (SELECT e.id FROM herald.enrollments e
+                 WHERE e.workspace_id = v.workspace_id AND e.automation_id = v.id AND e.status IN ('active', 'waiting')
+                 ORDER BY e.id
+                   FOR UPDATE) x;
+    END IF;
+    v_plan := herald._version_plan(v, definition, v_opts, v_ids);
+    IF jsonb_array_length(v_plan -> 'errors') > 0 THEN
+        RAISE EXCEPTION '%', format('automation %s cannot be updated: %s%s', v.id, v_plan -> 'errors' ->> 0,
+                                    CASE WHEN jsonb_array_length(v_plan -> 'errors') > 1
+                                         THEN format(' (and %s more)', jsonb_array_length(v_plan -> 'errors') - 1) ELSE '' END)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = (SELECT string_agg(x, E'\n') FROM jsonb_array_elements_text(v_plan -> 'errors') x),
+                  HINT = 'Map every node that holds contacts in options.migrate ({"old": "new"}, or null to exit them), '
+                         'or leave migrate out to keep them on their version; herald.preview_automation_update(…) shows the plan.';
+    END IF;
+    IF v.status IN ('live', 'paused') THEN
+        -- what the new version sends with must exist, as when going live (provider "default" always does)
+        SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
+          FROM jsonb_each(definition -> 'nodes') AS n(id, node)
+         WHERE n.node ->> 'type' = 'email'
+           AND NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = v.workspace_id AND t.key = n.node ->> 'template');
+        IF v_missing IS NULL THEN
+            SELECT string_agg(DISTINCT format('provider %s (node %s)', quote_literal(n.node ->> 'provider'), n.id), ', ') INTO v_missing
+              FROM jsonb_each(definition -> 'nodes') AS n(id, node)
+             WHERE n.node ->> 'type' = 'email' AND coalesce(n.node ->> 'provider', 'default') <> 'default'
+               AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = v.workspace_id AND p.name = n.node ->> 'provider');
+        END IF;
+        IF v_missing IS NOT NULL THEN
+            RAISE EXCEPTION 'automation % cannot be updated: unknown %', v.id, v_missing
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Create them with herald.upsert_template(…) / herald.upsert_provider(…) first.';
+        END IF;
+    END IF;
+
+    v_next := (v_plan ->> 'to_version')::int;
+    v_plan := v_plan - 'errors' || jsonb_build_object('version', v_next);
+    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by, note, report)
+    VALUES (v.workspace_id, v.id, v_next, definition, v_checked ->> 'start', herald._caller(), v_opts ->> 'note', v_plan);
+    UPDATE herald.automations a
+       SET name = v_checked ->> 'name', definition = update_automation.definition,
+           trigger_event = v_checked ->> 'trigger_event', trigger_filter = nullif(v_checked -> 'trigger_filter', 'null'),
+           filter_reads_contact = (v_checked ->> 'filter_reads_contact')::boolean,
+           reentry = v_checked ->> 'reentry', start_node = v_checked ->> 'start', updated_at = now()
+     WHERE a.workspace_id = v.workspace_id AND a.id = v.id;
+
+    IF v_opts ? 'migrate' AND cardinality(v_ids) > 0 THEN
+        v_reason := format('exited by the update to version %s', v_next);
+        WITH moves AS (
+            SELECT m.key AS node, m.value #>> '{}' AS target FROM jsonb_each(v_opts -> 'migrate') m
+        ), moved AS (
+            -- waits are kept: status, wait_kind, wait_job / wait_event / wait_filter and next_run_at as they were
+            UPDATE herald.enrollments e
+               SET current_node = m.target, event = coalesce(e.event, '{}') || jsonb_build_object('version', v_next),
+                   updated_at = now()
+              FROM moves m
+             WHERE e.id = ANY (v_ids) AND e.workspace_id = v.workspace_id AND e.current_node = m.node AND m.target IS NOT NULL
+               AND e.status IN ('active', 'waiting')
+            RETURNING e.id, e.wait_kind, e.wait_job, e.current_node
+        ), rerouted AS (
+            -- an email or webhook job in flight or queued takes its enrollment along the new node's exits
+            UPDATE herald.outbox o
+               SET on_success = definition -> 'nodes' -> mv.current_node ->> 'next',
+                   on_error = definition -> 'nodes' -> mv.current_node ->> 'on_error', updated_at = now()
+              FROM moved mv
+             WHERE mv.wait_kind = 'job' AND o.workspace_id = v.workspace_id AND o.dedupe_key = mv.wait_job
+               AND o.broadcast_id IS NULL AND o.kind IN ('email', 'webhook')
+               AND o.status IN ('pending', 'leased', 'held', 'dead')
+            RETURNING 1
+        ), exited AS (
+            UPDATE herald.enrollments e
+               SET status = 'exited', exit_reason = v_reason, ended_at = now(), updated_at = now()
+              FROM moves m
+             WHERE e.id = ANY (v_ids) AND e.workspace_id = v.workspace_id AND e.current_node = m.node AND m.target IS NULL
+               AND e.status IN ('active', 'waiting')
+            RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.current_node, e.exit_reason, e.context
+        ), reported AS (
+            -- the results stream (sql/results.sql)
+            INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+            SELECT x.workspace_id, 'enrollment.exited', x.contact_id, x.automation_id, x.id,
+                   herald._ended_data(x.current_node, x.exit_reason, x.context)
+              FROM exited x
+        ), cancelled AS (
+            UPDATE herald.outbox o
+               SET status = 'cancelled', last_error = 'enrollment exited: ' || v_reason, done_at = now(), updated_at = now()
+             WHERE o.workspace_id = v.workspace_id AND o.status = 'pending' AND o.kind <> 'decide'
+               AND o.automation_id = v.id AND o.enrollment_id IN (SELECT x.id FROM exited x)
+            RETURNING 1
+        ), counted AS (
+            INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
+            SELECT v.workspace_id, v.id, 'exited', count(*) FROM exited HAVING count(*) > 0
+        )
+        SELECT count(*) INTO v_moved FROM moved;   -- every data-modifying CTE above runs to completion
+        PERFORM pg_notify('herald.tick', '');
+    END IF;
+    RETURN v_plan;
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.record_feedback(feedback jsonb, only_workspace text DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF jsonb_typeof(feedback) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'feedback must be a JSON array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format('feedback[%s]: kind must be unsubscribed, hard_bounce, soft_bounce, complaint, opened or clicked', t.ord - 1)
+      INTO v_bad
+      FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+     WHERE jsonb_typeof(t.f) IS DISTINCT FROM 'object'
+        OR (t.f ->> 'kind') IS NULL
+        OR t.f ->> 'kind' NOT IN ('unsubscribed', 'hard_bounce', 'soft_bounce', 'complaint', 'opened', 'clicked')
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH input AS (
+        SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
+               coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id,
+               -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
+               -- report's payload with the message and the kind of bounce
+               CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
+                                   WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked'
+                                   ELSE 'email.bounced' END AS event_kind,
+               coalesce(t.f -> 'payload', '{}') || jsonb_strip_nulls(jsonb_build_object(
+                   'message_id', t.f ->> 'message_id',
+                   'bounce_type', CASE t.f ->> 'kind' WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+                   AS event_payload
+          FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+          -- the message named, in the workspace given if one is; a Message-ID found in two workspaces
+          -- (derived from dedupe keys, which two workspaces may choose alike) names neither
+          LEFT JOIN LATERAL (SELECT min(h.workspace_id) AS workspace_id,
+                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id,
+                                    (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
+                                    (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
+                                    (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id
+                               FROM herald.message_history h
+                              WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
+                                AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                                AND (only_workspace IS NULL OR h.workspace_id = only_workspace)
+                             HAVING count(DISTINCT h.workspace_id) = 1) m ON true
+          LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                              WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
+    ), known AS (
+        SELECT i.* FROM input i
+         WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
+           AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), fresh AS (
+        -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
+        -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
+        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+                                                        ORDER BY k.ord) AS nth
+                           FROM known k) k
+         WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
+            OR (k.nth = 1 AND NOT EXISTS (
+                   SELECT 1 FROM herald.events e
+                    WHERE e.workspace_id = k.workspace_id AND (e.payload ->> 'message_id') = k.message_id
+                      AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
+                      AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
+                      AND e.created_at > now() - interval '10 minutes'))
+    ), suppressed AS (
+        INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
+        SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'unsubscribed' WHEN 'hard_bounce' THEN 'hard_bounce' ELSE 'complaint' END,
+               jsonb_strip_nulls(k.payload || jsonb_build_object('message_id', k.message_id))
+          FROM known k WHERE k.kind IN ('unsubscribed', 'hard_bounce', 'complaint')
+         ORDER BY k.workspace_id, k.email, k.ord
+        ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
+        RETURNING 1
+    ), recorded AS (
+        INSERT INTO herald.events (workspace_id, email, kind, payload)
+        SELECT k.workspace_id, k.email, k.event_kind, k.event_payload
+          FROM fresh k ORDER BY k.ord
+        RETURNING 1
+    ), reported AS (
+        -- the results stream (sql/results.sql): bounces, opens and clicks of the messages herald sent
+        -- (an address named alone: its contact, when there is one yet)
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, broadcast_id,
+                                           job_id, data)
+        SELECT k.workspace_id, k.event_kind,
+               coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
+                                        WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
+               k.automation_id, k.enrollment_id, k.broadcast_id, k.job_id, k.event_payload
+          FROM fresh k
+         WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
+         ORDER BY k.ord
+    )
+    SELECT count(*) INTO v_n FROM recorded;
+    RETURN v_n;
+END
+$$;
+-- erasure takes the contact's results too
+CREATE OR REPLACE FUNCTION herald.delete_contact(workspace text, email text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(email);
+    v_key text;
+    v_contact bigint;
+    v_removed jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_key := herald._email_key(v_email);
+    SELECT c.id INTO v_contact FROM herald.contacts c
+     WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM workspace FOR UPDATE;
+
+    WITH enrollments AS (
+        DELETE FROM herald.enrollments e WHERE e.workspace_id = workspace AND e.contact_id = v_contact
+        RETURNING e.id
+    ), steps AS (
+        DELETE FROM herald.step_log l
+         WHERE l.workspace_id = workspace AND l.enrollment_id IN (SELECT x.id FROM enrollments x)
+        RETURNING 1
+    ), jobs AS (
+        DELETE FROM herald.outbox o WHERE o.workspace_id = workspace AND o.contact_id = v_contact RETURNING 1
+    ), history AS (
+        DELETE FROM herald.message_history h WHERE h.workspace_id = workspace AND h.contact_id = v_contact RETURNING 1
+    ), events AS (
+        DELETE FROM herald.events e
+         WHERE e.workspace_id = workspace AND (e.contact_id = v_contact OR (e.contact_id IS NULL AND e.email = v_email))
+        RETURNING 1
+    ), lists AS (
+        DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.contact_id = v_contact RETURNING 1
+    ), rejections AS (
+        DELETE FROM herald.contact_rejections r
+         WHERE r.workspace_id = workspace AND herald._normalize_email(r.input ->> 'email') = v_email
+        RETURNING 1
+    ), suppressions AS (
+        DELETE FROM herald.suppressions s WHERE s.workspace_id = workspace AND s.email = v_email RETURNING 1
+    ), results AS (
+        -- the results stream, published or not yet (copies already delivered to subscribers are theirs)
+        DELETE FROM herald.results r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), staged AS (
+        DELETE FROM herald.results_staged r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), contacts AS (
+        DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
+    )
+    SELECT jsonb_build_object(
+               'contacts', (SELECT count(*) FROM contacts), 'events', (SELECT count(*) FROM events),
+               'enrollments', (SELECT count(*) FROM enrollments), 'step_log', (SELECT count(*) FROM steps),
+               'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
+               'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
+               'suppressions', (SELECT count(*) FROM suppressions),
+               'results', (SELECT count(*) FROM results) + (SELECT count(*) FROM staged))
+      INTO v_removed;
+
+    INSERT INTO herald.suppressions (workspace_id, email, reason)
+    VALUES (workspace, v_key, 'erased')
+    ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING;
+    INSERT INTO herald.erasures (workspace_id, email_key, erased_by, removed)
+    VALUES (workspace, v_key, herald._caller(), v_removed);
+    RETURN v_removed;
+END
+$$;
+-- prune: results_older_than (a new argument, so a new function; prune('30 days') works as before)
+DROP FUNCTION herald.prune(interval);
+CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days', results_older_than interval DEFAULT '7 days')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_total bigint := 0;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '1 hour' THEN
+        RAISE EXCEPTION 'older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF results_older_than IS NULL OR results_older_than < interval '1 hour' THEN
+        RAISE EXCEPTION 'results_older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM herald.results WHERE published_at < now() - results_older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.step_log WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.outbox WHERE status IN ('done', 'failed') AND done_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.decide_cache WHERE expires_at < now();
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    RETURN v_total;
 END
 $$;
 
@@ -1098,5 +1908,31 @@ ALTER FUNCTION herald.pause_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.resume_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.cancel_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
+ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
+ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
+ALTER FUNCTION herald.set_automation_status(bigint, text) SECURITY DEFINER;
+ALTER FUNCTION herald.update_automation(bigint, jsonb, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
+ALTER FUNCTION herald.read_results(text, bigint, int, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.unsubscribe_results(text, bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.advance_results(int) SECURITY DEFINER;
 -- new functions are executable by PUBLIC until this (as in a fresh install's security.sql)
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA herald FROM PUBLIC;
+-- the results stream: an application reads and subscribes for its own workspaces; the daemon reads every
+-- workspace's for its stream endpoint
+GRANT EXECUTE ON FUNCTION
+    herald.subscribe_results(text, text, text[], jsonb), herald.unsubscribe_results(text, bigint)
+TO herald_app, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.read_results(text, bigint, int, text[]) TO herald_app, herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.prune(interval, interval), herald.advance_results(int) TO herald_worker, herald_admin;
+ALTER VIEW herald.result_subscription_overview SET (security_invoker = true);
+GRANT SELECT ON herald.results, herald.result_subscriptions, herald.result_subscription_overview TO herald_app, herald_admin;
+ALTER TABLE herald.results ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.results USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.results_staged ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.results_staged USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.result_subscriptions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.result_subscriptions USING (workspace_id IN (SELECT herald._my_workspaces()));

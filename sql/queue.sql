@@ -289,7 +289,13 @@ BEGIN
           FROM suppressed x
          WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
            AND e.status = 'waiting' AND e.wait_kind = 'job'
-        RETURNING 1
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
+    ), reported AS (
+        -- the results stream (sql/results.sql): journeys that ended here
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+        SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id,
+               herald._ended_data(w.current_node, w.exit_reason, w.context)
+          FROM woken w WHERE w.status = 'completed'
     ), counted AS (
         INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
         SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
@@ -432,7 +438,7 @@ BEGIN
                t.r ->> 'error' AS error, t.r ->> 'message_id' AS message_id, t.r -> 'response' AS response
           FROM jsonb_array_elements(results) WITH ORDINALITY t(r, ord)
          ORDER BY (t.r ->> 'id')::bigint, t.ord DESC
-    ), job AS (
+    ), locked AS (
         SELECT o.*, i.ok, i.retryable, i.error, i.message_id AS new_message_id, i.response AS new_response,
                CASE WHEN i.ok THEN 'done'
                     -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
@@ -444,6 +450,14 @@ BEGIN
           FROM input i JOIN herald.outbox o ON o.id = i.id
          WHERE o.status = 'leased'
            FOR UPDATE OF o
+    ), job AS (
+        -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
+        SELECT j.*,
+               CASE WHEN j.outcome = 'done' AND j.kind = 'decide'
+                        THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
+                    WHEN j.outcome = 'done' THEN j.on_success
+                    ELSE j.on_error END AS next_node
+          FROM locked j
     ), finished AS (
         UPDATE herald.outbox o
            SET status = j.outcome,
@@ -473,12 +487,7 @@ BEGIN
         ON CONFLICT (workspace_id, request_hash) DO UPDATE SET reply = EXCLUDED.reply, expires_at = EXCLUDED.expires_at
         RETURNING 1
     ), resolution AS (
-        -- where each finished job sends the enrollments waiting on it
-        SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response,
-               CASE WHEN j.outcome = 'done' AND j.kind = 'decide'
-                        THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
-                    WHEN j.outcome = 'done' THEN j.on_success
-                    ELSE j.on_error END AS next_node
+        SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response, j.next_node
           FROM job j WHERE j.outcome IN ('done', 'failed')
     ), waiting AS (
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
@@ -512,7 +521,31 @@ BEGIN
            -- every waiting enrollment. Status and wait_kind are re-checked on the locked row.
            AND e.workspace_id IS NOT DISTINCT FROM r.workspace_id
            AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
-        RETURNING e.workspace_id, e.automation_id, e.status, r.node, r.outcome
+        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
+    ), reported AS (
+        -- the results stream (sql/results.sql): what the jobs came to, and the journeys they ended. A
+        -- webhook job without an automation is the stream's own delivery: not a result.
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, broadcast_id,
+                                           job_id, data)
+        SELECT j.workspace_id,
+               CASE WHEN j.kind <> 'email' THEN j.kind || '.answered' WHEN j.outcome = 'done' THEN 'email.sent'
+                    ELSE 'email.failed' END,
+               j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.id,
+               CASE WHEN j.kind = 'email'
+                    THEN jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
+                                            'message_id', j.new_message_id, 'error', CASE WHEN NOT j.ok THEN j.error END,
+                                            'node', j.node, 'variation', j.variation, 'attempt', j.attempt)
+                    ELSE jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'ok' ELSE j.outcome END,
+                                            'reply', j.new_response, 'error', CASE WHEN NOT j.ok THEN j.error END,
+                                            'node', j.node, 'attempt', j.attempt)
+                         || CASE WHEN j.kind = 'decide' AND j.outcome = 'done'
+                                 THEN jsonb_build_object('next', j.next_node) ELSE '{}' END END
+          FROM job j
+         WHERE j.outcome IN ('done', 'failed', 'dead') AND (j.kind = 'email' OR j.automation_id IS NOT NULL)
+        UNION ALL
+        SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id, NULL, NULL,
+               herald._ended_data(w.current_node, w.exit_reason, w.context)
+          FROM woken w WHERE w.status IN ('completed', 'failed')
     ), counted_b AS (
         INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
         SELECT j.workspace_id, j.broadcast_id, coalesce(j.variation, 'default'),

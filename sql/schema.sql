@@ -510,3 +510,67 @@ CREATE TABLE herald.automation_versions (
     PRIMARY KEY (workspace_id, automation_id, version)
 );
 SELECT pg_catalog.pg_extension_config_dump('herald.automation_versions', '');
+
+-- The results stream (sql/results.sql): what happened, per workspace, in an order readers can follow
+-- with a cursor. The statements that make a result true (complete, tick, claim, record_feedback,
+-- decide_approval, advance_broadcasts, exits) append it to results_staged, a heap with nothing but its
+-- primary key; herald.advance_results() moves staged rows into herald.results, one mover at a time,
+-- which is where a result gets its id. Ids are drawn only by the one mover and made visible by its
+-- commit, so they become visible in increasing order: a reader at cursor c never sees a smaller id
+-- appear later (see sql/results.sql for why the ids are not drawn by the writers).
+CREATE TABLE herald.results_staged (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,   -- staging order (not the cursor)
+    kind          text NOT NULL,
+    at            timestamptz NOT NULL DEFAULT now(),    -- when it happened
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    broadcast_id  bigint,
+    job_id        bigint,
+    data          jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (id)
+);
+CREATE TABLE herald.results (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,   -- the cursor: increasing in the order results became visible
+    kind          text NOT NULL,
+    at            timestamptz NOT NULL,                  -- when it happened
+    contact_id    bigint,
+    automation_id bigint,
+    enrollment_id bigint,
+    broadcast_id  bigint,
+    job_id        bigint,
+    data          jsonb NOT NULL DEFAULT '{}',
+    published_at  timestamptz NOT NULL DEFAULT now(),    -- when advance_results numbered it (pruning)
+    PRIMARY KEY (workspace_id, id)
+);
+-- a reader or subscription that wants some kinds reads each kind's rows from its cursor on, in id
+-- order, without stepping over the others
+CREATE INDEX results_kind_idx ON herald.results (workspace_id, kind, id);
+CREATE INDEX results_published_idx ON herald.results USING brin (published_at);
+
+-- Outgoing webhook subscriptions to a workspace's results (herald.subscribe_results): results after
+-- `cursor` are POSTed to `url` in order, a batch per outbox job, the next batch only once the last job
+-- is done (job_id). options: the normalised form herald._check_subscription returns.
+CREATE TABLE herald.result_subscriptions (
+    workspace_id  text NOT NULL,
+    id            bigint GENERATED ALWAYS AS IDENTITY,
+    url           text NOT NULL,
+    kinds         text[],               -- NULL: every kind
+    options       jsonb NOT NULL,
+    cursor        bigint NOT NULL,      -- the last result id queued for delivery
+    job_id        bigint,               -- the outbox job of the last batch queued
+    queued        bigint NOT NULL DEFAULT 0,   -- results queued for it in all
+    created_by    name,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX result_subscriptions_id_idx ON herald.result_subscriptions (id);
+SELECT pg_catalog.pg_extension_config_dump('herald.results_staged', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results_staged_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.results_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions_id_seq', '');

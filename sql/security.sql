@@ -4,11 +4,12 @@
 --   herald_admin   everything, in every workspace: workspaces, automations, templates, providers,
 --                  rate limits, broadcasts, workspace grants, and all that the two others may do
 --   herald_worker  what the daemon needs and nothing else: claim, complete, reap, tick, flush_stats,
---                  advance_broadcasts, record_feedback, prune (they serve every workspace), and reading
---                  the queue views for /metrics
+--                  advance_broadcasts, record_feedback, prune, advance_results, read_results (they serve
+--                  every workspace), and reading the queue views for /metrics
 --   herald_app     an application acting for the workspaces granted to it (herald.grant_workspace):
---                  contacts, events, enrollments, approvals, sends, suppressions, redrives, and reads of
---                  its own stats and results (tables and views, filtered by row-level security)
+--                  contacts, events, enrollments, approvals, sends, suppressions, redrives, result
+--                  subscriptions, and reads of its own stats and results (read_results, tables and views,
+--                  filtered by row-level security)
 -- Nothing is granted to PUBLIC. A superuser keeps every right.
 --
 -- The API functions are SECURITY DEFINER (they run as the extension's owner, which needs no grants on
@@ -147,7 +148,7 @@ ALTER FUNCTION herald.enroll_segment(bigint, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
 ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
-ALTER FUNCTION herald.prune(interval) SECURITY DEFINER;
+ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_template(text, text, text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.set_rate_limit(text, int) SECURITY DEFINER;
@@ -184,6 +185,10 @@ ALTER FUNCTION herald.preview_broadcast(text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.simulate_automation(text, jsonb, timestamptz, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.simulate_automation(bigint, timestamptz, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.read_results(text, bigint, int, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.unsubscribe_results(text, bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.advance_results(int) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -210,6 +215,12 @@ TO herald_app, herald_admin;
 GRANT EXECUTE ON FUNCTION
     herald.simulate_automation(text, jsonb, timestamptz, jsonb), herald.simulate_automation(bigint, timestamptz, jsonb)
 TO herald_app, herald_admin;
+-- the results stream: an application reads and subscribes for its own workspaces; the daemon reads every
+-- workspace's for its stream endpoint
+GRANT EXECUTE ON FUNCTION
+    herald.subscribe_results(text, text, text[], jsonb), herald.unsubscribe_results(text, bigint)
+TO herald_app, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.read_results(text, bigint, int, text[]) TO herald_app, herald_worker, herald_admin;
 
 -- herald_admin: managing workspaces and what runs in them
 GRANT EXECUTE ON FUNCTION
@@ -229,8 +240,8 @@ TO herald_admin;
 -- herald_worker (and herald_admin): the daemon
 GRANT EXECUTE ON FUNCTION
     herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
-    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval),
-    herald._my_workspaces()
+    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval, interval),
+    herald.advance_results(int), herald._my_workspaces()
 TO herald_worker, herald_admin;
 
 -- ------------------------------------------------------------------------------- tables and views
@@ -244,6 +255,7 @@ ALTER VIEW herald.dead_letters SET (security_invoker = true);
 ALTER VIEW herald.queue_status SET (security_invoker = true);
 ALTER VIEW herald.list_overview SET (security_invoker = true);
 ALTER VIEW herald.automation_history SET (security_invoker = true);
+ALTER VIEW herald.result_subscription_overview SET (security_invoker = true);
 
 GRANT SELECT ON
     herald.workspaces, herald.contacts, herald.contact_rejections, herald.events, herald.automations,
@@ -255,6 +267,7 @@ GRANT SELECT ON
 TO herald_app, herald_admin;
 GRANT SELECT ON herald.workspace_grants, herald.rate_limits TO herald_admin;
 GRANT SELECT ON herald.automation_versions, herald.automation_history TO herald_app, herald_admin;
+GRANT SELECT ON herald.results, herald.result_subscriptions, herald.result_subscription_overview TO herald_app, herald_admin;
 -- /metrics reads the queue depth
 GRANT SELECT ON herald.outbox, herald.queue_status TO herald_worker;
 -- events may also be written with plain INSERT (the dispatcher takes them from there)
@@ -309,6 +322,12 @@ ALTER TABLE herald.lists ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.lists USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.erasures ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.erasures USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.results ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.results USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.results_staged ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.results_staged USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.result_subscriptions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.result_subscriptions USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);

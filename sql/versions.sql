@@ -318,7 +318,13 @@ BEGIN
               FROM moves m
              WHERE e.id = ANY (v_ids) AND e.workspace_id = v.workspace_id AND e.current_node = m.node AND m.target IS NULL
                AND e.status IN ('active', 'waiting')
-            RETURNING e.id
+            RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.current_node, e.exit_reason, e.context
+        ), reported AS (
+            -- the results stream (sql/results.sql)
+            INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+            SELECT x.workspace_id, 'enrollment.exited', x.contact_id, x.automation_id, x.id,
+                   herald._ended_data(x.current_node, x.exit_reason, x.context)
+              FROM exited x
         ), cancelled AS (
             UPDATE herald.outbox o
                SET status = 'cancelled', last_error = 'enrollment exited: ' || v_reason, done_at = now(), updated_at = now()

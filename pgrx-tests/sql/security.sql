@@ -42,6 +42,9 @@ SELECT herald.create_broadcast(w, '{"name": "b", "template": "t", "audience": {"
   FROM unnest(ARRAY['sa', 'sb']) w;
 INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, status, payload)
 SELECT w, 'webhook', 'dead-' || w, 'dead', '{}' FROM unnest(ARRAY['sa', 'sb']) w;
+-- the results stream: each workspace's approval.requested published, and a subscription
+SELECT herald.advance_results() >= 2 AS published;
+SELECT herald.subscribe_results(w, 'https://hooks.example/' || w, NULL) > 0 AS subscribed FROM unnest(ARRAY['sa', 'sb']) w;
 -- the ids of each workspace's things, for the calls below
 CREATE TEMP TABLE ids AS
 SELECT w.id AS ws,
@@ -49,7 +52,8 @@ SELECT w.id AS ws,
        (SELECT e.id FROM herald.enrollments e WHERE e.workspace_id = w.id) AS enrollment,
        (SELECT c.id FROM herald.contacts c WHERE c.workspace_id = w.id AND c.email = 'x@example.com') AS contact,
        (SELECT b.id FROM herald.broadcasts b WHERE b.workspace_id = w.id) AS broadcast,
-       (SELECT o.id FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'dead') AS dead_job
+       (SELECT o.id FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'dead') AS dead_job,
+       (SELECT s.id FROM herald.result_subscriptions s WHERE s.workspace_id = w.id) AS subscription
   FROM herald.workspaces w WHERE w.id IN ('sa', 'sb');
 GRANT SELECT ON ids TO PUBLIC;
 SELECT ws, status, wait_kind FROM herald.enrollments JOIN ids ON enrollment = id ORDER BY 1;
@@ -70,7 +74,7 @@ BEGIN
             ELSE SQLSTATE || ' ' || SQLERRM END;
     END;
 END $$;
--- {ws} {automation} {enrollment} {contact} {broadcast} {dead} are replaced by the target workspace's
+-- {ws} {automation} {enrollment} {contact} {broadcast} {dead} {subscription} are replaced by the target workspace's
 CREATE TEMP TABLE calls (n serial, fn text, q text);
 INSERT INTO calls (fn, q) VALUES
   ('upsert_contact',        $q$SELECT herald.upsert_contact('{ws}', 'm@example.com', '{}')$q$),
@@ -99,6 +103,9 @@ INSERT INTO calls (fn, q) VALUES
   ('preview_broadcast(id)', $q$SELECT herald.preview_broadcast({broadcast})$q$),
   ('simulate_automation(ws, definition)', $q$SELECT herald.simulate_automation('{ws}', '{"name": "n", "trigger": {"event": "ping"}, "start": "x", "nodes": {"x": {"type": "exit"}}}'::jsonb, now() - interval '1 day')$q$),
   ('simulate_automation(id)', $q$SELECT herald.simulate_automation({automation}, now() - interval '1 day')$q$),
+  ('read_results',          $q$SELECT herald.read_results('{ws}', 0)$q$),
+  ('subscribe_results',     $q$SELECT herald.subscribe_results('{ws}', 'https://hooks.example/x', ARRAY['email.sent'])$q$),
+  ('unsubscribe_results',   $q$SELECT herald.unsubscribe_results('{ws}', {subscription})$q$),
   ('create_workspace',      $q$SELECT herald.create_workspace('{ws}-2')$q$),
   ('grant_workspace',       $q$SELECT herald.grant_workspace('hsec_app_b', '{ws}')$q$),
   ('revoke_workspace',      $q$SELECT herald.revoke_workspace('hsec_app_a', '{ws}')$q$),
@@ -123,12 +130,13 @@ INSERT INTO calls (fn, q) VALUES
   ('advance_broadcasts',    $q$SELECT herald.advance_broadcasts(10)$q$),
   ('record_feedback',       $q$SELECT herald.record_feedback('[]')$q$),
   ('prune',                 $q$SELECT herald.prune('30 days')$q$),
+  ('advance_results',       $q$SELECT herald.advance_results(10)$q$),
   ('internal: _check_automation', $q$SELECT herald._check_automation('{}')$q$),
   ('internal: _authorize',  $q$SELECT herald._authorize('{ws}')$q$);
 CREATE FUNCTION pg_temp.call_for(q text, w text) RETURNS text LANGUAGE sql AS $$
-  SELECT replace(replace(replace(replace(replace(replace(q, '{ws}', i.ws), '{automation}', i.automation::text),
+  SELECT replace(replace(replace(replace(replace(replace(replace(q, '{ws}', i.ws), '{automation}', i.automation::text),
          '{enrollment}', i.enrollment::text), '{contact}', i.contact::text), '{broadcast}', i.broadcast::text),
-         '{dead}', i.dead_job::text)
+         '{dead}', i.dead_job::text), '{subscription}', i.subscription::text)
     FROM ids i WHERE i.ws = w $$;
 -- what the tables hold before the matrix
 CREATE TEMP TABLE before AS
