@@ -133,6 +133,28 @@ pub struct RunArgs {
     /// no longer needs HERALD_EVENTS_TOKEN. Needs HERALD_HTTP_ADDR.
     #[arg(long, value_name = "KEY", env = "HERALD_SENDGRID_VERIFICATION_KEY")]
     pub sendgrid_verification_key: Option<String>,
+    /// Password of the operator's page, <public URL>/admin (at least 12 characters; the operator
+    /// gives a name with it, recorded with their approvals). Needs the HTTP side. Default: off.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "HERALD_ADMIN_PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
+    /// The admin page's password read from a file (trailing newline dropped), instead of
+    /// HERALD_ADMIN_PASSWORD.
+    #[arg(long, value_name = "FILE", env = "HERALD_ADMIN_PASSWORD_FILE")]
+    pub admin_password_file: Option<String>,
+    /// Where the admin page reads and acts: a role in herald_admin (pausing broadcasts, approvals
+    /// and redrives need more than herald_worker grants). Default: DATABASE_URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "HERALD_ADMIN_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub admin_database_url: Option<String>,
     /// Log format: text or json. Default: text.
     #[arg(long, value_name = "FORMAT", env = "HERALD_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -427,6 +449,8 @@ pub struct Config {
     pub unsubscribe_url: Option<url::Url>,
     /// The HTTP side: listen address, public URL and link key, all three or none.
     pub http: Option<HttpSide>,
+    /// The operator's page on the HTTP side (HERALD_ADMIN_PASSWORD); off without it.
+    pub admin: Option<AdminSide>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -441,6 +465,14 @@ pub struct HttpSide {
     pub keys: std::sync::Arc<Keys>,
     /// SendGrid's Signed Event Webhook key: when set, /events/sendgrid is checked by signature.
     pub sendgrid_key: Option<VerifyingKey>,
+}
+
+/// The operator's page (`run/admin/`): its password and, optionally, a database role of its own.
+#[derive(Clone, Debug)]
+pub struct AdminSide {
+    pub password: Secret,
+    /// HERALD_ADMIN_DATABASE_URL; None: the daemon's DATABASE_URL.
+    pub database: Option<tokio_postgres::Config>,
 }
 
 /// The key a provider's SMTP URL is stored under: `my-esp` → `MY_ESP`.
@@ -602,6 +634,8 @@ impl Config {
             ),
         };
 
+        let admin = read_admin(raw, http.is_some())?;
+
         let log_format = match get("HERALD_LOG_FORMAT")
             .map(|s| s.to_ascii_lowercase())
             .as_deref()
@@ -631,6 +665,7 @@ impl Config {
             metrics_addr,
             unsubscribe_url,
             http,
+            admin,
             log_format,
             shutdown_grace: Duration::from_secs(number(
                 "HERALD_SHUTDOWN_GRACE_SECONDS",
@@ -657,6 +692,42 @@ impl Config {
             self.webhook_allow,
             self.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         )
+    }
+}
+
+/// The admin page's settings: a password (value or file, at least 12 characters) turns it on; it
+/// needs the HTTP side; HERALD_ADMIN_DATABASE_URL alone is a mistake worth naming.
+fn read_admin(raw: &BTreeMap<String, String>, http_side: bool) -> Result<Option<AdminSide>> {
+    let password = read_secret(
+        raw,
+        "HERALD_ADMIN_PASSWORD",
+        "HERALD_ADMIN_PASSWORD_FILE",
+        ("HERALD_ADMIN_PASSWORD", "HERALD_ADMIN_PASSWORD_FILE"),
+    )?;
+    let database = raw
+        .get("HERALD_ADMIN_DATABASE_URL")
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|url| {
+            // never the URL in the message: it may hold a password
+            crate::db::parse_database_url(url).map_err(|e| match e {
+                crate::db::UrlError::Tls(why) => anyhow!("HERALD_ADMIN_DATABASE_URL: {why}"),
+                crate::db::UrlError::Other(_) => anyhow!("HERALD_ADMIN_DATABASE_URL: not a valid connection string (postgres://user@host/db or key=value pairs)"),
+            })
+        })
+        .transpose()?;
+    match password {
+        None if database.is_some() => bail!(
+            "HERALD_ADMIN_DATABASE_URL: only the admin page uses it; set HERALD_ADMIN_PASSWORD (or HERALD_ADMIN_PASSWORD_FILE) to turn the page on"
+        ),
+        None => Ok(None),
+        Some(_) if !http_side => bail!(
+            "HERALD_ADMIN_PASSWORD: the admin page is served by the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too"
+        ),
+        Some(p) if p.0.chars().count() < 12 => {
+            bail!("HERALD_ADMIN_PASSWORD: must be at least 12 characters")
+        }
+        Some(password) => Ok(Some(AdminSide { password, database })),
     }
 }
 
@@ -885,7 +956,7 @@ mod tests {
         assert!(given.contains(&("HERALD_SHUTDOWN_GRACE_SECONDS".to_string(), "5".to_string())));
         let keys = known_keys();
         assert_eq!(keys[0], "DATABASE_URL");
-        assert_eq!(keys.len(), 19, "{keys:?}");
+        assert_eq!(keys.len(), 21, "{keys:?}");
         assert!(!keys.iter().any(|k| k == "HERALD_CONFIG"));
         // every declared setting is one a config file may hold
         for key in &keys[1..] {
@@ -1190,6 +1261,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("set all three or none"), "{e}");
+    }
+
+    #[test]
+    fn admin_page_needs_a_password_and_the_http_side() {
+        let side = [
+            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
+            ("HERALD_PUBLIC_URL", "https://mail.acme.test/mail"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+        ];
+        assert!(Config::from_map(&map(&side)).unwrap().admin.is_none());
+        let mut m = map(&side);
+        m.insert("HERALD_ADMIN_PASSWORD".into(), "a-long-admin-pass".into());
+        m.insert(
+            "HERALD_ADMIN_DATABASE_URL".into(),
+            "postgres://ops:hunter2@db/herald".into(),
+        );
+        let c = Config::from_map(&m).unwrap();
+        let admin = c.admin.as_ref().expect("the page is on");
+        assert_eq!(admin.password.0, "a-long-admin-pass");
+        assert_eq!(admin.database.as_ref().unwrap().get_user(), Some("ops"));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("a-long-admin-pass") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        for (k, v, says) in [
+            (
+                "HERALD_ADMIN_PASSWORD",
+                "short-pass",
+                "HERALD_ADMIN_PASSWORD: must be at least 12",
+            ),
+            (
+                "HERALD_ADMIN_DATABASE_URL",
+                "postgres://u:hunter2@h:nope/db",
+                "HERALD_ADMIN_DATABASE_URL: not a valid",
+            ),
+            (
+                "HERALD_ADMIN_PASSWORD_FILE",
+                "/nonexistent/pw",
+                "HERALD_ADMIN_PASSWORD: set the value or the file",
+            ),
+        ] {
+            let mut bad = m.clone();
+            bad.insert(k.into(), v.into());
+            let e = Config::from_map(&bad).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{e}");
+            assert!(!e.contains("short-pass") && !e.contains("hunter2"), "{e}");
+        }
+        // without the HTTP side, or a database URL without a password: refused, saying what is missing
+        let e = Config::from_map(&map(&[("HERALD_ADMIN_PASSWORD", "a-long-admin-pass")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HERALD_HTTP_ADDR"), "{e}");
+        let e = Config::from_map(&map(&[("HERALD_ADMIN_DATABASE_URL", "dbname=x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("HERALD_ADMIN_DATABASE_URL: only the admin page"),
+            "{e}"
+        );
+        // from a file, trailing newline dropped
+        let file = std::env::temp_dir().join(format!("herald-admin-pw-{}", std::process::id()));
+        std::fs::write(&file, "from-a-file-password\n").unwrap();
+        let mut m = map(&side);
+        m.insert(
+            "HERALD_ADMIN_PASSWORD_FILE".into(),
+            file.display().to_string(),
+        );
+        let c = Config::from_map(&m).unwrap();
+        assert_eq!(c.admin.unwrap().password.0, "from-a-file-password");
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

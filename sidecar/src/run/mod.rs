@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod address_policy;
+mod admin;
 mod completer;
 mod config;
 mod database;
@@ -259,7 +260,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             &crashed,
             http::serve(
                 l,
-                http::router(side, Arc::clone(&database)),
+                // the admin page (run/admin/), when HERALD_ADMIN_PASSWORD is set
+                admin::mount(http::router(side, Arc::clone(&database)), &config, &database),
                 background.clone(),
             ),
         )
