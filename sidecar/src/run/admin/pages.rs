@@ -27,8 +27,9 @@ pub fn login(frame: &Frame, error: Option<&str>, next: &str) -> String {
         "<form method=\"post\" action=\"{}/login\" class=\"card login\">\
          <input type=\"hidden\" name=\"next\" value=\"{}\">\
          <p><label for=\"name\">Your name</label>\
-         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"64\" autocomplete=\"username\" autofocus>\
-         <span class=\"muted\">Recorded with the approvals you decide.</span></p>\
+         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"64\" autocomplete=\"username\" \
+         aria-describedby=\"name-hint\" autofocus>\
+         <span id=\"name-hint\" class=\"muted hint\">Recorded with the approvals you decide.</span></p>\
          <p><label for=\"password\">Password</label>\
          <input type=\"password\" id=\"password\" name=\"password\" required autocomplete=\"current-password\"></p>\
          <p><button type=\"submit\" class=\"primary\">Sign in</button></p></form>",
@@ -700,7 +701,13 @@ pub fn dead_letters(frame: &Frame, rows: &[DeadRow], total: i64, notice: &str) -
                     .map(|n| format!(", node {}", esc(n)))
                     .unwrap_or_default()
             ),
-            (None, _) => "transactional or broadcast".into(),
+            (None, _) => match d.broadcast {
+                Some(b) => format!(
+                    "<a href=\"{}/broadcasts\">broadcast #{b}</a>",
+                    esc(frame.base)
+                ),
+                None => "transactional (send)".into(),
+            },
         };
         let _ = write!(
             body,
@@ -808,6 +815,7 @@ mod tests {
             error: Some(evil.into()),
             automation: None,
             node: None,
+            broadcast: None,
             email: Some(evil.into()),
             died_at: "x".into(),
         };

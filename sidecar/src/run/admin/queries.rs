@@ -577,6 +577,7 @@ pub struct DeadRow {
     pub error: Option<String>,
     pub automation: Option<i64>,
     pub node: Option<String>,
+    pub broadcast: Option<i64>,
     pub email: Option<String>,
     pub died_at: String,
 }
@@ -584,7 +585,7 @@ pub struct DeadRow {
 // herald.dead_letters (outbox_dead_idx), newest first, with the recipient's address.
 const DEAD: &str = "
     SELECT d.workspace_id, d.id, d.kind, d.attempt, d.last_error, d.automation_id, d.node, c.email,
-           to_char(d.died_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"')
+           to_char(d.died_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'), o.broadcast_id
       FROM herald.dead_letters d
       JOIN herald.outbox o ON o.id = d.id
       LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
@@ -609,6 +610,7 @@ pub async fn dead_letters(tx: &Transaction<'_>) -> Result<(Vec<DeadRow>, i64)> {
                 node: r.get(6),
                 email: r.get(7),
                 died_at: r.get(8),
+                broadcast: r.get(9),
             })
             .collect(),
         total.get(0),

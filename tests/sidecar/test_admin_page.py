@@ -1,0 +1,286 @@
+"""The operator's page (HERALD_ADMIN_PASSWORD) in a real browser: headless Chromium from Debian driven by
+selenium. Signs in behind a path prefix, checks the numbers drawn on the automation's SVG nodes against
+the database, approves a pending approval (decide_approval recorded with the operator's name), pauses a
+broadcast, redrives a dead letter, sees a number change without a reload, and is refused a POST without
+the form token. Screenshots of every page go to target/screenshots/."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+
+from conftest import ROOT, wait_until
+from test_broadcast import EVENTS_TOKEN, LINK_SECRET
+
+selenium = pytest.importorskip("selenium")
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+PASSWORD = "an-operator-password"
+OPERATOR = "Olga Operator"
+PREFIX = "/ops"
+SHOTS = os.path.join(ROOT, "target", "screenshots")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+JOURNEY = {
+    "name": "Welcome journey", "trigger": {"event": "signup"}, "start": "split",
+    "nodes": {
+        "split": {"type": "split", "variants": [{"weight": 1, "next": "hello_a"}, {"weight": 1, "next": "hello_b"}]},
+        "hello_a": {"type": "email", "template": "welcome", "next": "review"},
+        "hello_b": {"type": "email", "template": "welcome-b", "next": "review", "on_error": "done"},
+        "review": {"type": "approval", "approved": "thanks", "rejected": "done"},
+        "thanks": {"type": "email", "template": "thanks", "next": "done"},
+        "done": {"type": "exit"},
+    },
+}
+SIGNUPS = 12
+
+
+@pytest.fixture
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("chromium and chromium-driver are not installed (tests/setup.sh installs them)")
+    options = webdriver.ChromeOptions()
+    for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"]:
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, name):
+    """The whole page (the window made as tall as the page), as target/screenshots/<name>.png."""
+    os.makedirs(SHOTS, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(max(height + 40, 600), 5000))
+    driver.save_screenshot(os.path.join(SHOTS, f"{name}.png"))
+    driver.set_window_size(1280, 900)
+
+
+def number(text):
+    """A count as the page writes it (thin spaces between thousands)."""
+    return int(text.replace("\u202f", "").strip())
+
+
+def wait_http(port):
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_until(up, timeout=30, what="the HTTP side to listen")
+
+
+def populate(db):
+    """A journey with contacts waiting for approval, a broadcast sent with two variations, one scheduled
+    for later, and a dead letter. Returns (automation id, scheduled broadcast id, dead job id)."""
+    db.q("SELECT herald.upsert_template('acme', 'welcome', 'Welcome', '<p>Hello</p>')")
+    db.q("SELECT herald.upsert_template('acme', 'welcome-b', 'Welcome!', '<p>Hello there</p>')")
+    db.q("SELECT herald.upsert_template('acme', 'thanks', 'Approved', '<p>You are in</p>')")
+    automation = db.one("SELECT herald.create_automation('acme', %s::jsonb)", json.dumps(JOURNEY))
+    db.q("SELECT herald.set_automation_status(%s, 'live')", automation)
+    for i in range(SIGNUPS):
+        db.q("SELECT herald.track('acme', %s, 'signup', '{}')", f"person{i}@example.com")
+    news = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Spring news", "audience": "all",
+                     "variations": [{"key": "a", "template": "welcome"}, {"key": "b", "template": "welcome-b"}],
+                     "ab_test": {"test_percent": 50, "metric": "opens", "wait": "1 minute"}}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", news)
+    later = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Summer <sale>", "audience": "all",
+                      "template": "welcome"}')""")
+    db.q("SELECT herald.schedule_broadcast(%s, now() + interval '2 hours')", later)
+    dead = db.one("SELECT herald.send('acme', 'bounced@example.com', 'welcome')")
+    db.q("UPDATE herald.outbox SET status = 'dead', attempt = 5, "
+         "last_error = '451 4.3.0 mailbox busy <try later> (five times)' WHERE id = %s", dead)
+    return automation, later, dead
+
+
+# messages per minute of a second workspace over the last 40 minutes: (minutes ago, sent, failed)
+GLOBEX_HISTORY = [(m, 8 + (m * 7) % 23, (m % 9 == 0) + (m % 13 == 0)) for m in range(40, 0, -1)]
+
+
+def populate_globex(db):
+    """A second workspace with contacts and an hour of delivery history (written in time order, so ids
+    rise with created_at as they do when complete() writes them)."""
+    db.q("SELECT herald.create_workspace('globex', 'Globex Corporation')")
+    db.q("SELECT * FROM herald.upsert_contacts('globex', %s::jsonb)",
+         json.dumps([{"email": f"g{i}@globex.test"} for i in range(250)]))
+    for ago, sent, failed in GLOBEX_HISTORY:
+        db.q("""INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, dedupe_key, attempt, created_at)
+                SELECT 'globex', 0, 'email', CASE WHEN i <= %s THEN 'sent' ELSE 'failed' END, 'hist:' || %s || ':' || i, 1,
+                       date_trunc('minute', now()) - make_interval(mins => %s) + interval '20 seconds'
+                  FROM generate_series(1, %s) i""", sent, ago, ago, sent + failed)
+
+
+def record_opens(db, automation, n):
+    """n contacts open the welcome email of hello_a or hello_b, as the open pixel would record it."""
+    rows = db.q("SELECT h.message_id, h.dedupe_key, c.email FROM herald.message_history h "
+                "JOIN herald.contacts c ON c.workspace_id = h.workspace_id AND c.id = h.contact_id "
+                "WHERE h.automation_id = %s AND h.status = 'sent' ORDER BY h.id LIMIT %s", automation, n)
+    feedback = [{"kind": "opened", "workspace": "acme", "email": email, "message_id": mid,
+                 "payload": {"broadcast": None, "variation": None, "message": key}} for mid, key, email in rows]
+    db.q("SELECT herald.record_feedback(%s::jsonb)", json.dumps(feedback))
+
+
+def figures_in_db(db, automation):
+    now = dict(db.q("SELECT current_node, count(*) FROM herald.enrollments WHERE automation_id = %s "
+                    "AND status IN ('active', 'waiting') GROUP BY 1", automation))
+    stats = {(n, m): v for n, m, v in db.q("SELECT node, metric, value FROM herald.automation_stats(%s)", automation)}
+    opened = dict(db.q("""SELECT substring(payload ->> 'message' FROM '^a[0-9]+:e[0-9]+:(.*):[0-9]+$'),
+                                 count(DISTINCT contact_id)
+                            FROM herald.events WHERE kind = 'email.opened' GROUP BY 1"""))
+    return now, stats, opened
+
+
+def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
+    automation, later, dead = populate(db)
+    populate_globex(db)
+    port = __import__("conftest").free_port()
+    public = f"http://127.0.0.1:{port}{PREFIX}"
+    sidecar(HERALD_HTTP_ADDR=f"127.0.0.1:{port}", HERALD_PUBLIC_URL=public, HERALD_LINK_SECRET=LINK_SECRET,
+            HERALD_EVENTS_TOKEN=EVENTS_TOKEN, HERALD_ADMIN_PASSWORD=PASSWORD)
+    wait_http(port)
+    # every journey parked at the approval, every broadcast message sent
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.enrollments WHERE wait_kind = 'approval'") == SIGNUPS,
+               timeout=60, what="the journeys to wait for approval")
+    # the A/B test's share is sent; its minute of waiting is cut short
+    wait_until(lambda: db.one("SELECT phase FROM herald.broadcasts WHERE name = 'Spring news'") == "waiting",
+               timeout=60, what="the A/B test share to be sent")
+    db.q("UPDATE herald.broadcasts SET test_ends_at = now() WHERE name = 'Spring news'")
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE name = 'Spring news'") == "sent",
+               timeout=60, what="the broadcast to be sent")
+    record_opens(db, automation, 5)
+    db.q("SELECT herald.flush_stats()")
+    base = f"{public}/admin"
+    wait = WebDriverWait(browser, 20)
+
+    # signed out: /admin sends the browser to the sign-in form, which brings it back afterwards
+    browser.get(f"{base}/automations/{automation}")
+    assert browser.current_url.startswith(f"{base}/login?next="), browser.current_url
+    screenshot(browser, "login")
+    browser.find_element(By.ID, "name").send_keys(OPERATOR)
+    browser.find_element(By.ID, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+    wait.until(EC.url_to_be(f"{base}/automations/{automation}"))
+    cookie = browser.get_cookie("herald_admin")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == f"{PREFIX}/admin", cookie
+
+    # the automation: the figures drawn on each node are the database's
+    now, stats, opened = figures_in_db(db, automation)
+    assert now == {"review": SIGNUPS}
+    drawn = {}
+    for node in browser.find_elements(By.CSS_SELECTOR, "svg.diagram g.node"):
+        figures = {f.get_attribute("data-count"): number(f.text)
+                   for f in node.find_elements(By.CSS_SELECTOR, "tspan.figure")}
+        drawn[node.get_attribute("data-node")] = figures
+    assert set(drawn) == set(JOURNEY["nodes"]), drawn
+    for node, figures in drawn.items():
+        assert figures["now"] == now.get(node, 0), (node, figures)
+        assert figures["passed"] == stats.get((node, "entered"), 0), (node, figures)
+    for node in ["hello_a", "hello_b"]:
+        assert drawn[node]["sent"] == stats.get((node, "sent"), 0) > 0, drawn[node]
+        assert drawn[node]["opened"] == opened.get(node, 0), (drawn[node], opened)
+    assert drawn["hello_a"]["opened"] + drawn["hello_b"]["opened"] == 5
+    assert drawn["hello_a"]["passed"] + drawn["hello_b"]["passed"] == SIGNUPS
+    # the split's arms carry their share
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, 'svg.diagram g.edge-label[data-from="split"] text')]
+    assert len(labels) == 2 and all("%" in t for t in labels), labels
+    screenshot(browser, "automation")
+
+    # approvals: approve the first one; decide_approval records the operator
+    browser.find_element(By.LINK_TEXT, "Approvals").click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "tr[data-enrollment]")))
+    screenshot(browser, "approvals")
+    row = browser.find_element(By.CSS_SELECTOR, "tr[data-enrollment]")
+    enrollment = int(row.get_attribute("data-enrollment"))
+    email = db.one("SELECT c.email FROM herald.enrollments e JOIN herald.contacts c "
+                   "ON c.workspace_id = e.workspace_id AND c.id = e.contact_id WHERE e.id = %s", enrollment)
+    assert email in row.text
+    row.find_element(By.CSS_SELECTOR, "button.good").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".notice-ok"), f"Enrollment #{enrollment} approved."))
+    assert db.q("SELECT decided_by, approved FROM herald.enrollments WHERE id = %s", enrollment) == [(OPERATOR, True)]
+    wait_until(lambda: db.one("SELECT status FROM herald.enrollments WHERE id = %s", enrollment) == "completed",
+               timeout=30, what="the approved journey to go on (thanks email, done)")
+    assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-enrollment="{enrollment}"]')
+    # and the contact's step history on the automation page shows who decided
+    browser.get(f"{base}/automations/{automation}")
+    field = browser.find_element(By.ID, "email")
+    field.send_keys(email)
+    field.submit()
+    steps = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'table.steps[data-enrollment="{enrollment}"]')))
+    assert f"approved by {OPERATOR} -> thanks" in steps.text, steps.text
+    assert "queued email" in steps.text
+
+    # broadcasts: pause the scheduled one from the page
+    browser.find_element(By.LINK_TEXT, "Broadcasts").click()
+    section = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'section[data-broadcast="{later}"]')))
+    assert "Summer <sale>" in section.text
+    news = browser.find_element(By.XPATH, "//section[.//h2[contains(., 'Spring news')]]")
+    winner, reason = db.q("SELECT winner, winner_reason FROM herald.broadcasts WHERE name = 'Spring news'")[0]
+    assert f"A/B winner: {winner}" in news.text and reason in news.text, news.text
+    screenshot(browser, "broadcasts")
+    section.find_element(By.XPATH, ".//button[normalize-space()='Pause']").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".notice-ok"), f"Broadcast #{later} paused."))
+    assert db.one("SELECT status FROM herald.broadcasts WHERE id = %s", later) == "paused"
+
+    # a POST without the form token is refused, and nothing changes
+    section = browser.find_element(By.CSS_SELECTOR, f'section[data-broadcast="{later}"]')
+    resume = section.find_element(By.XPATH, ".//button[normalize-space()='Resume']")
+    browser.execute_script("arguments[0].form.querySelector('input[name=csrf]').remove()", resume)
+    resume.click()
+    wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "refused"))
+    assert "token is missing or stale" in browser.find_element(By.TAG_NAME, "body").text
+    assert db.one("SELECT status FROM herald.broadcasts WHERE id = %s", later) == "paused"
+
+    # dead letters: the error is shown, redrive puts the job back and the daemon sends it
+    browser.get(f"{base}/dead-letters")
+    row = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'tr[data-job="{dead}"]')))
+    assert "451 4.3.0 mailbox busy <try later>" in row.text
+    screenshot(browser, "dead-letters")
+    row.find_element(By.CSS_SELECTOR, "button.primary").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".notice-ok"), f"Job #{dead} is back in the queue."))
+    wait_until(lambda: db.one("SELECT status FROM herald.outbox WHERE id = %s", dead) == "done",
+               timeout=30, what="the redriven job to be sent")
+
+    # the overview: numbers change in place, without a reload
+    browser.get(base)
+    contacts = browser.find_element(By.CSS_SELECTOR, '[data-live="w:acme:contacts"]')
+    before = number(contacts.text)
+    assert before == db.one("SELECT count(*) FROM herald.contacts WHERE workspace_id = 'acme'")
+    browser.execute_script("window.__not_reloaded = true")
+    db.q("SELECT * FROM herald.upsert_contacts('acme', %s::jsonb)",
+         json.dumps([{"email": f"late{i}@example.com"} for i in range(7)]))
+    wait.until(lambda d: number(d.find_element(By.CSS_SELECTOR, '[data-live="w:acme:contacts"]').text) == before + 7)
+    assert browser.execute_script("return window.__not_reloaded") is True
+    sent = db.one("SELECT count(*) FROM herald.message_history WHERE workspace_id = 'acme' AND status = 'sent'")
+    chart = browser.find_element(By.CSS_SELECTOR, '[data-live-html="w:acme:chart"] svg title').get_attribute("textContent")
+    assert chart.startswith(f"acme: {sent} sent, 0 failed"), chart
+    # the other workspace's chart: its hour of history, minute by minute
+    chart = browser.find_element(By.CSS_SELECTOR, '[data-live-html="w:globex:chart"] svg')
+    sent = sum(s for _, s, _ in GLOBEX_HISTORY)
+    failed = sum(f for _, _, f in GLOBEX_HISTORY)
+    summary = chart.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+    assert summary.startswith(f"globex: {sent} sent, {failed} failed in the last 60 minutes"), summary
+    minutes = [t.get_attribute("textContent") for t in chart.find_elements(By.CSS_SELECTOR, "g > title")]
+    for ago, s, f in GLOBEX_HISTORY:
+        assert f"{ago} min ago: {s} sent, {f} failed" in minutes, (ago, minutes[:5])
+    assert number(browser.find_element(By.CSS_SELECTOR, '[data-live="w:globex:contacts"]').text) == 250
+    screenshot(browser, "overview")
+
+    browser.find_element(By.LINK_TEXT, "Automations").click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "table")))
+    screenshot(browser, "automations")
+
+    # signing out ends the session: the page asks to sign in again
+    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    wait.until(EC.url_contains("/admin/login"))
+    browser.get(base)
+    assert "/admin/login" in browser.current_url
