@@ -97,7 +97,8 @@ fn with_limits(router: Router) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(axum::middleware::map_response(explain_limits))
-        .layer(SetResponseHeaderLayer::overriding(
+        // a route may say otherwise (static files); links and events must never be cached
+        .layer(SetResponseHeaderLayer::if_not_present(
             CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ))
