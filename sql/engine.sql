@@ -202,6 +202,9 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*) INTO v_steps FROM stepped;
+    -- the results stream moves on with every tick (sql/results.sql), so any daemon that ticks keeps it
+    -- published and its subscriptions served; one caller at a time does it, the others skip at once
+    PERFORM herald.advance_results(100000);
     RETURN v_steps;
 END
 $$;

@@ -660,15 +660,15 @@ BEGIN
                CASE WHEN j.kind <> 'email' THEN j.kind || '.answered' WHEN j.outcome = 'done' THEN 'email.sent'
                     ELSE 'email.failed' END,
                j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.id,
-               CASE WHEN j.kind = 'email'
-                    THEN jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
-                                            'message_id', j.new_message_id, 'error', CASE WHEN NOT j.ok THEN j.error END,
-                                            'node', j.node, 'variation', j.variation, 'attempt', j.attempt)
-                    ELSE jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'ok' ELSE j.outcome END,
-                                            'reply', j.new_response, 'error', CASE WHEN NOT j.ok THEN j.error END,
-                                            'node', j.node, 'attempt', j.attempt)
-                         || CASE WHEN j.kind = 'decide' AND j.outcome = 'done'
-                                 THEN jsonb_build_object('next', j.next_node) ELSE '{}' END END
+               -- only the keys each kind has (building jsonb is most of what a result costs here)
+               CASE WHEN j.outcome <> 'done'
+                    THEN jsonb_build_object('status', j.outcome, 'error', j.error, 'node', j.node, 'attempt', j.attempt)
+                         || CASE WHEN j.kind = 'email' THEN jsonb_build_object('variation', j.variation) ELSE '{}' END
+                    WHEN j.kind = 'email'
+                    THEN jsonb_build_object('message_id', j.new_message_id, 'node', j.node, 'variation', j.variation)
+                    WHEN j.kind = 'decide'
+                    THEN jsonb_build_object('status', 'ok', 'reply', j.new_response, 'node', j.node, 'next', j.next_node)
+                    ELSE jsonb_build_object('status', 'ok', 'reply', j.new_response, 'node', j.node) END
           FROM job j
          WHERE j.outcome IN ('done', 'failed', 'dead') AND (j.kind = 'email' OR j.automation_id IS NOT NULL)
         UNION ALL
@@ -963,6 +963,9 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*) INTO v_steps FROM stepped;
+    -- the results stream moves on with every tick (sql/results.sql), so any daemon that ticks keeps it
+    -- published and its subscriptions served; one caller at a time does it, the others skip at once
+    PERFORM herald.advance_results(100000);
     RETURN v_steps;
 END
 $$;
@@ -1169,8 +1172,7 @@ CREATE TABLE herald.results_staged (
     enrollment_id bigint,
     broadcast_id  bigint,
     job_id        bigint,
-    data          jsonb NOT NULL DEFAULT '{}',
-    PRIMARY KEY (id)
+    data          jsonb NOT NULL DEFAULT '{}'
 );
 CREATE TABLE herald.results (
     workspace_id  text NOT NULL,
@@ -1358,10 +1360,11 @@ BEGIN
         RETURN 0;
     END IF;
 
-    WITH batch AS (
-        SELECT s.id FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
+    WITH batch AS MATERIALIZED (
+        -- results_staged has no index: it holds what was staged since the last call
+        SELECT s.ctid AS row FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
     ), moved AS (
-        DELETE FROM herald.results_staged s USING batch b WHERE s.id = b.id
+        DELETE FROM herald.results_staged s WHERE s.ctid = ANY (ARRAY(SELECT b.row FROM batch b))
         RETURNING s.*
     ), published AS (
         INSERT INTO herald.results (workspace_id, kind, at, contact_id, automation_id, enrollment_id, broadcast_id,

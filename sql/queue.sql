@@ -531,15 +531,15 @@ BEGIN
                CASE WHEN j.kind <> 'email' THEN j.kind || '.answered' WHEN j.outcome = 'done' THEN 'email.sent'
                     ELSE 'email.failed' END,
                j.contact_id, j.automation_id, j.enrollment_id, j.broadcast_id, j.id,
-               CASE WHEN j.kind = 'email'
-                    THEN jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'sent' ELSE j.outcome END,
-                                            'message_id', j.new_message_id, 'error', CASE WHEN NOT j.ok THEN j.error END,
-                                            'node', j.node, 'variation', j.variation, 'attempt', j.attempt)
-                    ELSE jsonb_build_object('status', CASE j.outcome WHEN 'done' THEN 'ok' ELSE j.outcome END,
-                                            'reply', j.new_response, 'error', CASE WHEN NOT j.ok THEN j.error END,
-                                            'node', j.node, 'attempt', j.attempt)
-                         || CASE WHEN j.kind = 'decide' AND j.outcome = 'done'
-                                 THEN jsonb_build_object('next', j.next_node) ELSE '{}' END END
+               -- only the keys each kind has (building jsonb is most of what a result costs here)
+               CASE WHEN j.outcome <> 'done'
+                    THEN jsonb_build_object('status', j.outcome, 'error', j.error, 'node', j.node, 'attempt', j.attempt)
+                         || CASE WHEN j.kind = 'email' THEN jsonb_build_object('variation', j.variation) ELSE '{}' END
+                    WHEN j.kind = 'email'
+                    THEN jsonb_build_object('message_id', j.new_message_id, 'node', j.node, 'variation', j.variation)
+                    WHEN j.kind = 'decide'
+                    THEN jsonb_build_object('status', 'ok', 'reply', j.new_response, 'node', j.node, 'next', j.next_node)
+                    ELSE jsonb_build_object('status', 'ok', 'reply', j.new_response, 'node', j.node) END
           FROM job j
          WHERE j.outcome IN ('done', 'failed', 'dead') AND (j.kind = 'email' OR j.automation_id IS NOT NULL)
         UNION ALL

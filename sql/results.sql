@@ -2,13 +2,14 @@
 --
 -- Kinds, who writes them, and their data:
 --   email.sent / email.failed      complete(): an email job sent, or failed for good (failed) or out of
---                                  attempts (dead). data: status, message_id, error, node, variation, attempt
+--                                  attempts (dead). data: message_id, node, variation | status, error,
+--                                  node, variation, attempt
 --   email.bounced / email.opened / email.clicked
 --                                  record_feedback(). data: message_id, url, bounce_type, and the report's payload
 --   webhook.answered / decide.answered
---                                  complete(), a journey's webhook or decide job that finished. data: status
---                                  (ok | failed | dead), reply (the stored reply), error, node, attempt;
---                                  decide: next (the path the reply chose)
+--                                  complete(), a journey's webhook or decide job that finished. data:
+--                                  status ok, reply (the stored reply), node, and for a decide next (the
+--                                  path the reply chose) | status failed or dead, error, node, attempt
 --   enrollment.completed / enrollment.exited / enrollment.failed
 --                                  tick, complete, claim (recipient suppressed), exit_enrollment, archiving an
 --                                  automation, update_automation's exits. data: node, reason, context (its last)
@@ -41,7 +42,10 @@
 -- in increasing order. A staged row committed after a move took its snapshot is moved by the next
 -- one, above every id handed out so far. An open transaction holds back only its own results.
 -- Readers read a plain index range (also on a standby). Results are readable once the next
--- advance_results() has run: the daemon calls it every maintenance round.
+-- advance_results() has run: every tick() ends with one (so any daemon that ticks keeps the stream
+-- moving), and the daemon may call it more often for less delay. Cost: a result is written twice
+-- (staged, then published); the staging heap has no index, so the statements that make results pay
+-- one heap row each plus building the data.
 --
 -- Deliveries. herald.subscribe_results(ws, url, kinds, options) registers a URL; advance_results()
 -- queues, for every subscription whose previous delivery is done, the next results after its cursor
@@ -235,10 +239,11 @@ BEGIN
         RETURN 0;
     END IF;
 
-    WITH batch AS (
-        SELECT s.id FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
+    WITH batch AS MATERIALIZED (
+        -- results_staged has no index: it holds what was staged since the last call
+        SELECT s.ctid AS row FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
     ), moved AS (
-        DELETE FROM herald.results_staged s USING batch b WHERE s.id = b.id
+        DELETE FROM herald.results_staged s WHERE s.ctid = ANY (ARRAY(SELECT b.row FROM batch b))
         RETURNING s.*
     ), published AS (
         INSERT INTO herald.results (workspace_id, kind, at, contact_id, automation_id, enrollment_id, broadcast_id,

@@ -513,11 +513,12 @@ SELECT pg_catalog.pg_extension_config_dump('herald.automation_versions', '');
 
 -- The results stream (sql/results.sql): what happened, per workspace, in an order readers can follow
 -- with a cursor. The statements that make a result true (complete, tick, claim, record_feedback,
--- decide_approval, advance_broadcasts, exits) append it to results_staged, a heap with nothing but its
--- primary key; herald.advance_results() moves staged rows into herald.results, one mover at a time,
--- which is where a result gets its id. Ids are drawn only by the one mover and made visible by its
--- commit, so they become visible in increasing order: a reader at cursor c never sees a smaller id
--- appear later (see sql/results.sql for why the ids are not drawn by the writers).
+-- decide_approval, advance_broadcasts, exits) append it to results_staged; herald.advance_results()
+-- moves staged rows into herald.results, one mover at a time, which is where a result gets its id.
+-- Ids are drawn only by the one mover and made visible by its commit, so they become visible in
+-- increasing order: a reader at cursor c never sees a smaller id appear later (see sql/results.sql for
+-- why the ids are not drawn by the writers). results_staged is a bare heap, no index: complete and
+-- tick write to it on every call, and it holds only what the next advance_results (every tick) takes.
 CREATE TABLE herald.results_staged (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,   -- staging order (not the cursor)
@@ -528,8 +529,7 @@ CREATE TABLE herald.results_staged (
     enrollment_id bigint,
     broadcast_id  bigint,
     job_id        bigint,
-    data          jsonb NOT NULL DEFAULT '{}',
-    PRIMARY KEY (id)
+    data          jsonb NOT NULL DEFAULT '{}'
 );
 CREATE TABLE herald.results (
     workspace_id  text NOT NULL,

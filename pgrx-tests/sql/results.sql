@@ -164,11 +164,14 @@ SELECT herald.create_automation('rs2', '{"name": "ask", "trigger": {"event": "as
   "nodes": {"ok": {"type": "approval", "approved": "x", "rejected": "x"}, "x": {"type": "exit"}}}') AS r2ask \gset
 SELECT herald.set_automation_status(:r2ask, 'live');
 SELECT herald.track('rs2', 'zed@example.com', 'ask');
+-- (tick ends with advance_results: approval.requested is readable at once)
 SELECT herald.tick() AS steps;
+SELECT kind FROM herald.read_results('rs2', 0);
+SELECT herald.decide_approval(id, false, 'boss') FROM herald.enrollments WHERE workspace_id = 'rs2';
 SELECT count(*) AS staged FROM herald.results_staged WHERE workspace_id = 'rs2';
-SELECT count(*) AS readable FROM herald.read_results('rs2', 0);
+SELECT count(*) AS readable FROM herald.read_results('rs2', 0, 10, ARRAY['approval.decided']);
 SELECT herald.advance_results() AS published;
-SELECT kind, id > (SELECT max(id) FROM herald.results WHERE workspace_id = 'rs1') AS above_r1 FROM herald.read_results('rs2', 0);
+SELECT kind, id > (SELECT max(id) FROM herald.results WHERE workspace_id = 'rs1') AS above_rs1 FROM herald.read_results('rs2', 0);
 SELECT count(*) AS staged_left FROM herald.results_staged WHERE workspace_id IN ('rs1', 'rs2');
 
 -- workspaces are walled off: an application of rs2 reads rs2's stream, and is refused rs1's

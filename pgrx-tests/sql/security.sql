@@ -42,8 +42,8 @@ SELECT herald.create_broadcast(w, '{"name": "b", "template": "t", "audience": {"
   FROM unnest(ARRAY['sa', 'sb']) w;
 INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, status, payload)
 SELECT w, 'webhook', 'dead-' || w, 'dead', '{}' FROM unnest(ARRAY['sa', 'sb']) w;
--- the results stream: each workspace's approval.requested published, and a subscription
-SELECT herald.advance_results() >= 2 AS published;
+-- the results stream: each workspace's approval.requested (published by the tick), and a subscription
+SELECT count(DISTINCT workspace_id) = 2 AS published FROM herald.results WHERE workspace_id IN ('sa', 'sb');
 SELECT herald.subscribe_results(w, 'https://hooks.example/' || w, NULL) > 0 AS subscribed FROM unnest(ARRAY['sa', 'sb']) w;
 -- the ids of each workspace's things, for the calls below
 CREATE TEMP TABLE ids AS
