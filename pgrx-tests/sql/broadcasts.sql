@@ -312,6 +312,9 @@ SELECT s.n, b.definition -> 'segment_sql' AS sql_part, b.definition -> 'segment_
               AND NOT EXISTS (SELECT 1 FROM herald.suppressions x WHERE x.workspace_id = 'b1' AND x.email = c.email)
               AND herald._matches(s.seg, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL)) AS engine_agrees
   FROM segs s JOIN herald.broadcasts b ON b.id = s.id
+ -- the broadcast read again by the segment's id inside the LATERAL, so whatever join order the planner
+ -- picks, _audience_page never runs for another broadcast of b1 (the broken one above raises)
  CROSS JOIN LATERAL (SELECT string_agg(split_part(c.email, '@', 1), ' ' ORDER BY c.id) AS recipients
-                       FROM herald._audience_page(b, 0, 1000) p JOIN herald.contacts c ON c.id = p.contact_id) a
+                       FROM herald._audience_page((SELECT x FROM herald.broadcasts x WHERE x.id = s.id), 0, 1000) p
+                       JOIN herald.contacts c ON c.id = p.contact_id) a
  ORDER BY s.n;
