@@ -1300,6 +1300,15 @@ BEGIN
      ORDER BY r.id;
 END
 $$;
+CREATE FUNCTION herald.newest_result(workspace text) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    RETURN coalesce((SELECT max(r.id) FROM herald.results r WHERE r.workspace_id = newest_result.workspace), 0);
+END
+$$;
 CREATE FUNCTION herald.subscribe_results(workspace text, url text, kinds text[], options jsonb DEFAULT '{}')
 RETURNS bigint
 LANGUAGE plpgsql
@@ -1919,6 +1928,7 @@ ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.read_results(text, bigint, int, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.newest_result(text) SECURITY DEFINER;
 ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.unsubscribe_results(text, bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.advance_results(int) SECURITY DEFINER;
@@ -1930,6 +1940,7 @@ GRANT EXECUTE ON FUNCTION
     herald.subscribe_results(text, text, text[], jsonb), herald.unsubscribe_results(text, bigint)
 TO herald_app, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.read_results(text, bigint, int, text[]) TO herald_app, herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.newest_result(text) TO herald_app, herald_worker, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.prune(interval, interval), herald.advance_results(int) TO herald_worker, herald_admin;
 ALTER VIEW herald.result_subscription_overview SET (security_invoker = true);
 GRANT SELECT ON herald.results, herald.result_subscriptions, herald.result_subscription_overview TO herald_app, herald_admin;

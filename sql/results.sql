@@ -157,6 +157,19 @@ BEGIN
 END
 $$;
 
+-- The id of the newest result published in the workspace (0 when there is none): where a reader that
+-- wants only what happens from now on starts (GET /stream without a cursor; subscribe_results'
+-- default). herald_app (its own workspaces), herald_worker (the daemon's stream endpoint), herald_admin.
+CREATE FUNCTION herald.newest_result(workspace text) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    RETURN coalesce((SELECT max(r.id) FROM herald.results r WHERE r.workspace_id = newest_result.workspace), 0);
+END
+$$;
+
 -- Subscribes `url` to the workspace's results of the given kinds (NULL: every kind); returns the
 -- subscription's id. options: {"batch": results per delivery (1-1000, default 100), "max_attempts":
 -- per delivery (1-100, default 20), "timeout_ms": per request (default 10000), "after": the result id

@@ -186,6 +186,7 @@ ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.simulate_automation(text, jsonb, timestamptz, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.simulate_automation(bigint, timestamptz, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.read_results(text, bigint, int, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.newest_result(text) SECURITY DEFINER;
 ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.unsubscribe_results(text, bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.advance_results(int) SECURITY DEFINER;
@@ -221,6 +222,7 @@ GRANT EXECUTE ON FUNCTION
     herald.subscribe_results(text, text, text[], jsonb), herald.unsubscribe_results(text, bigint)
 TO herald_app, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.read_results(text, bigint, int, text[]) TO herald_app, herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.newest_result(text) TO herald_app, herald_worker, herald_admin;
 
 -- herald_admin: managing workspaces and what runs in them
 GRANT EXECUTE ON FUNCTION

@@ -275,3 +275,7 @@ SELECT herald.prune('30 days', '30 minutes');
 SELECT (herald.delete_contact('rs1', 'ann@example.com') ->> 'results')::int > 0 AS erased_results;
 SELECT count(*) AS ann_results FROM herald.results r
  WHERE r.workspace_id = 'rs1' AND r.data ->> 'message_id' = '<ann@herald>';
+-- newest_result: where a reader that wants only what happens from now on starts
+SELECT herald.newest_result('rs1') = (SELECT coalesce(max(id), 0) FROM herald.results WHERE workspace_id = 'rs1') AS newest_is_the_max;
+SELECT herald.newest_result('rs2') >= 0 AS newest_of_another;
+SELECT herald.newest_result('nobody');

@@ -104,6 +104,7 @@ INSERT INTO calls (fn, q) VALUES
   ('simulate_automation(ws, definition)', $q$SELECT herald.simulate_automation('{ws}', '{"name": "n", "trigger": {"event": "ping"}, "start": "x", "nodes": {"x": {"type": "exit"}}}'::jsonb, now() - interval '1 day')$q$),
   ('simulate_automation(id)', $q$SELECT herald.simulate_automation({automation}, now() - interval '1 day')$q$),
   ('read_results',          $q$SELECT herald.read_results('{ws}', 0)$q$),
+  ('newest_result',         $q$SELECT herald.newest_result('{ws}')$q$),
   ('subscribe_results',     $q$SELECT herald.subscribe_results('{ws}', 'https://hooks.example/x', ARRAY['email.sent'])$q$),
   ('unsubscribe_results',   $q$SELECT herald.unsubscribe_results('{ws}', {subscription})$q$),
   ('create_workspace',      $q$SELECT herald.create_workspace('{ws}-2')$q$),

@@ -36,8 +36,8 @@ the local socket /var/run/postgresql, database herald, as the current OS user. T
 sslrootcert=<file>); e.g. postgres://herald_daemon@db.example.com/herald?sslmode=verify-full.
 Run it as a role in herald_worker, not a superuser (it warns otherwise).
 
-Secrets and rotation. Each of HERALD_WEBHOOK_SECRET, HERALD_LINK_SECRET and HERALD_EVENTS_TOKEN is the
-default for every workspace, and may also be given as:
+Secrets and rotation. Each of HERALD_WEBHOOK_SECRET, HERALD_LINK_SECRET, HERALD_EVENTS_TOKEN and
+HERALD_STREAM_TOKEN is the default for every workspace, and may also be given as:
   HERALD_<PURPOSE>_PREVIOUS          the key being rotated out: still accepted, never used to sign
   HERALD_<PURPOSE>_FILE              read from a file (trailing newline dropped); not with the value itself
   HERALD_<PURPOSE>_PREVIOUS_FILE
@@ -48,10 +48,11 @@ Per workspace, in the --config file (each purpose falls back to the default when
   link_secret_file = '/run/secrets/acme-links'   # signs acme's links; the previous one still verifies
   events_token = '...'              # /events/...: may only affect acme (others' reports are skipped)
   events_token_previous = '...'
+  stream_token = '...'              # GET /stream?workspace=acme: reads acme's results only
 Rotation without downtime: set the new key as current and the old one as _previous, restart the
 daemons one by one, and drop _previous once nothing signed with it matters any more (links in mail
 already sent verify while it is there; a provider has switched to the new events token).
-The default events token acts for every workspace; a workspace's own token only for that workspace.
+The default events and stream tokens act for every workspace; a workspace's own only for that workspace.
 Unsubscribe tokens of HERALD_UNSUBSCRIBE_URL are keyed with the link key (HERALD_LINK_SECRET may be
 set without the HTTP side for them); without any link key the webhook secret is used, with a warning.
 
@@ -133,6 +134,16 @@ pub struct RunArgs {
     /// no longer needs HERALD_EVENTS_TOKEN. Needs HERALD_HTTP_ADDR.
     #[arg(long, value_name = "KEY", env = "HERALD_SENDGRID_VERIFICATION_KEY")]
     pub sendgrid_verification_key: Option<String>,
+    /// Token apps present to read a workspace's results as server-sent events (GET /stream,
+    /// Authorization: Bearer <token>): the default one reads every workspace; `[workspaces.<name>]
+    /// stream_token` in the config file reads that workspace only. Needs the HTTP side. Default: off.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HERALD_STREAM_TOKEN",
+        hide_env_values = true
+    )]
+    pub stream_token: Option<String>,
     /// Password of the operator's page, <public URL>/admin (at least 12 characters; the operator
     /// gives a name with it, recorded with their approvals). Needs the HTTP side. Default: off.
     #[arg(
@@ -166,7 +177,12 @@ pub struct RunArgs {
 /// The secrets that exist per workspace (config file `[workspaces.<name>]`, lower-case) and as the
 /// default of every workspace (environment `HERALD_<PURPOSE>`), each also as `…_PREVIOUS` (still
 /// accepted during a rotation) and `…_FILE` / `…_PREVIOUS_FILE` (read from a file).
-pub const SECRET_PURPOSES: &[&str] = &["WEBHOOK_SECRET", "LINK_SECRET", "EVENTS_TOKEN"];
+pub const SECRET_PURPOSES: &[&str] = &[
+    "WEBHOOK_SECRET",
+    "LINK_SECRET",
+    "EVENTS_TOKEN",
+    "STREAM_TOKEN",
+];
 
 /// The four settings of one purpose: (value, previous value, file, previous file).
 fn secret_settings(purpose: &str) -> [String; 4] {
@@ -362,12 +378,19 @@ impl KeyPair {
     }
 }
 
+/// Equal in a time that does not depend on where two secrets differ (their length is not secret):
+/// how every presented token and password is checked.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// One workspace's (or the default) keys, one pair per purpose.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Secrets {
     pub webhook: KeyPair,
     pub link: KeyPair,
     pub events: KeyPair,
+    pub stream: KeyPair,
 }
 
 /// Who an events token speaks for.
@@ -408,20 +431,45 @@ impl Keys {
 
     /// Whether any events token is configured (else /events/… are off).
     pub fn has_events_tokens(&self) -> bool {
-        self.default.events.is_set() || self.workspaces.values().any(|s| s.events.is_set())
+        self.has_tokens(|s| &s.events)
     }
 
     /// Whom a presented events token speaks for, checking every token (constant time each).
     pub fn events_scope(&self, matches: impl Fn(&[u8]) -> bool) -> Option<TokenScope> {
+        self.token_scope(|s| &s.events, matches)
+    }
+
+    /// Whether any stream token is configured (else /stream is off).
+    pub fn has_stream_tokens(&self) -> bool {
+        self.has_tokens(|s| &s.stream)
+    }
+
+    /// Whom a presented stream token reads for, checking every token (constant time each).
+    pub fn stream_scope(&self, matches: impl Fn(&[u8]) -> bool) -> Option<TokenScope> {
+        self.token_scope(|s| &s.stream, matches)
+    }
+
+    fn has_tokens(&self, purpose: impl Fn(&Secrets) -> &KeyPair) -> bool {
+        purpose(&self.default).is_set() || self.workspaces.values().any(|s| purpose(s).is_set())
+    }
+
+    /// Every token of the purpose is compared (no early exit), so the time taken does not tell
+    /// which one matched.
+    fn token_scope(
+        &self,
+        purpose: impl Fn(&Secrets) -> &KeyPair,
+        matches: impl Fn(&[u8]) -> bool,
+    ) -> Option<TokenScope> {
         let mut found = None;
         for (name, s) in &self.workspaces {
-            if s.events.verifying().fold(false, |hit, t| matches(t) | hit) {
+            if purpose(s)
+                .verifying()
+                .fold(false, |hit, t| matches(t) | hit)
+            {
                 found = Some(TokenScope::Workspace(name.clone()));
             }
         }
-        if self
-            .default
-            .events
+        if purpose(&self.default)
             .verifying()
             .fold(false, |hit, t| matches(t) | hit)
         {
@@ -808,6 +856,7 @@ fn read_keys(raw: &BTreeMap<String, String>) -> Result<Keys> {
             webhook: pair(scope, "WEBHOOK_SECRET", names("WEBHOOK_SECRET"))?,
             link: pair(scope, "LINK_SECRET", names("LINK_SECRET"))?,
             events: pair(scope, "EVENTS_TOKEN", names("EVENTS_TOKEN"))?,
+            stream: pair(scope, "STREAM_TOKEN", names("STREAM_TOKEN"))?,
         })
     };
     let mut keys = Keys {
@@ -826,39 +875,36 @@ fn read_keys(raw: &BTreeMap<String, String>) -> Result<Keys> {
         })?;
         keys.workspaces.insert(name, own);
     }
-    // an events token says whom it speaks for: the same token in two scopes would be ambiguous
-    let mut seen: Vec<(&[u8], String)> = Vec::new();
-    let scopes = std::iter::once(("the default".to_string(), &keys.default)).chain(
-        keys.workspaces
-            .iter()
-            .map(|(n, s)| (format!("workspace {n:?}"), s)),
-    );
-    for (scope, s) in scopes {
-        for t in s.events.verifying() {
-            if let Some((_, other)) = seen.iter().find(|(u, _)| *u == t) {
-                bail!("events tokens must differ: {scope} and {other} share one");
+    // a token says whom it speaks for: the same token in two scopes would be ambiguous
+    let purposes: [(&str, fn(&Secrets) -> &KeyPair); 2] =
+        [("events", |s| &s.events), ("stream", |s| &s.stream)];
+    for (what, purpose) in purposes {
+        let mut seen: Vec<(&[u8], String)> = Vec::new();
+        let scopes = std::iter::once(("the default".to_string(), &keys.default)).chain(
+            keys.workspaces
+                .iter()
+                .map(|(n, s)| (format!("workspace {n:?}"), s)),
+        );
+        for (scope, s) in scopes {
+            for t in purpose(s).verifying() {
+                if let Some((_, other)) = seen.iter().find(|(u, _)| *u == t) {
+                    bail!("{what} tokens must differ: {scope} and {other} share one");
+                }
+                seen.push((t, scope.clone()));
             }
-            seen.push((t, scope.clone()));
         }
     }
     Ok(keys)
 }
 
-/// The fields a `[workspaces.<name>]` table may hold.
-const WORKSPACE_FIELDS: &[&str] = &[
-    "webhook_secret",
-    "webhook_secret_previous",
-    "webhook_secret_file",
-    "webhook_secret_previous_file",
-    "link_secret",
-    "link_secret_previous",
-    "link_secret_file",
-    "link_secret_previous_file",
-    "events_token",
-    "events_token_previous",
-    "events_token_file",
-    "events_token_previous_file",
-];
+/// The fields a `[workspaces.<name>]` table may hold: each secret purpose's four forms, lower-case.
+fn workspace_fields() -> Vec<String> {
+    SECRET_PURPOSES
+        .iter()
+        .flat_map(|p| secret_settings(p))
+        .map(|k| k.trim_start_matches("HERALD_").to_ascii_lowercase())
+        .collect()
+}
 
 /// A config file: a flat TOML table whose keys are the environment variables' names.
 pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
@@ -877,10 +923,11 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
                 };
                 for (field, v) in fields {
                     let lower = field.to_ascii_lowercase();
-                    if !WORKSPACE_FIELDS.contains(&lower.as_str()) {
+                    let known = workspace_fields();
+                    if !known.contains(&lower) {
                         bail!(
                             "[workspaces.{name}]: unknown key {field:?} (known: {})",
-                            WORKSPACE_FIELDS.join(", ")
+                            known.join(", ")
                         );
                     }
                     let toml::Value::String(text) = v else {

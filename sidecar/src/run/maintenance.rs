@@ -4,6 +4,9 @@
 //!   herald.reap()          every 5 s: expired leases back to pending
 //!   herald.flush_stats()   every 2 s
 //!   herald.prune('30 days') hourly (and at start)
+//!   herald.advance_results(RESULTS_BATCH) every 250 ms and after every tick round: publishes the results
+//!                          stream (numbers staged results, queues subscriptions' deliveries); wakes
+//!                          the /stream readers when it moved any
 //!   herald.advance_broadcasts(BROADCAST_BUDGET) after every tick round: starts due broadcasts and enqueues their
 //!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
@@ -24,9 +27,14 @@ use tokio_util::sync::CancellationToken;
 use super::database::{Database, DbError};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
+use super::stream::Published;
 
 /// tick's batch (enrollments per call); a call that returns a full batch is repeated at once.
 pub const TICK_BATCH: i32 = 10_000;
+/// advance_results' batch (staged results numbered per call); a full batch is repeated at once.
+pub const RESULTS_BATCH: i32 = 10_000;
+/// How often results are published when nothing else runs maintenance: the stream's latency.
+const RESULTS_EVERY: Duration = Duration::from_millis(250);
 /// advance_broadcasts' budget per call (contacts read); a call that uses it all is repeated at once.
 pub const BROADCAST_BUDGET: i32 = 100_000;
 
@@ -36,12 +44,15 @@ pub struct Maintenance {
     pub tick_wake: Arc<Notify>,
     pub poll: Duration,
     pub shutdown: CancellationToken,
+    /// Bumped when advance_results published results (wakes the /stream readers).
+    pub published: Published,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Task {
     Tick,
     Broadcasts,
+    Results,
     Reap,
     FlushStats,
     Prune,
@@ -59,6 +70,10 @@ impl Task {
                 "SELECT herald.advance_broadcasts($1::int)::bigint",
                 Some(BROADCAST_BUDGET),
             ),
+            Task::Results => (
+                "SELECT herald.advance_results($1::int)::bigint",
+                Some(RESULTS_BATCH),
+            ),
         }
     }
 
@@ -69,6 +84,7 @@ impl Task {
             Task::FlushStats => "herald.flush_stats",
             Task::Prune => "herald.prune",
             Task::Broadcasts => "herald.advance_broadcasts",
+            Task::Results => "herald.advance_results",
         }
     }
 }
@@ -93,6 +109,7 @@ impl Maintenance {
         let mut reap = every(Duration::from_secs(5));
         let mut stats = every(Duration::from_secs(2));
         let mut prune = every(Duration::from_secs(3600));
+        let mut results = every(RESULTS_EVERY);
         let mut state = State {
             missing: HashSet::new(),
             failing: HashSet::new(),
@@ -108,6 +125,7 @@ impl Maintenance {
                 _ = reap.tick() => Task::Reap,
                 _ = stats.tick() => Task::FlushStats,
                 _ = prune.tick() => Task::Prune,
+                _ = results.tick() => Task::Results,
             };
             if task == Task::Tick {
                 // a full batch means more are due now
@@ -123,9 +141,26 @@ impl Maintenance {
                         break;
                     }
                 }
+                self.publish_results(&mut state).await;
+            } else if task == Task::Results {
+                self.publish_results(&mut state).await;
             } else {
                 self.call(&mut state, task).await;
             }
+        }
+    }
+
+    /// Publishes staged results until none are left, and wakes the stream readers if any were.
+    async fn publish_results(&self, state: &mut State) {
+        let mut moved = 0;
+        while let Some(n) = self.call(state, Task::Results).await {
+            moved += n;
+            if n < i64::from(RESULTS_BATCH) || self.shutdown.is_cancelled() {
+                break;
+            }
+        }
+        if moved > 0 {
+            self.published.bump();
         }
     }
 
@@ -169,7 +204,7 @@ impl Maintenance {
                 if state.failing.remove(&task) {
                     tracing::info!(task = task.name(), "works again");
                 }
-                if n > 0 && task != Task::FlushStats {
+                if n > 0 && !matches!(task, Task::FlushStats | Task::Results) {
                     tracing::debug!(task = task.name(), n, "done");
                 }
                 Some(n)

@@ -45,6 +45,7 @@ mod pg;
 mod producer;
 pub mod render;
 mod smtp_pool;
+mod stream;
 mod webhook;
 
 pub use config::{Config, RunArgs};
@@ -240,6 +241,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         .run(),
     );
+    // maintenance bumps it when it publishes results; /stream readers wait on it
+    let published = stream::Published::default();
     let maintenance = spawn(
         "maintenance",
         &crashed,
@@ -249,6 +252,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tick_wake: Arc::clone(&tick_wake),
             poll: config.poll_interval,
             shutdown: background.clone(),
+            published: published.clone(),
         }
         .run(),
     );
@@ -261,7 +265,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             http::serve(
                 l,
                 // the admin page (run/admin/), when HERALD_ADMIN_PASSWORD is set
-                admin::mount(http::router(side, Arc::clone(&database)), &config, &database),
+                admin::mount(http::router(side, Arc::clone(&database)), &config, &database)
+                    // the results stream, when a stream token is set (answers 404 otherwise)
+                    .merge(stream::router(
+                        Arc::clone(&database),
+                        Arc::clone(&config.keys),
+                        published.clone(),
+                        background.clone(),
+                    )),
                 background.clone(),
             ),
         )

@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 
 use super::sendgrid::{self, verify_sendgrid, SendgridRefusal};
 use super::App;
-use crate::run::config::{HttpSide, TokenScope};
+use crate::run::config::{constant_time_eq, HttpSide, TokenScope};
 
 pub async fn receive(
     State(app): State<App>,
@@ -241,10 +241,6 @@ fn authorized(header: Option<&str>, token: &[u8]) -> bool {
         _ => return false,
     };
     constant_time_eq(&given, token)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

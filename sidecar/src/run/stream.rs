@@ -1,0 +1,425 @@
+//! `GET /stream?workspace=<ws>`: a workspace's results (`herald.read_results`) as server-sent events,
+//! for apps that react to what herald did without polling tables.
+//!
+//! Each event is one result: `id:` its result id (the cursor), `event:` its kind (`email.sent`, …),
+//! `data:` the result as JSON (id, kind, at, subjects, data). A client that reconnects sends the last id
+//! it got as `Last-Event-ID` (browsers' EventSource do so by themselves; `?after=<id>` does the same)
+//! and gets every result after it, in order, each once: the ids are the stream's own cursor (see
+//! sql/results.sql, "Order and cursor"). Without either, the stream starts at what is published now.
+//! `?kinds=email.sent,email.failed` narrows it.
+//!
+//! Access: `Authorization: Bearer <token>` (or `?token=`, for EventSource, which cannot send headers;
+//! a URL may end up in logs, so prefer the header) with the workspace's stream token
+//! (`[workspaces.<ws>] stream_token`) or the default HERALD_STREAM_TOKEN, which may read every
+//! workspace. Without any stream token configured, the route answers 404.
+//!
+//! Waking: results become readable when maintenance publishes them (`herald.advance_results`, each
+//! round); a publishing round that moved rows bumps [`Published`], which wakes every open stream at
+//! once. Streams also look every [`POLL`] (another daemon may have published). One query per wake-up
+//! and stream, on a pooled connection held only for that query.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::Value as Json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{constant_time_eq, Keys, TokenScope};
+use super::database::{Database, DbError};
+
+/// Results read per query; a full page is followed by the next one at once.
+const PAGE: i32 = 500;
+/// How often an idle stream looks for results published elsewhere (another daemon's maintenance).
+const POLL: Duration = Duration::from_secs(1);
+/// A comment line this often keeps proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long a stream waits after a failed read before it tries again (the database may be away).
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Bumped by maintenance whenever `advance_results` published rows.
+#[derive(Clone)]
+pub struct Published(Arc<watch::Sender<u64>>);
+
+impl Default for Published {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Published {
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+#[derive(Clone)]
+struct StreamApp {
+    database: Arc<Database>,
+    keys: Arc<Keys>,
+    published: Published,
+    shutdown: CancellationToken,
+}
+
+/// The `/stream` route. Served without the request time limit of the other routes: a stream is
+/// meant to stay open.
+pub fn router(
+    database: Arc<Database>,
+    keys: Arc<Keys>,
+    published: Published,
+    shutdown: CancellationToken,
+) -> Router {
+    Router::new()
+        .route("/stream", get(open))
+        .with_state(StreamApp {
+            database,
+            keys,
+            published,
+            shutdown,
+        })
+}
+
+#[derive(Deserialize)]
+struct Params {
+    workspace: Option<String>,
+    after: Option<String>,
+    kinds: Option<String>,
+    token: Option<String>,
+}
+
+/// What a request asked for, checked.
+#[derive(Debug, PartialEq, Eq)]
+struct Ask {
+    workspace: String,
+    /// None: from what is published now.
+    after: Option<i64>,
+    kinds: Option<Vec<String>>,
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
+
+/// The request's workspace, cursor and kinds, or the answer that refuses it.
+fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, Response> {
+    let workspace = params
+        .workspace
+        .as_deref()
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "workspace=<name> is required"))?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let after = match last_event_id.or(params.after.as_deref()) {
+        None => None,
+        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID / after must be a result id (a whole number, 0 for every result kept)",
+            )
+        })?),
+    };
+    let kinds = params.kinds.as_deref().map(|k| {
+        k.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>()
+    });
+    Ok(Ask {
+        workspace: workspace.to_string(),
+        after,
+        kinds: kinds.filter(|k| !k.is_empty()),
+    })
+}
+
+/// The presented token: the Authorization header's bearer token, else `?token=`.
+fn presented<'a>(params: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or(params.token.as_deref())
+}
+
+/// Whether `token` may read `workspace`'s stream: its own token, or the default one.
+fn allowed(keys: &Keys, workspace: &str, token: &str) -> bool {
+    match keys.stream_scope(|t| constant_time_eq(t, token.as_bytes())) {
+        Some(TokenScope::All) => true,
+        Some(TokenScope::Workspace(w)) => w == workspace,
+        None => false,
+    }
+}
+
+async fn open(
+    State(app): State<StreamApp>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+) -> Response {
+    if !app.keys.has_stream_tokens() {
+        return refuse(StatusCode::NOT_FOUND, "not found");
+    }
+    let Some(token) = presented(&params, &headers) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a stream token is required: Authorization: Bearer <token>",
+        );
+    };
+    let ask = match ask(&params, &headers) {
+        Ok(ask) => ask,
+        Err(refused) => return refused,
+    };
+    if !allowed(&app.keys, &ask.workspace, token) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this token may not read that workspace's stream",
+        );
+    }
+    // the first read happens now, so that a bad workspace or kind is an HTTP error, not a broken stream
+    let after = match ask.after {
+        Some(after) => after,
+        None => match newest(&app.database, &ask.workspace).await {
+            Ok(id) => id,
+            Err(e) => return read_failed(&e),
+        },
+    };
+    let first = match read(&app.database, &ask.workspace, after, ask.kinds.as_deref()).await {
+        Ok(rows) => rows,
+        Err(e) => return read_failed(&e),
+    };
+    let reader = Reader {
+        database: app.database,
+        workspace: ask.workspace,
+        kinds: ask.kinds,
+        after,
+        queued: first.into(),
+        published: app.published.subscribe(),
+        shutdown: app.shutdown,
+    };
+    Sse::new(reader.events())
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// A refused read: the workspace or kinds are wrong (400, with the database's message), or the
+/// database is away (503).
+fn read_failed(e: &DbError) -> Response {
+    if e.is_connection_error() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is not reachable; try again shortly",
+        );
+    }
+    match e {
+        DbError::Pg(pg) => match pg.as_db_error() {
+            // an invalid argument (22…) or an unknown workspace (23503, as every API function says)
+            Some(db) if db.code().code().starts_with("22") || db.code().code() == "23503" => {
+                refuse(StatusCode::BAD_REQUEST, db.message())
+            }
+            _ => {
+                tracing::warn!(error = %e.describe(), "stream: reading results failed");
+                refuse(StatusCode::INTERNAL_SERVER_ERROR, "reading results failed")
+            }
+        },
+        DbError::Pool(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "no database connection"),
+    }
+}
+
+/// One result as it comes from `herald.read_results`.
+#[derive(Debug)]
+struct Row {
+    id: i64,
+    kind: String,
+    json: Json,
+}
+
+const READ: &str = "SELECT r.id, r.kind, jsonb_strip_nulls(jsonb_build_object(\
+      'id', r.id, 'kind', r.kind, 'at', r.at, 'contact_id', r.contact_id, \
+      'automation_id', r.automation_id, 'enrollment_id', r.enrollment_id, \
+      'broadcast_id', r.broadcast_id, 'job_id', r.job_id)) || jsonb_build_object('data', r.data) \
+      FROM herald.read_results($1, $2, $3, $4) r";
+
+async fn read(
+    database: &Database,
+    workspace: &str,
+    after: i64,
+    kinds: Option<&[String]>,
+) -> Result<Vec<Row>, DbError> {
+    let client = database.get().await?;
+    let rows = client
+        .query(READ, &[&workspace, &after, &PAGE, &kinds])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Row {
+            id: r.get(0),
+            kind: r.get(1),
+            json: r.get(2),
+        })
+        .collect())
+}
+
+/// The newest result published in the workspace now (0 when none): where a stream without a cursor
+/// starts.
+async fn newest(database: &Database, workspace: &str) -> Result<i64, DbError> {
+    let client = database.get().await?;
+    let row = client
+        .query_one("SELECT herald.newest_result($1)", &[&workspace])
+        .await?;
+    Ok(row.get::<_, Option<i64>>(0).unwrap_or(0))
+}
+
+/// An open stream's state: what is read and not sent yet, and where to read next.
+struct Reader {
+    database: Arc<Database>,
+    workspace: String,
+    kinds: Option<Vec<String>>,
+    after: i64,
+    queued: VecDeque<Row>,
+    published: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+}
+
+impl Reader {
+    fn events(self) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+        stream::unfold(self, |mut reader| async move {
+            let row = reader.next().await?;
+            Some((Ok(event(&row)), reader))
+        })
+    }
+
+    /// The next result, waiting for one as long as it takes; None ends the stream (shutdown).
+    async fn next(&mut self) -> Option<Row> {
+        loop {
+            if let Some(row) = self.queued.pop_front() {
+                self.after = row.id;
+                return Some(row);
+            }
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            match read(
+                &self.database,
+                &self.workspace,
+                self.after,
+                self.kinds.as_deref(),
+            )
+            .await
+            {
+                Ok(rows) if !rows.is_empty() => {
+                    self.queued = rows.into();
+                    continue;
+                }
+                Ok(_) => self.wait(POLL).await,
+                Err(e) => {
+                    tracing::debug!(error = %e.describe(), "stream: read failed; retrying");
+                    self.wait(RETRY).await;
+                }
+            }
+        }
+    }
+
+    async fn wait(&mut self, at_most: Duration) {
+        tokio::select! {
+            _ = self.published.changed() => {}
+            () = tokio::time::sleep(at_most) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+fn event(row: &Row) -> Event {
+    Event::default()
+        .id(row.id.to_string())
+        .event(&row.kind)
+        .data(row.json.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn params(query: &str) -> Params {
+        let uri: axum::http::Uri = format!("/stream?{query}").parse().unwrap();
+        Query::<Params>::try_from_uri(&uri).unwrap().0
+    }
+
+    #[test]
+    fn a_request_names_its_workspace_cursor_and_kinds() {
+        let mut headers = HeaderMap::new();
+        let a = ask(
+            &params("workspace=acme&kinds=email.sent,%20email.failed"),
+            &headers,
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            Ask {
+                workspace: "acme".into(),
+                after: None,
+                kinds: Some(vec!["email.sent".into(), "email.failed".into()]),
+            }
+        );
+        assert_eq!(
+            ask(&params("workspace=acme&after=7"), &headers)
+                .unwrap()
+                .after,
+            Some(7)
+        );
+        // Last-Event-ID wins over ?after= (a browser reconnecting keeps the URL it started with)
+        headers.insert("last-event-id", HeaderValue::from_static("42"));
+        assert_eq!(
+            ask(&params("workspace=acme&after=7"), &headers)
+                .unwrap()
+                .after,
+            Some(42)
+        );
+        assert!(ask(&params("after=7"), &headers).is_err());
+        headers.insert("last-event-id", HeaderValue::from_static("-1"));
+        assert!(ask(&params("workspace=acme"), &headers).is_err());
+        headers.insert("last-event-id", HeaderValue::from_static("x"));
+        assert!(ask(&params("workspace=acme"), &headers).is_err());
+    }
+
+    #[test]
+    fn the_bearer_header_wins_over_the_query_token() {
+        let mut headers = HeaderMap::new();
+        let p = params("workspace=acme&token=from-url");
+        assert_eq!(presented(&p, &headers), Some("from-url"));
+        headers.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer from-header"),
+        );
+        assert_eq!(presented(&p, &headers), Some("from-header"));
+    }
+
+    #[test]
+    fn events_carry_the_cursor_and_the_kind() {
+        let e = event(&Row {
+            id: 12,
+            kind: "email.sent".into(),
+            json: serde_json::json!({"id": 12}),
+        });
+        let text = format!("{e:?}");
+        assert!(text.contains("12"), "{text}");
+    }
+}
