@@ -191,8 +191,7 @@ BEGIN
     v_options := herald._check_subscription(url, options);
     INSERT INTO herald.result_subscriptions (workspace_id, url, kinds, options, cursor, created_by)
     VALUES (workspace, url, (SELECT array_agg(DISTINCT k ORDER BY k) FROM unnest(kinds) k), v_options - 'after' - 'url',
-            coalesce((v_options ->> 'after')::bigint,
-                     (SELECT max(r.id) FROM herald.results r WHERE r.workspace_id = subscribe_results.workspace), 0),
+            coalesce((v_options ->> 'after')::bigint, herald.newest_result(workspace)),
             herald._caller())
     RETURNING id INTO v_id;
     RETURN v_id;
