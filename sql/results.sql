@@ -16,7 +16,8 @@
 --   approval.requested             tick, when an enrollment parks on an approval node. data: node, context
 --   approval.decided               decide_approval(). data: node, approved, actor, next
 --   broadcast.started / broadcast.winner / broadcast.sent
---                                  advance_broadcasts(). data: name; winner: winner, reason; sent: enqueued
+--                                  advance_broadcasts(). data: name, and send_at (started) | winner,
+--                                  reason (winner) | enqueued (sent)
 --   broadcast.auto_paused          reserved: nothing pauses a broadcast by itself yet
 -- Every result carries its workspace, kind, time (`at`, when the statement that made it true ran) and
 -- the subjects it has (contact_id, automation_id, enrollment_id, broadcast_id, job_id).
