@@ -14,8 +14,13 @@ const DEFAULT_FILTER: &str = "info,tokio_postgres=warn";
 
 /// Installs the process-wide subscriber. Call once, from `main`.
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("deadpool")) {
+        // the pool warns each time it drops a connection that closed (the database restarted):
+        // db_health already says once that the database is away, so these lines are noise
+        filter = filter.add_directive("deadpool=error".parse().expect("a valid directive"));
+    }
     match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)

@@ -503,7 +503,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
-/// The HTTP side's settings (see `http.rs`).
+/// The HTTP side's settings (see `http/`).
 #[derive(Clone, Debug)]
 pub struct HttpSide {
     pub addr: SocketAddr,

@@ -4,13 +4,16 @@
 //!  notifier ──wake──▶ producer ──job + slot──▶ executors (email / webhook) ──result──▶ completer
 //!  (LISTEN)           (claim, one call         (render, send, classify)               (complete, one
 //!     │                per free batch)                                                 call per batch)
-//!     └────wake─────▶ maintenance (tick, reap, flush_stats, prune)     metrics (/metrics, optional)
+//!     └────wake─────▶ maintenance (tick, reap, flush_stats, prune,      metrics (/metrics, optional)
+//!                     advance_results ──wake──▶ /stream readers)       http/ (links, provider events,
+//!                                                                      /admin, /stream; optional)
 //! ```
 //!
-//! Each component has a file and a database connection of its own, opened through `db_health`, which
-//! tells the log and /metrics when the database is away. The daemon outlives the database: each
-//! component reconnects with back-off, finished jobs' results wait in the completer, and nothing is
-//! claimed meanwhile. Started while the database is away, it waits for it too (but stops at once on
+//! Each component has a file; they borrow connections from one pool (`database`; the notifier keeps
+//! its LISTEN connection to itself), and every connection attempt tells `db_health`, which tells the
+//! log and /metrics when the database is away. The daemon outlives the database: each component
+//! retries with back-off, finished jobs' results wait in the completer, and nothing is claimed
+//! meanwhile. Started while the database is away, it waits for it too (but stops at once on
 //! what waiting cannot fix: see `pg::is_permanent`, and the extension version check in `compat`).
 //!
 //! Shutdown (SIGTERM/SIGINT): the producer stops claiming; jobs in flight get the grace period to

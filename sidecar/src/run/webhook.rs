@@ -343,10 +343,6 @@ fn classify_error(e: &reqwest::Error, host: &str, timeout: Duration) -> Outcome 
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
     #[test]
     fn hmac_signature() {
         // the HMAC itself: RFC 4231, test case 2
