@@ -173,3 +173,23 @@ def test_a_webhook_subscriber_that_fails_for_a_while_gets_everything_afterwards(
     keys = [d["headers"]["Idempotency-Key"] for d in requests[2:]]
     assert len(keys) == len(set(keys))
     assert all(d["headers"]["X-Herald-Signature"] for d in requests)
+
+
+def test_deliveries_are_sent_as_they_are_not_rendered(db, http, sidecar):
+    """A result's text is data: "{{ … }}" in it reaches the subscriber unchanged (webhook bodies of
+    journeys are templates; the stream's deliveries are marked verbatim)."""
+    definition = {"name": "Waits", "trigger": {"event": "ping"}, "start": "wait",
+                  "nodes": {"wait": {"type": "delay", "duration": "1 day", "next": "done"},
+                            "done": {"type": "exit"}}}
+    automation = db.one("SELECT herald.create_automation('acme', %s::jsonb)", json.dumps(definition))
+    db.q("SELECT herald.set_automation_status(%s, 'live')", automation)
+    db.q("SELECT herald.subscribe_results('acme', %s, ARRAY['enrollment.exited'])", http.url + "/results")
+    sidecar()
+    track(db, 1, 1)
+    enrollment = wait_until(lambda: db.one("SELECT id FROM herald.enrollments WHERE status IN ('active', 'waiting')"),
+                            what="the enrollment")
+    db.q("SELECT herald.exit_enrollment(%s, %s)", enrollment, "moved to {{ contact.email }} {% if x %}")
+    wait_until(lambda: http.count("/results") == 1, what="the delivery")
+    [result] = json.loads(http.snapshot()[0]["body"])["results"]
+    assert result["kind"] == "enrollment.exited"
+    assert result["data"]["reason"] == "moved to {{ contact.email }} {% if x %}"

@@ -50,6 +50,7 @@ pub fn check_payload(job: &Job) -> Result<(), String> {
             ("method", Want::Str),
             ("headers", Want::Object),
             ("timeout_ms", Want::Int),
+            ("verbatim", Want::Bool),
         ],
         _ => &[],
     };
@@ -61,6 +62,7 @@ pub fn check_payload(job: &Job) -> Result<(), String> {
             Want::Str => v.is_string(),
             Want::Object => v.is_object(),
             Want::Int => v.is_i64() || v.is_u64(),
+            Want::Bool => v.is_boolean(),
         };
         if !fits {
             return Err(format!(
@@ -88,6 +90,7 @@ enum Want {
     Str,
     Object,
     Int,
+    Bool,
 }
 
 impl Want {
@@ -96,6 +99,7 @@ impl Want {
             Want::Str => "a string",
             Want::Object => "an object",
             Want::Int => "a whole number",
+            Want::Bool => "true or false",
         }
     }
 }

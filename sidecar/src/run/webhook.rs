@@ -1,7 +1,8 @@
 //! Webhook and decide jobs: one HTTP request each, through one shared reqwest client (rustls).
 //!
 //! Request: the payload's method, URL and headers, its body rendered (every string inside it is a
-//! template), `Content-Type: application/json`, `Idempotency-Key: <dedupe key>`, `X-Herald-Timestamp:
+//! template; a payload with `"verbatim": true`, a results-stream delivery, is sent as it is),
+//! `Content-Type: application/json`, `Idempotency-Key: <dedupe key>`, `X-Herald-Timestamp:
 //! <unix seconds>` and, with a key configured, `X-Herald-Signature: sha256=<hex HMAC-SHA256(key,
 //! timestamp + "." + body)>` with the job's workspace's key (or the default), plus, during a rotation,
 //! `X-Herald-Signature-Previous` with the previous key. Timeout: the payload's `timeout_ms` (default 10 s), for the whole exchange.
@@ -135,9 +136,20 @@ impl Webhooks {
         if let Some(b) = body {
             fields.push(("body".to_string(), b.clone()));
         }
-        let mut rendered = match renderer.render_fields(fields, vars).await {
-            Ok(r) => r.into_iter(),
-            Err(e) => return e.outcome(),
+        // a job marked verbatim carries data, not templates (a results-stream delivery: a result
+        // holding "{{" must arrive as it is); everything else is rendered
+        let verbatim = p.get("verbatim").and_then(Json::as_bool) == Some(true);
+        let mut rendered = if verbatim {
+            fields
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+                .into_iter()
+        } else {
+            match renderer.render_fields(fields, vars).await {
+                Ok(r) => r.into_iter(),
+                Err(e) => return e.outcome(),
+            }
         };
         let url_text = match rendered.next() {
             Some(Json::String(u)) => u,
