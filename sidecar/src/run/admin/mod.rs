@@ -43,6 +43,7 @@ use super::database::{Database, DbError};
 use super::db_health::DbHealth;
 
 mod auth;
+mod cache;
 mod chart;
 mod diagram;
 mod graph;
@@ -51,7 +52,10 @@ mod live;
 mod pages;
 mod queries;
 
+use std::collections::HashMap;
+
 use auth::{Keyring, Session};
+use cache::Swr;
 use html::{notice, Frame};
 use queries::Action;
 
@@ -81,6 +85,12 @@ pub struct Admin {
     db: Arc<Database>,
     /// One sign-in attempt at a time; a failed one holds it for FAILED_LOGIN_DELAY.
     login_gate: tokio::sync::Mutex<()>,
+    /// The counts that scan, kept a few seconds (cache.rs): per workspace, per automation in
+    /// progress, per automation's nodes; and the chart's minutes that are over.
+    counts: Arc<Swr<(), HashMap<String, queries::Counts>>>,
+    in_progress: Arc<Swr<(), queries::InProgress>>,
+    nodes: Arc<Swr<i64, queries::NodeFigures>>,
+    minutes: cache::Minutes,
 }
 
 /// Adds the admin page to the HTTP side's router when it is configured (else returns it as is).
@@ -127,6 +137,10 @@ impl Admin {
             secure: public.scheme() == "https",
             db,
             login_gate: tokio::sync::Mutex::new(()),
+            counts: Arc::default(),
+            in_progress: Arc::default(),
+            nodes: Arc::default(),
+            minutes: cache::Minutes::default(),
         }
     }
 
@@ -174,11 +188,6 @@ impl Admin {
             format!("{}/login?next={}", self.base, html::query_value(&next))
         };
         redirect(&target)
-    }
-
-    /// A connection with a read-only transaction and the statement timeout.
-    async fn read(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.db.get().await
     }
 
     /// POST checks: signed in, from the page's origin, with the session's form token.
@@ -466,7 +475,43 @@ enum Output {
     Live(live::Live),
 }
 
-/// Reads a view in one read-only transaction and renders it as a page or as live numbers.
+/// A read-only transaction with the page's settings.
+async fn begin_read(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, DbError> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(READ_SETTINGS).await?;
+    Ok(tx)
+}
+
+// The background counts of cache.rs, each in a read-only transaction of its own.
+
+async fn count_workspaces(db: Arc<Database>) -> Result<HashMap<String, queries::Counts>, DbError> {
+    let mut client = db.get().await?;
+    let tx = begin_read(&mut client).await?;
+    let counts = queries::counts(&tx).await?;
+    tx.commit().await?;
+    Ok(counts)
+}
+
+async fn count_in_progress(db: Arc<Database>) -> Result<queries::InProgress, DbError> {
+    let mut client = db.get().await?;
+    let tx = begin_read(&mut client).await?;
+    let counts = queries::in_progress(&tx).await?;
+    tx.commit().await?;
+    Ok(counts)
+}
+
+async fn count_nodes(db: Arc<Database>, automation: i64) -> Result<queries::NodeFigures, DbError> {
+    let mut client = db.get().await?;
+    let tx = begin_read(&mut client).await?;
+    let figures = queries::node_figures(&tx, automation).await?;
+    tx.commit().await?;
+    Ok(figures)
+}
+
+/// Reads a view in one read-only transaction (plus the cached counts) and renders it as a page or
+/// as live numbers.
 async fn render(
     a: &Admin,
     session: &Session,
@@ -475,21 +520,40 @@ async fn render(
     as_live: bool,
     notice: &str,
 ) -> Result<Option<Output>, DbError> {
-    let mut client = a.read().await?;
-    let tx = client.build_transaction().read_only(true).start().await?;
-    tx.batch_execute(READ_SETTINGS).await?;
+    let mut client = a.db.get().await?;
+    let tx = begin_read(&mut client).await?;
     let frame = a.frame(session, csrf, Some(view.live_query()));
     let out = match view {
         View::Overview => {
-            let w = queries::overview(&tx).await?;
+            let read_from = a.minutes.read_from();
+            let fresh = queries::overview(&tx, read_from).await?;
+            let db = Arc::clone(&a.db);
+            let (counts, age) = a.counts.get((), move || count_workspaces(db)).await?;
+            let ids: Vec<String> = fresh.workspaces.iter().map(|w| w.id.clone()).collect();
+            let mut hours = a.minutes.merge(read_from, fresh.now, &fresh.minutes, &ids);
+            let workspaces: Vec<queries::WorkspaceFigures> = fresh
+                .workspaces
+                .into_iter()
+                .map(|mut w| {
+                    w.counts = counts.get(&w.id).copied().unwrap_or_default();
+                    w.counted_ago = age;
+                    w.minutes = hours.remove(&w.id).unwrap_or_default();
+                    w
+                })
+                .collect();
             if as_live {
-                Output::Live(pages::overview_live(&w))
+                Output::Live(pages::overview_live(&workspaces))
             } else {
-                Output::Page(pages::overview(&frame, &w))
+                Output::Page(pages::overview(&frame, &workspaces))
             }
         }
         View::Automations => {
-            let rows = queries::automations(&tx).await?;
+            let mut rows = queries::automations(&tx).await?;
+            let db = Arc::clone(&a.db);
+            let (counts, _) = a.in_progress.get((), move || count_in_progress(db)).await?;
+            for r in &mut rows {
+                (r.active, r.waiting) = counts.get(&r.id).copied().unwrap_or_default();
+            }
             if as_live {
                 Output::Live(pages::automations_live(&rows))
             } else {
@@ -497,9 +561,19 @@ async fn render(
             }
         }
         View::Automation { id, email } => {
-            let Some(detail) = queries::automation(&tx, *id).await? else {
+            let Some(mut detail) = queries::automation(&tx, *id).await? else {
                 return Ok(None);
             };
+            let db = Arc::clone(&a.db);
+            let automation = *id;
+            let (nodes, age) = a
+                .nodes
+                .get(automation, move || count_nodes(db, automation))
+                .await?;
+            detail.figures.now = nodes.now.clone();
+            detail.figures.opened = nodes.opened.clone();
+            detail.figures.clicked = nodes.clicked.clone();
+            detail.counted_ago = age;
             if as_live {
                 Output::Live(pages::automation_live(&detail))
             } else {
@@ -524,11 +598,11 @@ async fn render(
             }
         }
         View::Approvals => {
-            let rows = queries::approvals(&tx).await?;
+            let (rows, total) = queries::approvals(&tx).await?;
             if as_live {
-                Output::Live(pages::approvals_live(&rows))
+                Output::Live(pages::approvals_live(total))
             } else {
-                Output::Page(pages::approvals(&frame, &rows, notice))
+                Output::Page(pages::approvals(&frame, &rows, total, notice))
             }
         }
         View::DeadLetters => {

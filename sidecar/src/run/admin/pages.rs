@@ -63,23 +63,26 @@ pub fn overview(frame: &Frame, workspaces: &[WorkspaceFigures]) -> String {
         let dead = format!(
             "<div><dt>Dead letters</dt><dd><a href=\"{}/dead-letters\">{}</a></dd></div>",
             esc(frame.base),
-            live(&k("dead"), &count(w.dead))
+            live(&k("dead"), &count(w.counts.dead))
         );
         let _ = write!(
             body,
             "<section class=\"card\" aria-labelledby=\"ws-{id}\" data-workspace=\"{id}\"><h2 id=\"ws-{id}\">{name} <span class=\"muted\">({id})</span></h2>\
-             <div class=\"workspace\"><dl class=\"figures\">{}{}{}{}{}{}{}{}{}</dl>\
+             <div class=\"workspace\"><div><dl class=\"figures\">{}{}{}{}{}{}{}{}{}</dl>\
+             <p class=\"muted small\">Contacts, pending, due, held and dead: counted {} ago (again every {} s).</p></div>\
              <figure><figcaption id=\"chart-{id}\">Sent (green) and failed (red) per minute, last hour</figcaption>\
              <div data-live-html=\"{chart_key}\">{}</div></figure></div></section>",
-            figure("Contacts", &k("contacts"), &count(w.contacts)),
+            figure("Contacts", &k("contacts"), &count(w.counts.contacts)),
             figure("Events, last minute", &k("events"), &count(w.events_last_minute)),
             figure("Live automations", &k("live"), &count(w.live_automations)),
-            figure("Pending jobs", &k("pending"), &count(w.pending)),
-            figure("Due now", &k("due"), &count(w.due)),
+            figure("Pending jobs", &k("pending"), &count(w.counts.pending)),
+            figure("Due now", &k("due"), &count(w.counts.due)),
             figure("Leased (sending)", &k("leased"), &count(w.leased)),
-            figure("Held (paused)", &k("held"), &count(w.held)),
+            figure("Held (paused)", &k("held"), &count(w.counts.held)),
             figure("Oldest due job waiting", &k("oldest"), &oldest(w)),
             dead,
+            live(&k("counted"), &age(w.counted_ago.as_secs_f64())),
+            super::cache::TTL.as_secs(),
             chart::svg(&w.minutes, &w.id),
             id = esc(&w.id),
             name = esc(&w.name),
@@ -93,15 +96,16 @@ pub fn overview_live(workspaces: &[WorkspaceFigures]) -> Live {
     let mut l = Live::default();
     for w in workspaces {
         let k = |f: &str| format!("w:{}:{f}", w.id);
-        l.text(k("contacts"), count(w.contacts));
+        l.text(k("contacts"), count(w.counts.contacts));
         l.text(k("events"), count(w.events_last_minute));
         l.text(k("live"), count(w.live_automations));
-        l.text(k("pending"), count(w.pending));
-        l.text(k("due"), count(w.due));
+        l.text(k("pending"), count(w.counts.pending));
+        l.text(k("due"), count(w.counts.due));
         l.text(k("leased"), count(w.leased));
-        l.text(k("held"), count(w.held));
-        l.text(k("dead"), count(w.dead));
+        l.text(k("held"), count(w.counts.held));
+        l.text(k("dead"), count(w.counts.dead));
         l.text(k("oldest"), oldest(w));
+        l.text(k("counted"), age(w.counted_ago.as_secs_f64()));
         l.html(k("chart"), chart::svg(&w.minutes, &w.id));
     }
     l
@@ -627,16 +631,16 @@ fn json_text(v: &Value) -> String {
 }
 
 /// Pending approvals with their contact and context, and the two buttons.
-pub fn approvals(frame: &Frame, rows: &[ApprovalRow], notice: &str) -> String {
+pub fn approvals(frame: &Frame, rows: &[ApprovalRow], total: i64, notice: &str) -> String {
     let csrf = frame.csrf.unwrap_or("");
     let mut body = notice.to_string();
     let _ = write!(
         body,
-        "<p>Pending: <strong>{}</strong> (the oldest first; decisions are recorded with your name, {}).</p>\
+        "<p>Pending: <strong>{}</strong> (the oldest 200 below; decisions are recorded with your name, {}).</p>\
          <table><caption>Pending approvals</caption><thead><tr><th scope=\"col\">Contact</th><th scope=\"col\">Automation</th>\
          <th scope=\"col\">Node</th><th scope=\"col\">Waiting since</th><th scope=\"col\">Times out</th>\
          <th scope=\"col\">Context</th><th scope=\"col\">Decide</th></tr></thead><tbody>",
-        live("approvals:count", &count(rows.len() as i64)),
+        live("approvals:count", &count(total)),
         esc(frame.operator.unwrap_or(""))
     );
     for r in rows {
@@ -673,9 +677,9 @@ pub fn approvals(frame: &Frame, rows: &[ApprovalRow], notice: &str) -> String {
     page(frame, "Approvals", Nav::Approvals, &body)
 }
 
-pub fn approvals_live(rows: &[ApprovalRow]) -> Live {
+pub fn approvals_live(total: i64) -> Live {
     let mut l = Live::default();
-    l.text("approvals:count", count(rows.len() as i64));
+    l.text("approvals:count", count(total));
     l
 }
 
@@ -797,7 +801,7 @@ mod tests {
             context: serde_json::json!({"note": evil}),
             event: None,
         };
-        let html = approvals(&frame(), &[a], "");
+        let html = approvals(&frame(), &[a], 1, "");
         assert!(!html.contains("<img"), "{html}");
         assert!(html.contains("a&amp;b@x.example"));
         assert!(

@@ -27,40 +27,75 @@ type Params<'a, const N: usize> = [&'a (dyn ToSql + Sync); N];
 pub struct WorkspaceFigures {
     pub id: String,
     pub name: String,
-    pub contacts: i64,
     pub live_automations: i64,
     pub events_last_minute: i64,
-    pub pending: i64,
-    pub due: i64,
     pub leased: i64,
-    pub held: i64,
-    pub dead: i64,
     /// How long the longest-waiting due job has been due (seconds); None: nothing due.
     pub oldest_due: Option<f64>,
+    /// The counts that scan (cached, see cache.rs), and how old they are.
+    pub counts: Counts,
+    pub counted_ago: std::time::Duration,
     /// Sent and failed per minute, the last 60 minutes, oldest first.
     pub minutes: Vec<Minute>,
 }
 
-// Each count reads one index range: contacts by the primary key, live automations, and the
-// outbox's partial indexes (pending, leased, held/failed/dead of broadcasts, dead). The oldest
-// due job: the first pending job of each priority in run_at order (three index probes).
-const OVERVIEW: &str = "
-    SELECT w.id, w.name,
+/// A workspace's counts that read a range as large as what they count.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub contacts: i64,
+    pub pending: i64,
+    pub due: i64,
+    pub held: i64,
+    pub dead: i64,
+}
+
+// Each count reads one index range: contacts by the primary key, the outbox's partial indexes
+// (pending, held/failed/dead of broadcasts, dead).
+const COUNTS: &str = "
+    SELECT w.id,
            (SELECT count(*) FROM herald.contacts c WHERE c.workspace_id = w.id),
-           (SELECT count(*) FROM herald.automations a WHERE a.workspace_id = w.id AND a.status = 'live'),
            (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'pending'),
            (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'pending' AND o.run_at <= now()),
-           (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'leased'),
            (SELECT count(*) FROM herald.outbox o
              WHERE o.workspace_id = w.id AND o.status = 'held' AND o.broadcast_id IS NOT NULL),
-           (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'dead'),
+           (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'dead')
+      FROM herald.workspaces w";
+
+/// Per workspace, the counts that scan (called in the background, see cache.rs).
+pub async fn counts(tx: &Transaction<'_>) -> Result<HashMap<String, Counts>> {
+    Ok(tx
+        .query(COUNTS, &[])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                Counts {
+                    contacts: r.get(1),
+                    pending: r.get(2),
+                    due: r.get(3),
+                    held: r.get(4),
+                    dead: r.get(5),
+                },
+            )
+        })
+        .collect())
+}
+
+// What is cheap: live automations, leased jobs (at most the daemons' concurrency), the oldest due
+// job (the first pending job of each priority in run_at order: three index probes), and the
+// database's clock.
+const OVERVIEW: &str = "
+    SELECT w.id, w.name,
+           (SELECT count(*) FROM herald.automations a WHERE a.workspace_id = w.id AND a.status = 'live'),
+           (SELECT count(*) FROM herald.outbox o WHERE o.workspace_id = w.id AND o.status = 'leased'),
            (SELECT extract(epoch FROM now() - min(f.run_at))::float8
               FROM unnest('{0,1,2}'::smallint[]) p(priority)
               CROSS JOIN LATERAL (SELECT o.run_at FROM herald.outbox o
                                    WHERE o.workspace_id = w.id AND o.status = 'pending' AND o.priority = p.priority
                                    ORDER BY o.run_at LIMIT 1) f
              WHERE f.run_at <= now()),
-           extract(epoch FROM date_trunc('minute', now()))::bigint
+           extract(epoch FROM now())::float8
       FROM herald.workspaces w
      ORDER BY w.id";
 
@@ -69,28 +104,34 @@ const EVENTS: &str = "events";
 const MESSAGES: &str = "message_history";
 
 /// Per workspace, the first id of `table` whose row was created at or after `cutoff` (an SQL
-/// expression of now()), as a recursive CTE named `search(ws, lo, hi)`; the answer is `lo` in the
-/// row where `lo >= hi`. A binary search over the id range: each step probes the first row at or
-/// after the middle id through the (workspace_id, id) primary key and keeps the half where the
-/// boundary is, so ~log2(id range) probes find it whatever the table's size. It relies on ids
-/// rising with created_at, which holds for rows inserted with now(); the counts that follow also
-/// check created_at, so a stray row can only shift the boundary, not be counted wrongly.
+/// expression), as a recursive CTE named `search(ws, lo, hi, mid)`; the answer is `lo` in the row
+/// where `lo >= hi`. A binary search over the id range: each step probes the first row at or after
+/// the middle id through the (workspace_id, id) primary key and keeps the half where the boundary
+/// is, so ~log2(id range) probes find it whatever the table's size. It relies on ids rising with
+/// created_at, which holds for rows inserted with now(); the counts that follow also check
+/// created_at, so a stray row can only shift the boundary, not be counted wrongly.
+/// The middle is a column of its own: on a table with row-level security an index condition must
+/// be leakproof, and `id >= (lo + hi) / 2` is not (the arithmetic can raise an error), so it would
+/// filter the whole workspace instead of seeking.
 fn since(table: &'static str, cutoff: &'static str) -> String {
     format!(
         "WITH RECURSIVE cutoff AS (SELECT {cutoff} AS at),
-         search(ws, lo, hi) AS (
-            SELECT w.id,
-                   (SELECT t.id FROM herald.{table} t WHERE t.workspace_id = w.id ORDER BY t.id LIMIT 1),
-                   (SELECT t.id FROM herald.{table} t WHERE t.workspace_id = w.id ORDER BY t.id DESC LIMIT 1) + 1
-              FROM herald.workspaces w
+         bounds AS (
+            SELECT w.id AS ws,
+                   (SELECT t.id FROM herald.{table} t WHERE t.workspace_id = w.id ORDER BY t.id LIMIT 1) AS lo,
+                   (SELECT t.id FROM herald.{table} t WHERE t.workspace_id = w.id ORDER BY t.id DESC LIMIT 1) + 1 AS hi
+              FROM herald.workspaces w),
+         search(ws, lo, hi, mid) AS (
+            SELECT b.ws, b.lo, b.hi, (b.lo + b.hi) / 2 FROM bounds b
             UNION ALL
-            SELECT s.ws,
-                   CASE WHEN p.created_at < (SELECT at FROM cutoff) THEN p.id + 1 ELSE s.lo END,
-                   CASE WHEN p.created_at < (SELECT at FROM cutoff) THEN s.hi ELSE (s.lo + s.hi) / 2 END
+            SELECT s.ws, n.lo, n.hi, (n.lo + n.hi) / 2
               FROM search s
               LEFT JOIN LATERAL (SELECT t.id, t.created_at FROM herald.{table} t
-                                  WHERE t.workspace_id = s.ws AND t.id >= (s.lo + s.hi) / 2
+                                  WHERE t.workspace_id = s.ws AND t.id >= s.mid
                                   ORDER BY t.id LIMIT 1) p ON true
+             CROSS JOIN LATERAL (
+                 SELECT CASE WHEN p.created_at < (SELECT at FROM cutoff) THEN p.id + 1 ELSE s.lo END AS lo,
+                        CASE WHEN p.created_at < (SELECT at FROM cutoff) THEN s.hi ELSE s.mid END AS hi) n
              WHERE s.lo < s.hi)"
     )
 }
@@ -104,7 +145,8 @@ fn events_last_minute_sql() -> String {
     )
 }
 
-fn messages_last_hour_sql() -> String {
+/// Sent and failed per workspace and minute from minute $1 (Unix seconds; at most the last hour).
+fn messages_sql() -> String {
     format!(
         "{} SELECT s.ws, extract(epoch FROM date_trunc('minute', t.created_at))::bigint,
                    count(*) FILTER (WHERE t.status = 'sent'), count(*) FILTER (WHERE t.status <> 'sent')
@@ -112,57 +154,65 @@ fn messages_last_hour_sql() -> String {
               JOIN herald.{MESSAGES} t ON t.workspace_id = s.ws AND t.id >= s.lo AND t.created_at >= (SELECT at FROM cutoff)
              WHERE s.lo >= s.hi
              GROUP BY 1, 2",
-        since(MESSAGES, "date_trunc('minute', now()) - interval '59 minutes'")
+        since(
+            MESSAGES,
+            "greatest(to_timestamp($1::bigint), date_trunc('minute', now()) - interval '59 minutes')"
+        )
     )
 }
 
-/// The overview's figures of every workspace (three statements, sent together).
-pub async fn overview(tx: &Transaction<'_>) -> Result<Vec<WorkspaceFigures>> {
+/// The overview's cheap reads: per workspace (id, name, live automations, leased, oldest due,
+/// events in the last minute; the counts and minutes are filled in by the caller), the database's
+/// clock (Unix seconds), and sent/failed per (workspace, minute) from minute `read_from` on.
+pub struct Fresh {
+    pub workspaces: Vec<WorkspaceFigures>,
+    pub now: f64,
+    pub minutes: Vec<(String, i64, Minute)>,
+}
+
+/// [`Fresh`] (three statements, sent together).
+pub async fn overview(tx: &Transaction<'_>, read_from: i64) -> Result<Fresh> {
     let events_sql = events_last_minute_sql();
-    let messages_sql = messages_last_hour_sql();
+    let messages_sql = messages_sql();
+    let from: Params<1> = [&read_from];
     let (rows, events, messages) = futures_util::try_join!(
         tx.query(OVERVIEW, &[]),
         tx.query(events_sql.as_str(), &[]),
-        tx.query(messages_sql.as_str(), &[]),
+        tx.query(messages_sql.as_str(), &from),
     )?;
     let events: HashMap<String, i64> = events.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut per_minute: HashMap<String, Vec<(i64, i64, i64)>> = HashMap::new();
-    for r in &messages {
-        per_minute
-            .entry(r.get(0))
-            .or_default()
-            .push((r.get(1), r.get(2), r.get(3)));
-    }
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let id: String = r.get(0);
-            let this_minute: i64 = r.get(10);
-            let mut minutes = vec![Minute::default(); 60];
-            for (at, sent, failed) in per_minute.get(&id).into_iter().flatten() {
-                let ago = (this_minute - at) / 60;
-                if (0..60).contains(&ago) {
-                    let m = &mut minutes[59 - ago as usize];
-                    m.sent += sent;
-                    m.failed += failed;
+    let now = rows.first().map_or(0.0, |r| r.get::<_, f64>(5));
+    Ok(Fresh {
+        workspaces: rows
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                WorkspaceFigures {
+                    events_last_minute: events.get(&id).copied().unwrap_or(0),
+                    name: r.get(1),
+                    live_automations: r.get(2),
+                    leased: r.get(3),
+                    oldest_due: r.get(4),
+                    id,
+                    ..WorkspaceFigures::default()
                 }
-            }
-            WorkspaceFigures {
-                events_last_minute: events.get(&id).copied().unwrap_or(0),
-                name: r.get(1),
-                contacts: r.get(2),
-                live_automations: r.get(3),
-                pending: r.get(4),
-                due: r.get(5),
-                leased: r.get(6),
-                held: r.get(7),
-                dead: r.get(8),
-                oldest_due: r.get(9),
-                minutes,
-                id,
-            }
-        })
-        .collect())
+            })
+            .collect(),
+        now,
+        minutes: messages
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    Minute {
+                        sent: r.get(2),
+                        failed: r.get(3),
+                    },
+                )
+            })
+            .collect(),
+    })
 }
 
 /// One row of the automations list.
@@ -178,20 +228,15 @@ pub struct AutomationRow {
     pub waiting: i64,
 }
 
-// In progress per automation: a range of (workspace_id, automation_id, status) for each of the two
-// statuses, so the cost is what is in progress, not every enrollment ever.
 const AUTOMATIONS: &str = "
     SELECT a.workspace_id, a.id, a.name, a.status, a.trigger_event,
            (SELECT max(v.version) FROM herald.automation_versions v
-             WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id),
-           (SELECT count(*) FROM herald.enrollments e
-             WHERE e.workspace_id = a.workspace_id AND e.automation_id = a.id AND e.status = 'active'),
-           (SELECT count(*) FROM herald.enrollments e
-             WHERE e.workspace_id = a.workspace_id AND e.automation_id = a.id AND e.status = 'waiting')
+             WHERE v.workspace_id = a.workspace_id AND v.automation_id = a.id)
       FROM herald.automations a
      ORDER BY a.workspace_id, (a.status = 'archived'), a.id
      LIMIT 1000";
 
+/// The automations (their in-progress counts are filled in from [`in_progress`]).
 pub async fn automations(tx: &Transaction<'_>) -> Result<Vec<AutomationRow>> {
     Ok(tx
         .query(AUTOMATIONS, &[])
@@ -204,9 +249,33 @@ pub async fn automations(tx: &Transaction<'_>) -> Result<Vec<AutomationRow>> {
             status: r.get(3),
             trigger: r.get(4),
             versions: r.get::<_, Option<i32>>(5).unwrap_or(1),
-            active: r.get(6),
-            waiting: r.get(7),
+            active: 0,
+            waiting: 0,
         })
+        .collect())
+}
+
+// In progress per automation: a range of (workspace_id, automation_id, status) for each of the two
+// statuses, so the cost is what is in progress, not every enrollment ever.
+const IN_PROGRESS: &str = "
+    SELECT a.id,
+           (SELECT count(*) FROM herald.enrollments e
+             WHERE e.workspace_id = a.workspace_id AND e.automation_id = a.id AND e.status = 'active'),
+           (SELECT count(*) FROM herald.enrollments e
+             WHERE e.workspace_id = a.workspace_id AND e.automation_id = a.id AND e.status = 'waiting')
+      FROM herald.automations a
+     WHERE a.status <> 'archived'";
+
+/// Automation id → (active, waiting) enrollments.
+pub type InProgress = HashMap<i64, (i64, i64)>;
+
+/// [`InProgress`] (called in the background, see cache.rs).
+pub async fn in_progress(tx: &Transaction<'_>) -> Result<InProgress> {
+    Ok(tx
+        .query(IN_PROGRESS, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect())
 }
 
@@ -222,7 +291,10 @@ pub struct AutomationDetail {
     pub version: i32,
     /// (version, created_at text, note) newest first.
     pub versions: Vec<(i32, String, Option<String>)>,
+    /// Node metrics (now, opened and clicked are filled in from [`node_figures`]).
     pub figures: Figures,
+    /// How old the cached node figures are.
+    pub counted_ago: std::time::Duration,
     /// Automation-level metrics (node ''): enrolled, completed, exited, failed, goal, …
     pub totals: BTreeMap<String, i64>,
 }
@@ -261,18 +333,14 @@ pub async fn automation(tx: &Transaction<'_>, id: i64) -> Result<Option<Automati
         return Ok(None);
     };
     let workspace: String = row.get(0);
-    let pattern = format!("a{id}:%");
     let ws_id: Params<2> = [&workspace, &id];
     let only_id: Params<1> = [&id];
-    let ws_pattern: Params<2> = [&workspace, &pattern];
-    let (versions, stats, now, engagement) = futures_util::try_join!(
+    let (versions, stats) = futures_util::try_join!(
         tx.query(VERSIONS, &ws_id),
         tx.query(
             "SELECT node, metric, value FROM herald.automation_stats($1)",
             &only_id
         ),
-        tx.query(NOW_BY_NODE, &ws_id),
-        tx.query(ENGAGEMENT, &ws_pattern),
     )?;
     let mut figures = Figures::default();
     let mut totals = BTreeMap::new();
@@ -285,27 +353,6 @@ pub async fn automation(tx: &Transaction<'_>, id: i64) -> Result<Option<Automati
         } else {
             figures.metrics.insert((node, metric), value);
         }
-    }
-    for r in &now {
-        let version: i32 = r.get(0);
-        let node: String = r.get(1);
-        figures
-            .now
-            .entry(node)
-            .or_default()
-            .insert(version, r.get(2));
-    }
-    for r in &engagement {
-        let Some(node) = r.get::<_, Option<String>>(0) else {
-            continue;
-        };
-        let kind: String = r.get(1);
-        let target = if kind == "email.opened" {
-            &mut figures.opened
-        } else {
-            &mut figures.clicked
-        };
-        target.insert(node, r.get(2));
     }
     Ok(Some(AutomationDetail {
         workspace,
@@ -320,8 +367,58 @@ pub async fn automation(tx: &Transaction<'_>, id: i64) -> Result<Option<Automati
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect(),
         figures,
+        counted_ago: std::time::Duration::ZERO,
         totals,
     }))
+}
+
+/// What scans on an automation's page: contacts on each node now (per version), and unique
+/// openers and clickers per email node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeFigures {
+    pub now: HashMap<String, BTreeMap<i32, i64>>,
+    pub opened: HashMap<String, i64>,
+    pub clicked: HashMap<String, i64>,
+}
+
+/// An automation's [`NodeFigures`] (called in the background, see cache.rs).
+pub async fn node_figures(tx: &Transaction<'_>, id: i64) -> Result<NodeFigures> {
+    let mut out = NodeFigures::default();
+    let Some(row) = tx
+        .query_opt(
+            "SELECT a.workspace_id FROM herald.automations a WHERE a.id = $1",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(out);
+    };
+    let workspace: String = row.get(0);
+    let pattern = format!("a{id}:%");
+    let ws_id: Params<2> = [&workspace, &id];
+    let ws_pattern: Params<2> = [&workspace, &pattern];
+    let (now, engagement) = futures_util::try_join!(
+        tx.query(NOW_BY_NODE, &ws_id),
+        tx.query(ENGAGEMENT, &ws_pattern),
+    )?;
+    for r in &now {
+        let version: i32 = r.get(0);
+        let node: String = r.get(1);
+        out.now.entry(node).or_default().insert(version, r.get(2));
+    }
+    for r in &engagement {
+        let Some(node) = r.get::<_, Option<String>>(0) else {
+            continue;
+        };
+        let kind: String = r.get(1);
+        let target = if kind == "email.opened" {
+            &mut out.opened
+        } else {
+            &mut out.clicked
+        };
+        target.insert(node, r.get(2));
+    }
+    Ok(out)
 }
 
 /// One enrollment of a contact, with its steps.
@@ -531,40 +628,53 @@ pub struct ApprovalRow {
     pub event: Option<Value>,
 }
 
-// herald.pending_approvals, narrowed to the automations that have an approval node in some version
-// (a small table), so its enrollments are found through (workspace_id, automation_id, status)
-// instead of a scan of every enrollment.
+// The oldest 200 of what herald.pending_approvals lists (the same conditions), in two steps: the
+// enrollments first, found through (workspace_id, automation_id, status) of the automations that
+// have an approval node in some version (a small table), then the contacts and automations of those
+// 200 only (the view joins every pending approval's contact before any limit).
 const APPROVALS: &str = "
-    SELECT p.workspace_id, p.enrollment_id, p.automation_id, p.automation, p.node, p.email,
-           to_char(p.waiting_since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-           to_char(p.times_out_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
-           e.context, e.event
-      FROM herald.pending_approvals p
-      JOIN herald.enrollments e ON e.workspace_id = p.workspace_id AND e.id = p.enrollment_id
-     WHERE (p.workspace_id, p.automation_id) IN (
-               SELECT DISTINCT v.workspace_id, v.automation_id FROM herald.automation_versions v
-                WHERE jsonb_path_exists(v.definition, '$.nodes.* ? (@.type == \"approval\")'))
-     ORDER BY p.waiting_since, p.enrollment_id
-     LIMIT 200";
+    WITH candidates AS (
+        SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.current_node, e.updated_at,
+               nullif(e.next_run_at, 'infinity') AS times_out_at, e.context, e.event
+          FROM herald.enrollments e
+         WHERE (e.workspace_id, e.automation_id) IN (
+                   SELECT DISTINCT v.workspace_id, v.automation_id FROM herald.automation_versions v
+                    WHERE jsonb_path_exists(v.definition, '$.nodes.* ? (@.type == \"approval\")'))
+           AND e.status = 'waiting' AND e.wait_kind = 'approval'
+    ), top AS (
+        SELECT * FROM candidates ORDER BY updated_at, id LIMIT 200
+    )
+    SELECT t.workspace_id, t.id, t.automation_id, a.name, t.current_node, c.email,
+           to_char(t.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
+           to_char(t.times_out_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
+           t.context, t.event, (SELECT count(*) FROM candidates)
+      FROM top t
+      JOIN herald.automations a ON a.workspace_id = t.workspace_id AND a.id = t.automation_id
+     CROSS JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                          WHERE x.workspace_id = t.workspace_id AND x.id = t.contact_id LIMIT 1) c
+     ORDER BY t.updated_at, t.id";
 
-pub async fn approvals(tx: &Transaction<'_>) -> Result<Vec<ApprovalRow>> {
-    Ok(tx
-        .query(APPROVALS, &[])
-        .await?
-        .iter()
-        .map(|r| ApprovalRow {
-            workspace: r.get(0),
-            enrollment: r.get(1),
-            automation: r.get(2),
-            automation_name: r.get(3),
-            node: r.get(4),
-            email: r.get(5),
-            waiting_since: r.get(6),
-            times_out_at: r.get(7),
-            context: r.get(8),
-            event: r.get(9),
-        })
-        .collect())
+/// The oldest 200 pending approvals, and how many are pending in all.
+pub async fn approvals(tx: &Transaction<'_>) -> Result<(Vec<ApprovalRow>, i64)> {
+    let rows = tx.query(APPROVALS, &[]).await?;
+    let total = rows.first().map_or(0, |r| r.get(10));
+    Ok((
+        rows.iter()
+            .map(|r| ApprovalRow {
+                workspace: r.get(0),
+                enrollment: r.get(1),
+                automation: r.get(2),
+                automation_name: r.get(3),
+                node: r.get(4),
+                email: r.get(5),
+                waiting_since: r.get(6),
+                times_out_at: r.get(7),
+                context: r.get(8),
+                event: r.get(9),
+            })
+            .collect(),
+        total,
+    ))
 }
 
 /// One dead job.
