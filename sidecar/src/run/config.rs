@@ -14,7 +14,7 @@ use lettre::message::Mailbox;
 use p256::ecdsa::VerifyingKey;
 
 use super::address_policy::AllowList;
-use super::http::sendgrid::parse_sendgrid_key;
+use super::sendgrid::parse_sendgrid_key;
 
 /// Prefix of the per-provider SMTP settings: `HERALD_SMTP_URL_<NAME>` (provider name upper-cased, `-` as `_`).
 pub const SMTP_PREFIX: &str = "HERALD_SMTP_URL_";
@@ -876,8 +876,8 @@ fn read_keys(raw: &BTreeMap<String, String>) -> Result<Keys> {
         keys.workspaces.insert(name, own);
     }
     // a token says whom it speaks for: the same token in two scopes would be ambiguous
-    let purposes: [(&str, fn(&Secrets) -> &KeyPair); 2] =
-        [("events", |s| &s.events), ("stream", |s| &s.stream)];
+    type Purpose = fn(&Secrets) -> &KeyPair;
+    let purposes: [(&str, Purpose); 2] = [("events", |s| &s.events), ("stream", |s| &s.stream)];
     for (what, purpose) in purposes {
         let mut seen: Vec<(&[u8], String)> = Vec::new();
         let scopes = std::iter::once(("the default".to_string(), &keys.default)).chain(

@@ -47,6 +47,7 @@ mod notifier;
 mod pg;
 mod producer;
 pub mod render;
+mod sendgrid;
 mod smtp_pool;
 mod stream;
 mod webhook;

@@ -114,14 +114,14 @@ fn refuse(status: StatusCode, why: &str) -> Response {
     (status, format!("{why}\n")).into_response()
 }
 
-/// The request's workspace, cursor and kinds, or the answer that refuses it.
-fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, Response> {
+/// The request's workspace, cursor and kinds, or why it is refused (a 400).
+fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, &'static str> {
     let workspace = params
         .workspace
         .as_deref()
         .map(str::trim)
         .filter(|w| !w.is_empty())
-        .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "workspace=<name> is required"))?;
+        .ok_or("workspace=<name> is required")?;
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -129,12 +129,9 @@ fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, Response> {
         .filter(|v| !v.is_empty());
     let after = match last_event_id.or(params.after.as_deref()) {
         None => None,
-        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            refuse(
-                StatusCode::BAD_REQUEST,
-                "Last-Event-ID / after must be a result id (a whole number, 0 for every result kept)",
-            )
-        })?),
+        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or(
+            "Last-Event-ID / after must be a result id (a whole number, 0 for every result kept)",
+        )?),
     };
     let kinds = params.kinds.as_deref().map(|k| {
         k.split(',')
@@ -185,7 +182,7 @@ async fn open(
     };
     let ask = match ask(&params, &headers) {
         Ok(ask) => ask,
-        Err(refused) => return refused,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
     if !allowed(&app.keys, &ask.workspace, token) {
         return refuse(

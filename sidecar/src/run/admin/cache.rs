@@ -33,12 +33,16 @@ struct Entry<V> {
 /// Values by key, each recounted in the background once older than [`TTL`].
 pub struct Swr<K, V> {
     entries: Mutex<HashMap<K, Entry<V>>>,
+    /// Held while a value that is not there yet is loaded, so that requests arriving meanwhile
+    /// (or the warm-up at start) wait for that one load instead of starting their own.
+    first_load: tokio::sync::Mutex<()>,
 }
 
 impl<K, V> Default for Swr<K, V> {
     fn default() -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
+            first_load: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -106,6 +110,14 @@ where
                 Ok((value, age))
             }
             None => {
+                let _loading = self.first_load.lock().await;
+                let loaded = self
+                    .lock()
+                    .get(&key)
+                    .map(|e| (Arc::clone(&e.value), e.at.elapsed()));
+                if let Some(done) = loaded {
+                    return Ok(done);
+                }
                 let value = Arc::new(load().await?);
                 self.store(key, Arc::clone(&value));
                 Ok((value, Duration::ZERO))

@@ -104,6 +104,8 @@ pub fn mount(router: Router, config: &Config, database: &Arc<Database>) -> Route
         None => Arc::clone(database),
     };
     let state = Arc::new(Admin::new(side, admin, db));
+    // the counts that scan are counted once at start, so that the first page does not wait for them
+    tokio::spawn(warm_up(Arc::clone(&state)));
     tracing::info!(
         path = %state.base,
         own_database = admin.database.is_some(),
@@ -508,6 +510,14 @@ async fn count_nodes(db: Arc<Database>, automation: i64) -> Result<queries::Node
     let figures = queries::node_figures(&tx, automation).await?;
     tx.commit().await?;
     Ok(figures)
+}
+
+/// Fills the caches of the counts that scan (errors are left to the first page that needs them).
+async fn warm_up(a: Arc<Admin>) {
+    let db = Arc::clone(&a.db);
+    let _ = a.counts.get((), move || count_workspaces(db)).await;
+    let db = Arc::clone(&a.db);
+    let _ = a.in_progress.get((), move || count_in_progress(db)).await;
 }
 
 /// Reads a view in one read-only transaction (plus the cached counts) and renders it as a page or

@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{json, Value as Json};
 
-use super::sendgrid::{self, verify_sendgrid, SendgridRefusal};
 use super::App;
 use crate::run::config::{constant_time_eq, HttpSide, TokenScope};
+use crate::run::sendgrid::{self, verify_sendgrid, SendgridRefusal};
 
 pub async fn receive(
     State(app): State<App>,

@@ -8,7 +8,7 @@
 //!   POST /events/sendgrid  the same from SendGrid's event webhook (an array of events)
 //!
 //! An axum router (`router`; routes in `links` and `events`, SendGrid's signature in the leaf
-//! `sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
+//! `run/sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
 //! HTTP/1.1 (keep-alive and chunked bodies are hyper's) with the same limits for both: tower layers
 //! for bodies ≤ 1 MiB (413), 30 s a request (408) and `Cache-Control: no-store` on every answer; at
 //! most [`MAX_CONNECTIONS`] connections, [`per_address::MAX_PER_ADDRESS`] per client address, a
@@ -45,7 +45,6 @@ mod links;
 mod one_click;
 mod per_address;
 mod record;
-pub mod sendgrid;
 
 /// The largest request body taken (a provider batching more events gets 413 and sends fewer).
 const MAX_BODY: usize = 1024 * 1024;
