@@ -1003,7 +1003,11 @@ mod tests {
         assert!(given.contains(&("HERALD_SHUTDOWN_GRACE_SECONDS".to_string(), "5".to_string())));
         let keys = known_keys();
         assert_eq!(keys[0], "DATABASE_URL");
-        assert_eq!(keys.len(), 21, "{keys:?}");
+        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "each setting once: {keys:?}");
+        for k in ["HERALD_CONCURRENCY", "HERALD_STREAM_TOKEN", "HERALD_LOG_FORMAT"] {
+            assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
+        }
         assert!(!keys.iter().any(|k| k == "HERALD_CONFIG"));
         // every declared setting is one a config file may hold
         for key in &keys[1..] {
