@@ -5,7 +5,8 @@
 //! The parts: `ingest` (herald's side of event ingest), `baseline` (plain tables and one row trigger
 //! per automation), `golive` (going live during ingest), `latency` (concurrent `track()` calls),
 //! `contacts` (bulk contact import), `stats` (percentiles), `engine` (tick throughput, statements per
-//! tick) and `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces).
+//! tick), `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces) and
+//! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers).
 
 mod baseline;
 mod broadcast;
@@ -17,6 +18,7 @@ mod ingest;
 mod latency;
 mod queue;
 mod stats;
+mod stream;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -83,6 +85,8 @@ pub enum Section {
     Delivery,
     /// resolving and enqueueing a 1,000,000-recipient broadcast; segment evaluation (9).
     Broadcast,
+    /// the results stream: complete() with and without it (0.2.0), /stream to 100 subscribers (10).
+    Stream,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -215,6 +219,7 @@ struct Report {
     engine: Option<engine::Engine>,
     queue: Option<queue::Queue>,
     broadcast: Option<broadcast::Broadcast>,
+    stream: Option<stream::Stream>,
     /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
     delivery: Option<serde_json::Value>,
     goals: Vec<Goal>,
@@ -279,6 +284,16 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let stream = if wanted(Section::Stream) {
+        info!(
+            "stream: complete() with and without the results stream; /stream to many subscribers"
+        );
+        let s = stream::run(&target, args.small).await?;
+        goals.extend(s.goals());
+        Some(s)
+    } else {
+        None
+    };
     let (delivery_table, delivery) = if wanted(Section::Delivery) {
         info!("delivery: herald run against smtp-sink, an HTTP receiver and an SMTP server that timestamps");
         let (table, d) = delivery::run(&target, args.small).await?;
@@ -301,6 +316,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         engine,
         queue,
         broadcast,
+        stream,
         delivery,
         goals,
     };
@@ -534,6 +550,9 @@ fn render(report: &Report) -> String {
     }
     if let Some(b) = &report.broadcast {
         broadcast::render(&mut o, b);
+    }
+    if let Some(s) = &report.stream {
+        stream::render(&mut o, s);
     }
     o
 }
