@@ -129,10 +129,17 @@ impl Maintenance {
             };
             if task == Task::Tick {
                 // a full batch means more are due now
-                while self.call(&mut state, task).await == Some(i64::from(TICK_BATCH)) {
-                    if self.shutdown.is_cancelled() {
+                let mut stepped = 0;
+                while let Some(n) = self.call(&mut state, task).await {
+                    stepped += n;
+                    if n < i64::from(TICK_BATCH) || self.shutdown.is_cancelled() {
                         break;
                     }
+                }
+                if stepped > 0 {
+                    // tick publishes the results it made itself (it ends with advance_results), so
+                    // the round below may find nothing left to publish: wake the readers anyway
+                    self.published.bump();
                 }
                 while self.call(&mut state, Task::Broadcasts).await
                     == Some(i64::from(BROADCAST_BUDGET))
