@@ -156,3 +156,18 @@ impl Database {
         self.pool.close();
     }
 }
+
+#[cfg(test)]
+impl Database {
+    /// A pool for a database nobody listens at: every `get` fails at once (connection refused).
+    /// For unit tests of what borrows from the pool.
+    pub fn unreachable() -> Arc<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(port).user("x").dbname("d");
+        Arc::new(Self::new(Arc::new(DbHealth::new(config))))
+    }
+}

@@ -961,13 +961,7 @@ mod tests {
 
     /// A database nobody listens at.
     fn away() -> Arc<Database> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(port).user("x").dbname("d");
-        Arc::new(Database::new(Arc::new(DbHealth::new(config))))
+        Database::unreachable()
     }
 
     fn admin(public_url: &str) -> Arc<Admin> {

@@ -196,7 +196,6 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 mod tests {
     use super::*;
     use crate::run::config::{KeyPair, Keys, Secret, Secrets};
-    use crate::run::db_health::DbHealth;
     use crate::run::links::{sign, Claims, Purpose};
     use axum::body::{to_bytes, Body};
     use axum::http::Request;
@@ -208,13 +207,7 @@ mod tests {
 
     /// A database nobody listens at: every attempt to record fails at once (connection refused).
     fn away() -> Arc<Database> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(port).user("x").dbname("d");
-        Arc::new(Database::new(Arc::new(DbHealth::new(config))))
+        Database::unreachable()
     }
 
     /// The public routes, as `serve` is given them.
