@@ -669,28 +669,17 @@ fn notice_html(kind: &str, text: &str) -> String {
     notice(kind, text)
 }
 
+/// A page as asked for (200, no notice).
+async fn page(a: &Admin, headers: &HeaderMap, uri: &Uri, view: View) -> Response {
+    show(a, headers, uri, view, StatusCode::OK, String::new()).await
+}
+
 async fn overview(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::Overview,
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::Overview).await
 }
 
 async fn automations(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::Automations,
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::Automations).await
 }
 
 /// An email as contacts store it: trimmed, lower-case.
@@ -708,51 +697,19 @@ async fn automation(
         .get("email")
         .map(normalise_email)
         .filter(|e| !e.is_empty() && e.len() <= 254);
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::Automation { id, email },
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::Automation { id, email }).await
 }
 
 async fn broadcasts(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::Broadcasts,
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::Broadcasts).await
 }
 
 async fn approvals(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::Approvals,
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::Approvals).await
 }
 
 async fn dead_letters(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    show(
-        &a,
-        &headers,
-        &uri,
-        View::DeadLetters,
-        StatusCode::OK,
-        String::new(),
-    )
-    .await
+    page(&a, &headers, &uri, View::DeadLetters).await
 }
 
 async fn live_numbers(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
