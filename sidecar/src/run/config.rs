@@ -1005,7 +1005,11 @@ mod tests {
         assert_eq!(keys[0], "DATABASE_URL");
         let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
         assert_eq!(distinct.len(), keys.len(), "each setting once: {keys:?}");
-        for k in ["HERALD_CONCURRENCY", "HERALD_STREAM_TOKEN", "HERALD_LOG_FORMAT"] {
+        for k in [
+            "HERALD_CONCURRENCY",
+            "HERALD_STREAM_TOKEN",
+            "HERALD_LOG_FORMAT",
+        ] {
             assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
         }
         assert!(!keys.iter().any(|k| k == "HERALD_CONFIG"));
