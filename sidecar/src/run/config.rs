@@ -912,6 +912,9 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
         .parse()
         .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
     let mut out = BTreeMap::new();
+    // the names a file may use, worked out once from the declared settings
+    let known = known_keys();
+    let known_fields = workspace_fields();
     for (key, value) in table {
         if key == "workspaces" {
             let toml::Value::Table(workspaces) = value else {
@@ -923,11 +926,10 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
                 };
                 for (field, v) in fields {
                     let lower = field.to_ascii_lowercase();
-                    let known = workspace_fields();
-                    if !known.contains(&lower) {
+                    if !known_fields.contains(&lower) {
                         bail!(
                             "[workspaces.{name}]: unknown key {field:?} (known: {})",
-                            known.join(", ")
+                            known_fields.join(", ")
                         );
                     }
                     let toml::Value::String(text) = v else {
@@ -945,7 +947,6 @@ pub fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
         let secret_form = SECRET_PURPOSES
             .iter()
             .any(|p| secret_settings(p).contains(&upper));
-        let known = known_keys();
         if !known.contains(&upper) && !upper.starts_with(SMTP_PREFIX) && !secret_form {
             bail!(
                 "unknown key {key:?} (known: {}, {SMTP_PREFIX}<NAME>)",
