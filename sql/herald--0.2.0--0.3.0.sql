@@ -522,6 +522,13 @@ BEGIN
                'enrollment_id', l.enrollment_id)
            || CASE WHEN l.kind = 'email' THEN jsonb_build_object('template', CASE WHEN t.key IS NULL THEN NULL ELSE
                   jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body) END)
+                  -- the provider's kind (absent: no row, the implicit default) decides the transport; From and
+                  -- Reply-To each: the broadcast's, else the template's, else the provider's, else absent
+                  -- (the daemon's HERALD_FROM; no Reply-To)
+                  || jsonb_strip_nulls(jsonb_build_object(
+                         'provider_kind', pr.kind,
+                         'from', coalesce(b.definition ->> 'from', t.from_address, pr.settings ->> 'from'),
+                         'reply_to', coalesce(b.definition ->> 'reply_to', t.reply_to, pr.settings ->> 'reply_to')))
               ELSE '{}' END
       FROM leased l
       LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
@@ -533,6 +540,8 @@ BEGIN
           SELECT t.* FROM herald.templates t
            WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
            ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
+      LEFT JOIN herald.providers pr ON l.kind = 'email' AND pr.workspace_id = l.workspace_id
+            AND pr.name = coalesce(l.provider, p.payload ->> 'provider', 'default')
      ORDER BY l.ord;
 END
 $$;
@@ -1903,6 +1912,9 @@ BEGIN
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.decide_cache WHERE expires_at < now();
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    -- the HTTP API's idempotency keys hold for 24 hours (sql/api.sql)
+    DELETE FROM herald.api_idempotency WHERE created_at < now() - interval '24 hours';
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     RETURN v_total;
 END
 $$;
@@ -1949,3 +1961,420 @@ ALTER TABLE herald.results_staged ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.results_staged USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.result_subscriptions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.result_subscriptions USING (workspace_id IN (SELECT herald._my_workspaces()));
+
+-- ------------------------------------------------------------------ templates (issue 13)
+ALTER TABLE herald.templates ADD COLUMN from_address text, ADD COLUMN reply_to text;
+CREATE FUNCTION herald._valid_mailbox(mailbox text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(length(mailbox) <= 998
+                AND mailbox !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
+                AND ((herald._valid_email(mailbox) AND mailbox !~ '[<>"]')
+                     OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
+                         AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
+-- upsert_template: from_address and reply_to (new arguments, so a new function)
+DROP FUNCTION herald.upsert_template(text, text, text, text, text);
+CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL,
+                                       from_address text DEFAULT NULL, reply_to text DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_version int;
+    v_from text := nullif(btrim(from_address), '');
+    v_reply_to text := nullif(btrim(reply_to), '');
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
+        RAISE EXCEPTION 'invalid template key %', coalesce(quote_literal(key), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A template key is 1 to 100 characters: letters, digits, "_", "-" and ".".';
+    END IF;
+    IF subject IS NULL OR btrim(subject) = '' OR html IS NULL OR btrim(html) = '' THEN
+        RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- bounded, so one workspace's template cannot make the daemon render (and hold) megabytes per message
+    IF length(subject) > 998 THEN
+        RAISE EXCEPTION 'template %: the subject is % characters; at most 998 are allowed', quote_literal(key), length(subject)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF octet_length(html) > 524288 OR octet_length(coalesce(text_body, '')) > 524288 THEN
+        RAISE EXCEPTION 'template %: the html and the text body may be at most 512 KiB each (html % bytes, text % bytes)',
+            quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF v_from IS NOT NULL AND NOT herald._valid_mailbox(v_from) THEN
+        RAISE EXCEPTION 'template %: invalid from_address %', quote_literal(key), quote_literal(v_from)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or NULL for the provider''s.';
+    END IF;
+    IF v_reply_to IS NOT NULL AND NOT herald._valid_mailbox(v_reply_to) THEN
+        RAISE EXCEPTION 'template %: invalid reply_to %', quote_literal(key), quote_literal(v_reply_to)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use an address (help@example.com) or a name and an address (Example Help <help@example.com>), or NULL for none.';
+    END IF;
+    -- serialise versions of one key
+    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    SELECT coalesce(max(t.version), 0) + 1 INTO v_version
+      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
+    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body, from_address, reply_to)
+    VALUES (workspace, key, v_version, subject, html, text_body, v_from, v_reply_to);
+    RETURN v_version;
+END
+$$;
+ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald._valid_mailbox(text), herald.upsert_template(text, text, text, text, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herald.upsert_template(text, text, text, text, text, text, text) TO herald_admin;
+-- end of templates (issue 13)
+
+-- ------------------------------------------------------------------ providers (issue 13)
+CREATE OR REPLACE FUNCTION herald.upsert_provider(workspace text, name text, kind text, settings jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_rate jsonb := settings -> 'rate_per_second';
+    v_bad text;
+    v_key text;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' THEN
+        RAISE EXCEPTION 'invalid provider name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A provider name is 1 to 64 characters: letters, digits, "_" and "-".';
+    END IF;
+    IF kind IS NULL OR kind NOT IN ('smtp', 'file') THEN
+        RAISE EXCEPTION 'invalid provider kind %', coalesce(quote_literal(kind), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use smtp or file.';
+    END IF;
+    IF jsonb_typeof(settings) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'provider settings must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(settings) k WHERE k NOT IN ('rate_per_second', 'from', 'reply_to');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown provider setting(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Allowed: rate_per_second, from, reply_to. Credentials belong in the sidecar''s environment (HERALD_SMTP_URL_<NAME>), never in the database.';
+    END IF;
+    FOREACH v_key IN ARRAY ARRAY['from', 'reply_to'] LOOP
+        IF settings ? v_key AND (jsonb_typeof(settings -> v_key) <> 'string'
+                                 OR NOT herald._valid_mailbox(btrim(settings ->> v_key))) THEN
+            RAISE EXCEPTION 'provider %: $.%: % is not a mailbox', quote_literal(name), v_key, settings -> v_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or leave the setting out.';
+        ELSIF settings ? v_key THEN
+            settings := jsonb_set(settings, ARRAY[v_key], to_jsonb(btrim(settings ->> v_key)));
+        END IF;
+    END LOOP;
+    IF v_rate IS NOT NULL AND (jsonb_typeof(v_rate) <> 'number' OR (v_rate)::numeric <= 0
+                               OR (v_rate)::numeric <> trunc((v_rate)::numeric)) THEN
+        RAISE EXCEPTION 'rate_per_second must be a whole number greater than 0, got %', v_rate
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO herald.providers AS p (workspace_id, name, kind, settings) VALUES (workspace, name, kind, settings)
+    ON CONFLICT ON CONSTRAINT providers_pkey DO UPDATE SET kind = EXCLUDED.kind, settings = EXCLUDED.settings, updated_at = now();
+    IF v_rate IS NULL THEN
+        DELETE FROM herald.rate_limits r WHERE r.key = herald._provider_rate_key(workspace, name);
+    ELSE
+        INSERT INTO herald.rate_limits (key, per_second) VALUES (herald._provider_rate_key(workspace, name), (v_rate)::int)
+        ON CONFLICT (key) DO UPDATE SET per_second = EXCLUDED.per_second;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.provider_kinds() RETURNS TABLE (workspace_id text, name text, kind text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+    SELECT p.workspace_id, p.name, p.kind FROM herald.providers p
+     WHERE p.workspace_id IN (SELECT herald._my_workspaces())
+     ORDER BY p.workspace_id, p.name;
+$$;
+ALTER FUNCTION herald.provider_kinds() SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald.provider_kinds() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herald.provider_kinds() TO herald_worker, herald_admin;
+-- end of providers (issue 13)
+
+-- ------------------------------------------------------------------ HTTP API (issue 13)
+-- sql/api.sql: API keys (hashed), idempotency keys, herald.api_call (the daemon's one call per request)
+CREATE TABLE herald.api_keys (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,   -- the id is in the secret: found without the workspace
+    workspace_id text NOT NULL,
+    name         text NOT NULL,
+    scopes       text[] NOT NULL,
+    secret_hash  bytea NOT NULL,        -- sha256 of the whole secret; the secret itself is never stored
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   name NOT NULL,
+    last_used_at timestamptz,           -- kept to the minute (see _api_key)
+    revoked_at   timestamptz,
+    revoked_by   name
+);
+CREATE INDEX api_keys_workspace_idx ON herald.api_keys (workspace_id, id);
+
+-- Idempotency-Key: the first request with a key (per workspace) runs and its answer is kept 24 hours;
+-- the same key with the same operation and arguments gets that answer again without running; with
+-- others, an error (409). Only answers of requests that succeeded are kept: a request that failed
+-- changed nothing, so running it again is safe. Pruned by herald.prune (after 24 hours).
+CREATE TABLE herald.api_idempotency (
+    workspace_id    text NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash    bytea NOT NULL,     -- sha256 of operation and arguments (jsonb's text: key order does not count)
+    response        jsonb NOT NULL,     -- ids and counts only, never an address
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, idempotency_key)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('herald.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.api_idempotency', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.api_keys_id_seq', '');
+
+-- The scopes a key may have, and the operations each allows.
+CREATE FUNCTION herald._api_scope(operation text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE operation
+    WHEN 'track' THEN 'track' WHEN 'track_many' THEN 'track'
+    WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
+    WHEN 'send' THEN 'send'
+    WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
+END;
+
+-- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
+-- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
+-- lists (/v1/lists/…), send (/v1/send). By default every one but send: a key that ends up in a
+-- browser can then not mail anyone. herald_admin.
+CREATE FUNCTION herald.create_api_key(workspace text, name text,
+                                      scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_secret text := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+    v_id bigint;
+    v_bad text;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
+        RAISE EXCEPTION 'invalid API key name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A key''s name is 1 to 200 characters, e.g. ''signup form''.';
+    END IF;
+    IF scopes IS NULL OR cardinality(scopes) = 0 THEN
+        RAISE EXCEPTION 'an API key needs at least one scope'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+    END IF;
+    SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
+      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+    END IF;
+    INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
+    VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
+            '\x00', herald._caller())
+    RETURNING id INTO v_id;
+    v_secret := 'hk_' || v_id || '_' || v_secret;
+    UPDATE herald.api_keys k SET secret_hash = sha256(convert_to(v_secret, 'UTF8')) WHERE k.id = v_id;
+    RETURN v_secret;
+END
+$$;
+
+-- Revokes a key of `workspace` (at once: every request checks the key). True when it was live;
+-- false when it was revoked already. herald_admin.
+CREATE FUNCTION herald.revoke_api_key(workspace text, key_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_revoked timestamptz;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    SELECT k.revoked_at INTO v_revoked FROM herald.api_keys k
+     WHERE k.id = key_id AND k.workspace_id = workspace FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown API key % in workspace %', coalesce(key_id::text, 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'herald.list_api_keys(workspace) shows the keys.';
+    END IF;
+    IF v_revoked IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE herald.api_keys k SET revoked_at = now(), revoked_by = herald._caller() WHERE k.id = key_id;
+    RETURN true;
+END
+$$;
+
+-- A workspace's keys, without their secrets (`prefix` is the start of the secret, to tell keys
+-- apart). herald_admin.
+CREATE FUNCTION herald.list_api_keys(workspace text)
+RETURNS TABLE (id bigint, name text, prefix text, scopes text[], created_at timestamptz, created_by name,
+               last_used_at timestamptz, revoked_at timestamptz, revoked_by name)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    RETURN QUERY
+    SELECT k.id, k.name, 'hk_' || k.id || '_', k.scopes, k.created_at, k.created_by, k.last_used_at,
+           k.revoked_at, k.revoked_by
+      FROM herald.api_keys k WHERE k.workspace_id = workspace ORDER BY k.id;
+END
+$$;
+
+-- The key a secret belongs to, or an error (invalid_authorization_specification: the daemon answers
+-- 401). Marks it used, at most once a minute and never waiting: a request that finds the key's row
+-- locked by another request's mark skips it (a mark per request would queue every request of a busy
+-- key behind one row lock).
+CREATE FUNCTION herald._api_key(secret text) RETURNS herald.api_keys
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_key herald.api_keys;
+    v_id bigint;
+BEGIN
+    IF secret ~ '^hk_[0-9]{1,18}_[0-9a-f]{64}$' THEN
+        v_id := split_part(secret, '_', 2)::bigint;
+        SELECT * INTO v_key FROM herald.api_keys k
+         WHERE k.id = v_id AND k.secret_hash = sha256(convert_to(secret, 'UTF8'));
+    END IF;
+    IF v_key.id IS NULL THEN
+        RAISE EXCEPTION 'unknown API key'
+            USING ERRCODE = 'invalid_authorization_specification',
+                  HINT = 'Send Authorization: Bearer hk_…, a key made by herald.create_api_key(workspace, name).';
+    END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'API key % was revoked', v_key.id
+            USING ERRCODE = 'invalid_authorization_specification',
+                  HINT = 'Ask an admin for a new key (herald.create_api_key).';
+    END IF;
+    IF v_key.last_used_at IS NULL OR v_key.last_used_at < now() - interval '1 minute' THEN
+        UPDATE herald.api_keys k SET last_used_at = now()
+         WHERE k.id = (SELECT l.id FROM herald.api_keys l WHERE l.id = v_key.id FOR UPDATE SKIP LOCKED);
+    END IF;
+    RETURN v_key;
+END
+$$;
+
+-- One API request: the key's check, the idempotency claim, the operation for the key's workspace (the
+-- workspace never comes from the request), the answer kept for a retry. Returns the answer and
+-- whether it is a replay of a stored one. Errors are the operation's own (same message, hint and
+-- SQLSTATE as when called from SQL); the daemon maps them to HTTP statuses.
+--
+-- Two requests with the same Idempotency-Key at once: the second's INSERT waits on the first's
+-- uncommitted row, then finds it (committed: the stored answer is returned) or not (rolled back:
+-- it runs). So a request runs once however many copies arrive together.
+--
+-- `args`: track {email, kind, payload}; track_many {events}; upsert_contact {email, attributes};
+-- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
+-- unsubscribe {list, emails}. herald_worker (the daemon) and herald_admin.
+CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
+RETURNS TABLE (response jsonb, replayed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+    v_ws text := v_key.workspace_id;
+    v_scope text := herald._api_scope(operation);
+    v_hash bytea;
+    v_claimed boolean;
+    v_stored record;
+    v_emails text[];
+BEGIN
+    IF v_scope IS NULL THEN
+        RAISE EXCEPTION 'unknown API operation %', coalesce(quote_literal(operation), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT v_scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % may not %: it lacks the scope "%"', v_key.id, operation, v_scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), v_scope);
+    END IF;
+    IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF api_call.idempotency_key IS NOT NULL THEN
+        IF api_call.idempotency_key !~ '^[!-~]{1,255}$' THEN
+            RAISE EXCEPTION 'Idempotency-Key must be 1 to 255 visible ASCII characters'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'A UUID is a good key.';
+        END IF;
+        v_hash := sha256(convert_to(operation || ' ' || args::text, 'UTF8'));
+        INSERT INTO herald.api_idempotency AS i (workspace_id, idempotency_key, request_hash, response)
+        VALUES (v_ws, api_call.idempotency_key, v_hash, 'null')
+        ON CONFLICT ON CONSTRAINT api_idempotency_pkey DO UPDATE
+           SET request_hash = EXCLUDED.request_hash, response = 'null', created_at = now()
+         WHERE i.created_at < now() - interval '24 hours'   -- an expired key is a new one
+        RETURNING true INTO v_claimed;
+        IF v_claimed IS NULL THEN
+            SELECT i.request_hash, i.response INTO v_stored FROM herald.api_idempotency i
+             WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+            IF v_stored.request_hash IS DISTINCT FROM v_hash THEN
+                RAISE EXCEPTION 'Idempotency-Key % was used for another request', quote_literal(api_call.idempotency_key)
+                    USING ERRCODE = 'unique_violation',
+                          DETAIL = 'A key stands for one request (operation and body) for 24 hours.',
+                          HINT = 'Use a new key for a new request.';
+            END IF;
+            response := v_stored.response;
+            replayed := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF operation IN ('subscribe', 'unsubscribe') THEN
+        IF jsonb_typeof(args -> 'emails') IS DISTINCT FROM 'array'
+           OR EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'emails') e WHERE jsonb_typeof(e) <> 'string') THEN
+            RAISE EXCEPTION 'emails must be a JSON array of strings' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: {"emails": ["ann@example.com"]}, or {"email": "ann@example.com"}.';
+        END IF;
+        v_emails := ARRAY(SELECT jsonb_array_elements_text(args -> 'emails'));
+    END IF;
+
+    response := CASE operation
+        WHEN 'track' THEN
+            jsonb_build_object('id', herald.track(v_ws, args ->> 'email', args ->> 'kind', coalesce(args -> 'payload', '{}')))
+        WHEN 'track_many' THEN
+            jsonb_build_object('accepted', herald.track_many(v_ws, args -> 'events'))
+        WHEN 'upsert_contact' THEN
+            jsonb_build_object('id', herald.upsert_contact(v_ws, args ->> 'email', coalesce(args -> 'attributes', '{}')))
+        WHEN 'upsert_contacts' THEN
+            (SELECT to_jsonb(u) FROM herald.upsert_contacts(v_ws, args -> 'contacts') u)
+        WHEN 'send' THEN
+            jsonb_build_object('id', herald.send(v_ws, args ->> 'email', args ->> 'template',
+                                                 coalesce(args -> 'context', '{}'),
+                                                 coalesce(args ->> 'provider', 'default'), args ->> 'dedupe_key'))
+        WHEN 'subscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'unsubscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+    END;
+    replayed := false;
+    IF api_call.idempotency_key IS NOT NULL THEN
+        UPDATE herald.api_idempotency i SET response = api_call.response
+         WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+-- who may do what (sql/security.sql)
+ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.revoke_api_key(text, bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.list_api_keys(text) SECURITY DEFINER;
+ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald._api_scope(text), herald._api_key(text), herald.create_api_key(text, text, text[]),
+    herald.revoke_api_key(text, bigint), herald.list_api_keys(text), herald.api_call(text, text, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    herald.create_api_key(text, text, text[]), herald.revoke_api_key(text, bigint), herald.list_api_keys(text)
+TO herald_admin;
+GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text) TO herald_worker, herald_admin;
+ALTER TABLE herald.api_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.api_keys USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.api_idempotency ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.api_idempotency USING (workspace_id IN (SELECT herald._my_workspaces()));
+-- end of HTTP API (issue 13)

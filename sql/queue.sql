@@ -1,12 +1,31 @@
 -- herald: content, providers, rate limits and the outbox queue the sidecar works from.
 
-CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL)
+-- A sender or reply-to mailbox as a template stores it: an address (as _valid_email, without <>"), or a
+-- display name and an address in angle brackets: `Acme News <news@acme.test>`, `"Acme, Inc." <news@acme.test>`.
+-- An unquoted name holds none of the characters that mean something in an address header (<>@,;:"\[]()),
+-- a quoted one no " or \. At most 998 characters (one header line), no control or bidi characters.
+-- False (never NULL) for NULL.
+CREATE FUNCTION herald._valid_mailbox(mailbox text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(length(mailbox) <= 998
+                AND mailbox !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
+                AND ((herald._valid_email(mailbox) AND mailbox !~ '[<>"]')
+                     OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
+                         AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
+
+-- Role: herald_admin. Adds a version of a template (the newest is what jobs render). from_address and
+-- reply_to, when given, are this template's sender and Reply-To (mailboxes, see _valid_mailbox); NULL
+-- leaves them to the provider.
+CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL,
+                                       from_address text DEFAULT NULL, reply_to text DEFAULT NULL)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v_version int;
+    v_from text := nullif(btrim(from_address), '');
+    v_reply_to text := nullif(btrim(reply_to), '');
 BEGIN
     PERFORM herald._require_workspace(workspace);
     IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
@@ -28,16 +47,30 @@ BEGIN
             quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
             USING ERRCODE = 'program_limit_exceeded';
     END IF;
+    IF v_from IS NOT NULL AND NOT herald._valid_mailbox(v_from) THEN
+        RAISE EXCEPTION 'template %: invalid from_address %', quote_literal(key), quote_literal(v_from)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or NULL for the provider''s.';
+    END IF;
+    IF v_reply_to IS NOT NULL AND NOT herald._valid_mailbox(v_reply_to) THEN
+        RAISE EXCEPTION 'template %: invalid reply_to %', quote_literal(key), quote_literal(v_reply_to)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use an address (help@example.com) or a name and an address (Example Help <help@example.com>), or NULL for none.';
+    END IF;
     -- serialise versions of one key
     PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
     SELECT coalesce(max(t.version), 0) + 1 INTO v_version
       FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
-    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body)
-    VALUES (workspace, key, v_version, subject, html, text_body);
+    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body, from_address, reply_to)
+    VALUES (workspace, key, v_version, subject, html, text_body, v_from, v_reply_to);
     RETURN v_version;
 END
 $$;
 
+-- Role: herald_admin. Creates or changes a provider. Its kind decides its transport in herald run: smtp
+-- needs HERALD_SMTP_URL_<NAME> there, file needs HERALD_MAILDIR (never one in place of the other).
+-- settings: rate_per_second, and from / reply_to, the sender and Reply-To of its emails (mailboxes, see
+-- _valid_mailbox) unless a broadcast or the template says otherwise.
 CREATE FUNCTION herald.upsert_provider(workspace text, name text, kind text, settings jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql
@@ -46,6 +79,7 @@ AS $$
 DECLARE
     v_rate jsonb := settings -> 'rate_per_second';
     v_bad text;
+    v_key text;
 BEGIN
     PERFORM herald._require_workspace(workspace);
     IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' THEN
@@ -60,12 +94,22 @@ BEGIN
     IF jsonb_typeof(settings) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'provider settings must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(settings) k WHERE k NOT IN ('rate_per_second', 'from');
+    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(settings) k WHERE k NOT IN ('rate_per_second', 'from', 'reply_to');
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown provider setting(s) %', v_bad
             USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'Allowed: rate_per_second, from. Credentials belong in the sidecar''s environment (HERALD_SMTP_URL_<NAME>), never in the database.';
+                  DETAIL = 'Allowed: rate_per_second, from, reply_to. Credentials belong in the sidecar''s environment (HERALD_SMTP_URL_<NAME>), never in the database.';
     END IF;
+    FOREACH v_key IN ARRAY ARRAY['from', 'reply_to'] LOOP
+        IF settings ? v_key AND (jsonb_typeof(settings -> v_key) <> 'string'
+                                 OR NOT herald._valid_mailbox(btrim(settings ->> v_key))) THEN
+            RAISE EXCEPTION 'provider %: $.%: % is not a mailbox', quote_literal(name), v_key, settings -> v_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or leave the setting out.';
+        ELSIF settings ? v_key THEN
+            settings := jsonb_set(settings, ARRAY[v_key], to_jsonb(btrim(settings ->> v_key)));
+        END IF;
+    END LOOP;
     IF v_rate IS NOT NULL AND (jsonb_typeof(v_rate) <> 'number' OR (v_rate)::numeric <= 0
                                OR (v_rate)::numeric <> trunc((v_rate)::numeric)) THEN
         RAISE EXCEPTION 'rate_per_second must be a whole number greater than 0, got %', v_rate
@@ -81,6 +125,18 @@ BEGIN
         ON CONFLICT (key) DO UPDATE SET per_second = EXCLUDED.per_second;
     END IF;
 END
+$$;
+
+-- Role: herald_worker (and herald_admin). Every provider's workspace, name and kind, for herald run to
+-- check at start that each has its transport (the worker has no grant on the table itself: settings are
+-- not its business). Only the workspaces the caller may act for (a worker serves every one).
+CREATE FUNCTION herald.provider_kinds() RETURNS TABLE (workspace_id text, name text, kind text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+    SELECT p.workspace_id, p.name, p.kind FROM herald.providers p
+     WHERE p.workspace_id IN (SELECT herald._my_workspaces())
+     ORDER BY p.workspace_id, p.name;
 $$;
 
 CREATE FUNCTION herald._provider_rate_key(workspace text, provider text) RETURNS text
@@ -372,6 +428,13 @@ BEGIN
                'enrollment_id', l.enrollment_id)
            || CASE WHEN l.kind = 'email' THEN jsonb_build_object('template', CASE WHEN t.key IS NULL THEN NULL ELSE
                   jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body) END)
+                  -- the provider's kind (absent: no row, the implicit default) decides the transport; From and
+                  -- Reply-To each: the broadcast's, else the template's, else the provider's, else absent
+                  -- (the daemon's HERALD_FROM; no Reply-To)
+                  || jsonb_strip_nulls(jsonb_build_object(
+                         'provider_kind', pr.kind,
+                         'from', coalesce(b.definition ->> 'from', t.from_address, pr.settings ->> 'from'),
+                         'reply_to', coalesce(b.definition ->> 'reply_to', t.reply_to, pr.settings ->> 'reply_to')))
               ELSE '{}' END
       FROM leased l
       LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
@@ -383,6 +446,8 @@ BEGIN
           SELECT t.* FROM herald.templates t
            WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
            ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
+      LEFT JOIN herald.providers pr ON l.kind = 'email' AND pr.workspace_id = l.workspace_id
+            AND pr.name = coalesce(l.provider, p.payload ->> 'provider', 'default')
      ORDER BY l.ord;
 END
 $$;

@@ -151,6 +151,9 @@ CREATE TABLE herald.templates (
     html         text NOT NULL,
     text_body    text,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- the sender of this template's emails (a mailbox: "a@b.c" or "Name <a@b.c>"), NULL = the provider's
+    from_address text,
+    reply_to     text,
     PRIMARY KEY (workspace_id, key, version)
 );
 
@@ -438,6 +441,35 @@ CREATE TABLE herald.erasures (
     PRIMARY KEY (workspace_id, email_key, erased_at)
 );
 
+-- What is archived (sql/archive.sql): templates (by key, every version), lists (by name) and broadcasts
+-- (by id, as text). An archived one is kept with its history but cannot be used by a new automation,
+-- broadcast or send(), and the default listings hide it; unarchive_* restores it. A table of its own
+-- rather than a column on each: a template is many rows (its versions) and a list may exist only through
+-- its members, while an archive mark belongs to the key.
+CREATE TABLE herald.archived (
+    workspace_id text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('template', 'list', 'broadcast')),
+    name         text NOT NULL,
+    archived_by  name NOT NULL,
+    archived_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, kind, name)
+);
+
+-- Why record_feedback refused an entry (today: an open or click it could not attribute to a variation
+-- of the broadcast it names). Rows of one call share `batch` (its transaction id), like
+-- contact_rejections; pruned by herald.prune(). broadcast_id: the broadcast the entry named, when it
+-- exists in that workspace (its refused reports are also counted in broadcast_stats).
+CREATE TABLE herald.feedback_rejections (
+    workspace_id text NOT NULL,
+    batch        bigint NOT NULL,
+    position     int NOT NULL,          -- 0-based index in the feedback array
+    input        jsonb,
+    reason       text NOT NULL,
+    broadcast_id bigint,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, batch, position)
+);
+
 -- Backups. Tables created by an extension script are left out of pg_dump unless registered here, and
 -- so are the sequences behind their ids: without this a dump of a herald database restores no herald
 -- row. Every table and identity sequence is registered whole (filter ''): CREATE EXTENSION creates no
@@ -469,6 +501,8 @@ SELECT pg_catalog.pg_extension_config_dump('herald.broadcast_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.workspace_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.lists', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.erasures', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.archived', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.feedback_rejections', '');
 -- identity sequences: dumped with their position, so ids continue past the highest restored one
 SELECT pg_catalog.pg_extension_config_dump('herald.contacts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.events_id_seq', '');

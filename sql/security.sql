@@ -149,8 +149,9 @@ ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
 ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
 ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
-ALTER FUNCTION herald.upsert_template(text, text, text, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.provider_kinds() SECURITY DEFINER;
 ALTER FUNCTION herald.set_rate_limit(text, int) SECURITY DEFINER;
 ALTER FUNCTION herald.send(text, text, text, jsonb, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.claim(text, int, interval) SECURITY DEFINER;
@@ -190,6 +191,11 @@ ALTER FUNCTION herald.newest_result(text) SECURITY DEFINER;
 ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.unsubscribe_results(text, bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.advance_results(int) SECURITY DEFINER;
+-- the HTTP API (sql/api.sql): keys are the admin's; api_call is the daemon's one call per request
+ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.revoke_api_key(text, bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.list_api_keys(text) SECURITY DEFINER;
+ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -228,7 +234,7 @@ GRANT EXECUTE ON FUNCTION herald.newest_result(text) TO herald_app, herald_worke
 GRANT EXECUTE ON FUNCTION
     herald.create_workspace(text, text), herald.grant_workspace(name, text), herald.revoke_workspace(name, text),
     herald.create_automation(text, jsonb), herald.set_automation_status(bigint, text),
-    herald.upsert_template(text, text, text, text, text), herald.upsert_provider(text, text, text, jsonb),
+    herald.upsert_template(text, text, text, text, text, text, text), herald.upsert_provider(text, text, text, jsonb),
     herald.set_rate_limit(text, int),
     herald.create_broadcast(text, jsonb), herald.schedule_broadcast(bigint, timestamptz),
     herald.pause_broadcast(bigint), herald.resume_broadcast(bigint), herald.cancel_broadcast(bigint),
@@ -243,8 +249,14 @@ TO herald_admin;
 GRANT EXECUTE ON FUNCTION
     herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
     herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval, interval),
-    herald.advance_results(int), herald._my_workspaces()
+    herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
 TO herald_worker, herald_admin;
+-- the HTTP API: an admin makes and revokes keys; the daemon serves /v1/… through api_call, which acts
+-- only for the workspace of the key it is given (a key is the capability, checked in the database)
+GRANT EXECUTE ON FUNCTION
+    herald.create_api_key(text, text, text[]), herald.revoke_api_key(text, bigint), herald.list_api_keys(text)
+TO herald_admin;
+GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text) TO herald_worker, herald_admin;
 
 -- ------------------------------------------------------------------------------- tables and views
 
@@ -330,6 +342,16 @@ ALTER TABLE herald.results_staged ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.results_staged USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.result_subscriptions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.result_subscriptions USING (workspace_id IN (SELECT herald._my_workspaces()));
+-- archive marks and refused feedback (issue 13): read by the workspace's roles
+GRANT SELECT ON herald.archived, herald.feedback_rejections TO herald_app, herald_admin;
+ALTER TABLE herald.archived ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.archived USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.feedback_rejections ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.feedback_rejections USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.api_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.api_keys USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.api_idempotency ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.api_idempotency USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- shared across workspaces: only the owner and herald_admin's reads (no policy: nobody else sees a row)
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);
