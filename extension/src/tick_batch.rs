@@ -44,22 +44,37 @@ pub struct StepRow {
     pub log_actions: Vec<String>,
     /// Stats deltas of this enrollment: (node, '' for automation-level metrics; metric).
     pub counts: Vec<(String, &'static str)>,
+    /// The automation version the enrollment ran on (1 when the batch did not say).
+    pub version: i32,
+}
+
+/// The metric that counts entries into a node by contacts on `version`, kept beside the total
+/// `entered` for versions after the first (the operator's page shows "passed" per version; version
+/// 1's figure is the total minus the others, so an automation never updated writes no extra rows).
+pub fn entered_on_version(version: i32) -> Option<String> {
+    (version > 1).then(|| format!("entered@v{version}"))
 }
 
 /// The batch's stats deltas summed per (automation, node, metric), so SQL inserts a handful of rows
 /// instead of grouping one row per count (7 per enrollment in a 3-node flow).
 pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
-    let mut totals: BTreeMap<(i64, &str, &str), i64> = BTreeMap::new();
+    let mut totals: BTreeMap<(i64, &str, std::borrow::Cow<'_, str>), i64> = BTreeMap::new();
     for r in rows {
+        let per_version = entered_on_version(r.version);
         for (node, metric) in &r.counts {
             *totals
-                .entry((r.automation_id, node.as_str(), metric))
+                .entry((r.automation_id, node.as_str(), (*metric).into()))
                 .or_default() += 1;
+            if let (Some(versioned), "entered") = (&per_version, *metric) {
+                *totals
+                    .entry((r.automation_id, node.as_str(), versioned.clone().into()))
+                    .or_default() += 1;
+            }
         }
     }
     totals
         .into_iter()
-        .map(|((a, node, metric), n)| (a, node.to_string(), metric.to_string(), n))
+        .map(|((a, node, metric), n)| (a, node.to_string(), metric.into_owned(), n))
         .collect()
 }
 
@@ -161,7 +176,10 @@ fn run_with(
                 // catching its panic cannot swallow a Postgres ERROR that pgrx carries as a panic:
                 // an engine bug fails this enrollment, not the tick of every workspace.
                 match catch_unwind(AssertUnwindSafe(|| advance(input))) {
-                    Ok(outcome) => to_row(outcome, &keys),
+                    Ok(outcome) => StepRow {
+                        version: e.version,
+                        ..to_row(outcome, &keys)
+                    },
                     Err(panic) => failed(
                         &keys,
                         format!(
@@ -308,6 +326,7 @@ fn failed(e: &Keys, reason: String) -> StepRow {
         log_visits: vec![e.visit],
         log_actions: vec![format!("failed: {reason}")],
         counts: vec![(String::new(), "failed")],
+        version: 1,
     }
 }
 
@@ -385,6 +404,7 @@ fn to_row(o: Outcome, keys: &Keys) -> StepRow {
         log_visits,
         log_actions,
         counts,
+        version: 1,
     }
 }
 
@@ -462,6 +482,29 @@ mod tests {
             .iter()
             .filter(|t| t.0 == 7)
             .all(|t| t.1 == "hello" && t.3 == 2));
+    }
+
+    #[test]
+    fn entries_on_a_later_version_are_also_counted_per_version() {
+        let mut autos = automations();
+        autos["7:2"] = autos["7"].clone();
+        let mut on_v2 = enrollment(2, 7, "hello");
+        on_v2["version"] = json!(2);
+        let rows = run1(&autos, &batch(&[enrollment(1, 7, "hello"), on_v2])).unwrap();
+        let totals = count_totals(&rows);
+        let figure = |metric: &str| {
+            totals
+                .iter()
+                .find(|t| t.0 == 7 && t.1 == "hello" && t.2 == metric)
+                .map(|t| t.3)
+        };
+        assert_eq!(figure("entered"), Some(2), "the total stays: {totals:?}");
+        assert_eq!(figure("entered@v2"), Some(1), "{totals:?}");
+        assert_eq!(
+            figure("entered@v1"),
+            None,
+            "version 1 is the total minus the others"
+        );
     }
 
     #[test]

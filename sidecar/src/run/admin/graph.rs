@@ -40,6 +40,26 @@ impl Figures {
     pub fn now(&self, node: &str) -> i64 {
         self.now.get(node).map_or(0, |v| v.values().sum())
     }
+
+    /// version → contacts who entered the node on it. The step engine counts `entered` (every
+    /// version) and `entered@v<N>` for versions after the first, so version 1's figure is the total
+    /// minus the others. Empty when no later version has entered the node.
+    pub fn passed_by_version(&self, node: &str) -> BTreeMap<i32, i64> {
+        let mut out: BTreeMap<i32, i64> = self
+            .metrics
+            .iter()
+            .filter(|((n, _), _)| n == node)
+            .filter_map(|((_, metric), value)| {
+                let version = metric.strip_prefix("entered@v")?.parse().ok()?;
+                Some((version, *value))
+            })
+            .collect();
+        if !out.is_empty() {
+            let later: i64 = out.values().sum();
+            out.insert(1, (self.metric(node, "entered") - later).max(0));
+        }
+        out
+    }
 }
 
 /// Live-update key of a node figure.
@@ -248,19 +268,26 @@ fn lines(id: &str, kind: &str, f: &Figures) -> Vec<Vec<Figure>> {
         fig("now", f.now(id), "now"),
         fig("passed", m("entered"), "passed"),
     ]];
-    // per version, when contacts of more than one version are there
-    if let Some(by_version) = f.now.get(id) {
-        let busy: Vec<(&i32, &i64)> = by_version.iter().filter(|(_, n)| **n > 0).collect();
-        if busy.len() > 1 {
-            out.push(
-                busy.iter()
-                    .map(|(v, n)| Figure {
-                        label: format!("v{v}"),
-                        value: count(**n),
-                        live: Some(live_key(id, &format!("now_v{v}"))),
-                    })
-                    .collect(),
-            );
+    // per version, when contacts of more than one version are on the node or passed it
+    let now = f.now.get(id).cloned().unwrap_or_default();
+    let passed = f.passed_by_version(id);
+    let versions: std::collections::BTreeSet<i32> = now
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(v, _)| *v)
+        .chain(passed.iter().filter(|(_, n)| **n > 0).map(|(v, _)| *v))
+        .collect();
+    if versions.len() > 1 {
+        for v in versions {
+            let figure = |what: &str, value: i64| Figure {
+                label: format!("v{v} {what}"),
+                value: count(value),
+                live: Some(live_key(id, &format!("{what}_v{v}"))),
+            };
+            out.push(vec![
+                figure("now", now.get(&v).copied().unwrap_or(0)),
+                figure("passed", passed.get(&v).copied().unwrap_or(0)),
+            ]);
         }
     }
     match kind {
@@ -471,6 +498,7 @@ mod tests {
                 ("ok", "entered", 30),
                 ("ok", "approved", 4),
                 ("ok", "rejected", 1),
+                ("ok", "entered@v2", 8),
             ],
             &[("a", 1, 2), ("ok", 1, 20), ("ok", 2, 5)],
         );
@@ -526,17 +554,23 @@ mod tests {
         assert_eq!(a.lines[2][0].label, "opened");
         let ok = &g.nodes[id("ok")];
         assert_eq!(ok.lines[0][0].value, "25");
-        assert_eq!(
-            ok.lines[1]
+        assert_eq!(ok.lines[0][1].value, "30", "passed: every version");
+        // one line per version: on it now, and passed it (v1 = the total minus later versions)
+        let line = |i: usize| {
+            ok.lines[i]
                 .iter()
-                .map(|x| x.label.as_str())
-                .collect::<Vec<_>>(),
-            ["v1", "v2"]
-        );
-        assert_eq!(ok.lines[2][0].value, "4");
+                .map(|x| format!("{} {}", x.label, x.value))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line(1), ["v1 now 20", "v1 passed 22"]);
+        assert_eq!(line(2), ["v2 now 5", "v2 passed 8"]);
+        assert_eq!(ok.lines[3][0].value, "4");
+        // a node no later version reached has no version lines
+        assert_eq!(g.nodes[id("a")].lines.len(), 3);
         let live = live_values(&g);
         assert!(live.contains(&("n:ok:now".to_string(), "25".to_string())));
         assert!(live.contains(&("n:ok:now_v2".to_string(), "5".to_string())));
+        assert!(live.contains(&("n:ok:passed_v1".to_string(), "22".to_string())));
     }
 
     #[test]
