@@ -15,7 +15,7 @@ TEST_TAG  ?=
 REGRESS_DB := herald_regress$(if $(TEST_TAG),_$(TEST_TAG))
 ISOLATION_DB := herald_isolation$(if $(TEST_TAG),_$(TEST_TAG))
 
-.PHONY: setup install build test unit regress isolation upgrade-check readme-sql e2e sidecar-e2e demo bench bench-small lint fmt
+.PHONY: setup install build test unit regress isolation upgrade-check readme-sql scaling-check e2e sidecar-e2e demo bench bench-small lint fmt
 
 setup:
 	@./tests/setup.sh
@@ -66,6 +66,10 @@ upgrade-check: install
 readme-sql: install
 	./tests/readme_sql.sh
 
+# The invariants docs/SCALING.md relies on (keys and co-located joins), against the installed extension.
+scaling-check: install
+	./tests/scaling/run.sh
+
 e2e: install build
 	./tests/e2e.sh
 
@@ -73,7 +77,7 @@ e2e: install build
 sidecar-e2e: install build
 	./tests/sidecar/run.sh
 
-test: unit regress isolation upgrade-check readme-sql e2e sidecar-e2e bench-small
+test: unit regress isolation upgrade-check readme-sql scaling-check e2e sidecar-e2e bench-small
 
 demo: install build
 	./target/release/herald demo

@@ -272,7 +272,8 @@ BEGIN
         -- nothing of theirs in flight: the last job is done (or pruned, or there was none)
         SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor
           FROM herald.result_subscriptions s
-         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = s.job_id AND o.status <> 'done')
+         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o
+                            WHERE o.workspace_id = s.workspace_id AND o.id = s.job_id AND o.status <> 'done')
     ), picked AS (
         -- each one's next results: at most its batch, and about 1 MiB of data (at least one result)
         SELECT s.workspace_id, s.id AS subscription, r.id AS result_id, herald._result_json(r) AS result,
@@ -328,4 +329,4 @@ SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor, s.queued,
        CASE WHEN o.status = 'pending' THEN o.run_at END AS next_attempt_at, o.last_error,
        s.created_by, s.created_at, s.updated_at
   FROM herald.result_subscriptions s
-  LEFT JOIN herald.outbox o ON o.id = s.job_id;
+  LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id;

@@ -3,7 +3,7 @@
 # Needs the extension installed (make install) and the binary built (cargo build --release -p herald-sidecar).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if ! python3 -c 'import pytest, aiosmtpd, psycopg, cryptography, selenium' 2>/dev/null; then
+if ! python3 -c 'import pytest, aiosmtpd, psycopg, cryptography, selenium, pglast' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
         -r tests/sidecar/requirements.txt
 fi
