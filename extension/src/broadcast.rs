@@ -1,7 +1,8 @@
 //! Broadcast definitions: validation and the normalised form SQL stores and enqueues from.
 //!
 //! A definition names its audience (lists, a segment, an exclusion), what to send (one template, or
-//! weighted variations with an optional A/B test), the provider, an optional rate and when to send
+//! weighted variations with an optional A/B test), the provider, optionally its own sender and
+//! Reply-To (over the template's and the provider's), an optional rate and when to send
 //! (now, at a timestamp, or at a local time in each recipient's zone). Every fault is collected with
 //! its JSON path, like automation definitions, so a user fixes a whole definition in one round trip.
 //! SQL never reads the user's JSON directly: it reads the normalised object `validate` returns, whose
@@ -20,6 +21,8 @@ const KEYS: &[&str] = &[
     "variations",
     "ab_test",
     "provider",
+    "from",
+    "reply_to",
     "rate_per_second",
     "send_at",
     "variables",
@@ -36,8 +39,8 @@ fn is_name(s: &str, max: usize) -> bool {
 
 /// Validates a broadcast definition; on success returns its normalised form:
 /// `{name, lists[], segment|null, exclude|null, variations[{key, template, weight}], ab_test|null
-///   {test_percent, metric, wait_seconds}, provider, rate_per_second|null, send_at {kind, at|local_time},
-///   variables{}}`.
+///   {test_percent, metric, wait_seconds}, provider, from|null, reply_to|null, rate_per_second|null,
+///   send_at {kind, at|local_time}, variables{}}`.
 pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
     let mut faults = Vec::new();
     let Some(obj) = def.as_object() else {
@@ -74,6 +77,8 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
             String::new()
         }
     };
+    let from = mailbox(obj.get("from"), "$.from", &mut faults);
+    let reply_to = mailbox(obj.get("reply_to"), "$.reply_to", &mut faults);
     let rate = match obj.get("rate_per_second") {
         None | Some(Value::Null) => Value::Null,
         Some(v) => match v.as_u64() {
@@ -114,6 +119,8 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
         "variations": variations,
         "ab_test": ab_test,
         "provider": provider,
+        "from": from,
+        "reply_to": reply_to,
         "rate_per_second": rate,
         "send_at": send_at,
         "variables": variables,
@@ -292,6 +299,21 @@ fn audience(v: Option<&Value>, faults: &mut Vec<Fault>) -> (Vec<String>, Value, 
 }
 
 /// `template` (one variation "default", weight 100) or `variations` (weights normalised to sum 100).
+/// A sender or Reply-To: absent or null → null; else a mailbox, stored trimmed.
+fn mailbox(v: Option<&Value>, path: &str, faults: &mut Vec<Fault>) -> Value {
+    match v {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::String(s)) if crate::mailbox::is_valid(s.trim()) => json!(s.trim()),
+        Some(other) => {
+            faults.push(Fault::new(
+                path,
+                format!("{other} is not {}", crate::mailbox::HELP),
+            ));
+            Value::Null
+        }
+    }
+}
+
 fn variations(obj: &Map<String, Value>, faults: &mut Vec<Fault>) -> Vec<Value> {
     match (obj.get("template"), obj.get("variations")) {
         (Some(_), Some(_)) => {
@@ -565,6 +587,35 @@ mod tests {
         ] {
             assert!(p.contains(&want.to_string()), "{want} missing from {p:?}");
         }
+    }
+
+    #[test]
+    fn senders_are_mailboxes() {
+        let n = validate(&json!({"name": "x", "audience": "all", "template": "t",
+                                 "from": " Acme News <news@acme.test> ", "reply_to": "help@acme.test"}))
+        .unwrap();
+        assert_eq!(
+            (&n["from"], &n["reply_to"]),
+            (
+                &json!("Acme News <news@acme.test>"),
+                &json!("help@acme.test")
+            )
+        );
+        let n = validate(&json!({"name": "x", "audience": "all", "template": "t"})).unwrap();
+        assert_eq!((&n["from"], &n["reply_to"]), (&Value::Null, &Value::Null));
+        let f = validate(&json!({"name": "x", "audience": "all", "template": "t",
+                                 "from": "Acme <news@acme>", "reply_to": 5}))
+        .unwrap_err();
+        assert_eq!(
+            f.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            ["$.from", "$.reply_to"]
+        );
+        assert!(
+            f[0].message
+                .starts_with("\"Acme <news@acme>\" is not a mailbox"),
+            "{}",
+            f[0].message
+        );
     }
 
     #[test]

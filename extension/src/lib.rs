@@ -15,6 +15,7 @@ pub mod definition_cache;
 pub mod duration;
 pub mod fault;
 pub mod json_limits;
+pub mod mailbox;
 pub mod simulate;
 pub mod step_engine;
 pub mod subscription;

@@ -1,5 +1,7 @@
-//! Email jobs: render the template, build a multipart/alternative message (text + html), deliver it over
-//! the provider's SMTP pool, or as a file when the provider has no SMTP URL but HERALD_MAILDIR is set.
+//! Email jobs: render the template, build a multipart/alternative message (text + html), deliver it by
+//! the provider's transport (`transport`: its kind decides, SMTP pool or file mailbox, never the other).
+//! From and Reply-To come resolved in the claim's payload (broadcast > template > provider); without a
+//! From there, HERALD_FROM.
 //!
 //! The Message-ID is derived from the job's workspace and dedupe key (`message_id`), so a
 //! message sent again after a crash (its lease expired before the result was recorded) carries the same
@@ -18,11 +20,12 @@ use lettre::Message;
 use serde_json::{json, Value as Json};
 use sha2::Sha256;
 
-use super::config::{provider_key, Config, HttpSide, Keys};
+use super::config::{Config, HttpSide, Keys, SMTP_PREFIX};
 use super::job::{Job, Outcome};
 use super::links::{self, message_id, Claims, Purpose};
 use super::render::{RenderedEmail, Renderer, Vars};
 use super::smtp_pool::{SendError, SmtpPool};
+use super::transport::{Transport, Transports, Unavailable};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
@@ -51,6 +54,7 @@ pub fn classify_smtp(e: &lettre::transport::smtp::Error) -> (bool, String) {
 pub struct Mailer {
     smtp: HashMap<String, SmtpPool>,
     maildir: Option<PathBuf>,
+    transports: Transports,
     from: Mailbox,
     unsubscribe: Option<url::Url>,
     keys: std::sync::Arc<Keys>,
@@ -73,6 +77,7 @@ impl Mailer {
         Ok(Self {
             smtp,
             maildir: config.maildir.clone(),
+            transports: Transports::new(config),
             from: config.from.clone(),
             unsubscribe: config.unsubscribe_url.clone(),
             keys: std::sync::Arc::clone(&config.keys),
@@ -82,6 +87,21 @@ impl Mailer {
 
     pub async fn send(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
         let id = message_id(&job.workspace, &job.dedupe_key);
+        let provider = job
+            .provider
+            .as_deref()
+            .or_else(|| job.payload.get("provider").and_then(Json::as_str))
+            .unwrap_or("default");
+        let kind = job.payload.get("provider_kind").and_then(Json::as_str);
+        let transport = match self.transports.route(&job.workspace, provider, kind) {
+            Ok(t) => t,
+            // configuration can be fixed while the job waits for its next attempt
+            Err(e @ Unavailable::Nothing(_)) => return Outcome::retry(e.to_string()),
+            Err(e) => {
+                tracing::error!(job = job.id, workspace = %job.workspace, provider, "email: {e}");
+                return Outcome::permanent(e.to_string());
+            }
+        };
         let prepared = match self.prepare(job) {
             Ok(p) => p,
             Err(error) => return Outcome::permanent(error),
@@ -110,44 +130,44 @@ impl Mailer {
             Ok(m) => m,
             Err(error) => return Outcome::permanent(error),
         };
-        let provider = job
-            .provider
-            .as_deref()
-            .or_else(|| job.payload.get("provider").and_then(Json::as_str))
-            .unwrap_or("default");
-        if let Some(smtp) = self.smtp.get(&provider_key(provider)) {
-            return match smtp.send(message.envelope(), &message.formatted()).await {
-                Ok(reply) => {
-                    let text = reply.message().collect::<Vec<_>>().join(" ");
-                    Outcome::Done {
-                        message_id: Some(id),
-                        response: Some(json!({"smtp": format!("{} {text}", reply.code()).trim()})),
-                    }
-                }
-                Err(SendError::Smtp(e)) => {
-                    let (retryable, error) = classify_smtp(&e);
-                    Outcome::Failed { retryable, error }
-                }
-                Err(e) => Outcome::retry(e.to_string()),
-            };
+        match transport {
+            Transport::Smtp(key) => self.send_smtp(&key, id, &message).await,
+            Transport::File => self.write(id, &message).await,
         }
-        if let Some(dir) = &self.maildir {
-            return match write_file(dir, &id, &message.formatted()).await {
-                Ok(path) => Outcome::Done {
+    }
+
+    async fn send_smtp(&self, key: &str, id: String, message: &Message) -> Outcome {
+        let Some(smtp) = self.smtp.get(key) else {
+            // Transports and the pools are built from the same settings
+            return Outcome::permanent(format!("no SMTP pool for {SMTP_PREFIX}{key}"));
+        };
+        match smtp.send(message.envelope(), &message.formatted()).await {
+            Ok(reply) => {
+                let text = reply.message().collect::<Vec<_>>().join(" ");
+                Outcome::Done {
                     message_id: Some(id),
-                    response: Some(json!({"file": path})),
-                },
-                Err(e) => {
-                    Outcome::retry(format!("writing to HERALD_MAILDIR {}: {e}", dir.display()))
+                    response: Some(json!({"smtp": format!("{} {text}", reply.code()).trim()})),
                 }
-            };
+            }
+            Err(SendError::Smtp(e)) => {
+                let (retryable, error) = classify_smtp(&e);
+                Outcome::Failed { retryable, error }
+            }
+            Err(e) => Outcome::retry(e.to_string()),
         }
-        // configuration can be fixed while the job waits for its next attempt
-        Outcome::retry(format!(
-            "provider {provider:?} has no transport: set {}{} or HERALD_MAILDIR",
-            super::config::SMTP_PREFIX,
-            provider_key(provider)
-        ))
+    }
+
+    async fn write(&self, id: String, message: &Message) -> Outcome {
+        let Some(dir) = &self.maildir else {
+            return Outcome::permanent("HERALD_MAILDIR is not set");
+        };
+        match write_file(dir, &id, &message.formatted()).await {
+            Ok(path) => Outcome::Done {
+                message_id: Some(id),
+                response: Some(json!({"file": path})),
+            },
+            Err(e) => Outcome::retry(format!("writing to HERALD_MAILDIR {}: {e}", dir.display())),
+        }
     }
 
     /// Addresses and links, before rendering.
@@ -165,6 +185,13 @@ impl Mailer {
                 .parse()
                 .map_err(|e| format!("invalid from address {f:?}: {e}"))?,
             None => self.from.clone(),
+        };
+        let reply_to = match p.get("reply_to").and_then(Json::as_str) {
+            Some(r) => Some(
+                r.parse()
+                    .map_err(|e| format!("invalid reply_to address {r:?}: {e}"))?,
+            ),
+            None => None,
         };
         // the HTTP side's links: one-click unsubscribe (also {{ unsubscribe_url }}), tracked clicks, a pixel
         let tracking = self.http.as_ref().map(|h| {
@@ -188,6 +215,7 @@ impl Mailer {
             to_text: to_text.to_string(),
             to,
             from,
+            reply_to,
             tracking,
         })
     }
@@ -203,6 +231,7 @@ impl Mailer {
             to_text,
             to,
             from,
+            reply_to,
             tracking,
         } = prepared;
         if let Some((h, claims, _)) = &tracking {
@@ -238,6 +267,9 @@ impl Mailer {
             .from(from)
             .to(to)
             .subject(rendered.subject);
+        if let Some(reply_to) = reply_to {
+            builder = builder.reply_to(reply_to);
+        }
         let link = match &tracking {
             Some((_, _, unsubscribe)) => Some(unsubscribe.clone()),
             None => self.unsubscribe_link(&job.workspace, &to_text.to_ascii_lowercase()),
@@ -289,12 +321,13 @@ impl Mailer {
     }
 }
 
-/// What `prepare` found: recipient, sender, and with the HTTP side its settings, the link claims and
+/// What `prepare` found: recipient, sender, Reply-To, and with the HTTP side its settings, the link claims and
 /// the unsubscribe link.
 struct Prepared {
     to_text: String,
     to: Mailbox,
     from: Mailbox,
+    reply_to: Option<Mailbox>,
     tracking: Option<(HttpSide, Claims, String)>,
 }
 

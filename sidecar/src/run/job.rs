@@ -40,6 +40,8 @@ pub fn check_payload(job: &Job) -> Result<(), String> {
         "email" => &[
             ("to", Want::Str),
             ("from", Want::Str),
+            ("reply_to", Want::Str),
+            ("provider_kind", Want::Str),
             ("provider", Want::Str),
             ("template", Want::Object),
             ("broadcast_id", Want::Int),

@@ -50,6 +50,7 @@ pub mod render;
 mod sendgrid;
 mod smtp_pool;
 mod stream;
+mod transport;
 mod webhook;
 
 pub use config::{Config, RunArgs};
@@ -163,7 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let probe = health.wait_until_up("startup").await?;
             crate::db::check_extension(&probe, &dbname).await?;
             warn_if_superuser(&probe).await;
-            Ok(())
+            transport::check_at_start(&probe, &config).await
         } => Some(r),
     };
     match ready {
@@ -180,9 +181,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
-    if config.smtp.is_empty() && config.maildir.is_none() {
-        tracing::warn!("no email transport: set HERALD_SMTP_URL_DEFAULT (or HERALD_MAILDIR); email jobs will be retried until one is configured");
-    }
     if config.keys.default.webhook.current.is_none() {
         tracing::warn!(
             "HERALD_WEBHOOK_SECRET is not set: webhooks of workspaces without a key of their own are sent without X-Herald-Signature"
