@@ -294,6 +294,9 @@ BEGIN
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.decide_cache WHERE expires_at < now();
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    -- the HTTP API's idempotency keys hold for 24 hours (sql/api.sql)
+    DELETE FROM herald.api_idempotency WHERE created_at < now() - interval '24 hours';
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     RETURN v_total;
 END
 $$;

@@ -68,5 +68,7 @@ pgrx::extension_sql_file!(
     name = "results",
     requires = ["broadcasts", api::_check_subscription]
 );
+// the HTTP API's keys and idempotency, and its one entry point (api_call)
+pgrx::extension_sql_file!("../../sql/api.sql", name = "api", requires = ["results"]);
 // roles, grants, SECURITY DEFINER, row-level security: after every function and table exists
 pgrx::extension_sql_file!("../../sql/security.sql", name = "security", finalize);

@@ -6,6 +6,7 @@
 //!   GET  /c/<token>        click: event email.clicked, then 302 to the URL signed into the token only
 //!   POST /events/generic   provider reports in herald's JSON format (bounces, complaints, unsubscribes)
 //!   POST /events/sendgrid  the same from SendGrid's event webhook (an array of events)
+//!   /v1/…                  the HTTP API for applications, with per-workspace API keys (`api/`)
 //!
 //! An axum router (`router`; routes in `links` and `events`, SendGrid's signature in the leaf
 //! `run/sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::header::CACHE_CONTROL;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +41,7 @@ use super::database::Database;
 use per_address::PerAddress;
 use record::Recorder;
 
+mod api;
 mod events;
 mod links;
 mod one_click;
@@ -72,9 +74,11 @@ struct App {
 pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
     let app = App {
         side: Arc::new(side),
-        recorder: Arc::new(Recorder::new(database)),
+        recorder: Arc::new(Recorder::new(Arc::clone(&database))),
     };
     Router::new()
+        // the HTTP API for applications (/v1/…, per-workspace API keys)
+        .merge(api::router(Arc::clone(&database)))
         .route("/u/{token}", get(links::confirm).post(links::unsubscribe))
         .route("/o/{token}", get(links::open))
         .route("/c/{token}", get(links::click))
@@ -111,8 +115,17 @@ async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
 }
 
-/// The limit layers answer with bare statuses; these say which limit, and what to do.
+/// The limit layers answer with bare statuses; these say which limit, and what to do. An answer that
+/// is JSON already (the API's own errors) says it.
 async fn explain_limits(response: Response) -> Response {
+    if response
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+        == Some(b"application/json")
+    {
+        return response;
+    }
     match response.status() {
         StatusCode::PAYLOAD_TOO_LARGE => (
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,0 +1,225 @@
+//! The HTTP API (`/v1/…`): what an application that holds no database connection (a browser, a
+//! mobile backend, a serverless function, a form) may ask of herald, with a per-workspace API key.
+//!
+//!   POST /v1/track                      one event              herald.track
+//!   POST /v1/track/batch                many events            herald.track_many (one call)
+//!   POST /v1/contacts                   identify / upsert      herald.upsert_contact
+//!   POST /v1/contacts/batch             many contacts          herald.upsert_contacts
+//!   POST /v1/send                       a transactional email  herald.send
+//!   POST /v1/lists/{list}/subscribe     join a list            herald.subscribe
+//!   POST /v1/lists/{list}/unsubscribe   leave a list           herald.unsubscribe
+//!   GET  /v1/openapi.json               this API in OpenAPI 3.1
+//!
+//! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`
+//! (sql/api.sql): the key is checked there (stored as a SHA-256 only; revocation counts at once), the
+//! workspace is the key's (never the body's), the idempotency key is claimed in the same transaction
+//! as the write, and the SQL function runs with the same checks and messages as from SQL. The daemon
+//! checks only the request's form: the key's syntax (`auth`), the Idempotency-Key header
+//! (`idempotency`), the body's JSON, depth, fields and batch size (`routes`). Errors are JSON
+//! (`error`): the SQL error's message, hint and detail, with its SQLSTATE as the code.
+
+mod auth;
+mod error;
+mod idempotency;
+mod openapi;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::run::database::Database;
+
+pub use routes::ROUTES;
+
+/// What the API's handlers share.
+#[derive(Clone)]
+struct ApiState {
+    database: Arc<Database>,
+}
+
+/// The `/v1/…` routes, for any outer router's state (they carry their own).
+pub fn router<S: Clone + Send + Sync + 'static>(database: Arc<Database>) -> Router<S> {
+    let mut router = Router::new().route("/v1/openapi.json", get(openapi::serve));
+    for route in ROUTES {
+        let operation = route.operation;
+        router = router.route(
+            route.path,
+            post(move |state, path, headers, body| {
+                routes::handle(operation, state, path, headers, body)
+            }),
+        );
+    }
+    router
+        .route("/v1/{*rest}", axum::routing::any(routes::unknown))
+        .with_state(ApiState { database })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{to_bytes, Body};
+    use axum::http::{Request, StatusCode};
+    use serde_json::Value as Json;
+    use tower::ServiceExt as _;
+
+    async fn call(request: Request<Body>) -> (StatusCode, Json) {
+        let app: Router = router(Database::unreachable());
+        let response = app.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let body = to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        (status, serde_json::from_slice(&body).unwrap_or(Json::Null))
+    }
+
+    fn post(path: &str, headers: &[(&str, &str)], body: &str) -> Request<Body> {
+        let mut request = Request::post(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request
+            .body(Body::from(body.to_string()))
+            .expect("a request")
+    }
+
+    const KEY: &str = "hk_1_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[tokio::test]
+    async fn the_form_of_a_request_is_checked_before_the_database() {
+        let auth = format!("Bearer {KEY}");
+        let auth = ("authorization", auth.as_str());
+        let (status, body) = call(post("/v1/track", &[], "{}")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, _) = call(post("/v1/track", &[("authorization", "Bearer nope")], "{}")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let (status, body) = call(post("/v1/track", &[auth], "not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("the body is not JSON"),
+            "{body}"
+        );
+        let (status, body) = call(post(
+            "/v1/track",
+            &[auth],
+            r#"{"workspace": "other", "email": "a@x.example", "kind": "k"}"#,
+        ))
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body["error"]["message"],
+            "unknown field \"workspace\" in the body; allowed: email, kind, payload"
+        );
+        assert_eq!(
+            body["error"]["hint"],
+            "The workspace is the API key's; a key acts for its workspace only."
+        );
+        let deep = format!("{{\"events\": {}1{}}}", "[".repeat(60), "]".repeat(60));
+        let (status, body) = call(post("/v1/track/batch", &[auth], &deep)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let many = format!(
+            "{{\"events\": [{}]}}",
+            vec!["{}"; routes::MAX_BATCH + 1].join(",")
+        );
+        let (status, body) = call(post("/v1/track/batch", &[auth], &many)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            format!(
+                "at most {} events per request, got {}",
+                routes::MAX_BATCH,
+                routes::MAX_BATCH + 1
+            )
+        );
+        let (status, body) = call(post(
+            "/v1/track",
+            &[auth, ("idempotency-key", "")],
+            r#"{"email": "a@x.example", "kind": "k"}"#,
+        ))
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        // a well-formed request reaches for the database, which is away here
+        let (status, body) = call(post(
+            "/v1/track",
+            &[auth],
+            r#"{"email": "a@x.example", "kind": "k"}"#,
+        ))
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable");
+
+        let (status, body) = call(post("/v1/nothing", &[auth], "{}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/nothing"));
+        let request = Request::get("/v1/track")
+            .body(Body::empty())
+            .expect("a request");
+        let (status, _) = call(request).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    /// Every route the router serves is in the OpenAPI document, and everything the document
+    /// describes is served (a documented path that answered 404 would be a lie).
+    #[tokio::test]
+    async fn the_openapi_document_describes_every_route() {
+        let (status, doc) = call(
+            Request::get("/v1/openapi.json")
+                .body(Body::empty())
+                .expect("a request"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().expect("paths");
+        for route in ROUTES {
+            let path = route.path;
+            let described = &paths
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is not described"))["post"];
+            assert!(described.is_object(), "POST {path} is not described");
+            let schema = &described["requestBody"]["content"]["application/json"]["schema"];
+            let mut properties: Vec<&str> = schema["properties"]
+                .as_object()
+                .expect("properties")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            properties.sort_unstable();
+            let mut fields = route.operation.fields().to_vec();
+            fields.sort_unstable();
+            assert_eq!(properties, fields, "{path}: the body's fields");
+        }
+        assert!(paths["/v1/openapi.json"]["get"].is_object());
+        assert_eq!(
+            paths.len(),
+            ROUTES.len() + 1,
+            "no path described twice or unserved"
+        );
+        for (path, item) in paths {
+            for method in item.as_object().expect("methods").keys() {
+                let concrete = path.replace("{list}", "news");
+                let request = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&concrete)
+                    .body(Body::from("{}"))
+                    .expect("a request");
+                let (status, _) = call(request).await;
+                assert_ne!(
+                    status,
+                    StatusCode::NOT_FOUND,
+                    "{method} {path} is not served"
+                );
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            }
+        }
+    }
+}

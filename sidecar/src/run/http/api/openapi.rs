@@ -1,0 +1,213 @@
+//! `GET /v1/openapi.json`: the API described in OpenAPI 3.1, written here by hand from the route
+//! table (`routes::ROUTES`), so a route cannot be served undescribed; a unit test (`api::tests`)
+//! checks the document against what the router serves, field by field.
+
+use std::sync::OnceLock;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value as Json};
+
+use super::routes::{Operation, MAX_BATCH, ROUTES};
+
+pub async fn serve() -> Response {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let body = DOCUMENT.get_or_init(|| document().to_string()).clone();
+    (
+        [
+            (CONTENT_TYPE, "application/json"),
+            // the document changes only with the daemon's version
+            (axum::http::header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The whole document.
+pub fn document() -> Json {
+    let mut paths = serde_json::Map::new();
+    for route in ROUTES {
+        paths.insert(
+            route.path.into(),
+            json!({"post": operation(route.operation)}),
+        );
+    }
+    paths.insert(
+        "/v1/openapi.json".into(),
+        json!({"get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": {"description": "The OpenAPI 3.1 description of this API",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}}
+        }}),
+    );
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "herald HTTP API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Track events, identify contacts, send transactional email and manage list \
+                membership for one workspace: the API key's. Each request is one call of the SQL function \
+                named in its description, with the same checks and error messages. Writes take an \
+                Idempotency-Key header: the same key with the same body within 24 hours returns the first \
+                answer (with Idempotent-Replayed: true) without running again; with another body, 409."
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "hk_<id>_<64 hex>",
+                "description": "A key made by herald.create_api_key(workspace, name, scopes) (shown once)."
+            }},
+            "parameters": {"idempotencyKey": {
+                "name": "Idempotency-Key", "in": "header", "required": false,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+                "description": "Makes a retry safe: the first answer is returned again for 24 hours."
+            }},
+            "schemas": {
+                "Error": {
+                    "type": "object", "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object", "required": ["message", "code"],
+                        "properties": {
+                            "message": {"type": "string", "description": "The SQL function's message, or what is wrong with the request"},
+                            "hint": {"type": ["string", "null"]},
+                            "detail": {"type": ["string", "null"]},
+                            "code": {"type": "string", "description": "The SQLSTATE when the database refused, else a word such as unauthorized, invalid_json, unknown_field, batch_too_large, unavailable"}
+                        }
+                    }}
+                },
+                "Event": {
+                    "type": "object", "required": ["email", "kind"], "additionalProperties": false,
+                    "properties": {
+                        "email": {"type": "string", "format": "email"},
+                        "kind": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "payload": {"type": "object"},
+                        "occurred_at": {"type": "string", "format": "date-time"}
+                    }
+                },
+                "Contact": {
+                    "type": "object", "required": ["email"], "additionalProperties": false,
+                    "properties": {
+                        "email": {"type": "string", "format": "email"},
+                        "attributes": {"type": "object", "description": "Merged into the stored ones; a key set to null removes it"},
+                        "timezone": {"type": "string", "description": "An IANA name, e.g. Europe/Paris"}
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn operation(op: Operation) -> Json {
+    let (summary, function, properties, required, answer) = describe(op);
+    let mut parameters = vec![json!({"$ref": "#/components/parameters/idempotencyKey"})];
+    if matches!(op, Operation::Subscribe | Operation::Unsubscribe) {
+        parameters.push(json!({"name": "list", "in": "path", "required": true,
+                               "schema": {"type": "string", "minLength": 1, "maxLength": 200}}));
+    }
+    let error = |what: &str| {
+        json!({"description": what,
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    };
+    json!({
+        "operationId": op.sql_name(),
+        "summary": summary,
+        "description": format!("Calls {function} for the API key's workspace. Needs the key scope \"{}\".", op.scope()),
+        "parameters": parameters,
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": false,
+            "properties": properties, "required": required
+        }}}},
+        "responses": {
+            "200": {"description": "Done (or, with Idempotent-Replayed: true, done before)",
+                    "content": {"application/json": {"schema": answer}}},
+            "400": error("Not JSON, too deep, or a malformed header"),
+            "401": error("No API key, an unknown one, or a revoked one"),
+            "403": error("The key lacks the scope"),
+            "404": error("An unknown template or provider"),
+            "409": error("The Idempotency-Key was used for another request"),
+            "413": error("Too many items, or a body over 1 MiB"),
+            "422": error("A value the SQL function refuses (its message, hint and detail)"),
+            "503": error("The database is not reachable; try again")
+        }
+    })
+}
+
+/// (summary, SQL function, body properties, required fields, answer schema) of an operation.
+fn describe(op: Operation) -> (&'static str, &'static str, Json, Json, Json) {
+    let id =
+        json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}});
+    let counts = |names: [&str; 3]| {
+        json!({"type": "object", "required": names,
+               "properties": {names[0]: {"type": "integer"}, names[1]: {"type": "integer"}, names[2]: {"type": "integer"}}})
+    };
+    let emails = json!({
+        "email": {"type": "string", "description": "One address (or use emails)"},
+        "emails": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_BATCH}
+    });
+    match op {
+        Operation::Track => (
+            "Track one event (creates the contact if new)",
+            "herald.track(workspace, email, kind, payload)",
+            json!({"email": {"type": "string", "format": "email"},
+                   "kind": {"type": "string", "minLength": 1, "maxLength": 200},
+                   "payload": {"type": "object"}}),
+            json!(["email", "kind"]),
+            id,
+        ),
+        Operation::TrackMany => (
+            "Track many events in one call",
+            "herald.track_many(workspace, events)",
+            json!({"events": {"type": "array", "maxItems": MAX_BATCH,
+                              "items": {"$ref": "#/components/schemas/Event"}}}),
+            json!(["events"]),
+            json!({"type": "object", "required": ["accepted"],
+                   "properties": {"accepted": {"type": "integer", "description": "Events recorded (all, or none with an error naming the first bad entry)"}}}),
+        ),
+        Operation::UpsertContact => (
+            "Identify a contact: create it, or merge its attributes",
+            "herald.upsert_contact(workspace, email, attributes)",
+            json!({"email": {"type": "string", "format": "email"},
+                   "attributes": {"type": "object"}}),
+            json!(["email"]),
+            id,
+        ),
+        Operation::UpsertContacts => (
+            "Create or update many contacts",
+            "herald.upsert_contacts(workspace, contacts)",
+            json!({"contacts": {"type": "array", "maxItems": MAX_BATCH,
+                                "items": {"$ref": "#/components/schemas/Contact"}}}),
+            json!(["contacts"]),
+            counts(["inserted", "updated", "rejected"]),
+        ),
+        Operation::Send => (
+            "Send a transactional email with a template",
+            "herald.send(workspace, email, template, context, provider, dedupe_key)",
+            json!({"email": {"type": "string", "format": "email"},
+                   "template": {"type": "string"},
+                   "context": {"type": "object", "description": "Template variables"},
+                   "provider": {"type": "string", "default": "default"},
+                   "dedupe_key": {"type": "string", "description": "Sending twice with one key sends once"}}),
+            json!(["email", "template"]),
+            id,
+        ),
+        Operation::Subscribe => (
+            "Subscribe addresses to a list (creates the list and contacts if new)",
+            "herald.subscribe(workspace, list, emails)",
+            emails,
+            json!([]),
+            counts(["subscribed", "already", "rejected"]),
+        ),
+        Operation::Unsubscribe => (
+            "Unsubscribe addresses from a list",
+            "herald.unsubscribe(workspace, list, emails)",
+            emails,
+            json!([]),
+            counts(["unsubscribed", "not_subscribed", "rejected"]),
+        ),
+    }
+}

@@ -1,0 +1,273 @@
+-- herald: the HTTP API's side in the database (issue 13). The daemon serves /v1/… (sidecar/src/run/http/api/)
+-- and makes ONE call per request: herald.api_call(secret, operation, args, idempotency_key), which
+-- checks the key, claims the idempotency key, runs the existing SQL function the operation names
+-- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe) for the key's
+-- workspace, and stores the answer for a retry: one statement, one transaction.
+--
+-- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
+-- only. 244 random bits (two gen_random_uuid: pg_strong_random), so a plain SHA-256 is enough (no
+-- salt or slow hash: nothing to brute-force). Lookup by the id in the secret, then the hashes are
+-- compared: a timing difference tells nothing (the attacker does not know the stored hash).
+
+CREATE TABLE herald.api_keys (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,   -- the id is in the secret: found without the workspace
+    workspace_id text NOT NULL,
+    name         text NOT NULL,
+    scopes       text[] NOT NULL,
+    secret_hash  bytea NOT NULL,        -- sha256 of the whole secret; the secret itself is never stored
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   name NOT NULL,
+    last_used_at timestamptz,           -- kept to the minute (see _api_key)
+    revoked_at   timestamptz,
+    revoked_by   name
+);
+CREATE INDEX api_keys_workspace_idx ON herald.api_keys (workspace_id, id);
+
+-- Idempotency-Key: the first request with a key (per workspace) runs and its answer is kept 24 hours;
+-- the same key with the same operation and arguments gets that answer again without running; with
+-- others, an error (409). Only answers of requests that succeeded are kept: a request that failed
+-- changed nothing, so running it again is safe. Pruned by herald.prune (after 24 hours).
+CREATE TABLE herald.api_idempotency (
+    workspace_id    text NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash    bytea NOT NULL,     -- sha256 of operation and arguments (jsonb's text: key order does not count)
+    response        jsonb NOT NULL,     -- ids and counts only, never an address
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, idempotency_key)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('herald.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.api_idempotency', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.api_keys_id_seq', '');
+
+-- The scopes a key may have, and the operations each allows.
+CREATE FUNCTION herald._api_scope(operation text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE operation
+    WHEN 'track' THEN 'track' WHEN 'track_many' THEN 'track'
+    WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
+    WHEN 'send' THEN 'send'
+    WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
+END;
+
+-- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
+-- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
+-- lists (/v1/lists/…), send (/v1/send). By default every one but send: a key that ends up in a
+-- browser can then not mail anyone. herald_admin.
+CREATE FUNCTION herald.create_api_key(workspace text, name text,
+                                      scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_secret text := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+    v_id bigint;
+    v_bad text;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
+        RAISE EXCEPTION 'invalid API key name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A key''s name is 1 to 200 characters, e.g. ''signup form''.';
+    END IF;
+    IF scopes IS NULL OR cardinality(scopes) = 0 THEN
+        RAISE EXCEPTION 'an API key needs at least one scope'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+    END IF;
+    SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
+      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+    END IF;
+    INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
+    VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
+            '\x00', herald._caller())
+    RETURNING id INTO v_id;
+    v_secret := 'hk_' || v_id || '_' || v_secret;
+    UPDATE herald.api_keys k SET secret_hash = sha256(convert_to(v_secret, 'UTF8')) WHERE k.id = v_id;
+    RETURN v_secret;
+END
+$$;
+
+-- Revokes a key of `workspace` (at once: every request checks the key). True when it was live;
+-- false when it was revoked already. herald_admin.
+CREATE FUNCTION herald.revoke_api_key(workspace text, key_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_revoked timestamptz;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    SELECT k.revoked_at INTO v_revoked FROM herald.api_keys k
+     WHERE k.id = key_id AND k.workspace_id = workspace FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown API key % in workspace %', coalesce(key_id::text, 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'herald.list_api_keys(workspace) shows the keys.';
+    END IF;
+    IF v_revoked IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE herald.api_keys k SET revoked_at = now(), revoked_by = herald._caller() WHERE k.id = key_id;
+    RETURN true;
+END
+$$;
+
+-- A workspace's keys, without their secrets (`prefix` is the start of the secret, to tell keys
+-- apart). herald_admin.
+CREATE FUNCTION herald.list_api_keys(workspace text)
+RETURNS TABLE (id bigint, name text, prefix text, scopes text[], created_at timestamptz, created_by name,
+               last_used_at timestamptz, revoked_at timestamptz, revoked_by name)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    RETURN QUERY
+    SELECT k.id, k.name, 'hk_' || k.id || '_', k.scopes, k.created_at, k.created_by, k.last_used_at,
+           k.revoked_at, k.revoked_by
+      FROM herald.api_keys k WHERE k.workspace_id = workspace ORDER BY k.id;
+END
+$$;
+
+-- The key a secret belongs to, or an error (invalid_authorization_specification: the daemon answers
+-- 401). Marks it used, at most once a minute and never waiting: a request that finds the key's row
+-- locked by another request's mark skips it (a mark per request would queue every request of a busy
+-- key behind one row lock).
+CREATE FUNCTION herald._api_key(secret text) RETURNS herald.api_keys
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_key herald.api_keys;
+    v_id bigint;
+BEGIN
+    IF secret ~ '^hk_[0-9]{1,18}_[0-9a-f]{64}$' THEN
+        v_id := split_part(secret, '_', 2)::bigint;
+        SELECT * INTO v_key FROM herald.api_keys k
+         WHERE k.id = v_id AND k.secret_hash = sha256(convert_to(secret, 'UTF8'));
+    END IF;
+    IF v_key.id IS NULL THEN
+        RAISE EXCEPTION 'unknown API key'
+            USING ERRCODE = 'invalid_authorization_specification',
+                  HINT = 'Send Authorization: Bearer hk_…, a key made by herald.create_api_key(workspace, name).';
+    END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'API key % was revoked', v_key.id
+            USING ERRCODE = 'invalid_authorization_specification',
+                  HINT = 'Ask an admin for a new key (herald.create_api_key).';
+    END IF;
+    IF v_key.last_used_at IS NULL OR v_key.last_used_at < now() - interval '1 minute' THEN
+        UPDATE herald.api_keys k SET last_used_at = now()
+         WHERE k.id = (SELECT l.id FROM herald.api_keys l WHERE l.id = v_key.id FOR UPDATE SKIP LOCKED);
+    END IF;
+    RETURN v_key;
+END
+$$;
+
+-- One API request: the key's check, the idempotency claim, the operation for the key's workspace (the
+-- workspace never comes from the request), the answer kept for a retry. Returns the answer and
+-- whether it is a replay of a stored one. Errors are the operation's own (same message, hint and
+-- SQLSTATE as when called from SQL); the daemon maps them to HTTP statuses.
+--
+-- Two requests with the same Idempotency-Key at once: the second's INSERT waits on the first's
+-- uncommitted row, then finds it (committed: the stored answer is returned) or not (rolled back:
+-- it runs). So a request runs once however many copies arrive together.
+--
+-- `args`: track {email, kind, payload}; track_many {events}; upsert_contact {email, attributes};
+-- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
+-- unsubscribe {list, emails}. herald_worker (the daemon) and herald_admin.
+CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
+RETURNS TABLE (response jsonb, replayed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+    v_ws text := v_key.workspace_id;
+    v_scope text := herald._api_scope(operation);
+    v_hash bytea;
+    v_claimed boolean;
+    v_stored record;
+    v_emails text[];
+BEGIN
+    IF v_scope IS NULL THEN
+        RAISE EXCEPTION 'unknown API operation %', coalesce(quote_literal(operation), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT v_scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % may not %: it lacks the scope "%"', v_key.id, operation, v_scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), v_scope);
+    END IF;
+    IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF api_call.idempotency_key IS NOT NULL THEN
+        IF api_call.idempotency_key !~ '^[!-~]{1,255}$' THEN
+            RAISE EXCEPTION 'Idempotency-Key must be 1 to 255 visible ASCII characters'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'A UUID is a good key.';
+        END IF;
+        v_hash := sha256(convert_to(operation || ' ' || args::text, 'UTF8'));
+        INSERT INTO herald.api_idempotency AS i (workspace_id, idempotency_key, request_hash, response)
+        VALUES (v_ws, api_call.idempotency_key, v_hash, 'null')
+        ON CONFLICT ON CONSTRAINT api_idempotency_pkey DO UPDATE
+           SET request_hash = EXCLUDED.request_hash, response = 'null', created_at = now()
+         WHERE i.created_at < now() - interval '24 hours'   -- an expired key is a new one
+        RETURNING true INTO v_claimed;
+        IF v_claimed IS NULL THEN
+            SELECT i.request_hash, i.response INTO v_stored FROM herald.api_idempotency i
+             WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+            IF v_stored.request_hash IS DISTINCT FROM v_hash THEN
+                RAISE EXCEPTION 'Idempotency-Key % was used for another request', quote_literal(api_call.idempotency_key)
+                    USING ERRCODE = 'unique_violation',
+                          DETAIL = 'A key stands for one request (operation and body) for 24 hours.',
+                          HINT = 'Use a new key for a new request.';
+            END IF;
+            response := v_stored.response;
+            replayed := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF operation IN ('subscribe', 'unsubscribe') THEN
+        IF jsonb_typeof(args -> 'emails') IS DISTINCT FROM 'array'
+           OR EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'emails') e WHERE jsonb_typeof(e) <> 'string') THEN
+            RAISE EXCEPTION 'emails must be a JSON array of strings' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: {"emails": ["ann@example.com"]}, or {"email": "ann@example.com"}.';
+        END IF;
+        v_emails := ARRAY(SELECT jsonb_array_elements_text(args -> 'emails'));
+    END IF;
+
+    response := CASE operation
+        WHEN 'track' THEN
+            jsonb_build_object('id', herald.track(v_ws, args ->> 'email', args ->> 'kind', coalesce(args -> 'payload', '{}')))
+        WHEN 'track_many' THEN
+            jsonb_build_object('accepted', herald.track_many(v_ws, args -> 'events'))
+        WHEN 'upsert_contact' THEN
+            jsonb_build_object('id', herald.upsert_contact(v_ws, args ->> 'email', coalesce(args -> 'attributes', '{}')))
+        WHEN 'upsert_contacts' THEN
+            (SELECT to_jsonb(u) FROM herald.upsert_contacts(v_ws, args -> 'contacts') u)
+        WHEN 'send' THEN
+            jsonb_build_object('id', herald.send(v_ws, args ->> 'email', args ->> 'template',
+                                                 coalesce(args -> 'context', '{}'),
+                                                 coalesce(args ->> 'provider', 'default'), args ->> 'dedupe_key'))
+        WHEN 'subscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'unsubscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+    END;
+    replayed := false;
+    IF api_call.idempotency_key IS NOT NULL THEN
+        UPDATE herald.api_idempotency i SET response = api_call.response
+         WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+    END IF;
+    RETURN NEXT;
+END
+$$;

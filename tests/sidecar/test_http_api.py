@@ -1,0 +1,290 @@
+"""The HTTP API (/v1/…) end to end: `herald run` serving it as a herald_worker role (the production
+set-up), a real HTTP client, assertions on what the database holds and on what the SMTP server got.
+Keys are made with herald.create_api_key; the workspace of a request is always its key's."""
+
+import http.client
+import json
+import threading
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import free_port, wait_until
+from test_http_side import wait_http
+from test_least_privilege import roles, url  # noqa: F401  (roles is a fixture)
+
+ALL_SCOPES = "ARRAY['track', 'contacts', 'lists', 'send']"
+
+
+class Api:
+    """A client of the daemon's /v1/… on one port; `key` is sent as the bearer token."""
+
+    def __init__(self, port, key=None):
+        self.port = port
+        self.key = key
+
+    def call(self, path, body=None, key="default", headers=None, method="POST", raw=None):
+        """(status, headers, parsed JSON body or the raw text)."""
+        h = {"Content-Type": "application/json"}
+        key = self.key if key == "default" else key
+        if key is not None:
+            h["Authorization"] = f"Bearer {key}"
+        h.update(headers or {})
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=data, headers=h)
+            r = conn.getresponse()
+            text = r.read().decode()
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = text
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def api(db, sidecar, roles):  # noqa: F811
+    """The daemon logged in as a herald_worker member, its HTTP side on a free port; a key of 'acme'
+    with every scope."""
+    worker, _ = roles
+    port = free_port()
+    sidecar(DATABASE_URL=url(db, worker), HERALD_HTTP_ADDR=f"127.0.0.1:{port}",
+            HERALD_PUBLIC_URL=f"http://127.0.0.1:{port}", HERALD_LINK_SECRET="api-test-link-secret")
+    wait_http(port)
+    key = db.one(f"SELECT herald.create_api_key('acme', 'test', {ALL_SCOPES})")
+    return Api(port, key)
+
+
+def sql_error(db, statement, *params):
+    """The error a SQL call raises: (message, hint, detail, SQLSTATE)."""
+    with pytest.raises(psycopg.Error) as caught:
+        db.q(statement, *params)
+    d = caught.value.diag
+    return d.message_primary, d.message_hint, d.message_detail, d.sqlstate
+
+
+def test_every_route_does_its_work_in_the_database(db, smtp, api):
+    # track: one event, the contact made on the way
+    status, _, body = api.call("/v1/track", {"email": "Ann@Example.com", "kind": "signup", "payload": {"plan": "pro"}})
+    assert status == 200, body
+    assert db.q("SELECT id, email, kind, payload FROM herald.events WHERE kind = 'signup'") == \
+        [(body["id"], "ann@example.com", "signup", {"plan": "pro"})]
+
+    # track/batch: one track_many
+    events = [{"email": f"b{i}@example.com", "kind": "viewed", "payload": {"n": i}} for i in range(50)]
+    status, _, body = api.call("/v1/track/batch", {"events": events})
+    assert (status, body) == (200, {"accepted": 50})
+    assert db.one("SELECT count(DISTINCT email) FROM herald.events WHERE kind = 'viewed'") == 50
+
+    # contacts: identify (attributes merged), and many at once
+    status, _, body = api.call("/v1/contacts", {"email": "ann@example.com", "attributes": {"first_name": "Ann"}})
+    assert status == 200, body
+    assert db.q("SELECT id, attributes FROM herald.contacts WHERE email = 'ann@example.com'") == \
+        [(body["id"], {"first_name": "Ann"})]
+    status, _, body = api.call("/v1/contacts/batch", {"contacts": [
+        {"email": "c1@example.com", "attributes": {"plan": "free"}, "timezone": "Europe/Paris"},
+        {"email": "ann@example.com", "attributes": {"plan": "pro"}}]})
+    assert (status, body) == (200, {"inserted": 1, "updated": 1, "rejected": 0})
+    assert db.one("SELECT attributes FROM herald.contacts WHERE email = 'ann@example.com'") == \
+        {"first_name": "Ann", "plan": "pro"}
+    assert db.one("SELECT timezone FROM herald.contacts WHERE email = 'c1@example.com'") == "Europe/Paris"
+
+    # lists: one address or many, the list from the path
+    status, _, body = api.call("/v1/lists/news%20letter/subscribe", {"emails": ["ann@example.com", "new@example.com", "bad"]})
+    assert (status, body) == (200, {"subscribed": 2, "already": 0, "rejected": 1})
+    status, _, body = api.call("/v1/lists/news%20letter/unsubscribe", {"email": "ann@example.com"})
+    assert (status, body) == (200, {"unsubscribed": 1, "not_subscribed": 0, "rejected": 0})
+    assert db.q("""SELECT c.email, m.status FROM herald.list_members m JOIN herald.contacts c ON c.id = m.contact_id
+                    WHERE m.list = 'news letter' ORDER BY 1""") == \
+        [("ann@example.com", "unsubscribed"), ("new@example.com", "subscribed")]
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind IN ('list.joined', 'list.left')") == 3
+
+    # send: a transactional email that the SMTP server receives, rendered with the context
+    db.q("SELECT herald.upsert_template('acme', 'receipt', 'Receipt {{ variables.order }}', '<p>Thanks {{ contact.first_name }}</p>')")
+    status, _, body = api.call("/v1/send", {"email": "ann@example.com", "template": "receipt", "context": {"order": "A-17"}})
+    assert status == 200, body
+    assert db.one("SELECT kind FROM herald.outbox WHERE id = %s", body["id"]) == "email"
+    wait_until(lambda: smtp.count() == 1, timeout=30, what="the receipt")
+    rcpts, msg, _ = smtp.snapshot()[0]
+    assert rcpts == ["ann@example.com"]
+    assert msg["Subject"] == "Receipt A-17"
+    assert "Thanks Ann" in msg.get_body(("html",)).get_content()
+
+    # every write was this key's, and its use is visible (without the secret)
+    rows = db.q("SELECT name, prefix, last_used_at IS NOT NULL FROM herald.list_api_keys('acme')")
+    assert rows == [("test", api.key[:api.key.index("_", 3) + 1], True)]
+    assert api.key[-64:] not in json.dumps(db.q("SELECT to_jsonb(k) FROM herald.api_keys k"))
+
+
+def test_wrong_revoked_and_narrow_keys_are_refused(db, api):
+    track = {"email": "x@example.com", "kind": "ping"}
+    before = db.one("SELECT count(*) FROM herald.events")
+    for key in (None, "nonsense", api.key[:-1] + ("0" if api.key[-1] != "0" else "1"), "hk_999_" + "a" * 64):
+        status, _, body = api.call("/v1/track", track, key=key)
+        assert status == 401, (key, body)
+        assert body["error"]["code"] in ("unauthorized", "28000")
+        assert body["error"]["message"] in ("missing API key", "unknown API key")
+    # a well-formed wrong key is refused by the database with the same message as a malformed one
+    status, _, body = api.call("/v1/track", track, key="hk_999_" + "a" * 64)
+    assert body["error"] == {"message": "unknown API key", "code": "28000", "detail": None,
+                             "hint": "Send Authorization: Bearer hk_…, a key made by herald.create_api_key(workspace, name)."}
+
+    # a key without the send scope (the default scopes) may track but not send
+    narrow = db.one("SELECT herald.create_api_key('acme', 'browser')")
+    assert api.call("/v1/track", track, key=narrow)[0] == 200
+    db.q("SELECT herald.upsert_template('acme', 't', 'T', '<p>t</p>')")
+    status, _, body = api.call("/v1/send", {"email": "x@example.com", "template": "t"}, key=narrow)
+    assert status == 403, body
+    assert body["error"]["message"].endswith('lacks the scope "send"')
+    assert db.one("SELECT count(*) FROM herald.outbox") == 0
+
+    # revoked: refused at once
+    key_id = int(narrow.split("_")[1])
+    assert db.one("SELECT herald.revoke_api_key('acme', %s)", key_id) is True
+    status, _, body = api.call("/v1/track", track, key=narrow)
+    assert (status, body["error"]["message"]) == (401, f"API key {key_id} was revoked")
+    assert db.one("SELECT count(*) FROM herald.events") == before + 2   # ping + contact.created, once
+
+
+def test_a_key_acts_for_its_own_workspace_only(db, api):
+    db.q("SELECT herald.create_workspace('other', 'Other')")
+    other = db.one(f"SELECT herald.create_api_key('other', 'theirs', {ALL_SCOPES})")
+    status, _, body = api.call("/v1/track", {"email": "z@example.com", "kind": "ping", "workspace": "acme"}, key=other)
+    assert status == 422
+    assert body["error"]["message"] == 'unknown field "workspace" in the body; allowed: email, kind, payload'
+    assert body["error"]["hint"] == "The workspace is the API key's; a key acts for its workspace only."
+    assert api.call("/v1/track", {"email": "z@example.com", "kind": "ping"}, key=other)[0] == 200
+    assert api.call("/v1/contacts", {"email": "ann@example.com", "attributes": {"owner": "other"}}, key=other)[0] == 200
+    assert api.call("/v1/lists/vip/subscribe", {"email": "z@example.com"}, key=other)[0] == 200
+    # everything landed in 'other'; 'acme' has none of it
+    assert db.q("SELECT DISTINCT workspace_id FROM herald.events") == [("other",)]
+    assert db.q("SELECT workspace_id, email FROM herald.contacts ORDER BY 1, 2") == \
+        [("other", "ann@example.com"), ("other", "z@example.com")]
+    assert db.q("SELECT DISTINCT workspace_id FROM herald.list_members") == [("other",)]
+    # an admin of acme cannot revoke other's key by naming acme
+    key_id = int(other.split("_")[1])
+    message, hint, _, code = sql_error(db, "SELECT herald.revoke_api_key('acme', %s)", key_id)
+    assert (code, message) == ("P0002", f"unknown API key {key_id} in workspace 'acme'")
+
+
+def test_a_retry_with_the_same_idempotency_key_writes_once(db, api):
+    body = {"email": "ann@example.com", "kind": "paid", "payload": {"amount": 10}}
+    first = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
+    again = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
+    assert first[0] == again[0] == 200
+    assert first[2] == again[2]
+    assert "idempotent-replayed" not in first[1]
+    assert again[1]["idempotent-replayed"] == "true"
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'paid'") == 1
+    # the same key for another request: 409, nothing written
+    status, _, err = api.call("/v1/track", dict(body, payload={"amount": 11}), headers={"Idempotency-Key": "order-17"})
+    assert status == 409
+    assert err["error"]["message"] == "Idempotency-Key 'order-17' was used for another request"
+    assert err["error"]["code"] == "23505"
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'paid'") == 1
+    # a failed request is not kept: fixed and sent again under the same key, it runs
+    bad = {"email": "not-an-address", "kind": "paid"}
+    assert api.call("/v1/track", bad, headers={"Idempotency-Key": "order-18"})[0] == 422
+    assert api.call("/v1/track", dict(bad, kind="other"), headers={"Idempotency-Key": "order-18"})[0] == 422
+    assert db.one("SELECT count(*) FROM herald.api_idempotency WHERE idempotency_key = 'order-18'") == 0
+    # after 24 hours the key is free again, and prune removes it
+    db.q("UPDATE herald.api_idempotency SET created_at = now() - interval '25 hours'")
+    replay = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
+    assert replay[0] == 200 and "idempotent-replayed" not in replay[1]
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'paid'") == 2
+    db.q("UPDATE herald.api_idempotency SET created_at = now() - interval '25 hours'")
+    db.q("SELECT herald.prune('30 days')")
+    assert db.one("SELECT count(*) FROM herald.api_idempotency") == 0
+
+
+def test_concurrent_identical_requests_run_once(db, api):
+    db.q("SELECT herald.upsert_template('acme', 'receipt', 'Receipt', '<p>r</p>')")
+    n = 16
+    for path, body, count in [
+        ("/v1/track", {"email": "ann@example.com", "kind": "paid"},
+         "SELECT count(*) FROM herald.events WHERE kind = 'paid'"),
+        ("/v1/send", {"email": "ann@example.com", "template": "receipt"},
+         "SELECT count(*) FROM herald.outbox WHERE kind = 'email'"),
+    ]:
+        key = str(uuid.uuid4())
+        barrier = threading.Barrier(n)
+        answers = [None] * n
+
+        def one(i, path=path, body=body, key=key, barrier=barrier, answers=answers):
+            barrier.wait()
+            answers[i] = api.call(path, body, headers={"Idempotency-Key": key})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {a[0] for a in answers} == {200}, answers
+        assert len({json.dumps(a[2]) for a in answers}) == 1, "every copy got the same answer"
+        assert sum(1 for a in answers if "idempotent-replayed" not in a[1]) == 1, "exactly one ran"
+        assert db.one(count) == 1, path
+
+
+def test_sql_errors_come_back_with_the_same_message(db, api):
+    # one event: the message, detail and SQLSTATE of herald.track itself
+    message, hint, detail, code = sql_error(db, "SELECT herald.track('acme', 'nope', 'ping')")
+    status, _, body = api.call("/v1/track", {"email": "nope", "kind": "ping"})
+    assert status == 422
+    assert body["error"] == {"message": message, "hint": hint, "detail": detail, "code": code}
+    assert message == 'track: email "nope" is not a valid address'
+
+    # a batch: the first bad entry by position, how many are bad, nothing recorded
+    events = [{"email": "a@example.com", "kind": "x"}, {"email": "b@example.com"}, {"email": "c", "kind": "x"}]
+    message, hint, detail, code = sql_error(db, "SELECT herald.track_many('acme', %s::jsonb)", json.dumps(events))
+    status, _, body = api.call("/v1/track/batch", {"events": events})
+    assert status == 422
+    assert body["error"] == {"message": message, "hint": hint, "detail": detail, "code": code}
+    assert body["error"]["message"] == "track_many: events[1]: kind is missing or not a non-empty string"
+    assert body["error"]["detail"] == "2 of 3 entries are invalid; nothing was recorded."
+
+    # an unknown template: 404 with send's message and hint
+    message, hint, detail, code = sql_error(db, "SELECT herald.send('acme', 'a@example.com', 'nope')")
+    status, _, body = api.call("/v1/send", {"email": "a@example.com", "template": "nope"})
+    assert status == 404
+    assert body["error"] == {"message": message, "hint": hint, "detail": detail, "code": code}
+    assert db.one("SELECT count(*) FROM herald.events") == 0
+    assert db.one("SELECT count(*) FROM herald.contacts") == 0
+
+
+def test_bounds_and_unknown_routes(db, api):
+    too_many = {"events": [{"email": "a@example.com", "kind": "x"}] * 10_001}
+    status, _, body = api.call("/v1/track/batch", too_many)
+    assert status == 413
+    assert body["error"]["message"] == "at most 10000 events per request, got 10001"
+    deep = {"email": "a@example.com", "kind": "x", "payload": json.loads("[" * 45 + "]" * 45)}
+    status, _, body = api.call("/v1/track", deep)
+    assert (status, body["error"]["message"]) == (400, "the body nests deeper than 40 levels")
+    status, _, body = api.call("/v1/track", raw=b"{not json")
+    assert status == 400 and body["error"]["message"].startswith("the body is not JSON")
+    status, _, _ = api.call("/v1/track", raw=b" " * (1024 * 1024 + 1))
+    assert status == 413
+    status, _, body = api.call("/v1/nothing", {})
+    assert (status, body["error"]["code"]) == (404, "not_found")
+    assert db.one("SELECT count(*) FROM herald.events") == 0
+
+
+def test_the_openapi_document_describes_what_is_served(api):
+    status, headers, doc = api.call("/v1/openapi.json", method="GET", key=None)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert doc["openapi"] == "3.1.0"
+    paths = doc["paths"]
+    assert set(paths) == {"/v1/track", "/v1/track/batch", "/v1/contacts", "/v1/contacts/batch", "/v1/send",
+                          "/v1/lists/{list}/subscribe", "/v1/lists/{list}/unsubscribe", "/v1/openapi.json"}
+    for path, item in paths.items():
+        for method, op in item.items():
+            if path == "/v1/openapi.json":
+                continue
+            # served, and behind a key: 401 (not 404 or 405) without one
+            status, _, body = api.call(path.replace("{list}", "news"), {}, key=None, method=method.upper())
+            assert status == 401, (method, path, body)
+            assert set(op["responses"]) >= {"200", "401", "422"}
+            assert op["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"] is False
