@@ -38,6 +38,20 @@ SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template
 -- a send time in the past is refused, at creation and when scheduling
 SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "send_at": {"at": "2001-01-01T00:00:00Z"}}');
 SELECT herald.create_broadcast('b1', '{"name": "n", "template": "news-a", "audience": {"segment": {"field": "event.x", "op": "eq", "value": 1}}}');
+-- a broadcast's own sender and Reply-To are mailboxes (each fault with its JSON path)
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "from": "News <news@b1>", "reply_to": ["x"]}');
+-- the definition's rule (Rust) and SQL's (templates, providers) agree, example by example
+CREATE FUNCTION pg_temp.definition_accepts(m text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN herald._check_broadcast(jsonb_build_object('name', 'n', 'template', 't', 'audience', 'all', 'from', m)) ->> 'from' = m;
+EXCEPTION WHEN OTHERS THEN
+    RETURN false;
+END $$;
+SELECT to_json(m) AS mailbox, herald._valid_mailbox(m) AS sql_accepts, pg_temp.definition_accepts(m) = herald._valid_mailbox(m) AS same
+  FROM unnest(ARRAY['news@b1.test', 'News <news@b1.test>', 'News<news@b1.test>', '"B1, Inc." <news@b1.test>',
+                    'Zoë <zoe@b1.test>', 'news@b1', 'News <news@b1>', '<news@b1.test>', 'B1, Inc. <news@b1.test>',
+                    '"news"@b1.test', 'News <news@b1.test', 'a <b <news@b1.test>>', 'news @b1.test',
+                    E'News\r\nBcc: x@evil.test <news@b1.test>', E'News \u202e <news@b1.test>', '"a \ b" <news@b1.test>']) m;
 
 -- audience: the list (subscribed only), pro plan, not country XX, not suppressed
 SELECT herald.create_broadcast('b1', '{"name": "November", "template": "news-a",

@@ -127,3 +127,25 @@ SELECT herald.upsert_provider('q1', 'bad', 'pigeon');
 SELECT herald.upsert_provider('q1', 'bad', 'smtp', '{"rate_per_second": 1.5}');
 
 SELECT workspace_id, kind, status, jobs FROM herald.queue_status WHERE workspace_id = 'q1' AND status IN ('done', 'failed') ORDER BY 1, 2, 3;
+
+-- providers: a sender or Reply-To is a mailbox (the error names the setting's JSON path), stored trimmed;
+-- a refused call saves nothing
+SELECT herald.create_workspace('q2');
+SELECT herald.upsert_provider('q2', 'bad', 'smtp', '{"from": "Acme <news@acme>"}');
+SELECT herald.upsert_provider('q2', 'bad', 'smtp', '{"reply_to": 5}');
+SELECT herald.upsert_provider('q2', 'bad', 'smtp', '{"from": "Acme, Inc. <news@acme.test>"}');
+SELECT herald.upsert_provider('q2', 'bad', 'smtp', '{"from": "news@acme.test", "sender": "x"}');
+SELECT count(*) AS nothing_saved FROM herald.providers WHERE workspace_id = 'q2';
+SELECT herald.upsert_provider('q2', 'esp', 'smtp', '{"from": " Acme <news@acme.test> ", "reply_to": "help@acme.test"}');
+SELECT herald.upsert_provider('q2', 'archive', 'file', '{"from": "\"Acme, Archive\" <archive@acme.test>"}');
+SELECT name, kind, settings FROM herald.providers WHERE workspace_id = 'q2' ORDER BY name;
+SELECT * FROM herald.provider_kinds() WHERE workspace_id = 'q2';
+-- the claim's payload: the provider's kind (none without a row), and From / Reply-To each from the
+-- template, else the provider, else absent (the daemon's HERALD_FROM)
+SELECT herald.upsert_template('q2', 'plain', 'Hi', '<p>x</p>');
+SELECT herald.upsert_template('q2', 'signed', 'Hi', '<p>x</p>', NULL, 'Templates <t@acme.test>');
+SELECT herald.send('q2', 'p1@example.com', 'plain', '{}', 'esp') > 0 AS p1, herald.send('q2', 'p2@example.com', 'signed', '{}', 'esp') > 0 AS p2,
+       herald.send('q2', 'p3@example.com', 'plain', '{}', 'archive') > 0 AS p3, herald.send('q2', 'p4@example.com', 'plain') > 0 AS p4;
+SELECT payload ->> 'to' AS recipient, payload ->> 'provider_kind' AS kind, payload ? 'provider_kind' AS has_kind,
+       payload ->> 'from' AS sender, payload ->> 'reply_to' AS reply_to
+  FROM herald.claim('w1', 10000) WHERE workspace = 'q2' ORDER BY 1;

@@ -152,6 +152,7 @@ SELECT c.fn AS function,
        pg_temp.try_as('hsec_worker', pg_temp.call_for(c.q, 'sa')) AS worker,
        pg_temp.try_as('hsec_admin', pg_temp.call_for(c.q, 'sb')) AS admin,
        pg_temp.try_as('hsec_nobody', pg_temp.call_for(c.q, 'sa')) AS "no herald role"
+  ('provider_kinds',        $q$SELECT herald.provider_kinds()$q$),
   FROM calls c ORDER BY c.n;
 
 -- nothing changed: every table holds what it held before the matrix

@@ -308,6 +308,8 @@ def test_dump_restore_then_run(fmt, source, target, receiver, smtp, tmp_path):
         env.update({
             "DATABASE_URL": f"host={PGHOST} dbname={target} user={USER}",
             "HERALD_SMTP_URL_DEFAULT": f"smtp://127.0.0.1:{smtp.port}?tls=none",
+            # the fixture's provider acme/archive is of kind file: herald run refuses to start without its mailbox
+            "HERALD_MAILDIR": str(tmp_path / "mailbox"),
             "HERALD_FROM": "Herald <herald@restore.test>",
             "HERALD_WEBHOOK_SECRET": SECRET,
             "HERALD_WEBHOOK_ALLOW": "127.0.0.1",
