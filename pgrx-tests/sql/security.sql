@@ -132,6 +132,7 @@ INSERT INTO calls (fn, q) VALUES
   ('record_feedback',       $q$SELECT herald.record_feedback('[]')$q$),
   ('prune',                 $q$SELECT herald.prune('30 days')$q$),
   ('advance_results',       $q$SELECT herald.advance_results(10)$q$),
+  ('provider_kinds',        $q$SELECT herald.provider_kinds()$q$),
   ('internal: _check_automation', $q$SELECT herald._check_automation('{}')$q$),
   ('internal: _authorize',  $q$SELECT herald._authorize('{ws}')$q$);
 CREATE FUNCTION pg_temp.call_for(q text, w text) RETURNS text LANGUAGE sql AS $$
@@ -152,7 +153,6 @@ SELECT c.fn AS function,
        pg_temp.try_as('hsec_worker', pg_temp.call_for(c.q, 'sa')) AS worker,
        pg_temp.try_as('hsec_admin', pg_temp.call_for(c.q, 'sb')) AS admin,
        pg_temp.try_as('hsec_nobody', pg_temp.call_for(c.q, 'sa')) AS "no herald role"
-  ('provider_kinds',        $q$SELECT herald.provider_kinds()$q$),
   FROM calls c ORDER BY c.n;
 
 -- nothing changed: every table holds what it held before the matrix
