@@ -45,6 +45,8 @@ SELECT w, 'webhook', 'dead-' || w, 'dead', '{}' FROM unnest(ARRAY['sa', 'sb']) w
 -- the results stream: each workspace's approval.requested (published by the tick), and a subscription
 SELECT count(DISTINCT workspace_id) = 2 AS published FROM herald.results WHERE workspace_id IN ('sa', 'sb');
 SELECT herald.subscribe_results(w, 'https://hooks.example/' || w, NULL) > 0 AS subscribed FROM unnest(ARRAY['sa', 'sb']) w;
+-- a template and a list nothing uses, for archive/delete
+SELECT herald.upsert_template(w, 'spare', 'Hi', '<p>x</p>'), herald.create_list(w, 'spare') FROM unnest(ARRAY['sa', 'sb']) w;
 -- the ids of each workspace's things, for the calls below
 CREATE TEMP TABLE ids AS
 SELECT w.id AS ws,
@@ -56,6 +58,11 @@ SELECT w.id AS ws,
        (SELECT s.id FROM herald.result_subscriptions s WHERE s.workspace_id = w.id) AS subscription
   FROM herald.workspaces w WHERE w.id IN ('sa', 'sb');
 GRANT SELECT ON ids TO PUBLIC;
+-- an API key of each workspace (its secret is random: kept out of the output)
+CREATE TEMP TABLE api_secrets AS
+SELECT w AS ws, k AS secret, split_part(k, '_', 2)::bigint AS id
+  FROM unnest(ARRAY['sa', 'sb']) w, LATERAL herald.create_api_key(w, 'matrix') k;
+GRANT SELECT ON api_secrets TO PUBLIC;
 SELECT ws, status, wait_kind FROM herald.enrollments JOIN ids ON enrollment = id ORDER BY 1;
 
 -- one call as one role, always rolled back: 'ok', or why it was refused
@@ -107,6 +114,10 @@ INSERT INTO calls (fn, q) VALUES
   ('newest_result',         $q$SELECT herald.newest_result('{ws}')$q$),
   ('subscribe_results',     $q$SELECT herald.subscribe_results('{ws}', 'https://hooks.example/x', ARRAY['email.sent'])$q$),
   ('unsubscribe_results',   $q$SELECT herald.unsubscribe_results('{ws}', {subscription})$q$),
+  ('create_api_key',        $q$SELECT herald.create_api_key('{ws}', 'k')$q$),
+  ('revoke_api_key',        $q$SELECT herald.revoke_api_key('{ws}', (SELECT id FROM api_secrets WHERE ws = '{ws}'))$q$),
+  ('list_api_keys',         $q$SELECT herald.list_api_keys('{ws}')$q$),
+  ('api_call (the key''s workspace)', $q$SELECT herald.api_call((SELECT secret FROM api_secrets WHERE ws = '{ws}'), 'track', '{"email": "x@example.com", "kind": "ping"}')$q$),
   ('create_workspace',      $q$SELECT herald.create_workspace('{ws}-2')$q$),
   ('grant_workspace',       $q$SELECT herald.grant_workspace('hsec_app_b', '{ws}')$q$),
   ('revoke_workspace',      $q$SELECT herald.revoke_workspace('hsec_app_a', '{ws}')$q$),
@@ -123,6 +134,15 @@ INSERT INTO calls (fn, q) VALUES
   ('resume_broadcast',      $q$SELECT herald.schedule_broadcast({broadcast}); SELECT herald.pause_broadcast({broadcast}); SELECT herald.resume_broadcast({broadcast})$q$),
   ('cancel_broadcast',      $q$SELECT herald.cancel_broadcast({broadcast})$q$),
   ('resend_failed',         $q$SELECT herald.cancel_broadcast({broadcast}); SELECT herald.resend_failed({broadcast})$q$),
+  ('archive_template',      $q$SELECT herald.archive_template('{ws}', 'spare')$q$),
+  ('unarchive_template',    $q$SELECT herald.unarchive_template('{ws}', 'spare')$q$),
+  ('delete_template',       $q$SELECT herald.delete_template('{ws}', 'spare')$q$),
+  ('archive_list',          $q$SELECT herald.archive_list('{ws}', 'spare')$q$),
+  ('unarchive_list',        $q$SELECT herald.unarchive_list('{ws}', 'spare')$q$),
+  ('delete_list',           $q$SELECT herald.delete_list('{ws}', 'spare')$q$),
+  ('archive_broadcast',     $q$SELECT herald.archive_broadcast({broadcast})$q$),
+  ('unarchive_broadcast',   $q$SELECT herald.unarchive_broadcast({broadcast})$q$),
+  ('delete_broadcast',      $q$SELECT herald.delete_broadcast({broadcast})$q$),
   ('claim',                 $q$SELECT herald.claim('w', 10)$q$),
   ('complete',              $q$SELECT herald.complete('[]')$q$),
   ('reap',                  $q$SELECT herald.reap()$q$),
