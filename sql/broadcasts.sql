@@ -102,6 +102,9 @@ DECLARE
 BEGIN
     PERFORM herald._require_workspace(workspace);
     v_def := herald._check_broadcast(definition);
+    PERFORM herald._refuse_archived(workspace, 'create_broadcast',
+                                    ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x),
+                                    ARRAY(SELECT jsonb_array_elements_text(v_def -> 'lists')));
     -- a time already past would send at once, which is never what "send at" meant
     IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
         RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
@@ -115,6 +118,8 @@ BEGIN
         RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
     END IF;
+    -- what the templates read as broadcast.<name> is in the definition's variables (or allowed missing)
+    PERFORM herald._check_broadcast_templates(workspace, v_def);
     IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
         SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
@@ -146,6 +151,7 @@ BEGIN
         RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    PERFORM herald._refuse_archived_broadcast(v);
     IF at IS NULL THEN
         RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -449,7 +455,9 @@ END
 $$;
 
 -- The A/B winner: the variation with the highest rate of unique openers (or clickers) among the test
--- recipients it was sent to. Too few engagements, or a tie, is decided and said so in the reason.
+-- recipients it was sent to. Too few engagements, or a tie, is decided and said so in the reason; so is
+-- how many reports of the metric could not be attributed to a variation (refused by record_feedback,
+-- or events naming the broadcast without one of its variations).
 CREATE FUNCTION herald._ab_winner(v herald.broadcasts, OUT winner text, OUT reason text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -464,6 +472,8 @@ DECLARE
     v_best text;
     v_tied int := 0;
     v_detail text := '';
+    v_unattributed bigint;
+    v_note text;
 BEGIN
     -- one row per variation (at most 26): sent test messages, unique engaged recipients, their rate
     FOR r IN
@@ -493,16 +503,37 @@ BEGIN
             v_tied := v_tied + 1;
         END IF;
     END LOOP;
+    SELECT coalesce(sum(x.n), 0) INTO v_unattributed FROM (
+        SELECT s.value AS n FROM herald.broadcast_stats s
+         WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id AND s.variation = ''
+           AND s.metric = replace(v_kind, 'email.', '') || '_unattributed'
+        UNION ALL
+        SELECT d.n FROM herald.broadcast_stats_delta d
+         WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id AND d.variation = ''
+           AND d.metric = replace(v_kind, 'email.', '') || '_unattributed'
+        UNION ALL
+        SELECT count(DISTINCT e.contact_id) FROM herald.events e
+         WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
+           AND NOT coalesce(e.payload ->> 'variation' IN (SELECT x ->> 'key' FROM jsonb_array_elements(v.definition -> 'variations') x), false)) x;
+    IF v_unattributed > 0 THEN
+        v_note := format('%s %s could not be attributed to a variation (no message_id and no sent message of this broadcast '
+                         'to that address, or another variation named: see herald.feedback_rejections)', v_unattributed, v_metric);
+    END IF;
     IF v_total < v_min THEN
         winner := v.definition -> 'variations' -> 0 ->> 'key';
-        reason := format('sample too small: %s unique %s in all (%s), fewer than %s; sending the first variation',
-                         v_total, v_metric, v_detail, v_min);
+        reason := CASE WHEN v_note IS NULL
+                       THEN format('sample too small: %s unique %s in all (%s), fewer than %s; sending the first variation',
+                                   v_total, v_metric, v_detail, v_min)
+                       ELSE format('sample too small: %s unique %s attributed (%s), fewer than %s; %s; sending the first variation',
+                                   v_total, v_metric, v_detail, v_min, v_note) END;
     ELSIF v_tied > 1 THEN
         winner := v_best;
-        reason := format('tie on %s rate (%s); the first tied variation wins', v_metric, v_detail);
+        reason := format('tie on %s rate (%s); the first tied variation wins', v_metric, v_detail)
+                  || coalesce('; ' || v_note, '');
     ELSE
         winner := v_best;
-        reason := format('highest %s rate, %s%% (%s)', v_metric, round((v_best_rate * 100)::numeric, 1), v_detail);
+        reason := format('highest %s rate, %s%% (%s)', v_metric, round((v_best_rate * 100)::numeric, 1), v_detail)
+                  || coalesce('; ' || v_note, '');
     END IF;
 END
 $$;
@@ -689,7 +720,10 @@ END
 $$;
 
 -- Exact per-variation numbers: folded + not yet folded deltas (queued, sent, failed, dead, suppressed,
--- cancelled, retried), plus unique opens and clicks from the engagement events.
+-- cancelled, retried), plus unique opens and clicks from the engagement events. Variation '': what
+-- counts for the broadcast but no variation: opened_unattributed / clicked_unattributed (reports
+-- record_feedback could not attribute; reasons in herald.feedback_rejections), and opens or clicks of
+-- events that name the broadcast without a variation.
 CREATE FUNCTION herald.broadcast_stats(broadcast bigint)
 RETURNS TABLE (variation text, metric text, value bigint)
 LANGUAGE plpgsql STABLE
@@ -711,7 +745,7 @@ BEGIN
         SELECT d.variation, d.metric, d.n FROM herald.broadcast_stats_delta d
          WHERE d.workspace_id = v_ws AND d.broadcast_id = broadcast
         UNION ALL
-        SELECT e.payload ->> 'variation', CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
+        SELECT coalesce(e.payload ->> 'variation', ''), CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
                count(DISTINCT e.contact_id)
           FROM herald.events e
          WHERE e.workspace_id = v_ws AND (e.payload ->> 'broadcast') = broadcast::text
@@ -722,11 +756,13 @@ BEGIN
 END
 $$;
 
--- One row per broadcast: where it stands.
+-- One row per broadcast: where it stands. Archived ones are left out (herald.archived lists them).
 CREATE VIEW herald.broadcast_overview AS
 SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
        b.retry_of, b.last_error, b.created_at, b.finished_at
-  FROM herald.broadcasts b;
+  FROM herald.broadcasts b
+ WHERE NOT EXISTS (SELECT 1 FROM herald.archived a
+                    WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text);
 
 -- What recipients and providers report back, recorded in ONE statement per batch (the sidecar's HTTP
 -- side calls it: unsubscribe links, the open pixel, click redirects, provider bounce/complaint events).
@@ -739,6 +775,14 @@ SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b
 -- only_workspace: the workspace whose credentials the report came with (a provider's events token, a
 -- link key); entries are then resolved in that workspace only, and entries naming another are skipped,
 -- so one workspace's token can never unsubscribe or suppress another's contacts.
+-- A/B attribution (issue 13): an open or click is counted for the broadcast and variation of its
+-- message: the message its message_id names, else (no message_id, or one herald does not know) the
+-- message of the broadcast its payload names ("payload": {"broadcast": id}) to that address (the
+-- contact's job of that broadcast: its variation). One that names a broadcast but cannot be attributed
+-- (no such broadcast in the workspace, no message of it to that address or not sent, or a payload
+-- variation other than the one sent) is refused: no event, a row in herald.feedback_rejections with the
+-- reason (batch = the transaction id, as contact_rejections), and counted in broadcast_stats as
+-- opened_unattributed / clicked_unattributed (variation ''). Other entries of the batch go on.
 CREATE FUNCTION herald.record_feedback(feedback jsonb, only_workspace text DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -764,8 +808,11 @@ BEGIN
     WITH input AS (
         SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
                coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
-               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord,
-               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord, t.f AS entry,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id, m.variation,
+               -- the broadcast an open or click names in its payload (read when its message does not say)
+               CASE WHEN t.f ->> 'kind' IN ('opened', 'clicked') AND m.broadcast_id IS NULL
+                    THEN t.f -> 'payload' ->> 'broadcast' END AS named_broadcast,
                -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
                -- report's payload with the message and the kind of bounce
                CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
@@ -783,7 +830,8 @@ BEGIN
                                     (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
                                     (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
                                     (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
-                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id,
+                                    (array_agg(h.variation ORDER BY h.id DESC))[1] AS variation
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
@@ -792,16 +840,56 @@ BEGIN
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
     ), known AS (
-        SELECT i.* FROM input i
+        SELECT i.*,
+               CASE WHEN i.named_broadcast ~ '^[0-9]{1,18}$' THEN i.named_broadcast::bigint END AS named_id
+          FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
            AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), attributed AS (
+        -- opens and clicks: the broadcast and variation they count for, or why they cannot count
+        SELECT k.*, b.id AS named_found, j.job_id AS named_job, j.variation AS named_variation,
+               CASE WHEN k.named_broadcast IS NULL THEN NULL
+                    WHEN k.named_id IS NULL THEN
+                        format('payload.broadcast must be a broadcast id (a whole number), got %s', k.entry -> 'payload' -> 'broadcast')
+                    WHEN b.id IS NULL THEN
+                        format('broadcast %s does not exist in workspace %s', k.named_id, quote_literal(k.workspace_id))
+                    WHEN j.variation IS NULL THEN
+                        format('could not be attributed to a variation of broadcast %s: no message_id and no message of this broadcast to that address', k.named_id)
+                    WHEN NOT j.sent THEN
+                        format('could not be attributed to a variation of broadcast %s: its message to that address was not sent (%s)', k.named_id, j.status)
+                    WHEN k.payload ->> 'variation' IS NOT NULL AND k.payload ->> 'variation' <> j.variation THEN
+                        format('could not be attributed to a variation of broadcast %s: the report names variation %s, the message sent to that address was variation %s',
+                               k.named_id, quote_literal(k.payload ->> 'variation'), quote_literal(j.variation))
+               END AS refusal
+          FROM known k
+          LEFT JOIN LATERAL (SELECT x.id FROM herald.broadcasts x
+                              WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
+          -- the contact's job of that broadcast (one per contact), or, once pruned, its history
+          LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
+                                    coalesce(o.status = 'done', h.status = 'sent') AS sent, coalesce(o.status, h.status) AS status
+                               FROM herald.contacts ct
+                               LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
+                               LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y
+                                                   WHERE o.id IS NULL AND y.workspace_id = ct.workspace_id
+                                                     AND y.contact_id = ct.id AND y.broadcast_id = b.id
+                                                   ORDER BY y.id DESC LIMIT 1) h ON true
+                              WHERE b.id IS NOT NULL AND ct.email = k.email AND ct.workspace_id = k.workspace_id
+                              LIMIT 1) j ON true
     ), fresh AS (
         -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
         -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
-        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+        SELECT k.*,
+               -- the broadcast and variation it counts for: its message's, else the named broadcast's job's
+               CASE WHEN k.kind NOT IN ('opened', 'clicked') THEN k.event_payload
+                    WHEN k.broadcast_id IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.broadcast_id, 'variation', k.variation)
+                    WHEN k.named_job IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.named_id, 'variation', k.named_variation)
+                    ELSE k.event_payload END AS counted_payload
+          FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
                                                         ORDER BY k.ord) AS nth
-                           FROM known k) k
+                           FROM attributed k WHERE k.refusal IS NULL) k
          WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
             OR (k.nth = 1 AND NOT EXISTS (
                    SELECT 1 FROM herald.events e
@@ -809,6 +897,19 @@ BEGIN
                       AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
                       AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
                       AND e.created_at > now() - interval '10 minutes'))
+    ), refused AS (
+        INSERT INTO herald.feedback_rejections (workspace_id, batch, position, input, reason, broadcast_id)
+        SELECT a.workspace_id, txid_current(), (a.ord - 1)::int, a.entry, a.refusal, a.named_found
+          FROM attributed a WHERE a.refusal IS NOT NULL
+        ON CONFLICT (workspace_id, batch, position) DO UPDATE
+           SET input = EXCLUDED.input, reason = EXCLUDED.reason, broadcast_id = EXCLUDED.broadcast_id
+        RETURNING 1
+    ), unattributed AS (
+        -- the broadcast's count of reports that could not count for a variation
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT a.workspace_id, a.named_found, '', a.kind || '_unattributed', count(*)
+          FROM attributed a WHERE a.refusal IS NOT NULL AND a.named_found IS NOT NULL
+         GROUP BY a.workspace_id, a.named_found, a.kind
     ), suppressed AS (
         INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
         SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
@@ -820,7 +921,7 @@ BEGIN
         RETURNING 1
     ), recorded AS (
         INSERT INTO herald.events (workspace_id, email, kind, payload)
-        SELECT k.workspace_id, k.email, k.event_kind, k.event_payload
+        SELECT k.workspace_id, k.email, k.event_kind, k.counted_payload
           FROM fresh k ORDER BY k.ord
         RETURNING 1
     ), reported AS (
@@ -831,7 +932,8 @@ BEGIN
         SELECT k.workspace_id, k.event_kind,
                coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
                                         WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
-               k.automation_id, k.enrollment_id, k.broadcast_id, k.job_id, k.event_payload
+               k.automation_id, k.enrollment_id, coalesce(k.broadcast_id, k.named_id), coalesce(k.job_id, k.named_job),
+               k.counted_payload
           FROM fresh k
          WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
          ORDER BY k.ord

@@ -14,7 +14,11 @@
 --     by herald.advance_results, which also publishes staged results; prune takes results_older_than
 --     (default 7 days); delete_contact erases a contact's results too. The stream starts empty: no
 --     result is made up for what happened before the upgrade.
--- Existing tables keep every row; tables added: results_staged, results, result_subscriptions.
+--   * the HTTP API (issue 13, sql/api.sql): api_keys (hashed secrets; create_api_key, revoke_api_key,
+--     list_api_keys), api_idempotency (Idempotency-Key answers, pruned after 24 hours by prune), and
+--     herald.api_call, the daemon's one call per /v1/… request.
+-- Existing tables keep every row; tables added: results_staged, results, result_subscriptions, api_keys,
+-- api_idempotency.
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.3.0'" to load this file. \quit
 
 -- ------------------------------------------------------------------ one rule, one place (issue 12)
@@ -285,6 +289,7 @@ BEGIN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
     END IF;
+    PERFORM herald._refuse_archived(workspace, 'send', ARRAY[template]);
     IF provider IS NULL OR (provider <> 'default'
         AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
@@ -514,8 +519,9 @@ BEGIN
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
            p.payload || jsonb_build_object(
-               'to', c.email,
-               'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+               -- a test send to an address that is no contact carries its address (send_test)
+               'to', coalesce(c.email, p.payload ->> 'to'),
+               'contact', herald._contact_facts(coalesce(c.email, p.payload ->> 'to'), c.attributes, c.timezone, c.tags),
                'context', coalesce(e.context, '{}'),
                'event', e.event -> 'payload',
                'automation_id', l.automation_id,
@@ -840,22 +846,23 @@ BEGIN
         -- instead of hashing whole tables (which grew with every enrollment ever made).
         -- A decide question already answered in the cache (a primary-key probe) takes the enrollment
         -- straight to the chosen path: cache_reply / cache_next.
-        SELECT s.*, k.job_kind, k.job_key, dc.reply AS cache_reply,
-               coalesce(s.job -> 'payload' -> 'paths' ->> (dc.reply ->> (s.job -> 'payload' ->> 'field')),
-                        s.job -> 'payload' ->> 'default') AS cache_next
+        SELECT s.*, j.jb, k.job_kind, k.job_key, dc.reply AS cache_reply,
+               coalesce(j.jb -> 'payload' -> 'paths' ->> (dc.reply ->> (j.jb -> 'payload' ->> 'field')),
+                        j.jb -> 'payload' ->> 'default') AS cache_next
           FROM batch b
          CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments::text, extract(epoch FROM now())::float8, 50) s
+         CROSS JOIN LATERAL (SELECT s.job::jsonb AS jb OFFSET 0) j
          CROSS JOIN LATERAL (
-             SELECT s.job ->> 'kind' AS job_kind,
+             SELECT j.jb ->> 'kind' AS job_kind,
                     -- decide: identical questions share one job per TTL window (and one cached reply)
-                    CASE WHEN s.job ->> 'kind' = 'decide'
-                         THEN format('decide:%s:%s', s.job ->> 'request_hash',
-                                     floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
-                         ELSE s.job ->> 'dedupe_key' END AS job_key) k
+                    CASE WHEN j.jb ->> 'kind' = 'decide'
+                         THEN format('decide:%s:%s', j.jb ->> 'request_hash',
+                                     floor(extract(epoch FROM now()) / greatest((j.jb ->> 'cache_ttl_seconds')::float8, 1)))
+                         ELSE j.jb ->> 'dedupe_key' END AS job_key) k
           LEFT JOIN LATERAL (
               SELECT c.reply FROM herald.decide_cache c
                WHERE k.job_kind = 'decide' AND c.workspace_id = s.workspace_id
-                 AND c.request_hash = s.job ->> 'request_hash' AND c.expires_at > now()
+                 AND c.request_hash = j.jb ->> 'request_hash' AND c.expires_at > now()
                LIMIT 1) dc ON true
     ), moved AS (
         UPDATE herald.enrollments e
@@ -890,14 +897,14 @@ BEGIN
     ), queued AS (
         INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
                                         automation_id, enrollment_id, node, on_success, on_error, payload)
-        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.job ->> 'provider',
+        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.jb ->> 'provider',
                CASE WHEN st.job_kind = 'email'
-                    THEN herald._email_rate_keys(st.workspace_id, st.job ->> 'provider')
-                    ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
-               st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
-               st.job ->> 'on_success', st.job ->> 'on_error',
-               (st.job -> 'payload')::jsonb || jsonb_build_object('request_hash', st.job ->> 'request_hash',
-                                                                 'cache_ttl_seconds', (st.job -> 'cache_ttl_seconds')::jsonb)
+                    THEN herald._email_rate_keys(st.workspace_id, st.jb ->> 'provider')
+                    ELSE ARRAY['host:' || (st.jb ->> 'rate_host')] END,
+               st.contact_id, st.automation_id, st.enrollment_id, st.jb ->> 'node',
+               st.jb ->> 'on_success', st.jb ->> 'on_error',
+               (st.jb -> 'payload') || jsonb_build_object('request_hash', st.jb ->> 'request_hash',
+                                                                 'cache_ttl_seconds', (st.jb -> 'cache_ttl_seconds'))
           FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
                  WHERE x.job IS NOT NULL AND x.cache_reply IS NULL
                  ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
@@ -990,6 +997,9 @@ DECLARE
 BEGIN
     PERFORM herald._require_workspace(workspace);
     v_def := herald._check_broadcast(definition);
+    PERFORM herald._refuse_archived(workspace, 'create_broadcast',
+                                    ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x),
+                                    ARRAY(SELECT jsonb_array_elements_text(v_def -> 'lists')));
     -- a time already past would send at once, which is never what "send at" meant
     IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
         RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
@@ -1003,6 +1013,8 @@ BEGIN
         RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
     END IF;
+    -- what the templates read as broadcast.<name> is in the definition's variables (or allowed missing)
+    PERFORM herald._check_broadcast_templates(workspace, v_def);
     IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
         SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
@@ -1397,7 +1409,8 @@ BEGIN
         -- nothing of theirs in flight: the last job is done (or pruned, or there was none)
         SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor
           FROM herald.result_subscriptions s
-         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = s.job_id AND o.status <> 'done')
+         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o
+                            WHERE o.workspace_id = s.workspace_id AND o.id = s.job_id AND o.status <> 'done')
     ), picked AS (
         -- each one's next results: at most its batch, and about 1 MiB of data (at least one result)
         SELECT s.workspace_id, s.id AS subscription, r.id AS result_id, herald._result_json(r) AS result,
@@ -1448,7 +1461,7 @@ SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor, s.queued,
        CASE WHEN o.status = 'pending' THEN o.run_at END AS next_attempt_at, o.last_error,
        s.created_by, s.created_at, s.updated_at
   FROM herald.result_subscriptions s
-  LEFT JOIN herald.outbox o ON o.id = s.job_id;
+  LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id;
 
 -- the writers: each statement that makes a result true stages it (complete, tick, claim and
 -- _advance_broadcast are replaced above)
@@ -1548,6 +1561,8 @@ BEGIN
     END IF;
 
     IF status = 'live' THEN
+        PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot go live', automation),
+                                        herald._definition_templates(v.definition), herald._definition_lists(v.definition));
         -- what the automation sends with must exist before it can run (provider "default" always does:
         -- the sidecar maps it to its default transport)
         SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
@@ -1615,6 +1630,8 @@ BEGIN
     END IF;
     -- raises "invalid automation definition: <path>: <fault>" naming every fault
     v_checked := herald._check_automation(definition);
+    PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot be updated', v.id),
+                                    herald._definition_templates(definition), herald._definition_lists(definition));
     IF v_opts ? 'migrate' THEN
         -- the contacts to move, locked (and waited for while a tick runs them) in id order; one that a
         -- dispatcher enrols meanwhile starts on the version it read and stays there
@@ -1908,6 +1925,8 @@ BEGIN
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.feedback_rejections WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.outbox WHERE status IN ('done', 'failed') AND done_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.decide_cache WHERE expires_at < now();
@@ -1971,7 +1990,36 @@ RETURN coalesce(length(mailbox) <= 998
                 AND ((herald._valid_email(mailbox) AND mailbox !~ '[<>"]')
                      OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
                          AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
--- upsert_template: from_address and reply_to (new arguments, so a new function)
+-- the template engine's checks and renders (extension/src/template.rs), as generated by pgrx
+CREATE  FUNCTION "_check_template"(
+	"key" TEXT, /* & str */
+	"subject" TEXT, /* & str */
+	"html" TEXT, /* & str */
+	"text_body" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_template_wrapper';
+CREATE  FUNCTION "_check_broadcast_template"(
+	"key" TEXT, /* & str */
+	"subject" TEXT, /* & str */
+	"html" TEXT, /* & str */
+	"text_body" TEXT, /* Option < & str > */
+	"variables" jsonb /* Option < JsonB > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_broadcast_template_wrapper';
+CREATE  FUNCTION "_render_email"(
+	"template" jsonb, /* JsonB */
+	"payload" jsonb, /* JsonB */
+	"workspace" TEXT, /* & str */
+	"unsubscribe_url" TEXT /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_render_email_wrapper';
+-- upsert_template: from_address and reply_to (new arguments, so a new function), checked by the engine
 DROP FUNCTION herald.upsert_template(text, text, text, text, text);
 CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL,
                                        from_address text DEFAULT NULL, reply_to text DEFAULT NULL)
@@ -2014,6 +2062,9 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use an address (help@example.com) or a name and an address (Example Help <help@example.com>), or NULL for none.';
     END IF;
+    -- the engine's checks (extension/src/template.rs → render/src/validate.rs): it parses, and names
+    -- only variables templates can see
+    PERFORM herald._check_template(key, subject, html, text_body);
     -- serialise versions of one key
     PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
     SELECT coalesce(max(t.version), 0) + 1 INTO v_version
@@ -2023,9 +2074,110 @@ BEGIN
     RETURN v_version;
 END
 $$;
+CREATE FUNCTION herald._check_broadcast_templates(workspace text, definition jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT herald._check_broadcast_template(t.key, t.subject, t.html, t.text_body,
+               -- what {{ broadcast.* }} holds: the variables, and what _broadcast_payloads adds
+               coalesce(definition -> 'variables', '{}') || '{"id": 0, "name": "", "variation": ""}')
+      FROM (SELECT DISTINCT v ->> 'template' AS key FROM jsonb_array_elements(definition -> 'variations') v) u
+     CROSS JOIN LATERAL (SELECT t.* FROM herald.templates t
+                          WHERE t.workspace_id = _check_broadcast_templates.workspace AND t.key = u.key
+                          ORDER BY t.version DESC LIMIT 1) t;
+END;
+CREATE FUNCTION herald._template_payload(workspace text, key text, email text, context jsonb, provider text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(email);
+    v_template jsonb;
+    v_contact jsonb;
+BEGIN
+    SELECT jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body)
+      INTO v_template
+      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _template_payload.key
+     ORDER BY t.version DESC LIMIT 1;
+    IF v_template IS NULL THEN
+        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(key), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
+    END IF;
+    IF provider IS NULL OR (provider <> 'default'
+        AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    IF NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Templates read it as variables.<key>, e.g. {"code": "1234"} for {{ variables.code }}.';
+    END IF;
+    IF herald._value_fault(context) IS NOT NULL THEN
+        RAISE EXCEPTION 'context %', herald._value_fault(context) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    SELECT herald._contact_facts(c.email, c.attributes, c.timezone, c.tags) INTO v_contact
+      FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_email;
+    RETURN jsonb_build_object('template', v_template, 'provider', provider, 'variables', context,
+                              'to', v_email,
+                              'contact', coalesce(v_contact, herald._contact_facts(v_email, NULL, NULL, NULL)),
+                              'context', '{}'::jsonb, 'event', NULL, 'automation_id', NULL, 'enrollment_id', NULL);
+END
+$$;
+CREATE FUNCTION herald.render_template(workspace text, key text, email text, context jsonb DEFAULT '{}')
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_payload jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v_payload := herald._template_payload(workspace, key, email, context, 'default');
+    RETURN herald._render_email(v_payload -> 'template', v_payload, workspace, 'https://unsubscribe.invalid/preview');
+END
+$$;
+CREATE FUNCTION herald.send_test(workspace text, key text, to_email text, context jsonb DEFAULT '{}',
+                                 provider text DEFAULT 'default')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_payload jsonb;
+    v_reason text;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v_payload := herald._template_payload(workspace, key, to_email, context, provider);
+    PERFORM herald._refuse_archived(workspace, 'send_test', ARRAY[key]);
+    SELECT s.reason INTO v_reason FROM herald.suppressions s
+     WHERE s.workspace_id = workspace AND s.email IN (v_payload ->> 'to', herald._email_key(v_payload ->> 'to'));
+    IF v_reason IS NOT NULL THEN
+        RAISE EXCEPTION '% is suppressed (%): a test is not sent to it', quote_literal(v_payload ->> 'to'), v_reason
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Send the test to another address, or lift the suppression with herald.unsuppress(workspace, email) if it was a mistake.';
+    END IF;
+    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, NULL);
+    INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
+    VALUES (workspace, 'email', 0, 'test:' || gen_random_uuid(), provider, herald._email_rate_keys(workspace, provider),
+            (SELECT c.id FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_payload ->> 'to'),
+            jsonb_build_object('template', key, 'provider', provider, 'variables', context,
+                               'to', v_payload ->> 'to', 'test', true))
+    RETURNING o.id INTO v_id;
+    RETURN v_id;
+END
+$$;
 ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald._valid_mailbox(text), herald.upsert_template(text, text, text, text, text, text, text) FROM PUBLIC;
+ALTER FUNCTION herald.render_template(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.send_test(text, text, text, jsonb, text) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald._valid_mailbox(text), herald._check_template(text, text, text, text), herald._check_broadcast_template(text, text, text, text, jsonb), herald._render_email(jsonb, jsonb, text, text), herald._check_broadcast_templates(text, jsonb), herald._template_payload(text, text, text, jsonb, text), herald.upsert_template(text, text, text, text, text, text, text), herald.render_template(text, text, text, jsonb), herald.send_test(text, text, text, jsonb, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herald.upsert_template(text, text, text, text, text, text, text) TO herald_admin;
+GRANT EXECUTE ON FUNCTION herald.render_template(text, text, text, jsonb), herald.send_test(text, text, text, jsonb, text) TO herald_app, herald_admin;
 -- end of templates (issue 13)
 
 -- ------------------------------------------------------------------ providers (issue 13)

@@ -13,60 +13,6 @@ RETURN coalesce(length(mailbox) <= 998
                      OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
                          AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
 
--- Role: herald_admin. Adds a version of a template (the newest is what jobs render). from_address and
--- reply_to, when given, are this template's sender and Reply-To (mailboxes, see _valid_mailbox); NULL
--- leaves them to the provider.
-CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL,
-                                       from_address text DEFAULT NULL, reply_to text DEFAULT NULL)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_version int;
-    v_from text := nullif(btrim(from_address), '');
-    v_reply_to text := nullif(btrim(reply_to), '');
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
-        RAISE EXCEPTION 'invalid template key %', coalesce(quote_literal(key), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'A template key is 1 to 100 characters: letters, digits, "_", "-" and ".".';
-    END IF;
-    IF subject IS NULL OR btrim(subject) = '' OR html IS NULL OR btrim(html) = '' THEN
-        RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- bounded, so one workspace's template cannot make the daemon render (and hold) megabytes per message
-    IF length(subject) > 998 THEN
-        RAISE EXCEPTION 'template %: the subject is % characters; at most 998 are allowed', quote_literal(key), length(subject)
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF octet_length(html) > 524288 OR octet_length(coalesce(text_body, '')) > 524288 THEN
-        RAISE EXCEPTION 'template %: the html and the text body may be at most 512 KiB each (html % bytes, text % bytes)',
-            quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF v_from IS NOT NULL AND NOT herald._valid_mailbox(v_from) THEN
-        RAISE EXCEPTION 'template %: invalid from_address %', quote_literal(key), quote_literal(v_from)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or NULL for the provider''s.';
-    END IF;
-    IF v_reply_to IS NOT NULL AND NOT herald._valid_mailbox(v_reply_to) THEN
-        RAISE EXCEPTION 'template %: invalid reply_to %', quote_literal(key), quote_literal(v_reply_to)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use an address (help@example.com) or a name and an address (Example Help <help@example.com>), or NULL for none.';
-    END IF;
-    -- serialise versions of one key
-    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
-    SELECT coalesce(max(t.version), 0) + 1 INTO v_version
-      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
-    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body, from_address, reply_to)
-    VALUES (workspace, key, v_version, subject, html, text_body, v_from, v_reply_to);
-    RETURN v_version;
-END
-$$;
-
 -- Role: herald_admin. Creates or changes a provider. Its kind decides its transport in herald run: smtp
 -- needs HERALD_SMTP_URL_<NAME> there, file needs HERALD_MAILDIR (never one in place of the other).
 -- settings: rate_per_second, and from / reply_to, the sender and Reply-To of its emails (mailboxes, see
@@ -420,8 +366,9 @@ BEGIN
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
            p.payload || jsonb_build_object(
-               'to', c.email,
-               'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
+               -- a test send to an address that is no contact carries its address (send_test)
+               'to', coalesce(c.email, p.payload ->> 'to'),
+               'contact', herald._contact_facts(coalesce(c.email, p.payload ->> 'to'), c.attributes, c.timezone, c.tags),
                'context', coalesce(e.context, '{}'),
                'event', e.event -> 'payload',
                'automation_id', l.automation_id,
@@ -854,6 +801,7 @@ BEGIN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
     END IF;
+    PERFORM herald._refuse_archived(workspace, 'send', ARRAY[template]);
     IF provider IS NULL OR (provider <> 'default'
         AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)

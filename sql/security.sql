@@ -150,6 +150,8 @@ ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
 ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.render_template(text, text, text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.send_test(text, text, text, jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.provider_kinds() SECURITY DEFINER;
 ALTER FUNCTION herald.set_rate_limit(text, int) SECURITY DEFINER;
@@ -196,6 +198,15 @@ ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_api_key(text, bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.list_api_keys(text) SECURITY DEFINER;
 ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_broadcast(bigint) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -207,6 +218,7 @@ GRANT EXECUTE ON FUNCTION
     herald.enroll(bigint, bigint[]), herald.enroll_segment(bigint, jsonb),
     herald.exit_enrollment(bigint, text), herald.decide_approval(bigint, boolean, text),
     herald.send(text, text, text, jsonb, text, text),
+    herald.render_template(text, text, text, jsonb), herald.send_test(text, text, text, jsonb, text),
     herald.suppress(text, text, text, jsonb), herald.unsuppress(text, text),
     herald.redrive(bigint[]),
     herald.create_list(text, text, text), herald.subscribe(text, text, text[]), herald.unsubscribe(text, text, text[]),
@@ -240,6 +252,15 @@ GRANT EXECUTE ON FUNCTION
     herald.pause_broadcast(bigint), herald.resume_broadcast(bigint), herald.cancel_broadcast(bigint),
     herald.resend_failed(bigint)
 TO herald_admin;
+-- archiving and deleting (sql/archive.sql): templates and broadcasts are the admin's, like creating them;
+-- lists are also the application's, like create_list and subscribe
+GRANT EXECUTE ON FUNCTION
+    herald.archive_template(text, text), herald.unarchive_template(text, text), herald.delete_template(text, text),
+    herald.archive_broadcast(bigint), herald.unarchive_broadcast(bigint), herald.delete_broadcast(bigint)
+TO herald_admin;
+GRANT EXECUTE ON FUNCTION
+    herald.archive_list(text, text), herald.unarchive_list(text, text), herald.delete_list(text, text)
+TO herald_app, herald_admin;
 -- changing a journey, and previewing a change: the admin's, like create_automation
 GRANT EXECUTE ON FUNCTION
     herald.update_automation(bigint, jsonb, jsonb), herald.preview_automation_update(bigint, jsonb, jsonb)

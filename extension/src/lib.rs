@@ -19,6 +19,7 @@ pub mod mailbox;
 pub mod simulate;
 pub mod step_engine;
 pub mod subscription;
+mod template;
 pub mod tick_batch;
 
 pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
@@ -41,6 +42,17 @@ pgrx::extension_sql_file!(
     "../../sql/queue.sql",
     name = "queue",
     requires = ["automations", api::_retry_delay]
+);
+// templates: saved checked, previewed, test-sent, with the daemon's engine (herald-render)
+pgrx::extension_sql_file!(
+    "../../sql/templates.sql",
+    name = "templates",
+    requires = [
+        "queue",
+        template::_check_template,
+        template::_check_broadcast_template,
+        template::_render_email
+    ]
 );
 pgrx::extension_sql_file!("../../sql/stats.sql", name = "stats", requires = ["queue"]);
 pgrx::extension_sql_file!(

@@ -5,12 +5,26 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::text::html_to_text;
+use crate::vars::Vars;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenderedEmail {
     pub subject: String,
     pub html: String,
     pub text: String,
+}
+
+/// What starts the subject of a test send (`herald.send_test`: a job whose payload has `"test": true`).
+pub const TEST_PREFIX: &str = "[test] ";
+
+impl RenderedEmail {
+    /// The email as a test send delivers it: the subject starts with [`TEST_PREFIX`].
+    pub fn marked_as_test(self) -> Self {
+        Self {
+            subject: format!("{TEST_PREFIX}{}", self.subject),
+            ..self
+        }
+    }
 }
 
 /// The parts of a template to render, named as errors call them (`subject`, `html`, `text`; the
@@ -30,8 +44,9 @@ pub fn email_fields(template: &Json) -> Result<Vec<(String, Json)>, String> {
     Ok(fields)
 }
 
-/// Subject on one line; without a text part, one derived from the rendered HTML.
-pub fn finish_email(rendered: Vec<Json>) -> Result<RenderedEmail, String> {
+/// Subject on one line (marked for a test send); without a text part, one derived from the rendered
+/// HTML.
+pub fn finish_email(rendered: Vec<Json>, vars: &Vars) -> Result<RenderedEmail, String> {
     let mut parts = rendered.into_iter().map(|v| match v {
         Json::String(s) => s,
         _ => String::new(),
@@ -48,9 +63,14 @@ pub fn finish_email(rendered: Vec<Json>) -> Result<RenderedEmail, String> {
         Some(text) => text,
         None => html_to_text(&html),
     };
-    Ok(RenderedEmail {
+    let email = RenderedEmail {
         subject,
         html,
         text,
+    };
+    Ok(if vars.is_test() {
+        email.marked_as_test()
+    } else {
+        email
     })
 }

@@ -230,7 +230,7 @@ impl Engine {
         vars: &Vars,
     ) -> Result<crate::RenderedEmail, String> {
         let fields = crate::email_fields(template)?;
-        crate::finish_email(self.render_fields(&fields, vars, Undefined::Fail)?)
+        crate::finish_email(self.render_fields(&fields, vars, Undefined::Fail)?, vars)
     }
 }
 
@@ -471,6 +471,12 @@ mod tests {
         assert!(r
             .render_email(&json!({"key": "k", "html": "x"}), &vars())
             .is_err());
+        let test = Vars::from_payload(
+            "acme",
+            &json!({"test": true, "contact": {"first_name": "Ann"}}),
+        );
+        let t = json!({"key": "k", "subject": "Hi {{ contact.first_name }}", "html": "x"});
+        assert_eq!(r.render_email(&t, &test).unwrap().subject, "[test] Hi Ann");
         let t = json!({"key": "k", "subject": "Hi {{ contact.nickname }}", "html": "x"});
         assert!(r
             .render_email(&t, &vars())

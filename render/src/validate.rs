@@ -183,7 +183,7 @@ pub fn check_broadcast_variables(
             };
             return Err(Refusal {
                 message: format!(
-                    "template {template:?} uses broadcast.{k} ({name}, line {line}), which the broadcast's \"variables\" do not hold ({has})"
+                    "template '{template}' uses broadcast.{k} ({name}, line {line}), which the broadcast's \"variables\" do not hold ({has})"
                 ),
                 hint: format!(
                     "Add \"{k}\" to the definition's \"variables\" ({{\"variables\": {{\"{k}\": …}}}}), or write {{{{ broadcast.{k} | default(\"…\") }}}} in the template."
@@ -258,7 +258,7 @@ mod tests {
         let e = check_broadcast_variables("news", &parts, &json!({"title": "x"})).unwrap_err();
         assert_eq!(
             e.message,
-            "template \"news\" uses broadcast.issue (subject, line 1), which the broadcast's \"variables\" do not hold (it defines title)"
+            "template 'news' uses broadcast.issue (subject, line 1), which the broadcast's \"variables\" do not hold (it defines title)"
         );
         assert!(e.hint.contains("default"), "{}", e.hint);
         // guarded uses: a test, a condition

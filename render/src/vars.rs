@@ -58,6 +58,11 @@ impl Vars {
         Json::Object(m)
     }
 
+    /// True for a test send's job (`herald.send_test`): its subject is marked.
+    pub fn is_test(&self) -> bool {
+        self.payload.get("test").and_then(Json::as_bool) == Some(true)
+    }
+
     /// The variables as the engine takes them.
     pub fn value(&self) -> Value {
         Value::from_serialize(self.json())

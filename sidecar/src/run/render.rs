@@ -197,7 +197,7 @@ impl Renderer {
     ) -> Result<RenderedEmail, RenderError> {
         let fields = herald_render::email_fields(template)?;
         let rendered = self.render(fields, vars, Undefined::Fail).await?;
-        Ok(herald_render::finish_email(rendered)?)
+        Ok(herald_render::finish_email(rendered, vars)?)
     }
 }
 
