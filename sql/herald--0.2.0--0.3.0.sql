@@ -547,7 +547,7 @@ BEGIN
            WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
            ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
       LEFT JOIN herald.providers pr ON l.kind = 'email' AND pr.workspace_id = l.workspace_id
-            AND pr.name = coalesce(l.provider, p.payload ->> 'provider', 'default')
+            AND pr.name = l.provider   -- an email job always names its provider
      ORDER BY l.ord;
 END
 $$;
