@@ -21,14 +21,16 @@ pub const SMTP_PREFIX: &str = "HERALD_SMTP_URL_";
 
 #[derive(clap::Args, Debug, serde::Serialize)]
 #[command(after_long_help = "\
-Email providers: HERALD_SMTP_URL_<NAME> (environment or config file) gives the SMTP server of the provider
-named <NAME> (upper-cased, '-' written '_'); jobs of provider 'default' use HERALD_SMTP_URL_DEFAULT.
+Email providers: a provider's kind (herald.upsert_provider) decides its transport. Kind smtp: the SMTP server
+HERALD_SMTP_URL_<NAME> (environment or config file; <NAME> upper-cased, '-' written '_'); kind file: the folder
+HERALD_MAILDIR. herald run refuses to start while a provider lacks its kind's setting, naming each one.
   smtp://user:pass@host:587?tls=required      STARTTLS, refused if the server does not offer it
   smtp://host:25?tls=opportunistic            STARTTLS when offered (default without credentials)
   smtp://127.0.0.1:2525?tls=none              plain text (a local relay)
   smtps://user:pass@host:465                  TLS from the first byte
   &pool=N                                     at most N connections to that server (default 16)
-A provider without an SMTP URL writes its mail as <message-id>.eml files into HERALD_MAILDIR.
+The file transport writes <message-id>.eml files into HERALD_MAILDIR. A workspace's implicit 'default'
+provider (no row) uses HERALD_SMTP_URL_DEFAULT when set, else HERALD_MAILDIR (logged at start).
 
 Database: --database-url or DATABASE_URL (environment or config file); by default
 the local socket /var/run/postgresql, database herald, as the current OS user. TLS: sslmode=require
@@ -76,11 +78,11 @@ pub struct RunArgs {
     /// How long a claimed job stays leased to this worker, in seconds (1-86400). Default: 60.
     #[arg(long, value_name = "SECONDS", env = "HERALD_LEASE_SECONDS")]
     pub lease_seconds: Option<String>,
-    /// Folder for the file transport (one <message-id>.eml per message), used by providers without
-    /// an SMTP URL.
+    /// Folder for the file transport (one <message-id>.eml per message): providers of kind file, and
+    /// the implicit default provider when HERALD_SMTP_URL_DEFAULT is not set.
     #[arg(long, value_name = "DIR", env = "HERALD_MAILDIR")]
     pub maildir: Option<String>,
-    /// Default From address. Default: "herald <noreply@localhost>".
+    /// From of emails whose broadcast, template and provider name none. Default: "herald <noreply@localhost>".
     #[arg(long, value_name = "MAILBOX", env = "HERALD_FROM")]
     pub from: Option<String>,
     /// Key of the webhook signature (X-Herald-Signature: sha256=HMAC(key, timestamp + "." + body)).
