@@ -11,6 +11,8 @@ BEGIN
     PERFORM herald._require_workspace(workspace);
     -- raises "invalid automation definition: <path>: <fault>" naming every fault
     v_checked := herald._check_automation(definition);
+    PERFORM herald._refuse_archived(workspace, 'create_automation', herald._definition_templates(definition),
+                                    herald._definition_lists(definition));
     INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, filter_reads_contact,
                                     reentry, start_node)
     VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
@@ -111,6 +113,8 @@ BEGIN
     END IF;
 
     IF status = 'live' THEN
+        PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot go live', automation),
+                                        herald._definition_templates(v.definition), herald._definition_lists(v.definition));
         -- what the automation sends with must exist before it can run (provider "default" always does:
         -- the sidecar maps it to its default transport)
         SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing

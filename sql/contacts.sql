@@ -356,7 +356,8 @@ BEGIN
 END
 $$;
 
--- Every list of a workspace (made with create_list or joined by an update_contact node) with its counts.
+-- Every list of a workspace (made with create_list or joined by an update_contact node) with its counts;
+-- archived ones are left out (herald.archived lists them).
 CREATE VIEW herald.list_overview AS
 SELECT n.workspace_id, n.name AS list, l.description,
        count(m.contact_id) FILTER (WHERE m.status = 'subscribed') AS subscribed,
@@ -367,6 +368,7 @@ SELECT n.workspace_id, n.name AS list, l.description,
         SELECT DISTINCT workspace_id, list FROM herald.list_members) n
   LEFT JOIN herald.lists l ON l.workspace_id = n.workspace_id AND l.name = n.name
   LEFT JOIN herald.list_members m ON m.workspace_id = n.workspace_id AND m.list = n.name
+ WHERE NOT EXISTS (SELECT 1 FROM herald.archived a WHERE a.workspace_id = n.workspace_id AND a.kind = 'list' AND a.name = n.name)
  GROUP BY n.workspace_id, n.name, l.description, l.created_at;
 
 -- ---------------------------------------------------------------------------------------- erasure

@@ -290,6 +290,8 @@ BEGIN
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    DELETE FROM herald.feedback_rejections WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.outbox WHERE status IN ('done', 'failed') AND done_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.decide_cache WHERE expires_at < now();

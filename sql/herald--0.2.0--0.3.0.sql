@@ -57,6 +57,13 @@ CREATE FUNCTION herald._chunk_size() RETURNS int
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 10000;
 
+-- the wake-up indexes without status in their predicates (issue 14: no plan through enrollments_due_idx)
+DROP INDEX herald.enrollments_wait_job_idx;
+CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_job) WHERE wait_kind = 'job' AND ended_at IS NULL;
+DROP INDEX herald.enrollments_wait_event_idx;
+CREATE INDEX enrollments_wait_event_idx ON herald.enrollments (workspace_id, contact_id, wait_event)
+    WHERE wait_kind = 'event' AND ended_at IS NULL;
+
 -- claim's rate keys from the helpers (and inlined now: bigint::text instead of the STABLE text || bigint)
 CREATE OR REPLACE FUNCTION herald._job_rate_keys(rate_keys text[], workspace text, provider text, broadcast bigint) RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -191,7 +198,10 @@ BEGIN
                                     e.wait_filter, e.context, e.event
                                FROM herald.enrollments e
                               WHERE e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id
-                                AND e.wait_event = ev.kind AND e.status = 'waiting' AND e.wait_kind = 'event'
+                                AND e.wait_event = ev.kind AND e.wait_kind = 'event' AND e.ended_at IS NULL
+                                -- not status = 'waiting': that would let the planner read
+                                -- enrollments_due_idx instead (see complete); re-checked on the row
+                                AND e.status IS NOT DISTINCT FROM 'waiting'
                              OFFSET 0) x
          WHERE x.wait_filter IS NULL
             OR herald._matches(x.wait_filter,
@@ -443,7 +453,8 @@ BEGIN
                wait_kind = NULL, wait_job = NULL, updated_at = now()
           FROM suppressed x
          WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
-           AND e.status = 'waiting' AND e.wait_kind = 'job'
+           -- enrollments_wait_job_idx and no other partial index (see complete)
+           AND e.wait_kind = 'job' AND e.ended_at IS NULL AND e.status IS NOT DISTINCT FROM 'waiting'
         RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
     ), reported AS (
         -- the results stream (sql/results.sql): journeys that ended here
@@ -637,12 +648,18 @@ BEGIN
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
         -- OFFSET 0 keeps the subquery from being flattened into a join whose order the planner picks from
         -- statistics: on tables autovacuum had not analysed yet it estimated the batch at one row and
-        -- scanned every waiting enrollment once per job (1.2 s per complete(100) with 20,000 waiting)
+        -- scanned every waiting enrollment once per job (1.2 s per complete(100) with 20,000 waiting).
+        -- The status test is written so that no other partial index can serve the probe: with
+        -- status = 'waiting' the planner could also read enrollments_due_idx (every active or waiting
+        -- enrollment) and did, after an ANALYZE taken while few were waiting: 2,500 rows filtered per
+        -- job, 140 ms per complete(100). wait_kind and ended_at IS NULL are what the wait index's
+        -- predicate needs; status is re-checked on the row.
         SELECT r.*, w.id AS enrollment_id
           FROM resolution r
          CROSS JOIN LATERAL (SELECT x.id FROM herald.enrollments x
                               WHERE x.workspace_id = r.workspace_id AND x.wait_job = r.dedupe_key
-                                AND x.status = 'waiting' AND x.wait_kind = 'job'
+                                AND x.wait_kind = 'job' AND x.ended_at IS NULL
+                                AND x.status IS NOT DISTINCT FROM 'waiting'
                              OFFSET 0) w
     ), woken AS (
         UPDATE herald.enrollments e
@@ -1758,8 +1775,11 @@ BEGIN
     WITH input AS (
         SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
                coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
-               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord,
-               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord, t.f AS entry,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id, m.variation,
+               -- the broadcast an open or click names in its payload (read when its message does not say)
+               CASE WHEN t.f ->> 'kind' IN ('opened', 'clicked') AND m.broadcast_id IS NULL
+                    THEN t.f -> 'payload' ->> 'broadcast' END AS named_broadcast,
                -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
                -- report's payload with the message and the kind of bounce
                CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
@@ -1777,7 +1797,8 @@ BEGIN
                                     (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
                                     (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
                                     (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
-                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id,
+                                    (array_agg(h.variation ORDER BY h.id DESC))[1] AS variation
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
@@ -1786,16 +1807,56 @@ BEGIN
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
     ), known AS (
-        SELECT i.* FROM input i
+        SELECT i.*,
+               CASE WHEN i.named_broadcast ~ '^[0-9]{1,18}$' THEN i.named_broadcast::bigint END AS named_id
+          FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
            AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), attributed AS (
+        -- opens and clicks: the broadcast and variation they count for, or why they cannot count
+        SELECT k.*, b.id AS named_found, j.job_id AS named_job, j.variation AS named_variation,
+               CASE WHEN k.named_broadcast IS NULL THEN NULL
+                    WHEN k.named_id IS NULL THEN
+                        format('payload.broadcast must be a broadcast id (a whole number), got %s', k.entry -> 'payload' -> 'broadcast')
+                    WHEN b.id IS NULL THEN
+                        format('broadcast %s does not exist in workspace %s', k.named_id, quote_literal(k.workspace_id))
+                    WHEN j.variation IS NULL THEN
+                        format('could not be attributed to a variation of broadcast %s: no message_id and no message of this broadcast to that address', k.named_id)
+                    WHEN NOT j.sent THEN
+                        format('could not be attributed to a variation of broadcast %s: its message to that address was not sent (%s)', k.named_id, j.status)
+                    WHEN k.payload ->> 'variation' IS NOT NULL AND k.payload ->> 'variation' <> j.variation THEN
+                        format('could not be attributed to a variation of broadcast %s: the report names variation %s, the message sent to that address was variation %s',
+                               k.named_id, quote_literal(k.payload ->> 'variation'), quote_literal(j.variation))
+               END AS refusal
+          FROM known k
+          LEFT JOIN LATERAL (SELECT x.id FROM herald.broadcasts x
+                              WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
+          -- the contact's job of that broadcast (one per contact), or, once pruned, its history
+          LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
+                                    coalesce(o.status = 'done', h.status = 'sent') AS sent, coalesce(o.status, h.status) AS status
+                               FROM herald.contacts ct
+                               LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
+                               LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y
+                                                   WHERE o.id IS NULL AND y.workspace_id = ct.workspace_id
+                                                     AND y.contact_id = ct.id AND y.broadcast_id = b.id
+                                                   ORDER BY y.id DESC LIMIT 1) h ON true
+                              WHERE b.id IS NOT NULL AND ct.email = k.email AND ct.workspace_id = k.workspace_id
+                              LIMIT 1) j ON true
     ), fresh AS (
         -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
         -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
-        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+        SELECT k.*,
+               -- the broadcast and variation it counts for: its message's, else the named broadcast's job's
+               CASE WHEN k.kind NOT IN ('opened', 'clicked') THEN k.event_payload
+                    WHEN k.broadcast_id IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.broadcast_id, 'variation', k.variation)
+                    WHEN k.named_job IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.named_id, 'variation', k.named_variation)
+                    ELSE k.event_payload END AS counted_payload
+          FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
                                                         ORDER BY k.ord) AS nth
-                           FROM known k) k
+                           FROM attributed k WHERE k.refusal IS NULL) k
          WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
             OR (k.nth = 1 AND NOT EXISTS (
                    SELECT 1 FROM herald.events e
@@ -1803,6 +1864,19 @@ BEGIN
                       AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
                       AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
                       AND e.created_at > now() - interval '10 minutes'))
+    ), refused AS (
+        INSERT INTO herald.feedback_rejections (workspace_id, batch, position, input, reason, broadcast_id)
+        SELECT a.workspace_id, txid_current(), (a.ord - 1)::int, a.entry, a.refusal, a.named_found
+          FROM attributed a WHERE a.refusal IS NOT NULL
+        ON CONFLICT (workspace_id, batch, position) DO UPDATE
+           SET input = EXCLUDED.input, reason = EXCLUDED.reason, broadcast_id = EXCLUDED.broadcast_id
+        RETURNING 1
+    ), unattributed AS (
+        -- the broadcast's count of reports that could not count for a variation
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT a.workspace_id, a.named_found, '', a.kind || '_unattributed', count(*)
+          FROM attributed a WHERE a.refusal IS NOT NULL AND a.named_found IS NOT NULL
+         GROUP BY a.workspace_id, a.named_found, a.kind
     ), suppressed AS (
         INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
         SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
@@ -1814,7 +1888,7 @@ BEGIN
         RETURNING 1
     ), recorded AS (
         INSERT INTO herald.events (workspace_id, email, kind, payload)
-        SELECT k.workspace_id, k.email, k.event_kind, k.event_payload
+        SELECT k.workspace_id, k.email, k.event_kind, k.counted_payload
           FROM fresh k ORDER BY k.ord
         RETURNING 1
     ), reported AS (
@@ -1825,7 +1899,8 @@ BEGIN
         SELECT k.workspace_id, k.event_kind,
                coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
                                         WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
-               k.automation_id, k.enrollment_id, k.broadcast_id, k.job_id, k.event_payload
+               k.automation_id, k.enrollment_id, coalesce(k.broadcast_id, k.named_id), coalesce(k.job_id, k.named_job),
+               k.counted_payload
           FROM fresh k
          WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
          ORDER BY k.ord
@@ -2530,3 +2605,582 @@ CREATE POLICY tenant ON herald.api_keys USING (workspace_id IN (SELECT herald._m
 ALTER TABLE herald.api_idempotency ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.api_idempotency USING (workspace_id IN (SELECT herald._my_workspaces()));
 -- end of HTTP API (issue 13)
+
+-- ------------------------------------------------------------------ archive/delete, A/B attribution (issue 13)
+-- new tables: archive marks and refused feedback (sql/schema.sql)
+CREATE TABLE herald.archived (
+    workspace_id text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('template', 'list', 'broadcast')),
+    name         text NOT NULL,
+    archived_by  name NOT NULL,
+    archived_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, kind, name)
+);
+CREATE TABLE herald.feedback_rejections (
+    workspace_id text NOT NULL,
+    batch        bigint NOT NULL,
+    position     int NOT NULL,          -- 0-based index in the feedback array
+    input        jsonb,
+    reason       text NOT NULL,
+    broadcast_id bigint,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, batch, position)
+);
+SELECT pg_catalog.pg_extension_config_dump('herald.archived', '');
+SELECT pg_catalog.pg_extension_config_dump('herald.feedback_rejections', '');
+-- sql/archive.sql
+CREATE FUNCTION herald._definition_templates(definition jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (SELECT coalesce(array_agg(DISTINCT n.node ->> 'template'), '{}')
+          FROM jsonb_each(CASE WHEN jsonb_typeof(definition -> 'nodes') = 'object' THEN definition -> 'nodes' END) n(id, node)
+         WHERE n.node ->> 'type' = 'email' AND n.node ->> 'template' IS NOT NULL);
+
+CREATE FUNCTION herald._definition_lists(definition jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (SELECT coalesce(array_agg(DISTINCT l.name), '{}') FROM (
+            SELECT jsonb_array_elements_text(x) AS name
+              FROM jsonb_path_query(definition, 'lax $.nodes.*.add_lists') x WHERE jsonb_typeof(x) = 'array'
+            UNION ALL
+            SELECT jsonb_array_elements_text(x)
+              FROM jsonb_path_query(definition, 'lax $.nodes.*.remove_lists') x WHERE jsonb_typeof(x) = 'array'
+            UNION ALL
+            SELECT CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' END
+              FROM jsonb_path_query(definition, 'lax $.**.value') v
+             WHERE jsonb_typeof(v) = 'string'
+               AND jsonb_path_exists(definition, 'lax $.** ? (@.event starts with "list.")')
+            UNION ALL
+            SELECT jsonb_array_elements_text(v)
+              FROM jsonb_path_query(definition, 'lax $.**.value') v
+             WHERE jsonb_typeof(v) = 'array'
+               AND jsonb_path_exists(definition, 'lax $.** ? (@.event starts with "list.")')) l
+         WHERE l.name IS NOT NULL);
+
+CREATE FUNCTION herald._refuse_archived(workspace text, what text, templates text[], lists text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_archived text;
+    v_hint text;
+BEGIN
+    SELECT string_agg(format('%s %s', a.kind, quote_literal(a.name)), ', ' ORDER BY a.kind, a.name),
+           string_agg(DISTINCT format('herald.unarchive_%s(workspace, name)', a.kind), ' / ')
+      INTO v_archived, v_hint
+      FROM herald.archived a
+     WHERE a.workspace_id = workspace
+       AND ((a.kind = 'template' AND a.name = ANY (templates)) OR (a.kind = 'list' AND a.name = ANY (lists)));
+    IF v_archived IS NOT NULL THEN
+        RAISE EXCEPTION '%: % archived', what, v_archived
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('An archived template or list cannot be used by a new automation, broadcast or send; restore it with %s, or use another.', v_hint);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald._template_users(workspace text, key text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT nullif(concat_ws('; ',
+        (SELECT 'automation(s) ' || string_agg(DISTINCT format('%s (%s)', a.id, a.status), ', ')
+           FROM herald.automations a
+           JOIN herald.automation_versions v ON v.workspace_id = a.workspace_id AND v.automation_id = a.id
+          WHERE a.workspace_id = _template_users.workspace AND a.status IN ('live', 'paused')
+            AND _template_users.key = ANY (herald._definition_templates(v.definition))),
+        (SELECT 'broadcast(s) ' || string_agg(format('%s (%s)', b.id, b.status), ', ' ORDER BY b.id)
+           FROM herald.broadcasts b
+          WHERE b.workspace_id = _template_users.workspace AND b.status IN ('draft', 'scheduled', 'sending', 'paused')
+            AND EXISTS (SELECT 1 FROM jsonb_array_elements(b.definition -> 'variations') x
+                         WHERE x ->> 'template' = _template_users.key)),
+        (SELECT count(*) || ' email job(s) not yet sent'
+           FROM herald.outbox o
+          WHERE o.workspace_id = _template_users.workspace AND o.status IN ('pending', 'leased') AND o.kind = 'email'
+            AND o.broadcast_id IS NULL AND o.payload ->> 'template' = _template_users.key
+         HAVING count(*) > 0)), '');
+END;
+
+CREATE FUNCTION herald._list_users(workspace text, name text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT nullif(concat_ws('; ',
+        (SELECT 'automation(s) ' || string_agg(DISTINCT format('%s (%s)', a.id, a.status), ', ')
+           FROM herald.automations a
+           JOIN herald.automation_versions v ON v.workspace_id = a.workspace_id AND v.automation_id = a.id
+          WHERE a.workspace_id = _list_users.workspace AND a.status IN ('live', 'paused')
+            AND _list_users.name = ANY (herald._definition_lists(v.definition))),
+        (SELECT 'broadcast(s) ' || string_agg(format('%s (%s)', b.id, b.status), ', ' ORDER BY b.id)
+           FROM herald.broadcasts b
+          WHERE b.workspace_id = _list_users.workspace AND b.status IN ('draft', 'scheduled', 'sending', 'paused')
+            AND b.definition -> 'lists' ? _list_users.name)), '');
+END;
+
+
+CREATE FUNCTION herald._lock_template(workspace text, key text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _lock_template.key) THEN
+        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(key), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.archive_template(workspace text, key text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_users text;
+    v_new boolean;
+BEGIN
+    PERFORM herald._lock_template(workspace, key);
+    v_users := herald._template_users(workspace, key);
+    IF v_users IS NOT NULL THEN
+        RAISE EXCEPTION 'template % is in use and cannot be archived: %', quote_literal(key), v_users
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), let the broadcasts finish or cancel them, and let the jobs be sent.';
+    END IF;
+    INSERT INTO herald.archived (workspace_id, kind, name, archived_by) VALUES (workspace, 'template', key, herald._caller())
+    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
+    RETURNING true INTO v_new;
+    RETURN coalesce(v_new, false);
+END
+$$;
+
+CREATE FUNCTION herald.unarchive_template(workspace text, key text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    PERFORM herald._lock_template(workspace, key);
+    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'template' AND a.name = key;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END
+$$;
+
+CREATE FUNCTION herald.delete_template(workspace text, key text) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_users text;
+    v_n int;
+BEGIN
+    PERFORM herald._lock_template(workspace, key);
+    v_users := herald._template_users(workspace, key);
+    IF v_users IS NOT NULL THEN
+        RAISE EXCEPTION 'template % is in use and cannot be deleted: %', quote_literal(key), v_users
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), let the broadcasts finish or cancel them, and let the jobs be sent.';
+    END IF;
+    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'template' AND a.name = key;
+    DELETE FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = delete_template.key;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+
+CREATE FUNCTION herald._lock_list(workspace text, name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    PERFORM pg_advisory_xact_lock(hashtext('herald.list:' || workspace || '/' || name));
+    IF NOT EXISTS (SELECT 1 FROM herald.lists l WHERE l.workspace_id = workspace AND l.name = _lock_list.name)
+       AND NOT EXISTS (SELECT 1 FROM herald.list_members m WHERE m.workspace_id = workspace AND m.list = _lock_list.name) THEN
+        RAISE EXCEPTION 'unknown list % in workspace %', coalesce(quote_literal(name), 'NULL'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'herald.list_overview lists them.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.archive_list(workspace text, name text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_users text;
+    v_new boolean;
+BEGIN
+    PERFORM herald._lock_list(workspace, name);
+    v_users := herald._list_users(workspace, name);
+    IF v_users IS NOT NULL THEN
+        RAISE EXCEPTION 'list % is in use and cannot be archived: %', quote_literal(name), v_users
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), and let the broadcasts finish or cancel them.';
+    END IF;
+    INSERT INTO herald.archived (workspace_id, kind, name, archived_by) VALUES (workspace, 'list', name, herald._caller())
+    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
+    RETURNING true INTO v_new;
+    RETURN coalesce(v_new, false);
+END
+$$;
+
+CREATE FUNCTION herald.unarchive_list(workspace text, name text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    PERFORM herald._lock_list(workspace, name);
+    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'list' AND a.name = unarchive_list.name;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END
+$$;
+
+CREATE FUNCTION herald.delete_list(workspace text, name text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_users text;
+    v_n int;
+BEGIN
+    PERFORM herald._lock_list(workspace, name);
+    v_users := herald._list_users(workspace, name);
+    IF v_users IS NOT NULL THEN
+        RAISE EXCEPTION 'list % is in use and cannot be deleted: %', quote_literal(name), v_users
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), and let the broadcasts finish or cancel them.';
+    END IF;
+    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'list' AND a.name = delete_list.name;
+    DELETE FROM herald.lists l WHERE l.workspace_id = workspace AND l.name = delete_list.name;
+    DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.list = delete_list.name;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN jsonb_build_object('list', name, 'members', v_n);
+END
+$$;
+
+
+CREATE FUNCTION herald._broadcast_at_rest(v herald.broadcasts, what text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF v.status IN ('scheduled', 'sending', 'paused') THEN
+        RAISE EXCEPTION 'broadcast % is %: it cannot be %', v.id, v.status, what
+            USING ERRCODE = 'object_in_use', HINT = format('Cancel it first: herald.cancel_broadcast(%s).', v.id);
+    END IF;
+    IF v.settle_cursor IS NOT NULL
+       OR EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status IN ('pending', 'leased', 'held')) THEN
+        RAISE EXCEPTION 'broadcast % is % but some of its jobs are not settled yet: it cannot be %', v.id, v.status, what
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'herald.advance_broadcasts() settles them (the daemon calls it); jobs handed to a daemon finish first.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.archive_broadcast(broadcast bigint) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_new boolean;
+BEGIN
+    PERFORM herald._broadcast_at_rest(v, 'archived');
+    INSERT INTO herald.archived (workspace_id, kind, name, archived_by)
+    VALUES (v.workspace_id, 'broadcast', v.id::text, herald._caller())
+    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
+    RETURNING true INTO v_new;
+    RETURN coalesce(v_new, false);
+END
+$$;
+
+CREATE FUNCTION herald.unarchive_broadcast(broadcast bigint) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_n int;
+BEGIN
+    DELETE FROM herald.archived a WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END
+$$;
+
+CREATE FUNCTION herald._refuse_archived_broadcast(v herald.broadcasts) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM herald.archived a
+                WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text) THEN
+        RAISE EXCEPTION 'broadcast % is archived', v.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Restore it first: herald.unarchive_broadcast(%s).', v.id);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION herald.delete_broadcast(broadcast bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_resends text;
+    v_jobs int;
+    v_stats int;
+    v_n int;
+BEGIN
+    PERFORM herald._broadcast_at_rest(v, 'deleted');
+    SELECT string_agg(format('%s (%s)', r.id, r.status), ', ' ORDER BY r.id) INTO v_resends
+      FROM herald.broadcasts r
+     WHERE r.workspace_id = v.workspace_id AND r.retry_of = v.id AND r.status IN ('draft', 'scheduled', 'sending', 'paused');
+    IF v_resends IS NOT NULL THEN
+        RAISE EXCEPTION 'broadcast % cannot be deleted: resend_failed broadcast(s) % read its failed recipients', v.id, v_resends
+            USING ERRCODE = 'object_in_use', HINT = 'Let them finish, or cancel them, first.';
+    END IF;
+    DELETE FROM herald.outbox o WHERE o.broadcast_id = v.id;
+    GET DIAGNOSTICS v_jobs = ROW_COUNT;
+    DELETE FROM herald.broadcast_stats s WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id;
+    GET DIAGNOSTICS v_stats = ROW_COUNT;
+    DELETE FROM herald.broadcast_stats_delta d WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    DELETE FROM herald.feedback_rejections r WHERE r.workspace_id = v.workspace_id AND r.broadcast_id = v.id;
+    DELETE FROM herald.rate_limits r WHERE r.key = herald._broadcast_rate_key(v.id);
+    DELETE FROM herald.archived a WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text;
+    DELETE FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    RETURN jsonb_build_object('broadcast', v.id, 'jobs', v_jobs, 'stats', v_stats + v_n);
+END
+$$;
+-- refusing archived templates, lists and broadcasts; hiding archived ones from the overviews
+CREATE OR REPLACE FUNCTION herald.create_automation(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_checked jsonb;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    -- raises "invalid automation definition: <path>: <fault>" naming every fault
+    v_checked := herald._check_automation(definition);
+    PERFORM herald._refuse_archived(workspace, 'create_automation', herald._definition_templates(definition),
+                                    herald._definition_lists(definition));
+    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, filter_reads_contact,
+                                    reentry, start_node)
+    VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
+            nullif(v_checked -> 'trigger_filter', 'null'), (v_checked ->> 'filter_reads_contact')::boolean,
+            v_checked ->> 'reentry', v_checked ->> 'start')
+    RETURNING id INTO v_id;
+    -- version 1 (sql/versions.sql: update_automation makes the next ones)
+    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by)
+    VALUES (workspace, v_id, 1, definition, v_checked ->> 'start', herald._caller());
+    RETURN v_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.schedule_broadcast(broadcast bigint, at timestamptz DEFAULT now()) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+    v_fixed boolean;
+    v_send_at timestamptz;
+BEGIN
+    IF v.status <> 'draft' THEN
+        RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    PERFORM herald._refuse_archived_broadcast(v);
+    IF at IS NULL THEN
+        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- a send_at.at in the definition wins over at; it was in the future when the broadcast was created,
+    -- not necessarily now
+    v_fixed := v.definition -> 'send_at' ->> 'kind' = 'at';
+    v_send_at := CASE WHEN v_fixed THEN (v.definition -> 'send_at' ->> 'at')::timestamptz ELSE at END;
+    IF v_send_at < now() - interval '1 minute' THEN
+        RAISE EXCEPTION 'broadcast %: the time to send at (%) is in the past', v.id,
+            CASE WHEN v_fixed THEN 'send_at.at of its definition' ELSE 'at' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Schedule it for now (herald.schedule_broadcast(id)) or a future time; a send_at.at in its definition wins over at.';
+    END IF;
+    UPDATE herald.broadcasts b
+       SET status = 'scheduled', updated_at = now(), send_at = v_send_at
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+CREATE OR REPLACE VIEW herald.broadcast_overview AS
+SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
+       b.retry_of, b.last_error, b.created_at, b.finished_at
+  FROM herald.broadcasts b
+ WHERE NOT EXISTS (SELECT 1 FROM herald.archived a
+                    WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text);
+CREATE OR REPLACE VIEW herald.list_overview AS
+SELECT n.workspace_id, n.name AS list, l.description,
+       count(m.contact_id) FILTER (WHERE m.status = 'subscribed') AS subscribed,
+       count(m.contact_id) FILTER (WHERE m.status = 'unsubscribed') AS unsubscribed,
+       l.created_at
+  FROM (SELECT workspace_id, name FROM herald.lists
+        UNION
+        SELECT DISTINCT workspace_id, list FROM herald.list_members) n
+  LEFT JOIN herald.lists l ON l.workspace_id = n.workspace_id AND l.name = n.name
+  LEFT JOIN herald.list_members m ON m.workspace_id = n.workspace_id AND m.list = n.name
+ WHERE NOT EXISTS (SELECT 1 FROM herald.archived a WHERE a.workspace_id = n.workspace_id AND a.kind = 'list' AND a.name = n.name)
+ GROUP BY n.workspace_id, n.name, l.description, l.created_at;
+-- A/B: the winner's reason and broadcast_stats say what could not be attributed to a variation
+CREATE OR REPLACE FUNCTION herald._ab_winner(v herald.broadcasts, OUT winner text, OUT reason text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_metric text := v.definition -> 'ab_test' ->> 'metric';
+    v_kind text := CASE v_metric WHEN 'clicks' THEN 'email.clicked' ELSE 'email.opened' END;
+    v_min constant int := 5;   -- fewer engaged recipients than this in total: no evidence either way
+    r record;
+    v_total bigint := 0;
+    v_best_rate float8 := -1;
+    v_best text;
+    v_tied int := 0;
+    v_detail text := '';
+    v_unattributed bigint;
+    v_note text;
+BEGIN
+    -- one row per variation (at most 26): sent test messages, unique engaged recipients, their rate
+    FOR r IN
+        WITH sent AS (
+            SELECT o.variation, count(*) AS n FROM herald.outbox o
+             WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'done'
+             GROUP BY o.variation
+        ), engaged AS (
+            SELECT e.payload ->> 'variation' AS variation, count(DISTINCT e.contact_id) AS n
+              FROM herald.events e
+             WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
+             GROUP BY 1
+        )
+        SELECT x.value ->> 'key' AS variation, coalesce(s.n, 0) AS sent, coalesce(g.n, 0) AS engaged,
+               CASE WHEN coalesce(s.n, 0) = 0 THEN 0 ELSE coalesce(g.n, 0)::float8 / s.n END AS rate
+          FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY x(value, ord)
+          LEFT JOIN sent s ON s.variation = x.value ->> 'key'
+          LEFT JOIN engaged g ON g.variation = x.value ->> 'key'
+         ORDER BY x.ord
+    LOOP
+        v_total := v_total + r.engaged;
+        v_detail := v_detail || CASE WHEN v_detail = '' THEN '' ELSE ', ' END
+                    || format('%s: %s of %s', r.variation, r.engaged, r.sent);
+        IF r.rate > v_best_rate THEN
+            v_best_rate := r.rate; v_best := r.variation; v_tied := 1;
+        ELSIF r.rate = v_best_rate THEN
+            v_tied := v_tied + 1;
+        END IF;
+    END LOOP;
+    SELECT coalesce(sum(x.n), 0) INTO v_unattributed FROM (
+        SELECT s.value AS n FROM herald.broadcast_stats s
+         WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id AND s.variation = ''
+           AND s.metric = replace(v_kind, 'email.', '') || '_unattributed'
+        UNION ALL
+        SELECT d.n FROM herald.broadcast_stats_delta d
+         WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id AND d.variation = ''
+           AND d.metric = replace(v_kind, 'email.', '') || '_unattributed'
+        UNION ALL
+        SELECT count(DISTINCT e.contact_id) FROM herald.events e
+         WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
+           AND NOT coalesce(e.payload ->> 'variation' IN (SELECT x ->> 'key' FROM jsonb_array_elements(v.definition -> 'variations') x), false)) x;
+    IF v_unattributed > 0 THEN
+        v_note := format('%s %s could not be attributed to a variation (no message_id and no sent message of this broadcast '
+                         'to that address, or another variation named: see herald.feedback_rejections)', v_unattributed, v_metric);
+    END IF;
+    IF v_total < v_min THEN
+        winner := v.definition -> 'variations' -> 0 ->> 'key';
+        reason := CASE WHEN v_note IS NULL
+                       THEN format('sample too small: %s unique %s in all (%s), fewer than %s; sending the first variation',
+                                   v_total, v_metric, v_detail, v_min)
+                       ELSE format('sample too small: %s unique %s attributed (%s), fewer than %s; %s; sending the first variation',
+                                   v_total, v_metric, v_detail, v_min, v_note) END;
+    ELSIF v_tied > 1 THEN
+        winner := v_best;
+        reason := format('tie on %s rate (%s); the first tied variation wins', v_metric, v_detail)
+                  || coalesce('; ' || v_note, '');
+    ELSE
+        winner := v_best;
+        reason := format('highest %s rate, %s%% (%s)', v_metric, round((v_best_rate * 100)::numeric, 1), v_detail)
+                  || coalesce('; ' || v_note, '');
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION herald.broadcast_stats(broadcast bigint)
+RETURNS TABLE (variation text, metric text, value bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_ws text;
+BEGIN
+    SELECT b.workspace_id INTO v_ws FROM herald.broadcasts b WHERE b.id = broadcast;
+    IF v_ws IS NULL THEN
+        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM herald._authorize(v_ws, format('broadcast %s', broadcast));
+    RETURN QUERY
+    SELECT x.variation, x.metric, sum(x.n)::bigint FROM (
+        SELECT s.variation, s.metric, s.value AS n FROM herald.broadcast_stats s
+         WHERE s.workspace_id = v_ws AND s.broadcast_id = broadcast
+        UNION ALL
+        SELECT d.variation, d.metric, d.n FROM herald.broadcast_stats_delta d
+         WHERE d.workspace_id = v_ws AND d.broadcast_id = broadcast
+        UNION ALL
+        SELECT coalesce(e.payload ->> 'variation', ''), CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
+               count(DISTINCT e.contact_id)
+          FROM herald.events e
+         WHERE e.workspace_id = v_ws AND (e.payload ->> 'broadcast') = broadcast::text
+           AND e.kind IN ('email.opened', 'email.clicked')
+         GROUP BY 1, 2) x
+     GROUP BY 1, 2
+     ORDER BY 1, 2;
+END
+$$;
+-- who may do what (sql/security.sql)
+ALTER FUNCTION herald.create_automation(text, jsonb) SECURITY DEFINER;
+ALTER FUNCTION herald.schedule_broadcast(bigint, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_template(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_list(text, text) SECURITY DEFINER;
+ALTER FUNCTION herald.archive_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.unarchive_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.delete_broadcast(bigint) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald._definition_templates(jsonb), herald._definition_lists(jsonb),
+    herald._refuse_archived(text, text, text[], text[]), herald._template_users(text, text), herald._list_users(text, text),
+    herald._lock_template(text, text), herald._lock_list(text, text), herald._broadcast_at_rest(herald.broadcasts, text),
+    herald._refuse_archived_broadcast(herald.broadcasts),
+    herald.archive_template(text, text), herald.unarchive_template(text, text), herald.delete_template(text, text),
+    herald.archive_list(text, text), herald.unarchive_list(text, text), herald.delete_list(text, text),
+    herald.archive_broadcast(bigint), herald.unarchive_broadcast(bigint), herald.delete_broadcast(bigint)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    herald.archive_template(text, text), herald.unarchive_template(text, text), herald.delete_template(text, text),
+    herald.archive_broadcast(bigint), herald.unarchive_broadcast(bigint), herald.delete_broadcast(bigint)
+TO herald_admin;
+GRANT EXECUTE ON FUNCTION
+    herald.archive_list(text, text), herald.unarchive_list(text, text), herald.delete_list(text, text)
+TO herald_app, herald_admin;
+ALTER VIEW herald.broadcast_overview SET (security_invoker = true);
+ALTER VIEW herald.list_overview SET (security_invoker = true);
+GRANT SELECT ON herald.archived, herald.feedback_rejections TO herald_app, herald_admin;
+ALTER TABLE herald.archived ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.archived USING (workspace_id IN (SELECT herald._my_workspaces()));
+ALTER TABLE herald.feedback_rejections ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON herald.feedback_rejections USING (workspace_id IN (SELECT herald._my_workspaces()));
+-- end of archive/delete, A/B attribution (issue 13)

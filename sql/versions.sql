@@ -240,6 +240,8 @@ BEGIN
     END IF;
     -- raises "invalid automation definition: <path>: <fault>" naming every fault
     v_checked := herald._check_automation(definition);
+    PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot be updated', v.id),
+                                    herald._definition_templates(definition), herald._definition_lists(definition));
     IF v_opts ? 'migrate' THEN
         -- the contacts to move, locked (and waited for while a tick runs them) in id order; one that a
         -- dispatcher enrols meanwhile starts on the version it read and stays there

@@ -332,3 +332,49 @@ SELECT s.n, b.definition -> 'segment_sql' AS sql_part, b.definition -> 'segment_
                        FROM herald._audience_page((SELECT x FROM herald.broadcasts x WHERE x.id = s.id), 0, 1000) p
                        JOIN herald.contacts c ON c.id = p.contact_id) a
  ORDER BY s.n;
+
+-- A/B attribution (issue 13): an open or click without a message_id counts for the variation of the
+-- recipient's message of the broadcast its payload names; one that cannot be attributed is refused with
+-- its reason (herald.feedback_rejections), counted as unattributed, and the winner's reason says so
+UPDATE herald.outbox SET status = 'cancelled' WHERE status IN ('pending', 'leased', 'held');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Attr", "variations": [{"key": "a", "template": "news-a"}, {"key": "b", "template": "news-b"}],
+  "ab_test": {"test_percent": 50, "metric": "opens", "wait": "1 minute"}}') AS attr \gset
+SELECT herald.schedule_broadcast(:attr);
+SELECT herald.advance_broadcasts() > 0 AS test_enqueued;
+SELECT herald.complete(jsonb_agg(jsonb_build_object('id', j.id, 'ok', true, 'message_id', '<attr-' || j.id || '@herald>'))) > 0 AS sent_test
+  FROM herald.claim('t', 1000) j;
+CREATE TEMP TABLE attr_r AS
+SELECT o.variation, c.email, o.id, row_number() OVER (PARTITION BY o.variation ORDER BY o.contact_id) AS n
+  FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id WHERE o.broadcast_id = :attr;
+SELECT (SELECT count(*) FROM attr_r WHERE variation = 'a') > 1 AND (SELECT count(*) FROM attr_r WHERE variation = 'b') > 1 AS both_sent;
+-- 0: attributed by its address (b); 1: names variation b for a recipient of a: refused; 2: an address
+-- the broadcast did not mail: refused; 3: a broadcast that does not exist: refused; 4: not a broadcast
+-- id: refused; 5: attributed by its message_id alone (b); 6: names no broadcast: a plain event
+SELECT herald.record_feedback(jsonb_build_array(
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'b' AND n = 1),
+                     'payload', jsonb_build_object('broadcast', :attr)),
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1),
+                     'payload', jsonb_build_object('broadcast', :attr, 'variation', 'b')),
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT c.email FROM herald.contacts c WHERE c.workspace_id = 'b1'
+                        AND c.email NOT IN (SELECT email FROM attr_r) ORDER BY c.id LIMIT 1),
+                     'payload', jsonb_build_object('broadcast', :attr)),
+  jsonb_build_object('kind', 'clicked', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1),
+                     'payload', jsonb_build_object('broadcast', 424242)),
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1),
+                     'payload', jsonb_build_object('broadcast', 'the big one')),
+  jsonb_build_object('kind', 'opened', 'message_id', (SELECT '<attr-' || id || '@herald>' FROM attr_r WHERE variation = 'b' AND n = 2)),
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1)))) AS recorded;
+SELECT position, reason, broadcast_id IS NOT DISTINCT FROM :attr AS names_it, input -> 'payload' AS payload
+  FROM herald.feedback_rejections WHERE workspace_id = 'b1' ORDER BY batch, position;
+SELECT r.variation AS sent_as, e.payload ->> 'variation' AS counted_as, e.payload ->> 'broadcast' = :'attr' AS for_attr
+  FROM herald.events e JOIN attr_r r ON r.email = e.email
+ WHERE e.workspace_id = 'b1' AND e.kind = 'email.opened'
+   AND e.created_at >= (SELECT b.created_at FROM herald.broadcasts b WHERE b.id = :attr) ORDER BY 1, 2;
+SELECT * FROM herald.broadcast_stats(:attr) WHERE metric NOT IN ('queued', 'sent') ORDER BY 1, 2;
+-- the winner: too few attributed opens, and it says how many could not be attributed
+UPDATE herald.broadcasts SET test_ends_at = now() - interval '1 second' WHERE id = :attr;
+SELECT herald.advance_broadcasts() AS decided;
+SELECT phase, winner, winner_reason FROM herald.broadcasts WHERE id = :attr;
+SELECT herald.cancel_broadcast(:attr);
+-- a bad entry of another kind still fails the whole call before anything is written
+SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "payload": {"broadcast": 1}}, {"kind": "seen"}]');
