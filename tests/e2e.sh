@@ -130,4 +130,10 @@ status=$("$bin" status)
 echo "$status" | grep -Eq '^acme +1 +0 +1 +0 +0 +0$' || fail "status broadcasts by status: $status"
 echo "$status" | grep -Eq "^ *$bid +acme +E2E news +sending +done +2 +1 +0 +50.0%$" || fail "status in-flight broadcasts: $status"
 
+# an archived broadcast (herald.archive_broadcast) is listed only with --all, marked
+q "SELECT herald.archive_broadcast($((bid + 1)))" >/dev/null
+"$bin" broadcasts --workspace acme | grep -q 'Draft' && fail "an archived broadcast is listed without --all"
+out=$("$bin" broadcasts --workspace acme --all)
+echo "$out" | grep -Eq "^ *$((bid + 1)) +acme +Draft +draft \(archived\) +all +0 +0 +0 +-$" || fail "broadcasts --all: $out"
+
 echo "e2e: ok (demo + status: $contacts contacts, $events events, $active active enrollments, $n messages delivered, import, automations, broadcasts)"

@@ -1,6 +1,7 @@
 //! `herald automations` and `herald broadcasts`: what exists, with status and progress, as aligned
 //! text tables (or JSON with `--json`). One query each, read from the views the SQL API documents
-//! (`herald.automation_overview`, `herald.broadcast_overview`) and `herald.broadcast_stats`.
+//! (`herald.automation_overview`, `herald.broadcast_overview`) and `herald.broadcast_stats`; archived
+//! broadcasts (sql/archive.sql) are left out, as the view leaves them out, unless `--all`.
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -16,6 +17,15 @@ pub struct ListArgs {
     /// One JSON array of objects instead of the table (for scripts).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct BroadcastArgs {
+    #[command(flatten)]
+    pub list: ListArgs,
+    /// Also the archived broadcasts (herald.archive_broadcast), marked as such.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// A text table: columns padded to their widest cell; numbers (right-aligned columns) on the right.
@@ -189,14 +199,27 @@ pub struct Broadcast {
     pub progress_percent: Option<f64>,
     pub winner: Option<String>,
     pub last_error: Option<String>,
+    /// Archived (herald.archive_broadcast): listed only with `--all`.
+    pub archived: bool,
 }
 
-/// Broadcasts with their counts; `in_flight` keeps only scheduled, sending and paused ones. A draft's
-/// stats are not read (it has none).
+/// Broadcasts with their counts, archived ones left out; `in_flight` keeps only scheduled, sending and
+/// paused ones. A draft's stats are not read (it has none).
 pub async fn broadcasts(
     client: &Client,
     workspace: Option<&str>,
     in_flight: bool,
+) -> Result<Vec<Broadcast>> {
+    broadcasts_including(client, workspace, in_flight, false).await
+}
+
+/// As [`broadcasts`]; `archived` also lists the archived ones (read from herald.broadcasts, of which
+/// herald.broadcast_overview is the unarchived part).
+pub async fn broadcasts_including(
+    client: &Client,
+    workspace: Option<&str>,
+    in_flight: bool,
+    archived: bool,
 ) -> Result<Vec<Broadcast>> {
     let rows = client
         .query(
@@ -205,12 +228,14 @@ pub async fn broadcasts(
                         (SELECT jsonb_object_agg(x.metric, x.value)
                            FROM (SELECT s.metric, sum(s.value) AS value
                                    FROM herald.broadcast_stats(o.id) s GROUP BY s.metric) x)
-                    END
-               FROM herald.broadcast_overview o
+                    END,
+                    o.id NOT IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id)
+               FROM herald.broadcasts o
               WHERE ($1::text IS NULL OR o.workspace_id = $1)
                 AND (NOT $2 OR o.status IN ('scheduled', 'sending', 'paused'))
+                AND ($3 OR o.id IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id))
               ORDER BY o.workspace_id, o.id",
-            &[&workspace, &in_flight],
+            &[&workspace, &in_flight, &archived],
         )
         .await
         .context("reading herald.broadcast_overview and herald.broadcast_stats")?;
@@ -245,6 +270,7 @@ pub async fn broadcasts(
                 clicked: n("clicked"),
                 winner: r.get(6),
                 last_error: r.get(7),
+                archived: r.get(9),
             }
         })
         .collect())
@@ -269,7 +295,11 @@ pub fn render_broadcasts(list: &[Broadcast]) -> String {
                 b.id.to_string(),
                 b.workspace.clone(),
                 cut(&b.name, 40),
-                b.status.clone(),
+                if b.archived {
+                    format!("{} (archived)", b.status)
+                } else {
+                    b.status.clone()
+                },
                 b.phase.clone(),
                 b.enqueued.to_string(),
                 b.sent.to_string(),
@@ -316,11 +346,12 @@ pub async fn run_automations(target: &Target, args: ListArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn run_broadcasts(target: &Target, args: ListArgs) -> Result<()> {
+pub async fn run_broadcasts(target: &Target, args: BroadcastArgs) -> Result<()> {
     let client = target.connect_herald().await?;
-    check_workspace(&client, args.workspace.as_deref()).await?;
-    let list = broadcasts(&client, args.workspace.as_deref(), false).await?;
-    if args.json {
+    check_workspace(&client, args.list.workspace.as_deref()).await?;
+    let list =
+        broadcasts_including(&client, args.list.workspace.as_deref(), false, args.all).await?;
+    if args.list.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         print!("{}", render_broadcasts(&list));
@@ -381,6 +412,7 @@ mod tests {
             progress_percent,
             winner: None,
             last_error: None,
+            archived: false,
         }
     }
 
@@ -404,5 +436,16 @@ mod tests {
         assert!(lines[2].ends_with("       -"), "{t}");
         assert_eq!(lines[3], "broadcast 2: last error: template gone");
         assert!(render_broadcasts(&[]).contains("no broadcasts"));
+    }
+
+    #[test]
+    fn archived_broadcasts_are_marked() {
+        let mut b = vec![broadcast(1, "done", Some(100.0))];
+        b[0].archived = true;
+        let t = render_broadcasts(&b);
+        assert!(
+            t.lines().nth(1).unwrap().contains(" sending (archived) "),
+            "{t}"
+        );
     }
 }

@@ -30,8 +30,9 @@ enum Command {
     Import(import::ImportArgs),
     /// Lists automations: id, workspace, name, status, trigger, enrollments by status.
     Automations(listing::ListArgs),
-    /// Lists broadcasts: id, workspace, name, status, phase, enqueued/sent/failed, progress.
-    Broadcasts(listing::ListArgs),
+    /// Lists broadcasts: id, workspace, name, status, phase, enqueued/sent/failed, progress (archived
+    /// ones with --all).
+    Broadcasts(listing::BroadcastArgs),
     /// Runs the end-to-end demo in a fresh database `herald_demo`.
     Demo,
     /// The daemon: sends the queued email, calls webhooks, runs the step engine and queue upkeep.
