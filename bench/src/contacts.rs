@@ -1,5 +1,7 @@
 //! Contact import: `herald.upsert_contacts` in calls of CALL contacts into a fresh workspace, against
-//! the same rows as a plain multi-row INSERT into a table with a unique index on email.
+//! the same rows as a plain multi-row INSERT into a table with a unique index on email, and as a plain
+//! `INSERT … SELECT` into `herald.contacts` itself (another fresh workspace: the same table, every index
+//! of it, no validation, no merge, no events) — the floor upsert_contacts cannot go under.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use herald_sidecar::db::Target;
 
 pub const CALL: usize = 10_000;
 const WORKSPACE: &str = "bench_contacts";
+const PLAIN_WORKSPACE: &str = "bench_contacts_plain";
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 const ZONES: [&str; 4] = ["Europe/Paris", "America/New_York", "Asia/Tokyo", "UTC"];
 
@@ -23,6 +26,11 @@ pub struct Import {
     pub herald_contacts_per_sec: f64,
     pub baseline_secs: f64,
     pub baseline_contacts_per_sec: f64,
+    /// Plain `INSERT … SELECT` into herald.contacts, same rows, same calls.
+    pub contacts_table_secs: f64,
+    pub contacts_table_contacts_per_sec: f64,
+    /// upsert_contacts' rate over the plain insert's into the same table (issue 14: goal >= 0.5).
+    pub herald_over_contacts_table: f64,
 }
 
 pub async fn run(target: &Target, contacts: usize) -> Result<Import> {
@@ -42,8 +50,10 @@ pub async fn run(target: &Target, contacts: usize) -> Result<Import> {
         })
         .collect();
     let db = target.connect().await?;
-    db.execute("SELECT herald.create_workspace($1)", &[&WORKSPACE])
-        .await?;
+    for ws in [WORKSPACE, PLAIN_WORKSPACE] {
+        db.execute("SELECT herald.create_workspace($1)", &[&ws])
+            .await?;
+    }
 
     let started = Instant::now();
     for call in &calls {
@@ -68,6 +78,19 @@ pub async fn run(target: &Target, contacts: usize) -> Result<Import> {
     }
     let base = started.elapsed();
 
+    let started = Instant::now();
+    for call in &calls {
+        db.execute(
+            "INSERT INTO herald.contacts (workspace_id, email, attributes, timezone)
+             SELECT $1, r.email, r.attributes, r.timezone
+               FROM jsonb_to_recordset($2) AS r(email text, attributes jsonb, timezone text)",
+            &[&PLAIN_WORKSPACE, call],
+        )
+        .await
+        .context("plain INSERT into herald.contacts")?;
+    }
+    let table = started.elapsed();
+
     let rate = |d: Duration| contacts as f64 / d.as_secs_f64();
     Ok(Import {
         contacts,
@@ -76,5 +99,8 @@ pub async fn run(target: &Target, contacts: usize) -> Result<Import> {
         herald_contacts_per_sec: rate(herald),
         baseline_secs: base.as_secs_f64(),
         baseline_contacts_per_sec: rate(base),
+        contacts_table_secs: table.as_secs_f64(),
+        contacts_table_contacts_per_sec: rate(table),
+        herald_over_contacts_table: table.as_secs_f64() / herald.as_secs_f64(),
     })
 }
