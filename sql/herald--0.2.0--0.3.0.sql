@@ -525,7 +525,7 @@ BEGIN
            SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
                lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
           FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
-         WHERE o.id = u.id AND o.status = 'pending'
+         WHERE o.id = u.id AND o.status IS NOT DISTINCT FROM 'pending'
         RETURNING o.*, u.ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
@@ -603,7 +603,7 @@ BEGIN
                     WHEN i.retryable THEN 'dead'
                     ELSE 'failed' END AS outcome
           FROM input i JOIN herald.outbox o ON o.id = i.id
-         WHERE o.status = 'leased'
+         WHERE o.status IS NOT DISTINCT FROM 'leased'
            FOR UPDATE OF o
     ), job AS (
         -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
@@ -2237,7 +2237,7 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Send the test to another address, or lift the suppression with herald.unsuppress(workspace, email) if it was a mistake.';
     END IF;
-    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, NULL);
+    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, 'https://unsubscribe.invalid/preview');
     INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
     VALUES (workspace, 'email', 0, 'test:' || gen_random_uuid(), provider, herald._email_rate_keys(workspace, provider),
             (SELECT c.id FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_payload ->> 'to'),

@@ -153,8 +153,8 @@ $$;
 -- through the outbox, as send() would (same provider rules and rate limits, priority 0), marked as a
 -- test: its subject starts with "[test] " (the daemon adds it), it is counted in no automation or
 -- broadcast statistic, and an address that is no contact stays none (the email renders with only
--- contact.email; no contact.created event). The template is rendered here first, so one that would
--- fail is refused now with the daemon's message instead of failing the job. A suppressed address is
+-- contact.email; no contact.created event). The template is rendered here first (as render_template
+-- does), so one that would fail is refused now with the daemon's message instead of failing the job. A suppressed address is
 -- refused (unsubscribed, bounced or erased addresses are never mailed, tests included). Returns the
 -- job id.
 CREATE FUNCTION herald.send_test(workspace text, key text, to_email text, context jsonb DEFAULT '{}',
@@ -178,7 +178,7 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Send the test to another address, or lift the suppression with herald.unsuppress(workspace, email) if it was a mistake.';
     END IF;
-    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, NULL);
+    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, 'https://unsubscribe.invalid/preview');
     INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
     VALUES (workspace, 'email', 0, 'test:' || gen_random_uuid(), provider, herald._email_rate_keys(workspace, provider),
             (SELECT c.id FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_payload ->> 'to'),

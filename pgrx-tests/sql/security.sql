@@ -94,6 +94,8 @@ INSERT INTO calls (fn, q) VALUES
   ('exit_enrollment',       $q$SELECT herald.exit_enrollment({enrollment}, 'test')$q$),
   ('decide_approval',       $q$SELECT herald.decide_approval({enrollment}, true, 'tester')$q$),
   ('send',                  $q$SELECT herald.send('{ws}', 'x@example.com', 't')$q$),
+  ('render_template',       $q$SELECT herald.render_template('{ws}', 't', 'x@example.com')$q$),
+  ('send_test',             $q$SELECT herald.send_test('{ws}', 't', 'x@example.com')$q$),
   ('suppress',              $q$SELECT herald.suppress('{ws}', 'z@example.com', 'manual')$q$),
   ('unsuppress',            $q$SELECT herald.unsuppress('{ws}', 's@example.com')$q$),
   ('redrive',               $q$SELECT herald.redrive(ARRAY[{dead}]::bigint[])$q$),
@@ -154,6 +156,7 @@ INSERT INTO calls (fn, q) VALUES
   ('advance_results',       $q$SELECT herald.advance_results(10)$q$),
   ('provider_kinds',        $q$SELECT herald.provider_kinds()$q$),
   ('internal: _check_automation', $q$SELECT herald._check_automation('{}')$q$),
+  ('internal: _render_email', $q$SELECT herald._render_email('{"subject": "s", "html": "h"}', '{}', '{ws}', NULL)$q$),
   ('internal: _authorize',  $q$SELECT herald._authorize('{ws}')$q$);
 CREATE FUNCTION pg_temp.call_for(q text, w text) RETURNS text LANGUAGE sql AS $$
   SELECT replace(replace(replace(replace(replace(replace(replace(q, '{ws}', i.ws), '{automation}', i.automation::text),
