@@ -86,10 +86,9 @@ fn _render_email(
         vars = vars.with_unsubscribe_url(url);
     }
     let rendered = herald_render::email_fields(&template.0).and_then(|fields| {
-        let values =
-            sandbox::render_fields(&fields, &vars, Undefined::Fail, || {
-                check_for_interrupts!();
-            })?;
+        let values = sandbox::render_fields(&fields, &vars, Undefined::Fail, || {
+            check_for_interrupts!();
+        })?;
         herald_render::finish_email(values, &vars)
     });
     match rendered {
