@@ -63,8 +63,28 @@ impl Vars {
         self.payload.get("test").and_then(Json::as_bool) == Some(true)
     }
 
-    /// The variables as the engine takes them.
+    /// The variables as the engine takes them (serialised from the payload in place: no copy per job).
     pub fn value(&self) -> Value {
-        Value::from_serialize(self.json())
+        #[derive(Serialize)]
+        struct View<'a> {
+            contact: &'a Json,
+            context: &'a Json,
+            event: &'a Json,
+            variables: &'a Json,
+            broadcast: &'a Json,
+            workspace: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unsubscribe_url: Option<&'a str>,
+        }
+        let field = |k: &str| self.payload.get(k).unwrap_or(&Json::Null);
+        Value::from_serialize(View {
+            contact: field("contact"),
+            context: field("context"),
+            event: field("event"),
+            variables: field("variables"),
+            broadcast: field("broadcast"),
+            workspace: &self.workspace,
+            unsubscribe_url: self.unsubscribe_url.as_deref(),
+        })
     }
 }
