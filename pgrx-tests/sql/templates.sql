@@ -17,6 +17,9 @@ SELECT herald.upsert_template('tp1', 'bad', 'Hi', '<p>x</p>', E'line 1\nline 2 {
 -- a variable whose root templates cannot see: what it probably means
 SELECT herald.upsert_template('tp1', 'bad', 'Issue {{ issue }}', '<p>x</p>');
 SELECT herald.upsert_template('tp1', 'bad', 'Hi', E'<p>\n\n{{ first_name | default("you") }}</p>');
+-- a filter or a test the engine does not have
+SELECT herald.upsert_template('tp1', 'bad', 'Hi {{ contact.first_name | uper }}', '<p>x</p>');
+SELECT herald.upsert_template('tp1', 'bad', 'Hi', '{% if contact.plan is definned %}x{% endif %}');
 -- locals, loops, macros and the global functions are fine; nothing was stored for 'bad'
 SELECT herald.upsert_template('tp1', 'fine', '{% set n = contact.email %}{{ n }}',
     '{% for t in contact.tags %}{{ loop.index }}:{{ t }} {% endfor %}{{ range(3) | join(",") }}{% macro m(a) %}[{{ a }}]{% endmacro %}{{ m(workspace) }}');

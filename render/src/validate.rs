@@ -105,6 +105,7 @@ pub fn check_template(parts: &[(&str, &str)]) -> Result<(), Refusal> {
                 hint: SYNTAX_HINT.to_string(),
             }
         })?;
+        check_names(&env, name, source)?;
         let used: BTreeSet<String> = tmpl.undeclared_variables(false).into_iter().collect();
         if let Some(unknown) = used
             .iter()
@@ -119,6 +120,136 @@ pub fn check_template(parts: &[(&str, &str)]) -> Result<(), Refusal> {
                 ),
                 hint: ROOTS_HINT.to_string(),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Filters and tests the hint names (a test checks each exists).
+const COMMON_FILTERS: [&str; 16] = [
+    "default",
+    "d",
+    "upper",
+    "lower",
+    "title",
+    "capitalize",
+    "trim",
+    "replace",
+    "join",
+    "length",
+    "first",
+    "last",
+    "round",
+    "int",
+    "escape",
+    "sort",
+];
+const COMMON_TESTS: [&str; 7] = [
+    "defined",
+    "undefined",
+    "none",
+    "number",
+    "string",
+    "even",
+    "odd",
+];
+
+fn filter_hint() -> String {
+    format!(
+        "Filters include {}; tests include {} (minijinja's built-ins).",
+        COMMON_FILTERS.join(", "),
+        COMMON_TESTS.join(", ")
+    )
+}
+
+/// The filter (`| name`) and test (`is name`) names in an expression, in order.
+fn filter_and_test_names(expr: &str) -> Vec<(bool, String)> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let ident = |from: usize| -> (usize, String) {
+        let mut j = from;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        (j, expr[from..j].to_string())
+    };
+    let skip_ws = |mut j: usize| {
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        j
+    };
+    while i < b.len() {
+        match b[i] {
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'|' => {
+                let (end, name) = ident(skip_ws(i + 1));
+                if !name.is_empty() {
+                    out.push((true, name));
+                }
+                i = end.max(i + 1);
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let (end, word) = ident(i);
+                let before_ok = i == 0
+                    || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'.');
+                if word == "is" && before_ok {
+                    let (mut end2, mut name) = ident(skip_ws(end));
+                    if name == "not" {
+                        (end2, name) = ident(skip_ws(end2));
+                    }
+                    if !name.is_empty() {
+                        out.push((false, name));
+                    }
+                    i = end2.max(end);
+                } else {
+                    i = end;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+/// Refuses a filter or a test the engine does not have (they would fail only when rendered).
+fn check_names(
+    env: &minijinja::Environment<'static>,
+    part: &str,
+    source: &str,
+) -> Result<(), Refusal> {
+    for tag in tags(source) {
+        for (filter, n) in filter_and_test_names(tag.text) {
+            // asked of the engine itself: an unknown name is its own error kind
+            let probe = if filter {
+                format!("{{{{ none | {n} }}}}")
+            } else {
+                format!("{{{{ none is {n} }}}}")
+            };
+            let unknown = match env.render_str(&probe, ()) {
+                Err(e) => matches!(
+                    e.kind(),
+                    minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest
+                ),
+                Ok(_) => false,
+            };
+            if unknown {
+                let what = if filter { "filter" } else { "test" };
+                return Err(Refusal {
+                    message: format!("{part}, line {}: there is no {what} named {n}", tag.line),
+                    hint: filter_hint(),
+                });
+            }
         }
     }
     Ok(())
@@ -231,6 +362,40 @@ mod tests {
         );
         assert!(e.message.contains("variables.issue"), "{}", e.message);
         assert!(e.hint.contains("unsubscribe_url"), "{}", e.hint);
+    }
+
+    #[test]
+    fn unknown_filters_and_tests_are_refused() {
+        let e = check_template(&[
+            ("subject", "Hi"),
+            ("html", "<p>\n{{ contact.first_name | uper }}</p>"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.message, "html, line 2: there is no filter named uper");
+        let e = check_template(&[("subject", "{% if contact.x is definned %}x{% endif %}")])
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "subject, line 1: there is no test named definned"
+        );
+        check_template(&[(
+            "subject",
+            "{{ contact.a | default('a|b') | upper | d('x') }}{% if contact.x is not defined %}{% endif %}{{ 'x is y' }}",
+        )])
+        .unwrap();
+    }
+
+    #[test]
+    fn the_hint_names_filters_and_tests_that_exist() {
+        let env = crate::engine::environment(minijinja::UndefinedBehavior::SemiStrict);
+        let uses: Vec<String> = COMMON_FILTERS
+            .iter()
+            .map(|f| format!("{{{{ x | {f} }}}}"))
+            .chain(COMMON_TESTS.iter().map(|t| format!("{{{{ x is {t} }}}}")))
+            .collect();
+        for source in uses {
+            check_names(&env, "t", &source).unwrap_or_else(|e| panic!("{source}: {}", e.message));
+        }
     }
 
     #[test]
