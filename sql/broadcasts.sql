@@ -867,7 +867,10 @@ BEGIN
                               WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
           -- the contact's job of that broadcast (one per contact), or, once pruned, its history
           LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
-                                    coalesce(o.status = 'done', h.status = 'sent') AS sent, coalesce(o.status, h.status) AS status
+                                    -- leased: handed to a daemon, whose completion may not be recorded yet
+                                    -- when the recipient already opens it
+                                    coalesce(o.status IN ('done', 'leased'), h.status = 'sent') AS sent,
+                                    coalesce(o.status, h.status) AS status
                                FROM herald.contacts ct
                                LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
                                LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y

@@ -444,6 +444,14 @@ BEGIN
           FROM stopped x
          WHERE o.workspace_id = x.workspace_id AND o.id = x.id
         RETURNING o.id
+    ), suppressed_waiting AS (
+        SELECT x.*, w.id AS enrollment_id
+          FROM suppressed x
+         CROSS JOIN LATERAL (SELECT e.id FROM herald.enrollments e
+                              WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
+                                AND e.wait_kind = 'job' AND e.ended_at IS NULL
+                                AND e.status IS NOT DISTINCT FROM 'waiting'
+                             OFFSET 0) w
     ), woken AS (
         UPDATE herald.enrollments e
            SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
@@ -451,10 +459,9 @@ BEGIN
                ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
                exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
                wait_kind = NULL, wait_job = NULL, updated_at = now()
-          FROM suppressed x
-         WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
-           -- enrollments_wait_job_idx and no other partial index (see complete)
-           AND e.wait_kind = 'job' AND e.ended_at IS NULL AND e.status IS NOT DISTINCT FROM 'waiting'
+          FROM suppressed_waiting x
+         WHERE e.id = x.enrollment_id AND e.workspace_id IS NOT DISTINCT FROM x.workspace_id
+           AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
         RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
     ), reported AS (
         -- the results stream (sql/results.sql): journeys that ended here
@@ -525,7 +532,7 @@ BEGIN
            SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
                lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
           FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
-         WHERE o.id = u.id AND o.status IS NOT DISTINCT FROM 'pending'
+         WHERE o.id = u.id AND o.id = ANY (v_ids) AND o.status IS NOT DISTINCT FROM 'pending'
         RETURNING o.*, u.ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
@@ -1834,7 +1841,10 @@ BEGIN
                               WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
           -- the contact's job of that broadcast (one per contact), or, once pruned, its history
           LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
-                                    coalesce(o.status = 'done', h.status = 'sent') AS sent, coalesce(o.status, h.status) AS status
+                                    -- leased: handed to a daemon, whose completion may not be recorded yet
+                                    -- when the recipient already opens it
+                                    coalesce(o.status IN ('done', 'leased'), h.status = 'sent') AS sent,
+                                    coalesce(o.status, h.status) AS status
                                FROM herald.contacts ct
                                LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
                                LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y

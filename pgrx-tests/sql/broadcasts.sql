@@ -375,6 +375,16 @@ SELECT * FROM herald.broadcast_stats(:attr) WHERE metric NOT IN ('queued', 'sent
 UPDATE herald.broadcasts SET test_ends_at = now() - interval '1 second' WHERE id = :attr;
 SELECT herald.advance_broadcasts() AS decided;
 SELECT phase, winner, winner_reason FROM herald.broadcasts WHERE id = :attr;
+-- the rest: a job handed to a daemon (leased: its completion may not be recorded yet) is opened and
+-- counts; one still pending cannot have been opened and is refused
+SELECT herald.advance_broadcasts() > 0 AS rest_enqueued;
+SELECT count(*) AS leased FROM herald.claim('t', 1);
+SELECT herald.record_feedback((SELECT jsonb_agg(jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', c.email,
+                                                                   'payload', jsonb_build_object('broadcast', :attr)) ORDER BY o.status)
+                                 FROM (SELECT DISTINCT ON (x.status) x.* FROM herald.outbox x
+                                        WHERE x.broadcast_id = :attr AND x.status IN ('leased', 'pending') ORDER BY x.status, x.id) o
+                                 JOIN herald.contacts c ON c.id = o.contact_id)) AS recorded;
+SELECT position, reason FROM herald.feedback_rejections WHERE workspace_id = 'b1' ORDER BY batch DESC, position LIMIT 1;
 SELECT herald.cancel_broadcast(:attr);
 -- a bad entry of another kind still fails the whole call before anything is written
 SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "payload": {"broadcast": 1}}, {"kind": "seen"}]');
