@@ -778,7 +778,7 @@ SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b
 -- A/B attribution (issue 13): an open or click is counted for the broadcast and variation of its
 -- message: the message its message_id names, else (no message_id, or one herald does not know) the
 -- message of the broadcast its payload names ("payload": {"broadcast": id}) to that address (the
--- contact's job of that broadcast: its variation). One that names a broadcast but cannot be attributed
+-- contact's job of that broadcast: its variation); without a workspace, the broadcast's. One that names a broadcast but cannot be attributed
 -- (no such broadcast in the workspace, no message of it to that address or not sent, or a payload
 -- variation other than the one sent) is refused: no event, a row in herald.feedback_rejections with the
 -- reason (batch = the transaction id, as contact_rejections), and counted in broadcast_stats as
@@ -807,7 +807,7 @@ BEGIN
 
     WITH input AS (
         SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
-               coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
+               coalesce(t.f ->> 'workspace', m.workspace_id, bw.workspace_id) AS workspace_id,
                herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord, t.f AS entry,
                m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id, m.variation,
                -- the broadcast an open or click names in its payload (read when its message does not say)
@@ -839,6 +839,13 @@ BEGIN
                              HAVING count(DISTINCT h.workspace_id) = 1) m ON true
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
+          -- an open or click that names neither a workspace nor a known message: the workspace of the
+          -- broadcast its payload names
+          LEFT JOIN LATERAL (SELECT x.workspace_id FROM herald.broadcasts x
+                              WHERE t.f ->> 'workspace' IS NULL AND m.workspace_id IS NULL
+                                AND t.f ->> 'kind' IN ('opened', 'clicked')
+                                AND x.id = CASE WHEN t.f -> 'payload' ->> 'broadcast' ~ '^[0-9]{1,18}$'
+                                                THEN (t.f -> 'payload' ->> 'broadcast')::bigint END) bw ON true
     ), known AS (
         SELECT i.*,
                CASE WHEN i.named_broadcast ~ '^[0-9]{1,18}$' THEN i.named_broadcast::bigint END AS named_id

@@ -349,7 +349,8 @@ SELECT o.variation, c.email, o.id, row_number() OVER (PARTITION BY o.variation O
 SELECT (SELECT count(*) FROM attr_r WHERE variation = 'a') > 1 AND (SELECT count(*) FROM attr_r WHERE variation = 'b') > 1 AS both_sent;
 -- 0: attributed by its address (b); 1: names variation b for a recipient of a: refused; 2: an address
 -- the broadcast did not mail: refused; 3: a broadcast that does not exist: refused; 4: not a broadcast
--- id: refused; 5: attributed by its message_id alone (b); 6: names no broadcast: a plain event
+-- id: refused; 5: attributed by its message_id alone (b); 6: names no broadcast: a plain event;
+-- 7: a click without a workspace: the broadcast's (a)
 SELECT herald.record_feedback(jsonb_build_array(
   jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'b' AND n = 1),
                      'payload', jsonb_build_object('broadcast', :attr)),
@@ -363,13 +364,15 @@ SELECT herald.record_feedback(jsonb_build_array(
   jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1),
                      'payload', jsonb_build_object('broadcast', 'the big one')),
   jsonb_build_object('kind', 'opened', 'message_id', (SELECT '<attr-' || id || '@herald>' FROM attr_r WHERE variation = 'b' AND n = 2)),
-  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1)))) AS recorded;
+  jsonb_build_object('kind', 'opened', 'workspace', 'b1', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 1)),
+  jsonb_build_object('kind', 'clicked', 'email', (SELECT email FROM attr_r WHERE variation = 'a' AND n = 2),
+                     'payload', jsonb_build_object('broadcast', :attr)))) AS recorded;
 SELECT position, reason, broadcast_id IS NOT DISTINCT FROM :attr AS names_it, input -> 'payload' AS payload
   FROM herald.feedback_rejections WHERE workspace_id = 'b1' ORDER BY batch, position;
-SELECT r.variation AS sent_as, e.payload ->> 'variation' AS counted_as, e.payload ->> 'broadcast' = :'attr' AS for_attr
+SELECT e.kind, r.variation AS sent_as, e.payload ->> 'variation' AS counted_as, e.payload ->> 'broadcast' = :'attr' AS for_attr
   FROM herald.events e JOIN attr_r r ON r.email = e.email
- WHERE e.workspace_id = 'b1' AND e.kind = 'email.opened'
-   AND e.created_at >= (SELECT b.created_at FROM herald.broadcasts b WHERE b.id = :attr) ORDER BY 1, 2;
+ WHERE e.workspace_id = 'b1' AND e.kind IN ('email.opened', 'email.clicked')
+   AND e.created_at >= (SELECT b.created_at FROM herald.broadcasts b WHERE b.id = :attr) ORDER BY 1, 2, 3;
 SELECT * FROM herald.broadcast_stats(:attr) WHERE metric NOT IN ('queued', 'sent') ORDER BY 1, 2;
 -- the winner: too few attributed opens, and it says how many could not be attributed
 UPDATE herald.broadcasts SET test_ends_at = now() - interval '1 second' WHERE id = :attr;
