@@ -80,6 +80,12 @@ BEGIN ATOMIC
                           ORDER BY t.version DESC LIMIT 1) t;
 END;
 
+-- A template version as a job's payload carries it (claim, and the previews here): what the daemon
+-- renders. A plain expression, so it is inlined where it is used. Internal: granted to no role.
+CREATE FUNCTION herald._template_part(key text, version int, subject text, html text, text_body text) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like jsonb_build_object(); a stricter label would block inlining
+RETURN jsonb_build_object('key', key, 'version', version, 'subject', subject, 'html', html, 'text', text_body);
+
 -- The payload the daemon would render for send(workspace, email, key, context, provider), as claim
 -- hands it out (the newest version of the template; the contact's facts as herald._contact_facts
 -- makes them, or an address alone when it is no contact; no journey context, no event), plus "to".
@@ -95,7 +101,7 @@ DECLARE
     v_template jsonb;
     v_contact jsonb;
 BEGIN
-    SELECT jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body)
+    SELECT herald._template_part(t.key, t.version, t.subject, t.html, t.text_body)
       INTO v_template
       FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _template_payload.key
      ORDER BY t.version DESC LIMIT 1;

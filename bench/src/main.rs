@@ -6,8 +6,10 @@
 //! per automation), `golive` (going live during ingest), `latency` (concurrent `track()` calls),
 //! `contacts` (bulk contact import), `stats` (percentiles), `engine` (tick throughput, statements per
 //! tick), `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces) and
-//! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers).
+//! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers) and
+//! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients).
 
+mod api;
 mod baseline;
 mod broadcast;
 mod contacts;
@@ -87,6 +89,8 @@ pub enum Section {
     Broadcast,
     /// the results stream: complete() with and without it (0.2.0), /stream to 100 subscribers (10).
     Stream,
+    /// the HTTP API: /v1/track/batch next to track_many from SQL, /v1/track latency (12).
+    Api,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -222,6 +226,7 @@ struct Report {
     stream: Option<stream::Stream>,
     /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
     delivery: Option<serde_json::Value>,
+    api: Option<api::Api>,
     goals: Vec<Goal>,
 }
 
@@ -309,6 +314,15 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         (String::new(), None)
     };
 
+    let api = if wanted(Section::Api) {
+        info!("api: /v1/track/batch against track_many from SQL; /v1/track with 100 clients");
+        let a = api::run(&target, args.small).await?;
+        goals.extend(a.goals());
+        Some(a)
+    } else {
+        None
+    };
+
     let report = Report {
         small: args.small,
         server_version,
@@ -318,6 +332,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         broadcast,
         stream,
         delivery,
+        api,
         goals,
     };
     print!("{}", render(&report));
@@ -553,6 +568,9 @@ fn render(report: &Report) -> String {
     }
     if let Some(s) = &report.stream {
         stream::render(&mut o, s);
+    }
+    if let Some(a) = &report.api {
+        api::render(&mut o, a, &report.goals);
     }
     o
 }
