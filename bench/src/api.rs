@@ -1,0 +1,535 @@
+//! The HTTP API (issue 13): what `/v1/…` costs next to calling the SQL functions directly, with
+//! `herald run` in-process serving the API on loopback and a key made by `herald.create_api_key`.
+//!
+//!   a. events/s through `POST /v1/track/batch` (one `herald.api_call` → one `track_many` per
+//!      request) against `herald.track_many` from SQL, the same batches of 1,000 events and the same
+//!      number of concurrent clients, in turns (SQL, HTTP, SQL, HTTP) in one database; goal ≥ 0.7×.
+//!   b. `POST /v1/track` latency with 100 concurrent clients, each on its own kept-alive connection
+//!      (spread over loopback addresses: the daemon takes at most 32 connections per address). For
+//!      context, track() from SQL on 8 connections (the daemon's pool size), as many calls: with 100
+//!      clients the API's latency is mostly the wait for one of the pool's connections.
+//!
+//! The workspace has its contacts already and no automation: the figures are the API's own cost
+//! (HTTP, JSON, the key check, the call) on top of the ingest, not the dispatcher's.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use super::stats::Summary;
+use super::{ingest, thousands, Goal};
+use herald_sidecar::db::Target;
+use herald_sidecar::run;
+
+const DBNAME: &str = "herald_bench_api";
+const LINK_SECRET: &str = "bench-api-link-secret-0123456789";
+/// Events per batch (per /v1/track/batch request, per track_many call).
+const BATCH: usize = 1_000;
+/// Concurrent clients of the throughput runs (each side).
+const THROUGHPUT_CLIENTS: usize = 4;
+/// Concurrent clients of the latency run.
+const LATENCY_CLIENTS: usize = 100;
+/// Latency clients per loopback address (the daemon's per-address limit is 32).
+const PER_ADDRESS: usize = 25;
+const CONTACTS: usize = 10_000;
+/// The context run's connections: as many as the daemon's pool has.
+const SQL_TRACK_CONNECTIONS: usize = 8;
+pub const GOAL_RATIO: &str = "/v1/track/batch >= 0.7x track_many from SQL";
+const RATIO: f64 = 0.7;
+
+struct Sizes {
+    /// Batches per throughput run (split over the clients).
+    batches: usize,
+    rounds: usize,
+    /// /v1/track calls per latency client.
+    calls: usize,
+}
+
+impl Sizes {
+    fn new(small: bool) -> Self {
+        if small {
+            Self {
+                batches: 8,
+                rounds: 1,
+                calls: 5,
+            }
+        } else {
+            Self {
+                batches: 200,
+                rounds: 2,
+                calls: 100,
+            }
+        }
+    }
+}
+
+/// One throughput run of one side.
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub side: &'static str,
+    pub round: usize,
+    pub events: usize,
+    pub secs: f64,
+    pub events_per_sec: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Api {
+    pub batch: usize,
+    pub clients: usize,
+    pub runs: Vec<Run>,
+    pub sql_events_per_sec: f64,
+    pub http_events_per_sec: f64,
+    /// HTTP over SQL, over the whole of each side's runs.
+    pub ratio: f64,
+    pub track_clients: usize,
+    pub track_calls: usize,
+    pub track: Summary,
+    pub track_calls_per_sec: f64,
+    /// Context: track() from SQL on as many connections as the daemon's pool has, the same number
+    /// of calls, in the same run.
+    pub sql_track_connections: usize,
+    pub sql_track: Summary,
+    pub sql_track_calls_per_sec: f64,
+}
+
+impl Api {
+    pub(super) fn goals(&self) -> Vec<Goal> {
+        vec![Goal::new(GOAL_RATIO, self.ratio, self.ratio >= RATIO)]
+    }
+}
+
+pub async fn run(target: &Target, small: bool) -> Result<Api> {
+    let sizes = Sizes::new(small);
+    let target = target.with_dbname(DBNAME);
+    let db = target.recreate_with_extension().await?;
+    ingest::create_contacts(&db, ingest::WORKSPACE, CONTACTS).await?;
+    let key: String = db
+        .query_one(
+            "SELECT herald.create_api_key($1, 'bench', ARRAY['track'])",
+            &[&ingest::WORKSPACE],
+        )
+        .await?
+        .get(0);
+    db.batch_execute("ANALYZE").await?;
+    let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let daemon = Daemon::start(&target, addr)?;
+    let out = measure(&target, addr, &key, &sizes, &daemon).await;
+    daemon.stop().await?;
+    let out = out?;
+    drop(db);
+    let admin = target.with_dbname("postgres").connect().await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {DBNAME} WITH (FORCE)"))
+        .await?;
+    Ok(out)
+}
+
+async fn measure(
+    target: &Target,
+    addr: SocketAddr,
+    key: &str,
+    sizes: &Sizes,
+    daemon: &Daemon,
+) -> Result<Api> {
+    wait_for_http(addr, daemon).await?;
+    let base = format!("http://{addr}");
+    let bodies: Arc<Vec<Value>> = Arc::new(
+        (0..sizes.batches)
+            .map(|b| ingest::events(b * BATCH, BATCH, CONTACTS))
+            .collect(),
+    );
+    // warm-up: the daemon's pool and prepared statement, the SQL side's plans
+    http_batches(&base, key, &Arc::new(vec![bodies[0].clone()]), 1).await?;
+    sql_batches(target, &Arc::new(vec![bodies[0].clone()]), 1).await?;
+
+    let mut runs = Vec::new();
+    for round in 1..=sizes.rounds {
+        info!(
+            "api: round {round}: {} batches of {BATCH} by track_many from SQL, then by /v1/track/batch ({THROUGHPUT_CLIENTS} clients each)",
+            sizes.batches
+        );
+        let secs = sql_batches(target, &bodies, THROUGHPUT_CLIENTS).await?;
+        runs.push(Run::new(
+            "sql track_many",
+            round,
+            sizes.batches * BATCH,
+            secs,
+        ));
+        let secs = http_batches(&base, key, &bodies, THROUGHPUT_CLIENTS).await?;
+        runs.push(Run::new(
+            "http /v1/track/batch",
+            round,
+            sizes.batches * BATCH,
+            secs,
+        ));
+    }
+    let rate = |side: &str| {
+        let (events, secs) = runs
+            .iter()
+            .filter(|r| r.side.starts_with(side))
+            .fold((0, 0.0), |(e, s), r| (e + r.events, s + r.secs));
+        events as f64 / secs
+    };
+    let (sql, http) = (rate("sql"), rate("http"));
+
+    info!(
+        "api: {LATENCY_CLIENTS} clients calling /v1/track {} times each",
+        sizes.calls
+    );
+    let (track, secs) = track_latency(addr, key, sizes.calls).await?;
+    info!("api: context: track() from SQL on {SQL_TRACK_CONNECTIONS} connections");
+    let (sql_track, sql_secs) = sql_track_latency(
+        target,
+        LATENCY_CLIENTS * sizes.calls / SQL_TRACK_CONNECTIONS,
+    )
+    .await?;
+    Ok(Api {
+        batch: BATCH,
+        clients: THROUGHPUT_CLIENTS,
+        runs,
+        sql_events_per_sec: sql,
+        http_events_per_sec: http,
+        ratio: http / sql,
+        track_clients: LATENCY_CLIENTS,
+        track_calls: track.count,
+        track_calls_per_sec: track.count as f64 / secs,
+        track,
+        sql_track_connections: SQL_TRACK_CONNECTIONS,
+        sql_track_calls_per_sec: sql_track.count as f64 / sql_secs,
+        sql_track,
+    })
+}
+
+/// `SQL_TRACK_CONNECTIONS` connections calling track() `calls` times each; durations and seconds.
+async fn sql_track_latency(target: &Target, calls: usize) -> Result<(Summary, f64)> {
+    let mut conns = Vec::new();
+    for _ in 0..SQL_TRACK_CONNECTIONS {
+        conns.push(target.connect().await?);
+    }
+    let began = Instant::now();
+    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(c, db)| {
+            tokio::spawn(async move {
+                let statement = db
+                    .prepare("SELECT herald.track($1, $2, 'sql.ping', $3::jsonb)")
+                    .await?;
+                let mut took = Vec::with_capacity(calls);
+                for i in 0..calls {
+                    let email = ingest::email((c * calls + i) % CONTACTS);
+                    let t = Instant::now();
+                    db.query_one(&statement, &[&ingest::WORKSPACE, &email, &json!({"n": i})])
+                        .await
+                        .context("herald.track")?;
+                    took.push(t.elapsed());
+                }
+                Ok(took)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((Summary::of(&all), began.elapsed().as_secs_f64()))
+}
+
+impl Run {
+    fn new(side: &'static str, round: usize, events: usize, secs: f64) -> Self {
+        Self {
+            side,
+            round,
+            events,
+            secs,
+            events_per_sec: events as f64 / secs,
+        }
+    }
+}
+
+/// `clients` connections calling track_many on the batches, each taking the next one; seconds.
+async fn sql_batches(target: &Target, bodies: &Arc<Vec<Value>>, clients: usize) -> Result<f64> {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(target.connect().await?);
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Result<()>>> = conns
+        .into_iter()
+        .map(|db| {
+            let (bodies, next) = (Arc::clone(bodies), Arc::clone(&next));
+            tokio::spawn(async move {
+                let statement = db
+                    .prepare("SELECT herald.track_many($1, $2::jsonb)")
+                    .await?;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(events) = bodies.get(i) else {
+                        return Ok(());
+                    };
+                    let n: i64 = db
+                        .query_one(&statement, &[&ingest::WORKSPACE, events])
+                        .await
+                        .context("herald.track_many")?
+                        .get(0);
+                    ensure!(n as usize == BATCH, "track_many recorded {n} events");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// `clients` HTTP clients posting the batches to /v1/track/batch, each taking the next; seconds.
+async fn http_batches(
+    base: &str,
+    key: &str,
+    bodies: &Arc<Vec<Value>>,
+    clients: usize,
+) -> Result<f64> {
+    let payloads: Arc<Vec<Vec<u8>>> = Arc::new(
+        bodies
+            .iter()
+            .map(|events| json!({"events": events}).to_string().into_bytes())
+            .collect(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = format!("{base}/v1/track/batch");
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Result<()>>> = (0..clients)
+        .map(|_| {
+            let (payloads, next) = (Arc::clone(&payloads), Arc::clone(&next));
+            let (url, auth) = (url.clone(), format!("Bearer {key}"));
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()?;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(body) = payloads.get(i) else {
+                        return Ok(());
+                    };
+                    let response = client
+                        .post(&url)
+                        .header("authorization", &auth)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    let text = response.text().await?;
+                    ensure!(
+                        status.is_success(),
+                        "/v1/track/batch answered {status}: {text}"
+                    );
+                    ensure!(
+                        text == format!("{{\"accepted\":{BATCH}}}"),
+                        "/v1/track/batch answered {text}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// 100 clients, each on one kept-alive connection from its loopback address, calling /v1/track
+/// `calls` times as fast as answers come; every call's duration, and the whole run's seconds.
+async fn track_latency(addr: SocketAddr, key: &str, calls: usize) -> Result<(Summary, f64)> {
+    let url = format!("http://{addr}/v1/track");
+    let mut clients = Vec::new();
+    for c in 0..LATENCY_CLIENTS {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (c / PER_ADDRESS) as u8));
+        clients.push(
+            reqwest::Client::builder()
+                .local_address(from)
+                .pool_max_idle_per_host(1)
+                .build()?,
+        );
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(LATENCY_CLIENTS));
+    let began = Instant::now();
+    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, client)| {
+            let (url, auth, start) = (url.clone(), format!("Bearer {key}"), Arc::clone(&start));
+            tokio::spawn(async move {
+                let mut took = Vec::with_capacity(calls);
+                start.wait().await;
+                for i in 0..calls {
+                    let body = json!({"email": ingest::email((c * calls + i) % CONTACTS),
+                                      "kind": "api.ping", "payload": {"n": i}})
+                    .to_string();
+                    let t = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .header("authorization", &auth)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    let text = response.text().await?;
+                    took.push(t.elapsed());
+                    ensure!(status.is_success(), "/v1/track answered {status}: {text}");
+                }
+                Ok(took)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let secs = began.elapsed().as_secs_f64();
+    Ok((Summary::of(&all), secs))
+}
+
+async fn wait_for_http(addr: SocketAddr, daemon: &Daemon) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if daemon.exited() || Instant::now() > deadline {
+            bail!("herald run's HTTP side never listened on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `herald run` in this process, serving its HTTP side on `addr`.
+struct Daemon {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Daemon {
+    fn start(target: &Target, addr: SocketAddr) -> Result<Self> {
+        let raw: BTreeMap<String, String> = [
+            ("HERALD_WORKER_ID", "bench-api".to_string()),
+            ("HERALD_SHUTDOWN_GRACE_SECONDS", "5".to_string()),
+            ("HERALD_HTTP_ADDR", addr.to_string()),
+            ("HERALD_PUBLIC_URL", format!("http://{addr}")),
+            ("HERALD_LINK_SECRET", LINK_SECRET.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut config = run::Config::from_map(&raw)?;
+        config.database = target.config().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run::run(config, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    fn exited(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.context("the daemon task panicked")?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
+    use std::fmt::Write as _;
+    let verdict = goals
+        .iter()
+        .find(|g| g.goal == GOAL_RATIO)
+        .map_or("", Goal::verdict);
+    let _ = writeln!(
+        o,
+        "\n12. HTTP API: herald run in-process, {} contacts, no automation\n\
+         a. events/s, batches of {} events, {} clients a side, in turns in one database",
+        thousands(CONTACTS as f64),
+        thousands(a.batch as f64),
+        a.clients
+    );
+    let _ = writeln!(
+        o,
+        "  {:<22} | {:>5} | {:>8} | {:>7} | {:>9}",
+        "side", "round", "events", "seconds", "events/s"
+    );
+    for r in &a.runs {
+        let _ = writeln!(
+            o,
+            "  {:<22} | {:>5} | {:>8} | {:>7.2} | {:>9}",
+            r.side,
+            r.round,
+            thousands(r.events as f64),
+            r.secs,
+            thousands(r.events_per_sec)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  track_many from SQL {:>9} events/s   /v1/track/batch {:>9} events/s   ratio {:.2}x   goal >= {RATIO}x: {verdict}",
+        thousands(a.sql_events_per_sec),
+        thousands(a.http_events_per_sec),
+        a.ratio
+    );
+    let t = &a.track;
+    let _ = writeln!(
+        o,
+        "b. POST /v1/track, {} concurrent clients (one kept-alive connection each), {} calls: \
+         p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms  {} calls/s",
+        a.track_clients,
+        thousands(a.track_calls as f64),
+        t.p50_ms,
+        t.p95_ms,
+        t.p99_ms,
+        t.max_ms,
+        thousands(a.track_calls_per_sec)
+    );
+    let t = &a.sql_track;
+    let _ = writeln!(
+        o,
+        "   context: track() from SQL on {} connections (the daemon's pool size), {} calls: \
+         p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms  {} calls/s",
+        a.sql_track_connections,
+        thousands(t.count as f64),
+        t.p50_ms,
+        t.p95_ms,
+        t.p99_ms,
+        t.max_ms,
+        thousands(a.sql_track_calls_per_sec)
+    );
+}
