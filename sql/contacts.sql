@@ -167,13 +167,6 @@ BEGIN
           FROM input i
          WHERE i.fault IS NULL
          GROUP BY 1
-    ), before AS MATERIALIZED (
-        -- the stored attributes of the contacts about to change, as ONE id -> attributes object: one index
-        -- probe per input email (LATERAL), then a lookup per returned row. A join here gets planned as a
-        -- nested loop (jsonb input is estimated at 1 row) and turns quadratic.
-        SELECT coalesce(jsonb_object_agg(c.id::text, c.attributes), '{}') AS by_id FROM good g
-         CROSS JOIN LATERAL (SELECT c.id, c.attributes FROM herald.contacts c
-                              WHERE c.email = g.email AND c.workspace_id IS NOT DISTINCT FROM v_ws LIMIT 1) c
     ), up AS (
         INSERT INTO herald.contacts AS c (workspace_id, email, attributes, timezone)
         SELECT v_ws, g.email, g.attrs, g.tz FROM good g ORDER BY g.email
@@ -184,6 +177,16 @@ BEGIN
          WHERE c.attributes IS DISTINCT FROM herald._merge_attributes(c.attributes, EXCLUDED.attributes)
             OR c.timezone IS DISTINCT FROM coalesce(EXCLUDED.timezone, c.timezone)
         RETURNING c.id, c.email, c.attributes, (c.xmax = 0) AS is_new
+    ), before AS MATERIALIZED (
+        -- the stored attributes of the contacts this statement updated, as they were before it, as ONE
+        -- id -> attributes object. Every part of one statement reads the same snapshot, so
+        -- herald.contacts here still holds the old versions of the rows `up` changed; new contacts are
+        -- not probed at all (a batch of new ones costs nothing here). LATERAL + LIMIT keeps each probe a
+        -- primary-key lookup whatever the estimates say.
+        SELECT coalesce(jsonb_object_agg(u.id::text, o.attributes), '{}') AS by_id FROM up u
+         CROSS JOIN LATERAL (SELECT c.attributes FROM herald.contacts c
+                              WHERE c.workspace_id = v_ws AND c.id = u.id LIMIT 1) o
+         WHERE NOT u.is_new
     ), emitted AS (
         INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
         SELECT v_ws, u.id, u.email,
