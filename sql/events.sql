@@ -157,7 +157,10 @@ BEGIN
                                     e.wait_filter, e.context, e.event
                                FROM herald.enrollments e
                               WHERE e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id
-                                AND e.wait_event = ev.kind AND e.status = 'waiting' AND e.wait_kind = 'event'
+                                AND e.wait_event = ev.kind AND e.wait_kind = 'event' AND e.ended_at IS NULL
+                                -- not status = 'waiting': that would let the planner read
+                                -- enrollments_due_idx instead (see complete); re-checked on the row
+                                AND e.status IS NOT DISTINCT FROM 'waiting'
                              OFFSET 0) x
          WHERE x.wait_filter IS NULL
             OR herald._matches(x.wait_filter,

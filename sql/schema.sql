@@ -136,9 +136,13 @@ CREATE UNIQUE INDEX enrollments_entry_uq ON herald.enrollments (workspace_id, au
     WHERE entry_key <> 'active' OR status IN ('active', 'waiting');
 -- tick's way in: in progress and due (parked enrollments without a timeout have next_run_at = 'infinity')
 CREATE INDEX enrollments_due_idx ON herald.enrollments (next_run_at) WHERE status IN ('active', 'waiting');
-CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_job) WHERE status = 'waiting' AND wait_kind = 'job';
+-- The wake-up probes (complete, claim, the dispatcher). Their predicates do not name status, so that the
+-- probes need not either: a query saying status = 'waiting' can also be served by enrollments_due_idx,
+-- and a planner with stale statistics picked it (ended_at IS NULL is status IN ('active', 'waiting'),
+-- by the CHECK above).
+CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_job) WHERE wait_kind = 'job' AND ended_at IS NULL;
 CREATE INDEX enrollments_wait_event_idx ON herald.enrollments (workspace_id, contact_id, wait_event)
-    WHERE status = 'waiting' AND wait_kind = 'event';
+    WHERE wait_kind = 'event' AND ended_at IS NULL;
 CREATE INDEX enrollments_contact_idx ON herald.enrollments (workspace_id, contact_id) WHERE status IN ('active', 'waiting');
 CREATE INDEX enrollments_automation_idx ON herald.enrollments (workspace_id, automation_id, status);
 

@@ -123,13 +123,13 @@ pub async fn run(target: &Target, small: bool) -> Result<(String, Value)> {
 // ------------------------------------------------------------------------------------------- the daemon
 
 /// `herald run` in-process; stopped the way SIGTERM would (also when dropped).
-struct Daemon {
+pub(crate) struct Daemon {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
 }
 
 impl Daemon {
-    fn start(target: &Target, settings: &[(&str, String)]) -> Result<Self> {
+    pub(crate) fn start(target: &Target, settings: &[(&str, String)]) -> Result<Self> {
         let mut raw: BTreeMap<String, String> = [
             ("HERALD_WORKER_ID", "bench-delivery"),
             ("HERALD_FROM", "Bench <bench@example.com>"),
@@ -155,11 +155,11 @@ impl Daemon {
         })
     }
 
-    fn exited(&self) -> bool {
+    pub(crate) fn exited(&self) -> bool {
         self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    async fn stop(mut self) -> Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -419,7 +419,7 @@ async fn reset_queue(db: &Client) -> Result<()> {
 // ------------------------------------------------------------------------------------------- the peers
 
 /// A child process, killed and reaped when dropped; its output goes to temporary files.
-struct Peer {
+pub(crate) struct Peer {
     child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
@@ -482,7 +482,7 @@ impl Drop for Peer {
 }
 
 /// `name` on PATH or in the sbin folders where Debian's postfix puts its tools.
-fn find_tool(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/usr/lib/postfix/sbin"].map(PathBuf::from))
@@ -502,7 +502,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// postfix's smtp-sink on a free loopback port, once it accepts connections.
-async fn start_sink(bin: &Path) -> Result<(Peer, SocketAddr)> {
+pub(crate) async fn start_sink(bin: &Path) -> Result<(Peer, SocketAddr)> {
     let root = is_root();
     let mut last = String::new();
     for _ in 0..3 {

@@ -7,6 +7,7 @@
 //! `contacts` (bulk contact import), `stats` (percentiles), `engine` (tick throughput, statements per
 //! tick), `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces) and
 //! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers) and
+//! `journey` (contacts/min through a live journey into smtp-sink, next to send() in the same run);
 //! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients).
 
 mod api;
@@ -17,6 +18,7 @@ mod delivery;
 mod engine;
 mod golive;
 mod ingest;
+mod journey;
 mod latency;
 mod queue;
 mod stats;
@@ -91,6 +93,8 @@ pub enum Section {
     Stream,
     /// the HTTP API: /v1/track/batch next to track_many from SQL, /v1/track latency (12).
     Api,
+    /// a journey end to end through herald run into smtp-sink, next to send() in the same run (11).
+    Journey,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -227,6 +231,7 @@ struct Report {
     /// emails/s, webhooks/s and track() -> SMTP latency (`delivery.rs` renders its own table).
     delivery: Option<serde_json::Value>,
     api: Option<api::Api>,
+    journey: Option<journey::Journey>,
     goals: Vec<Goal>,
 }
 
@@ -314,6 +319,15 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         (String::new(), None)
     };
 
+    let journey = if wanted(Section::Journey) {
+        info!("journey: track_many into a live journey, herald run into smtp-sink, send() beside it");
+        let j = journey::run(&target, args.small).await?;
+        goals.extend(j.goals());
+        Some(j)
+    } else {
+        None
+    };
+
     let api = if wanted(Section::Api) {
         info!("api: /v1/track/batch against track_many from SQL; /v1/track with 100 clients");
         let a = api::run(&target, args.small).await?;
@@ -333,6 +347,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         stream,
         delivery,
         api,
+        journey,
         goals,
     };
     print!("{}", render(&report));
@@ -571,6 +586,9 @@ fn render(report: &Report) -> String {
     }
     if let Some(a) = &report.api {
         api::render(&mut o, a, &report.goals);
+    }
+    if let Some(j) = &report.journey {
+        journey::render(&mut o, j, &report.goals);
     }
     o
 }
