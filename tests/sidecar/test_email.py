@@ -14,10 +14,11 @@ from conftest import SECRET, free_port, message_id, wait_until
 
 def add_templates(db):
     db.q("""SELECT herald.upsert_template('acme', 'welcome', 'Welcome, {{ contact.first_name | default("friend") }}!',
-            '<p>Hello {{ contact.first_name }}, your code is <b>{{ variables.code }}</b>.</p>',
-            'Hello {{ contact.first_name }}, your code is {{ variables.code }}.')""")
-    db.q("""SELECT herald.upsert_template('acme', 'notext', 'Plain {{ variables.code }}',
-            '<h1>Hi {{ contact.first_name }}</h1><p>Code&nbsp;{{ variables.code }} &amp; more</p>')""")
+            '<p>Hello {{ contact.first_name | default("friend") }}, your code is <b>{{ variables.code | default("none") }}</b>.</p>',
+            'Hello {{ contact.first_name | default("friend") }}, your code is {{ variables.code | default("none") }}.')""")
+    # (templates render strictly: a value some jobs lack says what to write instead)
+    db.q("""SELECT herald.upsert_template('acme', 'notext', 'Plain {{ variables.code | default("none") }}',
+            '<h1>Hi {{ contact.first_name | default("there") }}</h1><p>Code&nbsp;{{ variables.code | default("none") }} &amp; more</p>')""")
 
 
 def queue(db, n, template="welcome", prefix="user"):
@@ -126,7 +127,9 @@ def test_smtp_550_fails_permanently(db, smtp, sidecar):
 
 def test_deleted_template_and_render_error_fail_permanently_without_crashing(db, smtp, sidecar):
     add_templates(db)
-    db.q("SELECT herald.upsert_template('acme', 'broken', 'Hi {{ contact.first_name', '<p>x</p>')")
+    # upsert_template refuses it now; a template saved before 0.3.0 can still be this broken
+    db.q("INSERT INTO herald.templates (workspace_id, key, version, subject, html) "
+         "VALUES ('acme', 'broken', 1, 'Hi {{ contact.first_name', '<p>x</p>')")
     broken = db.one("SELECT herald.send('acme', 'a@example.com', 'broken')")
     gone = db.one("SELECT herald.send('acme', 'b@example.com', 'welcome')")
     db.q("DELETE FROM herald.templates WHERE key = 'welcome'")
