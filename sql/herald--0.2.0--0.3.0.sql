@@ -1864,6 +1864,7 @@ BEGIN
                                     coalesce(o.status, h.status) AS status
                                FROM herald.contacts ct
                                LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
+                                                          AND o.workspace_id = ct.workspace_id
                                LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y
                                                    WHERE o.id IS NULL AND y.workspace_id = ct.workspace_id
                                                      AND y.contact_id = ct.id AND y.broadcast_id = b.id

@@ -148,6 +148,7 @@ class Scope:
         self.others = set()   # aliases of everything else in FROM (CTEs, functions, subqueries)
         self.eq = Equalities(outer.eq if outer else None)
         self.correlated = set()   # (scope, alias) of enclosing relations this scope refers to
+        self.deferred = []        # (subquery, the scope it sees) of FROM items, checked after conditions
 
     def resolve(self, alias):
         """(scope, alias) of a workspace-scoped relation an alias names, innermost first; None otherwise."""
@@ -197,8 +198,9 @@ class Checker:
         elif isinstance(item, ast.RangeSubselect):
             if item.alias:
                 scope.others.add(item.alias.aliasname)
-            # a LATERAL subquery sees the FROM items before it, like a correlated one
-            self.select(item.subquery, scope if item.lateral else scope.outer)
+            # a LATERAL subquery sees the FROM items before it, like a correlated one; checked once
+            # this scope's own conditions are known (see select)
+            scope.deferred.append((item.subquery, scope if item.lateral else scope.outer))
         elif isinstance(item, ast.RangeFunction):
             if item.alias:
                 scope.others.add(item.alias.aliasname)
@@ -307,7 +309,9 @@ class Checker:
             target = scope.resolve(names[-2]) if len(names) >= 2 else None
             if target and target[0] != id(scope):
                 scope.correlated.add(target)
-        # subqueries in conditions and targets: correlated ones see this scope
+        # subqueries in FROM, conditions and targets: correlated ones see this scope
+        for sub, sees in scope.deferred:
+            self.select(sub, sees)
         for q in quals + rest:
             self.walk(q, scope)
         self.finish(scope, node)
@@ -453,6 +457,13 @@ CASES = [
     ("WITH d AS (SELECT * FROM herald.t1 a JOIN herald.t2 b ON a.id = b.id) SELECT * FROM d", True),
     ("SELECT 1 FROM herald.t1 a JOIN herald.other o ON o.id = a.id", False),
     ("SELECT (SELECT count(*) FROM herald.t2 b WHERE b.id = a.id) FROM herald.t1 a", True),
+    # a LATERAL subquery inherits the join conditions written after it
+    ("SELECT 1 FROM herald.t1 a LEFT JOIN herald.t2 b ON b.workspace_id = a.workspace_id "
+     "LEFT JOIN LATERAL (SELECT 1 FROM herald.t1 c WHERE b.id IS NULL AND c.workspace_id = a.workspace_id) x ON true",
+     False),
+    ("SELECT 1 FROM herald.t1 a LEFT JOIN herald.t2 b ON b.id = a.id "
+     "LEFT JOIN LATERAL (SELECT 1 FROM herald.t1 c WHERE b.id IS NULL AND c.workspace_id = a.workspace_id) x ON true",
+     True),
 ]
 
 

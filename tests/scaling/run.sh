@@ -7,7 +7,7 @@ if ! python3 -c 'import pglast, psycopg' 2>/dev/null; then
         -r tests/sidecar/requirements.txt
 fi
 db="herald_scaling${TEST_TAG:+_$TEST_TAG}"
-psql -X -q -v ON_ERROR_STOP=1 -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
 psql -X -q -v ON_ERROR_STOP=1 -d "$db" -c "CREATE EXTENSION herald"
 python3 tests/scaling/check.py "$db"
 psql -X -q -d postgres -c "DROP DATABASE $db"
