@@ -56,21 +56,22 @@ pub async fn run(target: &Target) -> Result<()> {
     }
 
     step("templates");
+    // a contact made on the fly has no first_name: templates render strictly, so they say what to write
     for (key, subject, html) in [
         (
             "welcome",
-            "Welcome, {{ contact.first_name }}!",
-            "<p>Hello {{ contact.first_name }}, welcome aboard.</p>",
+            "Welcome, {{ contact.first_name | default(\"friend\") }}!",
+            "<p>Hello {{ contact.first_name | default(\"there\") }}, welcome aboard.</p>",
         ),
         (
             "pro-tips",
             "Tips for Pro users",
-            "<p>{{ contact.first_name }}, here is how to get the most of Pro.</p>",
+            "<p>{{ contact.first_name | default(\"Hello\") }}, here is how to get the most of Pro.</p>",
         ),
         (
             "thanks",
             "Thanks for upgrading",
-            "<p>Thank you, {{ contact.first_name }}!</p>",
+            "<p>Thank you, {{ contact.first_name | default(\"friend\") }}!</p>",
         ),
     ] {
         let version: i32 = db
