@@ -75,7 +75,7 @@ BEGIN
     IF v_archived IS NOT NULL THEN
         RAISE EXCEPTION '%: % archived', what, v_archived
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('An archived template or list cannot be used by a new automation, broadcast or send; restore it with %s, or use another.', v_hint);
+                  HINT = format('An archived template or list cannot be put to new use (automations, broadcasts, sends, subscriptions); restore it with %s, or use another.', v_hint);
     END IF;
 END
 $$;

@@ -279,6 +279,8 @@ DECLARE
     v_valid jsonb;
 BEGIN
     PERFORM herald.create_list(workspace, list);
+    -- leaving an archived list stays possible (unsubscribe); joining it is refused
+    PERFORM herald._refuse_archived(workspace, format('subscribe to list %s', quote_literal(list)), '{}', ARRAY[list]);
     IF emails IS NULL THEN
         RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;

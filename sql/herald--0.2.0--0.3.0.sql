@@ -2704,7 +2704,7 @@ BEGIN
     IF v_archived IS NOT NULL THEN
         RAISE EXCEPTION '%: % archived', what, v_archived
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('An archived template or list cannot be used by a new automation, broadcast or send; restore it with %s, or use another.', v_hint);
+                  HINT = format('An archived template or list cannot be put to new use (automations, broadcasts, sends, subscriptions); restore it with %s, or use another.', v_hint);
     END IF;
 END
 $$;
@@ -3299,3 +3299,119 @@ END
 $$;
 ALTER FUNCTION herald.upsert_contacts(text, jsonb) SECURITY DEFINER;
 -- end of upsert_contacts (issue 14)
+
+-- ------------------------------------------------------------------ subscribe to an archived list (issue 13)
+CREATE OR REPLACE FUNCTION herald.subscribe(workspace text, list text, emails text[])
+RETURNS TABLE (subscribed bigint, already bigint, rejected bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    v_valid jsonb;
+BEGIN
+    PERFORM herald.create_list(workspace, list);
+    -- leaving an archived list stays possible (unsubscribe); joining it is refused
+    PERFORM herald._refuse_archived(workspace, format('subscribe to list %s', quote_literal(list)), '{}', ARRAY[list]);
+    IF emails IS NULL THEN
+        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cardinality(emails) > 100000 THEN
+        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    SELECT jsonb_agg(jsonb_build_object('email', e)) INTO v_valid
+      FROM (SELECT DISTINCT herald._normalize_email(u.e) AS e FROM unnest(emails) u(e)
+             WHERE herald._valid_email(herald._normalize_email(u.e))) v;
+    -- missing contacts are created the way every import creates them
+    PERFORM herald.upsert_contacts(workspace, coalesce(v_valid, '[]'));
+    WITH wanted AS (
+        SELECT c.id FROM jsonb_array_elements(coalesce(v_valid, '[]')) v(x)
+         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
+                              WHERE c.email = v.x ->> 'email' AND c.workspace_id IS NOT DISTINCT FROM workspace LIMIT 1) c
+    ), joined AS (
+        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
+        SELECT subscribe.workspace, subscribe.list, w.id, 'subscribed' FROM wanted w ORDER BY w.id
+        ON CONFLICT ON CONSTRAINT list_members_pkey DO UPDATE SET status = 'subscribed', updated_at = now()
+         WHERE m.status <> 'subscribed'
+        RETURNING m.contact_id
+    ), announced AS (
+        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
+        SELECT subscribe.workspace, j.contact_id, 'list.joined', jsonb_build_object('list', subscribe.list)
+          FROM joined j ORDER BY j.contact_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM announced),
+           cardinality(emails) - (SELECT count(*) FROM announced)
+               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
+           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
+      INTO subscribed, already, rejected;
+    RETURN NEXT;
+END
+$$;
+ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
+-- end of subscribe to an archived list (issue 13)
+
+-- broadcast enqueue without statistics (issue 14): the unfiltered audience walks contacts_pkey
+CREATE FUNCTION herald._audience_range(workspace text, after bigint, lim int, segment jsonb, exclude jsonb)
+RETURNS TABLE (contact_id bigint, timezone text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT c.id, c.timezone
+      FROM herald.contacts c
+     WHERE c.workspace_id = workspace AND c.id > after
+       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
+       AND (segment IS NULL
+            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+       AND (exclude IS NULL
+            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+     ORDER BY c.id
+     LIMIT lim;
+END
+$$;
+CREATE OR REPLACE FUNCTION herald._audience(workspace text, after bigint, lim int, lists text[], segment_contains jsonb,
+                                 segment_any jsonb[], segment_tags text[], segment_emails text[],
+                                 segment jsonb, exclude jsonb, failed_of bigint)
+RETURNS TABLE (contact_id bigint, timezone text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    IF lists IS NULL AND segment_contains IS NULL AND segment_any IS NULL AND segment_tags IS NULL
+       AND segment_emails IS NULL AND failed_of IS NULL THEN
+        RETURN QUERY SELECT r.contact_id, r.timezone FROM herald._audience_range(workspace, after, lim, segment, exclude) r;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT c.id, c.timezone
+      FROM herald.contacts c
+     WHERE c.workspace_id = workspace AND c.id > after
+       AND (lists IS NULL
+            OR EXISTS (SELECT 1 FROM herald.list_members m
+                        WHERE m.workspace_id = c.workspace_id AND m.contact_id = c.id AND m.status = 'subscribed'
+                          AND m.list = ANY (lists)))
+       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
+       -- resend_failed: the failed recipients, read once per page (a set the contacts are tested against,
+       -- not a probe per contact through every failed job of the broadcast)
+       AND (failed_of IS NULL
+            OR c.id IN (SELECT o.contact_id FROM herald.outbox o
+                         WHERE o.broadcast_id = failed_of AND o.status IN ('failed', 'dead')))
+       AND (segment_contains IS NULL OR c.attributes @> segment_contains)
+       AND (segment_any IS NULL OR c.attributes @> ANY (segment_any))
+       AND (segment_tags IS NULL OR c.tags @> segment_tags)
+       AND (segment_emails IS NULL OR c.email = ANY (segment_emails))
+       AND (segment IS NULL
+            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+       AND (exclude IS NULL
+            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+     ORDER BY c.id
+     LIMIT lim;
+END
+$$;
+REVOKE ALL ON FUNCTION herald._audience_range(text, bigint, int, jsonb, jsonb) FROM PUBLIC;

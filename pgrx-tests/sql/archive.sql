@@ -94,6 +94,10 @@ SELECT list, subscribed FROM herald.list_overview WHERE workspace_id = 'ar' ORDE
 SELECT herald.create_broadcast('ar', '{"name": "n", "template": "t-bc", "audience": {"lists": ["news", "old"]}}');
 SELECT herald.create_automation('ar', '{"name": "x", "trigger": {"event": "signup"}, "start": "u",
   "nodes": {"u": {"type": "update_contact", "remove_lists": ["old"], "next": "x"}, "x": {"type": "exit"}}}');
+-- joining an archived list is refused and adds no one; leaving it still works
+SELECT * FROM herald.subscribe('ar', 'old', ARRAY['a9@example.com']);
+SELECT count(*) AS a9 FROM herald.contacts WHERE workspace_id = 'ar' AND email = 'a9@example.com';
+SELECT * FROM herald.unsubscribe('ar', 'old', ARRAY['a2@example.com']);
 SELECT herald.unarchive_list('ar', 'old') AS restored;
 SELECT list, subscribed FROM herald.list_overview WHERE workspace_id = 'ar' AND list = 'old';
 -- deleted: the list and its memberships go, the contacts and their events stay

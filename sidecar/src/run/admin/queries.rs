@@ -548,14 +548,19 @@ impl BroadcastRow {
     }
 }
 
-// In flight first (scheduled, sending, paused), then the newest; 30 at most.
+// In flight first (scheduled, sending, paused), then the newest; 30 at most. Archived ones
+// (herald.archive_broadcast) are left out of the list, as in broadcast_overview, but one asked for by
+// id is shown.
 const BROADCASTS: &str = "
     SELECT b.workspace_id, b.id, b.name, b.status, b.phase,
            to_char(b.send_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.enqueued, b.winner, b.winner_reason,
            to_char(b.test_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.last_error,
            b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations'
       FROM herald.broadcasts b
-     WHERE $1::bigint IS NULL OR b.id = $1
+     WHERE ($1::bigint IS NULL
+            AND NOT EXISTS (SELECT 1 FROM herald.archived a
+                             WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text))
+        OR b.id = $1
      ORDER BY (b.status IN ('scheduled', 'sending', 'paused')) DESC, b.id DESC
      LIMIT 30";
 
