@@ -1,0 +1,69 @@
+-- The HTTP API's side in the database (sql/api.sql): keys made, listed and revoked (the secret shown
+-- once, only its hash kept), api_call checking the key and its scope, acting for the key's workspace
+-- only, with the called function's own errors; idempotency keys: a replay, another request under a used
+-- key refused, failures not kept, expiry after 24 hours and pruning.
+\set SHOW_CONTEXT never
+ALTER TABLE herald.api_keys ALTER COLUMN id RESTART WITH 7000000;
+SELECT herald.create_workspace(w) FROM unnest(ARRAY['api_a', 'api_b']) w;
+SELECT herald.create_api_key('api_a', 'form') AS a_key \gset
+SELECT herald.create_api_key('api_b', 'theirs', ARRAY['track', 'send', 'track']) AS b_key \gset
+SELECT :'a_key' ~ '^hk_[0-9]+_[0-9a-f]{64}$' AS secret_form;
+-- only the hash is kept, and the listing shows no secret
+SELECT count(*) AS secrets_stored FROM herald.api_keys k
+ WHERE to_jsonb(k)::text LIKE '%' || right(:'a_key', 64) || '%';
+SELECT k.secret_hash = sha256(convert_to(:'a_key', 'UTF8')) AS hash_kept FROM herald.api_keys k
+ WHERE k.id = split_part(:'a_key', '_', 2)::bigint;
+SELECT name, prefix = 'hk_' || id || '_' AS prefix_ok, scopes, created_by IS NOT NULL AS by, last_used_at, revoked_at
+  FROM herald.list_api_keys('api_b');
+-- bad keys made
+SELECT herald.create_api_key('api_a', ' ');
+SELECT herald.create_api_key('api_a', 'x', ARRAY[]::text[]);
+SELECT herald.create_api_key('api_a', 'x', ARRAY['track', 'admin', NULL]);
+SELECT herald.create_api_key('nowhere', 'x');
+
+-- each operation, for the key's workspace
+SELECT response ? 'id' AS has_id, replayed FROM herald.api_call(:'a_key', 'track', '{"email": "ann@example.com", "kind": "signup"}');
+SELECT response, replayed FROM herald.api_call(:'a_key', 'track_many', '{"events": [{"email": "bob@example.com", "kind": "signup"}]}');
+SELECT response ? 'id' AS has_id FROM herald.api_call(:'a_key', 'upsert_contact', '{"email": "ann@example.com", "attributes": {"plan": "pro"}}');
+SELECT response FROM herald.api_call(:'a_key', 'upsert_contacts', '{"contacts": [{"email": "cy@example.com"}, {"email": "ann@example.com"}]}');
+SELECT response FROM herald.api_call(:'a_key', 'subscribe', '{"list": "news", "emails": ["ann@example.com", "x"]}');
+SELECT response FROM herald.api_call(:'a_key', 'unsubscribe', '{"list": "news", "emails": ["ann@example.com"]}');
+SELECT workspace_id, count(*) FROM herald.contacts WHERE workspace_id LIKE 'api_%' GROUP BY 1 ORDER BY 1;
+SELECT (SELECT last_used_at IS NOT NULL FROM herald.list_api_keys('api_a')) AS marked_used;
+
+-- refusals: key, scope, operation, arguments (the function's own message)
+SELECT * FROM herald.api_call('hk_1_' || repeat('0', 64), 'track', '{}');
+SELECT * FROM herald.api_call('nonsense', 'track', '{}');
+SELECT * FROM herald.api_call(NULL, 'track', '{}');
+SELECT * FROM herald.api_call(:'a_key', 'send', '{"email": "ann@example.com", "template": "t"}');
+SELECT * FROM herald.api_call(:'a_key', 'drop_everything', '{}');
+SELECT * FROM herald.api_call(:'a_key', 'track', '[]');
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "nope", "kind": "x"}');
+SELECT * FROM herald.api_call(:'a_key', 'subscribe', '{"list": "news", "emails": "ann@example.com"}');
+SELECT * FROM herald.api_call(:'b_key', 'send', '{"email": "ann@example.com", "template": "none"}');
+
+-- idempotency: replay, conflict, failures not kept
+SELECT response ? 'id' AS has_id, replayed FROM herald.api_call(:'a_key', 'track', '{"email": "dee@example.com", "kind": "paid"}', 'order-1');
+SELECT replayed FROM herald.api_call(:'a_key', 'track', '{"kind": "paid", "email": "dee@example.com"}', 'order-1');
+SELECT count(*) AS paid_events FROM herald.events WHERE workspace_id = 'api_a' AND kind = 'paid';
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "dee@example.com", "kind": "refund"}', 'order-1');
+SELECT * FROM herald.api_call(:'a_key', 'track_many', '{"email": "dee@example.com", "kind": "paid"}', 'order-1');
+-- the same idempotency key in another workspace is another key
+SELECT replayed FROM herald.api_call(:'b_key', 'track', '{"email": "dee@example.com", "kind": "paid"}', 'order-1');
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "bad", "kind": "paid"}', 'order-2');
+SELECT count(*) AS failures_kept FROM herald.api_idempotency WHERE idempotency_key = 'order-2';
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "dee@example.com", "kind": "paid"}', '');
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "dee@example.com", "kind": "paid"}', 'a b');
+-- after 24 hours the key is new again; prune removes expired ones
+UPDATE herald.api_idempotency SET created_at = now() - interval '25 hours' WHERE workspace_id = 'api_a';
+SELECT replayed FROM herald.api_call(:'a_key', 'track', '{"email": "dee@example.com", "kind": "other"}', 'order-1');
+UPDATE herald.api_idempotency SET created_at = now() - interval '25 hours' WHERE workspace_id = 'api_b';
+SELECT herald.prune('30 days') >= 1 AS pruned;
+SELECT workspace_id, idempotency_key FROM herald.api_idempotency WHERE workspace_id LIKE 'api_%' ORDER BY 1;
+
+-- revoking: at once, once, and only in its own workspace
+SELECT herald.revoke_api_key('api_b', split_part(:'a_key', '_', 2)::bigint);
+SELECT herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS revoked,
+       herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS again;
+SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "ann@example.com", "kind": "x"}') \gset
+SELECT revoked_at IS NOT NULL AS revoked, revoked_by IS NOT NULL AS by FROM herald.list_api_keys('api_a');
