@@ -355,6 +355,28 @@ mod tests {
         );
     }
 
+    /// Why semi-strict: minijinja's `Strict` and `SemiStrict` both fail printing an undefined value
+    /// and both let `default` and `is defined` through, but `Strict` also fails a plain condition.
+    #[test]
+    fn strict_and_semi_strict_differ_only_in_conditions() {
+        let ctx = minijinja::context! { contact => minijinja::context! { email => "a@b.c" } };
+        for (src, strict_ok, semi_ok) in [
+            ("{{ contact.first_name }}", false, false),
+            ("{{ contact.first_name | default('x') }}", true, true),
+            ("{{ contact.first_name is defined }}", true, true),
+            ("{% if contact.first_name %}y{% endif %}", false, true),
+            ("{{ contact.x.y | default('z') }}", false, false),
+        ] {
+            for (behavior, ok) in [
+                (UndefinedBehavior::Strict, strict_ok),
+                (UndefinedBehavior::SemiStrict, semi_ok),
+            ] {
+                let env = environment(behavior);
+                assert_eq!(env.render_str(src, &ctx).is_ok(), ok, "{behavior:?} {src}");
+            }
+        }
+    }
+
     #[test]
     fn html_is_escaped_text_is_not() {
         let r = Engine::new();
