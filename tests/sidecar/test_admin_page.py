@@ -240,6 +240,13 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     assert "token is missing or stale" in browser.find_element(By.TAG_NAME, "body").text
     assert db.one("SELECT status FROM herald.broadcasts WHERE id = %s", later) == "paused"
 
+    # an archived broadcast leaves the list (herald.archive_broadcast); the others stay
+    spring = db.one("SELECT id FROM herald.broadcasts WHERE name = 'Spring news'")
+    db.q("SELECT herald.archive_broadcast(%s)", spring)
+    browser.get(f"{base}/broadcasts")
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'section[data-broadcast="{later}"]')))
+    assert not browser.find_elements(By.CSS_SELECTOR, f'section[data-broadcast="{spring}"]')
+
     # dead letters: the error is shown, redrive puts the job back and the daemon sends it
     browser.get(f"{base}/dead-letters")
     row = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'tr[data-job="{dead}"]')))
