@@ -309,6 +309,13 @@ mod tests {
             e.contains("event.page is not defined (line 1) (in event.page.url)"),
             "{e}"
         );
+        let e = r
+            .render("html", "<a href=\"{{ unsubscribe_url }}\">", &v)
+            .unwrap_err();
+        assert!(
+            e.contains("unsubscribe_url is not defined (line 1): the daemon makes it only when its HTTP side is configured"),
+            "{e}"
+        );
         let e = r.render("t", "{{ broadcast.issue }}", &v).unwrap_err();
         assert!(e.contains("broadcast.issue is not defined"), "{e}");
         // a name that is no variable at all (a template saved before names were checked)

@@ -225,7 +225,11 @@ pub fn explain(source: &str, e: &minijinja::Error, vars: &Json) -> String {
                 continue;
             }
             if vars.get(&p.root).is_none() {
-                return format!("{} is not defined{at_line}", p.root);
+                // the only root a job may lack: the daemon makes it with its HTTP side
+                return format!(
+                    "{} is not defined{at_line}: the daemon makes it only when its HTTP side is configured (HERALD_HTTP_ADDR)",
+                    p.root
+                );
             }
             if let Some(n) = missing_at(&p, vars) {
                 return if n + 1 == p.steps.len() {
