@@ -299,6 +299,35 @@ $$;
 -- express, on contacts that passed the cheaper tests. Planned afresh for each call (force_custom_plan):
 -- with the values known the NULL tests fold away and the planner can choose, by the segment's estimated
 -- size, between the GIN indexes (a narrow segment) and reading the workspace in id order (a broad one).
+-- The audience when no SQL filter narrows it (everyone, or a segment only the condition engine can
+-- express): the workspace's contacts in id order from the cursor, read through contacts_pkey and
+-- stopped after lim. The planner settings make that the plan whatever the statistics: on contacts
+-- never analysed (straight after an import) the range was estimated at a few hundred rows, read whole
+-- as a bitmap and sorted for each page (every remaining contact once per chunk of 10,000: 23.7 s for a
+-- 1,000,000-recipient broadcast instead of 6.5 s after VACUUM ANALYZE).
+CREATE FUNCTION herald._audience_range(workspace text, after bigint, lim int, segment jsonb, exclude jsonb)
+RETURNS TABLE (contact_id bigint, timezone text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT c.id, c.timezone
+      FROM herald.contacts c
+     WHERE c.workspace_id = workspace AND c.id > after
+       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
+       AND (segment IS NULL
+            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+       AND (exclude IS NULL
+            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
+     ORDER BY c.id
+     LIMIT lim;
+END
+$$;
+
 CREATE FUNCTION herald._audience(workspace text, after bigint, lim int, lists text[], segment_contains jsonb,
                                  segment_any jsonb[], segment_tags text[], segment_emails text[],
                                  segment jsonb, exclude jsonb, failed_of bigint)
@@ -308,6 +337,11 @@ SET search_path = pg_catalog, herald, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
+    IF lists IS NULL AND segment_contains IS NULL AND segment_any IS NULL AND segment_tags IS NULL
+       AND segment_emails IS NULL AND failed_of IS NULL THEN
+        RETURN QUERY SELECT r.contact_id, r.timezone FROM herald._audience_range(workspace, after, lim, segment, exclude) r;
+        RETURN;
+    END IF;
     RETURN QUERY
     SELECT c.id, c.timezone
       FROM herald.contacts c
