@@ -4,6 +4,7 @@ Keys are made with herald.create_api_key; the workspace of a request is always i
 
 import http.client
 import json
+import socket
 import threading
 import uuid
 
@@ -47,7 +48,7 @@ class Api:
 
 
 @pytest.fixture
-def api(db, sidecar, roles):  # noqa: F811
+def api(db, roles, sidecar):  # noqa: F811
     """The daemon logged in as a herald_worker member, its HTTP side on a free port; a key of 'acme'
     with every scope."""
     worker, _ = roles
@@ -265,8 +266,12 @@ def test_bounds_and_unknown_routes(db, api):
     assert (status, body["error"]["message"]) == (400, "the body nests deeper than 40 levels")
     status, _, body = api.call("/v1/track", raw=b"{not json")
     assert status == 400 and body["error"]["message"].startswith("the body is not JSON")
-    status, _, _ = api.call("/v1/track", raw=b" " * (1024 * 1024 + 1))
-    assert status == 413
+    # a body announced over 1 MiB is refused before it is sent (raw socket: the server answers and closes
+    # without reading it, which an HTTP client still writing the body would see as a broken pipe)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+        s.sendall(f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.key}\r\n"
+                  f"Content-Length: {1024 * 1024 + 1}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
     status, _, body = api.call("/v1/nothing", {})
     assert (status, body["error"]["code"]) == (404, "not_found")
     assert db.one("SELECT count(*) FROM herald.events") == 0
@@ -288,3 +293,19 @@ def test_the_openapi_document_describes_what_is_served(api):
             assert status == 401, (method, path, body)
             assert set(op["responses"]) >= {"200", "401", "422"}
             assert op["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"] is False
+
+
+def test_a_browser_page_may_call_it(db, api):
+    """CORS: a page on another origin gets its preflight answered and may read the answers."""
+    status, headers, _ = api.call("/v1/track", key=None, method="OPTIONS", headers={
+        "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
+    assert status == 200
+    assert headers["access-control-allow-origin"] == "*"
+    assert "idempotency-key" in headers["access-control-allow-headers"]
+    status, headers, body = api.call("/v1/track", {"email": "ann@example.com", "kind": "viewed"},
+                                     headers={"Origin": "https://shop.example", "Idempotency-Key": "v-1"})
+    assert status == 200, body
+    assert headers["access-control-allow-origin"] == "*"
+    assert "idempotent-replayed" in headers["access-control-expose-headers"]
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'viewed'") == 1

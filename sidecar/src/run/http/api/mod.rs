@@ -26,8 +26,11 @@ mod routes;
 
 use std::sync::Arc;
 
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderName, Method};
 use axum::routing::{get, post};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::run::database::Database;
 
@@ -41,19 +44,45 @@ struct ApiState {
 
 /// The `/v1/…` routes, for any outer router's state (they carry their own).
 pub fn router<S: Clone + Send + Sync + 'static>(database: Arc<Database>) -> Router<S> {
-    let mut router = Router::new().route("/v1/openapi.json", get(openapi::serve));
+    // OPTIONS is a route of its own on each path (answered by the CORS layer), so that the outer
+    // router's method-not-allowed fallback never sees a preflight
+    let mut router =
+        Router::new().route("/v1/openapi.json", get(openapi::serve).options(preflight));
     for route in ROUTES {
         let operation = route.operation;
         router = router.route(
             route.path,
             post(move |state, path, headers, body| {
                 routes::handle(operation, state, path, headers, body)
-            }),
+            })
+            .options(preflight),
         );
     }
     router
         .route("/v1/{*rest}", axum::routing::any(routes::unknown))
+        .layer(cors())
         .with_state(ApiState { database })
+}
+
+/// An OPTIONS request that is not a CORS preflight (those the layer answers itself).
+async fn preflight() -> axum::http::StatusCode {
+    axum::http::StatusCode::NO_CONTENT
+}
+
+/// Browsers may call the API from any origin (a signup form on the marketing site, a web app): a
+/// key is a bearer token sent in a header, never a cookie, so allowing every origin lends a page no
+/// credential it does not already hold. Preflights are answered here; no credentials mode.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            HeaderName::from_static(idempotency::HEADER),
+        ])
+        .expose_headers([HeaderName::from_static(idempotency::REPLAYED)])
+        .max_age(std::time::Duration::from_secs(3600))
 }
 
 #[cfg(test)]
@@ -165,6 +194,47 @@ mod tests {
             .expect("a request");
         let (status, _) = call(request).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn browsers_may_call_it_from_any_origin() {
+        let app: Router = router(Database::unreachable());
+        let preflight = Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/track")
+            .header("origin", "https://shop.example")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, idempotency-key",
+            )
+            .body(Body::empty())
+            .expect("a request");
+        let response = app.clone().oneshot(preflight).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        let header = |r: &axum::response::Response, name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+        };
+        assert_eq!(
+            header(&response, "access-control-allow-origin").as_deref(),
+            Some("*")
+        );
+        let allowed = header(&response, "access-control-allow-headers").unwrap_or_default();
+        assert!(allowed.contains("idempotency-key"), "{allowed}");
+        let request = post(
+            "/v1/track",
+            &[("origin", "https://shop.example")],
+            r#"{"email": "a@x.example", "kind": "k"}"#,
+        );
+        let response = app.oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            header(&response, "access-control-allow-origin").as_deref(),
+            Some("*"),
+            "errors are readable by the page too"
+        );
     }
 
     /// Every route the router serves is in the OpenAPI document, and everything the document
