@@ -20,6 +20,8 @@ SELECT herald.upsert_template('tp1', 'bad', 'Hi', E'<p>\n\n{{ first_name | defau
 -- a filter or a test the engine does not have
 SELECT herald.upsert_template('tp1', 'bad', 'Hi {{ contact.first_name | uper }}', '<p>x</p>');
 SELECT herald.upsert_template('tp1', 'bad', 'Hi', '{% if contact.plan is definned %}x{% endif %}');
+-- a part is one text: it cannot include or extend another template
+SELECT herald.upsert_template('tp1', 'bad', 'Hi', E'<p>x</p>\n{% include "footer" %}');
 -- locals, loops, macros and the global functions are fine; nothing was stored for 'bad'
 SELECT herald.upsert_template('tp1', 'fine', '{% set n = contact.email %}{{ n }}',
     '{% for t in contact.tags %}{{ loop.index }}:{{ t }} {% endfor %}{{ range(3) | join(",") }}{% macro m(a) %}[{{ a }}]{% endmacro %}{{ m(workspace) }}');

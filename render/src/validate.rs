@@ -105,6 +105,7 @@ pub fn check_template(parts: &[(&str, &str)]) -> Result<(), Refusal> {
                 hint: SYNTAX_HINT.to_string(),
             }
         })?;
+        check_statements(name, source)?;
         check_names(&env, name, source)?;
         let used: BTreeSet<String> = tmpl.undeclared_variables(false).into_iter().collect();
         if let Some(unknown) = used
@@ -220,6 +221,30 @@ fn filter_and_test_names(expr: &str) -> Vec<(bool, String)> {
         }
     }
     out
+}
+
+/// Refuses what needs other templates (`include`, `extends`, `import`): a part is one text, and the
+/// engine has no loader, so they would fail only when rendered.
+fn check_statements(part: &str, source: &str) -> Result<(), Refusal> {
+    for tag in tags(source).into_iter().filter(|t| t.block) {
+        let word: String = tag
+            .text
+            .trim_start_matches(['-', '+'])
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect();
+        if matches!(word.as_str(), "include" | "extends" | "import" | "from") {
+            return Err(Refusal {
+                message: format!(
+                    "{part}, line {}: {{% {word} %}} is not supported (a template's parts cannot use other templates)",
+                    tag.line
+                ),
+                hint: "Write the shared part into each template, or use a macro defined in the same part ({% macro name(x) %}…{% endmacro %}).".to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a filter or a test the engine does not have (they would fail only when rendered).
@@ -383,6 +408,22 @@ mod tests {
             "{{ contact.a | default('a|b') | upper | d('x') }}{% if contact.x is not defined %}{% endif %}{{ 'x is y' }}",
         )])
         .unwrap();
+    }
+
+    #[test]
+    fn other_templates_cannot_be_used() {
+        let e = check_template(&[
+            ("subject", "Hi"),
+            ("html", "a\n{% include 'footer.html' %}"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "html, line 2: {% include %} is not supported (a template's parts cannot use other templates)"
+        );
+        let e = check_template(&[("html", "{%- extends 'base' %}")]).unwrap_err();
+        assert!(e.message.contains("{% extends %}"), "{}", e.message);
+        check_template(&[("html", "{% if contact.importer is defined %}{% endif %}")]).unwrap();
     }
 
     #[test]
