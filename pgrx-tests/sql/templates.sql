@@ -101,3 +101,6 @@ SELECT herald.create_broadcast('tp1', '{"name": "n2", "template": "news", "audie
 -- a test or a condition allows it too
 SELECT herald.upsert_template('tp1', 'news-guarded', '{% if broadcast.issue is defined %}Issue {{ broadcast.issue }}{% else %}News{% endif %}', '<p>x</p>');
 SELECT herald.create_broadcast('tp1', '{"name": "n3", "template": "news-guarded", "audience": "all"}') > 0 AS created;
+
+-- nothing left for the files after this one to claim
+DELETE FROM herald.outbox WHERE workspace_id = 'tp1';
