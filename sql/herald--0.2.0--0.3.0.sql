@@ -3384,7 +3384,8 @@ SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
     IF lists IS NULL AND segment_contains IS NULL AND segment_any IS NULL AND segment_tags IS NULL
-       AND segment_emails IS NULL AND failed_of IS NULL THEN
+       AND segment_emails IS NULL AND failed_of IS NULL AND lim <= 100000 THEN
+        -- a page (enqueue's chunks); a read of the whole audience (preview) keeps the planner's plan
         RETURN QUERY SELECT r.contact_id, r.timezone FROM herald._audience_range(workspace, after, lim, segment, exclude) r;
         RETURN;
     END IF;
