@@ -18,6 +18,8 @@ use crate::stats::Summary;
 use crate::thousands;
 use herald_sidecar::db::Target;
 
+pub mod history;
+
 /// Due jobs drained at each level.
 const DUE: i64 = 20_000;
 /// Workspaces holding the backlog; the first BUSY of them also get the due jobs.
@@ -32,6 +34,7 @@ pub struct Growth {
     pub due_per_level: i64,
     pub levels: Vec<Level>,
     pub deepest_p99_over_shallowest: f64,
+    pub history: history::History,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,24 +71,28 @@ pub async fn run(target: &Target, small: bool) -> Result<Growth> {
             backlog += n;
         }
         let fill_secs = started.elapsed().as_secs_f64();
-        queue_due(&db, round).await?;
-        let (claim_ms, complete_ms, jobs_per_sec) = drain(&db).await?;
+        let busy: Vec<String> = (0..BUSY).map(|w| format!("bench_growth_{w:03}")).collect();
+        let busy: Vec<&str> = busy.iter().map(String::as_str).collect();
+        queue_due(&db, &busy, &format!("depth{round}")).await?;
+        let d = drain(&db).await?;
         out.push(Level {
             backlog,
             fill_secs,
-            claim_ms,
-            complete_ms,
-            jobs_per_sec,
+            claim_ms: d.claim_ms,
+            complete_ms: d.complete_ms,
+            jobs_per_sec: d.jobs_per_sec,
         });
     }
     let ratio = match (out.first(), out.last()) {
         (Some(a), Some(b)) if a.claim_ms.p99_ms > 0.0 => b.claim_ms.p99_ms / a.claim_ms.p99_ms,
         _ => 0.0,
     };
+    let history = history::run(target, small).await?;
     Ok(Growth {
         due_per_level: DUE,
         levels: out,
         deepest_p99_over_shallowest: ratio,
+        history,
     })
 }
 
@@ -103,22 +110,29 @@ async fn fill(db: &Client, from: i64, n: i64) -> Result<()> {
     Ok(())
 }
 
-/// DUE jobs due now in the BUSY first workspaces.
-async fn queue_due(db: &Client, round: usize) -> Result<()> {
+/// DUE webhook jobs due now, spread over `workspaces`; `tag` keeps their dedupe keys apart.
+async fn queue_due(db: &Client, workspaces: &[&str], tag: &str) -> Result<()> {
+    let workspaces: Vec<String> = workspaces.iter().map(|w| w.to_string()).collect();
     db.execute(
         "INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, payload)
-         SELECT format('bench_growth_%s', lpad((i % $2)::text, 3, '0')), 'webhook', format('due:%s:%s', $3::int, i),
+         SELECT ($2::text[])[1 + i % cardinality($2::text[])], 'webhook', format('due:%s:%s', $3::text, i),
                 '{\"url\": \"http://127.0.0.1:9/\", \"body\": {}}'
            FROM generate_series(1, $1::bigint) i",
-        &[&DUE, &BUSY, &(round as i32)],
+        &[&DUE, &workspaces, &tag],
     )
     .await
     .context("due jobs")?;
     Ok(())
 }
 
-/// claim(100) + complete(100) until no job is due; (claim, complete, jobs/s).
-async fn drain(db: &Client) -> Result<(Summary, Summary, f64)> {
+struct Drained {
+    claim_ms: Summary,
+    complete_ms: Summary,
+    jobs_per_sec: f64,
+}
+
+/// claim(100) + complete(100) until no job is due.
+async fn drain(db: &Client) -> Result<Drained> {
     let claim = db.prepare(CLAIM).await?;
     let complete = db.prepare("SELECT herald.complete($1::jsonb)").await?;
     let (mut claims, mut completes): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
@@ -150,11 +164,11 @@ async fn drain(db: &Client) -> Result<(Summary, Summary, f64)> {
     }
     let secs = started.elapsed().as_secs_f64();
     ensure!(done == DUE, "drained {done} jobs, {DUE} were due");
-    Ok((
-        Summary::of(&claims),
-        Summary::of(&completes),
-        done as f64 / secs,
-    ))
+    Ok(Drained {
+        claim_ms: Summary::of(&claims),
+        complete_ms: Summary::of(&completes),
+        jobs_per_sec: done as f64 / secs,
+    })
 }
 
 pub fn render(o: &mut String, r: &Growth, verdict: impl Fn(&str) -> &'static str) {
@@ -186,5 +200,59 @@ pub fn render(o: &mut String, r: &Growth, verdict: impl Fn(&str) -> &'static str
         "deepest p99 / shallowest p99: {:.2}x   goal <= 2x: {}",
         r.deepest_p99_over_shallowest,
         verdict(GOAL)
+    );
+    let h = &r.history;
+    let _ = writeln!(
+        o,
+        "\nHistory: {} finished jobs (+ their message_history rows) and {} events over 30 days, loaded in {:.0} s",
+        thousands(h.finished_jobs as f64),
+        thousands(h.events as f64),
+        h.fill_secs
+    );
+    let _ = writeln!(
+        o,
+        "{:<34} | {:>12} | {:>12} | {:>6}",
+        "rate", "empty tables", "full tables", "full/empty"
+    );
+    for (what, empty, full, ratio) in [
+        (
+            "ingest (track_many) events/s",
+            h.empty.ingest_events_per_sec,
+            h.full.ingest_events_per_sec,
+            h.ingest_ratio,
+        ),
+        (
+            "tick node-steps/s",
+            h.empty.tick_steps_per_sec,
+            h.full.tick_steps_per_sec,
+            h.tick_ratio,
+        ),
+        (
+            "claim + complete jobs/s",
+            h.empty.claim_complete_jobs_per_sec,
+            h.full.claim_complete_jobs_per_sec,
+            h.claim_ratio,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "{what:<34} | {:>12} | {:>12} | {ratio:>9.2}x",
+            thousands(empty),
+            thousands(full)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "lowest full/empty: {:.2}x   goal >= 0.83x (within 1.2x): {}",
+        h.worst_ratio,
+        verdict(history::GOAL)
+    );
+    let _ = writeln!(
+        o,
+        "prune('29 days'): {} rows in {:.1} s; claim + complete meanwhile on another connection: {} jobs/s, claim p99 {:.2} ms",
+        thousands(h.prune.rows as f64),
+        h.prune.secs,
+        thousands(h.prune.during_jobs_per_sec),
+        h.prune.during_claim_ms.p99_ms
     );
 }

@@ -351,6 +351,11 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
             g.deepest_p99_over_shallowest,
             g.deepest_p99_over_shallowest <= 2.0,
         ));
+        goals.push(Goal::new(
+            growth::history::GOAL,
+            g.history.worst_ratio,
+            g.history.worst_ratio >= 1.0 / 1.2,
+        ));
         Some(g)
     } else {
         None
