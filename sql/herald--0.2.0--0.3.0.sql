@@ -2351,6 +2351,7 @@ AS $$
      WHERE p.workspace_id IN (SELECT herald._my_workspaces())
      ORDER BY p.workspace_id, p.name;
 $$;
+ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.provider_kinds() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION herald.provider_kinds() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herald.provider_kinds() TO herald_worker, herald_admin;

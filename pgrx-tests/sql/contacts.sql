@@ -65,7 +65,7 @@ SELECT payload FROM herald.events WHERE workspace_id = 'c1' AND kind = 'contact.
 -- a timezone change alone is an update too; null in a new contact's attributes is not stored
 SELECT * FROM herald.upsert_contacts('c1', '[{"email": "bob@example.com", "timezone": "Asia/Tokyo"},
                                              {"email": "gil@example.com", "attributes": {"a": 1, "b": null}}]');
-SELECT email, attributes, timezone FROM herald.contacts WHERE email IN ('bob@example.com', 'gil@example.com') ORDER BY email;
+SELECT email, attributes, timezone FROM herald.contacts WHERE workspace_id = 'c1' AND email IN ('bob@example.com', 'gil@example.com') ORDER BY email;
 
 -- bad calls
 SELECT * FROM herald.upsert_contacts('c1', '{"email": "x@example.com"}');
