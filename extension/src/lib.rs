@@ -83,6 +83,10 @@ pgrx::extension_sql_file!(
 // the HTTP API's keys and idempotency, and its one entry point (api_call)
 pgrx::extension_sql_file!("../../sql/api.sql", name = "api", requires = ["results"]);
 // archiving and deleting templates, lists and broadcasts (after the functions that refuse archived ones)
-pgrx::extension_sql_file!("../../sql/archive.sql", name = "archive", requires = ["broadcasts"]);
+pgrx::extension_sql_file!(
+    "../../sql/archive.sql",
+    name = "archive",
+    requires = ["broadcasts"]
+);
 // roles, grants, SECURITY DEFINER, row-level security: after every function and table exists
 pgrx::extension_sql_file!("../../sql/security.sql", name = "security", finalize);
