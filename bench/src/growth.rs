@@ -6,7 +6,7 @@
 //! and the deepest level's p99 over the shallowest's (goal: within 2x).
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
@@ -53,6 +53,9 @@ pub async fn run(target: &Target, small: bool) -> Result<Growth> {
     } else {
         &[10_000, 1_000_000, 10_000_000]
     };
+    // history first, on tables that are still empty; its finished jobs and events stay for the
+    // depth levels (done rows are not in claim's pending index)
+    let history = history::run(target, small).await?;
     let db = target.connect().await?;
     db.execute(
         "SELECT count(herald.create_workspace(format('bench_growth_%s', lpad(w::text, 3, '0'))))
@@ -89,7 +92,6 @@ pub async fn run(target: &Target, small: bool) -> Result<Growth> {
         (Some(a), Some(b)) if a.claim_ms.p99_ms > 0.0 => b.claim_ms.p99_ms / a.claim_ms.p99_ms,
         _ => 0.0,
     };
-    let history = history::run(target, small).await?;
     Ok(Growth {
         due_per_level: DUE,
         levels: out,
@@ -151,43 +153,18 @@ async fn settle(db: &Client) -> Result<()> {
     }
 }
 
-/// claim(100) + complete(100) until no job is due.
+/// claim(100) + complete(100) until no job is due (the queue section's loop).
 async fn drain(db: &Client) -> Result<Drained> {
-    let claim = db.prepare(CLAIM).await?;
-    let complete = db.prepare("SELECT herald.complete($1::jsonb)").await?;
-    let (mut claims, mut completes): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
-    let mut done = 0i64;
-    let started = Instant::now();
-    loop {
-        let t = Instant::now();
-        let rows = db
-            .query(&claim, &[&"bench", &BATCH])
-            .await
-            .context("herald.claim")?;
-        claims.push(t.elapsed());
-        if rows.is_empty() {
-            break;
-        }
-        let results: Value = rows
-            .iter()
-            .map(|r| json!({"id": r.get::<_, i64>(0), "ok": true}))
-            .collect::<Vec<_>>()
-            .into();
-        let t = Instant::now();
-        let n: i32 = db
-            .query_one(&complete, &[&results])
-            .await
-            .context("herald.complete")?
-            .get(0);
-        completes.push(t.elapsed());
-        done += i64::from(n);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    ensure!(done == DUE, "drained {done} jobs, {DUE} were due");
+    let (t, claim_ms, complete_ms) = crate::queue::herald(db, DUE as usize).await?;
+    ensure!(
+        t.jobs == DUE as usize,
+        "drained {} jobs, {DUE} were due",
+        t.jobs
+    );
     Ok(Drained {
-        claim_ms: Summary::of(&claims),
-        complete_ms: Summary::of(&completes),
-        jobs_per_sec: done as f64 / secs,
+        claim_ms,
+        complete_ms,
+        jobs_per_sec: t.jobs_per_sec,
     })
 }
 

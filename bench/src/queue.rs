@@ -211,7 +211,7 @@ async fn setup(db: &Client, jobs: usize) -> Result<()> {
 }
 
 /// claim(100), then complete() with an ok result for each, until claim returns nothing.
-async fn herald(db: &Client, jobs: usize) -> Result<(Throughput, Summary, Summary)> {
+pub(crate) async fn herald(db: &Client, jobs: usize) -> Result<(Throughput, Summary, Summary)> {
     let claim = db.prepare(CLAIM).await?;
     let complete = db.prepare("SELECT herald.complete($1::jsonb)").await?;
     let (mut claims, mut completes) = (Vec::new(), Vec::new());
