@@ -10,10 +10,9 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use crate::queue::{BATCH, CLAIM};
+use crate::queue::BATCH;
 use crate::stats::Summary;
 use crate::thousands;
 use herald_sidecar::db::Target;
@@ -53,10 +52,19 @@ pub async fn run(target: &Target, small: bool) -> Result<Growth> {
     } else {
         &[10_000, 1_000_000, 10_000_000]
     };
+    // what earlier sections left in the queue (due now or retrying soon) would be counted as this
+    // section's work: it is cancelled, as nothing reads it after them
+    let db = target.connect().await?;
+    db.execute(
+        "UPDATE herald.outbox SET status = 'cancelled', updated_at = now()
+          WHERE status IN ('pending', 'leased', 'held')",
+        &[],
+    )
+    .await
+    .context("cancelling what earlier sections left queued")?;
     // history first, on tables that are still empty; its finished jobs and events stay for the
     // depth levels (done rows are not in claim's pending index)
     let history = history::run(target, small).await?;
-    let db = target.connect().await?;
     db.execute(
         "SELECT count(herald.create_workspace(format('bench_growth_%s', lpad(w::text, 3, '0'))))
            FROM generate_series(0, $1::bigint - 1) w",
@@ -64,8 +72,6 @@ pub async fn run(target: &Target, small: bool) -> Result<Growth> {
     )
     .await
     .context("workspaces")?;
-    // what earlier sections left due would be counted as this section's work
-    settle(&db).await?;
     let mut out = Vec::new();
     let mut backlog = 0i64;
     for (round, &level) in levels.iter().enumerate() {
@@ -133,24 +139,6 @@ struct Drained {
     claim_ms: Summary,
     complete_ms: Summary,
     jobs_per_sec: f64,
-}
-
-/// Completes whatever is due now (untimed), so that a measurement drains only its own jobs.
-async fn settle(db: &Client) -> Result<()> {
-    let claim = db.prepare(CLAIM).await?;
-    loop {
-        let rows = db.query(&claim, &[&"bench", &BATCH]).await?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let results: Value = rows
-            .iter()
-            .map(|r| json!({"id": r.get::<_, i64>(0), "ok": true}))
-            .collect::<Vec<_>>()
-            .into();
-        db.execute("SELECT herald.complete($1::jsonb)", &[&results])
-            .await?;
-    }
 }
 
 /// claim(100) + complete(100) until no job is due (the queue section's loop).
