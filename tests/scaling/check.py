@@ -1,18 +1,20 @@
 """The invariants docs/SCALING.md relies on, checked against an installed herald (issue 14 §3).
 
 Distributing herald with Citus by workspace_id needs:
-  1. every workspace-scoped table (one with a workspace_id column) to have workspace_id leading its
-     primary key and included in every unique index (leading, except the exceptions listed below with
-     the reason), and the tables docs/SCALING.md names as distributed / reference to be exactly those;
+  1. the tables docs/SCALING.md lists as distributed and as reference tables to be exactly the
+     extension's tables; every distributed table to have workspace_id leading its primary key (tables
+     without one are append-only logs) and included in every unique index (leading, except the
+     exceptions listed below with the reason; MIGRATION names keys to change before distributing);
   2. no statement of the extension's SQL (functions and views, read back from the catalog) joining two
-     workspace-scoped relations without equating their workspace_id, directly (a.workspace_id =
+     distributed relations without equating their workspace_id, directly (a.workspace_id =
      b.workspace_id) or through the same value (a.workspace_id = v_ws AND b.workspace_id = v_ws), also
      across correlated and LATERAL subqueries. Such a join is co-located: Citus runs it on the node that
-     holds the workspace.
+     holds the workspace. Reference tables are on every node: joins with them are always local.
 
 Statements are parsed with libpg_query (pglast), PL/pgSQL bodies included. Only conditions combined with
 AND count; an OR never proves equality. Usage: python3 tests/scaling/check.py [dbname] (default
-herald_scaling; the database must have the extension). Exits 1 listing every violation.
+herald_scaling; the database must have the extension). Exits 1 listing every violation, 2 when
+the checker fails its own cases.
 """
 
 import itertools
