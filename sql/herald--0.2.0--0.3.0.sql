@@ -14,11 +14,7 @@
 --     by herald.advance_results, which also publishes staged results; prune takes results_older_than
 --     (default 7 days); delete_contact erases a contact's results too. The stream starts empty: no
 --     result is made up for what happened before the upgrade.
---   * the HTTP API (issue 13, sql/api.sql): api_keys (hashed secrets; create_api_key, revoke_api_key,
---     list_api_keys), api_idempotency (Idempotency-Key answers, pruned after 24 hours by prune), and
---     herald.api_call, the daemon's one call per /v1/… request.
--- Existing tables keep every row; tables added: results_staged, results, result_subscriptions, api_keys,
--- api_idempotency.
+-- Existing tables keep every row; tables added: results_staged, results, result_subscriptions.
 \echo Use "ALTER EXTENSION herald UPDATE TO '0.3.0'" to load this file. \quit
 
 -- ------------------------------------------------------------------ one rule, one place (issue 12)
@@ -56,13 +52,6 @@ RETURN CASE broadcast_status WHEN 'paused' THEN 'held' WHEN 'cancelled' THEN 'ca
 CREATE FUNCTION herald._chunk_size() RETURNS int
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 10000;
-
--- the wake-up indexes without status in their predicates (issue 14: no plan through enrollments_due_idx)
-DROP INDEX herald.enrollments_wait_job_idx;
-CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_job) WHERE wait_kind = 'job' AND ended_at IS NULL;
-DROP INDEX herald.enrollments_wait_event_idx;
-CREATE INDEX enrollments_wait_event_idx ON herald.enrollments (workspace_id, contact_id, wait_event)
-    WHERE wait_kind = 'event' AND ended_at IS NULL;
 
 -- claim's rate keys from the helpers (and inlined now: bigint::text instead of the STABLE text || bigint)
 CREATE OR REPLACE FUNCTION herald._job_rate_keys(rate_keys text[], workspace text, provider text, broadcast bigint) RETURNS text[]
@@ -198,10 +187,7 @@ BEGIN
                                     e.wait_filter, e.context, e.event
                                FROM herald.enrollments e
                               WHERE e.workspace_id = ev.workspace_id AND e.contact_id = ev.contact_id
-                                AND e.wait_event = ev.kind AND e.wait_kind = 'event' AND e.ended_at IS NULL
-                                -- not status = 'waiting': that would let the planner read
-                                -- enrollments_due_idx instead (see complete); re-checked on the row
-                                AND e.status IS NOT DISTINCT FROM 'waiting'
+                                AND e.wait_event = ev.kind AND e.status = 'waiting' AND e.wait_kind = 'event'
                              OFFSET 0) x
          WHERE x.wait_filter IS NULL
             OR herald._matches(x.wait_filter,
@@ -299,7 +285,6 @@ BEGIN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
     END IF;
-    PERFORM herald._refuse_archived(workspace, 'send', ARRAY[template]);
     IF provider IS NULL OR (provider <> 'default'
         AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
@@ -444,17 +429,6 @@ BEGIN
           FROM stopped x
          WHERE o.workspace_id = x.workspace_id AND o.id = x.id
         RETURNING o.id
-    ), suppressed_waiting AS (
-        -- the enrollments waiting on a suppressed job: one probe of enrollments_wait_job_idx per job,
-        -- then the update by id, as in complete (a join here was planned as a scan of every waiting
-        -- enrollment, 46 ms per claim even with nothing suppressed)
-        SELECT x.*, w.id AS enrollment_id
-          FROM suppressed x
-         CROSS JOIN LATERAL (SELECT e.id FROM herald.enrollments e
-                              WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
-                                AND e.wait_kind = 'job' AND e.ended_at IS NULL
-                                AND e.status IS NOT DISTINCT FROM 'waiting'
-                             OFFSET 0) w
     ), woken AS (
         UPDATE herald.enrollments e
            SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
@@ -462,9 +436,9 @@ BEGIN
                ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
                exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
                wait_kind = NULL, wait_job = NULL, updated_at = now()
-          FROM suppressed_waiting x
-         WHERE e.id = x.enrollment_id AND e.workspace_id IS NOT DISTINCT FROM x.workspace_id
-           AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
+          FROM suppressed x
+         WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
+           AND e.status = 'waiting' AND e.wait_kind = 'job'
         RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
     ), reported AS (
         -- the results stream (sql/results.sql): journeys that ended here
@@ -535,30 +509,19 @@ BEGIN
            SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
                lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
           FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
-         -- by id only (outbox_pkey, id = ANY: an index scan in custom and generic plans alike): with
-         -- status = 'pending' the planner could read outbox_pending_idx (every pending job) and did on
-         -- never-analysed tables, 15,000 rows per claim(100); the status is re-checked on the locked row
-         WHERE o.id = u.id AND o.id = ANY (v_ids) AND o.status IS NOT DISTINCT FROM 'pending'
+         WHERE o.id = u.id AND o.status = 'pending'
         RETURNING o.*, u.ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
            p.payload || jsonb_build_object(
-               -- a test send to an address that is no contact carries its address (send_test)
-               'to', coalesce(c.email, p.payload ->> 'to'),
-               'contact', herald._contact_facts(coalesce(c.email, p.payload ->> 'to'), c.attributes, c.timezone, c.tags),
+               'to', c.email,
+               'contact', herald._contact_facts(c.email, c.attributes, c.timezone, c.tags),
                'context', coalesce(e.context, '{}'),
                'event', e.event -> 'payload',
                'automation_id', l.automation_id,
                'enrollment_id', l.enrollment_id)
            || CASE WHEN l.kind = 'email' THEN jsonb_build_object('template', CASE WHEN t.key IS NULL THEN NULL ELSE
-                  herald._template_part(t.key, t.version, t.subject, t.html, t.text_body) END)
-                  -- the provider's kind (absent: no row, the implicit default) decides the transport; From and
-                  -- Reply-To each: the broadcast's, else the template's, else the provider's, else absent
-                  -- (the daemon's HERALD_FROM; no Reply-To)
-                  || jsonb_strip_nulls(jsonb_build_object(
-                         'provider_kind', pr.kind,
-                         'from', coalesce(b.definition ->> 'from', t.from_address, pr.settings ->> 'from'),
-                         'reply_to', coalesce(b.definition ->> 'reply_to', t.reply_to, pr.settings ->> 'reply_to')))
+                  jsonb_build_object('key', t.key, 'version', t.version, 'subject', t.subject, 'html', t.html, 'text', t.text_body) END)
               ELSE '{}' END
       FROM leased l
       LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
@@ -570,8 +533,6 @@ BEGIN
           SELECT t.* FROM herald.templates t
            WHERE t.workspace_id = l.workspace_id AND t.key = p.payload ->> 'template'
            ORDER BY t.version DESC LIMIT 1) t ON l.kind = 'email'
-      LEFT JOIN herald.providers pr ON l.kind = 'email' AND pr.workspace_id = l.workspace_id
-            AND pr.name = l.provider   -- an email job always names its provider
      ORDER BY l.ord;
 END
 $$;
@@ -616,9 +577,7 @@ BEGIN
                     WHEN i.retryable THEN 'dead'
                     ELSE 'failed' END AS outcome
           FROM input i JOIN herald.outbox o ON o.id = i.id
-         -- by id only (outbox_pkey), not through outbox_leased_idx (every leased job), whatever the
-         -- statistics say; re-checked on the locked row
-         WHERE o.status IS NOT DISTINCT FROM 'leased'
+         WHERE o.status = 'leased'
            FOR UPDATE OF o
     ), job AS (
         -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
@@ -663,18 +622,12 @@ BEGIN
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
         -- OFFSET 0 keeps the subquery from being flattened into a join whose order the planner picks from
         -- statistics: on tables autovacuum had not analysed yet it estimated the batch at one row and
-        -- scanned every waiting enrollment once per job (1.2 s per complete(100) with 20,000 waiting).
-        -- The status test is written so that no other partial index can serve the probe: with
-        -- status = 'waiting' the planner could also read enrollments_due_idx (every active or waiting
-        -- enrollment) and did, after an ANALYZE taken while few were waiting: 2,500 rows filtered per
-        -- job, 140 ms per complete(100). wait_kind and ended_at IS NULL are what the wait index's
-        -- predicate needs; status is re-checked on the row.
+        -- scanned every waiting enrollment once per job (1.2 s per complete(100) with 20,000 waiting)
         SELECT r.*, w.id AS enrollment_id
           FROM resolution r
          CROSS JOIN LATERAL (SELECT x.id FROM herald.enrollments x
                               WHERE x.workspace_id = r.workspace_id AND x.wait_job = r.dedupe_key
-                                AND x.wait_kind = 'job' AND x.ended_at IS NULL
-                                AND x.status IS NOT DISTINCT FROM 'waiting'
+                                AND x.status = 'waiting' AND x.wait_kind = 'job'
                              OFFSET 0) w
     ), woken AS (
         UPDATE herald.enrollments e
@@ -878,25 +831,22 @@ BEGIN
         -- instead of hashing whole tables (which grew with every enrollment ever made).
         -- A decide question already answered in the cache (a primary-key probe) takes the enrollment
         -- straight to the chosen path: cache_reply / cache_next.
-        SELECT s.*, j.jb, k.job_kind, k.job_key, dc.reply AS cache_reply,
-               coalesce(j.jb -> 'payload' -> 'paths' ->> (dc.reply ->> (j.jb -> 'payload' ->> 'field')),
-                        j.jb -> 'payload' ->> 'default') AS cache_next
+        SELECT s.*, k.job_kind, k.job_key, dc.reply AS cache_reply,
+               coalesce(s.job -> 'payload' -> 'paths' ->> (dc.reply ->> (s.job -> 'payload' ->> 'field')),
+                        s.job -> 'payload' ->> 'default') AS cache_next
           FROM batch b
          CROSS JOIN LATERAL herald._steps(b.automations, b.enrollments::text, extract(epoch FROM now())::float8, 50) s
-         -- the job as jsonb, parsed once: every ->> on a json value parses its text again (~10 per job
-         -- below); OFFSET 0 keeps the cast from being copied into each of them
-         CROSS JOIN LATERAL (SELECT s.job::jsonb AS jb OFFSET 0) j
          CROSS JOIN LATERAL (
-             SELECT j.jb ->> 'kind' AS job_kind,
+             SELECT s.job ->> 'kind' AS job_kind,
                     -- decide: identical questions share one job per TTL window (and one cached reply)
-                    CASE WHEN j.jb ->> 'kind' = 'decide'
-                         THEN format('decide:%s:%s', j.jb ->> 'request_hash',
-                                     floor(extract(epoch FROM now()) / greatest((j.jb ->> 'cache_ttl_seconds')::float8, 1)))
-                         ELSE j.jb ->> 'dedupe_key' END AS job_key) k
+                    CASE WHEN s.job ->> 'kind' = 'decide'
+                         THEN format('decide:%s:%s', s.job ->> 'request_hash',
+                                     floor(extract(epoch FROM now()) / greatest((s.job ->> 'cache_ttl_seconds')::float8, 1)))
+                         ELSE s.job ->> 'dedupe_key' END AS job_key) k
           LEFT JOIN LATERAL (
               SELECT c.reply FROM herald.decide_cache c
                WHERE k.job_kind = 'decide' AND c.workspace_id = s.workspace_id
-                 AND c.request_hash = j.jb ->> 'request_hash' AND c.expires_at > now()
+                 AND c.request_hash = s.job ->> 'request_hash' AND c.expires_at > now()
                LIMIT 1) dc ON true
     ), moved AS (
         UPDATE herald.enrollments e
@@ -931,14 +881,14 @@ BEGIN
     ), queued AS (
         INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id,
                                         automation_id, enrollment_id, node, on_success, on_error, payload)
-        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.jb ->> 'provider',
+        SELECT st.workspace_id, st.job_kind, 1, st.job_key, st.job ->> 'provider',
                CASE WHEN st.job_kind = 'email'
-                    THEN herald._email_rate_keys(st.workspace_id, st.jb ->> 'provider')
-                    ELSE ARRAY['host:' || (st.jb ->> 'rate_host')] END,
-               st.contact_id, st.automation_id, st.enrollment_id, st.jb ->> 'node',
-               st.jb ->> 'on_success', st.jb ->> 'on_error',
-               (st.jb -> 'payload') || jsonb_build_object('request_hash', st.jb ->> 'request_hash',
-                                                                 'cache_ttl_seconds', (st.jb -> 'cache_ttl_seconds'))
+                    THEN herald._email_rate_keys(st.workspace_id, st.job ->> 'provider')
+                    ELSE ARRAY['host:' || (st.job ->> 'rate_host')] END,
+               st.contact_id, st.automation_id, st.enrollment_id, st.job ->> 'node',
+               st.job ->> 'on_success', st.job ->> 'on_error',
+               (st.job -> 'payload')::jsonb || jsonb_build_object('request_hash', st.job ->> 'request_hash',
+                                                                 'cache_ttl_seconds', (st.job -> 'cache_ttl_seconds')::jsonb)
           FROM (SELECT DISTINCT ON (x.job_key) x.* FROM stepped x
                  WHERE x.job IS NOT NULL AND x.cache_reply IS NULL
                  ORDER BY x.job_key, x.enrollment_id) st   -- one row per key: shared decide questions
@@ -1031,9 +981,6 @@ DECLARE
 BEGIN
     PERFORM herald._require_workspace(workspace);
     v_def := herald._check_broadcast(definition);
-    PERFORM herald._refuse_archived(workspace, 'create_broadcast',
-                                    ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x),
-                                    ARRAY(SELECT jsonb_array_elements_text(v_def -> 'lists')));
     -- a time already past would send at once, which is never what "send at" meant
     IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
         RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
@@ -1047,8 +994,6 @@ BEGIN
         RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
     END IF;
-    -- what the templates read as broadcast.<name> is in the definition's variables (or allowed missing)
-    PERFORM herald._check_broadcast_templates(workspace, v_def);
     IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
         SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
@@ -1443,8 +1388,7 @@ BEGIN
         -- nothing of theirs in flight: the last job is done (or pruned, or there was none)
         SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor
           FROM herald.result_subscriptions s
-         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o
-                            WHERE o.workspace_id = s.workspace_id AND o.id = s.job_id AND o.status <> 'done')
+         WHERE NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.id = s.job_id AND o.status <> 'done')
     ), picked AS (
         -- each one's next results: at most its batch, and about 1 MiB of data (at least one result)
         SELECT s.workspace_id, s.id AS subscription, r.id AS result_id, herald._result_json(r) AS result,
@@ -1495,7 +1439,7 @@ SELECT s.workspace_id, s.id, s.url, s.kinds, s.options, s.cursor, s.queued,
        CASE WHEN o.status = 'pending' THEN o.run_at END AS next_attempt_at, o.last_error,
        s.created_by, s.created_at, s.updated_at
   FROM herald.result_subscriptions s
-  LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id;
+  LEFT JOIN herald.outbox o ON o.id = s.job_id;
 
 -- the writers: each statement that makes a result true stages it (complete, tick, claim and
 -- _advance_broadcast are replaced above)
@@ -1595,8 +1539,6 @@ BEGIN
     END IF;
 
     IF status = 'live' THEN
-        PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot go live', automation),
-                                        herald._definition_templates(v.definition), herald._definition_lists(v.definition));
         -- what the automation sends with must exist before it can run (provider "default" always does:
         -- the sidecar maps it to its default transport)
         SELECT string_agg(DISTINCT format('template %s (node %s)', quote_literal(n.node ->> 'template'), n.id), ', ') INTO v_missing
@@ -1664,8 +1606,6 @@ BEGIN
     END IF;
     -- raises "invalid automation definition: <path>: <fault>" naming every fault
     v_checked := herald._check_automation(definition);
-    PERFORM herald._refuse_archived(v.workspace_id, format('automation %s cannot be updated', v.id),
-                                    herald._definition_templates(definition), herald._definition_lists(definition));
     IF v_opts ? 'migrate' THEN
         -- the contacts to move, locked (and waited for while a tick runs them) in id order; one that a
         -- dispatcher enrols meanwhile starts on the version it read and stays there
@@ -1791,12 +1731,9 @@ BEGIN
 
     WITH input AS (
         SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
-               coalesce(t.f ->> 'workspace', m.workspace_id, bw.workspace_id) AS workspace_id,
-               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord, t.f AS entry,
-               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id, m.variation,
-               -- the broadcast an open or click names in its payload (read when its message does not say)
-               CASE WHEN t.f ->> 'kind' IN ('opened', 'clicked') AND m.broadcast_id IS NULL
-                    THEN t.f -> 'payload' ->> 'broadcast' END AS named_broadcast,
+               coalesce(t.f ->> 'workspace', m.workspace_id) AS workspace_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id,
                -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
                -- report's payload with the message and the kind of bounce
                CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
@@ -1814,8 +1751,7 @@ BEGIN
                                     (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
                                     (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
                                     (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
-                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id,
-                                    (array_agg(h.variation ORDER BY h.id DESC))[1] AS variation
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id
                                FROM herald.message_history h
                               WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
                                 AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
@@ -1823,68 +1759,17 @@ BEGIN
                              HAVING count(DISTINCT h.workspace_id) = 1) m ON true
           LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
                               WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
-          -- an open or click that names neither a workspace nor a known message: the workspace of the
-          -- broadcast its payload names
-          LEFT JOIN LATERAL (SELECT x.workspace_id FROM herald.broadcasts x
-                              WHERE t.f ->> 'workspace' IS NULL AND m.workspace_id IS NULL
-                                AND t.f ->> 'kind' IN ('opened', 'clicked')
-                                AND x.id = CASE WHEN t.f -> 'payload' ->> 'broadcast' ~ '^[0-9]{1,18}$'
-                                                THEN (t.f -> 'payload' ->> 'broadcast')::bigint END) bw ON true
     ), known AS (
-        SELECT i.*,
-               CASE WHEN i.named_broadcast ~ '^[0-9]{1,18}$' THEN i.named_broadcast::bigint END AS named_id
-          FROM input i
+        SELECT i.* FROM input i
          WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
            AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
            AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
-    ), attributed AS (
-        -- opens and clicks: the broadcast and variation they count for, or why they cannot count
-        SELECT k.*, b.id AS named_found, j.job_id AS named_job, j.variation AS named_variation,
-               CASE WHEN k.named_broadcast IS NULL THEN NULL
-                    WHEN k.named_id IS NULL THEN
-                        format('payload.broadcast must be a broadcast id (a whole number), got %s', k.entry -> 'payload' -> 'broadcast')
-                    WHEN b.id IS NULL THEN
-                        format('broadcast %s does not exist in workspace %s', k.named_id, quote_literal(k.workspace_id))
-                    WHEN j.variation IS NULL THEN
-                        format('could not be attributed to a variation of broadcast %s: no message_id and no message of this broadcast to that address', k.named_id)
-                    WHEN NOT j.sent THEN
-                        format('could not be attributed to a variation of broadcast %s: its message to that address was not sent (%s)', k.named_id, j.status)
-                    WHEN k.payload ->> 'variation' IS NOT NULL AND k.payload ->> 'variation' <> j.variation THEN
-                        format('could not be attributed to a variation of broadcast %s: the report names variation %s, the message sent to that address was variation %s',
-                               k.named_id, quote_literal(k.payload ->> 'variation'), quote_literal(j.variation))
-               END AS refusal
-          FROM known k
-          LEFT JOIN LATERAL (SELECT x.id FROM herald.broadcasts x
-                              WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
-          -- the contact's job of that broadcast (one per contact), or, once pruned, its history
-          LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
-                                    -- leased: handed to a daemon, whose completion may not be recorded yet
-                                    -- when the recipient already opens it
-                                    coalesce(o.status IN ('done', 'leased'), h.status = 'sent') AS sent,
-                                    coalesce(o.status, h.status) AS status
-                               FROM herald.contacts ct
-                               LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
-                                                          AND o.workspace_id = ct.workspace_id
-                               LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y
-                                                   WHERE o.id IS NULL AND y.workspace_id = ct.workspace_id
-                                                     AND y.contact_id = ct.id AND y.broadcast_id = b.id
-                                                   ORDER BY y.id DESC LIMIT 1) h ON true
-                              WHERE b.id IS NOT NULL AND ct.email = k.email AND ct.workspace_id = k.workspace_id
-                              LIMIT 1) j ON true
     ), fresh AS (
         -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
         -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
-        SELECT k.*,
-               -- the broadcast and variation it counts for: its message's, else the named broadcast's job's
-               CASE WHEN k.kind NOT IN ('opened', 'clicked') THEN k.event_payload
-                    WHEN k.broadcast_id IS NOT NULL THEN
-                        k.event_payload || jsonb_build_object('broadcast', k.broadcast_id, 'variation', k.variation)
-                    WHEN k.named_job IS NOT NULL THEN
-                        k.event_payload || jsonb_build_object('broadcast', k.named_id, 'variation', k.named_variation)
-                    ELSE k.event_payload END AS counted_payload
-          FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+        SELECT k.* FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
                                                         ORDER BY k.ord) AS nth
-                           FROM attributed k WHERE k.refusal IS NULL) k
+                           FROM known k) k
          WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
             OR (k.nth = 1 AND NOT EXISTS (
                    SELECT 1 FROM herald.events e
@@ -1892,19 +1777,6 @@ BEGIN
                       AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
                       AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
                       AND e.created_at > now() - interval '10 minutes'))
-    ), refused AS (
-        INSERT INTO herald.feedback_rejections (workspace_id, batch, position, input, reason, broadcast_id)
-        SELECT a.workspace_id, txid_current(), (a.ord - 1)::int, a.entry, a.refusal, a.named_found
-          FROM attributed a WHERE a.refusal IS NOT NULL
-        ON CONFLICT (workspace_id, batch, position) DO UPDATE
-           SET input = EXCLUDED.input, reason = EXCLUDED.reason, broadcast_id = EXCLUDED.broadcast_id
-        RETURNING 1
-    ), unattributed AS (
-        -- the broadcast's count of reports that could not count for a variation
-        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
-        SELECT a.workspace_id, a.named_found, '', a.kind || '_unattributed', count(*)
-          FROM attributed a WHERE a.refusal IS NOT NULL AND a.named_found IS NOT NULL
-         GROUP BY a.workspace_id, a.named_found, a.kind
     ), suppressed AS (
         INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
         SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
@@ -1916,7 +1788,7 @@ BEGIN
         RETURNING 1
     ), recorded AS (
         INSERT INTO herald.events (workspace_id, email, kind, payload)
-        SELECT k.workspace_id, k.email, k.event_kind, k.counted_payload
+        SELECT k.workspace_id, k.email, k.event_kind, k.event_payload
           FROM fresh k ORDER BY k.ord
         RETURNING 1
     ), reported AS (
@@ -1927,8 +1799,7 @@ BEGIN
         SELECT k.workspace_id, k.event_kind,
                coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
                                         WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
-               k.automation_id, k.enrollment_id, coalesce(k.broadcast_id, k.named_id), coalesce(k.job_id, k.named_job),
-               k.counted_payload
+               k.automation_id, k.enrollment_id, k.broadcast_id, k.job_id, k.event_payload
           FROM fresh k
          WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
          ORDER BY k.ord
@@ -2028,14 +1899,9 @@ BEGIN
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.contact_rejections WHERE created_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
-    DELETE FROM herald.feedback_rejections WHERE created_at < now() - older_than;
-    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.outbox WHERE status IN ('done', 'failed') AND done_at < now() - older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     DELETE FROM herald.decide_cache WHERE expires_at < now();
-    GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
-    -- the HTTP API's idempotency keys hold for 24 hours (sql/api.sql)
-    DELETE FROM herald.api_idempotency WHERE created_at < now() - interval '24 hours';
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
     RETURN v_total;
 END
@@ -2083,1337 +1949,3 @@ ALTER TABLE herald.results_staged ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.results_staged USING (workspace_id IN (SELECT herald._my_workspaces()));
 ALTER TABLE herald.result_subscriptions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON herald.result_subscriptions USING (workspace_id IN (SELECT herald._my_workspaces()));
-
--- ------------------------------------------------------------------ templates (issue 13)
-ALTER TABLE herald.templates ADD COLUMN from_address text, ADD COLUMN reply_to text;
-CREATE FUNCTION herald._valid_mailbox(mailbox text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN coalesce(length(mailbox) <= 998
-                AND mailbox !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-                AND ((herald._valid_email(mailbox) AND mailbox !~ '[<>"]')
-                     OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
-                         AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
-CREATE FUNCTION herald._template_part(key text, version int, subject text, html text, text_body text) RETURNS jsonb
-LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like jsonb_build_object(); a stricter label would block inlining
-RETURN jsonb_build_object('key', key, 'version', version, 'subject', subject, 'html', html, 'text', text_body);
--- the template engine's checks and renders (extension/src/template.rs), as generated by pgrx
-CREATE  FUNCTION "_check_template"(
-	"key" TEXT, /* & str */
-	"subject" TEXT, /* & str */
-	"html" TEXT, /* & str */
-	"text_body" TEXT /* Option < & str > */
-) RETURNS void
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_template_wrapper';
-CREATE  FUNCTION "_check_broadcast_template"(
-	"key" TEXT, /* & str */
-	"subject" TEXT, /* & str */
-	"html" TEXT, /* & str */
-	"text_body" TEXT, /* Option < & str > */
-	"variables" jsonb /* Option < JsonB > */
-) RETURNS void
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_broadcast_template_wrapper';
-CREATE  FUNCTION "_render_email"(
-	"template" jsonb, /* JsonB */
-	"payload" jsonb, /* JsonB */
-	"workspace" TEXT, /* & str */
-	"unsubscribe_url" TEXT /* Option < & str > */
-) RETURNS jsonb /* JsonB */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_render_email_wrapper';
--- upsert_template: from_address and reply_to (new arguments, so a new function), checked by the engine
-DROP FUNCTION herald.upsert_template(text, text, text, text, text);
-CREATE FUNCTION herald.upsert_template(workspace text, key text, subject text, html text, text_body text DEFAULT NULL,
-                                       from_address text DEFAULT NULL, reply_to text DEFAULT NULL)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_version int;
-    v_from text := nullif(btrim(from_address), '');
-    v_reply_to text := nullif(btrim(reply_to), '');
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    IF key IS NULL OR key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' THEN
-        RAISE EXCEPTION 'invalid template key %', coalesce(quote_literal(key), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'A template key is 1 to 100 characters: letters, digits, "_", "-" and ".".';
-    END IF;
-    IF subject IS NULL OR btrim(subject) = '' OR html IS NULL OR btrim(html) = '' THEN
-        RAISE EXCEPTION 'template % needs a non-empty subject and html', quote_literal(key)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- bounded, so one workspace's template cannot make the daemon render (and hold) megabytes per message
-    IF length(subject) > 998 THEN
-        RAISE EXCEPTION 'template %: the subject is % characters; at most 998 are allowed', quote_literal(key), length(subject)
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF octet_length(html) > 524288 OR octet_length(coalesce(text_body, '')) > 524288 THEN
-        RAISE EXCEPTION 'template %: the html and the text body may be at most 512 KiB each (html % bytes, text % bytes)',
-            quote_literal(key), octet_length(html), octet_length(coalesce(text_body, ''))
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF v_from IS NOT NULL AND NOT herald._valid_mailbox(v_from) THEN
-        RAISE EXCEPTION 'template %: invalid from_address %', quote_literal(key), quote_literal(v_from)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or NULL for the provider''s.';
-    END IF;
-    IF v_reply_to IS NOT NULL AND NOT herald._valid_mailbox(v_reply_to) THEN
-        RAISE EXCEPTION 'template %: invalid reply_to %', quote_literal(key), quote_literal(v_reply_to)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use an address (help@example.com) or a name and an address (Example Help <help@example.com>), or NULL for none.';
-    END IF;
-    -- the engine's checks (extension/src/template.rs → render/src/validate.rs): it parses, and names
-    -- only variables templates can see
-    PERFORM herald._check_template(key, subject, html, text_body);
-    -- serialise versions of one key
-    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
-    SELECT coalesce(max(t.version), 0) + 1 INTO v_version
-      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
-    INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body, from_address, reply_to)
-    VALUES (workspace, key, v_version, subject, html, text_body, v_from, v_reply_to);
-    RETURN v_version;
-END
-$$;
-CREATE FUNCTION herald._check_broadcast_templates(workspace text, definition jsonb) RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, herald, pg_temp
-BEGIN ATOMIC
-    SELECT herald._check_broadcast_template(t.key, t.subject, t.html, t.text_body,
-               -- what {{ broadcast.* }} holds: the variables, and what _broadcast_payloads adds
-               coalesce(definition -> 'variables', '{}') || '{"id": 0, "name": "", "variation": ""}')
-      FROM (SELECT DISTINCT v ->> 'template' AS key FROM jsonb_array_elements(definition -> 'variations') v) u
-     CROSS JOIN LATERAL (SELECT t.* FROM herald.templates t
-                          WHERE t.workspace_id = _check_broadcast_templates.workspace AND t.key = u.key
-                          ORDER BY t.version DESC LIMIT 1) t;
-END;
-CREATE FUNCTION herald._template_payload(workspace text, key text, email text, context jsonb, provider text)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_email text := herald._normalize_email(email);
-    v_template jsonb;
-    v_contact jsonb;
-BEGIN
-    SELECT herald._template_part(t.key, t.version, t.subject, t.html, t.text_body)
-      INTO v_template
-      FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _template_payload.key
-     ORDER BY t.version DESC LIMIT 1;
-    IF v_template IS NULL THEN
-        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(key), 'NULL'), quote_literal(workspace)
-            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
-    END IF;
-    IF provider IS NULL OR (provider <> 'default'
-        AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
-        RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)
-            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
-    END IF;
-    IF NOT herald._valid_email(v_email) THEN
-        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF jsonb_typeof(context) IS DISTINCT FROM 'object' THEN
-        RAISE EXCEPTION 'context must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Templates read it as variables.<key>, e.g. {"code": "1234"} for {{ variables.code }}.';
-    END IF;
-    IF herald._value_fault(context) IS NOT NULL THEN
-        RAISE EXCEPTION 'context %', herald._value_fault(context) USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    SELECT herald._contact_facts(c.email, c.attributes, c.timezone, c.tags) INTO v_contact
-      FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_email;
-    RETURN jsonb_build_object('template', v_template, 'provider', provider, 'variables', context,
-                              'to', v_email,
-                              'contact', coalesce(v_contact, herald._contact_facts(v_email, NULL, NULL, NULL)),
-                              'context', '{}'::jsonb, 'event', NULL, 'automation_id', NULL, 'enrollment_id', NULL);
-END
-$$;
-CREATE FUNCTION herald.render_template(workspace text, key text, email text, context jsonb DEFAULT '{}')
-RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_payload jsonb;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    v_payload := herald._template_payload(workspace, key, email, context, 'default');
-    RETURN herald._render_email(v_payload -> 'template', v_payload, workspace, 'https://unsubscribe.invalid/preview');
-END
-$$;
-CREATE FUNCTION herald.send_test(workspace text, key text, to_email text, context jsonb DEFAULT '{}',
-                                 provider text DEFAULT 'default')
-RETURNS bigint
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_payload jsonb;
-    v_reason text;
-    v_id bigint;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    v_payload := herald._template_payload(workspace, key, to_email, context, provider);
-    PERFORM herald._refuse_archived(workspace, 'send_test', ARRAY[key]);
-    SELECT s.reason INTO v_reason FROM herald.suppressions s
-     WHERE s.workspace_id = workspace AND s.email IN (v_payload ->> 'to', herald._email_key(v_payload ->> 'to'));
-    IF v_reason IS NOT NULL THEN
-        RAISE EXCEPTION '% is suppressed (%): a test is not sent to it', quote_literal(v_payload ->> 'to'), v_reason
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Send the test to another address, or lift the suppression with herald.unsuppress(workspace, email) if it was a mistake.';
-    END IF;
-    PERFORM herald._render_email(v_payload -> 'template', v_payload || '{"test": true}', workspace, 'https://unsubscribe.invalid/preview');
-    INSERT INTO herald.outbox AS o (workspace_id, kind, priority, dedupe_key, provider, rate_keys, contact_id, payload)
-    VALUES (workspace, 'email', 0, 'test:' || gen_random_uuid(), provider, herald._email_rate_keys(workspace, provider),
-            (SELECT c.id FROM herald.contacts c WHERE c.workspace_id = workspace AND c.email = v_payload ->> 'to'),
-            jsonb_build_object('template', key, 'provider', provider, 'variables', context,
-                               'to', v_payload ->> 'to', 'test', true))
-    RETURNING o.id INTO v_id;
-    RETURN v_id;
-END
-$$;
-ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.render_template(text, text, text, jsonb) SECURITY DEFINER;
-ALTER FUNCTION herald.send_test(text, text, text, jsonb, text) SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald._valid_mailbox(text), herald._template_part(text, int, text, text, text), herald._check_template(text, text, text, text), herald._check_broadcast_template(text, text, text, text, jsonb), herald._render_email(jsonb, jsonb, text, text), herald._check_broadcast_templates(text, jsonb), herald._template_payload(text, text, text, jsonb, text), herald.upsert_template(text, text, text, text, text, text, text), herald.render_template(text, text, text, jsonb), herald.send_test(text, text, text, jsonb, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION herald.upsert_template(text, text, text, text, text, text, text) TO herald_admin;
-GRANT EXECUTE ON FUNCTION herald.render_template(text, text, text, jsonb), herald.send_test(text, text, text, jsonb, text) TO herald_app, herald_admin;
--- end of templates (issue 13)
-
--- ------------------------------------------------------------------ providers (issue 13)
-CREATE OR REPLACE FUNCTION herald.upsert_provider(workspace text, name text, kind text, settings jsonb DEFAULT '{}')
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_rate jsonb := settings -> 'rate_per_second';
-    v_bad text;
-    v_key text;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' THEN
-        RAISE EXCEPTION 'invalid provider name %', coalesce(quote_literal(name), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'A provider name is 1 to 64 characters: letters, digits, "_" and "-".';
-    END IF;
-    IF kind IS NULL OR kind NOT IN ('smtp', 'file') THEN
-        RAISE EXCEPTION 'invalid provider kind %', coalesce(quote_literal(kind), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use smtp or file.';
-    END IF;
-    IF jsonb_typeof(settings) IS DISTINCT FROM 'object' THEN
-        RAISE EXCEPTION 'provider settings must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT string_agg(k, ', ') INTO v_bad FROM jsonb_object_keys(settings) k WHERE k NOT IN ('rate_per_second', 'from', 'reply_to');
-    IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION 'unknown provider setting(s) %', v_bad
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'Allowed: rate_per_second, from, reply_to. Credentials belong in the sidecar''s environment (HERALD_SMTP_URL_<NAME>), never in the database.';
-    END IF;
-    FOREACH v_key IN ARRAY ARRAY['from', 'reply_to'] LOOP
-        IF settings ? v_key AND (jsonb_typeof(settings -> v_key) <> 'string'
-                                 OR NOT herald._valid_mailbox(btrim(settings ->> v_key))) THEN
-            RAISE EXCEPTION 'provider %: $.%: % is not a mailbox', quote_literal(name), v_key, settings -> v_key
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'Use an address (news@example.com) or a name and an address (Example News <news@example.com>; quote a name holding , ; : @ or parentheses: "Example, Inc." <news@example.com>), or leave the setting out.';
-        ELSIF settings ? v_key THEN
-            settings := jsonb_set(settings, ARRAY[v_key], to_jsonb(btrim(settings ->> v_key)));
-        END IF;
-    END LOOP;
-    IF v_rate IS NOT NULL AND (jsonb_typeof(v_rate) <> 'number' OR (v_rate)::numeric <= 0
-                               OR (v_rate)::numeric <> trunc((v_rate)::numeric)) THEN
-        RAISE EXCEPTION 'rate_per_second must be a whole number greater than 0, got %', v_rate
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-
-    INSERT INTO herald.providers AS p (workspace_id, name, kind, settings) VALUES (workspace, name, kind, settings)
-    ON CONFLICT ON CONSTRAINT providers_pkey DO UPDATE SET kind = EXCLUDED.kind, settings = EXCLUDED.settings, updated_at = now();
-    IF v_rate IS NULL THEN
-        DELETE FROM herald.rate_limits r WHERE r.key = herald._provider_rate_key(workspace, name);
-    ELSE
-        INSERT INTO herald.rate_limits (key, per_second) VALUES (herald._provider_rate_key(workspace, name), (v_rate)::int)
-        ON CONFLICT (key) DO UPDATE SET per_second = EXCLUDED.per_second;
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald.provider_kinds() RETURNS TABLE (workspace_id text, name text, kind text)
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-    SELECT p.workspace_id, p.name, p.kind FROM herald.providers p
-     WHERE p.workspace_id IN (SELECT herald._my_workspaces())
-     ORDER BY p.workspace_id, p.name;
-$$;
-ALTER FUNCTION herald.upsert_provider(text, text, text, jsonb) SECURITY DEFINER;
-ALTER FUNCTION herald.provider_kinds() SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald.provider_kinds() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION herald.provider_kinds() TO herald_worker, herald_admin;
--- end of providers (issue 13)
-
--- ------------------------------------------------------------------ HTTP API (issue 13)
--- sql/api.sql: API keys (hashed), idempotency keys, herald.api_call (the daemon's one call per request)
-CREATE TABLE herald.api_keys (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,   -- the id is in the secret: found without the workspace
-    workspace_id text NOT NULL,
-    name         text NOT NULL,
-    scopes       text[] NOT NULL,
-    secret_hash  bytea NOT NULL,        -- sha256 of the whole secret; the secret itself is never stored
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    created_by   name NOT NULL,
-    last_used_at timestamptz,           -- kept to the minute (see _api_key)
-    revoked_at   timestamptz,
-    revoked_by   name
-);
-CREATE INDEX api_keys_workspace_idx ON herald.api_keys (workspace_id, id);
-
--- Idempotency-Key: the first request with a key (per workspace) runs and its answer is kept 24 hours;
--- the same key with the same operation and arguments gets that answer again without running; with
--- others, an error (409). Only answers of requests that succeeded are kept: a request that failed
--- changed nothing, so running it again is safe. Pruned by herald.prune (after 24 hours).
-CREATE TABLE herald.api_idempotency (
-    workspace_id    text NOT NULL,
-    idempotency_key text NOT NULL,
-    request_hash    bytea NOT NULL,     -- sha256 of operation and arguments (jsonb's text: key order does not count)
-    response        jsonb NOT NULL,     -- ids and counts only, never an address
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace_id, idempotency_key)
-);
-
-SELECT pg_catalog.pg_extension_config_dump('herald.api_keys', '');
-SELECT pg_catalog.pg_extension_config_dump('herald.api_idempotency', '');
-SELECT pg_catalog.pg_extension_config_dump('herald.api_keys_id_seq', '');
-
--- The scopes a key may have, and the operations each allows.
-CREATE FUNCTION herald._api_scope(operation text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE operation
-    WHEN 'track' THEN 'track' WHEN 'track_many' THEN 'track'
-    WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
-    WHEN 'send' THEN 'send'
-    WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
-END;
-
--- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
--- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
--- lists (/v1/lists/…), send (/v1/send). By default every one but send: a key that ends up in a
--- browser can then not mail anyone. herald_admin.
-CREATE FUNCTION herald.create_api_key(workspace text, name text,
-                                      scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_secret text := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
-    v_id bigint;
-    v_bad text;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
-        RAISE EXCEPTION 'invalid API key name %', coalesce(quote_literal(name), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A key''s name is 1 to 200 characters, e.g. ''signup form''.';
-    END IF;
-    IF scopes IS NULL OR cardinality(scopes) = 0 THEN
-        RAISE EXCEPTION 'an API key needs at least one scope'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
-    END IF;
-    SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
-      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send');
-    IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
-    END IF;
-    INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
-    VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
-            '\x00', herald._caller())
-    RETURNING id INTO v_id;
-    v_secret := 'hk_' || v_id || '_' || v_secret;
-    UPDATE herald.api_keys k SET secret_hash = sha256(convert_to(v_secret, 'UTF8')) WHERE k.id = v_id;
-    RETURN v_secret;
-END
-$$;
-
--- Revokes a key of `workspace` (at once: every request checks the key). True when it was live;
--- false when it was revoked already. herald_admin.
-CREATE FUNCTION herald.revoke_api_key(workspace text, key_id bigint) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_revoked timestamptz;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    SELECT k.revoked_at INTO v_revoked FROM herald.api_keys k
-     WHERE k.id = key_id AND k.workspace_id = workspace FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown API key % in workspace %', coalesce(key_id::text, 'NULL'), quote_literal(workspace)
-            USING ERRCODE = 'no_data_found', HINT = 'herald.list_api_keys(workspace) shows the keys.';
-    END IF;
-    IF v_revoked IS NOT NULL THEN
-        RETURN false;
-    END IF;
-    UPDATE herald.api_keys k SET revoked_at = now(), revoked_by = herald._caller() WHERE k.id = key_id;
-    RETURN true;
-END
-$$;
-
--- A workspace's keys, without their secrets (`prefix` is the start of the secret, to tell keys
--- apart). herald_admin.
-CREATE FUNCTION herald.list_api_keys(workspace text)
-RETURNS TABLE (id bigint, name text, prefix text, scopes text[], created_at timestamptz, created_by name,
-               last_used_at timestamptz, revoked_at timestamptz, revoked_by name)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    RETURN QUERY
-    SELECT k.id, k.name, 'hk_' || k.id || '_', k.scopes, k.created_at, k.created_by, k.last_used_at,
-           k.revoked_at, k.revoked_by
-      FROM herald.api_keys k WHERE k.workspace_id = workspace ORDER BY k.id;
-END
-$$;
-
--- The key a secret belongs to, or an error (invalid_authorization_specification: the daemon answers
--- 401). Marks it used, at most once a minute and never waiting: a request that finds the key's row
--- locked by another request's mark skips it (a mark per request would queue every request of a busy
--- key behind one row lock).
-CREATE FUNCTION herald._api_key(secret text) RETURNS herald.api_keys
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_key herald.api_keys;
-    v_id bigint;
-BEGIN
-    IF secret ~ '^hk_[0-9]{1,18}_[0-9a-f]{64}$' THEN
-        v_id := split_part(secret, '_', 2)::bigint;
-        SELECT * INTO v_key FROM herald.api_keys k
-         WHERE k.id = v_id AND k.secret_hash = sha256(convert_to(secret, 'UTF8'));
-    END IF;
-    IF v_key.id IS NULL THEN
-        RAISE EXCEPTION 'unknown API key'
-            USING ERRCODE = 'invalid_authorization_specification',
-                  HINT = 'Send Authorization: Bearer hk_…, a key made by herald.create_api_key(workspace, name).';
-    END IF;
-    IF v_key.revoked_at IS NOT NULL THEN
-        RAISE EXCEPTION 'API key % was revoked', v_key.id
-            USING ERRCODE = 'invalid_authorization_specification',
-                  HINT = 'Ask an admin for a new key (herald.create_api_key).';
-    END IF;
-    IF v_key.last_used_at IS NULL OR v_key.last_used_at < now() - interval '1 minute' THEN
-        UPDATE herald.api_keys k SET last_used_at = now()
-         WHERE k.id = (SELECT l.id FROM herald.api_keys l WHERE l.id = v_key.id FOR UPDATE SKIP LOCKED);
-    END IF;
-    RETURN v_key;
-END
-$$;
-
--- One API request: the key's check, the idempotency claim, the operation for the key's workspace (the
--- workspace never comes from the request), the answer kept for a retry. Returns the answer and
--- whether it is a replay of a stored one. Errors are the operation's own (same message, hint and
--- SQLSTATE as when called from SQL); the daemon maps them to HTTP statuses.
---
--- Two requests with the same Idempotency-Key at once: the second's INSERT waits on the first's
--- uncommitted row, then finds it (committed: the stored answer is returned) or not (rolled back:
--- it runs). So a request runs once however many copies arrive together.
---
--- `args`: track {email, kind, payload}; track_many {events}; upsert_contact {email, attributes};
--- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
--- unsubscribe {list, emails}. herald_worker (the daemon) and herald_admin.
-CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
-RETURNS TABLE (response jsonb, replayed boolean)
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-SET jit = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_key herald.api_keys := herald._api_key(secret);
-    v_ws text := v_key.workspace_id;
-    v_scope text := herald._api_scope(operation);
-    v_hash bytea;
-    v_claimed boolean;
-    v_stored record;
-    v_emails text[];
-BEGIN
-    IF v_scope IS NULL THEN
-        RAISE EXCEPTION 'unknown API operation %', coalesce(quote_literal(operation), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF NOT v_scope = ANY (v_key.scopes) THEN
-        RAISE EXCEPTION 'API key % may not %: it lacks the scope "%"', v_key.id, operation, v_scope
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
-                                array_to_string(v_key.scopes, ', '), v_scope);
-    END IF;
-    IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
-        RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-
-    IF api_call.idempotency_key IS NOT NULL THEN
-        IF api_call.idempotency_key !~ '^[!-~]{1,255}$' THEN
-            RAISE EXCEPTION 'Idempotency-Key must be 1 to 255 visible ASCII characters'
-                USING ERRCODE = 'invalid_parameter_value', HINT = 'A UUID is a good key.';
-        END IF;
-        v_hash := sha256(convert_to(operation || ' ' || args::text, 'UTF8'));
-        INSERT INTO herald.api_idempotency AS i (workspace_id, idempotency_key, request_hash, response)
-        VALUES (v_ws, api_call.idempotency_key, v_hash, 'null')
-        ON CONFLICT ON CONSTRAINT api_idempotency_pkey DO UPDATE
-           SET request_hash = EXCLUDED.request_hash, response = 'null', created_at = now()
-         WHERE i.created_at < now() - interval '24 hours'   -- an expired key is a new one
-        RETURNING true INTO v_claimed;
-        IF v_claimed IS NULL THEN
-            SELECT i.request_hash, i.response INTO v_stored FROM herald.api_idempotency i
-             WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
-            IF v_stored.request_hash IS DISTINCT FROM v_hash THEN
-                RAISE EXCEPTION 'Idempotency-Key % was used for another request', quote_literal(api_call.idempotency_key)
-                    USING ERRCODE = 'unique_violation',
-                          DETAIL = 'A key stands for one request (operation and body) for 24 hours.',
-                          HINT = 'Use a new key for a new request.';
-            END IF;
-            response := v_stored.response;
-            replayed := true;
-            RETURN NEXT;
-            RETURN;
-        END IF;
-    END IF;
-
-    IF operation IN ('subscribe', 'unsubscribe') THEN
-        IF jsonb_typeof(args -> 'emails') IS DISTINCT FROM 'array'
-           OR EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'emails') e WHERE jsonb_typeof(e) <> 'string') THEN
-            RAISE EXCEPTION 'emails must be a JSON array of strings' USING ERRCODE = 'invalid_parameter_value',
-                HINT = 'Example: {"emails": ["ann@example.com"]}, or {"email": "ann@example.com"}.';
-        END IF;
-        v_emails := ARRAY(SELECT jsonb_array_elements_text(args -> 'emails'));
-    END IF;
-
-    response := CASE operation
-        WHEN 'track' THEN
-            jsonb_build_object('id', herald.track(v_ws, args ->> 'email', args ->> 'kind', coalesce(args -> 'payload', '{}')))
-        WHEN 'track_many' THEN
-            jsonb_build_object('accepted', herald.track_many(v_ws, args -> 'events'))
-        WHEN 'upsert_contact' THEN
-            jsonb_build_object('id', herald.upsert_contact(v_ws, args ->> 'email', coalesce(args -> 'attributes', '{}')))
-        WHEN 'upsert_contacts' THEN
-            (SELECT to_jsonb(u) FROM herald.upsert_contacts(v_ws, args -> 'contacts') u)
-        WHEN 'send' THEN
-            jsonb_build_object('id', herald.send(v_ws, args ->> 'email', args ->> 'template',
-                                                 coalesce(args -> 'context', '{}'),
-                                                 coalesce(args ->> 'provider', 'default'), args ->> 'dedupe_key'))
-        WHEN 'subscribe' THEN
-            (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
-        WHEN 'unsubscribe' THEN
-            (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
-    END;
-    replayed := false;
-    IF api_call.idempotency_key IS NOT NULL THEN
-        UPDATE herald.api_idempotency i SET response = api_call.response
-         WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
-    END IF;
-    RETURN NEXT;
-END
-$$;
--- who may do what (sql/security.sql)
-ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
-ALTER FUNCTION herald.revoke_api_key(text, bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.list_api_keys(text) SECURITY DEFINER;
-ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald._api_scope(text), herald._api_key(text), herald.create_api_key(text, text, text[]),
-    herald.revoke_api_key(text, bigint), herald.list_api_keys(text), herald.api_call(text, text, jsonb, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    herald.create_api_key(text, text, text[]), herald.revoke_api_key(text, bigint), herald.list_api_keys(text)
-TO herald_admin;
-GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text) TO herald_worker, herald_admin;
-ALTER TABLE herald.api_keys ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON herald.api_keys USING (workspace_id IN (SELECT herald._my_workspaces()));
-ALTER TABLE herald.api_idempotency ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON herald.api_idempotency USING (workspace_id IN (SELECT herald._my_workspaces()));
--- end of HTTP API (issue 13)
-
--- ------------------------------------------------------------------ archive/delete, A/B attribution (issue 13)
--- new tables: archive marks and refused feedback (sql/schema.sql)
-CREATE TABLE herald.archived (
-    workspace_id text NOT NULL,
-    kind         text NOT NULL CHECK (kind IN ('template', 'list', 'broadcast')),
-    name         text NOT NULL,
-    archived_by  name NOT NULL,
-    archived_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace_id, kind, name)
-);
-CREATE TABLE herald.feedback_rejections (
-    workspace_id text NOT NULL,
-    batch        bigint NOT NULL,
-    position     int NOT NULL,          -- 0-based index in the feedback array
-    input        jsonb,
-    reason       text NOT NULL,
-    broadcast_id bigint,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace_id, batch, position)
-);
-SELECT pg_catalog.pg_extension_config_dump('herald.archived', '');
-SELECT pg_catalog.pg_extension_config_dump('herald.feedback_rejections', '');
--- sql/archive.sql
-CREATE FUNCTION herald._definition_templates(definition jsonb) RETURNS text[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN (SELECT coalesce(array_agg(DISTINCT n.node ->> 'template'), '{}')
-          FROM jsonb_each(CASE WHEN jsonb_typeof(definition -> 'nodes') = 'object' THEN definition -> 'nodes' END) n(id, node)
-         WHERE n.node ->> 'type' = 'email' AND n.node ->> 'template' IS NOT NULL);
-
-CREATE FUNCTION herald._definition_lists(definition jsonb) RETURNS text[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN (SELECT coalesce(array_agg(DISTINCT l.name), '{}') FROM (
-            SELECT jsonb_array_elements_text(x) AS name
-              FROM jsonb_path_query(definition, 'lax $.nodes.*.add_lists') x WHERE jsonb_typeof(x) = 'array'
-            UNION ALL
-            SELECT jsonb_array_elements_text(x)
-              FROM jsonb_path_query(definition, 'lax $.nodes.*.remove_lists') x WHERE jsonb_typeof(x) = 'array'
-            UNION ALL
-            SELECT CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' END
-              FROM jsonb_path_query(definition, 'lax $.**.value') v
-             WHERE jsonb_typeof(v) = 'string'
-               AND jsonb_path_exists(definition, 'lax $.** ? (@.event starts with "list.")')
-            UNION ALL
-            SELECT jsonb_array_elements_text(v)
-              FROM jsonb_path_query(definition, 'lax $.**.value') v
-             WHERE jsonb_typeof(v) = 'array'
-               AND jsonb_path_exists(definition, 'lax $.** ? (@.event starts with "list.")')) l
-         WHERE l.name IS NOT NULL);
-
-CREATE FUNCTION herald._refuse_archived(workspace text, what text, templates text[], lists text[] DEFAULT '{}')
-RETURNS void
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_archived text;
-    v_hint text;
-BEGIN
-    SELECT string_agg(format('%s %s', a.kind, quote_literal(a.name)), ', ' ORDER BY a.kind, a.name),
-           string_agg(DISTINCT format('herald.unarchive_%s(workspace, name)', a.kind), ' / ')
-      INTO v_archived, v_hint
-      FROM herald.archived a
-     WHERE a.workspace_id = workspace
-       AND ((a.kind = 'template' AND a.name = ANY (templates)) OR (a.kind = 'list' AND a.name = ANY (lists)));
-    IF v_archived IS NOT NULL THEN
-        RAISE EXCEPTION '%: % archived', what, v_archived
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('An archived template or list cannot be put to new use (automations, broadcasts, sends, subscriptions); restore it with %s, or use another.', v_hint);
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald._template_users(workspace text, key text) RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-BEGIN ATOMIC
-    SELECT nullif(concat_ws('; ',
-        (SELECT 'automation(s) ' || string_agg(DISTINCT format('%s (%s)', a.id, a.status), ', ')
-           FROM herald.automations a
-           JOIN herald.automation_versions v ON v.workspace_id = a.workspace_id AND v.automation_id = a.id
-          WHERE a.workspace_id = _template_users.workspace AND a.status IN ('live', 'paused')
-            AND _template_users.key = ANY (herald._definition_templates(v.definition))),
-        (SELECT 'broadcast(s) ' || string_agg(format('%s (%s)', b.id, b.status), ', ' ORDER BY b.id)
-           FROM herald.broadcasts b
-          WHERE b.workspace_id = _template_users.workspace AND b.status IN ('draft', 'scheduled', 'sending', 'paused')
-            AND EXISTS (SELECT 1 FROM jsonb_array_elements(b.definition -> 'variations') x
-                         WHERE x ->> 'template' = _template_users.key)),
-        (SELECT count(*) || ' email job(s) not yet sent'
-           FROM herald.outbox o
-          WHERE o.workspace_id = _template_users.workspace AND o.status IN ('pending', 'leased') AND o.kind = 'email'
-            AND o.broadcast_id IS NULL AND o.payload ->> 'template' = _template_users.key
-         HAVING count(*) > 0)), '');
-END;
-
-CREATE FUNCTION herald._list_users(workspace text, name text) RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-BEGIN ATOMIC
-    SELECT nullif(concat_ws('; ',
-        (SELECT 'automation(s) ' || string_agg(DISTINCT format('%s (%s)', a.id, a.status), ', ')
-           FROM herald.automations a
-           JOIN herald.automation_versions v ON v.workspace_id = a.workspace_id AND v.automation_id = a.id
-          WHERE a.workspace_id = _list_users.workspace AND a.status IN ('live', 'paused')
-            AND _list_users.name = ANY (herald._definition_lists(v.definition))),
-        (SELECT 'broadcast(s) ' || string_agg(format('%s (%s)', b.id, b.status), ', ' ORDER BY b.id)
-           FROM herald.broadcasts b
-          WHERE b.workspace_id = _list_users.workspace AND b.status IN ('draft', 'scheduled', 'sending', 'paused')
-            AND b.definition -> 'lists' ? _list_users.name)), '');
-END;
-
-
-CREATE FUNCTION herald._lock_template(workspace text, key text) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
-    IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _lock_template.key) THEN
-        RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(key), 'NULL'), quote_literal(workspace)
-            USING ERRCODE = 'no_data_found';
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald.archive_template(workspace text, key text) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_users text;
-    v_new boolean;
-BEGIN
-    PERFORM herald._lock_template(workspace, key);
-    v_users := herald._template_users(workspace, key);
-    IF v_users IS NOT NULL THEN
-        RAISE EXCEPTION 'template % is in use and cannot be archived: %', quote_literal(key), v_users
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), let the broadcasts finish or cancel them, and let the jobs be sent.';
-    END IF;
-    INSERT INTO herald.archived (workspace_id, kind, name, archived_by) VALUES (workspace, 'template', key, herald._caller())
-    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
-    RETURNING true INTO v_new;
-    RETURN coalesce(v_new, false);
-END
-$$;
-
-CREATE FUNCTION herald.unarchive_template(workspace text, key text) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_n int;
-BEGIN
-    PERFORM herald._lock_template(workspace, key);
-    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'template' AND a.name = key;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN v_n > 0;
-END
-$$;
-
-CREATE FUNCTION herald.delete_template(workspace text, key text) RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_users text;
-    v_n int;
-BEGIN
-    PERFORM herald._lock_template(workspace, key);
-    v_users := herald._template_users(workspace, key);
-    IF v_users IS NOT NULL THEN
-        RAISE EXCEPTION 'template % is in use and cannot be deleted: %', quote_literal(key), v_users
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), let the broadcasts finish or cancel them, and let the jobs be sent.';
-    END IF;
-    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'template' AND a.name = key;
-    DELETE FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = delete_template.key;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN v_n;
-END
-$$;
-
-
-CREATE FUNCTION herald._lock_list(workspace text, name text) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    PERFORM pg_advisory_xact_lock(hashtext('herald.list:' || workspace || '/' || name));
-    IF NOT EXISTS (SELECT 1 FROM herald.lists l WHERE l.workspace_id = workspace AND l.name = _lock_list.name)
-       AND NOT EXISTS (SELECT 1 FROM herald.list_members m WHERE m.workspace_id = workspace AND m.list = _lock_list.name) THEN
-        RAISE EXCEPTION 'unknown list % in workspace %', coalesce(quote_literal(name), 'NULL'), quote_literal(workspace)
-            USING ERRCODE = 'no_data_found', HINT = 'herald.list_overview lists them.';
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald.archive_list(workspace text, name text) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_users text;
-    v_new boolean;
-BEGIN
-    PERFORM herald._lock_list(workspace, name);
-    v_users := herald._list_users(workspace, name);
-    IF v_users IS NOT NULL THEN
-        RAISE EXCEPTION 'list % is in use and cannot be archived: %', quote_literal(name), v_users
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), and let the broadcasts finish or cancel them.';
-    END IF;
-    INSERT INTO herald.archived (workspace_id, kind, name, archived_by) VALUES (workspace, 'list', name, herald._caller())
-    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
-    RETURNING true INTO v_new;
-    RETURN coalesce(v_new, false);
-END
-$$;
-
-CREATE FUNCTION herald.unarchive_list(workspace text, name text) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_n int;
-BEGIN
-    PERFORM herald._lock_list(workspace, name);
-    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'list' AND a.name = unarchive_list.name;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN v_n > 0;
-END
-$$;
-
-CREATE FUNCTION herald.delete_list(workspace text, name text) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_users text;
-    v_n int;
-BEGIN
-    PERFORM herald._lock_list(workspace, name);
-    v_users := herald._list_users(workspace, name);
-    IF v_users IS NOT NULL THEN
-        RAISE EXCEPTION 'list % is in use and cannot be deleted: %', quote_literal(name), v_users
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Archive the automations first (set_automation_status(id, ''archived'')), and let the broadcasts finish or cancel them.';
-    END IF;
-    DELETE FROM herald.archived a WHERE a.workspace_id = workspace AND a.kind = 'list' AND a.name = delete_list.name;
-    DELETE FROM herald.lists l WHERE l.workspace_id = workspace AND l.name = delete_list.name;
-    DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.list = delete_list.name;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN jsonb_build_object('list', name, 'members', v_n);
-END
-$$;
-
-
-CREATE FUNCTION herald._broadcast_at_rest(v herald.broadcasts, what text) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    IF v.status IN ('scheduled', 'sending', 'paused') THEN
-        RAISE EXCEPTION 'broadcast % is %: it cannot be %', v.id, v.status, what
-            USING ERRCODE = 'object_in_use', HINT = format('Cancel it first: herald.cancel_broadcast(%s).', v.id);
-    END IF;
-    IF v.settle_cursor IS NOT NULL
-       OR EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status IN ('pending', 'leased', 'held')) THEN
-        RAISE EXCEPTION 'broadcast % is % but some of its jobs are not settled yet: it cannot be %', v.id, v.status, what
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'herald.advance_broadcasts() settles them (the daemon calls it); jobs handed to a daemon finish first.';
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald.archive_broadcast(broadcast bigint) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v herald.broadcasts := herald._lock_broadcast(broadcast);
-    v_new boolean;
-BEGIN
-    PERFORM herald._broadcast_at_rest(v, 'archived');
-    INSERT INTO herald.archived (workspace_id, kind, name, archived_by)
-    VALUES (v.workspace_id, 'broadcast', v.id::text, herald._caller())
-    ON CONFLICT ON CONSTRAINT archived_pkey DO NOTHING
-    RETURNING true INTO v_new;
-    RETURN coalesce(v_new, false);
-END
-$$;
-
-CREATE FUNCTION herald.unarchive_broadcast(broadcast bigint) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v herald.broadcasts := herald._lock_broadcast(broadcast);
-    v_n int;
-BEGIN
-    DELETE FROM herald.archived a WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN v_n > 0;
-END
-$$;
-
-CREATE FUNCTION herald._refuse_archived_broadcast(v herald.broadcasts) RETURNS void
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM herald.archived a
-                WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text) THEN
-        RAISE EXCEPTION 'broadcast % is archived', v.id
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('Restore it first: herald.unarchive_broadcast(%s).', v.id);
-    END IF;
-END
-$$;
-
-CREATE FUNCTION herald.delete_broadcast(broadcast bigint) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v herald.broadcasts := herald._lock_broadcast(broadcast);
-    v_resends text;
-    v_jobs int;
-    v_stats int;
-    v_n int;
-BEGIN
-    PERFORM herald._broadcast_at_rest(v, 'deleted');
-    SELECT string_agg(format('%s (%s)', r.id, r.status), ', ' ORDER BY r.id) INTO v_resends
-      FROM herald.broadcasts r
-     WHERE r.workspace_id = v.workspace_id AND r.retry_of = v.id AND r.status IN ('draft', 'scheduled', 'sending', 'paused');
-    IF v_resends IS NOT NULL THEN
-        RAISE EXCEPTION 'broadcast % cannot be deleted: resend_failed broadcast(s) % read its failed recipients', v.id, v_resends
-            USING ERRCODE = 'object_in_use', HINT = 'Let them finish, or cancel them, first.';
-    END IF;
-    DELETE FROM herald.outbox o WHERE o.broadcast_id = v.id;
-    GET DIAGNOSTICS v_jobs = ROW_COUNT;
-    DELETE FROM herald.broadcast_stats s WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id;
-    GET DIAGNOSTICS v_stats = ROW_COUNT;
-    DELETE FROM herald.broadcast_stats_delta d WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    DELETE FROM herald.feedback_rejections r WHERE r.workspace_id = v.workspace_id AND r.broadcast_id = v.id;
-    DELETE FROM herald.rate_limits r WHERE r.key = herald._broadcast_rate_key(v.id);
-    DELETE FROM herald.archived a WHERE a.workspace_id = v.workspace_id AND a.kind = 'broadcast' AND a.name = v.id::text;
-    DELETE FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    RETURN jsonb_build_object('broadcast', v.id, 'jobs', v_jobs, 'stats', v_stats + v_n);
-END
-$$;
--- refusing archived templates, lists and broadcasts; hiding archived ones from the overviews
-CREATE OR REPLACE FUNCTION herald.create_automation(workspace text, definition jsonb) RETURNS bigint
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_checked jsonb;
-    v_id bigint;
-BEGIN
-    PERFORM herald._require_workspace(workspace);
-    -- raises "invalid automation definition: <path>: <fault>" naming every fault
-    v_checked := herald._check_automation(definition);
-    PERFORM herald._refuse_archived(workspace, 'create_automation', herald._definition_templates(definition),
-                                    herald._definition_lists(definition));
-    INSERT INTO herald.automations (workspace_id, name, definition, trigger_event, trigger_filter, filter_reads_contact,
-                                    reentry, start_node)
-    VALUES (workspace, v_checked ->> 'name', definition, v_checked ->> 'trigger_event',
-            nullif(v_checked -> 'trigger_filter', 'null'), (v_checked ->> 'filter_reads_contact')::boolean,
-            v_checked ->> 'reentry', v_checked ->> 'start')
-    RETURNING id INTO v_id;
-    -- version 1 (sql/versions.sql: update_automation makes the next ones)
-    INSERT INTO herald.automation_versions (workspace_id, automation_id, version, definition, start_node, created_by)
-    VALUES (workspace, v_id, 1, definition, v_checked ->> 'start', herald._caller());
-    RETURN v_id;
-END
-$$;
-CREATE OR REPLACE FUNCTION herald.schedule_broadcast(broadcast bigint, at timestamptz DEFAULT now()) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v herald.broadcasts := herald._lock_broadcast(broadcast);
-    v_fixed boolean;
-    v_send_at timestamptz;
-BEGIN
-    IF v.status <> 'draft' THEN
-        RAISE EXCEPTION 'broadcast % is %, only a draft can be scheduled', v.id, v.status
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-    PERFORM herald._refuse_archived_broadcast(v);
-    IF at IS NULL THEN
-        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- a send_at.at in the definition wins over at; it was in the future when the broadcast was created,
-    -- not necessarily now
-    v_fixed := v.definition -> 'send_at' ->> 'kind' = 'at';
-    v_send_at := CASE WHEN v_fixed THEN (v.definition -> 'send_at' ->> 'at')::timestamptz ELSE at END;
-    IF v_send_at < now() - interval '1 minute' THEN
-        RAISE EXCEPTION 'broadcast %: the time to send at (%) is in the past', v.id,
-            CASE WHEN v_fixed THEN 'send_at.at of its definition' ELSE 'at' END
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Schedule it for now (herald.schedule_broadcast(id)) or a future time; a send_at.at in its definition wins over at.';
-    END IF;
-    UPDATE herald.broadcasts b
-       SET status = 'scheduled', updated_at = now(), send_at = v_send_at
-     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
-    PERFORM pg_notify('herald.tick', '');
-END
-$$;
-CREATE OR REPLACE VIEW herald.broadcast_overview AS
-SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
-       b.retry_of, b.last_error, b.created_at, b.finished_at
-  FROM herald.broadcasts b
- WHERE NOT EXISTS (SELECT 1 FROM herald.archived a
-                    WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text);
-CREATE OR REPLACE VIEW herald.list_overview AS
-SELECT n.workspace_id, n.name AS list, l.description,
-       count(m.contact_id) FILTER (WHERE m.status = 'subscribed') AS subscribed,
-       count(m.contact_id) FILTER (WHERE m.status = 'unsubscribed') AS unsubscribed,
-       l.created_at
-  FROM (SELECT workspace_id, name FROM herald.lists
-        UNION
-        SELECT DISTINCT workspace_id, list FROM herald.list_members) n
-  LEFT JOIN herald.lists l ON l.workspace_id = n.workspace_id AND l.name = n.name
-  LEFT JOIN herald.list_members m ON m.workspace_id = n.workspace_id AND m.list = n.name
- WHERE NOT EXISTS (SELECT 1 FROM herald.archived a WHERE a.workspace_id = n.workspace_id AND a.kind = 'list' AND a.name = n.name)
- GROUP BY n.workspace_id, n.name, l.description, l.created_at;
--- A/B: the winner's reason and broadcast_stats say what could not be attributed to a variation
-CREATE OR REPLACE FUNCTION herald._ab_winner(v herald.broadcasts, OUT winner text, OUT reason text)
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_metric text := v.definition -> 'ab_test' ->> 'metric';
-    v_kind text := CASE v_metric WHEN 'clicks' THEN 'email.clicked' ELSE 'email.opened' END;
-    v_min constant int := 5;   -- fewer engaged recipients than this in total: no evidence either way
-    r record;
-    v_total bigint := 0;
-    v_best_rate float8 := -1;
-    v_best text;
-    v_tied int := 0;
-    v_detail text := '';
-    v_unattributed bigint;
-    v_note text;
-BEGIN
-    -- one row per variation (at most 26): sent test messages, unique engaged recipients, their rate
-    FOR r IN
-        WITH sent AS (
-            SELECT o.variation, count(*) AS n FROM herald.outbox o
-             WHERE o.workspace_id = v.workspace_id AND o.broadcast_id = v.id AND o.status = 'done'
-             GROUP BY o.variation
-        ), engaged AS (
-            SELECT e.payload ->> 'variation' AS variation, count(DISTINCT e.contact_id) AS n
-              FROM herald.events e
-             WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
-             GROUP BY 1
-        )
-        SELECT x.value ->> 'key' AS variation, coalesce(s.n, 0) AS sent, coalesce(g.n, 0) AS engaged,
-               CASE WHEN coalesce(s.n, 0) = 0 THEN 0 ELSE coalesce(g.n, 0)::float8 / s.n END AS rate
-          FROM jsonb_array_elements(v.definition -> 'variations') WITH ORDINALITY x(value, ord)
-          LEFT JOIN sent s ON s.variation = x.value ->> 'key'
-          LEFT JOIN engaged g ON g.variation = x.value ->> 'key'
-         ORDER BY x.ord
-    LOOP
-        v_total := v_total + r.engaged;
-        v_detail := v_detail || CASE WHEN v_detail = '' THEN '' ELSE ', ' END
-                    || format('%s: %s of %s', r.variation, r.engaged, r.sent);
-        IF r.rate > v_best_rate THEN
-            v_best_rate := r.rate; v_best := r.variation; v_tied := 1;
-        ELSIF r.rate = v_best_rate THEN
-            v_tied := v_tied + 1;
-        END IF;
-    END LOOP;
-    SELECT coalesce(sum(x.n), 0) INTO v_unattributed FROM (
-        SELECT s.value AS n FROM herald.broadcast_stats s
-         WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id AND s.variation = ''
-           AND s.metric = replace(v_kind, 'email.', '') || '_unattributed'
-        UNION ALL
-        SELECT d.n FROM herald.broadcast_stats_delta d
-         WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id AND d.variation = ''
-           AND d.metric = replace(v_kind, 'email.', '') || '_unattributed'
-        UNION ALL
-        SELECT count(DISTINCT e.contact_id) FROM herald.events e
-         WHERE e.workspace_id = v.workspace_id AND (e.payload ->> 'broadcast') = v.id::text AND e.kind = v_kind
-           AND NOT coalesce(e.payload ->> 'variation' IN (SELECT x ->> 'key' FROM jsonb_array_elements(v.definition -> 'variations') x), false)) x;
-    IF v_unattributed > 0 THEN
-        v_note := format('%s %s could not be attributed to a variation (no message_id and no sent message of this broadcast '
-                         'to that address, or another variation named: see herald.feedback_rejections)', v_unattributed, v_metric);
-    END IF;
-    IF v_total < v_min THEN
-        winner := v.definition -> 'variations' -> 0 ->> 'key';
-        reason := CASE WHEN v_note IS NULL
-                       THEN format('sample too small: %s unique %s in all (%s), fewer than %s; sending the first variation',
-                                   v_total, v_metric, v_detail, v_min)
-                       ELSE format('sample too small: %s unique %s attributed (%s), fewer than %s; %s; sending the first variation',
-                                   v_total, v_metric, v_detail, v_min, v_note) END;
-    ELSIF v_tied > 1 THEN
-        winner := v_best;
-        reason := format('tie on %s rate (%s); the first tied variation wins', v_metric, v_detail)
-                  || coalesce('; ' || v_note, '');
-    ELSE
-        winner := v_best;
-        reason := format('highest %s rate, %s%% (%s)', v_metric, round((v_best_rate * 100)::numeric, 1), v_detail)
-                  || coalesce('; ' || v_note, '');
-    END IF;
-END
-$$;
-CREATE OR REPLACE FUNCTION herald.broadcast_stats(broadcast bigint)
-RETURNS TABLE (variation text, metric text, value bigint)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_ws text;
-BEGIN
-    SELECT b.workspace_id INTO v_ws FROM herald.broadcasts b WHERE b.id = broadcast;
-    IF v_ws IS NULL THEN
-        RAISE EXCEPTION 'broadcast % does not exist', coalesce(broadcast::text, 'NULL') USING ERRCODE = 'no_data_found';
-    END IF;
-    PERFORM herald._authorize(v_ws, format('broadcast %s', broadcast));
-    RETURN QUERY
-    SELECT x.variation, x.metric, sum(x.n)::bigint FROM (
-        SELECT s.variation, s.metric, s.value AS n FROM herald.broadcast_stats s
-         WHERE s.workspace_id = v_ws AND s.broadcast_id = broadcast
-        UNION ALL
-        SELECT d.variation, d.metric, d.n FROM herald.broadcast_stats_delta d
-         WHERE d.workspace_id = v_ws AND d.broadcast_id = broadcast
-        UNION ALL
-        SELECT coalesce(e.payload ->> 'variation', ''), CASE e.kind WHEN 'email.opened' THEN 'opened' ELSE 'clicked' END,
-               count(DISTINCT e.contact_id)
-          FROM herald.events e
-         WHERE e.workspace_id = v_ws AND (e.payload ->> 'broadcast') = broadcast::text
-           AND e.kind IN ('email.opened', 'email.clicked')
-         GROUP BY 1, 2) x
-     GROUP BY 1, 2
-     ORDER BY 1, 2;
-END
-$$;
--- who may do what (sql/security.sql)
-ALTER FUNCTION herald.create_automation(text, jsonb) SECURITY DEFINER;
-ALTER FUNCTION herald.schedule_broadcast(bigint, timestamptz) SECURITY DEFINER;
-ALTER FUNCTION herald.broadcast_stats(bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.archive_template(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.unarchive_template(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.delete_template(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.archive_list(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.unarchive_list(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.delete_list(text, text) SECURITY DEFINER;
-ALTER FUNCTION herald.archive_broadcast(bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.unarchive_broadcast(bigint) SECURITY DEFINER;
-ALTER FUNCTION herald.delete_broadcast(bigint) SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald._definition_templates(jsonb), herald._definition_lists(jsonb),
-    herald._refuse_archived(text, text, text[], text[]), herald._template_users(text, text), herald._list_users(text, text),
-    herald._lock_template(text, text), herald._lock_list(text, text), herald._broadcast_at_rest(herald.broadcasts, text),
-    herald._refuse_archived_broadcast(herald.broadcasts),
-    herald.archive_template(text, text), herald.unarchive_template(text, text), herald.delete_template(text, text),
-    herald.archive_list(text, text), herald.unarchive_list(text, text), herald.delete_list(text, text),
-    herald.archive_broadcast(bigint), herald.unarchive_broadcast(bigint), herald.delete_broadcast(bigint)
-FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    herald.archive_template(text, text), herald.unarchive_template(text, text), herald.delete_template(text, text),
-    herald.archive_broadcast(bigint), herald.unarchive_broadcast(bigint), herald.delete_broadcast(bigint)
-TO herald_admin;
-GRANT EXECUTE ON FUNCTION
-    herald.archive_list(text, text), herald.unarchive_list(text, text), herald.delete_list(text, text)
-TO herald_app, herald_admin;
-ALTER VIEW herald.broadcast_overview SET (security_invoker = true);
-ALTER VIEW herald.list_overview SET (security_invoker = true);
-GRANT SELECT ON herald.archived, herald.feedback_rejections TO herald_app, herald_admin;
-ALTER TABLE herald.archived ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON herald.archived USING (workspace_id IN (SELECT herald._my_workspaces()));
-ALTER TABLE herald.feedback_rejections ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON herald.feedback_rejections USING (workspace_id IN (SELECT herald._my_workspaces()));
--- end of archive/delete, A/B attribution (issue 13)
-
--- ------------------------------------------------------------------ upsert_contacts (issue 14)
--- the stored attributes of updated contacts read after the INSERT from the statement's snapshot: new
--- contacts are no longer probed before it
-CREATE OR REPLACE FUNCTION herald.upsert_contacts(workspace text, contacts jsonb)
-RETURNS TABLE (inserted bigint, updated bigint, rejected bigint)
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
-AS $$
-DECLARE
-    v_ws text := workspace;
-    v_with_nulls bigint[];
-BEGIN
-    PERFORM herald._require_workspace(v_ws);
-    IF jsonb_typeof(contacts) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION 'contacts must be a JSON array of objects, got %', coalesce(jsonb_typeof(contacts), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Example: [{"email": "ann@example.com", "attributes": {"plan": "pro"}, "timezone": "Europe/Paris"}]';
-    END IF;
-
-    WITH input AS (
-        SELECT (t.ord - 1)::int AS position, t.entry, herald._contact_entry_fault(t.entry) AS fault
-          FROM jsonb_array_elements(contacts) WITH ORDINALITY AS t(entry, ord)
-    ), rejects AS (
-        INSERT INTO herald.contact_rejections (workspace_id, batch, position, input, reason)
-        SELECT v_ws, txid_current(), i.position, i.entry, i.fault FROM input i WHERE i.fault IS NOT NULL
-        ON CONFLICT (workspace_id, batch, position) DO UPDATE SET input = EXCLUDED.input, reason = EXCLUDED.reason
-        RETURNING 1
-    ), good AS (
-        SELECT herald._normalize_email(i.entry ->> 'email') AS email,
-               herald._jsonb_merge_agg(coalesce(i.entry -> 'attributes', '{}') ORDER BY i.position) AS attrs,
-               (array_agg(i.entry ->> 'timezone' ORDER BY i.position DESC)
-                    FILTER (WHERE jsonb_typeof(i.entry -> 'timezone') = 'string'))[1] AS tz,
-               count(*) AS entries
-          FROM input i
-         WHERE i.fault IS NULL
-         GROUP BY 1
-    ), up AS (
-        INSERT INTO herald.contacts AS c (workspace_id, email, attributes, timezone)
-        SELECT v_ws, g.email, g.attrs, g.tz FROM good g ORDER BY g.email
-        ON CONFLICT (workspace_id, email) DO UPDATE
-           SET attributes = herald._merge_attributes(c.attributes, EXCLUDED.attributes),
-               timezone = coalesce(EXCLUDED.timezone, c.timezone),
-               updated_at = now()
-         WHERE c.attributes IS DISTINCT FROM herald._merge_attributes(c.attributes, EXCLUDED.attributes)
-            OR c.timezone IS DISTINCT FROM coalesce(EXCLUDED.timezone, c.timezone)
-        RETURNING c.id, c.email, c.attributes, (c.xmax = 0) AS is_new
-    ), before AS MATERIALIZED (
-        -- the stored attributes of the contacts this statement updated, as they were before it, as ONE
-        -- id -> attributes object. Every part of one statement reads the same snapshot, so
-        -- herald.contacts here still holds the old versions of the rows `up` changed; new contacts are
-        -- not probed at all (a batch of new ones costs nothing here). LATERAL + LIMIT keeps each probe a
-        -- primary-key lookup whatever the estimates say.
-        SELECT coalesce(jsonb_object_agg(u.id::text, o.attributes), '{}') AS by_id FROM up u
-         CROSS JOIN LATERAL (SELECT c.attributes FROM herald.contacts c
-                              WHERE c.workspace_id = v_ws AND c.id = u.id LIMIT 1) o
-         WHERE NOT u.is_new
-    ), emitted AS (
-        INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
-        SELECT v_ws, u.id, u.email,
-               CASE WHEN u.is_new THEN 'contact.created' ELSE 'contact.updated' END,
-               CASE WHEN u.is_new THEN jsonb_strip_nulls(u.attributes)
-                    ELSE jsonb_build_object('changed', herald._changed_keys(b.by_id -> u.id::text, u.attributes)) END
-          FROM up u CROSS JOIN before b
-         ORDER BY u.id
-    )
-    -- (data-modifying CTEs always run to completion, referenced or not)
-    SELECT (SELECT count(*) FROM up WHERE up.is_new),
-           (SELECT coalesce(sum(g.entries), 0) FROM good g) - (SELECT count(*) FROM up WHERE up.is_new),
-           (SELECT count(*) FROM rejects),
-           (SELECT array_agg(up.id) FROM up WHERE up.is_new AND jsonb_strip_nulls(up.attributes) <> up.attributes)
-      INTO inserted, updated, rejected, v_with_nulls;
-
-    -- New contacts keep no null-valued keys (ON CONFLICT needs the raw input in EXCLUDED to remove keys).
-    IF v_with_nulls IS NOT NULL THEN
-        UPDATE herald.contacts c SET attributes = jsonb_strip_nulls(c.attributes)
-         WHERE c.workspace_id = v_ws AND c.id = ANY (v_with_nulls);
-    END IF;
-    RETURN NEXT;
-END
-$$;
-ALTER FUNCTION herald.upsert_contacts(text, jsonb) SECURITY DEFINER;
--- end of upsert_contacts (issue 14)
-
--- ------------------------------------------------------------------ subscribe to an archived list (issue 13)
-CREATE OR REPLACE FUNCTION herald.subscribe(workspace text, list text, emails text[])
-RETURNS TABLE (subscribed bigint, already bigint, rejected bigint)
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-SET jit = off
-AS $$
-DECLARE
-    v_valid jsonb;
-BEGIN
-    PERFORM herald.create_list(workspace, list);
-    -- leaving an archived list stays possible (unsubscribe); joining it is refused
-    PERFORM herald._refuse_archived(workspace, format('subscribe to list %s', quote_literal(list)), '{}', ARRAY[list]);
-    IF emails IS NULL THEN
-        RAISE EXCEPTION 'emails must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF cardinality(emails) > 100000 THEN
-        RAISE EXCEPTION 'at most 100000 addresses per call, got %', cardinality(emails) USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    SELECT jsonb_agg(jsonb_build_object('email', e)) INTO v_valid
-      FROM (SELECT DISTINCT herald._normalize_email(u.e) AS e FROM unnest(emails) u(e)
-             WHERE herald._valid_email(herald._normalize_email(u.e))) v;
-    -- missing contacts are created the way every import creates them
-    PERFORM herald.upsert_contacts(workspace, coalesce(v_valid, '[]'));
-    WITH wanted AS (
-        SELECT c.id FROM jsonb_array_elements(coalesce(v_valid, '[]')) v(x)
-         CROSS JOIN LATERAL (SELECT c.id FROM herald.contacts c
-                              WHERE c.email = v.x ->> 'email' AND c.workspace_id IS NOT DISTINCT FROM workspace LIMIT 1) c
-    ), joined AS (
-        INSERT INTO herald.list_members AS m (workspace_id, list, contact_id, status)
-        SELECT subscribe.workspace, subscribe.list, w.id, 'subscribed' FROM wanted w ORDER BY w.id
-        ON CONFLICT ON CONSTRAINT list_members_pkey DO UPDATE SET status = 'subscribed', updated_at = now()
-         WHERE m.status <> 'subscribed'
-        RETURNING m.contact_id
-    ), announced AS (
-        INSERT INTO herald.events (workspace_id, contact_id, kind, payload)
-        SELECT subscribe.workspace, j.contact_id, 'list.joined', jsonb_build_object('list', subscribe.list)
-          FROM joined j ORDER BY j.contact_id
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM announced),
-           cardinality(emails) - (SELECT count(*) FROM announced)
-               - (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e))),
-           (SELECT count(*) FROM unnest(emails) u(e) WHERE NOT herald._valid_email(herald._normalize_email(u.e)))
-      INTO subscribed, already, rejected;
-    RETURN NEXT;
-END
-$$;
-ALTER FUNCTION herald.subscribe(text, text, text[]) SECURITY DEFINER;
--- end of subscribe to an archived list (issue 13)
-
--- broadcast enqueue without statistics (issue 14): the unfiltered audience walks contacts_pkey
-CREATE FUNCTION herald._audience_range(workspace text, after bigint, lim int, segment jsonb, exclude jsonb)
-RETURNS TABLE (contact_id bigint, timezone text)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-SET plan_cache_mode = force_custom_plan
-SET enable_bitmapscan = off
-SET enable_sort = off
-AS $$
-BEGIN
-    RETURN QUERY
-    SELECT c.id, c.timezone
-      FROM herald.contacts c
-     WHERE c.workspace_id = workspace AND c.id > after
-       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
-       AND (segment IS NULL
-            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
-       AND (exclude IS NULL
-            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
-     ORDER BY c.id
-     LIMIT lim;
-END
-$$;
-CREATE OR REPLACE FUNCTION herald._audience(workspace text, after bigint, lim int, lists text[], segment_contains jsonb,
-                                 segment_any jsonb[], segment_tags text[], segment_emails text[],
-                                 segment jsonb, exclude jsonb, failed_of bigint)
-RETURNS TABLE (contact_id bigint, timezone text)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-SET plan_cache_mode = force_custom_plan
-AS $$
-BEGIN
-    IF lists IS NULL AND segment_contains IS NULL AND segment_any IS NULL AND segment_tags IS NULL
-       AND segment_emails IS NULL AND failed_of IS NULL AND lim <= 100000 THEN
-        -- a page (enqueue's chunks); a read of the whole audience (preview) keeps the planner's plan
-        RETURN QUERY SELECT r.contact_id, r.timezone FROM herald._audience_range(workspace, after, lim, segment, exclude) r;
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT c.id, c.timezone
-      FROM herald.contacts c
-     WHERE c.workspace_id = workspace AND c.id > after
-       AND (lists IS NULL
-            OR EXISTS (SELECT 1 FROM herald.list_members m
-                        WHERE m.workspace_id = c.workspace_id AND m.contact_id = c.id AND m.status = 'subscribed'
-                          AND m.list = ANY (lists)))
-       AND NOT EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = c.workspace_id AND s.email = c.email)
-       -- resend_failed: the failed recipients, read once per page (a set the contacts are tested against,
-       -- not a probe per contact through every failed job of the broadcast)
-       AND (failed_of IS NULL
-            OR c.id IN (SELECT o.contact_id FROM herald.outbox o
-                         WHERE o.broadcast_id = failed_of AND o.status IN ('failed', 'dead')))
-       AND (segment_contains IS NULL OR c.attributes @> segment_contains)
-       AND (segment_any IS NULL OR c.attributes @> ANY (segment_any))
-       AND (segment_tags IS NULL OR c.tags @> segment_tags)
-       AND (segment_emails IS NULL OR c.email = ANY (segment_emails))
-       AND (segment IS NULL
-            OR herald._matches(segment, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
-       AND (exclude IS NULL
-            OR NOT herald._matches(exclude, herald._contact_facts(c.email, c.attributes, c.timezone, c.tags), NULL, NULL))
-     ORDER BY c.id
-     LIMIT lim;
-END
-$$;
-REVOKE ALL ON FUNCTION herald._audience_range(text, bigint, int, jsonb, jsonb) FROM PUBLIC;

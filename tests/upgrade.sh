@@ -9,6 +9,8 @@
 #      and their bodies, triggers, policies, grants, what pg_dump carries) equals a fresh install's
 #      (tests/upgrade/catalog.sql): an SQL change without its upgrade script fails here;
 #   4. the pg_regress suites pass in a database that reached the current release by upgrading.
+# A file herald--X+COMMIT.sql is SQL that landed from COMMIT while still labelled X (release X itself is
+# herald--X.sql): it is installed as version 'X+COMMIT', relabelled X, and must upgrade like X does.
 # And: the extension dumps every table and sequence it owns, and a kept release script of the current
 # version (once it is released) still equals what the build generates.
 set -euo pipefail
@@ -30,6 +32,12 @@ recreate() {
 }
 catalog() { psql -X -q -v ON_ERROR_STOP=1 -d "$1" -f tests/upgrade/catalog.sql >"$2"; }
 checksums() { psql -X -q -v ON_ERROR_STOP=1 -tA -d "$1" -f tests/fixtures/table_checksums.sql >"$2"; }
+
+# installs kept script $2 into database $1 and labels it $3, as a database installed from it reports
+install_as() {
+    sql "$1" "CREATE EXTENSION herald VERSION '$2'"
+    [ "$2" = "$3" ] || sql "$1" "UPDATE pg_catalog.pg_extension SET extversion = '$3' WHERE extname = 'herald'"
+}
 
 current=$(sql postgres "SELECT default_version FROM pg_available_extensions WHERE name = 'herald'")
 [ -n "$current" ] || fail "herald is not installed (make install)"
@@ -59,13 +67,14 @@ upgraded=0
 for release in sql/releases/herald--*.sql; do
     from=$(basename "$release" .sql); from=${from#herald--}
     [ "$from" = "$current" ] && continue
-    db=herald_upgrade_from_${from//./_}$TAG
+    label=${from%%+*}   # the extversion such a database reports
+    db=herald_upgrade_from_${from//[.+]/_}$TAG
     echo "upgrade-check: $from -> $current"
     # the kept script of release X, installed beside the current ones (make install copies them too)
     [ -f "$EXTDIR/herald--$from.sql" ] || fail "$EXTDIR/herald--$from.sql is missing (make install copies sql/releases/)"
 
     recreate "$db"
-    sql "$db" "CREATE EXTENSION herald VERSION '$from'"
+    install_as "$db" "$from" "$label"
     psql -X -q -v ON_ERROR_STOP=1 -d "$db" -f tests/fixtures/midflight.sql >"$OUT/midflight-$from.log" 2>&1 \
         || { cat "$OUT/midflight-$from.log" >&2; fail "the mid-flight fixture does not load into release $from"; }
     checksums "$db" "$OUT/before-$from.sums"
@@ -89,9 +98,10 @@ for release in sql/releases/herald--*.sql; do
 
     # the regression suites, in a database that got here by upgrading (pg_regress --use-existing does
     # not create it, so it gets the settings pg_regress would give a database it creates)
-    rdb=herald_regress_from_${from//./_}$TAG
+    rdb=herald_regress_from_${from//[.+]/_}$TAG
     recreate "$rdb"
-    sql "$rdb" "CREATE EXTENSION herald VERSION '$from'; ALTER EXTENSION herald UPDATE"
+    install_as "$rdb" "$from" "$label"
+    sql "$rdb" "ALTER EXTENSION herald UPDATE"
     sql postgres "ALTER DATABASE \"$rdb\" SET lc_messages TO 'C'; ALTER DATABASE \"$rdb\" SET lc_monetary TO 'C';
                   ALTER DATABASE \"$rdb\" SET lc_numeric TO 'C'; ALTER DATABASE \"$rdb\" SET lc_time TO 'C';
                   ALTER DATABASE \"$rdb\" SET bytea_output TO 'hex';

@@ -9,9 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The oldest extension release this binary works with. Raise it when the daemon or the CLI start
-/// calling SQL (functions, columns, arguments) that an older release lacks. 0.2.0: the HTTP side
-/// calls `record_feedback(feedback, only_workspace)`.
-pub const MIN_EXTENSION_VERSION: &str = "0.2.0";
+/// calling SQL (functions, columns, arguments) that an older release lacks. 0.4.0: `herald run`
+/// asks `provider_kinds()` at start and the HTTP API calls `api_call`.
+pub const MIN_EXTENSION_VERSION: &str = "0.4.0";
 
 /// This binary's release.
 pub const OWN_VERSION: &str = env!("CARGO_PKG_VERSION");
