@@ -127,7 +127,7 @@ def test_smtp_550_fails_permanently(db, smtp, sidecar):
 
 def test_deleted_template_and_render_error_fail_permanently_without_crashing(db, smtp, sidecar):
     add_templates(db)
-    # upsert_template refuses it now; a template saved before 0.3.0 can still be this broken
+    # upsert_template refuses it now; a template saved before 0.4.0 can still be this broken
     db.q("INSERT INTO herald.templates (workspace_id, key, version, subject, html) "
          "VALUES ('acme', 'broken', 1, 'Hi {{ contact.first_name', '<p>x</p>')")
     broken = db.one("SELECT herald.send('acme', 'a@example.com', 'broken')")
