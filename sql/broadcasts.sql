@@ -1071,9 +1071,15 @@ $$;
 
 -- Previews a broadcast definition (validated like create_broadcast; nothing is created): see
 -- herald._preview_audience for the answer's shape.
+-- enable_nestloop = off: a preview reads the whole audience, so every join in it (suppressions, list
+-- members, failed jobs) is best hashed; on tables not analysed yet (straight after an import) the
+-- suppression check was planned as a nested loop comparing every contact with every suppressed
+-- address (84.5 s instead of 1.3 s for 1,000,000 contacts and 1,000 suppressions). A lateral probe
+-- (the sample's addresses) can only be a nested loop and stays one.
 CREATE FUNCTION herald.preview_broadcast(workspace text, definition jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET enable_nestloop = off
 AS $$
 DECLARE
     v herald.broadcasts;
@@ -1086,10 +1092,12 @@ BEGIN
 END
 $$;
 
--- Previews an existing broadcast (any status), without locking or changing it.
+-- Previews an existing broadcast (any status), without locking or changing it. Planned like the
+-- other preview_broadcast (enable_nestloop = off).
 CREATE FUNCTION herald.preview_broadcast(broadcast bigint) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET enable_nestloop = off
 AS $$
 DECLARE
     v herald.broadcasts;

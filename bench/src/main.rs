@@ -106,7 +106,6 @@ const CONTACTS: usize = 10_000;
 const MATCHING: usize = 10;
 /// Events per track_many call / per baseline INSERT.
 const BATCH: usize = 1_000;
-const TRACK_CLIENTS: usize = 4;
 
 struct Sizes {
     batches: usize,
@@ -249,10 +248,8 @@ struct IngestReport {
     ingest_control: Control,
     go_live: GoLives,
     upsert_contacts: contacts::Import,
-    track_latency: latency::Latency,
-    /// The baseline's single-row INSERT under the same triggers, for context (no goal).
-    baseline_insert_latency: latency::Latency,
-    track_latency_automations: usize,
+    /// track() with 1 and 4 clients, each beside its floor; the baseline's INSERT for context.
+    track_latency: latency::TrackLatency,
 }
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
@@ -449,7 +446,7 @@ async fn run_ingest(target: &Target, db: &Client, sizes: &Sizes) -> Result<Inges
             middle = Some(middle_level(target, db, sizes, automations).await?);
         }
     }
-    let (track_latency, baseline_insert_latency, go_live) = middle.context("no middle level")?;
+    let (track_latency, go_live) = middle.context("no middle level")?;
 
     // Control: back to the 10 matching automations (the others paused) on the now larger tables,
     // to tell the cost of more automations from the cost of more rows.
@@ -475,13 +472,11 @@ async fn run_ingest(target: &Target, db: &Client, sizes: &Sizes) -> Result<Inges
         batch: BATCH,
         batches: sizes.batches,
         matching_automations: MATCHING,
-        track_latency_automations: go_live.automations,
         ingest: levels,
         ingest_control,
         go_live,
         upsert_contacts,
         track_latency,
-        baseline_insert_latency,
     })
 }
 
@@ -491,27 +486,13 @@ async fn middle_level(
     db: &Client,
     sizes: &Sizes,
     automations: usize,
-) -> Result<(latency::Latency, latency::Latency, GoLives)> {
+) -> Result<(latency::TrackLatency, GoLives)> {
     info!(
-        "{automations} automations: {TRACK_CLIENTS} clients calling track() {} times each",
+        "{automations} automations: track() with {:?} clients, {} calls each, and the floor",
+        latency::CLIENTS,
         sizes.track_calls
     );
-    let track = latency::run(
-        target,
-        Side::Herald,
-        TRACK_CLIENTS,
-        sizes.track_calls,
-        CONTACTS,
-    )
-    .await?;
-    let base = latency::run(
-        target,
-        Side::Baseline,
-        TRACK_CLIENTS,
-        sizes.track_calls,
-        CONTACTS,
-    )
-    .await?;
+    let track = latency::measure(target, automations, sizes.track_calls, CONTACTS).await?;
     db.batch_execute("ANALYZE").await?;
     info!("{automations} automations: going live during ingest");
     let herald = golive::run(target, Side::Herald, CONTACTS, sizes.golive_window).await?;
@@ -523,7 +504,7 @@ async fn middle_level(
         herald,
         baseline,
     };
-    Ok((track, base, go_live))
+    Ok((track, go_live))
 }
 
 fn check_enrollments(side: &str, rate: &Rate) {
@@ -539,7 +520,7 @@ fn check_enrollments(side: &str, rate: &Rate) {
 fn ingest_goals(
     levels: &[Level],
     import: &contacts::Import,
-    track: &latency::Latency,
+    track: &latency::TrackLatency,
 ) -> Vec<Goal> {
     let mut goals = Vec::new();
     for l in levels.iter().skip(1) {
@@ -569,11 +550,14 @@ fn ingest_goals(
         import.herald_over_contacts_table,
         import.herald_over_contacts_table >= 0.5,
     ));
-    goals.push(Goal::new(
-        "track() p99 < 2 ms",
-        track.calls.p99_ms,
-        track.calls.p99_ms < 2.0,
-    ));
+    for p in &track.pairs {
+        let goal = latency::goal_ms(p.clients);
+        goals.push(Goal::new(
+            &latency::goal_name(p.clients),
+            p.track.calls.p99_ms,
+            p.track.calls.p99_ms < goal,
+        ));
+    }
     goals
 }
 
@@ -763,38 +747,7 @@ fn render_ingest(o: &mut String, r: &IngestReport, goals: &[Goal]) {
         verdict("upsert_contacts >= 0.5x a plain INSERT ... SELECT into herald.contacts")
     );
 
-    let t = &r.track_latency;
-    let _ = writeln!(
-        o,
-        "\n4. track() latency: {} clients x {} calls, {} automations live ({} matching)",
-        t.clients,
-        thousands(t.calls_per_client as f64),
-        thousands(r.track_latency_automations as f64),
-        r.matching_automations
-    );
-    for (name, t, goal) in [
-        ("herald track()", t, verdict("track() p99 < 2 ms")),
-        (
-            "baseline single-row INSERT",
-            &r.baseline_insert_latency,
-            "(context)",
-        ),
-    ] {
-        let _ = writeln!(
-            o,
-            "  {name:<27} p50 {:>6.2} ms  p95 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  {:>6} calls/s  {goal}",
-            t.calls.p50_ms,
-            t.calls.p95_ms,
-            t.calls.p99_ms,
-            t.calls.max_ms,
-            thousands(t.calls_per_sec),
-        );
-    }
-    let _ = writeln!(
-        o,
-        "  goal: track() p99 < 2 ms: {}",
-        verdict("track() p99 < 2 ms")
-    );
+    latency::render(o, &r.track_latency, r.matching_automations, verdict);
 }
 
 #[cfg(test)]
