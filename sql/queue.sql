@@ -201,32 +201,45 @@ BEGIN
     END IF;
 
     -- 1. pick and lock
-    WITH RECURSIVE busy AS (
-        (SELECT o.workspace_id FROM herald.outbox o
-          WHERE o.status = 'pending' AND o.run_at <= now()
-          ORDER BY o.workspace_id LIMIT 1)
+    WITH RECURSIVE pairs AS (
+        -- a skip-scan over the (workspace, priority) pairs that have pending jobs: each step reads only
+        -- the first entry of the next pair in outbox_pending_idx, i.e. its earliest run_at, so it costs
+        -- one index probe per pair however many jobs wait behind it (a backlog due tomorrow costs nothing)
+        (SELECT o.workspace_id, o.priority, o.run_at FROM herald.outbox o
+          WHERE o.status = 'pending'
+          ORDER BY o.workspace_id, o.priority, o.run_at LIMIT 1)
         UNION ALL
-        SELECT (SELECT o.workspace_id FROM herald.outbox o
-                 WHERE o.status = 'pending' AND o.run_at <= now() AND o.workspace_id > b.workspace_id
-                 ORDER BY o.workspace_id LIMIT 1)
-          FROM busy b WHERE b.workspace_id IS NOT NULL
+        SELECT n.workspace_id, n.priority, n.run_at
+          FROM pairs p
+         CROSS JOIN LATERAL (SELECT o.workspace_id, o.priority, o.run_at FROM herald.outbox o
+                              WHERE o.status = 'pending' AND (o.workspace_id, o.priority) > (p.workspace_id, p.priority)
+                              ORDER BY o.workspace_id, o.priority, o.run_at LIMIT 1) n
     ), workspaces AS (
-        SELECT b.workspace_id, count(*) OVER () AS n FROM busy b WHERE b.workspace_id IS NOT NULL
+        -- busy: a workspace whose earliest job of some priority is due
+        SELECT d.workspace_id, count(*) OVER () AS n
+          FROM (SELECT DISTINCT p.workspace_id FROM pairs p WHERE p.run_at <= now()) d
     ), offered AS (
         -- locked while scanned (SKIP LOCKED inside the per-workspace scan), so rows another claimer holds
-        -- do not use up the limit; rows offered but not picked are released when claim commits
+        -- do not use up the limit; rows offered but not picked are released when claim commits. One scan
+        -- per priority (its run_at range ends at the first job not yet due), read in priority order until
+        -- the workspace's offer is full
         SELECT c.workspace_id, c.id, c.priority, c.rate_keys,
                row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
           FROM workspaces w
           CROSS JOIN LATERAL (
-              SELECT o.workspace_id, o.id, o.priority, o.run_at,
-                     herald._job_rate_keys(o.rate_keys, o.workspace_id, o.provider, o.broadcast_id) AS rate_keys
-                FROM herald.outbox o
-               WHERE o.workspace_id = w.workspace_id AND o.status = 'pending' AND o.run_at <= now()
-               ORDER BY o.priority, o.run_at
+              SELECT q.workspace_id, q.id, q.priority, q.run_at,
+                     herald._job_rate_keys(q.rate_keys, q.workspace_id, q.provider, q.broadcast_id) AS rate_keys
+                FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) p(priority)
+               CROSS JOIN LATERAL (
+                   SELECT o.workspace_id, o.id, o.priority, o.run_at, o.rate_keys, o.provider, o.broadcast_id
+                     FROM herald.outbox o
+                    WHERE o.workspace_id = w.workspace_id AND o.priority = p.priority AND o.status = 'pending'
+                      AND o.run_at <= now()
+                    ORDER BY o.run_at
+                    LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)
+                      FOR UPDATE OF o SKIP LOCKED) q
                -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
-               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)
-                 FOR UPDATE OF o SKIP LOCKED) c
+               LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)) c
     ), locked AS (
         SELECT f.id, f.rate_keys, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
           FROM offered f
@@ -371,12 +384,13 @@ BEGIN
         UPDATE herald.outbox o
            SET status = 'leased', leased_by = worker, leased_at = coalesce(v_now, clock_timestamp()),
                lease_until = now() + lease, attempt = o.attempt + 1, updated_at = now()
-          FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
          -- by id only (outbox_pkey, id = ANY: an index scan in custom and generic plans alike): with
          -- status = 'pending' the planner could read outbox_pending_idx (every pending job) and did on
-         -- never-analysed tables, 15,000 rows per claim(100); the status is re-checked on the locked row
-         WHERE o.id = u.id AND o.id = ANY (v_ids) AND o.status IS NOT DISTINCT FROM 'pending'
-        RETURNING o.*, u.ord
+         -- never-analysed tables, 15,000 rows per claim(100); the status is re-checked on the locked row.
+         -- No join with unnest(v_ids) for the order: a generic plan guessed it at 10 rows and compared
+         -- every id with every row (a third of the lease's time); array_position is 100 integer compares.
+         WHERE o.id = ANY (v_ids) AND o.status IS NOT DISTINCT FROM 'pending'
+        RETURNING o.*, array_position(v_ids, o.id) AS ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
            p.payload || jsonb_build_object(
@@ -399,7 +413,9 @@ BEGIN
               ELSE '{}' END
       FROM leased l
       LEFT JOIN herald.contacts c ON c.workspace_id = l.workspace_id AND c.id = l.contact_id
-      LEFT JOIN herald.enrollments e ON e.workspace_id = l.workspace_id AND e.id = l.enrollment_id
+      -- by id alone (enrollments_id_idx): planned without statistics, e.workspace_id = … read
+      -- enrollments_automation_idx and filtered the workspace's every enrollment per job
+      LEFT JOIN herald.enrollments e ON e.id = l.enrollment_id AND e.workspace_id IS NOT DISTINCT FROM l.workspace_id
       -- a broadcast's rows carry no payload: its variation's is kept once on the broadcast
       LEFT JOIN herald.broadcasts b ON b.workspace_id = l.workspace_id AND b.id = l.broadcast_id
      CROSS JOIN LATERAL (SELECT coalesce(b.payloads -> l.variation, l.payload) AS payload) p
@@ -515,8 +531,9 @@ BEGIN
         ON CONFLICT (workspace_id, request_hash) DO UPDATE SET reply = EXCLUDED.reply, expires_at = EXCLUDED.expires_at
         RETURNING 1
     ), resolution AS (
+        -- a broadcast's job has no enrollment waiting on it (its 'b:' key is no step's): no probe
         SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response, j.next_node
-          FROM job j WHERE j.outcome IN ('done', 'failed')
+          FROM job j WHERE j.outcome IN ('done', 'failed') AND j.broadcast_id IS NULL
     ), waiting AS (
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
         -- OFFSET 0 keeps the subquery from being flattened into a join whose order the planner picks from

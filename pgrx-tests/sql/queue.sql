@@ -101,6 +101,21 @@ SELECT count(DISTINCT workspace) AS workspaces_served_next, count(*) FILTER (WHE
   FROM herald.claim('w1', 100);
 DELETE FROM herald.outbox WHERE workspace_id = 'big' OR workspace_id LIKE 'small%';
 
+-- a backlog due later hides no due work and is handed out by no one: 'later' holds only jobs due
+-- tomorrow, 'mixed' transactional jobs due tomorrow and automation jobs due now, 'both' transactional and
+-- broadcast jobs due now. Only the due ones come out, priority first, then rank within the workspace
+SELECT herald.create_workspace(w) FROM unnest(ARRAY['later', 'mixed', 'both']) w;
+INSERT INTO herald.outbox (workspace_id, kind, priority, dedupe_key, payload, run_at)
+SELECT x.w, 'webhook', x.p, x.w || '-' || x.p || '-' || i, '{}',
+       CASE WHEN x.due THEN now() - interval '1 minute' ELSE now() + interval '1 day' END
+  FROM (VALUES ('later', 0, false), ('later', 1, false), ('mixed', 0, false), ('mixed', 1, true),
+               ('both', 0, true), ('both', 2, true)) x(w, p, due),
+       generate_series(1, 2) i;
+SELECT workspace, dedupe_key FROM herald.claim('w1', 100);
+SELECT workspace_id, status, count(*) FROM herald.outbox WHERE workspace_id IN ('later', 'mixed', 'both')
+ GROUP BY 1, 2 ORDER BY 1, 2;
+DELETE FROM herald.outbox WHERE workspace_id IN ('later', 'mixed', 'both');
+
 -- rate limits: a provider of q1 limited to 5/s; no one-second window ever holds more than 5 claims
 SELECT herald.upsert_provider('q1', 'slow', 'smtp', '{"rate_per_second": 5}');
 SELECT count(*) AS queued FROM (SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'slow') FROM generate_series(1, 40)) s;
