@@ -5,7 +5,9 @@
 //!   a. emails/s: N emails queued by ONE `herald.send` statement, drained into postfix's `smtp-sink`;
 //!      next to `smtp-source` pushing N messages of the same size into the same sink (20 sessions).
 //!   b. webhooks/s: N webhook jobs INSERTed into the outbox, drained into a tiny HTTP receiver
-//!      (`delivery/receiver.rs`); next to `wrk` POSTing to the same receiver.
+//!      (`delivery/receiver.rs`); next to `wrk` POSTing to the same receiver, and next to herald's own
+//!      claim(100) + complete(100) loop (the queue section's, no I/O) over the same N jobs in the same
+//!      run: what the daemon adds on top of the queue (goal: webhooks/s >= 0.8x that rate).
 //!   c. latency from `herald.track()` to the final `.` of the message reaching an SMTP server
 //!      (`delivery/smtp.rs`, which records when), through a live one-email automation.
 //!
@@ -14,7 +16,7 @@
 //! Concurrency stays at most 256: smtp-sink serves about 256 sessions at once, and connections beyond
 //! that hang until the client's time-out.
 
-mod receiver;
+pub(crate) mod receiver;
 mod smtp;
 
 use std::collections::BTreeMap;
@@ -47,6 +49,9 @@ const WRK_CONNECTIONS: usize = 64;
 const POLL_MS: u64 = 1000;
 const EMAIL_GOAL: f64 = 0.70;
 const WEBHOOK_GOAL: f64 = 0.50;
+/// herald's webhooks/s over its own claim + complete rate with no I/O (issue 14: the daemon adds at
+/// most a fifth).
+const QUEUE_GOAL: f64 = 0.80;
 
 struct Sizes {
     emails: usize,
@@ -189,6 +194,9 @@ struct Drain {
     /// Jobs that needed more than one attempt.
     retried: i64,
     timed_out: bool,
+    /// Jobs done per second from the first lease to the last result (outbox leased_at/done_at, server
+    /// clock): the rate without the daemon's start-up, measured as the claim + complete loop is.
+    span_per_sec: f64,
     /// Claim to recorded result (outbox leased_at → done_at): send plus the completer's batching.
     leased_to_done_p50_ms: f64,
     leased_to_done_mean_ms: f64,
@@ -383,7 +391,9 @@ async fn drain(
                     count(*) FILTER (WHERE attempt > 1),
                     coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM done_at - leased_at))
                              FILTER (WHERE status = 'done'), 0)::float8 * 1000,
-                    coalesce(avg(extract(epoch FROM done_at - leased_at)) FILTER (WHERE status = 'done'), 0)::float8 * 1000
+                    coalesce(avg(extract(epoch FROM done_at - leased_at)) FILTER (WHERE status = 'done'), 0)::float8 * 1000,
+                    coalesce(extract(epoch FROM max(done_at) FILTER (WHERE status = 'done')
+                                          - min(leased_at) FILTER (WHERE status = 'done')), 0)::float8
                FROM herald.outbox",
             &[],
         )
@@ -391,10 +401,12 @@ async fn drain(
     let done: i64 = r.get(0);
     let per_sec = done as f64 / secs;
     let mean_ms: f64 = r.get(4);
+    let span: f64 = r.get(5);
     Ok(Drain {
         jobs,
         secs,
         per_sec,
+        span_per_sec: if span > 0.0 { done as f64 / span } else { 0.0 },
         done,
         failed: r.get(1),
         retried: r.get(2),
@@ -627,6 +639,27 @@ struct Webhooks {
     /// wrk: seconds, requests/s; None when wrk is missing.
     wrk: Option<(f64, f64)>,
     wrk_missing: bool,
+    /// herald's claim(100) + complete(100) loop over the same jobs, no I/O: (jobs/s, claim, complete).
+    queue: Option<(f64, Summary, Summary)>,
+}
+
+/// `n` webhook jobs to `url`, as the daemon's executor would find them from a journey's webhook node.
+async fn queue_webhooks(db: &Client, url: &str, n: usize) -> Result<f64> {
+    reset_queue(db).await?;
+    let started = Instant::now();
+    db.execute(
+        "INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, rate_keys, payload)
+         SELECT $1, 'webhook', 'w' || i, ARRAY['host:127.0.0.1'],
+                jsonb_build_object('url', $2::text, 'method', 'POST', 'headers', '{}'::jsonb,
+                                   'body', jsonb_build_object('n', i), 'timeout_ms', 5000, 'node', 'hook')
+           FROM generate_series(1, $3::int) i",
+        &[&WORKSPACE, &url, &(n as i32)],
+    )
+    .await
+    .context("queueing the webhooks")?;
+    let enqueue = started.elapsed().as_secs_f64();
+    db.batch_execute("ANALYZE herald.outbox").await?;
+    Ok(enqueue)
 }
 
 async fn webhooks(target: &Target, db: &Client, sizes: &Sizes) -> Result<Webhooks> {
@@ -639,22 +672,18 @@ async fn webhooks(target: &Target, db: &Client, sizes: &Sizes) -> Result<Webhook
         received: Vec::new(),
         wrk: None,
         wrk_missing: false,
+        queue: None,
     };
+    // the same jobs, claimed and completed by the queue section's loop: no HTTP, no daemon
+    queue_webhooks(db, &url, sizes.webhooks).await?;
+    let (t, claim, complete) = super::queue::herald(db, sizes.webhooks).await?;
+    info!(
+        "webhooks: claim + complete without I/O: {:.0} jobs/s ({} jobs)",
+        t.jobs_per_sec, t.jobs
+    );
+    out.queue = Some((t.jobs_per_sec, claim, complete));
     for &concurrency in &sizes.concurrencies {
-        reset_queue(db).await?;
-        let started = Instant::now();
-        db.execute(
-            "INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, rate_keys, payload)
-             SELECT $1, 'webhook', 'w' || i, ARRAY['host:127.0.0.1'],
-                    jsonb_build_object('url', $2::text, 'method', 'POST', 'headers', '{}'::jsonb,
-                                       'body', jsonb_build_object('n', i), 'timeout_ms', 5000, 'node', 'hook')
-               FROM generate_series(1, $3::int) i",
-            &[&WORKSPACE, &url, &(sizes.webhooks as i32)],
-        )
-        .await
-        .context("queueing the webhooks")?;
-        let enqueue = started.elapsed().as_secs_f64();
-        db.batch_execute("ANALYZE herald.outbox").await?;
+        let enqueue = queue_webhooks(db, &url, sizes.webhooks).await?;
         let before = receiver.requests();
         let settings = [
             ("HERALD_CONCURRENCY", concurrency.to_string()),
@@ -887,6 +916,7 @@ fn drain_json(concurrency: usize, enqueue_secs: f64, d: &Drain) -> Value {
         "failed": d.failed,
         "retried": d.retried,
         "timed_out": d.timed_out,
+        "first_lease_to_last_result_per_sec": d.span_per_sec,
         "leased_to_done_p50_ms": d.leased_to_done_p50_ms,
         "leased_to_done_mean_ms": d.leased_to_done_mean_ms,
         "leased_mean": d.leased_mean,
@@ -913,6 +943,18 @@ impl Report {
     fn webhook_ratio(&self) -> Option<f64> {
         let w = &self.webhooks;
         Some(w.trials.get(w.best)?.2.per_sec / w.wrk?.1)
+    }
+
+    /// The best trial's webhooks/s (first lease to last result) over claim + complete with no I/O.
+    fn queue_ratio(&self) -> Option<f64> {
+        let w = &self.webhooks;
+        let best = w
+            .trials
+            .iter()
+            .map(|t| t.2.span_per_sec)
+            .fold(0.0, f64::max);
+        let (queue, _, _) = w.queue?;
+        (queue > 0.0 && best > 0.0).then(|| best / queue)
     }
 
     /// The step engine is driven by NOTIFY when even the slow calls were queued well within one poll.
@@ -944,6 +986,9 @@ impl Report {
                 "wrk": w.wrk.map(|(secs, rps)| json!({
                     "threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "secs": secs, "requests_per_sec": rps})),
                 "herald_over_wrk": self.webhook_ratio(),
+                "claim_complete_no_io": w.queue.map(|(rate, claim, complete)| json!({
+                    "jobs_per_sec": rate, "claim": summary_json(&claim), "complete": summary_json(&complete)})),
+                "herald_over_claim_complete": self.queue_ratio(),
             },
             "latency": {
                 "calls": l.calls,
@@ -962,6 +1007,7 @@ impl Report {
             "goals": [
                 goal("herald emails/s >= 70% of smtp-source", self.email_ratio(), EMAIL_GOAL),
                 goal("herald webhooks/s >= 50% of wrk", self.webhook_ratio(), WEBHOOK_GOAL),
+                goal("herald webhooks/s >= 0.8x claim+complete without I/O (same run)", self.queue_ratio(), QUEUE_GOAL),
             ],
         })
     }
@@ -1151,6 +1197,31 @@ impl Report {
                 );
             }
             None => {}
+        }
+        if let Some((rate, claim, complete)) = w.queue {
+            let best = w
+                .trials
+                .iter()
+                .map(|t| t.2.span_per_sec)
+                .fold(0.0, f64::max);
+            let _ = writeln!(
+                o,
+                "  herald claim(100) + complete(100), no I/O, same {} jobs, one connection: {:>8} jobs/s \
+                 (claim p50 {:.1} ms, complete p50 {:.1} ms)",
+                super::thousands(w.jobs as f64),
+                super::thousands(rate),
+                claim.p50_ms,
+                complete.p50_ms
+            );
+            let ratio = self.queue_ratio();
+            let _ = writeln!(
+                o,
+                "  herald run, first lease -> last result:       {:>8} webhooks/s (best trial)\n  \
+                 webhooks / claim+complete = {:.2}   goal >= {QUEUE_GOAL:.2}: {}",
+                super::thousands(best),
+                ratio.unwrap_or(0.0),
+                verdict(ratio, QUEUE_GOAL)
+            );
         }
     }
 

@@ -8,7 +8,8 @@
 //! tick), `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces) and
 //! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers) and
 //! `journey` (contacts/min through a live journey into smtp-sink, next to send() in the same run);
-//! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients).
+//! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients);
+//! `soak` (a long steady mixed load: sizes, dead tuples and latencies over time; only with --only).
 
 mod api;
 mod baseline;
@@ -22,6 +23,7 @@ mod ingest;
 mod journey;
 mod latency;
 mod queue;
+mod soak;
 mod stats;
 mod stream;
 
@@ -72,6 +74,12 @@ pub struct BenchArgs {
     /// Run one section only (its own figures and goals); default: all of them, in this order.
     #[arg(long, value_enum)]
     pub only: Option<Section>,
+    /// The soak's length in minutes (`--only soak`; default 30, 1 with --small).
+    #[arg(long, value_name = "MINUTES")]
+    pub soak_minutes: Option<f64>,
+    /// The email rate the soak's load offers (events are sized to it).
+    #[arg(long, value_name = "N", default_value_t = 3000.0)]
+    pub soak_emails_per_sec: f64,
     /// Where to write the figures as JSON.
     #[arg(long, value_name = "PATH", default_value = "target/bench/ingest.json")]
     pub json: PathBuf,
@@ -98,6 +106,8 @@ pub enum Section {
     Journey,
     /// the queue as its backlog grows to 10,000,000 pending jobs: claim latency and jobs/s per depth.
     Growth,
+    /// a long steady mixed load through herald run (30 min by default); never part of a full run.
+    Soak,
 }
 
 /// Contacts in workspace `bench`; events cycle through them.
@@ -235,6 +245,7 @@ struct Report {
     api: Option<api::Api>,
     journey: Option<journey::Journey>,
     growth: Option<growth::Growth>,
+    soak: Option<soak::Soak>,
     goals: Vec<Goal>,
 }
 
@@ -257,7 +268,8 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     let db = target.recreate_with_extension().await?;
     let server_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
     info!("database herald_bench ready (PostgreSQL {server_version})");
-    let wanted = |s: Section| args.only.is_none_or(|only| only == s);
+    // the soak runs only when asked for by name: it lasts half an hour
+    let wanted = |s: Section| args.only.map_or(s != Section::Soak, |only| only == s);
 
     let mut goals = Vec::new();
     let ingest = if wanted(Section::Ingest) {
@@ -358,6 +370,21 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         None
     };
 
+    let soak = if wanted(Section::Soak) {
+        info!("soak: a long steady mixed load through herald run");
+        let settings = soak::Settings {
+            minutes: args
+                .soak_minutes
+                .unwrap_or(if args.small { 1.0 } else { 30.0 }),
+            emails_per_sec: args.soak_emails_per_sec,
+        };
+        let s = soak::run(&target, &settings).await?;
+        goals.extend(s.goals());
+        Some(s)
+    } else {
+        None
+    };
+
     let report = Report {
         small: args.small,
         server_version,
@@ -370,6 +397,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
         api,
         journey,
         growth,
+        soak,
         goals,
     };
     print!("{}", render(&report));
@@ -613,6 +641,9 @@ fn render(report: &Report) -> String {
                 .map_or("", Goal::verdict)
         };
         growth::render(&mut o, g, verdict);
+    }
+    if let Some(s) = &report.soak {
+        soak::render(&mut o, s, &report.goals);
     }
     o
 }
