@@ -2,7 +2,8 @@
 # Brings a Debian machine to the state herald's make targets need. Idempotent and non-interactive:
 # each step checks first and does nothing when it is already done.
 #
-#   Debian packages  Postgres 15 server + headers, libclang (bindgen), postfix (smtp-sink), PgQ
+#   Debian packages  Postgres 15 server + headers, libclang (bindgen), postfix (smtp-sink), PgQ,
+#                    DejaVu Sans (the text of the soak's chart)
 #   cargo-pgrx       the pinned version, registered against the system pg_config
 #   Postgres         cluster 15/main running, pg_stat_statements loaded, a superuser role for $USER
 #
@@ -11,7 +12,7 @@ set -euo pipefail
 
 PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev postfix postgresql-15-pgq3 wrk sudo chromium chromium-driver)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev postfix postgresql-15-pgq3 wrk sudo chromium chromium-driver fonts-dejavu-core)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
