@@ -3075,20 +3075,38 @@ BEGIN
                t.r ->> 'error' AS error, t.r ->> 'message_id' AS message_id, t.r -> 'response' AS response
           FROM jsonb_array_elements(results) WITH ORDINALITY t(r, ord)
          ORDER BY (t.r ->> 'id')::bigint, t.ord DESC
-    ), locked AS (
-        SELECT o.*, i.ok, i.retryable, i.error, i.message_id AS new_message_id, i.response AS new_response,
-               CASE WHEN i.ok THEN 'done'
-                    -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
-                    WHEN i.retryable AND o.attempt < o.max_attempts THEN
-                         herald._queue_status((SELECT b.status FROM herald.broadcasts b
-                                                WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id))
-                    WHEN i.retryable THEN 'dead'
-                    ELSE 'failed' END AS outcome
-          FROM input i JOIN herald.outbox o ON o.id = i.id
-         -- by id only (outbox_pkey), not through outbox_leased_idx (every leased job), whatever the
-         -- statistics say; re-checked on the locked row
-         WHERE o.status IS NOT DISTINCT FROM 'leased'
-           FOR UPDATE OF o
+    ), finished AS (
+        -- one pass per job: found by id (outbox_pkey, not outbox_leased_idx with every leased job, whatever
+        -- the statistics say) and changed only while it is leased, re-checked on the locked row (a job
+        -- reaped or completed meanwhile is left alone). RETURNING gives the row as it is now: outcome is
+        -- its new status. (A locking read first, then the update, found every row twice.)
+        UPDATE herald.outbox o
+           SET status = CASE WHEN i.ok THEN 'done'
+                             -- a retry of a broadcast paused or cancelled meanwhile is held or cancelled, not queued
+                             WHEN i.retryable AND o.attempt < o.max_attempts THEN
+                                  herald._queue_status((SELECT b.status FROM herald.broadcasts b
+                                                         WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id))
+                             WHEN i.retryable THEN 'dead'
+                             ELSE 'failed' END,
+               run_at = CASE WHEN NOT i.ok AND i.retryable AND o.attempt < o.max_attempts
+                              AND herald._queue_status((SELECT b.status FROM herald.broadcasts b
+                                                         WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id)) = 'pending'
+                             THEN now() + herald._retry_delay(o.attempt, random()) ELSE o.run_at END,
+               leased_by = NULL, lease_until = NULL,
+               message_id = coalesce(i.message_id, o.message_id),
+               response = coalesce(i.response, o.response),
+               last_error = CASE WHEN i.ok THEN o.last_error ELSE i.error END,
+               -- finished unless it goes back to the queue (pending) or waits for its broadcast (held)
+               done_at = CASE WHEN i.ok OR NOT i.retryable OR o.attempt >= o.max_attempts THEN now()
+                              WHEN herald._queue_status((SELECT b.status FROM herald.broadcasts b
+                                                          WHERE b.workspace_id = o.workspace_id AND b.id = o.broadcast_id))
+                                   = 'cancelled' THEN now() END,
+               updated_at = now()
+          FROM input i
+         WHERE o.id = i.id AND o.status IS NOT DISTINCT FROM 'leased'
+        RETURNING o.workspace_id, o.id, o.kind, o.status AS outcome, o.contact_id, o.automation_id, o.enrollment_id,
+                  o.broadcast_id, o.variation, o.node, o.dedupe_key, o.attempt, o.payload, o.on_success, o.on_error,
+                  i.ok, i.error, i.message_id AS new_message_id, i.response AS new_response
     ), job AS (
         -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
         SELECT j.*,
@@ -3096,20 +3114,7 @@ BEGIN
                         THEN coalesce(j.payload -> 'paths' ->> (j.new_response ->> (j.payload ->> 'field')), j.payload ->> 'default')
                     WHEN j.outcome = 'done' THEN j.on_success
                     ELSE j.on_error END AS next_node
-          FROM locked j
-    ), finished AS (
-        UPDATE herald.outbox o
-           SET status = j.outcome,
-               run_at = CASE WHEN j.outcome = 'pending' THEN now() + herald._retry_delay(j.attempt, random()) ELSE o.run_at END,
-               leased_by = NULL, lease_until = NULL,
-               message_id = coalesce(j.new_message_id, o.message_id),
-               response = coalesce(j.new_response, o.response),
-               last_error = CASE WHEN j.ok THEN o.last_error ELSE j.error END,
-               done_at = CASE WHEN j.outcome IN ('done', 'failed', 'dead', 'cancelled') THEN now() END,
-               updated_at = now()
-          FROM job j
-         WHERE o.workspace_id = j.workspace_id AND o.id = j.id
-        RETURNING o.id
+          FROM finished j
     ), history AS (
         INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, contact_id, automation_id,
                                             enrollment_id, broadcast_id, variation, node, dedupe_key, message_id, error, attempt)
