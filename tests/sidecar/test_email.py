@@ -152,24 +152,32 @@ def delivered(smtp):
 
 
 def test_kill_9_mid_run_then_restart_delivers_everything(db, smtp, sidecar):
+    # Second copies after a kill are messages the server accepted that the daemon had not yet recorded:
+    # the sends in flight (accepted, 250 not yet read: about emails/s x the server's reply time, 5 ms
+    # here) and the results not yet handed to complete(). Their number does not depend on the run's
+    # size, so the goal (at most 0.5% second copies) is counted over a run large enough for the kill to
+    # land in steady delivery: 10,000 emails, killed after 3,000. The lease is short so the restart
+    # is quick, but long enough that no send is given up at its deadline on a loaded machine (a send given
+    # up may have been accepted all the same: a second copy the kill did not cause).
+    n, kill_after, lease = 10_000, 3_000, 10
     add_templates(db)
-    queue(db, 1000)
+    queue(db, n)
     smtp.delay = 0.005
-    first = sidecar(HERALD_LEASE_SECONDS=2, HERALD_CONCURRENCY=64)
-    wait_until(lambda: smtp.count() >= 300, timeout=60, what="300 messages")
+    first = sidecar(HERALD_LEASE_SECONDS=lease, HERALD_CONCURRENCY=64)
+    wait_until(lambda: smtp.count() >= kill_after, timeout=120, what=f"{kill_after} messages")
     first.signal(signal.SIGKILL)
     first.wait(10)
     at_kill = smtp.count()
-    assert at_kill < 1000, "the kill came too late to test anything"
+    assert at_kill < n, "the kill came too late to test anything"
     leased = db.counts().get("leased", 0)
 
-    sidecar(HERALD_LEASE_SECONDS=2, HERALD_CONCURRENCY=64)
-    wait_until(lambda: db.counts() == {"done": 1000}, timeout=90, what="all 1000 done after restart")
+    second = sidecar(HERALD_LEASE_SECONDS=lease, HERALD_CONCURRENCY=64)
+    wait_until(lambda: db.counts() == {"done": n}, timeout=180, what=f"all {n} done after restart")
 
     keys = dict(db.q("SELECT c.email, o.dedupe_key FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id"))
     by_id = delivered(smtp)
     # every message arrived, under the Message-ID its dedupe key gives
-    assert len(by_id) == 1000
+    assert len(by_id) == n
     assert set(by_id) == {message_id("acme", k) for k in keys.values()}
     duplicates = 0
     for mid, copies in by_id.items():
@@ -178,9 +186,11 @@ def test_kill_9_mid_run_then_restart_delivers_everything(db, smtp, sidecar):
         # the rule: a copy sent again is the same message under the same Message-ID
         assert all(c == copies[0] for c in copies), copies
         duplicates += len(copies) - 1
-    # only messages in flight (or sent but not yet recorded) when the process died can come twice
-    assert duplicates <= 64 + 100, duplicates
-    print(f"kill -9 after {at_kill} messages, {leased} leased at the time: {duplicates} duplicate(s), all with the same Message-ID")
+    given_up = sum(s.log().count("not finished after") for s in (first, second))
+    print(f"kill -9 after {at_kill} messages, {leased} leased at the time: {duplicates} second copies "
+          f"({100 * duplicates / n:.2f}% of {n}), all with the same Message-ID; {given_up} send(s) given up at the deadline")
+    # only messages in flight, or sent but not yet handed to complete(), when the process died come twice
+    assert duplicates <= n * 0.005, f"{duplicates} second copies in {n} emails (goal: at most 0.5%)"
 
 
 def test_sigterm_under_load_exits_0_and_loses_nothing(db, smtp, sidecar):

@@ -1,26 +1,38 @@
-//! Completer: gathers executors' results and records them with ONE `herald.complete` call per batch —
-//! every 100 results, or 50 ms after the first result of a batch. A failed call is retried with back-off
-//! and the batch is kept (complete() ignores results it has already applied, so a retry after an
-//! ambiguous failure is harmless), for as long as the database stays away: while it retries it reads no
-//! new results, so the bounded channel fills up and executors wait to hand theirs over (holding their
-//! slots, so nothing more is claimed). Results are dropped only when shutdown gives up (`give_up`):
-//! their jobs stay leased and run again once the lease expires. Ends when every executor is gone,
-//! after a final flush.
+//! Completer: gathers executors' results and records them with `herald.complete`, group-commit style: a
+//! call starts as soon as a result is waiting and a call slot is free (at most [`IN_FLIGHT`] calls at
+//! once); results that arrive meanwhile wait for the next call, up to [`BATCH`] per call. So batches
+//! form by themselves under load and a lone result is recorded at once, with no timer: what a crash
+//! can leave "sent but not recorded" (and so sends twice after the lease expires) is what arrived
+//! during the last call or two, not a fixed batch window's worth.
+//!
+//! A failed call is retried with back-off and its batch kept (complete() ignores results it has already
+//! applied, so a retry after an ambiguous failure is harmless), for as long as the database stays away.
+//! Meanwhile at most [`BATCH`] more results wait here; then it reads no new ones, the bounded channel
+//! fills up and executors wait to hand theirs over (holding their slots, so nothing more is claimed).
+//! Results are dropped only when shutdown gives up (`give_up`): their jobs stay leased and run again once
+//! the lease expires. Ends when every executor is gone, after the last calls.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::database::{Database, DbError};
 use super::metrics::Metrics;
 use super::pg::Backoff;
 
+/// Results per complete() call at most.
 pub const BATCH: usize = 100;
-pub const LINGER: Duration = Duration::from_millis(50);
+/// complete() calls at once: a second call may start while one is running, so a result that arrives
+/// just after a call began waits for a free connection, not for that call to finish. (Two concurrent
+/// calls touch different outbox rows; each is one statement, so they cannot hold each other up for long.)
+pub const IN_FLIGHT: usize = 2;
+
+const COMPLETE: &str = "SELECT herald.complete($1::jsonb)";
 
 pub struct Completer {
     pub db: Arc<Database>,
@@ -28,64 +40,101 @@ pub struct Completer {
     /// Cancelled when the process must exit even though results could not be recorded.
     pub give_up: CancellationToken,
     pub metrics: Arc<Metrics>,
-    /// Results dropped because shutdown gave up, reported once at the end.
-    pub lost: usize,
 }
 
 impl Completer {
-    pub async fn run(mut self) {
-        let mut batch: Vec<Json> = Vec::with_capacity(BATCH);
-        let mut flush_at = Instant::now();
-        loop {
-            let next = if batch.is_empty() {
-                self.results.recv().await
-            } else {
-                tokio::select! {
-                    r = self.results.recv() => r,
-                    () = tokio::time::sleep_until(flush_at) => {
-                        self.flush(&mut batch).await;
-                        continue;
-                    }
-                }
-            };
-            match next {
-                Some(result) => {
-                    if batch.is_empty() {
-                        flush_at = Instant::now() + LINGER;
-                    }
-                    batch.push(result);
-                    if batch.len() >= BATCH {
-                        self.flush(&mut batch).await;
-                    }
-                }
-                None => break,
-            }
-        }
-        if !batch.is_empty() {
-            self.flush(&mut batch).await;
-        }
-        if self.lost > 0 {
+    pub async fn run(self) {
+        let Completer {
+            db,
+            mut results,
+            give_up,
+            metrics,
+        } = self;
+        let recorder = Recorder {
+            db,
+            give_up,
+            metrics,
+        };
+        let lost: usize = group_commit(&mut results, IN_FLIGHT, |batch| recorder.record(batch))
+            .await
+            .into_iter()
+            .sum();
+        if lost > 0 {
             tracing::error!(
-                results = self.lost,
+                results = lost,
                 "gave up on recording results at shutdown: those jobs stay leased until their lease expires, then run again"
             );
         } else {
             tracing::info!("all results recorded");
         }
     }
+}
 
-    /// Records the batch, retrying until it is recorded or the process gives up.
-    async fn flush(&mut self, batch: &mut Vec<Json>) {
+/// Hands what `results` yields to `record`, in batches of at most [`BATCH`], with at most `in_flight`
+/// calls running at once: whenever a call slot is free and anything is waiting, a call starts with
+/// everything waiting. Returns each call's output once the channel is closed and every call is done.
+async fn group_commit<R, F, T>(
+    results: &mut mpsc::Receiver<Json>,
+    in_flight: usize,
+    record: R,
+) -> Vec<T>
+where
+    R: Fn(Vec<Json>) -> F,
+    F: Future<Output = T>,
+{
+    let mut waiting: Vec<Json> = Vec::with_capacity(BATCH);
+    let mut calls = FuturesUnordered::new();
+    let mut outputs = Vec::new();
+    let mut open = true;
+    loop {
+        // everything already in the channel joins this batch (no waiting for more)
+        while open && waiting.len() < BATCH {
+            match results.try_recv() {
+                Ok(r) => waiting.push(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if !waiting.is_empty() && calls.len() < in_flight {
+            let batch = std::mem::replace(&mut waiting, Vec::with_capacity(BATCH));
+            calls.push(record(batch));
+            continue;
+        }
+        if !open && waiting.is_empty() && calls.is_empty() {
+            return outputs;
+        }
+        // wait for a result (while there is room for it) or for a call to end
+        tokio::select! {
+            r = results.recv(), if open && waiting.len() < BATCH => match r {
+                Some(r) => waiting.push(r),
+                None => open = false,
+            },
+            Some(out) = calls.next(), if !calls.is_empty() => outputs.push(out),
+        }
+    }
+}
+
+/// What one complete() call needs.
+struct Recorder {
+    db: Arc<Database>,
+    give_up: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl Recorder {
+    /// Records the batch, retrying until it is recorded or the process gives up; returns how many
+    /// results were dropped.
+    async fn record(&self, batch: Vec<Json>) -> usize {
         let mut backoff = Backoff::default();
-        let array = Json::Array(std::mem::take(batch));
-        let n = array.as_array().map_or(0, Vec::len);
+        let n = batch.len();
+        let array = Json::Array(batch);
         loop {
+            let started = Instant::now();
             let attempt = async {
                 let c = self.db.get().await?;
-                Ok::<_, DbError>(
-                    c.query_one("SELECT herald.complete($1::jsonb)", &[&array])
-                        .await?,
-                )
+                // prepared once per connection: one round trip per call instead of two
+                let statement = c.prepare_cached(COMPLETE).await?;
+                Ok::<_, DbError>(c.query_one(&statement, &[&array]).await?)
             };
             let attempt = tokio::select! {
                 biased;
@@ -95,31 +144,31 @@ impl Completer {
                 r = attempt => Some(r),
             };
             let Some(attempt) = attempt else {
-                self.lost += n;
                 self.metrics.not_recorded(n);
-                return;
+                return n;
             };
             match attempt {
                 Ok(row) => {
                     let applied: i32 = row.try_get(0).unwrap_or(-1);
-                    tracing::debug!(results = n, applied, "recorded");
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    tracing::debug!(results = n, applied, ms, "recorded");
                     self.metrics.completed(n);
-                    return;
+                    return 0;
                 }
-                Err(e) if is_data_error(&e) && array.as_array().is_some_and(|a| a.len() > 1) => {
+                Err(e) if is_data_error(&e) && n > 1 => {
                     // a result complete() refuses (a bug on this side) must not hold up the others
                     tracing::error!(error = %e.describe(), "complete refused the batch; recording its results one by one");
+                    let mut lost = 0;
                     for one in array.as_array().into_iter().flatten() {
-                        let mut single = vec![one.clone()];
-                        Box::pin(self.flush(&mut single)).await;
+                        lost += Box::pin(self.record(vec![one.clone()])).await;
                     }
-                    return;
+                    return lost;
                 }
                 Err(e) if is_data_error(&e) => {
                     self.metrics.complete_error();
                     self.metrics.not_recorded(n);
                     tracing::error!(error = %e.describe(), result = %array, "complete refused this result; its job will run again once its lease expires");
-                    return;
+                    return 0;
                 }
                 Err(e) => {
                     self.metrics.complete_error();
@@ -144,4 +193,116 @@ impl Completer {
 /// SQLSTATE class 22 (data exception): complete() refused the input; retrying it cannot help.
 fn is_data_error(e: &DbError) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("22"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    /// A recorder whose calls end when the test releases them; it logs each batch's ids.
+    struct Fake {
+        calls: Mutex<Vec<Vec<i64>>>,
+        running: Mutex<usize>,
+        most_at_once: Mutex<usize>,
+        release: Semaphore,
+    }
+
+    impl Fake {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                calls: Mutex::new(Vec::new()),
+                running: Mutex::new(0),
+                most_at_once: Mutex::new(0),
+                release: Semaphore::new(0),
+            })
+        }
+
+        async fn record(self: Arc<Self>, batch: Vec<Json>) -> usize {
+            let ids = batch.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+            self.calls.lock().unwrap().push(ids);
+            {
+                let mut running = self.running.lock().unwrap();
+                *running += 1;
+                let mut most = self.most_at_once.lock().unwrap();
+                *most = (*most).max(*running);
+            }
+            self.release.acquire().await.unwrap().forget();
+            *self.running.lock().unwrap() -= 1;
+            batch.len()
+        }
+
+        fn calls(&self) -> Vec<Vec<i64>> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_result_is_recorded_at_once_and_later_ones_join_the_next_call() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let fake = Fake::new();
+        let f = Arc::clone(&fake);
+        let run =
+            tokio::spawn(
+                async move { group_commit(&mut rx, 1, |b| Arc::clone(&f).record(b)).await },
+            );
+        tx.send(json!({"id": 1})).await.unwrap();
+        settle().await;
+        // no timer: the call started with the one result there was
+        assert_eq!(fake.calls(), vec![vec![1]]);
+        for id in 2..=5 {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(fake.calls().len(), 1, "one call at a time");
+        fake.release.add_permits(1);
+        settle().await;
+        // the four that arrived during the first call go together in the second
+        assert_eq!(fake.calls(), vec![vec![1], vec![2, 3, 4, 5]]);
+        fake.release.add_permits(1);
+        drop(tx);
+        let outputs = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("ends once the channel is closed and the calls are done")
+            .unwrap();
+        assert_eq!(outputs, vec![1, 4]);
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped_and_calls_overlap_up_to_the_limit() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let fake = Fake::new();
+        for id in 0..(2 * BATCH as i64 + 50) {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        drop(tx);
+        let f = Arc::clone(&fake);
+        let run =
+            tokio::spawn(
+                async move { group_commit(&mut rx, 2, |b| Arc::clone(&f).record(b)).await },
+            );
+        settle().await;
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2, "two calls at once, no more");
+        assert!(calls.iter().all(|c| c.len() == BATCH));
+        fake.release.add_permits(10);
+        let outputs = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outputs.iter().sum::<usize>(), 2 * BATCH + 50);
+        let mut all: Vec<i64> = fake.calls().into_iter().flatten().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..(2 * BATCH as i64 + 50)).collect::<Vec<_>>());
+        assert_eq!(*fake.most_at_once.lock().unwrap(), 2);
+    }
 }

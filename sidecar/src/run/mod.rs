@@ -228,7 +228,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             results: results_rx,
             give_up: give_up.clone(),
             metrics: Arc::clone(&metrics),
-            lost: 0,
         }
         .run(),
     );
