@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::definition_cache::{DefinitionCache, Validated};
 use crate::step_engine::{self, Outcome, Status, StepInput, Wait};
@@ -264,8 +264,17 @@ struct RawEnrollment {
     version: i32,
     #[serde(default)]
     context: Value,
+    /// The contact's facts as one object (what `_contact_facts` builds), or in parts below.
     #[serde(default)]
     contact: Value,
+    /// The contact in parts, as tick sends it: its attributes, email and tags (with `timezone`),
+    /// joined here into the facts `_contact_facts` would build, so SQL builds no JSON per contact.
+    #[serde(default)]
+    attributes: Option<Map<String, Value>>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    tags: Option<Value>,
     #[serde(default)]
     event: Value,
     #[serde(default)]
@@ -296,14 +305,36 @@ fn read_enrollment(text: &str) -> Result<Enrollment, String> {
         } else {
             json!({})
         },
-        contact: if r.contact.is_null() {
-            json!({})
-        } else {
-            r.contact
+        contact: match (r.contact, r.attributes) {
+            (Value::Null, Some(attributes)) => {
+                contact_facts(attributes, r.email, r.timezone.clone(), r.tags)
+            }
+            (Value::Null, None) => json!({}),
+            (contact, _) => contact,
         },
         event: Some(r.event).filter(|e| !e.is_null()),
         timezone: r.timezone,
     })
+}
+
+/// The facts a condition reads as `contact.*`: the attributes, with `email`, `timezone` and `tags`
+/// over them (the same object as SQL's `herald._contact_facts`; a missing tags array is empty).
+fn contact_facts(
+    mut attributes: Map<String, Value>,
+    email: Option<String>,
+    timezone: Option<String>,
+    tags: Option<Value>,
+) -> Value {
+    attributes.insert("email".into(), email.map_or(Value::Null, Value::String));
+    attributes.insert(
+        "timezone".into(),
+        timezone.map_or(Value::Null, Value::String),
+    );
+    attributes.insert(
+        "tags".into(),
+        tags.filter(|t| !t.is_null()).unwrap_or_else(|| json!([])),
+    );
+    Value::Object(attributes)
 }
 
 fn failed(e: &Keys, reason: String) -> StepRow {
@@ -461,6 +492,51 @@ mod tests {
         assert!(r.counts.iter().all(|(node, _)| node == "hello"));
         assert_eq!(r.log_nodes, vec!["hello"]);
         assert_eq!(r.log_visits, vec![1]);
+    }
+
+    /// A branch on the contact's plan and tags, to see which facts the engine was given.
+    fn branching() -> Value {
+        json!({"9:1": {"name": "b", "start": "b", "nodes": {
+            "b": {"type": "branch", "paths": [
+                {"when": {"all": [{"field": "contact.plan", "op": "eq", "value": "pro"},
+                                  {"field": "contact.tags", "op": "contains", "value": "vip"},
+                                  {"field": "contact.email", "op": "eq", "value": "a@example.com"}]},
+                 "next": "yes"}],
+             "default": "no"},
+            "yes": {"type": "exit"}, "no": {"type": "exit"}}}})
+    }
+
+    #[test]
+    fn a_contact_sent_in_parts_reads_like_the_facts_object() {
+        let mut parts = enrollment(1, 9, "b");
+        let fields = parts.as_object_mut().unwrap();
+        fields.remove("contact");
+        fields.insert(
+            "attributes".into(),
+            json!({"plan": "pro", "email": "ignored"}),
+        );
+        fields.insert("email".into(), json!("a@example.com"));
+        fields.insert("tags".into(), json!(["vip"]));
+        let mut whole = enrollment(2, 9, "b");
+        whole["contact"] = json!({"plan": "pro", "email": "a@example.com", "tags": ["vip"],
+                                  "timezone": "Europe/Paris"});
+        let rows = run1(&branching(), &batch(&[parts, whole])).unwrap();
+        assert_eq!(rows[0].log_actions, rows[1].log_actions);
+        assert!(
+            rows[0].log_actions[0].contains("yes"),
+            "{:?}",
+            rows[0].log_actions
+        );
+        // the attribute named email is shadowed by the contact's address, as in _contact_facts
+        assert_eq!(
+            contact_facts(
+                serde_json::from_value(json!({"email": "x", "plan": "pro"})).unwrap(),
+                Some("a@example.com".into()),
+                None,
+                None
+            ),
+            json!({"email": "a@example.com", "plan": "pro", "timezone": null, "tags": []})
+        );
     }
 
     #[test]
