@@ -264,10 +264,12 @@ struct IngestReport {
 }
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
-    let target = target.with_dbname("herald_bench");
+    // HERALD_BENCH_DB: another name, so that runs on one machine do not drop each other's database
+    let dbname = std::env::var("HERALD_BENCH_DB").unwrap_or_else(|_| "herald_bench".to_owned());
+    let target = target.with_dbname(&dbname);
     let db = target.recreate_with_extension().await?;
     let server_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
-    info!("database herald_bench ready (PostgreSQL {server_version})");
+    info!("database {dbname} ready (PostgreSQL {server_version})");
     // the soak runs only when asked for by name: it lasts half an hour
     let wanted = |s: Section| args.only.map_or(s != Section::Soak, |only| only == s);
 
