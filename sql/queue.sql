@@ -187,6 +187,7 @@ DECLARE
     v_ids bigint[];
     v_keys text[];
     v_now timestamptz;
+    v_screen boolean;
 BEGIN
     IF worker IS NULL OR btrim(worker) = '' THEN
         RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
@@ -223,15 +224,15 @@ BEGIN
         -- do not use up the limit; rows offered but not picked are released when claim commits. One scan
         -- per priority (its run_at range ends at the first job not yet due), read in priority order until
         -- the workspace's offer is full
-        SELECT c.workspace_id, c.id, c.priority, c.rate_keys,
+        SELECT c.workspace_id, c.id, c.priority, c.rate_keys, c.screen,
                row_number() OVER (PARTITION BY c.workspace_id ORDER BY c.priority, c.run_at, c.id) AS rank
           FROM workspaces w
           CROSS JOIN LATERAL (
-              SELECT q.workspace_id, q.id, q.priority, q.run_at,
+              SELECT q.workspace_id, q.id, q.priority, q.run_at, q.kind = 'email' OR q.broadcast_id IS NOT NULL AS screen,
                      herald._job_rate_keys(q.rate_keys, q.workspace_id, q.provider, q.broadcast_id) AS rate_keys
                 FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) p(priority)
                CROSS JOIN LATERAL (
-                   SELECT o.workspace_id, o.id, o.priority, o.run_at, o.rate_keys, o.provider, o.broadcast_id
+                   SELECT o.workspace_id, o.id, o.priority, o.run_at, o.kind, o.rate_keys, o.provider, o.broadcast_id
                      FROM herald.outbox o
                     WHERE o.workspace_id = w.workspace_id AND o.priority = p.priority AND o.status = 'pending'
                       AND o.run_at <= now()
@@ -241,15 +242,16 @@ BEGIN
                -- each busy workspace offers a few times its fair share, so small ones cannot underfill a batch
                LIMIT least(max_jobs, ceil(max_jobs * 4.0 / w.n)::int)) c
     ), locked AS (
-        SELECT f.id, f.rate_keys, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
+        SELECT f.id, f.rate_keys, f.screen, row_number() OVER (ORDER BY f.priority, f.rank, f.workspace_id) AS ord
           FROM offered f
          ORDER BY f.priority, f.rank, f.workspace_id
          LIMIT max_jobs
     )
     SELECT array_agg(l.id ORDER BY l.ord),
            (SELECT array_agg(DISTINCT k) FROM locked l2, unnest(l2.rate_keys) k
-             WHERE k IN (SELECT r.key FROM herald.rate_limits r))
-      INTO v_ids, v_keys
+             WHERE k IN (SELECT r.key FROM herald.rate_limits r)),
+           bool_or(l.screen)
+      INTO v_ids, v_keys, v_screen
       FROM locked l;
 
     IF v_ids IS NULL THEN
@@ -263,85 +265,88 @@ BEGIN
     --     here. pause and cancel change the status at once; the broadcast's jobs follow in chunks
     --     (advance_broadcasts), and this is what stops them meanwhile (also a job whose complete read
     --     the status just before the change committed).
-    WITH picked AS (
-        SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
-               o.variation, s.reason, b.status AS broadcast_status
-          FROM unnest(v_ids) u(id)
-          JOIN herald.outbox o ON o.id = u.id
-          LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
-                              WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
-          -- the address, or its key when the contact was erased and came back (delete_contact)
-          LEFT JOIN LATERAL (SELECT s.reason FROM herald.suppressions s
-                              WHERE c.email IS NOT NULL AND s.workspace_id = o.workspace_id
-                                AND s.email IN (c.email, herald._email_key(c.email))
-                              LIMIT 1) s ON true
-          LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
-    ), suppressed AS (
-        SELECT p.* FROM picked p WHERE p.reason IS NOT NULL
-    ), stopped AS (
-        SELECT p.* FROM picked p WHERE p.reason IS NULL AND p.broadcast_status IN ('paused', 'cancelled')
-    ), cancelled AS (
-        UPDATE herald.outbox o
-           SET status = 'cancelled', last_error = 'suppressed: ' || x.reason, done_at = now(), updated_at = now()
-          FROM suppressed x
-         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
-        RETURNING o.id
-    ), halted AS (
-        UPDATE herald.outbox o
-           SET status = herald._queue_status(x.broadcast_status),
-               last_error = CASE WHEN x.broadcast_status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
-               done_at = CASE WHEN x.broadcast_status = 'cancelled' THEN now() END, updated_at = now()
-          FROM stopped x
-         WHERE o.workspace_id = x.workspace_id AND o.id = x.id
-        RETURNING o.id
-    ), suppressed_waiting AS (
-        -- the enrollments waiting on a suppressed job: one probe of enrollments_wait_job_idx per job,
-        -- then the update by id, as in complete (a join here was planned as a scan of every waiting
-        -- enrollment, 46 ms per claim even with nothing suppressed)
-        SELECT x.*, w.id AS enrollment_id
-          FROM suppressed x
-         CROSS JOIN LATERAL (SELECT e.id FROM herald.enrollments e
-                              WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
-                                AND e.wait_kind = 'job' AND e.ended_at IS NULL
-                                AND e.status IS NOT DISTINCT FROM 'waiting'
-                             OFFSET 0) w
-    ), woken AS (
-        UPDATE herald.enrollments e
-           SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
-               current_node = coalesce(x.on_success, e.current_node), next_run_at = now(),
-               ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
-               exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
-               wait_kind = NULL, wait_job = NULL, updated_at = now()
-          FROM suppressed_waiting x
-         WHERE e.id = x.enrollment_id AND e.workspace_id IS NOT DISTINCT FROM x.workspace_id
-           AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
-        RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
-    ), reported AS (
-        -- the results stream (sql/results.sql): journeys that ended here
-        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
-        SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id,
-               herald._ended_data(w.current_node, w.exit_reason, w.context)
-          FROM woken w WHERE w.status = 'completed'
-    ), counted AS (
-        INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
-        SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
-          FROM suppressed x WHERE x.automation_id IS NOT NULL GROUP BY 1, 2, 3
-    ), counted_b AS (
-        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
-        SELECT x.workspace_id, x.broadcast_id, x.variation, x.metric, count(*)
-          FROM (SELECT y.workspace_id, y.broadcast_id, y.variation, 'suppressed' AS metric
-                  FROM suppressed y WHERE y.broadcast_id IS NOT NULL
-                UNION ALL
-                SELECT y.workspace_id, y.broadcast_id, y.variation, 'cancelled'
-                  FROM stopped y WHERE y.broadcast_status = 'cancelled') x
-         GROUP BY 1, 2, 3, 4
-    )
-    SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
-      FROM unnest(v_ids) WITH ORDINALITY u(id, ord)
-     WHERE u.id NOT IN (SELECT x.id FROM cancelled x UNION ALL SELECT x.id FROM halted x);
-       -- (woken and counted run to completion regardless)
-    IF v_ids IS NULL THEN
-        RETURN;
+    --     Only an email or a broadcast's job can be either: a batch of neither skips this step.
+    IF v_screen THEN
+        WITH picked AS (
+            SELECT o.workspace_id, o.id, o.dedupe_key, o.automation_id, o.node, o.on_success, o.broadcast_id,
+                   o.variation, s.reason, b.status AS broadcast_status
+              FROM unnest(v_ids) u(id)
+              JOIN herald.outbox o ON o.id = u.id
+              LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
+                                  WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
+              -- the address, or its key when the contact was erased and came back (delete_contact)
+              LEFT JOIN LATERAL (SELECT s.reason FROM herald.suppressions s
+                                  WHERE c.email IS NOT NULL AND s.workspace_id = o.workspace_id
+                                    AND s.email IN (c.email, herald._email_key(c.email))
+                                  LIMIT 1) s ON true
+              LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
+        ), suppressed AS (
+            SELECT p.* FROM picked p WHERE p.reason IS NOT NULL
+        ), stopped AS (
+            SELECT p.* FROM picked p WHERE p.reason IS NULL AND p.broadcast_status IN ('paused', 'cancelled')
+        ), cancelled AS (
+            UPDATE herald.outbox o
+               SET status = 'cancelled', last_error = 'suppressed: ' || x.reason, done_at = now(), updated_at = now()
+              FROM suppressed x
+             WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+            RETURNING o.id
+        ), halted AS (
+            UPDATE herald.outbox o
+               SET status = herald._queue_status(x.broadcast_status),
+                   last_error = CASE WHEN x.broadcast_status = 'cancelled' THEN 'broadcast cancelled' ELSE o.last_error END,
+                   done_at = CASE WHEN x.broadcast_status = 'cancelled' THEN now() END, updated_at = now()
+              FROM stopped x
+             WHERE o.workspace_id = x.workspace_id AND o.id = x.id
+            RETURNING o.id
+        ), suppressed_waiting AS (
+            -- the enrollments waiting on a suppressed job: one probe of enrollments_wait_job_idx per job,
+            -- then the update by id, as in complete (a join here was planned as a scan of every waiting
+            -- enrollment, 46 ms per claim even with nothing suppressed)
+            SELECT x.*, w.id AS enrollment_id
+              FROM suppressed x
+             CROSS JOIN LATERAL (SELECT e.id FROM herald.enrollments e
+                                  WHERE e.workspace_id = x.workspace_id AND e.wait_job = x.dedupe_key
+                                    AND e.wait_kind = 'job' AND e.ended_at IS NULL
+                                    AND e.status IS NOT DISTINCT FROM 'waiting'
+                                 OFFSET 0) w
+        ), woken AS (
+            UPDATE herald.enrollments e
+               SET status = CASE WHEN x.on_success IS NULL THEN 'completed' ELSE 'active' END,
+                   current_node = coalesce(x.on_success, e.current_node), next_run_at = now(),
+                   ended_at = CASE WHEN x.on_success IS NULL THEN now() END,
+                   exit_reason = CASE WHEN x.on_success IS NULL THEN 'completed after ' || x.node || ' (recipient suppressed)' END,
+                   wait_kind = NULL, wait_job = NULL, updated_at = now()
+              FROM suppressed_waiting x
+             WHERE e.id = x.enrollment_id AND e.workspace_id IS NOT DISTINCT FROM x.workspace_id
+               AND e.status IS NOT DISTINCT FROM 'waiting' AND e.wait_kind IS NOT DISTINCT FROM 'job'
+            RETURNING e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.exit_reason, e.context
+        ), reported AS (
+            -- the results stream (sql/results.sql): journeys that ended here
+            INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, data)
+            SELECT w.workspace_id, 'enrollment.' || w.status, w.contact_id, w.automation_id, w.id,
+                   herald._ended_data(w.current_node, w.exit_reason, w.context)
+              FROM woken w WHERE w.status = 'completed'
+        ), counted AS (
+            INSERT INTO herald.stats_delta (workspace_id, automation_id, node, metric, n)
+            SELECT x.workspace_id, x.automation_id, x.node, 'suppressed', count(*)
+              FROM suppressed x WHERE x.automation_id IS NOT NULL GROUP BY 1, 2, 3
+        ), counted_b AS (
+            INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+            SELECT x.workspace_id, x.broadcast_id, x.variation, x.metric, count(*)
+              FROM (SELECT y.workspace_id, y.broadcast_id, y.variation, 'suppressed' AS metric
+                      FROM suppressed y WHERE y.broadcast_id IS NOT NULL
+                    UNION ALL
+                    SELECT y.workspace_id, y.broadcast_id, y.variation, 'cancelled'
+                      FROM stopped y WHERE y.broadcast_status = 'cancelled') x
+             GROUP BY 1, 2, 3, 4
+        )
+        SELECT array_agg(u.id ORDER BY u.ord) INTO v_ids
+          FROM unnest(v_ids) WITH ORDINALITY u(id, ord)
+         WHERE u.id NOT IN (SELECT x.id FROM cancelled x UNION ALL SELECT x.id FROM halted x);
+           -- (woken and counted run to completion regardless)
+        IF v_ids IS NULL THEN
+            RETURN;
+        END IF;
     END IF;
 
     -- 2. rate limits
