@@ -1,10 +1,11 @@
 -- herald: the step engine.
 --
 -- tick() is ONE statement, whatever the batch size:
---   due       lock up to max_steps due enrollments of live automations (FOR UPDATE SKIP LOCKED: any number
---             of concurrent ticks are safe and never run a step twice)
---   batch     prefetch their contacts and automations once, as two json documents (json, not jsonb: it
---             reaches Rust as text, with no jsonb-to-text printing)
+--   due       lock up to max_steps due enrollments of live automations (herald._due_enrollments, FOR UPDATE
+--             SKIP LOCKED: any number of concurrent ticks are safe and never run a step twice)
+--   batch     prefetch their contacts and automations once, as two documents reaching Rust as text (the
+--             definitions as json, the enrollments as JSON text written out: no jsonb printing, no json
+--             value built per row)
 --   steps     herald._steps (Rust, extension/src/step_engine.rs) runs the node logic in memory: a contact
 --             advances through consecutive non-waiting nodes until it parks, ends, or hits the per-tick cap
 --   writes    data-modifying CTEs write every outcome: enrollments, outbox jobs (ON CONFLICT on the dedupe key,
