@@ -134,7 +134,7 @@ pub fn draw(
         ),
         (
             "pending jobs (hundreds)".into(),
-            interval(|p| Some(p.counters.pending / 100.0)),
+            interval(|p| Some(p.counters.pending? / 100.0)),
         ),
     ];
 

@@ -29,8 +29,9 @@ pub struct Counters {
     pub webhooks_sent: f64,
     pub jobs_failed: f64,
     pub jobs_retried: f64,
-    /// Jobs pending in the outbox (herald_queue_jobs, cached up to 5 s by the daemon).
-    pub pending: f64,
+    /// Jobs pending in the outbox (herald_queue_jobs, cached up to 5 s by the daemon); None when the
+    /// daemon left it out (its read of the queue took over 2 s).
+    pub pending: Option<f64>,
     pub claim_calls: i64,
     pub claim_ms: f64,
     pub complete_calls: i64,
@@ -93,7 +94,10 @@ pub async fn counters(db: &Client, metrics: SocketAddr) -> Counters {
         c.webhooks_sent = sum("herald_jobs_sent", Some("kind=\"webhook\""));
         c.jobs_failed = sum("herald_jobs_failed", None);
         c.jobs_retried = sum("herald_jobs_retried", None);
-        c.pending = sum("herald_queue_jobs", Some("status=\"pending\""));
+        c.pending = text
+            .lines()
+            .any(|l| l.starts_with("herald_queue_jobs{"))
+            .then(|| sum("herald_queue_jobs", Some("status=\"pending\"")));
     }
     // the daemon's calls only (the probe's claim is another statement text)
     if let Ok(r) = db
