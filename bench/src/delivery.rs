@@ -212,8 +212,8 @@ struct Drain {
     job_mean_ms: Option<f64>,
 }
 
-/// Mean of herald_job_duration_seconds over every kind, from the daemon's /metrics.
-async fn job_mean_ms(addr: SocketAddr) -> Option<f64> {
+/// The daemon's /metrics page as text (headers included); `None` when it does not answer within 5 s.
+pub(crate) async fn scrape_metrics(addr: SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
@@ -225,6 +225,12 @@ async fn job_mean_ms(addr: SocketAddr) -> Option<f64> {
         .await
         .ok()?
         .ok()?;
+    Some(text)
+}
+
+/// Mean of herald_job_duration_seconds over every kind, from the daemon's /metrics.
+async fn job_mean_ms(addr: SocketAddr) -> Option<f64> {
+    let text = scrape_metrics(addr).await?;
     let total = |prefix: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(prefix))

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -82,7 +81,7 @@ pub async fn indexes(db: &Client) -> Result<BTreeMap<String, i64>> {
 
 pub async fn counters(db: &Client, metrics: SocketAddr) -> Counters {
     let mut c = Counters::default();
-    if let Some(text) = scrape(metrics).await {
+    if let Some(text) = crate::delivery::scrape_metrics(metrics).await {
         let sum = |prefix: &str, label: Option<&str>| -> f64 {
             text.lines()
                 .filter(|l| l.starts_with(prefix))
@@ -118,21 +117,6 @@ pub async fn counters(db: &Client, metrics: SocketAddr) -> Counters {
         c.complete_ms = r.get(3);
     }
     c
-}
-
-async fn scrape(addr: SocketAddr) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-        .await
-        .ok()?
-        .ok()?;
-    Some(text)
 }
 
 /// The 1-minute load average of the machine.
