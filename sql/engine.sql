@@ -1,8 +1,8 @@
 -- herald: the step engine.
 --
 -- tick() is ONE statement, whatever the batch size:
---   due       lock up to max_steps due enrollments of live automations (herald._due_enrollments, FOR UPDATE
---             SKIP LOCKED: any number of concurrent ticks are safe and never run a step twice)
+--   due       lock up to max_steps due enrollments of live automations (FOR UPDATE SKIP LOCKED: any number
+--             of concurrent ticks are safe and never run a step twice)
 --   batch     prefetch their contacts and automations once, as two documents reaching Rust as text (the
 --             definitions as json, the enrollments as JSON text written out: no jsonb printing, no json
 --             value built per row)
@@ -18,42 +18,12 @@
 -- tables on every tick, a cost that grows with all rows ever made instead of with the batch.
 ALTER FUNCTION herald._steps(json, text, float8, int) ROWS 100;
 
--- tick's way in: up to max_steps due enrollments of live automations, oldest due first, locked (FOR UPDATE
--- SKIP LOCKED: any number of concurrent ticks are safe and never run a step twice). The only plan left
--- is a walk of enrollments_due_idx in next_run_at order that stops after max_steps: the LIMIT sits above
--- the row locks, so a sort under them cannot be bounded, and with a bitmap scan and a sort (what the
--- planner picked, with or without statistics: the live-automation test is estimated at a few rows)
--- every due enrollment was read and sorted on every tick (100,000 rows spilled to disk, ~85 ms of a
--- 10,000 batch; a backlog of 1,000,000 makes it seconds). The settings hold inside this function only.
--- The automation's status is a filter on that walk (a join would need a sort to restore the order):
--- IS TRUE keeps the IN from being made a join, so it stays a hashed subplan (the live automations
--- read once per call, a hash probe per row; a probe of automations per row was ~10% of tick).
-CREATE FUNCTION herald._due_enrollments(max_steps int)
-RETURNS TABLE (workspace_id text, id bigint, automation_id bigint, contact_id bigint, status text,
-               current_node text, visit int, context jsonb, event jsonb, version int)
-LANGUAGE sql
-SET search_path = pg_catalog, herald, pg_temp
-SET enable_bitmapscan = off
-SET enable_sort = off
-ROWS 100
-AS $$
-    SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
-           e.context, e.event,
-           -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
-           coalesce((e.event ->> 'version')::int, 1)
-      FROM herald.enrollments e
-     WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now() AND e.next_run_at < 'infinity'
-       AND ((e.workspace_id, e.automation_id) IN (SELECT a.workspace_id, a.id FROM herald.automations a
-                                                   WHERE a.status = 'live')) IS TRUE
-     ORDER BY e.next_run_at
-     LIMIT $1
-       FOR UPDATE OF e SKIP LOCKED
-$$;
-
 CREATE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+SET enable_bitmapscan = off   -- due: walk enrollments_due_idx in next_run_at order and stop at the limit;
+SET enable_sort = off         -- a bitmap scan and a sort read and sorted every due enrollment per tick
 AS $$
 DECLARE
     v_steps int;
@@ -64,7 +34,23 @@ BEGIN
     END IF;
 
     WITH due AS (
-        SELECT d.* FROM herald._due_enrollments(max_steps) d
+        -- up to max_steps due enrollments of live automations, oldest due first, locked (FOR UPDATE SKIP
+        -- LOCKED: concurrent ticks never run a step twice). Inline, in this statement's snapshot: in a
+        -- function of its own (a new snapshot per call, session 7) it locked enrollments committed after
+        -- this statement began, which the UPDATE below then could not see, so they stayed due and their
+        -- first step ran again (test_crash_recovery). next_run_at < 'infinity' lets enrollments_due_idx
+        -- serve it. IS TRUE keeps the live test a hashed subplan (the live automations read once).
+        SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
+               e.context, e.event,
+               -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
+               coalesce((e.event ->> 'version')::int, 1) AS version
+          FROM herald.enrollments e
+         WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now() AND e.next_run_at < 'infinity'
+           AND ((e.workspace_id, e.automation_id) IN (SELECT a.workspace_id, a.id FROM herald.automations a
+                                                       WHERE a.status = 'live')) IS TRUE
+         ORDER BY e.next_run_at
+         LIMIT max_steps
+           FOR UPDATE OF e SKIP LOCKED
     ), defs AS (
         -- the definition of every (automation, version) in the batch, read once per version. An
         -- enrollment moved to a newer version by an update_automation that committed after this

@@ -2795,39 +2795,19 @@ ALTER FUNCTION herald.preview_broadcast(text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.preview_broadcast(bigint) SECURITY DEFINER;
 -- (end issue-14-ingest)
 
--- engine (issue 14): tick walks enrollments_due_idx in order through herald._due_enrollments (no
--- sort of every due enrollment per tick), which no longer holds parked enrollments without a timeout;
--- the batch goes to _steps as text written out, the contact in parts. (begin issue-14-engine)
+-- engine (issue 14): enrollments_due_idx no longer holds parked enrollments without a timeout; tick's
+-- live test is a hashed subplan; the batch goes to _steps as text written out, the contact in parts.
+-- (begin issue-14-engine)
 DROP INDEX herald.enrollments_due_idx;
 CREATE INDEX enrollments_due_idx ON herald.enrollments (next_run_at)
     WHERE status IN ('active', 'waiting') AND next_run_at < 'infinity';
-
-CREATE OR REPLACE FUNCTION herald._due_enrollments(max_steps int)
-RETURNS TABLE (workspace_id text, id bigint, automation_id bigint, contact_id bigint, status text,
-               current_node text, visit int, context jsonb, event jsonb, version int)
-LANGUAGE sql
-SET search_path = pg_catalog, herald, pg_temp
-SET enable_bitmapscan = off
-SET enable_sort = off
-ROWS 100
-AS $$
-    SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
-           e.context, e.event,
-           -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
-           coalesce((e.event ->> 'version')::int, 1)
-      FROM herald.enrollments e
-     WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now() AND e.next_run_at < 'infinity'
-       AND ((e.workspace_id, e.automation_id) IN (SELECT a.workspace_id, a.id FROM herald.automations a
-                                                   WHERE a.status = 'live')) IS TRUE
-     ORDER BY e.next_run_at
-     LIMIT $1
-       FOR UPDATE OF e SKIP LOCKED
-$$;
 
 CREATE OR REPLACE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+SET enable_bitmapscan = off   -- due: walk enrollments_due_idx in next_run_at order and stop at the limit;
+SET enable_sort = off         -- a bitmap scan and a sort read and sorted every due enrollment per tick
 AS $$
 DECLARE
     v_steps int;
@@ -2838,7 +2818,23 @@ BEGIN
     END IF;
 
     WITH due AS (
-        SELECT d.* FROM herald._due_enrollments(max_steps) d
+        -- up to max_steps due enrollments of live automations, oldest due first, locked (FOR UPDATE SKIP
+        -- LOCKED: concurrent ticks never run a step twice). Inline, in this statement's snapshot: in a
+        -- function of its own (a new snapshot per call, session 7) it locked enrollments committed after
+        -- this statement began, which the UPDATE below then could not see, so they stayed due and their
+        -- first step ran again (test_crash_recovery). next_run_at < 'infinity' lets enrollments_due_idx
+        -- serve it. IS TRUE keeps the live test a hashed subplan (the live automations read once).
+        SELECT e.workspace_id, e.id, e.automation_id, e.contact_id, e.status, e.current_node, e.visit,
+               e.context, e.event,
+               -- the version the enrollment is pinned to (sql/versions.sql); none written: version 1
+               coalesce((e.event ->> 'version')::int, 1) AS version
+          FROM herald.enrollments e
+         WHERE e.status IN ('active', 'waiting') AND e.next_run_at <= now() AND e.next_run_at < 'infinity'
+           AND ((e.workspace_id, e.automation_id) IN (SELECT a.workspace_id, a.id FROM herald.automations a
+                                                       WHERE a.status = 'live')) IS TRUE
+         ORDER BY e.next_run_at
+         LIMIT max_steps
+           FOR UPDATE OF e SKIP LOCKED
     ), defs AS (
         -- the definition of every (automation, version) in the batch, read once per version. An
         -- enrollment moved to a newer version by an update_automation that committed after this
@@ -3015,6 +3011,5 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION herald._due_enrollments(int) FROM PUBLIC;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
 -- (end issue-14-engine)

@@ -134,7 +134,7 @@ CREATE TABLE herald.enrollments (
 CREATE INDEX enrollments_id_idx ON herald.enrollments (id);
 CREATE UNIQUE INDEX enrollments_entry_uq ON herald.enrollments (workspace_id, automation_id, contact_id, entry_key)
     WHERE entry_key <> 'active' OR status IN ('active', 'waiting');
--- tick's way in (herald._due_enrollments walks it in order): in progress and due some time. Parked
+-- tick's way in: in progress and due some time. Parked
 -- enrollments without a timeout (next_run_at = 'infinity': most of those waiting on a job) are not in it,
 -- so parking one writes one index entry fewer and the walk never steps over them.
 CREATE INDEX enrollments_due_idx ON herald.enrollments (next_run_at)
