@@ -1,0 +1,5 @@
+-- herald 0.4.0 -> 0.5.0
+--   Release 0.4.0 is the SQL that landed on 2026-12-06 (commit 04e44b2), kept in
+--   sql/releases/herald--0.4.0.sql. Everything since:
+--   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
+--   the end of each part.
