@@ -149,9 +149,54 @@ CREATE TYPE herald.job AS (
     payload    jsonb
 );
 
+-- herald.tick's wake-up, notified once per daemon round instead of once per enrolling transaction.
+-- Postgres commits the transactions that called pg_notify one at a time (the notification queue's lock
+-- is held from pre-commit to the end of the commit), so with a NOTIFY in every track() concurrent clients
+-- queued behind each other. The state lives in a sequence because a sequence is read and written outside
+-- transactions: every session sees a change at once, whatever its snapshot or isolation level.
+--   is_called = false: the daemon took the last wake-up (herald.take_tick_wakeup) at last_value (ms
+--                      since the epoch, the database's clock); the next enrolling transaction notifies
+--   is_called = true:  a wake-up is pending; enrolling transactions do not notify, since the daemon
+--                      that takes it waits, after taking it, until every transaction older than the
+--                      take has ended and then ticks once more (sidecar/src/run/tick_wakeup.rs)
+-- A pending wake-up older than 5 s is not trusted (a daemon that never takes it: an older build, or none
+-- running): such transactions notify as before.
+CREATE SEQUENCE herald.tick_wakeup MINVALUE 0 START 0;
+
+-- Called by the notify_tick trigger and the dispatcher's wake-up (owner's rights there): notifies
+-- herald.tick unless a wake-up is pending.
+CREATE FUNCTION herald._wake_tick() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_taken_at bigint;
+    v_pending boolean;
+BEGIN
+    SELECT w.last_value, w.is_called INTO v_taken_at, v_pending FROM herald.tick_wakeup w;
+    IF v_pending AND v_taken_at > (extract(epoch FROM clock_timestamp()) * 1000)::bigint - 5000 THEN
+        RETURN;
+    END IF;
+    IF NOT v_pending THEN
+        -- taken at the same time stays the lease's start; two transactions may both get here: two NOTIFYs
+        PERFORM setval('herald.tick_wakeup', v_taken_at, true);
+    END IF;
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+-- Role: herald_worker (the daemon), herald_admin. Takes the pending herald.tick wake-up before a tick:
+-- the next enrolling transaction notifies again. Not workspace-scoped (tick is not either).
+CREATE FUNCTION herald.take_tick_wakeup() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT setval('herald.tick_wakeup', (extract(epoch FROM clock_timestamp()) * 1000)::bigint, false);
+END;
+
 -- One coalesced wake-up per transaction: Postgres folds identical notifications of a transaction into one,
 -- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim) and
--- herald.tick (enrollments due now).
+-- herald.tick (enrollments due now; through herald._wake_tick, see above).
 -- The channel is the trigger's argument.
 CREATE FUNCTION herald._notify() RETURNS trigger
 LANGUAGE plpgsql
@@ -159,7 +204,11 @@ SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM new_rows) AND NOT herald._restoring() THEN
-        PERFORM pg_notify(TG_ARGV[0], '');
+        IF TG_ARGV[0] = 'herald.tick' THEN
+            PERFORM herald._wake_tick();
+        ELSE
+            PERFORM pg_notify(TG_ARGV[0], '');
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -182,6 +231,10 @@ RETURNS SETOF herald.job
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+-- Every statement here reaches the outbox through a fixed index path (the pending index, the ids by
+-- primary key), so one plan serves every call. With custom plans (the default, max_jobs and lease being
+-- parameters) the pick was planned again on every call: 0.30 ms of an idle claim's 0.43 ms.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_ids bigint[];
@@ -395,7 +448,10 @@ BEGIN
          -- No join with unnest(v_ids) for the order: a generic plan guessed it at 10 rows and compared
          -- every id with every row (a third of the lease's time); array_position is 100 integer compares.
          WHERE o.id = ANY (v_ids) AND o.status IS NOT DISTINCT FROM 'pending'
-        RETURNING o.*, array_position(v_ids, o.id) AS ord
+        -- only what the payload below reads (the row's response and errors of earlier attempts are no
+        -- business of the sender, and every column returned is copied through each join below)
+        RETURNING o.id, o.workspace_id, o.kind, o.provider, o.dedupe_key, o.attempt, o.payload, o.contact_id,
+                  o.automation_id, o.enrollment_id, o.broadcast_id, o.variation, array_position(v_ids, o.id) AS ord
     )
     SELECT l.id, l.workspace_id, l.kind, l.provider, l.dedupe_key, l.attempt,
            p.payload || jsonb_build_object(
@@ -518,7 +574,10 @@ BEGIN
           FROM input i
          WHERE o.id = i.id AND o.status IS NOT DISTINCT FROM 'leased'
         RETURNING o.workspace_id, o.id, o.kind, o.status AS outcome, o.contact_id, o.automation_id, o.enrollment_id,
-                  o.broadcast_id, o.variation, o.node, o.dedupe_key, o.attempt, o.payload, o.on_success, o.on_error,
+                  o.broadcast_id, o.variation, o.node, o.dedupe_key, o.attempt,
+                  -- only a decide job's payload is read below (its paths and cache settings): an email's
+                  -- variables can be large, and a returned column is copied into every CTE that reads it
+                  CASE WHEN o.kind = 'decide' THEN o.payload END AS payload, o.on_success, o.on_error,
                   i.ok, i.error, i.message_id AS new_message_id, i.response AS new_response
     ), job AS (
         -- where a finished job sends the enrollments waiting on it (a decide reply picks its path)
@@ -544,9 +603,11 @@ BEGIN
         ON CONFLICT (workspace_id, request_hash) DO UPDATE SET reply = EXCLUDED.reply, expires_at = EXCLUDED.expires_at
         RETURNING 1
     ), resolution AS (
-        -- a broadcast's job has no enrollment waiting on it (its 'b:' key is no step's): no probe
+        -- only a step's job can have enrollments waiting on it, and tick queues every step's job with the
+        -- enrollment that took the step (a shared decide question: the first one that asked), so a job
+        -- without one (send(), a broadcast's, a results stream's delivery) costs no probe
         SELECT j.workspace_id, j.dedupe_key, j.node, j.outcome, j.error, j.kind, j.new_response, j.next_node
-          FROM job j WHERE j.outcome IN ('done', 'failed') AND j.broadcast_id IS NULL
+          FROM job j WHERE j.outcome IN ('done', 'failed') AND j.enrollment_id IS NOT NULL
     ), waiting AS (
         -- the enrollments waiting on each finished job: one probe of enrollments_wait_job_idx per job.
         -- OFFSET 0 keeps the subquery from being flattened into a join whose order the planner picks from
