@@ -220,9 +220,13 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*) INTO v_steps FROM stepped;
-    -- the results stream moves on with every tick (sql/results.sql), so any daemon that ticks keeps it
-    -- published and its subscriptions served; one caller at a time does it, the others skip at once
-    PERFORM herald.advance_results(100000);
+    -- the results stream moves on with every tick (sql/results.sql), so whoever ticks keeps it published
+    -- and its subscriptions served; one caller at a time does it, the others skip at once. A caller that
+    -- publishes on its own says so with herald.tick_publishes_results = off (herald run sets it on its
+    -- connections: it publishes every 250 ms and after each tick round, beside the ticks)
+    IF coalesce(current_setting('herald.tick_publishes_results', true), '') NOT IN ('off', 'false', '0') THEN
+        PERFORM herald.advance_results(100000);
+    END IF;
     RETURN v_steps;
 END
 $$;

@@ -4,14 +4,21 @@
 //!
 //! A "step" as `tick()` counts it is one enrollment advanced: it runs consecutive non-waiting nodes
 //! until it parks or ends, so here one step covers all 3 nodes. Rates are given both ways.
+//!
+//! tick is measured the way `herald run` calls it: herald.tick_publishes_results = off, and the results
+//! stream published beside it every 250 ms from a connection of its own (as the daemon's maintenance
+//! does). The same run also ticks the same number of enrollments with tick publishing its own results
+//! (what a caller that does not publish gets, and what every tick did up to 0.4.0): the baseline.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
 use super::stats::Summary;
@@ -28,11 +35,23 @@ const CONTACTS_PER_CALL: usize = 10_000;
 const STATEMENT_BATCHES: [usize; 2] = [1_000, 10_000];
 const STATEMENT_TICKS: usize = 2;
 const GOAL_STEPS: &str = "tick >= 100,000 node steps/s";
+/// How often the publisher beside the ticks publishes (herald run's maintenance: RESULTS_EVERY).
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// advance_results' batch in the publisher (herald run's RESULTS_BATCH).
+const PUBLISH_BATCH: i32 = 10_000;
+/// How herald run's connections call tick: the results stream is published beside it.
+const TICK_LEAVES_RESULTS: &str = "SET herald.tick_publishes_results = off";
 const GOAL_STATEMENTS: &str = "statements per tick batch <= 6 at every batch size";
 
 #[derive(Debug, Serialize)]
 pub struct Engine {
+    /// As herald run ticks: results published beside the ticks.
     pub tick: TickRun,
+    /// The same enrollments with tick publishing its own results (the baseline).
+    pub tick_publishing: TickRun,
+    /// Results the publisher beside `tick` published while it ran.
+    pub published_beside: i64,
+    pub setup: Setup,
     pub statements: Vec<StatementCount>,
     /// What runs inside one tick (at the largest batch size): query text, calls per tick.
     pub statements_inside: Vec<(String, f64)>,
@@ -51,8 +70,13 @@ pub struct TickRun {
     pub node_steps_per_sec: f64,
     pub batch_ms: Summary,
     pub batch_mean_ms: f64,
-    pub contacts_secs: f64,
     pub enroll_secs: f64,
+}
+
+/// The set-up both tick runs share.
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    pub contacts_secs: f64,
     /// Enrollments of the earlier sections still in progress, ended (their automations archived) so
     /// tick sees only this run's.
     pub leftover_ended: i64,
@@ -118,22 +142,52 @@ pub async fn run(target: &Target, small: bool) -> Result<Engine> {
     let started = Instant::now();
     let contacts = create_contacts(&db, enrollments).await?;
     let contacts_secs = started.elapsed().as_secs_f64();
-    let automation = live_automation(&db, "bench tick").await?;
+    let tick = db.prepare("SELECT herald.tick($1)").await?;
+
+    // the baseline first: the run that counts gets the tables as the baseline left them (larger)
+    info!("engine: {enrollments} enrollments, tick publishing its own results");
+    let tick_publishing = tick_run(&db, &tick, "bench tick (tick publishes)", &contacts).await?;
+
+    db.batch_execute(TICK_LEAVES_RESULTS).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_until(target.connect().await?, stop.clone()));
+    info!("engine: {enrollments} enrollments as herald run ticks (results published beside)");
+    let tick_result = tick_run(&db, &tick, "bench tick", &contacts).await;
+    stop.store(true, Ordering::Relaxed);
+    let published_beside = publisher.await.context("the publisher task")??;
+    let tick = tick_result?;
+
+    let statements = statements(target, &contacts).await?;
+    Ok(Engine {
+        tick,
+        tick_publishing,
+        published_beside,
+        setup: Setup {
+            contacts_secs,
+            leftover_ended,
+            leftover_secs,
+        },
+        statements: statements.0,
+        statements_inside: statements.1,
+    })
+}
+
+/// Enrolls `contacts` into a new live automation, then ticks until tick returns 0.
+async fn tick_run(db: &Client, tick: &Statement, name: &str, contacts: &[i64]) -> Result<TickRun> {
+    let automation = live_automation(db, name).await?;
     let started = Instant::now();
-    enroll(&db, automation, &contacts).await?;
+    enroll(db, automation, contacts).await?;
     let enroll_secs = started.elapsed().as_secs_f64();
     db.batch_execute("VACUUM (ANALYZE) herald.enrollments, herald.contacts")
         .await?;
-    info!("engine: {enrollments} enrollments due; ticking in batches of {TICK_BATCH}");
 
-    let tick = db.prepare("SELECT herald.tick($1)").await?;
     let mut batches: Vec<Duration> = Vec::new();
     let mut steps = 0usize;
     let started = Instant::now();
     loop {
         let t = Instant::now();
         let n: i32 = db
-            .query_one(&tick, &[&TICK_BATCH])
+            .query_one(tick, &[&TICK_BATCH])
             .await
             .context("herald.tick")?
             .get(0);
@@ -144,31 +198,47 @@ pub async fn run(target: &Target, small: bool) -> Result<Engine> {
         steps += n as usize;
     }
     let secs = started.elapsed().as_secs_f64();
-    check_completed(&db, automation, enrollments, steps).await?;
-
-    let statements = statements(target, &contacts).await?;
+    check_completed(db, automation, contacts.len(), steps).await?;
     let mean =
         batches.iter().sum::<Duration>().as_secs_f64() * 1_000.0 / batches.len().max(1) as f64;
-    Ok(Engine {
-        tick: TickRun {
-            enrollments,
-            nodes_per_enrollment: NODES,
-            node_steps: steps * NODES,
-            max_steps: TICK_BATCH,
-            batches: batches.len(),
-            secs,
-            enrollments_per_sec: steps as f64 / secs,
-            node_steps_per_sec: (steps * NODES) as f64 / secs,
-            batch_ms: Summary::of(&batches),
-            batch_mean_ms: mean,
-            contacts_secs,
-            enroll_secs,
-            leftover_ended,
-            leftover_secs,
-        },
-        statements: statements.0,
-        statements_inside: statements.1,
+    Ok(TickRun {
+        enrollments: contacts.len(),
+        nodes_per_enrollment: NODES,
+        node_steps: steps * NODES,
+        max_steps: TICK_BATCH,
+        batches: batches.len(),
+        secs,
+        enrollments_per_sec: steps as f64 / secs,
+        node_steps_per_sec: (steps * NODES) as f64 / secs,
+        batch_ms: Summary::of(&batches),
+        batch_mean_ms: mean,
+        enroll_secs,
     })
+}
+
+/// herald run's publishing round, every PUBLISH_EVERY until `stop`, then once more for what is
+/// left: advance_results again at once while it returns a full batch. Returns the results published.
+async fn publish_until(db: Client, stop: Arc<AtomicBool>) -> Result<i64> {
+    let advance = db.prepare("SELECT herald.advance_results($1)").await?;
+    let mut published = 0i64;
+    loop {
+        let last = stop.load(Ordering::Relaxed);
+        loop {
+            let n: i32 = db
+                .query_one(&advance, &[&PUBLISH_BATCH])
+                .await
+                .context("herald.advance_results")?
+                .get(0);
+            published += i64::from(n);
+            if n < PUBLISH_BATCH {
+                break;
+            }
+        }
+        if last {
+            return Ok(published);
+        }
+        tokio::time::sleep(PUBLISH_EVERY).await;
+    }
 }
 
 /// The ingest sections leave enrollments due at their exit node; tick would work them too. Archiving
@@ -296,6 +366,8 @@ async fn statements(
     )
     .await
     .context("pg_stat_statements (is it in shared_preload_libraries?)")?;
+    // as herald run ticks; the results are published after the counts
+    db.batch_execute(TICK_LEAVES_RESULTS).await?;
     let tick = db.prepare("SELECT herald.tick($1)").await?;
     let mut counts = Vec::new();
     let mut inside = Vec::new();
@@ -359,6 +431,7 @@ async fn statements(
         });
         info!("statements: batches of {batch}: {per_tick:.1} statements per tick");
     }
+    publish_until(db, Arc::new(AtomicBool::new(true))).await?;
     Ok((counts, inside))
 }
 
@@ -378,8 +451,8 @@ pub(super) fn render(o: &mut String, e: &Engine) {
     );
     let _ = writeln!(
         o,
-        "{:>11} | {:>10} | {:>7} | {:>6} | {:>13} | {:>12} | {:>29}",
-        "enrollments",
+        "{:>30} | {:>10} | {:>7} | {:>6} | {:>13} | {:>12} | {:>29}",
+        "tick",
         "node steps",
         "batches",
         "secs",
@@ -387,27 +460,41 @@ pub(super) fn render(o: &mut String, e: &Engine) {
         "node steps/s",
         "ms per batch mean/p50/max"
     );
+    for (label, run) in [
+        ("as herald run (results beside)", &e.tick),
+        ("publishing its own results", &e.tick_publishing),
+    ] {
+        let _ = writeln!(
+            o,
+            "{:>30} | {:>10} | {:>7} | {:>6.2} | {:>13} | {:>12} | {:>9.1} / {:>7.1} / {:>7.1}",
+            label,
+            thousands(run.node_steps as f64),
+            run.batches,
+            run.secs,
+            thousands(run.enrollments_per_sec),
+            thousands(run.node_steps_per_sec),
+            run.batch_mean_ms,
+            run.batch_ms.p50_ms,
+            run.batch_ms.max_ms
+        );
+    }
     let _ = writeln!(
         o,
-        "{:>11} | {:>10} | {:>7} | {:>6.2} | {:>13} | {:>12} | {:>9.1} / {:>7.1} / {:>7.1}",
-        thousands(t.enrollments as f64),
-        thousands(t.node_steps as f64),
-        t.batches,
-        t.secs,
-        thousands(t.enrollments_per_sec),
-        thousands(t.node_steps_per_sec),
-        t.batch_mean_ms,
-        t.batch_ms.p50_ms,
-        t.batch_ms.max_ms
+        "  as herald run: {} results published beside the ticks (advance_results({PUBLISH_BATCH}) every {} ms, own connection); \
+         {:.2}x the rate of tick publishing its own",
+        thousands(e.published_beside as f64),
+        PUBLISH_EVERY.as_millis(),
+        t.node_steps_per_sec / e.tick_publishing.node_steps_per_sec.max(f64::MIN_POSITIVE)
     );
     let _ = writeln!(
         o,
-        "  setup: {} contacts in {:.1} s, enrolled in {:.1} s; {} enrollments of earlier sections ended first ({:.1} s)",
+        "  setup: {} contacts in {:.1} s, enrolled in {:.1} / {:.1} s; {} enrollments of earlier sections ended first ({:.1} s)",
         thousands(t.enrollments as f64),
-        t.contacts_secs,
+        e.setup.contacts_secs,
         t.enroll_secs,
-        thousands(t.leftover_ended as f64),
-        t.leftover_secs
+        e.tick_publishing.enroll_secs,
+        thousands(e.setup.leftover_ended as f64),
+        e.setup.leftover_secs
     );
     let _ = writeln!(
         o,
@@ -419,7 +506,7 @@ pub(super) fn render(o: &mut String, e: &Engine) {
 
     let _ = writeln!(
         o,
-        "\n6. Statements per tick batch: pg_stat_statements (track = all) calls of statements run inside tick / tick calls"
+        "\n6. Statements per tick batch, as herald run ticks: pg_stat_statements (track = all) calls of statements run inside tick / tick calls"
     );
     let _ = writeln!(
         o,

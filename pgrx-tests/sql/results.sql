@@ -279,3 +279,24 @@ SELECT count(*) AS ann_results FROM herald.results r
 SELECT herald.newest_result('rs1') = (SELECT coalesce(max(id), 0) FROM herald.results WHERE workspace_id = 'rs1') AS newest_is_the_max;
 SELECT herald.newest_result('rs2') >= 0 AS newest_of_another;
 SELECT herald.newest_result('nobody');
+
+-- ------------------------------------------------------------------ who publishes after a tick
+
+-- a caller that publishes on its own (herald run) tells tick to leave the stream to it: the tick's
+-- results stay staged until that caller's advance_results; any other value than off/false/0 publishes
+SELECT herald.create_workspace('rs3');
+SELECT herald.set_automation_status(herald.create_automation('rs3', '{"name": "ask", "trigger": {"event": "ask"}, "start": "ok",
+  "nodes": {"ok": {"type": "approval", "approved": "x", "rejected": "x"}, "x": {"type": "exit"}}}'), 'live');
+SET herald.tick_publishes_results = off;
+SELECT herald.track('rs3', 'zoe@example.com', 'ask') > 0 AS tracked;
+SELECT herald.tick() AS steps;
+SELECT count(*) AS staged, (SELECT count(*) FROM herald.read_results('rs3', 0)) AS readable
+  FROM herald.results_staged WHERE workspace_id = 'rs3';
+SELECT herald.advance_results() AS published;
+SELECT kind FROM herald.read_results('rs3', 0);
+SET herald.tick_publishes_results = on;
+SELECT herald.track('rs3', 'zia@example.com', 'ask') > 0 AS tracked;
+SELECT herald.tick() AS steps;
+SELECT count(*) AS staged, (SELECT count(*) FROM herald.read_results('rs3', 0)) AS readable
+  FROM herald.results_staged WHERE workspace_id = 'rs3';
+RESET herald.tick_publishes_results;

@@ -1,12 +1,15 @@
 //! Maintenance: the step engine and the queue's housekeeping, on timers.
-//!   herald.tick(TICK_BATCH) on a herald.tick notification and every poll interval, again at once
-//!                          while a call returns a full batch
+//!   herald.tick(TICK_BATCH) on a herald.tick notification and every poll interval (each taking the
+//!                          pending wake-up first, tick_wakeup.rs), again at once
+//!                          while a call returns a full batch, and once more when every transaction
+//!                          older than the take has ended
 //!   herald.reap()          every 5 s: expired leases back to pending
 //!   herald.flush_stats()   every 2 s
 //!   herald.prune('30 days') hourly (and at start)
 //!   herald.advance_results(RESULTS_BATCH) every 250 ms and after every tick round: publishes the results
 //!                          stream (numbers staged results, queues subscriptions' deliveries); wakes
-//!                          the /stream readers when it moved any
+//!                          the /stream readers when it moved any. Our ticks leave publishing to it
+//!                          (herald.tick_publishes_results = off on every connection, `pg`)
 //!   herald.advance_broadcasts(BROADCAST_BUDGET) after every tick round: starts due broadcasts and enqueues their
 //!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
@@ -28,6 +31,7 @@ use super::database::{Database, DbError};
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 use super::stream::Published;
+use super::tick_wakeup::TickWakeup;
 
 /// tick's batch (enrollments per call); a call that returns a full batch is repeated at once.
 pub const TICK_BATCH: i32 = 10_000;
@@ -116,18 +120,28 @@ impl Maintenance {
             backoff: Backoff::default(),
             retry_at: None,
         };
+        let mut wakeup = TickWakeup::new(self.poll);
         loop {
+            let mut follow_up = false;
             let task = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
                 () = self.tick_wake.notified() => Task::Tick,
                 _ = tick.tick() => Task::Tick,
+                () = wakeup.settled(&self.db) => {
+                    follow_up = true;
+                    Task::Tick
+                }
                 _ = reap.tick() => Task::Reap,
                 _ = stats.tick() => Task::FlushStats,
                 _ = prune.tick() => Task::Prune,
                 _ = results.tick() => Task::Results,
             };
             if task == Task::Tick {
+                if !follow_up {
+                    // enrolling transactions skip their NOTIFY while a wake-up is pending (tick_wakeup.rs)
+                    wakeup.take(&self.db).await;
+                }
                 // a full batch means more are due now
                 let mut stepped = 0;
                 while let Some(n) = self.call(&mut state, task).await {
@@ -137,8 +151,8 @@ impl Maintenance {
                     }
                 }
                 if stepped > 0 {
-                    // tick publishes the results it made itself (it ends with advance_results), so
-                    // the round below may find nothing left to publish: wake the readers anyway
+                    // another process's publish round may take this round's results first: wake
+                    // the readers anyway
                     self.published.bump();
                 }
                 while self.call(&mut state, Task::Broadcasts).await

@@ -27,6 +27,11 @@ pub fn settings(config: &Config, component: &'static str) -> Config {
     config
 }
 
+/// Tells herald.tick not to publish the results stream itself (sql/engine.sql): `maintenance` does,
+/// every 250 ms and after every tick round, beside the ticks. A session setting rather than a startup
+/// option, which poolers such as PgBouncer refuse; a database older than the setting ignores it.
+const TICK_LEAVES_RESULTS: &str = "SET herald.tick_publishes_results = off";
+
 /// Opens a connection with [`settings`] and starts the task that drives it, which logs the server's
 /// notices; the task ends when the connection closes. The pool (`database`) and the notifier's LISTEN
 /// connection are the only callers.
@@ -51,6 +56,7 @@ pub async fn connect_driven(
             }
         }
     });
+    client.batch_execute(TICK_LEAVES_RESULTS).await?;
     Ok((client, driver))
 }
 
