@@ -254,7 +254,7 @@ pub(super) fn render(o: &mut String, s: &Stream) {
         if f.live.first_event_ms - t.first_published_ms > 500.0 {
             let _ = writeln!(
                 o,
-                "  (the streams woke on their 1 s poll, not at publishing: tick() publishes what it staged itself, so the \
+                "  (the streams woke on their 1 s poll, not at publishing: another publish round took the tick's results first, so the \
                  daemon's own advance_results after the tick finds nothing and does not wake them)"
             );
         }
