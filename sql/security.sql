@@ -148,6 +148,7 @@ ALTER FUNCTION herald.enroll_segment(bigint, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
 ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
+ALTER FUNCTION herald.take_tick_wakeup() SECURITY DEFINER;
 ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.render_template(text, text, text, jsonb) SECURITY DEFINER;
@@ -272,6 +273,7 @@ GRANT EXECUTE ON FUNCTION
     herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval, interval),
     herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
 TO herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.take_tick_wakeup() TO herald_worker, herald_admin;
 -- the HTTP API: an admin makes and revokes keys; the daemon serves /v1/… through api_call, which acts
 -- only for the workspace of the key it is given (a key is the capability, checked in the database)
 GRANT EXECUTE ON FUNCTION

@@ -149,6 +149,7 @@ INSERT INTO calls (fn, q) VALUES
   ('complete',              $q$SELECT herald.complete('[]')$q$),
   ('reap',                  $q$SELECT herald.reap()$q$),
   ('tick',                  $q$SELECT herald.tick(10)$q$),
+  ('take_tick_wakeup',      $q$SELECT herald.take_tick_wakeup()$q$),
   ('flush_stats',           $q$SELECT herald.flush_stats()$q$),
   ('advance_broadcasts',    $q$SELECT herald.advance_broadcasts(10)$q$),
   ('record_feedback',       $q$SELECT herald.record_feedback('[]')$q$),

@@ -50,6 +50,7 @@ pub mod render;
 mod sendgrid;
 mod smtp_pool;
 mod stream;
+mod tick_wakeup;
 mod transport;
 mod webhook;
 
