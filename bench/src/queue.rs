@@ -5,6 +5,7 @@
 //! `claim(100)` costs when most workspaces are idle (`queue/idle.rs`).
 
 mod idle;
+mod meter;
 mod wake;
 
 use std::fmt::Write as _;
@@ -21,6 +22,7 @@ use super::{thousands, Goal};
 use herald_sidecar::db::Target;
 
 pub use idle::IdleWorkspaces;
+pub use meter::ServerCost;
 pub use wake::QueueWake;
 
 const WORKSPACE: &str = "bench_queue";
@@ -49,6 +51,8 @@ pub struct Throughput {
     /// Round trips that fetched work (claims, leases, batches).
     pub batches: usize,
     pub herald_over_this: f64,
+    /// The backend's CPU and the WAL per job (measured for herald and the two plain queues).
+    pub server: ServerCost,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +95,7 @@ fn throughput(queue: &str, jobs: usize, elapsed: Duration, batches: usize) -> Th
         jobs_per_sec: jobs as f64 / secs,
         batches,
         herald_over_this: 0.0,
+        server: ServerCost::default(),
     }
 }
 
@@ -100,7 +105,9 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
     setup(&db, jobs).await?;
 
     info!("queue: herald, {jobs} jobs");
+    let m = meter::Meter::start(&db).await;
     let (mut herald, claim_ms, complete_ms) = herald(&db, jobs).await?;
+    herald.server = m.stop(&db, herald.jobs).await;
     let row = db
         .query_one(
             "SELECT (SELECT count(*) FROM herald.message_history WHERE workspace_id = $1),
@@ -116,10 +123,14 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
         );
     }
     info!("queue: single-row");
+    let m = meter::Meter::start(&db).await;
     let mut single_row = single_row(&db, jobs).await?;
+    single_row.server = m.stop(&db, single_row.jobs).await;
     let single_row_time_bounded = single_row.jobs < jobs;
     info!("queue: bare batched");
+    let m = meter::Meter::start(&db).await;
     let mut bare_batched = bare_batched(&db, jobs).await?;
+    bare_batched.server = m.stop(&db, bare_batched.jobs).await;
     info!("queue: PgQ");
     let (mut pgq_tick_per_100, mut pgq_one_tick) = pgq(&db, jobs).await?;
     herald.herald_over_this = 1.0;
@@ -424,6 +435,7 @@ pub(super) fn render(o: &mut String, q: &Queue) {
         thousands(q.history_rows as f64),
         thousands(q.stats_sent as f64)
     );
+    render_server_cost(o, q);
     let _ = writeln!(
         o,
         "  PgQ batches by ticks, not by {BATCH}: its rows show PgQ with a tick every {BATCH} events and with one tick for all"
@@ -439,4 +451,29 @@ pub(super) fn render(o: &mut String, q: &Queue) {
     }
     wake::render(o, &q.wake_up);
     idle::render(o, &q.idle_workspaces);
+}
+
+/// The server's own cost per job of herald and the plain queues, and herald's rate as it would be if
+/// only that cost counted (this/herald): steadier than the wall clock on a shared machine.
+fn render_server_cost(o: &mut String, q: &Queue) {
+    let h = q.herald.server;
+    for t in [&q.herald, &q.single_row, &q.bare_batched] {
+        let (cpu, wal) = (t.server.cpu_us_per_job, t.server.wal_bytes_per_job);
+        if cpu.is_none() && wal.is_none() {
+            continue;
+        }
+        let ratio = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
+            (Some(m), Some(t)) if m > 0.0 => format!(" ({:.2}x)", t / m),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  server cost, {:<44} backend CPU {:>7} µs/job{}, WAL {:>6} B/job{}",
+            t.queue,
+            cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            ratio(h.cpu_us_per_job, cpu),
+            wal.map_or("-".into(), |w| format!("{w:.0}")),
+            ratio(h.wal_bytes_per_job, wal),
+        );
+    }
 }
