@@ -689,6 +689,8 @@ ALTER FUNCTION herald.complete(jsonb) SECURITY DEFINER;
 
 -- ==== notify: herald.tick is notified once per daemon round, not by every enrolling transaction (herald._wake_tick, herald.take_tick_wakeup) ====
 CREATE SEQUENCE herald.tick_wakeup MINVALUE 0 START 0;
+-- in backups like every relation herald owns (a restored state is at worst a stale pending wake-up: not trusted)
+SELECT pg_catalog.pg_extension_config_dump('herald.tick_wakeup', '');
 
 -- Called by the notify_tick trigger and the dispatcher's wake-up (owner's rights there): notifies
 -- herald.tick unless a wake-up is pending.
@@ -697,17 +699,16 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
-    v_taken_at bigint;
+    v_since bigint;
     v_pending boolean;
+    v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
 BEGIN
-    SELECT w.last_value, w.is_called INTO v_taken_at, v_pending FROM herald.tick_wakeup w;
-    IF v_pending AND v_taken_at > (extract(epoch FROM clock_timestamp()) * 1000)::bigint - 5000 THEN
+    SELECT w.last_value, w.is_called INTO v_since, v_pending FROM herald.tick_wakeup w;
+    IF v_pending AND v_since > v_now - 5000 THEN
         RETURN;
     END IF;
-    IF NOT v_pending THEN
-        -- taken at the same time stays the lease's start; two transactions may both get here: two NOTIFYs
-        PERFORM setval('herald.tick_wakeup', v_taken_at, true);
-    END IF;
+    -- two transactions may both get here: two NOTIFYs, harmless
+    PERFORM setval('herald.tick_wakeup', v_now, true);
     PERFORM pg_notify('herald.tick', '');
 END
 $$;

@@ -156,12 +156,15 @@ CREATE TYPE herald.job AS (
 -- transactions: every session sees a change at once, whatever its snapshot or isolation level.
 --   is_called = false: the daemon took the last wake-up (herald.take_tick_wakeup) at last_value (ms
 --                      since the epoch, the database's clock); the next enrolling transaction notifies
---   is_called = true:  a wake-up is pending; enrolling transactions do not notify, since the daemon
+--   is_called = true:  a wake-up is pending since last_value (ms, set by the transaction that notified);
+--                      enrolling transactions do not notify, since the daemon
 --                      that takes it waits, after taking it, until every transaction older than the
 --                      take has ended and then ticks once more (sidecar/src/run/tick_wakeup.rs)
--- A pending wake-up older than 5 s is not trusted (a daemon that never takes it: an older build, or none
--- running): such transactions notify as before.
+-- A wake-up pending for more than 5 s is not trusted (a daemon that never takes it: an older build, or
+-- none running): such transactions notify as before.
 CREATE SEQUENCE herald.tick_wakeup MINVALUE 0 START 0;
+-- in backups like every relation herald owns (a restored state is at worst a stale pending wake-up: not trusted)
+SELECT pg_catalog.pg_extension_config_dump('herald.tick_wakeup', '');
 
 -- Called by the notify_tick trigger and the dispatcher's wake-up (owner's rights there): notifies
 -- herald.tick unless a wake-up is pending.
@@ -170,17 +173,16 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
-    v_taken_at bigint;
+    v_since bigint;
     v_pending boolean;
+    v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
 BEGIN
-    SELECT w.last_value, w.is_called INTO v_taken_at, v_pending FROM herald.tick_wakeup w;
-    IF v_pending AND v_taken_at > (extract(epoch FROM clock_timestamp()) * 1000)::bigint - 5000 THEN
+    SELECT w.last_value, w.is_called INTO v_since, v_pending FROM herald.tick_wakeup w;
+    IF v_pending AND v_since > v_now - 5000 THEN
         RETURN;
     END IF;
-    IF NOT v_pending THEN
-        -- taken at the same time stays the lease's start; two transactions may both get here: two NOTIFYs
-        PERFORM setval('herald.tick_wakeup', v_taken_at, true);
-    END IF;
+    -- two transactions may both get here: two NOTIFYs, harmless
+    PERFORM setval('herald.tick_wakeup', v_now, true);
     PERFORM pg_notify('herald.tick', '');
 END
 $$;
@@ -235,6 +237,11 @@ SET jit = off   -- short OLTP statements: an LLVM compile would cost more than t
 -- primary key), so one plan serves every call. With custom plans (the default, max_jobs and lease being
 -- parameters) the pick was planned again on every call: 0.30 ms of an idle claim's 0.43 ms.
 SET plan_cache_mode = force_generic_plan
+-- and since that plan lives as long as the connection: every table is reached by key, as in complete
+-- (a plan made while the contacts were few, or never analysed, must not hash all of them per claim later)
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
     v_ids bigint[];
