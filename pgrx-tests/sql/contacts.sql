@@ -77,3 +77,51 @@ SELECT * FROM herald.upsert_contacts('c1', '[]');
 -- workspaces are isolated: same email, two contacts
 SELECT herald.create_workspace('c2');
 SELECT herald.upsert_contact('c2', 'ann@example.com') <> :ann AS distinct_contact;
+
+-- Imports into a workspace where no live automation triggers on contact.created skip the dispatcher for
+-- their contact.created events (herald.restoring, for that one statement). The events are still written,
+-- the setting is put back after the call (the dispatcher checks the next INSERT of the same transaction),
+-- and contact.updated events still go through the dispatcher (they wake a waiting enrollment).
+SELECT herald.create_workspace('cq');
+BEGIN;
+SELECT * FROM herald.upsert_contacts('cq', '[{"email": "q1@example.com", "attributes": {"plan": "pro", "gone": null}},
+                                             {"email": "q2@example.com"}, {"email": "Q1@example.com", "timezone": "UTC"}]');
+SELECT coalesce(current_setting('herald.restoring', true), '') AS restoring_after_call;
+SELECT e.kind, e.email, e.payload, e.contact_id = c.id AS same_contact FROM herald.events e
+  JOIN herald.contacts c ON c.workspace_id = e.workspace_id AND c.email = e.email WHERE e.workspace_id = 'cq' ORDER BY e.id;
+SELECT email, attributes, timezone FROM herald.contacts WHERE workspace_id = 'cq' ORDER BY email;
+INSERT INTO herald.events (workspace_id, contact_id, kind) VALUES ('cq', -1, 'checked');
+ROLLBACK;
+-- a loader's own herald.restoring = on is kept
+SET herald.restoring = on;
+SELECT inserted FROM herald.upsert_contacts('cq', '[{"email": "q3@example.com"}]');
+SHOW herald.restoring;
+RESET herald.restoring;
+-- a contact.updated from an import wakes an enrollment waiting for it
+SELECT * FROM herald.upsert_contacts('cq', '[{"email": "q4@example.com", "attributes": {"plan": "free"}}]');
+SELECT herald.create_automation('cq', '{"name": "upgrade", "start": "w",
+  "nodes": {"w": {"type": "wait_event", "event": "contact.updated", "timeout": "1 day", "next": "done", "timeout_next": "done"},
+            "done": {"type": "exit"}}}') AS waiting \gset
+SELECT herald.set_automation_status(:waiting, 'live');
+SELECT enrolled FROM herald.enroll(:waiting, ARRAY(SELECT id FROM herald.contacts WHERE workspace_id = 'cq' AND email = 'q4@example.com'));
+UPDATE herald.enrollments SET status = 'waiting', wait_kind = 'event', wait_event = 'contact.updated',
+       next_run_at = now() + interval '1 day'
+ WHERE workspace_id = 'cq' AND automation_id = :waiting;
+SELECT * FROM herald.upsert_contacts('cq', '[{"email": "q4@example.com", "attributes": {"plan": "pro"}}]');
+SELECT status, current_node, wait_kind, context -> 'w' -> 'changed' AS changed FROM herald.enrollments
+ WHERE workspace_id = 'cq' AND automation_id = :waiting;
+-- with a live contact.created automation the dispatcher runs as before: it enrols the new contacts
+SELECT herald.create_automation('cq', '{"name": "welcome", "trigger": {"event": "contact.created", "filter": {"field": "event.plan", "op": "eq", "value": "pro"}},
+  "start": "x", "nodes": {"x": {"type": "exit"}}}') AS welcome \gset
+SELECT herald.set_automation_status(:welcome, 'live');
+SELECT * FROM herald.upsert_contacts('cq', '[{"email": "q5@example.com", "attributes": {"plan": "pro"}}, {"email": "q6@example.com"}]');
+SELECT c.email FROM herald.enrollments e JOIN herald.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
+ WHERE e.workspace_id = 'cq' AND e.automation_id = :welcome ORDER BY c.email;
+SELECT herald.set_automation_status(:welcome, 'paused');
+-- attributes merged from repeated entries are bounded like each entry's (64 KiB): the call fails, nothing is kept
+SELECT * FROM herald.upsert_contacts('cq', jsonb_build_array(
+    jsonb_build_object('email', 'big@example.com', 'attributes', jsonb_build_object('a', repeat('x', 40000))),
+    jsonb_build_object('email', 'big@example.com', 'attributes', jsonb_build_object('b', repeat('y', 40000)))));
+SELECT count(*) AS big_contacts FROM herald.contacts WHERE workspace_id = 'cq' AND email = 'big@example.com';
+-- (the woken enrollment would be due for the next suite's tick)
+DELETE FROM herald.enrollments WHERE workspace_id = 'cq';
