@@ -37,7 +37,14 @@ use super::stats::Summary;
 use herald_sidecar::db::Target;
 use herald_sidecar::run;
 
-const DBNAME: &str = "herald_bench_delivery";
+/// The database's name: `herald_bench_delivery`, or `<HERALD_BENCH_DB>_delivery` when that is set, so
+/// that runs side by side on one machine do not drop each other's database.
+fn dbname() -> String {
+    match std::env::var("HERALD_BENCH_DB") {
+        Ok(base) if !base.is_empty() => format!("{base}_delivery"),
+        _ => "herald_bench_delivery".to_owned(),
+    }
+}
 const WORKSPACE: &str = "bench";
 const TEMPLATE: &str = "t";
 /// smtp-source sessions (the comparison the goal is stated against).
@@ -93,7 +100,7 @@ impl Sizes {
 
 pub async fn run(target: &Target, small: bool) -> Result<(String, Value)> {
     let sizes = Sizes::new(small);
-    let target = target.with_dbname(DBNAME);
+    let target = target.with_dbname(&dbname());
     let db = target.recreate_with_extension().await?;
     db.batch_execute(&format!(
         "SELECT herald.create_workspace('{WORKSPACE}', 'Delivery bench');
@@ -110,7 +117,7 @@ pub async fn run(target: &Target, small: bool) -> Result<(String, Value)> {
     {
         info!("pg_stat_statements unavailable ({e}): no claim/complete server times");
     }
-    info!("database {DBNAME} ready");
+    info!("database {} ready", dbname());
 
     let latency = latency(&target, &db, &sizes).await?;
     let emails = emails(&target, &db, &sizes, latency.message_bytes).await?;
@@ -1022,8 +1029,9 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "\nDelivery{}: herald run in-process, every peer on 127.0.0.1 (database {DBNAME})",
-            if self.small { " --small" } else { "" }
+            "\nDelivery{}: herald run in-process, every peer on 127.0.0.1 (database {})",
+            if self.small { " --small" } else { "" },
+            dbname()
         );
         self.render_emails(&mut o);
         self.render_webhooks(&mut o);

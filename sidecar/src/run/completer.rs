@@ -1,9 +1,12 @@
 //! Completer: gathers executors' results and records them with `herald.complete`, group-commit style: a
-//! call starts as soon as a result is waiting and a call slot is free (at most [`IN_FLIGHT`] calls at
-//! once); results that arrive meanwhile wait for the next call, up to [`BATCH`] per call. So batches
-//! form by themselves under load and a lone result is recorded at once, with no timer: what a crash
-//! can leave "sent but not recorded" (and so sends twice after the lease expires) is what arrived
-//! during the last call or two, not a fixed batch window's worth.
+//! call starts as soon as a result is waiting and no call is running; results that arrive meanwhile
+//! wait for the next call, up to [`BATCH`] per call. A second call (at most [`IN_FLIGHT`] at once)
+//! starts only for an overflow of at least [`OVERFLOW`] waiting results. So batches form by themselves
+//! under load and a lone result is recorded at once, with no timer: what a crash can leave "sent but
+//! not recorded" (and so sends twice after the lease expires) is what arrived during the last call or
+//! two, not a fixed batch window's worth. (With the second call free for any result, each call took
+//! the few results of the last millisecond or two: many more, smaller calls, each with its own commit,
+//! for the same work.)
 //!
 //! A failed call is retried with back-off and its batch kept (complete() ignores results it has already
 //! applied, so a retry after an ambiguous failure is harmless), for as long as the database stays away.
@@ -14,11 +17,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::database::{Database, DbError};
@@ -27,10 +31,18 @@ use super::pg::Backoff;
 
 /// Results per complete() call at most.
 pub const BATCH: usize = 100;
-/// complete() calls at once: a second call may start while one is running, so a result that arrives
-/// just after a call began waits for a free connection, not for that call to finish. (Two concurrent
-/// calls touch different outbox rows; each is one statement, so they cannot hold each other up for long.)
+/// complete() calls at once: a second call may start while one is running, for an overflow (see
+/// [`OVERFLOW`]), so results that come faster than one call at a time records do not pile up. (Two
+/// concurrent calls touch different outbox rows; each is one statement, so they cannot hold each other
+/// up for long.)
 pub const IN_FLIGHT: usize = 2;
+/// Results waiting that start a call while another is running; fewer wait for it to end (a call lasts
+/// a few milliseconds), which keeps calls few and full.
+pub const OVERFLOW: usize = BATCH / 2;
+/// A call running this long opens the second slot to whatever waits, however little: a slow call
+/// (100-250 ms seen under load) must not hold results back, as each is a second copy if the process
+/// is killed meanwhile.
+pub const SLOW_CALL: Duration = Duration::from_millis(10);
 
 const COMPLETE: &str = "SELECT herald.complete($1::jsonb)";
 
@@ -55,10 +67,12 @@ impl Completer {
             give_up,
             metrics,
         };
-        let lost: usize = group_commit(&mut results, IN_FLIGHT, |batch| recorder.record(batch))
-            .await
-            .into_iter()
-            .sum();
+        let lost: usize = group_commit(&mut results, IN_FLIGHT, SLOW_CALL, |batch| {
+            recorder.record(batch)
+        })
+        .await
+        .into_iter()
+        .sum();
         if lost > 0 {
             tracing::error!(
                 results = lost,
@@ -71,11 +85,13 @@ impl Completer {
 }
 
 /// Hands what `results` yields to `record`, in batches of at most [`BATCH`], with at most `in_flight`
-/// calls running at once: whenever a call slot is free and anything is waiting, a call starts with
+/// calls running at once: when no call runs and anything is waiting, or a call slot is free and either
+/// at least [`OVERFLOW`] are waiting or the oldest running call has lasted `slow`, a call starts with
 /// everything waiting. Returns each call's output once the channel is closed and every call is done.
 async fn group_commit<R, F, T>(
     results: &mut mpsc::Receiver<Json>,
     in_flight: usize,
+    slow: Duration,
     record: R,
 ) -> Vec<T>
 where
@@ -84,6 +100,9 @@ where
 {
     let mut waiting: Vec<Json> = Vec::with_capacity(BATCH);
     let mut calls = FuturesUnordered::new();
+    // when each running call started, by its number
+    let mut running: Vec<(u64, Instant)> = Vec::new();
+    let mut numbered = 0u64;
     let mut outputs = Vec::new();
     let mut open = true;
     loop {
@@ -95,21 +114,37 @@ where
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        if !waiting.is_empty() && calls.len() < in_flight {
+        let now = Instant::now();
+        let oldest = running.iter().map(|(_, at)| *at).min();
+        let slot_free = calls.len() < in_flight;
+        let overflow = waiting.len() >= OVERFLOW || oldest.is_some_and(|at| now - at >= slow);
+        if !waiting.is_empty() && (calls.is_empty() || (slot_free && overflow)) {
             let batch = std::mem::replace(&mut waiting, Vec::with_capacity(BATCH));
-            calls.push(record(batch));
+            let call = record(batch);
+            let number = numbered;
+            numbered += 1;
+            running.push((number, now));
+            calls.push(async move { (number, call.await) });
             continue;
         }
         if !open && waiting.is_empty() && calls.is_empty() {
             return outputs;
         }
-        // wait for a result (while there is room for it) or for a call to end
+        // results wait behind a running call and a slot is free: it opens when that call turns slow
+        let slow_at = oldest
+            .filter(|_| slot_free && !waiting.is_empty())
+            .map(|at| at + slow);
+        // wait for a result (while there is room for it), for a call to end or to turn slow
         tokio::select! {
             r = results.recv(), if open && waiting.len() < BATCH => match r {
                 Some(r) => waiting.push(r),
                 None => open = false,
             },
-            Some(out) = calls.next(), if !calls.is_empty() => outputs.push(out),
+            Some((number, out)) = calls.next(), if !calls.is_empty() => {
+                running.retain(|(n, _)| *n != number);
+                outputs.push(out);
+            }
+            () = tokio::time::sleep_until(slow_at.unwrap_or(now)), if slow_at.is_some() => {}
         }
     }
 }
@@ -200,8 +235,10 @@ mod tests {
     use super::*;
     use serde_json::json;
     use std::sync::Mutex;
-    use std::time::Duration;
     use tokio::sync::Semaphore;
+
+    /// A `slow` no test call reaches.
+    const LONG: Duration = Duration::from_secs(3600);
 
     /// A recorder whose calls end when the test releases them; it logs each batch's ids.
     struct Fake {
@@ -251,10 +288,9 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1000);
         let fake = Fake::new();
         let f = Arc::clone(&fake);
-        let run =
-            tokio::spawn(
-                async move { group_commit(&mut rx, 1, |b| Arc::clone(&f).record(b)).await },
-            );
+        let run = tokio::spawn(async move {
+            group_commit(&mut rx, 1, LONG, |b| Arc::clone(&f).record(b)).await
+        });
         tx.send(json!({"id": 1})).await.unwrap();
         settle().await;
         // no timer: the call started with the one result there was
@@ -278,6 +314,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_second_call_starts_only_for_an_overflow() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let fake = Fake::new();
+        let f = Arc::clone(&fake);
+        let run = tokio::spawn(async move {
+            group_commit(&mut rx, 2, LONG, |b| Arc::clone(&f).record(b)).await
+        });
+        tx.send(json!({"id": 0})).await.unwrap();
+        settle().await;
+        assert_eq!(fake.calls().len(), 1);
+        // a few results while the first call runs wait for it, though a second slot is free
+        for id in 1..OVERFLOW as i64 {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            fake.calls().len(),
+            1,
+            "no second call for {} results",
+            OVERFLOW - 1
+        );
+        // one more makes an overflow: the second call starts beside the first
+        tx.send(json!({ "id": OVERFLOW as i64 })).await.unwrap();
+        settle().await;
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1], (1..=OVERFLOW as i64).collect::<Vec<_>>());
+        assert_eq!(*fake.most_at_once.lock().unwrap(), 2);
+        fake.release.add_permits(2);
+        drop(tx);
+        let outputs = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outputs.iter().sum::<usize>(), OVERFLOW + 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_call_opens_the_second_slot_to_a_few_results() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let fake = Fake::new();
+        let f = Arc::clone(&fake);
+        let slow = Duration::from_millis(50);
+        let run = tokio::spawn(async move {
+            group_commit(&mut rx, 2, slow, |b| Arc::clone(&f).record(b)).await
+        });
+        tx.send(json!({"id": 0})).await.unwrap();
+        settle().await;
+        for id in 1..=3 {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(fake.calls().len(), 1, "a call just begun: the few wait");
+        tokio::time::sleep(slow * 3).await;
+        settle().await;
+        assert_eq!(fake.calls(), vec![vec![0], vec![1, 2, 3]]);
+        fake.release.add_permits(2);
+        drop(tx);
+        let mut outputs = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
+        outputs.sort_unstable();
+        assert_eq!(outputs, vec![1, 3]);
+    }
+
+    #[tokio::test]
     async fn batches_are_capped_and_calls_overlap_up_to_the_limit() {
         let (tx, mut rx) = mpsc::channel(1000);
         let fake = Fake::new();
@@ -286,10 +389,9 @@ mod tests {
         }
         drop(tx);
         let f = Arc::clone(&fake);
-        let run =
-            tokio::spawn(
-                async move { group_commit(&mut rx, 2, |b| Arc::clone(&f).record(b)).await },
-            );
+        let run = tokio::spawn(async move {
+            group_commit(&mut rx, 2, LONG, |b| Arc::clone(&f).record(b)).await
+        });
         settle().await;
         let calls = fake.calls();
         assert_eq!(calls.len(), 2, "two calls at once, no more");

@@ -94,10 +94,13 @@ impl Executor {
     }
 
     async fn execute(&self, job: &Job) -> Outcome {
-        let vars = Vars::from_payload(&job.workspace, &job.payload);
         match job.kind.as_str() {
-            "email" => self.mailer.send(job, &self.renderer, &vars).await,
-            "webhook" | "decide" => self.webhooks.call(job, &self.renderer, &vars).await,
+            "email" => {
+                let vars = Vars::from_payload(&job.workspace, &job.payload);
+                self.mailer.send(job, &self.renderer, &vars).await
+            }
+            // builds its variables only if it has templates to render
+            "webhook" | "decide" => self.webhooks.call(job, &self.renderer).await,
             other => Outcome::permanent(format!("unknown job kind {other:?}")),
         }
     }

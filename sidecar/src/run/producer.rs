@@ -34,7 +34,7 @@ pub struct Producer {
 
 const CLAIM: &str = "SELECT id, workspace, kind, provider, dedupe_key, attempt, payload \
                      FROM herald.claim($1::text, $2::int, make_interval(secs => $3::float8))";
-/// How long to let slots accumulate behind a backlog.
+/// How long at most to let slots accumulate behind a backlog (until a quarter of them is free).
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 
 impl Producer {
@@ -49,10 +49,18 @@ impl Producer {
                 p = Arc::clone(&self.slots).acquire_owned() => p.expect("the slot semaphore is never closed"),
             };
             // behind a backlog, let a few more slots free up so claims come in batches rather than
-            // one call per finished job
-            if backlog && self.slots.available_permits() + 1 < self.batch_min() {
+            // one call per finished job: the claim starts the moment a batch's worth is free (fast
+            // jobs free them within a millisecond or two), or after BATCH_WAIT with what there is
+            // (slow jobs). A fixed sleep here left the claimer idle for most of each cycle when jobs
+            // are fast: webhooks to a local receiver ran at 0.64x the bare claim+complete rate.
+            let short = self
+                .batch_min()
+                .saturating_sub(self.slots.available_permits() + 1);
+            if backlog && short > 0 {
+                let more = Arc::clone(&self.slots).acquire_many_owned(short as u32);
                 tokio::select! {
                     () = self.shutdown.cancelled() => break,
+                    more = more => permits.merge(more.expect("the slot semaphore is never closed")),
                     () = tokio::time::sleep(BATCH_WAIT) => {}
                 }
             }
@@ -64,6 +72,7 @@ impl Producer {
             }
             let want = permits.num_permits();
 
+            let claim_started = std::time::Instant::now();
             let jobs = match self.claim(want).await {
                 Ok(jobs) => {
                     backoff.reset();
@@ -88,7 +97,8 @@ impl Producer {
 
             let got = jobs.len();
             if got > 0 {
-                tracing::debug!(claimed = got, asked = want, "claimed");
+                let ms = claim_started.elapsed().as_secs_f64() * 1000.0;
+                tracing::debug!(claimed = got, asked = want, ms, "claimed");
                 self.metrics.claimed(got);
             }
             for job in jobs {
@@ -132,9 +142,13 @@ impl Producer {
 
     async fn claim(&self, want: usize) -> Result<Vec<Claimed>, DbError> {
         let client = self.db.get().await?;
+        // prepared once per connection: one round trip per claim instead of two (parse, then run),
+        // each a wake-up of the daemon and of the server, which on a busy machine cost more than
+        // the claim's own server time
+        let statement = client.prepare_cached(CLAIM).await?;
         let rows = client
             .query(
-                CLAIM,
+                &statement,
                 &[&self.worker, &(want as i32), &self.lease.as_secs_f64()],
             )
             .await?;

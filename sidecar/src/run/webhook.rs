@@ -30,7 +30,8 @@ use sha2::Sha256;
 use super::address_policy::{AllowList, Refused};
 use super::config::{Config, Keys};
 use super::job::{Job, Outcome};
-use super::render::{Renderer, Vars};
+use super::render::{Renderer, Vars, MAX_OUTPUT};
+use herald_render::engine::has_syntax;
 
 /// Largest reply kept as the job's response.
 pub const REPLY_CAP: usize = 64 * 1024;
@@ -64,6 +65,27 @@ pub fn signature(key: &[u8], timestamp: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Whether rendering `fields` would give them back unchanged: no template syntax in any string, and
+/// their text within the render's output bound (over it, the renderer says so). Such a job skips the
+/// renderer, and with it a copy of its payload as variables (contact, event, context) and of its
+/// fields: most webhooks carry no template, and at thousands per second the copies were a good part
+/// of the daemon's CPU per job.
+fn renders_as_is(fields: &[(String, Json)]) -> bool {
+    fn text(v: &Json, total: &mut usize) -> bool {
+        match v {
+            Json::String(s) => {
+                *total += s.len();
+                !has_syntax(s)
+            }
+            Json::Array(items) => items.iter().all(|v| text(v, total)),
+            Json::Object(map) => map.values().all(|v| text(v, total)),
+            _ => true,
+        }
+    }
+    let mut total = 0;
+    fields.iter().all(|(_, v)| text(v, &mut total)) && total <= MAX_OUTPUT
 }
 
 /// Whether a non-2xx status is worth retrying.
@@ -116,7 +138,7 @@ impl Webhooks {
         })
     }
 
-    pub async fn call(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
+    pub async fn call(&self, job: &Job, renderer: &Renderer) -> Outcome {
         let p = &job.payload;
         let Some(url_src) = p.get("url").and_then(Json::as_str) else {
             return Outcome::permanent("the job has no url");
@@ -139,14 +161,15 @@ impl Webhooks {
         // a job marked verbatim carries data, not templates (a results-stream delivery: a result
         // holding "{{" must arrive as it is); everything else is rendered
         let verbatim = p.get("verbatim").and_then(Json::as_bool) == Some(true);
-        let mut rendered = if verbatim {
+        let mut rendered = if verbatim || renders_as_is(&fields) {
             fields
                 .into_iter()
                 .map(|(_, v)| v)
                 .collect::<Vec<_>>()
                 .into_iter()
         } else {
-            match renderer.render_fields(fields, vars).await {
+            let vars = Vars::from_payload(&job.workspace, p);
+            match renderer.render_fields(fields, &vars).await {
                 Ok(r) => r.into_iter(),
                 Err(e) => return e.outcome(),
             }
@@ -370,6 +393,23 @@ mod tests {
         let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
         assert_eq!(signature(b"k", 1_700_000_000, b"{\"a\":1}"), expected);
         assert_ne!(signature(b"k", 1_700_000_001, b"{\"a\":1}"), expected);
+    }
+
+    #[test]
+    fn only_fields_without_templates_within_the_bound_skip_the_renderer() {
+        let field = |v: Json| vec![("url".to_string(), json!("http://h/x")), ("body".into(), v)];
+        assert!(renders_as_is(&field(
+            json!({"n": 1, "a": ["x", {"b": "y"}]})
+        )));
+        assert!(!renders_as_is(&field(
+            json!({"a": ["x", {"b": "{{ contact.email }}"}]})
+        )));
+        assert!(!renders_as_is(&field(
+            json!({"a": "{% if x %}y{% endif %}"})
+        )));
+        // over the output bound the renderer runs, and fails the job naming the bound
+        assert!(!renders_as_is(&field(json!("x".repeat(MAX_OUTPUT)))));
+        assert!(renders_as_is(&field(json!("x".repeat(MAX_OUTPUT - 10)))));
     }
 
     #[test]
