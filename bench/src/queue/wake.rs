@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use tracing::info;
 
+use super::meter::{Meter, ServerCost};
 use crate::stats::Summary;
 use herald_sidecar::db::Target;
 
@@ -26,6 +27,8 @@ pub struct WakeRun {
     pub jobs: usize,
     pub jobs_per_sec: f64,
     pub complete_ms: Summary,
+    /// The backend's CPU and WAL per job: what the plans cost, whatever else loads the machine.
+    pub server: ServerCost,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +130,7 @@ async fn drain(db: &Client, statistics: &'static str, expected: usize) -> Result
     let complete = db.prepare("SELECT herald.complete($1::jsonb)").await?;
     let mut samples: Vec<Duration> = Vec::new();
     let mut jobs = 0;
+    let meter = Meter::start(db).await;
     let started = Instant::now();
     loop {
         let rows = db.query(&claim, &[&BATCH]).await?;
@@ -145,6 +149,7 @@ async fn drain(db: &Client, statistics: &'static str, expected: usize) -> Result
         samples.push(t.elapsed());
     }
     let secs = started.elapsed().as_secs_f64();
+    let server = meter.stop(db, jobs).await;
     let woken: i64 = db
         .query_one(
             "SELECT count(*) FROM herald.enrollments WHERE workspace_id = $1 AND status = 'waiting'",
@@ -161,6 +166,7 @@ async fn drain(db: &Client, statistics: &'static str, expected: usize) -> Result
         jobs,
         jobs_per_sec: jobs as f64 / secs,
         complete_ms: Summary::of(&samples),
+        server,
     })
 }
 
@@ -173,13 +179,16 @@ pub(super) fn render(o: &mut String, w: &QueueWake) {
     for r in [&w.fresh, &w.analysed] {
         let _ = writeln!(
             o,
-            "    {:<24} {:>8.0} jobs/s   complete p50 {:.2} ms p99 {:.2} ms max {:.1} ms ({} jobs)",
+            "    {:<24} {:>8.0} jobs/s   complete p50 {:.2} ms p99 {:.2} ms max {:.1} ms ({} jobs){}",
             r.statistics,
             r.jobs_per_sec,
             r.complete_ms.p50_ms,
             r.complete_ms.p99_ms,
             r.complete_ms.max_ms,
-            r.jobs
+            r.jobs,
+            r.server
+                .cpu_us_per_job
+                .map_or(String::new(), |c| format!("; backend CPU {c:.1} µs/job"))
         );
     }
     let _ = writeln!(
@@ -187,4 +196,15 @@ pub(super) fn render(o: &mut String, w: &QueueWake) {
         "    never analysed / analysed: {:.2}x (1.0 = the plans do not depend on statistics)",
         w.fresh_over_analysed
     );
+    if let (Some(f), Some(a)) = (
+        w.fresh.server.cpu_us_per_job,
+        w.analysed.server.cpu_us_per_job,
+    ) {
+        // the same question asked of the server's own CPU time, which the machine's load moves far less
+        let _ = writeln!(
+            o,
+            "    by backend CPU per job: never analysed / analysed {:.2}x",
+            a / f
+        );
+    }
 }
