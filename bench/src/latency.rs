@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use tokio_postgres::AsyncMessage;
 use serde::Serialize;
 use tokio::sync::Barrier;
+use tokio_postgres::AsyncMessage;
 
 use super::ingest;
 use super::stats::Summary;
