@@ -4,12 +4,14 @@
 //! sql/queue.sql): Postgres commits notifying transactions one at a time, so a NOTIFY in every track()
 //! made concurrent clients queue. A transaction that skipped its NOTIFY relies on the round that takes
 //! the pending wake-up: before its tick, the round calls `herald.take_tick_wakeup()` (from then on the
-//! next enrolling transaction notifies again), and then allocates a transaction id, the *horizon*.
-//! Every transaction that skipped read the wake-up before the take, and had its own id before that
-//! read (it enrolled first), so its id is below the horizon. It may still be running when the round's
-//! tick takes its snapshot, so once every transaction below the horizon has ended (the oldest running
-//! transaction id, `pg_snapshot_xmin`, is above it) [`TickWakeup::settled`] resolves and the loop ticks
-//! once more, without taking. A later take replaces the horizon with a higher one, which covers the
+//! next enrolling transaction notifies again), and then, in a later statement, reads the next
+//! transaction id to be assigned (`pg_snapshot_xmax` of a fresh snapshot), the *horizon*. Every
+//! transaction that skipped read the wake-up before the take, and had its own id before that read (it
+//! enrolled first), so its id is below the horizon. It may still be running when the round's tick
+//! takes its snapshot, so once every transaction below the horizon has ended (the oldest running
+//! transaction id, `pg_snapshot_xmin`, is at or above it) [`TickWakeup::settled`] resolves and the loop
+//! ticks once more, without taking. Reading the horizon assigns no transaction id (a round a few
+//! times a second would otherwise burn ids and bring anti-wraparound vacuums sooner). A later take replaces the horizon with a higher one, which covers the
 //! older skippers too. A transaction that stays open longer than the poll interval is left to the
 //! fallback poll (which takes as well): the waiting stops there.
 
@@ -26,7 +28,7 @@ const SETTLE_STEP_MAX: Duration = Duration::from_millis(50);
 
 /// A take whose skippers may not all have ended yet.
 struct Horizon {
-    /// A transaction id allocated just after the take (xid8, as text).
+    /// The next transaction id to be assigned, read just after the take (xid8, as text).
     xid: String,
     /// Past this the waiting stops (the poll covers what is left).
     until: Instant,
@@ -70,14 +72,15 @@ impl TickWakeup {
         }
     }
 
-    /// Two statements, each its own transaction: the horizon must be allocated after the take committed.
+    /// Two statements: the horizon's snapshot must be taken after the take (a statement's snapshot is
+    /// taken when it starts).
     async fn try_take(&self, db: &Database) -> Result<String, DbError> {
         let client = db.get().await?;
         client
             .execute("SELECT herald.take_tick_wakeup()", &[])
             .await?;
         let row = client
-            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
             .await?;
         Ok(row.try_get(0)?)
     }
@@ -113,7 +116,7 @@ async fn passed(db: &Database, xid: &str) -> bool {
     };
     client
         .query_one(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > $1::text::xid8",
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
             &[&xid],
         )
         .await
