@@ -356,7 +356,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1000);
         let fake = Fake::new();
         let f = Arc::clone(&fake);
-        let slow = Duration::from_millis(50);
+        let slow = Duration::from_millis(500);
         let run = tokio::spawn(async move {
             group_commit(&mut rx, 2, slow, |b| Arc::clone(&f).record(b)).await
         });
