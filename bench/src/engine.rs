@@ -38,7 +38,7 @@ const GOAL_STEPS: &str = "tick >= 100,000 node steps/s";
 /// How often the publisher beside the ticks publishes (herald run's maintenance: RESULTS_EVERY).
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// advance_results' batch in the publisher (herald run's RESULTS_BATCH).
-const PUBLISH_BATCH: i32 = 10_000;
+const PUBLISH_BATCH: i32 = 100_000;
 /// How herald run's connections call tick: the results stream is published beside it.
 const TICK_LEAVES_RESULTS: &str = "SET herald.tick_publishes_results = off";
 const GOAL_STATEMENTS: &str = "statements per tick batch <= 6 at every batch size";

@@ -9,7 +9,9 @@
 //!   herald.advance_results(RESULTS_BATCH) every 250 ms and after every tick round: publishes the results
 //!                          stream (numbers staged results, queues subscriptions' deliveries); wakes
 //!                          the /stream readers when it moved any. Our ticks leave publishing to it
-//!                          (herald.tick_publishes_results = off on every connection, `pg`)
+//!                          (herald.tick_publishes_results = off on every connection, `pg`), and it
+//!                          runs beside the other tasks, not between two tick rounds: a long publish
+//!                          never holds the step engine up
 //!   herald.advance_broadcasts(BROADCAST_BUDGET) after every tick round: starts due broadcasts and enqueues their
 //!                          audience in chunks, again at once while it uses its whole budget
 //! A function missing from the installed extension (an older build) is reported once and skipped.
@@ -35,8 +37,10 @@ use super::tick_wakeup::TickWakeup;
 
 /// tick's batch (enrollments per call); a call that returns a full batch is repeated at once.
 pub const TICK_BATCH: i32 = 10_000;
-/// advance_results' batch (staged results numbered per call); a full batch is repeated at once.
-pub const RESULTS_BATCH: i32 = 10_000;
+/// advance_results' batch (staged results numbered per call); a full batch is repeated at once. Its
+/// largest: each call reads the whole staging heap (no index there, by design), so a backlog (a journey
+/// at full speed stages tens of thousands of results a second) drains in as few calls as possible.
+pub const RESULTS_BATCH: i32 = 100_000;
 /// How often results are published when nothing else runs maintenance: the stream's latency.
 const RESULTS_EVERY: Duration = Duration::from_millis(250);
 /// advance_broadcasts' budget per call (contacts read); a call that uses it all is repeated at once.
@@ -102,24 +106,52 @@ struct State {
     retry_at: Option<Instant>,
 }
 
-impl Maintenance {
-    pub async fn run(self) {
-        let every = |d: Duration| {
-            let mut i = tokio::time::interval(d);
-            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            i
-        };
-        let mut tick = every(self.poll);
-        let mut reap = every(Duration::from_secs(5));
-        let mut stats = every(Duration::from_secs(2));
-        let mut prune = every(Duration::from_secs(3600));
-        let mut results = every(RESULTS_EVERY);
-        let mut state = State {
+fn every(d: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(d);
+    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    i
+}
+
+impl State {
+    fn new() -> Self {
+        Self {
             missing: HashSet::new(),
             failing: HashSet::new(),
             backoff: Backoff::default(),
             retry_at: None,
-        };
+        }
+    }
+}
+
+impl Maintenance {
+    /// The step engine and housekeeping in one loop, publishing the results stream in another beside
+    /// it (each on a connection of its own from the pool).
+    pub async fn run(self) {
+        let publish_now = Notify::new();
+        tokio::join!(self.engine(&publish_now), self.publishing(&publish_now));
+    }
+
+    /// Publishes the results stream every RESULTS_EVERY, and when a tick round asks.
+    async fn publishing(&self, publish_now: &Notify) {
+        let mut results = every(RESULTS_EVERY);
+        let mut state = State::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                () = publish_now.notified() => {}
+                _ = results.tick() => {}
+            }
+            self.publish_results(&mut state).await;
+        }
+    }
+
+    async fn engine(&self, publish_now: &Notify) {
+        let mut tick = every(self.poll);
+        let mut reap = every(Duration::from_secs(5));
+        let mut stats = every(Duration::from_secs(2));
+        let mut prune = every(Duration::from_secs(3600));
+        let mut state = State::new();
         let mut wakeup = TickWakeup::new(self.poll);
         loop {
             let mut follow_up = false;
@@ -135,7 +167,6 @@ impl Maintenance {
                 _ = reap.tick() => Task::Reap,
                 _ = stats.tick() => Task::FlushStats,
                 _ = prune.tick() => Task::Prune,
-                _ = results.tick() => Task::Results,
             };
             if task == Task::Tick {
                 if !follow_up {
@@ -162,9 +193,7 @@ impl Maintenance {
                         break;
                     }
                 }
-                self.publish_results(&mut state).await;
-            } else if task == Task::Results {
-                self.publish_results(&mut state).await;
+                publish_now.notify_one();
             } else {
                 self.call(&mut state, task).await;
             }
