@@ -239,6 +239,8 @@ CREATE FUNCTION herald.advance_results(max_rows int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 SET jit = off   -- short OLTP statements: an LLVM compile would cost more than the statement
+SET enable_seqscan = off      -- publish: walk results_staged_id_idx whatever the statistics say (a
+SET enable_bitmapscan = off   -- scan of the heap reads every moved row vacuum has not cleared yet)
 AS $$
 DECLARE
     v_published int;
@@ -253,7 +255,7 @@ BEGIN
     END IF;
 
     WITH batch AS MATERIALIZED (
-        -- results_staged has no index: it holds what was staged since the last call
+        -- the oldest staged rows, by results_staged_id_idx
         SELECT s.ctid AS row FROM herald.results_staged s ORDER BY s.id LIMIT max_rows
     ), moved AS (
         DELETE FROM herald.results_staged s WHERE s.ctid = ANY (ARRAY(SELECT b.row FROM batch b))

@@ -558,8 +558,8 @@ SELECT pg_catalog.pg_extension_config_dump('herald.automation_versions', '');
 -- moves staged rows into herald.results, one mover at a time, which is where a result gets its id.
 -- Ids are drawn only by the one mover and made visible by its commit, so they become visible in
 -- increasing order: a reader at cursor c never sees a smaller id appear later (see sql/results.sql for
--- why the ids are not drawn by the writers). results_staged is a bare heap, no index: complete and
--- tick write to it on every call, and it holds only what the next advance_results (every tick) takes.
+-- why the ids are not drawn by the writers). results_staged holds only what the next advance_results
+-- takes; its one index is on the staging order.
 CREATE TABLE herald.results_staged (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,   -- staging order (not the cursor)
@@ -572,6 +572,10 @@ CREATE TABLE herald.results_staged (
     job_id        bigint,
     data          jsonb NOT NULL DEFAULT '{}'
 );
+-- advance_results takes the oldest staged rows by this index. Without it each call read the whole heap,
+-- and the heap keeps every row moved since autovacuum last came (once a minute at best): 94 MB and 38 ms
+-- a call in a soak staging 3,000 results/s, several calls a second. Writers add at its right edge.
+CREATE INDEX results_staged_id_idx ON herald.results_staged (id);
 CREATE TABLE herald.results (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,   -- the cursor: increasing in the order results became visible
