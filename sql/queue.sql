@@ -166,7 +166,8 @@ CREATE SEQUENCE herald.tick_wakeup MINVALUE 0 START 0;
 -- in backups like every relation herald owns (a restored state is at worst a stale pending wake-up: not trusted)
 SELECT pg_catalog.pg_extension_config_dump('herald.tick_wakeup', '');
 
--- Called by the notify_tick trigger and the dispatcher's wake-up (owner's rights there): notifies
+-- Called by the notify_tick trigger (new enrollments; the other herald.tick NOTIFYs, of complete(), the
+-- dispatcher's wake-up of waiting enrollments and broadcasts, still notify per transaction): notifies
 -- herald.tick unless a wake-up is pending.
 CREATE FUNCTION herald._wake_tick() RETURNS void
 LANGUAGE plpgsql
