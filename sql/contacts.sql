@@ -114,9 +114,11 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN CASE WHEN pg_column_size(v) > 256 OR pg_column_compression(v) IS NOT NULL
             THEN herald._json_fault(v::text, 32, 65536) END;
 
--- `email` is the entry's address as herald._normalize_email(entry ->> 'email') gives it, computed once
--- by the caller (upsert_contacts normalises each address once for the check and the insert).
-CREATE FUNCTION herald._contact_entry_fault(entry jsonb, email text) RETURNS text
+-- `email`, `attributes` and `timezone` are the entry's address as herald._normalize_email(entry ->> 'email')
+-- gives it, entry -> 'attributes' and entry -> 'timezone' (SQL NULL when the key is absent), taken out of
+-- the entry once by the caller: upsert_contacts reads each field once for the check and the insert (an
+-- inlined `entry -> 'attributes'` is evaluated at every reference: four times per entry here).
+CREATE FUNCTION herald._contact_entry_fault(entry jsonb, email text, attributes jsonb, timezone jsonb) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like format(); a stricter label would block inlining
 RETURN CASE
     WHEN jsonb_typeof(entry) IS DISTINCT FROM 'object' THEN
@@ -126,18 +128,19 @@ RETURN CASE
     WHEN jsonb_typeof(entry -> 'email') IS DISTINCT FROM 'string' THEN 'email is missing or not a string'
     WHEN NOT herald._valid_email(email) THEN
         format('email %s is not a valid address', entry -> 'email')
-    WHEN entry ? 'attributes' AND jsonb_typeof(entry -> 'attributes') <> 'object' THEN
-        format('attributes must be a JSON object, got %s', jsonb_typeof(entry -> 'attributes'))
-    WHEN herald._value_fault(entry -> 'attributes') IS NOT NULL THEN
-        'attributes ' || herald._value_fault(entry -> 'attributes')
-    WHEN entry ? 'timezone' AND jsonb_typeof(entry -> 'timezone') <> 'null'
-         AND (jsonb_typeof(entry -> 'timezone') <> 'string' OR NOT herald._valid_timezone(entry ->> 'timezone')) THEN
-        format('timezone %s is not an IANA time zone name such as "Europe/Paris"', entry -> 'timezone')
+    WHEN jsonb_typeof(attributes) <> 'object' THEN   -- NULL (no attributes) passes
+        format('attributes must be a JSON object, got %s', jsonb_typeof(attributes))
+    WHEN herald._value_fault(attributes) IS NOT NULL THEN
+        'attributes ' || herald._value_fault(attributes)
+    WHEN CASE jsonb_typeof(timezone) WHEN 'string' THEN NOT herald._valid_timezone(timezone #>> '{}')
+                                     WHEN 'null' THEN false
+                                     ELSE timezone IS NOT NULL END THEN   -- absent or null passes
+        format('timezone %s is not an IANA time zone name such as "Europe/Paris"', timezone)
 END;
 
 CREATE FUNCTION herald._contact_entry_fault(entry jsonb) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN herald._contact_entry_fault(entry, herald._normalize_email(entry ->> 'email'));
+RETURN herald._contact_entry_fault(entry, herald._normalize_email(entry ->> 'email'), entry -> 'attributes', entry -> 'timezone');
 
 -- Bulk upsert. One statement does the work for the whole array:
 --   validate → record rejects → merge duplicates → INSERT … ON CONFLICT DO UPDATE (only when something
@@ -186,11 +189,13 @@ BEGIN
         -- each entry's fault, and how often its address occurs in the call (one sort, in byte order:
         -- cheaper than the collation's, and the order contacts are inserted in; a rejected entry may
         -- count, which only sends its address through the merge below, to the same result)
-        SELECT x.position, x.entry, x.email, herald._contact_entry_fault(x.entry, x.email) AS fault,
+        SELECT x.position, x.entry, x.email, x.attrs, x.tz,
+               herald._contact_entry_fault(x.entry, x.email, x.attrs, x.tz) AS fault,
                count(*) OVER (PARTITION BY x.email COLLATE "C") AS copies
-          FROM (SELECT (t.ord - 1)::int AS position, t.entry, herald._normalize_email(t.entry ->> 'email') AS email
+          FROM (SELECT (t.ord - 1)::int AS position, t.entry, herald._normalize_email(t.entry ->> 'email') AS email,
+                       t.entry -> 'attributes' AS attrs, t.entry -> 'timezone' AS tz
                   FROM jsonb_array_elements(contacts) WITH ORDINALITY AS t(entry, ord)
-                OFFSET 0) x   -- OFFSET 0: each address is normalised once, not once per reference
+                OFFSET 0) x   -- OFFSET 0: each field is taken out (and normalised) once, not once per reference
     ), rejects AS (
         INSERT INTO herald.contact_rejections (workspace_id, batch, position, input, reason)
         SELECT v_ws, txid_current(), i.position, i.entry, i.fault FROM input i WHERE i.fault IS NOT NULL
@@ -200,15 +205,14 @@ BEGIN
         -- an address given once is taken as it is; only repeated ones are merged, in input order
         -- (an ordered aggregate per address cost a sort per group: ~20 ms per 10,000 distinct ones).
         -- Read once, by `up`: not materialized
-        SELECT a.email, coalesce(a.entry -> 'attributes', '{}') AS attrs,
-               CASE WHEN jsonb_typeof(a.entry -> 'timezone') = 'string' THEN a.entry ->> 'timezone' END AS tz
+        -- (an accepted entry's timezone is absent, null or a valid name: #>> '{}' gives NULL or the name)
+        SELECT a.email, coalesce(a.attrs, '{}') AS attrs, a.tz #>> '{}' AS tz
           FROM input a
          WHERE a.fault IS NULL AND a.copies = 1
         UNION ALL
         SELECT a.email,
-               herald._jsonb_merge_agg(coalesce(a.entry -> 'attributes', '{}') ORDER BY a.position),
-               (array_agg(a.entry ->> 'timezone' ORDER BY a.position DESC)
-                    FILTER (WHERE jsonb_typeof(a.entry -> 'timezone') = 'string'))[1]
+               herald._jsonb_merge_agg(coalesce(a.attrs, '{}') ORDER BY a.position),
+               (array_agg(a.tz #>> '{}' ORDER BY a.position DESC) FILTER (WHERE a.tz #>> '{}' IS NOT NULL))[1]
           FROM input a
          WHERE a.fault IS NULL AND a.copies > 1
          GROUP BY a.email
@@ -232,30 +236,37 @@ BEGIN
          CROSS JOIN LATERAL (SELECT c.attributes FROM herald.contacts c
                               WHERE c.workspace_id = v_ws AND c.id = u.id LIMIT 1) o
          WHERE NOT u.is_new
+    ), fresh AS MATERIALIZED (
+        -- the new contacts with their attributes stripped of null values once: the contact.created
+        -- payload, and what the stored row must end up as (see v_with_nulls)
+        SELECT u.id, u.email, u.attributes, jsonb_strip_nulls(u.attributes) AS payload FROM up u WHERE u.is_new
     ), created AS (
         INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload)
-        SELECT v_ws, u.id, u.email, 'contact.created', jsonb_strip_nulls(u.attributes)
-          FROM up u WHERE u.is_new
-         ORDER BY u.id
+        SELECT v_ws, f.id, f.email, 'contact.created', f.payload FROM fresh f ORDER BY f.id
     ), changed AS (
         SELECT u.id, u.email, jsonb_build_object('changed', herald._changed_keys(b.by_id -> u.id::text, u.attributes)) AS payload
           FROM up u CROSS JOIN before b
          WHERE NOT u.is_new
     )
     -- (data-modifying CTEs always run to completion, referenced or not)
-    SELECT (SELECT count(*) FROM up WHERE up.is_new),
-           (SELECT count(*) FROM input i WHERE i.fault IS NULL) - (SELECT count(*) FROM up WHERE up.is_new),
+    SELECT n.inserted, (SELECT count(*) FROM input i WHERE i.fault IS NULL) - n.inserted,
            (SELECT count(*) FROM rejects),
-           (SELECT array_agg(up.id) FROM up WHERE up.is_new AND jsonb_strip_nulls(up.attributes) <> up.attributes),
+           n.with_nulls,
            -- the dispatcher's bound on event payloads (when it is skipped): entries were checked one by
            -- one, but attributes merged from repeated ones can outgrow it
-           (SELECT format('contact.created for %s (workspace %s): payload %s', quote_literal(u.email), quote_literal(v_ws),
-                          herald._value_fault(jsonb_strip_nulls(u.attributes)))
-              FROM up u WHERE u.is_new AND herald._value_fault(u.attributes) IS NOT NULL
-               AND herald._value_fault(jsonb_strip_nulls(u.attributes)) IS NOT NULL LIMIT 1),
+           (SELECT format('contact.created for %s (workspace %s): payload %s', quote_literal(f.email), quote_literal(v_ws),
+                          herald._value_fault(f.payload))
+              FROM fresh f WHERE herald._value_fault(f.payload) IS NOT NULL LIMIT 1),
            (SELECT array_agg(ch.id ORDER BY ch.id) FROM changed ch),
            (SELECT array_agg(ch.email ORDER BY ch.id) FROM changed ch),
            (SELECT array_agg(ch.payload ORDER BY ch.id) FROM changed ch)
+      -- one pass over the new contacts. Stripping only removes pairs, so it changed a value iff it made it
+      -- shorter: two lengths compared instead of two values walked (~5,000 instructions a contact less).
+      -- Neither value is compressed here (RETURNING gives the row as built, not as stored); one that was
+      -- would only cost an UPDATE that changes nothing.
+      FROM (SELECT count(*) AS inserted,
+                   array_agg(f.id) FILTER (WHERE pg_column_size(f.payload) <> pg_column_size(f.attributes)) AS with_nulls
+              FROM fresh f) n
       INTO inserted, updated, rejected, v_with_nulls, v_too_large, v_changed_ids, v_changed_emails, v_changed_payloads;
     IF v_quiet THEN
         PERFORM set_config('herald.restoring', coalesce(v_restoring, ''), true);

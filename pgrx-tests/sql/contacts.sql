@@ -123,5 +123,25 @@ SELECT * FROM herald.upsert_contacts('cq', jsonb_build_array(
     jsonb_build_object('email', 'big@example.com', 'attributes', jsonb_build_object('a', repeat('x', 40000))),
     jsonb_build_object('email', 'big@example.com', 'attributes', jsonb_build_object('b', repeat('y', 40000)))));
 SELECT count(*) AS big_contacts FROM herald.contacts WHERE workspace_id = 'cq' AND email = 'big@example.com';
+-- each entry's fields are taken out once for its check and its row: a null time zone is accepted, a
+-- number is not, nor are null attributes; a repeated address keeps the last time zone given as a name
+-- (a later null does not clear it); null-valued keys are dropped at any depth, from the contact and its
+-- contact.created payload, also when the attributes are large enough to be stored compressed
+SELECT * FROM herald.upsert_contacts('cq', jsonb_build_array(
+    jsonb_build_object('email', 'tz1@example.com', 'timezone', null),
+    jsonb_build_object('email', 'tz2@example.com', 'timezone', 5),
+    jsonb_build_object('email', 'tz3@example.com', 'attributes', null),
+    jsonb_build_object('email', 'tz4@example.com', 'timezone', 'UTC'),
+    jsonb_build_object('email', 'TZ4@example.com', 'timezone', 'Asia/Tokyo',
+                       'attributes', jsonb_build_object('n', jsonb_build_object('x', 1, 'y', null))),
+    jsonb_build_object('email', 'tz4@example.com', 'timezone', null),
+    jsonb_build_object('email', 'big2@example.com', 'attributes', jsonb_build_object('big', repeat('x', 3000), 'gone', null))));
+SELECT position, reason FROM herald.contact_rejections
+ WHERE workspace_id = 'cq' AND batch = (SELECT max(batch) FROM herald.contact_rejections WHERE workspace_id = 'cq') ORDER BY position;
+SELECT email, timezone, attributes ? 'gone' AS kept_null, attributes -> 'n' AS n,
+       pg_column_compression(attributes) IS NOT NULL AS compressed
+  FROM herald.contacts WHERE workspace_id = 'cq' AND (email LIKE 'tz%' OR email = 'big2@example.com') ORDER BY email;
+SELECT e.email, e.payload ? 'gone' AS null_in_payload, e.payload -> 'n' AS n FROM herald.events e
+ WHERE e.workspace_id = 'cq' AND e.kind = 'contact.created' AND e.email IN ('big2@example.com', 'tz4@example.com') ORDER BY e.email;
 -- (the woken enrollment would be due for the next suite's tick)
 DELETE FROM herald.enrollments WHERE workspace_id = 'cq';
