@@ -158,3 +158,9 @@ SELECT herald.set_automation_status(:mail, 'archived');
 SELECT c.email, o.status, o.last_error FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id
  WHERE o.automation_id = :mail ORDER BY c.email;
 SELECT count(*) AS nothing_to_claim FROM herald.claim('w', 100) j WHERE (j.payload ->> 'automation_id')::bigint = :mail;
+
+-- the indexes into which every enrollment update of tick's inserts a second entry with the same key keep
+-- half of each page free (sql/schema.sql: the update is not HOT; full pages were split by every batch)
+SELECT c.relname, c.reloptions FROM pg_class c
+ WHERE c.relnamespace = 'herald'::regnamespace AND c.relkind = 'i' AND c.relname LIKE 'enrollments%'
+ ORDER BY c.relname;
