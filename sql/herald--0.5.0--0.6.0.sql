@@ -312,29 +312,15 @@ BEGIN
           FROM matched m
          CROSS JOIN LATERAL (SELECT max(v.version) AS version FROM herald.automation_versions v
                               WHERE v.workspace_id = m.workspace_id AND v.automation_id = m.automation_id) nv
-    ), enrolled_per_event AS (
-        -- reentry always: the key 'event:<id>' names an event this statement inserted, so no enrollment
-        -- in progress can hold it and no concurrent one can insert it (the event's own primary key would
-        -- have stopped the other statement). A probe of the key's unique index (OFFSET 0: a probe per row,
-        -- not a join the planner orders by statistics) stands for ON CONFLICT DO NOTHING, whose
-        -- speculative insertion cost ~13 µs more per enrollment (a lock and a second WAL record per row).
+    ), enrolled AS (
+        -- ON CONFLICT DO NOTHING for every re-entry rule. For reentry always (key 'event:<id>') a plain
+        -- insert behind a NOT EXISTS probe of the key would skip the speculative insertion (~13 µs an
+        -- enrollment), but on tables never analysed the probe was planned on enrollments_automation_idx
+        -- and read every enrollment of the automation (5-9 ms with 5,000): ON CONFLICT's arbiter index
+        -- is not left to the planner
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT f.workspace_id, f.automation_id, f.contact_id, f.entry_key, f.start_node, f.event_id, f.event
           FROM fresh f
-         WHERE f.entry_key LIKE 'event:%'
-           AND NOT EXISTS (SELECT 1 FROM herald.enrollments e
-                            WHERE e.workspace_id = f.workspace_id AND e.automation_id = f.automation_id
-                              AND e.contact_id = f.contact_id AND e.entry_key = f.entry_key
-                              AND e.entry_key <> 'active'
-                           OFFSET 0)
-         ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
-        RETURNING workspace_id, automation_id
-    ), enrolled_keyed AS (
-        -- reentry once and after_exit: concurrent events of one contact race for the same key
-        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
-        SELECT f.workspace_id, f.automation_id, f.contact_id, f.entry_key, f.start_node, f.event_id, f.event
-          FROM fresh f
-         WHERE f.entry_key NOT LIKE 'event:%'
          ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
@@ -342,9 +328,7 @@ BEGIN
         RETURNING workspace_id, automation_id
     )
     INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
-    SELECT x.workspace_id, x.automation_id, 'enrolled', count(*)
-      FROM (SELECT * FROM enrolled_per_event UNION ALL SELECT * FROM enrolled_keyed) x
-     GROUP BY 1, 2;
+    SELECT x.workspace_id, x.automation_id, 'enrolled', count(*) FROM enrolled x GROUP BY 1, 2;
 
     -- 4. wake the enrollments parked on a wait_event node for one of these events (first matching event
     --    wins). A statement of its own, run only when a probe finds one waiting (events given by email

@@ -86,8 +86,7 @@ SELECT count(*) AS before FROM herald.enrollments WHERE workspace_id = 'd1';
 SELECT herald.track_many('d1', '[{"email": "pro@example.com", "kind": "signup"}, {"email": "bad", "kind": "signup"}]');
 SELECT count(*) AS after FROM herald.enrollments WHERE workspace_id = 'd1';
 
--- every enrollment the dispatcher made is counted once in the stats deltas, whichever insert made it
--- (reentry always: a key probe; once and after_exit: ON CONFLICT)
+-- every enrollment the dispatcher made is counted once in the stats deltas, whatever its re-entry rule
 SELECT a.name, count(e.*) AS enrollments,
        (SELECT sum(d.n) FROM herald.stats_delta d
          WHERE d.automation_id = a.id AND d.metric = 'enrolled') AS counted_enrolled
@@ -95,7 +94,7 @@ SELECT a.name, count(e.*) AS enrollments,
  WHERE a.workspace_id = 'd1' GROUP BY a.id, a.name ORDER BY a.id;
 
 -- reentry always: an enrollment that already holds an event's key (an event id given explicitly, after
--- the event that had it was deleted) is left alone; the event enrols nobody twice and nothing fails
+-- the event that had it was deleted) is left alone (ON CONFLICT DO NOTHING); nothing fails
 INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id)
 SELECT 'd1', :always, c.id, 'event:39999', 'x', 39999 FROM herald.contacts c WHERE c.workspace_id = 'd1' AND c.email = 'pro@example.com';
 INSERT INTO herald.events (workspace_id, id, email, kind, payload) VALUES ('d1', 39999, 'pro@example.com', 'signup', '{"source": "ads"}');
