@@ -260,9 +260,10 @@ RETURN CASE
         format('occurred_at %s is not an RFC 3339 timestamp such as "2026-11-22T10:00:00Z"', entry -> 'occurred_at')
 END;
 
--- The one ingest path behind track and track_many: validate all, create missing contacts (with their
--- contact.created events: herald._create_contacts), insert the events. Three or four statements
--- whatever the array's length.
+-- The ingest path behind track_many (track has its own, for one event, with the same checks and
+-- messages): validate all, create missing contacts (with their contact.created events:
+-- herald._create_contacts), insert the events. Three or four statements whatever the array's length.
+-- `caller` names the function in messages ('track' words them for a single event).
 CREATE FUNCTION herald._ingest(workspace text, events jsonb, caller text) RETURNS SETOF bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
