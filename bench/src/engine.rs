@@ -9,6 +9,10 @@
 //! stream published beside it every 250 ms from a connection of its own (as the daemon's maintenance
 //! does). The same run also ticks the same number of enrollments with tick publishing its own results
 //! (what a caller that does not publish gets, and what every tick did up to 0.4.0): the baseline.
+//!
+//! Beside the wall clock, each run prints the CPU time of tick's own backend per enrollment (and the
+//! node steps per CPU-second that makes) and the WAL per enrollment: on a machine shared with other
+//! work the wall-clock rate moves by 2× and more between runs, the backend's CPU far less.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +25,7 @@ use serde_json::{json, Value};
 use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
+use super::queue::meter::{Meter, ServerCost};
 use super::stats::Summary;
 use super::{thousands, Goal};
 use herald_sidecar::db::Target;
@@ -71,6 +76,18 @@ pub struct TickRun {
     pub batch_ms: Summary,
     pub batch_mean_ms: f64,
     pub enroll_secs: f64,
+    /// tick's backend CPU and the database's WAL, per enrollment advanced.
+    pub server: ServerCost,
+}
+
+impl TickRun {
+    /// Node steps per second of tick's backend CPU (None when the CPU time could not be read).
+    fn node_steps_per_cpu_sec(&self) -> Option<f64> {
+        self.server
+            .cpu_us_per_job
+            .filter(|us| *us > 0.0)
+            .map(|us| self.nodes_per_enrollment as f64 * 1e6 / us)
+    }
 }
 
 /// The set-up both tick runs share.
@@ -183,6 +200,7 @@ async fn tick_run(db: &Client, tick: &Statement, name: &str, contacts: &[i64]) -
 
     let mut batches: Vec<Duration> = Vec::new();
     let mut steps = 0usize;
+    let meter = Meter::start(db).await;
     let started = Instant::now();
     loop {
         let t = Instant::now();
@@ -198,6 +216,7 @@ async fn tick_run(db: &Client, tick: &Statement, name: &str, contacts: &[i64]) -
         steps += n as usize;
     }
     let secs = started.elapsed().as_secs_f64();
+    let server = meter.stop(db, steps).await;
     check_completed(db, automation, contacts.len(), steps).await?;
     let mean =
         batches.iter().sum::<Duration>().as_secs_f64() * 1_000.0 / batches.len().max(1) as f64;
@@ -213,6 +232,7 @@ async fn tick_run(db: &Client, tick: &Statement, name: &str, contacts: &[i64]) -
         batch_ms: Summary::of(&batches),
         batch_mean_ms: mean,
         enroll_secs,
+        server,
     })
 }
 
@@ -477,6 +497,22 @@ pub(super) fn render(o: &mut String, e: &Engine) {
             run.batch_ms.p50_ms,
             run.batch_ms.max_ms
         );
+    }
+    for (label, run) in [
+        ("as herald run", &e.tick),
+        ("publishing its own", &e.tick_publishing),
+    ] {
+        let cpu = match (run.server.cpu_us_per_job, run.node_steps_per_cpu_sec()) {
+            (Some(us), Some(rate)) => format!(
+                "{us:.1} us of tick's backend CPU per enrollment = {} node steps per CPU-second",
+                thousands(rate)
+            ),
+            _ => "tick's backend CPU not readable (server on another machine?)".to_string(),
+        };
+        let wal = run.server.wal_bytes_per_job.map_or(String::new(), |b| {
+            format!("; {b:.0} B of WAL per enrollment (this database's statements meanwhile)")
+        });
+        let _ = writeln!(o, "  {label}: {cpu}{wal}");
     }
     let _ = writeln!(
         o,

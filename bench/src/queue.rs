@@ -5,7 +5,7 @@
 //! `claim(100)` costs when most workspaces are idle (`queue/idle.rs`).
 
 mod idle;
-mod meter;
+pub(crate) mod meter;
 mod wake;
 
 use std::fmt::Write as _;
