@@ -28,6 +28,7 @@
 //! target/soak/daemon.log.
 
 mod chart;
+mod cost;
 mod daemon;
 mod load;
 mod sample;
@@ -88,6 +89,9 @@ pub struct Interval {
     /// Server time per call of the daemon's own claim()/complete() (pg_stat_statements).
     pub daemon_claim_mean_ms: Option<f64>,
     pub daemon_complete_mean_ms: Option<f64>,
+    /// CPU per job delivered in the interval: the daemon process, the database's backends.
+    pub daemon_cpu_us_per_job: Option<f64>,
+    pub server_cpu_us_per_job: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +101,9 @@ pub struct Point {
     pub tables: BTreeMap<String, Table>,
     pub indexes: BTreeMap<String, i64>,
     pub counters: Counters,
+    /// CPU seconds since the load started: the daemon process, the database's backends.
+    pub daemon_cpu_secs: f64,
+    pub server_cpu_secs: f64,
     pub events: u64,
     pub log_errors: usize,
     pub log_warnings: usize,
@@ -145,6 +152,11 @@ pub struct Soak {
     pub first_errors: Vec<String>,
     pub client_errors: u64,
     pub backlog_at_end: f64,
+    /// CPU per job delivered over the run: the daemon process, the database's backends.
+    pub daemon_cpu_us_per_job: f64,
+    pub server_cpu_us_per_job: f64,
+    /// Where the server's time went (pg_stat_statements, the load's statements only).
+    pub statements: Vec<cost::StatementCost>,
     pub load_average_mean: f64,
     pub autovacuum: BTreeMap<String, String>,
     pub json: String,
@@ -237,6 +249,13 @@ pub async fn run(target: &Target, settings: &Settings) -> Result<Soak> {
     );
 
     let mut points = vec![point(&db, metrics, &log, 0.0, 0, None).await?];
+    // the statements of the set-up are not the load's
+    let _ = db
+        .batch_execute(
+            "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+        )
+        .await;
+    let mut cpu = cost::CpuMeter::start(&db, daemon.pid()).await;
     let load = load::Load::start(&target, events_per_sec).await?;
     let mut broadcast_at = None;
     let mut next = Instant::now() + every;
@@ -247,9 +266,12 @@ pub async fn run(target: &Target, settings: &Settings) -> Result<Soak> {
         let secs = load.secs();
         let prev = points.last().expect("the first point");
         let counters = sample::counters(&db, metrics).await;
+        cpu.sample(&db).await;
         let events = load.events.load(std::sync::atomic::Ordering::Relaxed);
-        let interval = interval(prev, secs, &counters, events, &load);
-        points.push(point(&db, metrics, &log, secs, events, Some(interval)).await?);
+        let interval = interval(prev, secs, &counters, &cpu, events, &load);
+        let mut p = point(&db, metrics, &log, secs, events, Some(interval)).await?;
+        (p.daemon_cpu_secs, p.server_cpu_secs) = (cpu.daemon_secs, cpu.server_secs);
+        points.push(p);
         let p = points.last().expect("just pushed");
         let i = p.interval.as_ref().expect("an interval");
         info!(
@@ -309,8 +331,10 @@ pub async fn run(target: &Target, settings: &Settings) -> Result<Soak> {
     outcome?;
     stopped?;
 
+    let statements = cost::top_statements(&db).await;
     let (log_errors, log_warnings, first_errors) = daemon::log_levels(&log);
     verdicts(&mut out, &points);
+    out.statements = statements;
     out.backlog_at_end = backlog;
     out.broadcast_at_secs = broadcast_at;
     out.claim_first = claim_first;
@@ -388,6 +412,9 @@ fn empty(settings: &Settings, total: Duration, every: Duration, events_per_sec: 
         first_errors: Vec::new(),
         client_errors: 0,
         backlog_at_end: 0.0,
+        daemon_cpu_us_per_job: 0.0,
+        server_cpu_us_per_job: 0.0,
+        statements: Vec::new(),
         load_average_mean: 0.0,
         autovacuum: BTreeMap::new(),
         json: String::new(),
@@ -523,6 +550,8 @@ async fn point(
         tables: sample::tables(db).await?,
         indexes: sample::indexes(db).await?,
         counters: sample::counters(db, metrics).await,
+        daemon_cpu_secs: 0.0,
+        server_cpu_secs: 0.0,
         events,
         log_errors,
         log_warnings,
@@ -530,10 +559,19 @@ async fn point(
     })
 }
 
-fn interval(prev: &Point, secs: f64, c: &Counters, events: u64, load: &load::Load) -> Interval {
+fn interval(
+    prev: &Point,
+    secs: f64,
+    c: &Counters,
+    cpu: &cost::CpuMeter,
+    events: u64,
+    load: &load::Load,
+) -> Interval {
     let dt = (secs - prev.secs).max(1e-3);
     let p = &prev.counters;
     let mean = |calls: i64, ms: f64| (calls > 0).then(|| ms / calls as f64);
+    let delivered = c.emails_sent + c.webhooks_sent - p.emails_sent - p.webhooks_sent;
+    let per_job = |secs: f64| (delivered > 0.0).then(|| secs * 1e6 / delivered);
     Interval {
         secs: dt,
         events_per_sec: (events - prev.events) as f64 / dt,
@@ -547,6 +585,8 @@ fn interval(prev: &Point, secs: f64, c: &Counters, events: u64, load: &load::Loa
             c.complete_calls - p.complete_calls,
             c.complete_ms - p.complete_ms,
         ),
+        daemon_cpu_us_per_job: per_job(cpu.daemon_secs - prev.daemon_cpu_secs),
+        server_cpu_us_per_job: per_job(cpu.server_secs - prev.server_cpu_secs),
     }
 }
 
@@ -582,6 +622,9 @@ fn verdicts(out: &mut Soak, points: &[Point]) {
     out.webhooks = last.counters.webhooks_sent;
     out.emails_per_sec = out.emails / end.max(1e-3);
     out.webhooks_per_sec = out.webhooks / end.max(1e-3);
+    let delivered = (out.emails + out.webhooks).max(1.0);
+    out.daemon_cpu_us_per_job = last.daemon_cpu_secs * 1e6 / delivered;
+    out.server_cpu_us_per_job = last.server_cpu_secs * 1e6 / delivered;
     out.load_average_mean =
         points.iter().map(|p| p.load_average).sum::<f64>() / points.len() as f64;
     let mib = |p: &Point, t: &str| p.tables.get(t).map_or(0, |x| x.total_bytes) as f64 / 1048576.0;
@@ -645,6 +688,11 @@ pub(super) fn render(o: &mut String, s: &Soak, goals: &[Goal]) {
         thousands(s.webhooks_per_sec),
         thousands(s.events as f64),
         s.load_average_mean
+    );
+    let _ = writeln!(
+        o,
+        "  CPU per job delivered: herald run {:.0} µs, the database's backends {:.0} µs",
+        s.daemon_cpu_us_per_job, s.server_cpu_us_per_job
     );
     let _ = writeln!(
         o,
@@ -741,6 +789,22 @@ pub(super) fn render(o: &mut String, s: &Soak, goals: &[Goal]) {
         thousands(s.backlog_at_end),
         verdict(GOAL_BACKLOG)
     );
+    if !s.statements.is_empty() {
+        let _ = writeln!(
+            o,
+            "  server time by statement (pg_stat_statements, the load's):"
+        );
+        for st in &s.statements {
+            let _ = writeln!(
+                o,
+                "    {:>9.0} ms {:>9} calls {:>10} rows  {}",
+                st.total_ms,
+                thousands(st.calls as f64),
+                thousands(st.rows as f64),
+                st.query
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "  curve: {} and {}",
@@ -776,6 +840,8 @@ mod tests {
                         emails_sent: secs * 100.0,
                         ..Counters::default()
                     },
+                    daemon_cpu_secs: 0.0,
+                    server_cpu_secs: 0.0,
                     events: 0,
                     log_errors: 0,
                     log_warnings: 0,

@@ -1,4 +1,5 @@
-//! `herald run` as users run it: the `herald` binary built next to `herald-bench`, a child process with
+//! `herald run` as users run it: the `herald` binary built next to `herald-bench` (or the one
+//! `HERALD_SOAK_DAEMON` names), a child process with
 //! its settings in the environment and its log (text, stderr and stdout) in a file the soak reads for
 //! error lines. Stopped with SIGTERM (its graceful path), killed if it outlives the grace.
 
@@ -17,8 +18,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Config, log: &Path, settings: &[(&str, String)]) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating herald-bench")?;
-        let bin = exe.with_file_name("herald");
+        // HERALD_SOAK_DAEMON: another build of the daemon against the same load (an A/B of two
+        // daemons); by default the one built beside herald-bench
+        let bin = match std::env::var_os("HERALD_SOAK_DAEMON") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()
+                .context("locating herald-bench")?
+                .with_file_name("herald"),
+        };
         if !bin.is_file() {
             bail!(
                 "{} not found: build it with `make build` (the soak runs the daemon binary)",
@@ -46,6 +53,10 @@ impl Daemon {
             child,
             log: log.to_path_buf(),
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn exited(&mut self) -> bool {
