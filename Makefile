@@ -15,7 +15,7 @@ TEST_TAG  ?=
 REGRESS_DB := herald_regress$(if $(TEST_TAG),_$(TEST_TAG))
 ISOLATION_DB := herald_isolation$(if $(TEST_TAG),_$(TEST_TAG))
 
-.PHONY: setup install build test unit regress isolation upgrade-check readme-sql scaling-check e2e sidecar-e2e demo bench bench-small lint fmt
+.PHONY: setup install install-locked build test unit regress isolation upgrade-check readme-sql scaling-check e2e sidecar-e2e demo bench bench-small lint fmt
 
 setup:
 	@./tests/setup.sh
@@ -23,8 +23,13 @@ setup:
 # Builds the extension (release) and installs it into the system Postgres. Each file is written beside
 # its destination and renamed over it: running backends keep the old herald.so they mapped (copying over
 # it in place, as `cargo pgrx install` does, killed them with SIGBUS and sent the server into recovery).
+# Two installs at once (parallel test runs) would race on $(PKG): one copies while the other rebuilds
+# it; a lock file serialises them.
 PKG := target/release/herald-pg15
 install: setup
+	@mkdir -p target && flock target/.install.lock $(MAKE) --no-print-directory install-locked
+
+install-locked:
 	cargo pgrx package --pg-config $(PG_CONFIG) --package herald 2>&1 \
 	  | sed 's/\x1b\[[0-9;]*m//g' | grep -Ev '^ *(Using|Running|Copying|Discovered|Writing|Building|Installing|Compiling)' || true
 	@test -f $(PKG)$(shell $(PG_CONFIG) --pkglibdir)/herald.so || { echo "herald was not built" >&2; exit 1; }
