@@ -45,6 +45,10 @@ fn dbname() -> String {
         _ => "herald_bench_delivery".to_owned(),
     }
 }
+/// `HERALD_BENCH_DELIVERY=webhooks` runs part b alone (a minute less per run when working on it).
+fn webhooks_only() -> bool {
+    std::env::var("HERALD_BENCH_DELIVERY").is_ok_and(|v| v == "webhooks")
+}
 const WORKSPACE: &str = "bench";
 const TEMPLATE: &str = "t";
 /// smtp-source sessions (the comparison the goal is stated against).
@@ -118,6 +122,18 @@ pub async fn run(target: &Target, small: bool) -> Result<(String, Value)> {
         info!("pg_stat_statements unavailable ({e}): no claim/complete server times");
     }
     info!("database {} ready", dbname());
+
+    if webhooks_only() {
+        let webhooks = webhooks(&target, &db, &sizes).await?;
+        let mut text = format!(
+            "\nDelivery{}, webhooks only (HERALD_BENCH_DELIVERY=webhooks; database {})\n",
+            if small { " --small" } else { "" },
+            dbname()
+        );
+        Report::render_webhooks(&webhooks, &mut text);
+        let json = json!({"small": small, "webhooks": webhooks.json(), "goals": webhooks.goals()});
+        return Ok((text, json));
+    }
 
     let latency = latency(&target, &db, &sizes).await?;
     let emails = emails(&target, &db, &sizes, latency.message_bytes).await?;
@@ -753,6 +769,55 @@ async fn webhooks(target: &Target, db: &Client, sizes: &Sizes) -> Result<Webhook
     Ok(out)
 }
 
+impl Webhooks {
+    fn wrk_ratio(&self) -> Option<f64> {
+        Some(self.trials.get(self.best)?.2.per_sec / self.wrk?.1)
+    }
+
+    /// The best trial's webhooks/s (first lease to last result) over claim + complete with no I/O.
+    fn queue_ratio(&self) -> Option<f64> {
+        let best = self
+            .trials
+            .iter()
+            .map(|t| t.2.span_per_sec)
+            .fold(0.0, f64::max);
+        let (queue, _, _) = self.queue?;
+        (queue > 0.0 && best > 0.0).then(|| best / queue)
+    }
+
+    fn json(&self) -> Value {
+        let w = self;
+        json!({
+            "jobs": w.jobs,
+            "trials": w.trials.iter().map(|(c, q, d)| drain_json(*c, *q, d)).collect::<Vec<_>>(),
+            "received": w.received,
+            "best_concurrency": w.trials.get(w.best).map(|x| x.0),
+            "herald_per_sec": w.trials.get(w.best).map(|t| t.2.per_sec),
+            "wrk": w.wrk.map(|(secs, rps)| json!({
+                "threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "secs": secs, "requests_per_sec": rps})),
+            "herald_over_wrk": w.wrk_ratio(),
+            "claim_complete_no_io": w.queue.map(|(rate, claim, complete)| json!({
+                "jobs_per_sec": rate, "claim": summary_json(&claim), "complete": summary_json(&complete)})),
+            "herald_over_claim_complete": w.queue_ratio(),
+        })
+    }
+
+    fn goals(&self) -> [Value; 2] {
+        [
+            goal(
+                "herald webhooks/s >= 50% of wrk",
+                self.wrk_ratio(),
+                WEBHOOK_GOAL,
+            ),
+            goal(
+                "herald webhooks/s >= 0.8x claim+complete without I/O (same run)",
+                self.queue_ratio(),
+                QUEUE_GOAL,
+            ),
+        ]
+    }
+}
+
 // ------------------------------------------------------------------------------------------- c. latency
 
 struct Latency {
@@ -953,23 +1018,6 @@ impl Report {
         Some(e.trials.get(e.best)?.2.per_sec / e.source?.2)
     }
 
-    fn webhook_ratio(&self) -> Option<f64> {
-        let w = &self.webhooks;
-        Some(w.trials.get(w.best)?.2.per_sec / w.wrk?.1)
-    }
-
-    /// The best trial's webhooks/s (first lease to last result) over claim + complete with no I/O.
-    fn queue_ratio(&self) -> Option<f64> {
-        let w = &self.webhooks;
-        let best = w
-            .trials
-            .iter()
-            .map(|t| t.2.span_per_sec)
-            .fold(0.0, f64::max);
-        let (queue, _, _) = w.queue?;
-        (queue > 0.0 && best > 0.0).then(|| best / queue)
-    }
-
     /// The step engine is driven by NOTIFY when even the slow calls were queued well within one poll.
     fn notify_drives(&self) -> bool {
         self.latency.to_queued.p99_ms < POLL_MS as f64 / 2.0
@@ -990,19 +1038,7 @@ impl Report {
                     "sessions": SOURCE_SESSIONS, "message_bytes": bytes, "secs": secs, "per_sec": rate})),
                 "herald_over_smtp_source": self.email_ratio(),
             },
-            "webhooks": {
-                "jobs": w.jobs,
-                "trials": w.trials.iter().map(|(c, q, d)| drain_json(*c, *q, d)).collect::<Vec<_>>(),
-                "received": w.received,
-                "best_concurrency": best_of(&w.trials, w.best),
-                "herald_per_sec": w.trials.get(w.best).map(|t| t.2.per_sec),
-                "wrk": w.wrk.map(|(secs, rps)| json!({
-                    "threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "secs": secs, "requests_per_sec": rps})),
-                "herald_over_wrk": self.webhook_ratio(),
-                "claim_complete_no_io": w.queue.map(|(rate, claim, complete)| json!({
-                    "jobs_per_sec": rate, "claim": summary_json(&claim), "complete": summary_json(&complete)})),
-                "herald_over_claim_complete": self.queue_ratio(),
-            },
+            "webhooks": w.json(),
             "latency": {
                 "calls": l.calls,
                 "gap_ms": l.gap_ms,
@@ -1019,8 +1055,8 @@ impl Report {
             },
             "goals": [
                 goal("herald emails/s >= 70% of smtp-source", self.email_ratio(), EMAIL_GOAL),
-                goal("herald webhooks/s >= 50% of wrk", self.webhook_ratio(), WEBHOOK_GOAL),
-                goal("herald webhooks/s >= 0.8x claim+complete without I/O (same run)", self.queue_ratio(), QUEUE_GOAL),
+                w.goals()[0],
+                w.goals()[1],
             ],
         })
     }
@@ -1034,7 +1070,7 @@ impl Report {
             dbname()
         );
         self.render_emails(&mut o);
-        self.render_webhooks(&mut o);
+        Self::render_webhooks(&self.webhooks, &mut o);
         self.render_latency(&mut o);
         o
     }
@@ -1162,8 +1198,7 @@ impl Report {
         }
     }
 
-    fn render_webhooks(&self, o: &mut String) {
-        let w = &self.webhooks;
+    fn render_webhooks(w: &Webhooks, o: &mut String) {
         let _ = writeln!(
             o,
             "\nb. Webhooks: {} POSTs INSERTed into herald.outbox, drained into a tokio HTTP receiver (keep-alive, 200 + JSON)",
@@ -1196,7 +1231,7 @@ impl Report {
                     "  wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}, same receiver         {:>8} requests/s ({secs:.1} s)",
                     super::thousands(rps)
                 );
-                let ratio = self.webhook_ratio();
+                let ratio = w.wrk_ratio();
                 let _ = writeln!(
                     o,
                     "  herald / wrk = {:.2}   goal >= {WEBHOOK_GOAL:.2}: {}",
@@ -1227,7 +1262,7 @@ impl Report {
                 claim.p50_ms,
                 complete.p50_ms
             );
-            let ratio = self.queue_ratio();
+            let ratio = w.queue_ratio();
             let _ = writeln!(
                 o,
                 "  herald run, first lease -> last result:       {:>8} webhooks/s (best trial)\n  \

@@ -1,12 +1,14 @@
 //! Completer: gathers executors' results and records them with `herald.complete`, group-commit style: a
-//! call starts as soon as a result is waiting and no call is running; results that arrive meanwhile
-//! wait for the next call, up to [`BATCH`] per call. A second call (at most [`IN_FLIGHT`] at once)
-//! starts only for an overflow of at least [`OVERFLOW`] waiting results. So batches form by themselves
-//! under load and a lone result is recorded at once, with no timer: what a crash can leave "sent but
-//! not recorded" (and so sends twice after the lease expires) is what arrived during the last call or
-//! two, not a fixed batch window's worth. (With the second call free for any result, each call took
-//! the few results of the last millisecond or two: many more, smaller calls, each with its own commit,
-//! for the same work.)
+//! call starts when a result is waiting, no call is running and the last call started at least [`GAP`]
+//! ago; results that arrive meanwhile wait for the next call, up to [`BATCH`] per call. A second call
+//! (at most [`IN_FLIGHT`] at once) starts only for an overflow of at least [`OVERFLOW`] waiting
+//! results, or once the running call is slow ([`SLOW_CALL`]). So batches form by themselves under load
+//! and a lone result after a quiet spell is recorded at once: what a crash can leave "sent but not
+//! recorded" (and so sends twice after the lease expires) is what arrived during the last call or two
+//! and the gap, not a fixed batch window's worth. (With the second call free for any result, each call
+//! took the few results of the last millisecond or two: many more, smaller calls, each with its own
+//! commit, for the same work. Issue 14's webhook round: with calls back to back, 20,000 webhooks at
+//! concurrency 64 still took ~950 calls of ~21 results, and each call has a fixed cost of its own.)
 //!
 //! A failed call is retried with back-off and its batch kept (complete() ignores results it has already
 //! applied, so a retry after an ambiguous failure is harmless), for as long as the database stays away.
@@ -29,20 +31,28 @@ use super::database::{Database, DbError};
 use super::metrics::Metrics;
 use super::pg::Backoff;
 
-/// Results per complete() call at most.
-pub const BATCH: usize = 100;
+/// Results per complete() call at most: a call's fixed cost (a round trip, a transaction, the
+/// statement's set-up) is several complete()s' worth of per-result work, so fuller calls cost less
+/// per result (measured one call at a time on this machine at load average 5: ~150 µs a result in
+/// calls of 50, ~90 in calls of 100, ~56 in calls of 400).
+pub const BATCH: usize = 400;
 /// complete() calls at once: a second call may start while one is running, for an overflow (see
 /// [`OVERFLOW`]), so results that come faster than one call at a time records do not pile up. (Two
 /// concurrent calls touch different outbox rows; each is one statement, so they cannot hold each other
 /// up for long.)
 pub const IN_FLIGHT: usize = 2;
-/// Results waiting that start a call while another is running; fewer wait for it to end (a call lasts
-/// a few milliseconds), which keeps calls few and full.
+/// Results waiting that start a call at once, beside a running one if a slot is free; fewer wait for
+/// it to end (a call lasts a few milliseconds) and for [`GAP`], which keeps calls few and full.
 pub const OVERFLOW: usize = BATCH / 2;
 /// A call running this long opens the second slot to whatever waits, however little: a slow call
 /// (100-250 ms seen under load) must not hold results back, as each is a second copy if the process
-/// is killed meanwhile.
-pub const SLOW_CALL: Duration = Duration::from_millis(10);
+/// is killed meanwhile. (10 ms opened it for nearly every call on a loaded machine, where a call
+/// lasts ~8 ms: the second slot then took the few results of the last milliseconds again.)
+pub const SLOW_CALL: Duration = Duration::from_millis(20);
+/// Least time from one call's start to the next's while fewer than [`OVERFLOW`] wait: behind a steady
+/// stream of results a call takes at least this long's worth of them (at 3,000 results/s, ~9 rather
+/// than ~2), and a crash leaves at most this much more unrecorded.
+pub const GAP: Duration = Duration::from_millis(3);
 
 const COMPLETE: &str = "SELECT herald.complete($1::jsonb)";
 
@@ -67,12 +77,10 @@ impl Completer {
             give_up,
             metrics,
         };
-        let lost: usize = group_commit(&mut results, IN_FLIGHT, SLOW_CALL, |batch| {
-            recorder.record(batch)
-        })
-        .await
-        .into_iter()
-        .sum();
+        let lost: usize = group_commit(&mut results, Pace::DAEMON, |batch| recorder.record(batch))
+            .await
+            .into_iter()
+            .sum();
         if lost > 0 {
             tracing::error!(
                 results = lost,
@@ -84,21 +92,47 @@ impl Completer {
     }
 }
 
-/// Hands what `results` yields to `record`, in batches of at most [`BATCH`], with at most `in_flight`
-/// calls running at once: when no call runs and anything is waiting, or a call slot is free and either
-/// at least [`OVERFLOW`] are waiting or the oldest running call has lasted `slow`, a call starts with
-/// everything waiting. Returns each call's output once the channel is closed and every call is done.
-async fn group_commit<R, F, T>(
-    results: &mut mpsc::Receiver<Json>,
-    in_flight: usize,
-    slow: Duration,
-    record: R,
-) -> Vec<T>
+/// When calls start: see [`group_commit`].
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    /// Results per call at most.
+    pub batch: usize,
+    /// Calls running at once at most.
+    pub in_flight: usize,
+    /// Results waiting that start a call at once (beside a running one, if a slot is free).
+    pub overflow: usize,
+    /// A running call this old opens a free slot to whatever waits.
+    pub slow: Duration,
+    /// Fewer than `overflow` results wait until this long after the last call started.
+    pub gap: Duration,
+}
+
+impl Pace {
+    /// The daemon's.
+    pub const DAEMON: Pace = Pace {
+        batch: BATCH,
+        in_flight: IN_FLIGHT,
+        overflow: OVERFLOW,
+        slow: SLOW_CALL,
+        gap: GAP,
+    };
+}
+
+/// Hands what `results` yields to `record`, in batches of at most `pace.batch`, with at most
+/// `pace.in_flight` calls running at once. A call starts with everything waiting when: no call runs
+/// and either at least `pace.overflow` wait or the last call started `pace.gap` ago or more (a lone
+/// result after a quiet spell goes at once); or a call slot is free and either at least
+/// `pace.overflow` wait or the oldest running call has lasted `pace.slow`. Returns each call's
+/// output once the channel is closed and every call is done.
+async fn group_commit<R, F, T>(results: &mut mpsc::Receiver<Json>, pace: Pace, record: R) -> Vec<T>
 where
     R: Fn(Vec<Json>) -> F,
     F: Future<Output = T>,
 {
-    let mut waiting: Vec<Json> = Vec::with_capacity(BATCH);
+    let batch = pace.batch.max(1);
+    let mut waiting: Vec<Json> = Vec::with_capacity(batch);
+    // when the last call started
+    let mut last_start: Option<Instant> = None;
     let mut calls = FuturesUnordered::new();
     // when each running call started, by its number
     let mut running: Vec<(u64, Instant)> = Vec::new();
@@ -107,7 +141,7 @@ where
     let mut open = true;
     loop {
         // everything already in the channel joins this batch (no waiting for more)
-        while open && waiting.len() < BATCH {
+        while open && waiting.len() < batch {
             match results.try_recv() {
                 Ok(r) => waiting.push(r),
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -116,11 +150,18 @@ where
         }
         let now = Instant::now();
         let oldest = running.iter().map(|(_, at)| *at).min();
-        let slot_free = calls.len() < in_flight;
-        let overflow = waiting.len() >= OVERFLOW || oldest.is_some_and(|at| now - at >= slow);
-        if !waiting.is_empty() && (calls.is_empty() || (slot_free && overflow)) {
-            let batch = std::mem::replace(&mut waiting, Vec::with_capacity(BATCH));
-            let call = record(batch);
+        let slot_free = calls.len() < pace.in_flight;
+        let enough = waiting.len() >= pace.overflow || waiting.len() >= batch || !open;
+        let next_at = last_start.map(|at| at + pace.gap);
+        let start = if calls.is_empty() {
+            enough || next_at.is_none_or(|at| now >= at)
+        } else {
+            slot_free && (enough || oldest.is_some_and(|at| now - at >= pace.slow))
+        };
+        if !waiting.is_empty() && start {
+            let taken = std::mem::replace(&mut waiting, Vec::with_capacity(batch));
+            last_start = Some(now);
+            let call = record(taken);
             let number = numbered;
             numbered += 1;
             running.push((number, now));
@@ -130,13 +171,18 @@ where
         if !open && waiting.is_empty() && calls.is_empty() {
             return outputs;
         }
-        // results wait behind a running call and a slot is free: it opens when that call turns slow
-        let slow_at = oldest
-            .filter(|_| slot_free && !waiting.is_empty())
-            .map(|at| at + slow);
-        // wait for a result (while there is room for it), for a call to end or to turn slow
+        // results wait: with no call running, for the gap since the last call's start to pass;
+        // behind a running call, for a free slot to open when that call turns slow
+        let wake_at = if waiting.is_empty() {
+            None
+        } else if calls.is_empty() {
+            next_at
+        } else {
+            oldest.filter(|_| slot_free).map(|at| at + pace.slow)
+        };
+        // wait for a result (while there is room for it), for a call to end or for that moment
         tokio::select! {
-            r = results.recv(), if open && waiting.len() < BATCH => match r {
+            r = results.recv(), if open && waiting.len() < batch => match r {
                 Some(r) => waiting.push(r),
                 None => open = false,
             },
@@ -144,7 +190,7 @@ where
                 running.retain(|(n, _)| *n != number);
                 outputs.push(out);
             }
-            () = tokio::time::sleep_until(slow_at.unwrap_or(now)), if slow_at.is_some() => {}
+            () = tokio::time::sleep_until(wake_at.unwrap_or(now)), if wake_at.is_some() => {}
         }
     }
 }
@@ -240,6 +286,16 @@ mod tests {
     /// A `slow` no test call reaches.
     const LONG: Duration = Duration::from_secs(3600);
 
+    /// The daemon's pace with these slots and slow-call threshold, and no gap between calls.
+    fn pace(in_flight: usize, slow: Duration) -> Pace {
+        Pace {
+            in_flight,
+            slow,
+            gap: Duration::ZERO,
+            ..Pace::DAEMON
+        }
+    }
+
     /// A recorder whose calls end when the test releases them; it logs each batch's ids.
     struct Fake {
         calls: Mutex<Vec<Vec<i64>>>,
@@ -289,7 +345,7 @@ mod tests {
         let fake = Fake::new();
         let f = Arc::clone(&fake);
         let run = tokio::spawn(async move {
-            group_commit(&mut rx, 1, LONG, |b| Arc::clone(&f).record(b)).await
+            group_commit(&mut rx, pace(1, LONG), |b| Arc::clone(&f).record(b)).await
         });
         tx.send(json!({"id": 1})).await.unwrap();
         settle().await;
@@ -319,7 +375,7 @@ mod tests {
         let fake = Fake::new();
         let f = Arc::clone(&fake);
         let run = tokio::spawn(async move {
-            group_commit(&mut rx, 2, LONG, |b| Arc::clone(&f).record(b)).await
+            group_commit(&mut rx, pace(2, LONG), |b| Arc::clone(&f).record(b)).await
         });
         tx.send(json!({"id": 0})).await.unwrap();
         settle().await;
@@ -358,7 +414,7 @@ mod tests {
         let f = Arc::clone(&fake);
         let slow = Duration::from_millis(500);
         let run = tokio::spawn(async move {
-            group_commit(&mut rx, 2, slow, |b| Arc::clone(&f).record(b)).await
+            group_commit(&mut rx, pace(2, slow), |b| Arc::clone(&f).record(b)).await
         });
         tx.send(json!({"id": 0})).await.unwrap();
         settle().await;
@@ -381,6 +437,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn behind_a_stream_of_results_calls_start_a_gap_apart() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let fake = Fake::new();
+        let f = Arc::clone(&fake);
+        // long enough that a loaded machine does not reach it between two checks by accident
+        let gap = Duration::from_millis(500);
+        let pace = Pace {
+            gap,
+            ..pace(2, LONG)
+        };
+        let run =
+            tokio::spawn(
+                async move { group_commit(&mut rx, pace, |b| Arc::clone(&f).record(b)).await },
+            );
+        // the first result after a quiet spell goes at once
+        tx.send(json!({"id": 0})).await.unwrap();
+        settle().await;
+        assert_eq!(fake.calls(), vec![vec![0]]);
+        fake.release.add_permits(1);
+        settle().await;
+        // that call has ended, but the next waits for the gap since its start, gathering meanwhile
+        for id in 1..=3 {
+            tx.send(json!({ "id": id })).await.unwrap();
+            settle().await;
+        }
+        assert_eq!(fake.calls().len(), 1, "the results wait for the gap");
+        // an overflow does not wait for it
+        for id in 10..(10 + OVERFLOW as i64 - 3) {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(fake.calls().len(), 2);
+        assert_eq!(fake.calls()[1].len(), OVERFLOW);
+        fake.release.add_permits(1);
+        settle().await;
+        // a few more wait for the gap after that call's start, then go together
+        for id in 4..=5 {
+            tx.send(json!({ "id": id })).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(fake.calls().len(), 2);
+        tokio::time::sleep(gap * 2).await;
+        settle().await;
+        assert_eq!(fake.calls()[2], vec![4, 5]);
+        fake.release.add_permits(1);
+        drop(tx);
+        let outputs = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outputs, vec![1, OVERFLOW, 2]);
+    }
+
+    #[tokio::test]
     async fn batches_are_capped_and_calls_overlap_up_to_the_limit() {
         let (tx, mut rx) = mpsc::channel(1000);
         let fake = Fake::new();
@@ -390,7 +500,7 @@ mod tests {
         drop(tx);
         let f = Arc::clone(&fake);
         let run = tokio::spawn(async move {
-            group_commit(&mut rx, 2, LONG, |b| Arc::clone(&f).record(b)).await
+            group_commit(&mut rx, pace(2, LONG), |b| Arc::clone(&f).record(b)).await
         });
         settle().await;
         let calls = fake.calls();

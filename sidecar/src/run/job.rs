@@ -144,8 +144,9 @@ impl Outcome {
         }
     }
 
-    /// The element of `herald.complete`'s array for this job.
-    pub fn to_result(&self, id: i64) -> Json {
+    /// The element of `herald.complete`'s array for this job (the outcome moves into it: a reply kept
+    /// as the response is not copied).
+    pub fn into_result(self, id: i64) -> Json {
         match self {
             Self::Done {
                 message_id,
@@ -153,10 +154,10 @@ impl Outcome {
             } => {
                 let mut r = json!({"id": id, "ok": true});
                 if let Some(m) = message_id {
-                    r["message_id"] = Json::String(m.clone());
+                    r["message_id"] = Json::String(m);
                 }
                 if let Some(v) = response {
-                    r["response"] = v.clone();
+                    r["response"] = v;
                 }
                 r
             }
@@ -180,19 +181,19 @@ mod tests {
             response: Some(json!({"x": 1})),
         };
         assert_eq!(
-            ok.to_result(17),
+            ok.into_result(17),
             json!({"id": 17, "ok": true, "message_id": "<a@herald>", "response": {"x": 1}})
         );
         let bare = Outcome::Done {
             message_id: None,
             response: None,
         };
-        assert_eq!(bare.to_result(1), json!({"id": 1, "ok": true}));
+        assert_eq!(bare.into_result(1), json!({"id": 1, "ok": true}));
         assert_eq!(
-            Outcome::retry("451 4.3.0 try later").to_result(18),
+            Outcome::retry("451 4.3.0 try later").into_result(18),
             json!({"id": 18, "ok": false, "retryable": true, "error": "451 4.3.0 try later"})
         );
-        let long = Outcome::permanent("x".repeat(5000)).to_result(2);
+        let long = Outcome::permanent("x".repeat(5000)).into_result(2);
         assert_eq!(long["error"].as_str().unwrap().chars().count(), 2000);
         assert_eq!(long["error"].as_str().unwrap().len(), 2000);
         assert_eq!(long["retryable"], json!(false));

@@ -67,12 +67,13 @@ pub fn signature(key: &[u8], timestamp: i64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Whether rendering `fields` would give them back unchanged: no template syntax in any string, and
-/// their text within the render's output bound (over it, the renderer says so). Such a job skips the
-/// renderer, and with it a copy of its payload as variables (contact, event, context) and of its
-/// fields: most webhooks carry no template, and at thousands per second the copies were a good part
-/// of the daemon's CPU per job.
-fn renders_as_is(fields: &[(String, Json)]) -> bool {
+/// Whether rendering these values (the URL, the string header values, the body) would give them back
+/// unchanged: no template syntax in any string, and their text within the render's output bound (over
+/// it, the renderer says so). Such a job skips the renderer, and with it a copy of its payload as
+/// variables (contact, event, context) and of its fields: most webhooks carry no template, and at
+/// thousands per second the copies were a good part of the daemon's CPU per job. Reads the payload in
+/// place: nothing is copied to ask.
+fn renders_as_is<'a>(values: impl IntoIterator<Item = &'a Json>) -> bool {
     fn text(v: &Json, total: &mut usize) -> bool {
         match v {
             Json::String(s) => {
@@ -85,7 +86,7 @@ fn renders_as_is(fields: &[(String, Json)]) -> bool {
         }
     }
     let mut total = 0;
-    fields.iter().all(|(_, v)| text(v, &mut total)) && total <= MAX_OUTPUT
+    values.into_iter().all(|v| text(v, &mut total)) && total <= MAX_OUTPUT
 }
 
 /// Whether a non-2xx status is worth retrying.
@@ -143,59 +144,65 @@ impl Webhooks {
         let Some(url_src) = p.get("url").and_then(Json::as_str) else {
             return Outcome::permanent("the job has no url");
         };
-        // everything templated in one render: the URL, header values, the body's strings
-        let mut fields = vec![("url".to_string(), Json::from(url_src))];
-        let mut header_names = Vec::new();
-        if let Some(map) = p.get("headers").and_then(Json::as_object) {
-            for (name, value) in map {
-                if let Json::String(s) = value {
-                    fields.push((format!("headers.{name}"), Json::from(s.as_str())));
-                    header_names.push(name.clone());
-                }
-            }
-        }
+        let header_map = p.get("headers").and_then(Json::as_object);
         let body = p.get("body").filter(|b| !b.is_null());
-        if let Some(b) = body {
-            fields.push(("body".to_string(), b.clone()));
-        }
         // a job marked verbatim carries data, not templates (a results-stream delivery: a result
-        // holding "{{" must arrive as it is); everything else is rendered
+        // holding "{{" must arrive as it is); so does one without template syntax: both are sent
+        // from the payload as it is, borrowed
         let verbatim = p.get("verbatim").and_then(Json::as_bool) == Some(true);
-        let mut rendered = if verbatim || renders_as_is(&fields) {
-            fields
+        let string_headers = || {
+            header_map
                 .into_iter()
-                .map(|(_, v)| v)
-                .collect::<Vec<_>>()
-                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v.is_string())
+        };
+        let as_is = verbatim || {
+            let url = p.get("url").into_iter();
+            renders_as_is(url.chain(string_headers().map(|(_, v)| v)).chain(body))
+        };
+        let prepared = if as_is {
+            self.prepare(job, url_src, None, body)
         } else {
+            // everything templated in one render: the URL, header values, the body's strings
+            let mut fields = vec![("url".to_string(), Json::from(url_src))];
+            let mut header_names = Vec::new();
+            for (name, value) in string_headers() {
+                fields.push((format!("headers.{name}"), value.clone()));
+                header_names.push(name.clone());
+            }
+            if let Some(b) = body {
+                fields.push(("body".to_string(), b.clone()));
+            }
             let vars = Vars::from_payload(&job.workspace, p);
-            match renderer.render_fields(fields, &vars).await {
+            let mut rendered = match renderer.render_fields(fields, &vars).await {
                 Ok(r) => r.into_iter(),
                 Err(e) => return e.outcome(),
-            }
+            };
+            let url_text = match rendered.next() {
+                Some(Json::String(u)) => u,
+                _ => return Outcome::permanent("the url did not render to text"),
+            };
+            let headers: Vec<(String, String)> = header_names
+                .into_iter()
+                .zip(rendered.by_ref())
+                .map(|(n, v)| (n, v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let body = body.and_then(|_| rendered.next());
+            self.prepare(job, &url_text, Some(&headers), body.as_ref())
         };
-        let url_text = match rendered.next() {
-            Some(Json::String(u)) => u,
-            _ => return Outcome::permanent("the url did not render to text"),
-        };
-        let headers: Vec<(String, String)> = header_names
-            .into_iter()
-            .zip(rendered.by_ref())
-            .map(|(n, v)| (n, v.as_str().unwrap_or_default().to_string()))
-            .collect();
-        let body = body.and_then(|_| rendered.next());
-        match self.prepare(job, &url_text, &headers, body.as_ref()) {
+        match prepared {
             Ok(request) => self.send(request).await,
             Err(error) => Outcome::permanent(error),
         }
     }
 
-    /// The request from the rendered URL, string header values and body.
+    /// The request from the URL, string header values and body: rendered, or (`rendered_headers`
+    /// None) the payload's own.
     fn prepare(
         &self,
         job: &Job,
         url_text: &str,
-        rendered_headers: &[(String, String)],
+        rendered_headers: Option<&[(String, String)]>,
         body: Option<&Json>,
     ) -> Result<Prepared, String> {
         let p = &job.payload;
@@ -225,18 +232,22 @@ impl Webhooks {
         let mut headers = HeaderMap::new();
         if let Some(map) = p.get("headers").and_then(Json::as_object) {
             for (name, value) in map {
-                let value = match value {
-                    Json::String(_) => rendered_headers
+                let other;
+                let value = match (value, rendered_headers) {
+                    (Json::String(s), None) => s.as_str(),
+                    (Json::String(_), Some(rendered)) => rendered
                         .iter()
                         .find(|(n, _)| n == name)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default(),
-                    Json::Null => continue,
-                    other => other.to_string(),
+                        .map_or("", |(_, v)| v.as_str()),
+                    (Json::Null, _) => continue,
+                    (v, _) => {
+                        other = v.to_string();
+                        other.as_str()
+                    }
                 };
                 let name = HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| format!("invalid header name {name:?}"))?;
-                let value = HeaderValue::from_str(&value)
+                let value = HeaderValue::from_str(value)
                     .map_err(|_| format!("invalid value for header {name}"))?;
                 headers.insert(name, value);
             }
@@ -397,7 +408,8 @@ mod tests {
 
     #[test]
     fn only_fields_without_templates_within_the_bound_skip_the_renderer() {
-        let field = |v: Json| vec![("url".to_string(), json!("http://h/x")), ("body".into(), v)];
+        let url = json!("http://h/x");
+        let field = |v: Json| [url.clone(), v];
         assert!(renders_as_is(&field(
             json!({"n": 1, "a": ["x", {"b": "y"}]})
         )));
