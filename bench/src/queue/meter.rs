@@ -75,17 +75,30 @@ impl Meter {
     }
 }
 
-/// The user + system CPU time of process `pid` so far, if it runs on this machine.
+/// The user + system CPU time of backend `pid` so far, if it runs on this machine.
 fn backend_cpu(pid: i32) -> Option<Duration> {
-    if pid <= 0 {
-        return None;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_stat(pid)?;
     let comm = stat.rfind(')')?;
     if !stat[..comm].contains("postgres") {
         return None; // a pid of the server's machine, not ours: some other process
     }
-    parse_cpu_ticks(&stat).map(|ticks| Duration::from_secs_f64(ticks as f64 / USER_HZ))
+    stat_cpu(&stat)
+}
+
+/// The user + system CPU time of any process of this machine so far (the soak's daemon, backends).
+pub(crate) fn process_cpu(pid: i32) -> Option<Duration> {
+    stat_cpu(&read_stat(pid)?)
+}
+
+fn read_stat(pid: i32) -> Option<String> {
+    if pid <= 0 {
+        return None;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+fn stat_cpu(stat: &str) -> Option<Duration> {
+    parse_cpu_ticks(stat).map(|ticks| Duration::from_secs_f64(ticks as f64 / USER_HZ))
 }
 
 /// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line. The command name (field 2) is in

@@ -9,25 +9,12 @@ use std::collections::HashMap;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-/// Clock ticks per second of /proc's utime/stime (USER_HZ).
-const USER_HZ: f64 = 100.0;
 /// How many statements the summary lists.
 const TOP_STATEMENTS: i64 = 12;
 
 /// CPU seconds a process has used so far (user + system), from /proc/<pid>/stat.
 fn process_cpu(pid: i32) -> Option<f64> {
-    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// user + system CPU seconds of one /proc/<pid>/stat line.
-fn stat_cpu(stat: &str) -> Option<f64> {
-    // the command name is in parentheses and may hold spaces: count fields after the last ')'
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // after ')': state is field 3 of the line, utime 14 and stime 15 → indexes 11 and 12 here
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / USER_HZ)
+    crate::queue::meter::process_cpu(pid).map(|d| d.as_secs_f64())
 }
 
 /// Accumulates CPU seconds of the daemon and of the database's backends between samples. A backend
@@ -119,17 +106,4 @@ pub async fn top_statements(db: &Client) -> Vec<StatementCost> {
             rows: r.get(3),
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_of_a_stat_line_whose_name_has_spaces_and_parentheses() {
-        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-        let line = "4242 (postgres: x (y) idle) S 1 2 3 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 1 0";
-        assert_eq!(stat_cpu(line), Some(3.0));
-        assert_eq!(stat_cpu("4242 (short) S 1"), None);
-    }
 }
