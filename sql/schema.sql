@@ -627,3 +627,22 @@ SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.results_staged_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.results_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.result_subscriptions_id_seq', '');
+
+-- Autovacuum for the tables that churn (issue 14 §2, the soak). The server's defaults vacuum a table
+-- once a fifth of its rows are dead. outbox and enrollments keep every finished row (prune: 30 days), so a
+-- fifth of them grows with the history, and each job/step leaves its old versions in the pages and in the
+-- index ranges that claim and tick walk from their low end (outbox_pending_idx, enrollments_due_idx):
+-- the walks slowed as the tables grew (30-minute soak of 0.6.0: 1.9M dead of ~6M outbox rows). 2% keeps
+-- the dead versions to about what a minute of work leaves, and a higher cost limit lets each vacuum end
+-- before the next minute's are due. The staging tables are queues whose live rows are few: a fixed
+-- threshold, not a share of the live rows, decides when they are vacuumed, and nothing throttles it.
+ALTER TABLE herald.outbox SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 2000);
+ALTER TABLE herald.enrollments SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 2000);
+ALTER TABLE herald.results_staged SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+                                       autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE herald.stats_delta SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+                                    autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE herald.broadcast_stats_delta SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+                                              autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE herald.rate_grants SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+                                    autovacuum_vacuum_cost_delay = 0);
