@@ -65,7 +65,14 @@ CREATE TABLE herald.events (
     PRIMARY KEY (workspace_id, id),
     CONSTRAINT events_need_contact_or_email CHECK (contact_id IS NOT NULL OR email IS NOT NULL)
 );
-CREATE INDEX events_contact_kind_idx ON herald.events (workspace_id, contact_id, kind, occurred_at);
+-- A contact's events (erasure: delete_contact; the rows still waiting for their contact_id are the NULL
+-- range). contact_id first: every import writes one entry here per new contact (contact.created), and
+-- an int8 leading the key costs ~6,500 instructions less per entry than the (workspace_id, contact_id,
+-- kind, occurred_at) key this replaced (0.7.0), whose text column led every comparison (no reader
+-- wants (contact, kind, time) order). workspace_id second, so that a probe for (workspace, contact) is
+-- one index condition: with the contact alone, a planner without statistics ANDed it with the
+-- workspace's whole range of events_pkey.
+CREATE INDEX events_contact_idx ON herald.events (contact_id, workspace_id);
 
 -- No foreign key to workspaces (nor between any herald tables): pg_restore -j loads the tables of an
 -- extension in parallel, unordered, so a foreign key between them fails a parallel restore. herald's

@@ -145,3 +145,17 @@ SELECT e.email, e.payload ? 'gone' AS null_in_payload, e.payload -> 'n' AS n FRO
  WHERE e.workspace_id = 'cq' AND e.kind = 'contact.created' AND e.email IN ('big2@example.com', 'tz4@example.com') ORDER BY e.email;
 -- (the woken enrollment would be due for the next suite's tick)
 DELETE FROM herald.enrollments WHERE workspace_id = 'cq';
+-- an address whose other copy in the call is rejected is taken from its accepted copy alone; the
+-- contact.created events of a call follow contact id order (one per new contact)
+SELECT * FROM herald.upsert_contacts('cq', jsonb_build_array(
+    jsonb_build_object('email', 'half@example.com', 'timezone', 'Mars/Olympus', 'attributes', jsonb_build_object('a', 1)),
+    jsonb_build_object('email', 'zed@example.com'),
+    jsonb_build_object('email', 'HALF@example.com', 'attributes', jsonb_build_object('b', 2)),
+    jsonb_build_object('email', 'abe@example.com')));
+SELECT email, attributes, timezone FROM herald.contacts WHERE workspace_id = 'cq' AND email IN ('half@example.com', 'zed@example.com', 'abe@example.com') ORDER BY email;
+SELECT count(*) AS created_events,
+       bool_and(x.in_order) AS ids_follow_contacts
+  FROM (SELECT e.email, (lag(e.contact_id) OVER (ORDER BY e.id) < e.contact_id) IS NOT FALSE AS in_order
+          FROM herald.events e WHERE e.workspace_id = 'cq' AND e.kind = 'contact.created') x
+ WHERE x.email IN ('half@example.com', 'zed@example.com', 'abe@example.com');
+DELETE FROM herald.enrollments WHERE workspace_id = 'cq';
