@@ -65,15 +65,19 @@ BEGIN
         -- (json_build_object per row, and the contact's facts as jsonb, were ~45 ms of a 10,000 batch):
         -- strings through to_json (quoted, escaped), jsonb through its text form, numbers as they print,
         -- every value that can be NULL coalesced to null. The contact goes in parts (attributes, email,
-        -- tags, timezone); _steps joins them into the facts herald._contact_facts would make.
+        -- tags, timezone); _steps joins them into the facts herald._contact_facts would make. Joined
+        -- with || rather than concat(): concat looks up every argument's output function on every row.
+        -- The status needs no escaping (the CHECK on enrollments.status allows five plain words);
+        -- to_json looks up its argument's type on every call (~1,500 instructions each, callgrind).
         SELECT (SELECT json_object_agg(x.automation_id::text || ':' || x.version::text, x.definition) FROM defs x) AS automations,
-               '[' || string_agg(concat(
-                   '{"id":', d.id, ',"workspace_id":', to_json(d.workspace_id), ',"automation_id":', d.automation_id,
-                   ',"version":', d.version, ',"contact_id":', d.contact_id, ',"status":', to_json(d.status),
-                   ',"node":', to_json(d.current_node), ',"visit":', d.visit, ',"context":', d.context,
-                   ',"event":', coalesce(d.event -> 'payload', 'null'), ',"attributes":', coalesce(c.attributes, '{}'),
-                   ',"email":', to_json(c.email), ',"tags":', coalesce(to_json(c.tags), '[]'),
-                   ',"timezone":', coalesce(to_json(c.timezone), 'null'), '}'), ',') || ']' AS enrollments
+               '[' || string_agg('{"id":' || d.id::text || ',"workspace_id":' || to_json(d.workspace_id)::text
+                   || ',"automation_id":' || d.automation_id::text || ',"version":' || d.version::text
+                   || ',"contact_id":' || d.contact_id::text || ',"status":"' || d.status
+                   || '","node":' || to_json(d.current_node)::text || ',"visit":' || d.visit::text
+                   || ',"context":' || d.context::text || ',"event":' || coalesce((d.event -> 'payload')::text, 'null')
+                   || ',"attributes":' || coalesce(c.attributes::text, '{}') || ',"email":' || to_json(c.email)::text
+                   || ',"tags":' || coalesce(array_to_json(c.tags)::text, '[]')
+                   || ',"timezone":' || coalesce(to_json(c.timezone)::text, 'null') || '}', ',') || ']' AS enrollments
           FROM due d
           -- a primary-key probe per due row (a plain join was planned as a merge over the contacts index)
          CROSS JOIN LATERAL (SELECT c.email, c.attributes, c.timezone, c.tags FROM herald.contacts c

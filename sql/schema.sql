@@ -161,7 +161,12 @@ CREATE INDEX enrollments_wait_job_idx ON herald.enrollments (workspace_id, wait_
 CREATE INDEX enrollments_wait_event_idx ON herald.enrollments (workspace_id, contact_id, wait_event)
     WHERE wait_kind = 'event' AND ended_at IS NULL;
 CREATE INDEX enrollments_contact_idx ON herald.enrollments (workspace_id, contact_id) WHERE status IN ('active', 'waiting');
-CREATE INDEX enrollments_automation_idx ON herald.enrollments (workspace_id, automation_id, status);
+-- automation_id first (a bigint), workspace_id after it: the key tick's every update inserts a new entry
+-- into compares integers, not the workspace's text (collation-aware, and every column after a text one
+-- is found by walking the tuple). With step_log_enrollment_idx: 2.1% fewer instructions per tick of 10,000
+-- (callgrind, 2,673 -> 2,616 M, one run of each on copies of one cluster). It serves the same
+-- lookups (workspace and automation, status); a workspace alone goes by the primary key.
+CREATE INDEX enrollments_automation_idx ON herald.enrollments (automation_id, workspace_id, status);
 
 -- Templates: rendered by the sidecar; the database hands out key + version + the data to render.
 CREATE TABLE herald.templates (
@@ -308,7 +313,9 @@ CREATE TABLE herald.step_log (
     created_at    timestamptz NOT NULL DEFAULT now(),
     CHECK (cardinality(nodes) = cardinality(visits) AND cardinality(nodes) = cardinality(actions))
 );
-CREATE INDEX step_log_enrollment_idx ON herald.step_log (workspace_id, enrollment_id, id);
+-- enrollment_id first, for the same reason as enrollments_automation_idx (integer comparisons on tick's
+-- insert of one entry per enrollment); reads say workspace and enrollment, which it serves as before.
+CREATE INDEX step_log_enrollment_idx ON herald.step_log (enrollment_id, workspace_id, id);
 CREATE INDEX step_log_created_idx ON herald.step_log USING brin (created_at);
 
 -- Stats: facts append deltas in the transaction that makes them true; flush_stats() folds them into

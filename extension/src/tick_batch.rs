@@ -56,21 +56,42 @@ pub fn entered_on_version(version: i32) -> Option<String> {
 }
 
 /// The batch's stats deltas summed per (automation, node, metric), so SQL inserts a handful of rows
-/// instead of grouping one row per count (7 per enrollment in a 3-node flow).
+/// instead of grouping one row per count (7 per enrollment in a 3-node flow). Neighbouring rows of
+/// one automation mostly made the same counts (a batch is in due order, one journey's contacts
+/// together): such a run is compared row to row and added to the map once, with its length; a map
+/// entry per count was an eighth of `_steps`' time (perf, 10,000 rows of a 3-node flow).
 pub fn count_totals(rows: &[StepRow]) -> Vec<(i64, String, String, i64)> {
-    let mut totals: BTreeMap<(i64, &str, std::borrow::Cow<'_, str>), i64> = BTreeMap::new();
-    for r in rows {
+    type Totals<'r> = BTreeMap<(i64, &'r str, std::borrow::Cow<'r, str>), i64>;
+    fn add<'r>(totals: &mut Totals<'r>, r: &'r StepRow, times: i64) {
         let per_version = entered_on_version(r.version);
         for (node, metric) in &r.counts {
             *totals
                 .entry((r.automation_id, node.as_str(), (*metric).into()))
-                .or_default() += 1;
+                .or_default() += times;
             if let (Some(versioned), "entered") = (&per_version, *metric) {
                 *totals
                     .entry((r.automation_id, node.as_str(), versioned.clone().into()))
-                    .or_default() += 1;
+                    .or_default() += times;
             }
         }
+    }
+    let mut totals: Totals<'_> = BTreeMap::new();
+    let same = |a: &StepRow, b: &StepRow| {
+        a.automation_id == b.automation_id && a.version == b.version && a.counts == b.counts
+    };
+    let mut run: Option<(&StepRow, i64)> = None;
+    for r in rows {
+        run = match run {
+            Some((first, n)) if same(first, r) => Some((first, n + 1)),
+            Some((first, n)) => {
+                add(&mut totals, first, n);
+                Some((r, 1))
+            }
+            None => Some((r, 1)),
+        };
+    }
+    if let Some((first, n)) = run {
+        add(&mut totals, first, n);
     }
     totals
         .into_iter()
@@ -558,6 +579,43 @@ mod tests {
             .iter()
             .filter(|t| t.0 == 7)
             .all(|t| t.1 == "hello" && t.3 == 2));
+    }
+
+    #[test]
+    fn runs_of_equal_counts_sum_like_one_entry_per_count() {
+        let mut autos = automations();
+        autos["7:2"] = autos["7"].clone();
+        let mut on_v2 = enrollment(5, 7, "hello");
+        on_v2["version"] = json!(2);
+        // runs broken by another automation, another node, another version and a failed row
+        let items = [
+            enrollment(1, 7, "hello"),
+            enrollment(2, 7, "hello"),
+            enrollment(3, 8, "x"),
+            enrollment(4, 7, "hello"),
+            on_v2,
+            enrollment(6, 7, "wait"),
+            enrollment(7, 7, "hello"),
+        ];
+        let rows = run1(&autos, &batch(&items)).unwrap();
+        let mut naive: BTreeMap<(i64, String, String), i64> = BTreeMap::new();
+        for r in &rows {
+            for (node, metric) in &r.counts {
+                *naive
+                    .entry((r.automation_id, node.clone(), metric.to_string()))
+                    .or_default() += 1;
+                if let (Some(v), "entered") = (entered_on_version(r.version), *metric) {
+                    *naive.entry((r.automation_id, node.clone(), v)).or_default() += 1;
+                }
+            }
+        }
+        let naive: Vec<_> = naive
+            .into_iter()
+            .map(|((a, n, m), c)| (a, n, m, c))
+            .collect();
+        assert_eq!(count_totals(&rows), naive);
+        assert!(naive.contains(&(7, "hello".into(), "entered".into(), 5)));
+        assert!(naive.contains(&(7, "hello".into(), "entered@v2".into(), 1)));
     }
 
     #[test]
