@@ -12,6 +12,7 @@ use pgrx::{Json, JsonB};
 use serde_json::{json, Value};
 
 use crate::condition::{Condition, Facts, Scope};
+use crate::datum_array::{Int4Array, TextArray};
 use crate::definition::{self, Reentry};
 use crate::definition_cache::DefinitionCache;
 use crate::fault::Fault;
@@ -295,9 +296,9 @@ fn _steps(
         name!(wait_filter, Option<Json>),
         name!(job, Option<Json>),
         name!(contact_update, Option<Json>),
-        name!(log_nodes, Vec<String>),
-        name!(log_visits, Vec<i32>),
-        name!(log_actions, Vec<String>),
+        name!(log_nodes, TextArray),
+        name!(log_visits, Int4Array),
+        name!(log_actions, TextArray),
         name!(count_automations, Option<Vec<i64>>),
         name!(count_nodes, Option<Vec<String>>),
         name!(count_metrics, Option<Vec<String>>),
@@ -352,9 +353,9 @@ fn _steps(
             r.wait_filter.map(Json),
             r.job.map(Json),
             r.contact_update.map(Json),
-            r.log_nodes,
-            r.log_visits,
-            r.log_actions,
+            TextArray(r.log_nodes),
+            Int4Array(r.log_visits),
+            TextArray(r.log_actions),
             count_automations,
             count_nodes,
             count_metrics,

@@ -10,6 +10,7 @@ mod api;
 pub mod backoff;
 pub mod broadcast;
 pub mod condition;
+pub mod datum_array;
 pub mod definition;
 pub mod definition_cache;
 pub mod duration;
