@@ -143,15 +143,34 @@ BEGIN
           FROM matched m
          CROSS JOIN LATERAL (SELECT max(v.version) AS version FROM herald.automation_versions v
                               WHERE v.workspace_id = m.workspace_id AND v.automation_id = m.automation_id) nv
-    ), enrolled AS (
-        -- ON CONFLICT DO NOTHING for every re-entry rule. For reentry always (key 'event:<id>') a plain
-        -- insert behind a NOT EXISTS probe of the key would skip the speculative insertion (~13 µs an
-        -- enrollment), but on tables never analysed the probe was planned on enrollments_automation_idx
-        -- and read every enrollment of the automation (5-9 ms with 5,000): ON CONFLICT's arbiter index
-        -- is not left to the planner
+    ), enrolled_by_event AS (
+        -- reentry always: the key 'event:<id>' names an event this statement inserted, so no other
+        -- transaction can be inserting it: a plain insert, without ON CONFLICT's speculative insertion
+        -- (its token lock and confirm record: one WAL record and ~0.005 ms an enrollment). An enrollment
+        -- holds the key already only when the event's id was given explicitly after the event that had
+        -- it was deleted; it is left alone, as ON CONFLICT DO NOTHING did. The probe names every column
+        -- and the predicate of enrollments_entry_uq, so whatever the statistics it is one descent of
+        -- that unique index (a probe without the predicate could not use it and was planned on
+        -- enrollments_automation_idx on tables never analysed: every enrollment of the automation read);
+        -- OFFSET 0 keeps it a probe per row, not a join the planner orders by statistics
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT f.workspace_id, f.automation_id, f.contact_id, f.entry_key, f.start_node, f.event_id, f.event
           FROM fresh f
+         WHERE f.entry_key LIKE 'event:%'
+           AND NOT EXISTS (SELECT 1 FROM herald.enrollments e
+                            WHERE e.workspace_id = f.workspace_id AND e.automation_id = f.automation_id
+                              AND e.contact_id = f.contact_id AND e.entry_key = f.entry_key
+                              AND (e.entry_key <> 'active' OR e.status IN ('active', 'waiting'))
+                           OFFSET 0)
+         ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
+        RETURNING workspace_id, automation_id
+    ), enrolled_by_rule AS (
+        -- reentry once / active: ON CONFLICT DO NOTHING on the re-entry key (concurrent events of one
+        -- contact enrol once); its arbiter index is not left to the planner
+        INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
+        SELECT f.workspace_id, f.automation_id, f.contact_id, f.entry_key, f.start_node, f.event_id, f.event
+          FROM fresh f
+         WHERE f.entry_key NOT LIKE 'event:%'
          ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
            WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
@@ -159,7 +178,9 @@ BEGIN
         RETURNING workspace_id, automation_id
     )
     INSERT INTO herald.stats_delta (workspace_id, automation_id, metric, n)
-    SELECT x.workspace_id, x.automation_id, 'enrolled', count(*) FROM enrolled x GROUP BY 1, 2;
+    SELECT x.workspace_id, x.automation_id, 'enrolled', count(*)
+      FROM (SELECT * FROM enrolled_by_event UNION ALL SELECT * FROM enrolled_by_rule) x
+     GROUP BY 1, 2;
 
     -- 4. wake the enrollments parked on a wait_event node for one of these events (first matching event
     --    wins). A statement of its own, run only when a probe finds one waiting (events given by email
@@ -329,7 +350,8 @@ SET search_path = pg_catalog, herald, pg_temp
 RETURN (SELECT count(*) FROM herald._ingest(workspace, events, 'track_many'));
 
 -- Role: herald_app, herald_admin (SECURITY DEFINER, search_path pinned; the workspace is authorised by
--- _require_workspace). One event: the checks, messages and contact rule of track_many, on a path of its
+-- _authorize, then must exist: _require_workspace's checks and messages, made here without its nested
+-- call and search_path switch, ~10 µs of a call). One event: the checks, messages and contact rule of track_many, on a path of its
 -- own in PL/pgSQL. Through _ingest it was a SQL function planned again on every call (a SQL function's
 -- plan lives only as long as the calling statement) around three statements over a one-element array,
 -- ~0.1-0.2 ms of a ~1.2 ms call; here every statement keeps its plan for the session.
@@ -344,7 +366,15 @@ DECLARE
     v_contact bigint;
     v_id bigint;
 BEGIN
-    PERFORM herald._require_workspace(v_ws);
+    IF v_ws IS NULL THEN
+        RAISE EXCEPTION 'workspace must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM herald._authorize(v_ws);
+    IF NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = v_ws) THEN
+        RAISE EXCEPTION 'unknown workspace "%"', v_ws
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Create it first with herald.create_workspace(id, name).';
+    END IF;
     v_fault := herald._event_entry_fault(jsonb_build_object('email', track.email, 'kind', track.kind,
                                                             'payload', coalesce(track.payload, '{}')));
     IF v_fault IS NOT NULL THEN

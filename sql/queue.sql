@@ -166,25 +166,25 @@ CREATE SEQUENCE herald.tick_wakeup MINVALUE 0 START 0;
 -- in backups like every relation herald owns (a restored state is at worst a stale pending wake-up: not trusted)
 SELECT pg_catalog.pg_extension_config_dump('herald.tick_wakeup', '');
 
--- Called by the notify_tick trigger (new enrollments; the other herald.tick NOTIFYs, of complete(), the
+-- Role: the notify_tick trigger only (new enrollments; the other herald.tick NOTIFYs, of complete(), the
 -- dispatcher's wake-up of waiting enrollments and broadcasts, still notify per transaction): notifies
--- herald.tick unless a wake-up is pending.
-CREATE FUNCTION herald._wake_tick() RETURNS void
+-- herald.tick unless a wake-up is pending. The trigger function itself, not a function the trigger
+-- calls: a nested PL/pgSQL call with its own search_path setting cost ~15 µs of every enrolling track().
+CREATE FUNCTION herald._wake_tick() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
-    v_since bigint;
-    v_pending boolean;
     v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
 BEGIN
-    SELECT w.last_value, w.is_called INTO v_since, v_pending FROM herald.tick_wakeup w;
-    IF v_pending AND v_since > v_now - 5000 THEN
-        RETURN;
+    IF EXISTS (SELECT 1 FROM new_rows) AND NOT herald._restoring() THEN
+        -- one statement: read the flag and, unless a wake-up is pending (and trusted: younger than 5 s),
+        -- mark it pending and notify. Two transactions may both notify: harmless
+        PERFORM setval('herald.tick_wakeup', v_now, true), pg_notify('herald.tick', '')
+           FROM herald.tick_wakeup w
+          WHERE NOT (w.is_called AND w.last_value > v_now - 5000);
     END IF;
-    -- two transactions may both get here: two NOTIFYs, harmless
-    PERFORM setval('herald.tick_wakeup', v_now, true);
-    PERFORM pg_notify('herald.tick', '');
+    RETURN NULL;
 END
 $$;
 
@@ -198,20 +198,16 @@ BEGIN ATOMIC
 END;
 
 -- One coalesced wake-up per transaction: Postgres folds identical notifications of a transaction into one,
--- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim) and
--- herald.tick (enrollments due now; through herald._wake_tick, see above).
--- The channel is the trigger's argument.
+-- and these triggers fire once per statement, never per row. Channels: herald.outbox (jobs to claim,
+-- through herald._notify, its argument) and herald.tick (enrollments due now, through herald._wake_tick,
+-- see above).
 CREATE FUNCTION herald._notify() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM new_rows) AND NOT herald._restoring() THEN
-        IF TG_ARGV[0] = 'herald.tick' THEN
-            PERFORM herald._wake_tick();
-        ELSE
-            PERFORM pg_notify(TG_ARGV[0], '');
-        END IF;
+        PERFORM pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;
 END
@@ -219,7 +215,7 @@ $$;
 CREATE TRIGGER notify_outbox AFTER INSERT ON herald.outbox
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify('herald.outbox');
 CREATE TRIGGER notify_tick AFTER INSERT ON herald.enrollments
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._notify('herald.tick');
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._wake_tick();
 
 -- Leases up to max_jobs due jobs. Three steps, whatever the batch size:
 --   1. pick fairly and lock (SKIP LOCKED): a skip-scan visits only workspaces with pending work (idle ones
