@@ -166,11 +166,15 @@ END
 $$;
 ALTER FUNCTION herald.upsert_contacts(text, jsonb) SECURITY DEFINER;
 
--- ==== tick: the batch text joined with || (no per-row type lookups of concat/to_json for the status); the decide cache probed for decide jobs only; integer-led keys of the two indexes tick inserts one entry into per enrollment ====
+-- ==== tick: the batch text joined with || (no per-row type lookups of concat/to_json for the status); the decide cache probed for decide jobs only; _ended_data without jsonb_build_object; integer-led keys of the two indexes tick inserts one entry into per enrollment ====
 DROP INDEX herald.enrollments_automation_idx;
 CREATE INDEX enrollments_automation_idx ON herald.enrollments (automation_id, workspace_id, status);
 DROP INDEX herald.step_log_enrollment_idx;
 CREATE INDEX step_log_enrollment_idx ON herald.step_log (enrollment_id, workspace_id, id);
+
+CREATE OR REPLACE FUNCTION herald._ended_data(node text, reason text, context jsonb) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like jsonb_build_object(); a stricter label would block inlining
+RETURN jsonb_set(jsonb_object(ARRAY['node', 'reason'], ARRAY[node, reason]), '{context}', coalesce(context, 'null'));
 
 CREATE OR REPLACE FUNCTION herald.tick(max_steps int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql

@@ -71,10 +71,13 @@ RETURN ARRAY['email.sent', 'email.failed', 'email.bounced', 'email.opened', 'ema
 
 -- The data of an enrollment.completed / exited / failed result: the node it ended at, why, and its
 -- context (what its webhooks and decides answered, what woke it). One shape for every statement that
--- ends enrollments.
+-- ends enrollments. Built with jsonb_object and jsonb_set, the same value as jsonb_build_object('node',
+-- node, 'reason', reason, 'context', context): jsonb_build_object looks up each of its six arguments'
+-- types in the catalog cache on every call, ~12,000 instructions a row, 5% of a tick that ends every
+-- enrollment it moves (callgrind); this way it is a third of that.
 CREATE FUNCTION herald._ended_data(node text, reason text, context jsonb) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE   -- STABLE like jsonb_build_object(); a stricter label would block inlining
-RETURN jsonb_build_object('node', node, 'reason', reason, 'context', context);
+RETURN jsonb_set(jsonb_object(ARRAY['node', 'reason'], ARRAY[node, reason]), '{context}', coalesce(context, 'null'));
 
 -- A result as JSON, the shape deliveries carry (and the names the daemon's stream uses): id, kind, at,
 -- the subjects it has, data.
