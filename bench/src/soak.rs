@@ -893,7 +893,13 @@ mod tests {
         // few live rows, dead ones peaking higher late in the run (more work then), and the table
         // no bigger at the end than at two thirds: its dead space is reused
         let s = judged(&points(
-            |t| if t < 40.0 { (t * 1_000_000.0) as i64 } else { 40_000_000 },
+            |t| {
+                if t < 40.0 {
+                    (t * 1_000_000.0) as i64
+                } else {
+                    40_000_000
+                }
+            },
             |t| if t < 60.0 { 150_000 } else { 300_000 },
         ));
         assert!(s.tables[0].dead_bounded);
