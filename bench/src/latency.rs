@@ -3,7 +3,9 @@
 //! its floor from the same run: the same clients doing a one-row INSERT + commit into a plain table (no
 //! trigger, one index), which is what any committed write costs on this machine at that moment. The
 //! baseline twin (a single-row INSERT into bench_base.events, with one row trigger per automation) is
-//! measured with 4 clients, as context.
+//! measured with 4 clients, as context. Beside each: the CPU time of the clients' backends per call
+//! (read from /proc when the database runs on this machine), steadier than the wall clock when the
+//! machine is shared.
 //!
 //! While track() runs, a stand-in for `herald run`'s maintenance takes every herald.tick wake-up the
 //! moment it is notified (herald.take_tick_wakeup, as the daemon does at the start of each tick round,
@@ -22,6 +24,7 @@ use tokio::sync::Barrier;
 use tokio_postgres::AsyncMessage;
 
 use super::ingest;
+use super::queue::meter::process_cpu;
 use super::stats::Summary;
 use herald_sidecar::db::Target;
 
@@ -47,6 +50,9 @@ pub struct Latency {
     pub calls_per_sec: f64,
     /// herald.tick notifications the daemon stand-in received (and took) during a track() run.
     pub wakeups: Option<u64>,
+    /// CPU time of the clients' backends per call, ms (/proc, so only when the database runs on this
+    /// machine): the wall clock of a shared machine moves far more than this.
+    pub backend_cpu_ms: Option<f64>,
 }
 
 /// track() and its floor at one client count, measured one after the other.
@@ -123,8 +129,11 @@ pub async fn run(
         .collect();
     let mut all = Vec::with_capacity(clients * calls);
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    let mut cpu = Some(Duration::ZERO);
     for task in tasks {
-        let (samples, started, ended) = task.await.context("latency client panicked")??;
+        let (samples, started, ended, backend_cpu) =
+            task.await.context("latency client panicked")??;
+        cpu = cpu.zip(backend_cpu).map(|(a, b)| a + b);
         all.extend(samples);
         first = Some(first.map_or(started, |f| f.min(started)));
         last = Some(last.map_or(ended, |l| l.max(ended)));
@@ -143,6 +152,9 @@ pub async fn run(
             0.0
         },
         wakeups: None,
+        backend_cpu_ms: cpu
+            .filter(|_| !all.is_empty())
+            .map(|c| c.as_secs_f64() * 1000.0 / all.len() as f64),
     })
 }
 
@@ -198,6 +210,7 @@ impl WakeupTaker {
 }
 
 /// Client `c` works on its own run of contacts; the statement is prepared before the clock starts.
+/// Returns the samples, when the loop started and ended, and its backend's CPU time over the loop.
 async fn client(
     target: &Target,
     barrier: &Barrier,
@@ -205,8 +218,10 @@ async fn client(
     c: usize,
     calls: usize,
     contacts: usize,
-) -> Result<(Vec<Duration>, Instant, Instant)> {
+) -> Result<(Vec<Duration>, Instant, Instant, Option<Duration>)> {
     let db = target.connect().await?;
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let cpu_before;
     let contact = |i: usize| (c * calls + i) % contacts;
     let mut samples = Vec::with_capacity(calls);
     let started;
@@ -217,6 +232,7 @@ async fn client(
                 .await?;
             let emails: Vec<String> = (0..calls).map(|i| ingest::email(contact(i))).collect();
             barrier.wait().await;
+            cpu_before = process_cpu(pid);
             started = Instant::now();
             for email in &emails {
                 let t = Instant::now();
@@ -237,6 +253,7 @@ async fn client(
                 ))
                 .await?;
             barrier.wait().await;
+            cpu_before = process_cpu(pid);
             started = Instant::now();
             for i in 0..calls {
                 let t = Instant::now();
@@ -247,7 +264,11 @@ async fn client(
             }
         }
     }
-    Ok((samples, started, Instant::now()))
+    let ended = Instant::now();
+    let cpu = process_cpu(pid)
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    Ok((samples, started, ended, cpu))
 }
 
 /// Section 4 of the ingest report. `verdict` gives a goal's PASS/MISS by its name.
@@ -278,9 +299,10 @@ pub fn render<'a>(
             &format!("track(), {} client(s)", p.clients),
             &p.track,
             &format!(
-                "{}  ({} herald.tick wake-ups taken by the daemon stand-in)",
+                "{}  ({} herald.tick wake-ups taken by the daemon stand-in){}",
                 verdict(&goal_name(p.clients)),
-                p.track.wakeups.unwrap_or(0)
+                p.track.wakeups.unwrap_or(0),
+                cpu_note(&p.track)
             ),
         );
         line(
@@ -288,8 +310,9 @@ pub fn render<'a>(
             &format!("floor, {} client(s)", p.clients),
             &p.floor,
             &format!(
-                "track p99 = {:.1}x the floor's",
-                p.track.calls.p99_ms / p.floor.calls.p99_ms.max(f64::EPSILON)
+                "track p99 = {:.1}x the floor's{}",
+                p.track.calls.p99_ms / p.floor.calls.p99_ms.max(f64::EPSILON),
+                cpu_note(&p.floor)
             ),
         );
     }
@@ -299,6 +322,12 @@ pub fn render<'a>(
         &t.baseline,
         "(its 1,010 row triggers; context)",
     );
+}
+
+/// The backend CPU per call, when it was read.
+fn cpu_note(l: &Latency) -> String {
+    l.backend_cpu_ms
+        .map_or(String::new(), |ms| format!("; backend CPU {ms:.3} ms/call"))
 }
 
 /// The goal for `clients` clients, by name (issue 14).
