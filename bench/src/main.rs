@@ -780,7 +780,7 @@ fn render_ingest(o: &mut String, r: &IngestReport, goals: &[Goal]) {
     );
     let _ = writeln!(
         o,
-        "  herald/herald.contacts {:.2}x   goal >= 0.5x: {}",
+        "  herald/herald.contacts {:.3}x   goal >= 0.5x: {}",
         im.herald_over_contacts_table,
         verdict("upsert_contacts >= 0.5x a plain INSERT ... SELECT into herald.contacts")
     );
@@ -793,7 +793,7 @@ fn render_ingest(o: &mut String, r: &IngestReport, goals: &[Goal]) {
     );
     let _ = writeln!(
         o,
-        "  herald/herald.contacts never analysed {:.2}x   goal >= 0.5x: {}",
+        "  herald/herald.contacts never analysed {:.3}x   goal >= 0.5x: {}",
         na.herald_over_contacts_table,
         verdict("upsert_contacts >= 0.5x a plain INSERT ... SELECT into herald.contacts, never analysed")
     );
