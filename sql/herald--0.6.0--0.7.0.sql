@@ -16,7 +16,7 @@ ALTER TABLE herald.broadcast_stats_delta SET (autovacuum_vacuum_scale_factor = 0
 ALTER TABLE herald.rate_grants SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
                                     autovacuum_vacuum_cost_delay = 0);
 
--- ==== contacts: upsert_contacts finds repeated addresses by hashing (no window sort); events by contact on an int8 key ====
+-- ==== contacts: upsert_contacts finds repeated addresses by grouping the accepted ones (no window sort over every entry); events by contact on an int8 key ====
 DROP INDEX herald.events_contact_kind_idx;
 CREATE INDEX events_contact_idx ON herald.events (contact_id, workspace_id);
 
@@ -395,7 +395,7 @@ END
 $$;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
 
--- ==== track: reentry-always enrollments inserted without ON CONFLICT; _wake_tick is notify_tick's trigger function; track() checks its workspace without _require_workspace's nested call ====
+-- ==== track: reentry-always enrollments inserted without ON CONFLICT; _wake_tick is notify_tick's trigger function ====
 CREATE OR REPLACE FUNCTION herald._dispatch() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -656,57 +656,3 @@ END
 $$;
 CREATE TRIGGER notify_tick AFTER INSERT ON herald.enrollments
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION herald._wake_tick();
-
-CREATE OR REPLACE FUNCTION herald.track(workspace text, email text, kind text, payload jsonb DEFAULT '{}') RETURNS bigint
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_ws text := track.workspace;
-    v_fault text;
-    v_email text;
-    v_contact bigint;
-    v_id bigint;
-BEGIN
-    IF v_ws IS NULL THEN
-        RAISE EXCEPTION 'workspace must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM herald._authorize(v_ws);
-    IF NOT EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = v_ws) THEN
-        RAISE EXCEPTION 'unknown workspace "%"', v_ws
-            USING ERRCODE = 'foreign_key_violation',
-                  HINT = 'Create it first with herald.create_workspace(id, name).';
-    END IF;
-    v_fault := herald._event_entry_fault(jsonb_build_object('email', track.email, 'kind', track.kind,
-                                                            'payload', coalesce(track.payload, '{}')));
-    IF v_fault IS NOT NULL THEN
-        RAISE EXCEPTION 'track: %', v_fault
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = '1 of 1 entries are invalid; nothing was recorded.';
-    END IF;
-    v_email := herald._normalize_email(track.email);
-
-    -- the contact: a unique-index probe (see contacts' index); created only when it is missing
-    SELECT c.id INTO v_contact FROM herald.contacts c
-     WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM v_ws LIMIT 1;
-    IF v_contact IS NULL THEN
-        SELECT n.id INTO v_contact FROM herald._create_contacts(ARRAY[v_ws], ARRAY[v_email]) n;
-        IF v_contact IS NULL THEN
-            -- another transaction created it first (its insert was waited for): committed by now
-            SELECT c.id INTO v_contact FROM herald.contacts c
-             WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM v_ws LIMIT 1;
-        END IF;
-        IF v_contact IS NULL THEN
-            -- only a snapshot older than that commit (REPEATABLE READ or SERIALIZABLE) gets here
-            RAISE EXCEPTION 'track: contact % was created by a concurrent transaction this one cannot see', quote_literal(v_email)
-                USING ERRCODE = 'serialization_failure', HINT = 'Retry the transaction.';
-        END IF;
-    END IF;
-
-    INSERT INTO herald.events (workspace_id, contact_id, email, kind, payload, occurred_at)
-    VALUES (v_ws, v_contact, v_email, track.kind, coalesce(track.payload, '{}'), now())
-    RETURNING id INTO v_id;
-    RETURN v_id;
-END
-$$;
-ALTER FUNCTION herald.track(text, text, text, jsonb) SECURITY DEFINER;
