@@ -292,24 +292,64 @@ SELECT e.workspace_id, e.id AS enrollment_id, e.automation_id, a.name AS automat
   JOIN herald.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
  WHERE e.status = 'waiting' AND e.wait_kind = 'approval';
 
+-- A database setting that holds an interval (prune's retentions): NULL when it is not set or empty, an
+-- error that names it when it is not an interval. Internal: granted to no role.
+CREATE FUNCTION herald._setting_interval(name text) RETURNS interval
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_value text := nullif(btrim(current_setting(name, true)), '');
+BEGIN
+    RETURN v_value::interval;
+EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+    RAISE EXCEPTION 'setting % must be an interval such as ''400 days'', got %', name, quote_literal(v_value)
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
 -- Old rows go: the step log, import rejections, finished jobs and expired decide replies older than
 -- `older_than`, and results of the results stream (sql/results.sql) published longer ago than
--- `results_older_than` (what a subscriber or reader has not fetched by then is gone). Returns how many
--- rows were removed. herald_worker (the daemon's maintenance, hourly) and herald_admin.
-CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days', results_older_than interval DEFAULT '7 days')
+-- `results_older_than` (what a subscriber or reader has not fetched by then is gone). Events and
+-- message_history are kept for good unless a retention is given: `events_older_than` (at least a day;
+-- segments, a broadcast's engagement figures and the dry run then see only the events kept) and
+-- `history_older_than` (at least `older_than`: a job's record outlives the job). NULL takes the
+-- database's settings herald.prune_events_older_than / herald.prune_history_older_than (so the daemon's
+-- hourly prune('30 days') applies them: ALTER DATABASE … SET herald.prune_events_older_than = '400 days');
+-- neither set: kept. Rows go by age of arrival (created_at), through BRIN indexes: whatever the
+-- statistics say, each DELETE reads the old block ranges only (seq scans off). Returns how many rows
+-- were removed. herald_worker (the daemon's maintenance, hourly) and herald_admin.
+CREATE FUNCTION herald.prune(older_than interval DEFAULT '30 days', results_older_than interval DEFAULT '7 days',
+                             events_older_than interval DEFAULT NULL, history_older_than interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
+SET enable_seqscan = off   -- the BRIN ranges of old rows, not the whole table, on a table never analysed
 AS $$
 DECLARE
     v_n bigint;
     v_total bigint := 0;
+    v_events interval := coalesce(events_older_than, herald._setting_interval('herald.prune_events_older_than'));
+    v_history interval := coalesce(history_older_than, herald._setting_interval('herald.prune_history_older_than'));
 BEGIN
     IF older_than IS NULL OR older_than < interval '1 hour' THEN
         RAISE EXCEPTION 'older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF results_older_than IS NULL OR results_older_than < interval '1 hour' THEN
         RAISE EXCEPTION 'results_older_than must be at least 1 hour' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_events < interval '1 day' THEN
+        RAISE EXCEPTION 'events_older_than must be at least 1 day, got %', v_events
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE WHEN events_older_than IS NULL THEN 'It came from the setting herald.prune_events_older_than.'
+                              ELSE 'NULL keeps every event.' END;
+    END IF;
+    IF v_history < older_than THEN
+        RAISE EXCEPTION 'history_older_than must be at least older_than (%), got %', older_than, v_history
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A finished job''s message_history row outlives the job.',
+                  HINT = CASE WHEN history_older_than IS NULL THEN 'It came from the setting herald.prune_history_older_than.'
+                              ELSE 'NULL keeps every row.' END;
     END IF;
     DELETE FROM herald.results WHERE published_at < now() - results_older_than;
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
@@ -326,6 +366,14 @@ BEGIN
     -- the HTTP API's idempotency keys hold for 24 hours (sql/api.sql)
     DELETE FROM herald.api_idempotency WHERE created_at < now() - interval '24 hours';
     GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    IF v_events IS NOT NULL THEN
+        DELETE FROM herald.events WHERE created_at < now() - v_events;
+        GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    END IF;
+    IF v_history IS NOT NULL THEN
+        DELETE FROM herald.message_history WHERE created_at < now() - v_history;
+        GET DIAGNOSTICS v_n = ROW_COUNT; v_total := v_total + v_n;
+    END IF;
     RETURN v_total;
 END
 $$;

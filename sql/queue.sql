@@ -1,17 +1,10 @@
 -- herald: content, providers, rate limits and the outbox queue the sidecar works from.
 
--- A sender or reply-to mailbox as a template stores it: an address (as _valid_email, without <>"), or a
--- display name and an address in angle brackets: `Acme News <news@acme.test>`, `"Acme, Inc." <news@acme.test>`.
--- An unquoted name holds none of the characters that mean something in an address header (<>@,;:"\[]()),
--- a quoted one no " or \. At most 998 characters (one header line), no control or bidi characters.
--- False (never NULL) for NULL.
-CREATE FUNCTION herald._valid_mailbox(mailbox text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN coalesce(length(mailbox) <= 998
-                AND mailbox !~ '[[:cntrl:]\u0080-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-                AND ((herald._valid_email(mailbox) AND mailbox !~ '[<>"]')
-                     OR (mailbox ~ '^([^]<>@,;:"\\[()[:cntrl:]]+|"[^"\\]*")[[:space:]]*<[^<>]+>$'
-                         AND herald._valid_email(substring(mailbox FROM '<([^<>]+)>$')))), false);
+-- herald._valid_mailbox(text) (Rust, extension/src/mailbox.rs): a sender or Reply-To as a template or a
+-- provider stores it: an address (as _valid_email, without <>"), or a display name and an address in angle
+-- brackets: `Acme News <news@acme.test>`, `"Acme, Inc." <news@acme.test>`. An unquoted name holds none of
+-- the characters that mean something in an address header (<>@,;:"\[]()), a quoted one no " or \. At most
+-- 998 characters (one header line), no control or bidi characters. False (never NULL) for NULL.
 
 -- Role: herald_admin. Creates or changes a provider. Its kind decides its transport in herald run: smtp
 -- needs HERALD_SMTP_URL_<NAME> there, file needs HERALD_MAILDIR (never one in place of the other).

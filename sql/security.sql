@@ -150,7 +150,7 @@ ALTER FUNCTION herald.exit_enrollment(bigint, text) SECURITY DEFINER;
 ALTER FUNCTION herald.decide_approval(bigint, boolean, text) SECURITY DEFINER;
 ALTER FUNCTION herald.tick(int) SECURITY DEFINER;
 ALTER FUNCTION herald.take_tick_wakeup() SECURITY DEFINER;
-ALTER FUNCTION herald.prune(interval, interval) SECURITY DEFINER;
+ALTER FUNCTION herald.prune(interval, interval, interval, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.render_template(text, text, text, jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.send_test(text, text, text, jsonb, text) SECURITY DEFINER;
@@ -271,8 +271,8 @@ TO herald_admin;
 -- herald_worker (and herald_admin): the daemon
 GRANT EXECUTE ON FUNCTION
     herald.claim(text, int, interval), herald.complete(jsonb), herald.reap(), herald.tick(int),
-    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text), herald.prune(interval, interval),
-    herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
+    herald.flush_stats(), herald.advance_broadcasts(int), herald.record_feedback(jsonb, text),
+    herald.prune(interval, interval, interval, interval), herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
 TO herald_worker, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.take_tick_wakeup() TO herald_worker, herald_admin;
 -- the HTTP API: an admin makes and revokes keys; the daemon serves /v1/… through api_call, which acts

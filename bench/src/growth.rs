@@ -234,7 +234,7 @@ pub fn render(o: &mut String, r: &Growth, verdict: impl Fn(&str) -> &'static str
     );
     let _ = writeln!(
         o,
-        "prune('29 days'): {} rows in {:.1} s; claim + complete meanwhile on another connection: {} jobs/s, claim p99 {:.2} ms",
+        "prune, the oldest day (jobs, message_history, events: each kept 29 days): {} rows in {:.1} s; claim + complete meanwhile on another connection: {} jobs/s, claim p99 {:.2} ms",
         thousands(h.prune.rows as f64),
         h.prune.secs,
         thousands(h.prune.during_jobs_per_sec),

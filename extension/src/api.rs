@@ -254,6 +254,21 @@ fn _valid_timestamp(text: &str) -> bool {
     chrono::DateTime::parse_from_rfc3339(text).is_ok()
 }
 
+/// True when `email` is an address herald accepts ([`crate::mailbox::valid_address`]); false, never
+/// NULL, for NULL, so `NOT herald._valid_email(x)` always decides. Every import, track() and send()
+/// asks it once per address.
+#[pg_extern(immutable, parallel_safe)]
+fn _valid_email(email: Option<&str>) -> bool {
+    email.is_some_and(crate::mailbox::valid_address)
+}
+
+/// True when `mailbox` is a sender or Reply-To herald accepts ([`crate::mailbox::is_valid`]: an
+/// address, or a name and an address in angle brackets); false for NULL.
+#[pg_extern(immutable, parallel_safe)]
+fn _valid_mailbox(mailbox: Option<&str>) -> bool {
+    mailbox.is_some_and(crate::mailbox::is_valid)
+}
+
 /// Delay before retrying a job whose attempt number `attempt` failed; `jitter` in [0, 1) (SQL passes random()).
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _retry_delay(attempt: i32, jitter: f64) -> pgrx::datum::Interval {

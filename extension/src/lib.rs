@@ -27,7 +27,12 @@ pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!(
     "../../sql/contacts.sql",
     name = "contacts",
-    requires = ["schema", api::_valid_timezone, api::_json_fault]
+    requires = [
+        "schema",
+        api::_valid_timezone,
+        api::_json_fault,
+        api::_valid_email
+    ]
 );
 pgrx::extension_sql_file!(
     "../../sql/events.sql",
@@ -42,7 +47,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../../sql/queue.sql",
     name = "queue",
-    requires = ["automations", api::_retry_delay]
+    requires = ["automations", api::_retry_delay, api::_valid_mailbox]
 );
 // templates: saved checked, previewed, test-sent, with the daemon's engine (herald-render)
 pgrx::extension_sql_file!(

@@ -31,7 +31,10 @@ SELECT herald.upsert_contact('c1', 'not an email');
 SELECT herald.upsert_contact('c1', E'ann\x01@example.com');
 SELECT herald.upsert_contact('c1', E'ann\u202e@example.com');
 SELECT herald._valid_email(e) AS valid, e FROM unnest(ARRAY['plain@example.com', E'tab\t@example.com', E'rlo\u202emoc.elpmaxe@x.com',
-                                                            E'lrm\u200e@example.com', 'zoë@exämple.com']) e;
+                                                            E'lrm\u200e@example.com', 'zoë@exämple.com',
+                                                            -- Unicode's spaces, whatever the database's locale says
+                                                            E'nbsp\u00a0@example.com', E'wide\u3000@example.com']) e;
+SELECT herald._valid_email(NULL) AS null_is_not_valid, herald._valid_mailbox(NULL) AS nor_as_a_mailbox;
 SELECT herald.upsert_contact('c1', NULL);
 SELECT herald.upsert_contact('c1', 'b@example.com', '[1,2]');
 SELECT count(*) AS contacts_after FROM herald.contacts WHERE workspace_id = 'c1';

@@ -271,6 +271,40 @@ UPDATE herald.results SET published_at = now() - interval '8 days'
 SELECT herald.prune('30 days') >= 3 AS pruned;
 SELECT count(*) AS old_left FROM herald.results WHERE workspace_id = 'rs1' AND published_at < now() - interval '7 days';
 SELECT herald.prune('30 days', '30 minutes');
+-- retention: events and message_history are kept unless a retention is given (argument or setting)
+SELECT herald.create_workspace('rt1');
+INSERT INTO herald.events (workspace_id, email, kind, created_at)
+SELECT 'rt1', 'old@example.com', 'retention.test', now() - make_interval(days => d) FROM unnest(ARRAY[2, 15, 25, 45]) d;
+INSERT INTO herald.message_history (workspace_id, outbox_id, kind, status, dedupe_key, attempt, created_at)
+SELECT 'rt1', -d, 'email', 'sent', 'retention:' || d, 1, now() - make_interval(days => d) FROM unnest(ARRAY[2, 35, 45, 400]) d;
+CREATE TEMP VIEW rt_left AS
+SELECT (SELECT array_agg(extract(day FROM now() - e.created_at)::int ORDER BY e.created_at DESC) FROM herald.events e
+         WHERE e.workspace_id = 'rt1' AND e.kind = 'retention.test') AS event_ages,
+       (SELECT array_agg(-h.outbox_id ORDER BY h.created_at DESC) FROM herald.message_history h
+         WHERE h.workspace_id = 'rt1' AND h.dedupe_key LIKE 'retention:%') AS history_ages;
+SELECT herald.prune('30 days') >= 0 AS pruned_with_no_retention;
+SELECT * FROM rt_left;
+SELECT herald.prune('30 days', '7 days', events_older_than => '20 days') >= 2 AS pruned_events;
+SELECT * FROM rt_left;
+SELECT herald.prune('30 days', '7 days', history_older_than => '40 days') >= 2 AS pruned_history;
+SELECT * FROM rt_left;
+-- bad retentions change nothing
+SELECT herald.prune('30 days', '7 days', events_older_than => '1 hour');
+SELECT herald.prune('30 days', '7 days', history_older_than => '10 days');
+SELECT * FROM rt_left;
+-- the database's settings, for the daemon's prune('30 days'); an argument wins over a setting
+SET herald.prune_events_older_than = 'soon';
+SELECT herald.prune('30 days');
+SET herald.prune_events_older_than = '12 hours';
+SELECT herald.prune('30 days');
+SET herald.prune_events_older_than = '10 days';
+SET herald.prune_history_older_than = '30 days';
+SELECT herald.prune('30 days', '7 days', events_older_than => '1000 days') >= 1 AS history_by_setting;
+SELECT * FROM rt_left;
+SELECT herald.prune('30 days') >= 1 AS events_by_setting;
+SELECT * FROM rt_left;
+RESET herald.prune_events_older_than;
+RESET herald.prune_history_older_than;
 -- erasure takes a contact's results too
 SELECT (herald.delete_contact('rs1', 'ann@example.com') ->> 'results')::int > 0 AS erased_results;
 SELECT count(*) AS ann_results FROM herald.results r

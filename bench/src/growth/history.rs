@@ -1,7 +1,8 @@
 //! Growth of history (issue 14 §2): ingest, tick and claim + complete measured on empty tables, then
 //! again with millions of finished jobs (outbox rows done, with their message_history rows) and
 //! events in the tables, dated over the last 30 days; each rate full / empty (goal >= 1/1.2). Then
-//! `prune` removes the oldest day's finished jobs while claim + complete drains due work on another
+//! `prune` removes the oldest day's finished jobs, history rows and events (retention 29 days for
+//! each) while claim + complete drains due work on another
 //! connection: how long it takes, what it removed, and the drain's claim p99 during it. The loaded
 //! tables are VACUUMed (not analysed) before the second measurement, as autovacuum would.
 
@@ -222,15 +223,19 @@ async fn fill(db: &Client, finished: i64, events: i64) -> Result<()> {
     Ok(())
 }
 
-/// prune('29 days') (the oldest day of finished jobs) on a connection of its own, while this one
-/// drains due work.
+/// prune('29 days') with events and message_history kept 29 days too (the oldest day of finished jobs,
+/// their history rows and events) on a connection of its own, while this one drains due work.
 async fn prune_while_draining(target: &Target, db: &Client) -> Result<Prune> {
     queue_due(db, &[WORKSPACE], "during-prune").await?;
     let other = target.connect().await?;
     let pruning = tokio::spawn(async move {
         let t = Instant::now();
         let rows: i64 = other
-            .query_one("SELECT herald.prune('29 days')", &[])
+            .query_one(
+                "SELECT herald.prune('29 days', '7 days', events_older_than => '29 days', \
+                 history_older_than => '29 days')",
+                &[],
+            )
             .await
             .context("prune")?
             .get(0);

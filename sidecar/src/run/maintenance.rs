@@ -5,7 +5,8 @@
 //!                          older than the take has ended
 //!   herald.reap()          every 5 s: expired leases back to pending
 //!   herald.flush_stats()   every 2 s
-//!   herald.prune('30 days') hourly (and at start)
+//!   herald.prune('30 days') hourly (and at start); events and message_history by the database's
+//!                          retention settings, if any (herald.prune_events_older_than, …)
 //!   herald.advance_results(RESULTS_BATCH) every 250 ms and after every tick round: publishes the results
 //!                          stream (numbers staged results, queues subscriptions' deliveries); wakes
 //!                          the /stream readers when it moved any. Our ticks leave publishing to it
