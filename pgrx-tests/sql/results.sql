@@ -305,6 +305,13 @@ SELECT herald.prune('30 days') >= 1 AS events_by_setting;
 SELECT * FROM rt_left;
 RESET herald.prune_events_older_than;
 RESET herald.prune_history_older_than;
+-- finished jobs go after older_than, cancelled ones too; a dead job waits for its redrive
+INSERT INTO herald.outbox (workspace_id, kind, dedupe_key, payload, status, done_at, created_at)
+SELECT 'rt1', 'email', 'old:' || s, '{}', s, CASE WHEN s <> 'dead' THEN now() - interval '40 days' END,
+       now() - interval '40 days'
+  FROM unnest(ARRAY['done', 'failed', 'cancelled', 'dead']) s;
+SELECT herald.prune('30 days') >= 3 AS pruned_jobs;
+SELECT array_agg(o.status) AS old_jobs_left FROM herald.outbox o WHERE o.workspace_id = 'rt1' AND o.dedupe_key LIKE 'old:%';
 -- erasure takes a contact's results too
 SELECT (herald.delete_contact('rs1', 'ann@example.com') ->> 'results')::int > 0 AS erased_results;
 SELECT count(*) AS ann_results FROM herald.results r
