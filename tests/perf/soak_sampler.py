@@ -79,6 +79,8 @@ def summary(path):
     rows = [json.loads(line) for line in open(path)]
     minutes, prev = {}, None
     for r in rows:
+        if not r["wal"] or not r["bg"]:
+            continue   # the database was gone (the soak had ended)
         m = minutes.setdefault(r["t"] // 60, {"cpu": {}, "load": 0.0, "vacuum": set(), "wal": 0, "fpi": 0, "ckpt": 0})
         for k, v in r["cpu"].items():
             m["cpu"][k] = m["cpu"].get(k, 0) + v
