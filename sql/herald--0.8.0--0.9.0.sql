@@ -1,0 +1,5 @@
+-- herald 0.8.0 -> 0.9.0
+--   Release 0.8.0 is the SQL that landed on 2026-12-06 (commit 992d397), kept in
+--   sql/releases/herald--0.8.0.sql. Everything since, one marked block per change:
+--   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
+--   the end of each block.
