@@ -46,8 +46,9 @@ def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
-def message_id(workspace, dedupe_key):
-    return "<" + hashlib.sha256(f"{workspace}\n{dedupe_key}".encode()).hexdigest()[:32] + "@herald>"
+def message_id(workspace, dedupe_key, job):
+    """The Message-ID herald gives the job `job` (its outbox id): the id leads, as 16 hex digits."""
+    return f"<{job:016x}." + hashlib.sha256(f"{workspace}\n{dedupe_key}".encode()).hexdigest()[:32] + "@herald>"
 
 
 def signature_ok(headers, body):

@@ -280,12 +280,12 @@ def test_dump_restore_then_run(fmt, source, target, receiver, smtp, tmp_path):
                    EXISTS (SELECT 1 FROM herald.suppressions s WHERE s.workspace_id = o.workspace_id AND s.email = c.email)
               FROM herald.outbox o JOIN herald.contacts c ON c.workspace_id = o.workspace_id AND c.id = o.contact_id
              WHERE o.kind = 'email'""")
-        due = {message_id(ws, key): (job, email) for job, ws, key, status, email, supp in rows
+        due = {message_id(ws, key, job): (job, email) for job, ws, key, status, email, supp in rows
                if status in ("pending", "leased") and not supp}
-        leased = {message_id(ws, key) for _, ws, key, status, _, supp in rows if status == "leased"}
-        suppressed = {message_id(ws, key): job for job, ws, key, status, _, supp in rows
+        leased = {message_id(ws, key, job) for job, ws, key, status, _, supp in rows if status == "leased"}
+        suppressed = {message_id(ws, key, job): job for job, ws, key, status, _, supp in rows
                       if status in ("pending", "leased") and supp}
-        never = {message_id(ws, key) for _, ws, key, status, _, _ in rows if status not in ("pending", "leased")}
+        never = {message_id(ws, key, job) for job, ws, key, status, _, _ in rows if status not in ("pending", "leased")}
         finished = {job: status for job, _, _, status, _, _ in rows if status not in ("pending", "leased")}
         assert leased and suppressed and len(due) > 10_000
         held_before = one(db, "SELECT count(*) FROM herald.outbox WHERE status = 'held'")

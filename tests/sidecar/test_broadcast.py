@@ -95,8 +95,12 @@ def test_unsubscribe_click_and_open_through_the_http_side(db, smtp, sidecar):
     # the pixel is a GIF, and records an open
     status, headers, body = request(pixel)
     assert status == 200 and headers["Content-Type"] == "image/gif" and body.startswith(b"GIF89a")
-    events = db.q("SELECT kind, payload ->> 'broadcast' FROM herald.events WHERE email = 'r1@example.com' AND kind LIKE 'email.%' ORDER BY id")
-    assert events == [("email.clicked", str(b)), ("email.opened", str(b))]
+    events = db.q("""SELECT kind, payload ->> 'broadcast', payload ->> 'message_id' FROM herald.events
+                      WHERE email = 'r1@example.com' AND kind LIKE 'email.%' ORDER BY id""")
+    # both name the message by the Message-ID it was sent and recorded under (the link carries its job)
+    mid = msg["Message-ID"]
+    assert db.one("SELECT message_id FROM herald.message_history WHERE broadcast_id = %s AND message_id = %s", b, mid) == mid
+    assert events == [("email.clicked", str(b), mid), ("email.opened", str(b), mid)]
 
     # forged and tampered tokens are refused and record nothing
     body_part, sig = click.rsplit("/", 1)[1].split(".")

@@ -160,11 +160,12 @@ def test_database_restart_mid_run_loses_and_repeats_nothing(cluster, scratch_db,
     assert after["herald_database_down_seconds"] == 0
     assert after["herald_results_unrecorded"] == 0
 
-    # every message arrived exactly once, under the Message-ID its dedupe key gives
-    keys = dict(scratch_db.q("SELECT c.email, o.dedupe_key FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id"))
+    # every message arrived exactly once, under the Message-ID its job and dedupe key give
+    keys = {email: (key, job) for email, key, job in scratch_db.q(
+        "SELECT c.email, o.dedupe_key, o.id FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id")}
     copies = Counter(msg["Message-ID"] for _, msg, _ in smtp.snapshot())
     assert sum(copies.values()) == n, f"{sum(copies.values())} messages for {n} jobs"
-    assert set(copies) == {message_id("acme", k) for k in keys.values()}
+    assert set(copies) == {message_id("acme", k, j) for k, j in keys.values()}
     assert max(copies.values()) == 1
     by_rcpt = Counter(r for rcpts, _, _ in smtp.snapshot() for r in rcpts)
     assert set(by_rcpt) == set(keys) and max(by_rcpt.values()) == 1

@@ -42,15 +42,15 @@ def test_transactional_emails_arrive_once_with_headers(db, smtp, sidecar):
     assert db.counts() == {"done": 200}
     assert smtp.count() == 200
 
-    jobs = {r[0]: (r[1], r[2]) for r in db.q(
-        "SELECT c.email, o.dedupe_key, o.message_id FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id")}
+    jobs = {r[0]: (r[1], r[2], r[3]) for r in db.q(
+        "SELECT c.email, o.dedupe_key, o.message_id, o.id FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id")}
     per_rcpt = Counter()
     for rcpts, msg, raw in smtp.snapshot():
         assert len(rcpts) == 1
         rcpt = rcpts[0]
         per_rcpt[rcpt] += 1
-        dedupe_key, stored_id = jobs[rcpt]
-        assert msg["Message-ID"] == message_id("acme", dedupe_key) == stored_id
+        dedupe_key, stored_id, job = jobs[rcpt]
+        assert msg["Message-ID"] == message_id("acme", dedupe_key, job) == stored_id
         assert msg["To"] == rcpt
         assert msg["From"] == "Acme <news@acme.test>"
         assert msg["Date"] is not None and msg["Date"].datetime is not None
@@ -177,15 +177,16 @@ def test_kill_9_mid_run_then_restart_delivers_everything(db, smtp, sidecar):
     second = sidecar(HERALD_LEASE_SECONDS=lease, HERALD_CONCURRENCY=64)
     wait_until(lambda: db.counts() == {"done": n}, timeout=180, what=f"all {n} done after restart")
 
-    keys = dict(db.q("SELECT c.email, o.dedupe_key FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id"))
+    keys = {email: (key, job) for email, key, job in db.q(
+        "SELECT c.email, o.dedupe_key, o.id FROM herald.outbox o JOIN herald.contacts c ON c.id = o.contact_id")}
     by_id = delivered(smtp)
-    # every message arrived, under the Message-ID its dedupe key gives
+    # every message arrived, under the Message-ID its job and dedupe key give
     assert len(by_id) == n
-    assert set(by_id) == {message_id("acme", k) for k in keys.values()}
+    assert set(by_id) == {message_id("acme", k, j) for k, j in keys.values()}
     duplicates = 0
     for mid, copies in by_id.items():
         rcpt = copies[0][0][0]
-        assert mid == message_id("acme", keys[rcpt])
+        assert mid == message_id("acme", *keys[rcpt])
         # the rule: a copy sent again is the same message under the same Message-ID
         assert all(c == copies[0] for c in copies), copies
         duplicates += len(copies) - 1
@@ -225,9 +226,9 @@ def test_file_transport_and_json_logs(db, smtp, sidecar, tmp_path):
     maildir = tmp_path / "mail"
     s = sidecar(HERALD_SMTP_URL_DEFAULT=None, HERALD_MAILDIR=maildir, HERALD_LOG_FORMAT="json")
     wait_until(lambda: db.counts() == {"done": 5}, what="5 files written")
-    keys = {r[0] for r in db.q("SELECT dedupe_key FROM herald.outbox")}
+    jobs = db.q("SELECT dedupe_key, id FROM herald.outbox")
     files = sorted(p.name for p in maildir.iterdir())
-    assert files == sorted(message_id("acme", k)[1:-1] + ".eml" for k in keys)
+    assert files == sorted(message_id("acme", k, j)[1:-1] + ".eml" for k, j in jobs)
     import email as email_lib
     import email.policy
     for p in maildir.iterdir():

@@ -3,7 +3,7 @@
 //! From and Reply-To come resolved in the claim's payload (broadcast > template > provider); without a
 //! From there, HERALD_FROM.
 //!
-//! The Message-ID is derived from the job's workspace and dedupe key (`message_id`), so a
+//! The Message-ID is derived from the job's id, workspace and dedupe key (`message_id`), so a
 //! message sent again after a crash (its lease expired before the result was recorded) carries the same
 //! Message-ID as the first copy and receivers can recognise it.
 //!
@@ -86,7 +86,7 @@ impl Mailer {
     }
 
     pub async fn send(&self, job: &Job, renderer: &Renderer, vars: &Vars) -> Outcome {
-        let id = message_id(&job.workspace, &job.dedupe_key);
+        let id = message_id(&job.workspace, &job.dedupe_key, Some(job.id));
         let provider = job
             .provider
             .as_deref()
@@ -200,6 +200,7 @@ impl Mailer {
                 workspace: job.workspace.clone(),
                 email: to_text.to_ascii_lowercase(),
                 key: job.dedupe_key.clone(),
+                job: Some(job.id),
                 broadcast: p.get("broadcast_id").and_then(Json::as_i64),
                 variation: p
                     .get("variation")
@@ -356,19 +357,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn message_ids_follow_the_workspace_and_dedupe_key() {
-        let id = message_id("acme", "send:1");
-        assert_eq!(id.len(), 1 + 32 + "@herald>".len());
-        assert!(id.starts_with('<') && id.ends_with("@herald>"));
-        assert_eq!(id, message_id("acme", "send:1"));
-        assert_ne!(id, message_id("acme", "send:2"));
+    fn message_ids_follow_the_job_workspace_and_dedupe_key() {
+        let id = message_id("acme", "send:1", Some(17));
+        assert_eq!(id.len(), 1 + 16 + 1 + 32 + "@herald>".len());
+        assert!(id.starts_with("<0000000000000011.") && id.ends_with("@herald>"));
+        assert_eq!(id, message_id("acme", "send:1", Some(17)));
+        assert_ne!(id, message_id("acme", "send:2", Some(17)));
         // the same key in another workspace is another message
-        assert_ne!(id, message_id("globex", "send:1"));
-        // sha256("acme\nabc")
+        assert_ne!(id, message_id("globex", "send:1", Some(17)));
+        // sha256("acme\nabc"); without a job id, the form before 0.9.0 (links signed before it)
         assert_eq!(
-            message_id("acme", "abc"),
+            message_id("acme", "abc", Some(0x1_0000_0000)),
+            "<0000000100000000.9cf5df17ede6ceb7b99c45b77006317f@herald>"
+        );
+        assert_eq!(
+            message_id("acme", "abc", None),
             "<9cf5df17ede6ceb7b99c45b77006317f@herald>"
         );
+        // later jobs sort after earlier ones, as text (the index the history is probed by)
+        let ids: Vec<_> = [9_i64, 10, 255, 256, 70_000, 1 << 40]
+            .iter()
+            .map(|&j| message_id("acme", "abc", Some(j)))
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 
     #[test]

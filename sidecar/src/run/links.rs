@@ -4,7 +4,7 @@
 //! what the link may do (purpose), for whom (workspace, recipient, the message's dedupe key, broadcast
 //! and variation) and, for a click, the one URL it may redirect to — so a token cannot be forged, turned
 //! into another purpose, or used as an open redirect to anywhere else. Verification is constant-time.
-//! The Message-ID lives here too: a link names its message by the same workspace + dedupe key.
+//! The Message-ID lives here too: a link names its message by the same job, workspace and dedupe key.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -12,16 +12,28 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// `<{sha256(workspace + "\n" + dedupe_key) hex[..32]}@herald>`. The workspace is part of it because
-/// dedupe keys are unique per workspace only (two workspaces may both `send()` with key "order-42"), and
-/// a bounce that names a Message-ID must name one message.
-pub fn message_id(workspace: &str, dedupe_key: &str) -> String {
+/// `<{job id, 16 hex digits}.{sha256(workspace + "\n" + dedupe_key) hex[..32]}@herald>`: the same for
+/// every attempt of a job, so a copy sent again after a crash is recognisable. The workspace is in the
+/// hash because dedupe keys are unique per workspace only (two workspaces may both `send()` with key
+/// "order-42"), and a bounce that names a Message-ID must name one message.
+///
+/// The job id leads so that Message-IDs grow with time: `message_history_message_id_idx` (how bounces
+/// and complaints find their message) then takes each new entry at its right edge. Led by the hash, each
+/// entry went to a random leaf of an index as large as the history, and each such leaf's first change
+/// after a checkpoint wrote a full 8 KB page image to the WAL: the largest single source of full-page
+/// images in the soak, growing with the history (docs/ARCHITECTURE.md, *Where the soak's WAL goes*).
+/// `job: None` is the form before 0.9.0 (hash only), for links signed before it, whose claims carry no
+/// job id and whose messages were recorded under that form.
+pub fn message_id(workspace: &str, dedupe_key: &str, job: Option<i64>) -> String {
     let mut hasher = Sha256::new();
     hasher.update(workspace.as_bytes());
     hasher.update(b"\n");
     hasher.update(dedupe_key.as_bytes());
     let digest = hex::encode(hasher.finalize());
-    format!("<{}@herald>", &digest[..32])
+    match job {
+        Some(job) => format!("<{job:016x}.{}@herald>", &digest[..32]),
+        None => format!("<{}@herald>", &digest[..32]),
+    }
 }
 
 /// What a link does when followed.
@@ -47,6 +59,9 @@ pub struct Claims {
     /// The message's dedupe key (its Message-ID derives from it).
     #[serde(rename = "k")]
     pub key: String,
+    /// The message's job (its Message-ID begins with it); absent in links signed before 0.9.0.
+    #[serde(rename = "j", default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<i64>,
     #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
     pub broadcast: Option<i64>,
     #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +252,7 @@ mod tests {
             workspace: "w".into(),
             email: "ann@example.com".into(),
             key: "b:7:42".into(),
+            job: Some(4_242),
             broadcast: Some(7),
             variation: Some("a".into()),
             url: url.map(str::to_string),
@@ -253,6 +269,19 @@ mod tests {
             let c = claims(p, u);
             assert_eq!(verify(KEY, &sign(KEY, &c), p), Ok(c));
         }
+    }
+
+    /// Links in messages sent before 0.9.0 carry no job id: they still verify, and name their
+    /// message by the Message-ID of that time.
+    #[test]
+    fn tokens_signed_before_job_ids_still_verify() {
+        let body = URL_SAFE_NO_PAD.encode(r#"{"p":"o","w":"w","e":"ann@example.com","k":"b:7:42","b":7}"#);
+        let mut m = mac(KEY);
+        m.update(body.as_bytes());
+        let token = format!("{body}.{}", URL_SAFE_NO_PAD.encode(m.finalize().into_bytes()));
+        let c = verify(KEY, &token, Purpose::Open).expect("an old token verifies");
+        assert_eq!(c.job, None);
+        assert_eq!(message_id(&c.workspace, &c.key, c.job), message_id("w", "b:7:42", None));
     }
 
     #[test]

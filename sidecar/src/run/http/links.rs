@@ -127,7 +127,7 @@ fn feedback(kind: &str, c: &Claims) -> Json {
         "kind": kind,
         "workspace": c.workspace,
         "email": c.email,
-        "message_id": message_id(&c.workspace, &c.key),
+        "message_id": message_id(&c.workspace, &c.key, c.job),
         "payload": {"broadcast": c.broadcast, "variation": c.variation, "message": c.key, "url": c.url},
     })
 }
@@ -173,6 +173,7 @@ mod tests {
             workspace: "w".into(),
             email: "a@x.example".into(),
             key: "k".into(),
+            job: None,
             broadcast: None,
             variation: None,
             url: None,

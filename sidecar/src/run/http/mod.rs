@@ -259,6 +259,7 @@ mod tests {
                 workspace: "acme".into(),
                 email: "ann@x.example".into(),
                 key: "k1".into(),
+                job: None,
                 broadcast: None,
                 variation: None,
                 url: url.map(str::to_string),
