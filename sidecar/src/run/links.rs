@@ -275,13 +275,20 @@ mod tests {
     /// message by the Message-ID of that time.
     #[test]
     fn tokens_signed_before_job_ids_still_verify() {
-        let body = URL_SAFE_NO_PAD.encode(r#"{"p":"o","w":"w","e":"ann@example.com","k":"b:7:42","b":7}"#);
+        let body =
+            URL_SAFE_NO_PAD.encode(r#"{"p":"o","w":"w","e":"ann@example.com","k":"b:7:42","b":7}"#);
         let mut m = mac(KEY);
         m.update(body.as_bytes());
-        let token = format!("{body}.{}", URL_SAFE_NO_PAD.encode(m.finalize().into_bytes()));
+        let token = format!(
+            "{body}.{}",
+            URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+        );
         let c = verify(KEY, &token, Purpose::Open).expect("an old token verifies");
         assert_eq!(c.job, None);
-        assert_eq!(message_id(&c.workspace, &c.key, c.job), message_id("w", "b:7:42", None));
+        assert_eq!(
+            message_id(&c.workspace, &c.key, c.job),
+            message_id("w", "b:7:42", None)
+        );
     }
 
     #[test]
