@@ -45,7 +45,7 @@ VARIANTS = {
 }
 if WHICH not in VARIANTS:
     raise SystemExit(__doc__)
-FORMS = {name: form for name, (form, _) in VARIANTS[WHICH].items()}
+CHOSEN = VARIANTS[WHICH]
 
 
 def wal(db):
@@ -69,21 +69,21 @@ with psycopg.connect(host=HOST, dbname="postgres", autocommit=True) as admin:
     admin.execute("CREATE DATABASE bench_history_index_wal")
 db = psycopg.connect(host=HOST, dbname="bench_history_index_wal", autocommit=True)
 tables = {}
-for i, (name, form) in enumerate(FORMS.items()):
+for i, (name, (form, columns)) in enumerate(CHOSEN.items()):
     t = f"history_{i}"
     tables[name] = t
     db.execute(f"CREATE SEQUENCE {t}_seq")
     db.execute(f"""CREATE TABLE {t} (workspace_id text NOT NULL, id bigint NOT NULL, contact_id bigint,
                    message_id text, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (workspace_id, id))""")
-    db.execute(f"CREATE INDEX {t}_compared_idx ON {t} {VARIANTS[WHICH][name][1]}")
+    db.execute(f"CREATE INDEX {t}_compared_idx ON {t} {columns}")
     insert(db, t, form, PRELOAD)
     db.execute(f"VACUUM ANALYZE {t}")
 print(f"{PRELOAD:,} rows in each table; {ROWS:,} rows a round in batches of {BATCH}, "
       f"a CHECKPOINT every {CYCLE:,} rows, {ROUNDS} rounds per variant in turns")
-results = {name: [] for name in FORMS}
+results = {name: [] for name in CHOSEN}
 for r in range(ROUNDS):
-    for name in (list(FORMS) if r % 2 == 0 else list(reversed(FORMS))):
-        t, form = tables[name], FORMS[name]
+    for name in (list(CHOSEN) if r % 2 == 0 else list(reversed(CHOSEN))):
+        t, form = tables[name], CHOSEN[name][0]
         db.execute("CHECKPOINT")
         lsn0, fpi0 = wal(db)
         done = 0

@@ -33,8 +33,8 @@ WITH rec AS (
     WHERE r.block_ref IS NOT NULL
 ), blk AS (
     SELECT b.ord, b.filenode::oid AS filenode, b.fpw, rec.record_length, rec.fpi_length,
-           count(*) FILTER (WHERE b.fpw) OVER (PARTITION BY rec.ctid_) AS fpws
-    FROM (SELECT *, row_number() OVER () AS ctid_ FROM rec) rec,
+           count(*) FILTER (WHERE b.fpw) OVER (PARTITION BY rec.record_no) AS fpws
+    FROM (SELECT *, row_number() OVER () AS record_no FROM rec) rec,
          LATERAL (SELECT ord, blocks[ord][1] AS filenode, blocks[ord][2] IS NOT NULL AS fpw
                   FROM generate_subscripts(blocks, 1) AS ord) b
 )
