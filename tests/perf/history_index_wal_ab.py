@@ -6,13 +6,15 @@ variant has a table of its own with the history's primary key and the one index 
 run in turns, ROUNDS times, on an otherwise idle server (the WAL counters are the server's). Prints per
 variant WAL bytes and full-page images per row (medians); asserts nothing.
 
-    python3 tests/perf/history_index_wal_ab.py message_id|contact [preload=2000000] [rows_per_round=60000] [rounds=4] [cycle=20000]
+    python3 tests/perf/history_index_wal_ab.py message_id|contact|automation [preload=2000000] [rows_per_round=60000] [rounds=4] [cycle=20000]
 
 message_id: message_history_message_id_idx under the Message-ID before 0.9.0 (`<hash@herald>`, 32
 random hex digits) and 0.9.0's (`<job id, 16 hex digits>.<hash>@herald>`).
 contact: message_history_contact_idx as it is, (workspace_id, contact_id, created_at), against
 (workspace_id, contact_id), whose equal keys btree deduplication folds into posting lists; 30,000
 contacts, as in the soak.
+automation: message_history_automation_idx the same way, (workspace_id, automation_id, created_at)
+against (workspace_id, automation_id); 1,000 automations.
 
 Runs as a Postgres superuser on the local socket, in the database bench_history_index_wal (dropped and
 made again, and dropped at the end)."""
@@ -42,6 +44,10 @@ VARIANTS = {
         "(workspace, contact, created_at)": (HASH_LED, "(workspace_id, contact_id, created_at)"),
         "(workspace, contact)": (HASH_LED, "(workspace_id, contact_id)"),
     },
+    "automation": {
+        "(workspace, automation, created_at)": (HASH_LED, "(workspace_id, automation_id, created_at)"),
+        "(workspace, automation)": (HASH_LED, "(workspace_id, automation_id)"),
+    },
 }
 if WHICH not in VARIANTS:
     raise SystemExit(__doc__)
@@ -59,8 +65,8 @@ def wal(db):
 def insert(db, table, form, n):
     # ids from the table's own sequence; the expression reads the id being inserted. created_at rises
     # row by row (clock_timestamp), as complete()'s rows' do over time, also within the preload
-    db.execute(f"""INSERT INTO {table} (workspace_id, id, contact_id, message_id, created_at)
-                   SELECT 'acme', id, (random() * 30000)::int, {form}, clock_timestamp()
+    db.execute(f"""INSERT INTO {table} (workspace_id, id, contact_id, automation_id, message_id, created_at)
+                   SELECT 'acme', id, (random() * 30000)::int, (random() * 1000)::int, {form}, clock_timestamp()
                      FROM (SELECT nextval('{table}_seq') AS id FROM generate_series(1, %s)) s""", (n,))
 
 
@@ -74,7 +80,7 @@ for i, (name, (form, columns)) in enumerate(CHOSEN.items()):
     tables[name] = t
     db.execute(f"CREATE SEQUENCE {t}_seq")
     db.execute(f"""CREATE TABLE {t} (workspace_id text NOT NULL, id bigint NOT NULL, contact_id bigint,
-                   message_id text, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (workspace_id, id))""")
+                   automation_id bigint, message_id text, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (workspace_id, id))""")
     db.execute(f"CREATE INDEX {t}_compared_idx ON {t} {columns}")
     insert(db, t, form, PRELOAD)
     db.execute(f"VACUUM ANALYZE {t}")
