@@ -210,7 +210,7 @@ BEGIN
           LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
          ORDER BY k.id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
-           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           WHERE entry_key = 'once' OR (entry_key = 'active' AND status IN ('active', 'waiting'))
            DO NOTHING
         RETURNING 1
     ), counted AS (
@@ -258,7 +258,7 @@ BEGIN
           LEFT JOIN herald._newest_version(v.workspace_id, v.id) cur ON true
          ORDER BY m.id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
-           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           WHERE entry_key = 'once' OR (entry_key = 'active' AND status IN ('active', 'waiting'))
            DO NOTHING
         RETURNING 1
     ), counted AS (

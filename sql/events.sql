@@ -144,24 +144,14 @@ BEGIN
          CROSS JOIN LATERAL (SELECT max(v.version) AS version FROM herald.automation_versions v
                               WHERE v.workspace_id = m.workspace_id AND v.automation_id = m.automation_id) nv
     ), enrolled_by_event AS (
-        -- reentry always: the key 'event:<id>' names an event this statement inserted, so no other
-        -- transaction can be inserting it: a plain insert, without ON CONFLICT's speculative insertion
-        -- (its token lock and confirm record: one WAL record and ~0.005 ms an enrollment). An enrollment
-        -- holds the key already only when the event's id was given explicitly after the event that had
-        -- it was deleted; it is left alone, as ON CONFLICT DO NOTHING did. The probe names every column
-        -- and the predicate of enrollments_entry_uq, so whatever the statistics it is one descent of
-        -- that unique index (a probe without the predicate could not use it and was planned on
-        -- enrollments_automation_idx on tables never analysed: every enrollment of the automation read);
-        -- OFFSET 0 keeps it a probe per row, not a join the planner orders by statistics
+        -- reentry always: the key 'event:<id>' names an event this statement inserted (one trigger call
+        -- per inserted row, a restore excepted above), so it enrols once per matching automation: a
+        -- plain insert, no ON CONFLICT and no probe (enrollments_entry_uq leaves these keys out). An
+        -- event id given again after the event that had it was deleted is another event and enrols.
         INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id, event)
         SELECT f.workspace_id, f.automation_id, f.contact_id, f.entry_key, f.start_node, f.event_id, f.event
           FROM fresh f
          WHERE f.entry_key LIKE 'event:%'
-           AND NOT EXISTS (SELECT 1 FROM herald.enrollments e
-                            WHERE e.workspace_id = f.workspace_id AND e.automation_id = f.automation_id
-                              AND e.contact_id = f.contact_id AND e.entry_key = f.entry_key
-                              AND (e.entry_key <> 'active' OR e.status IN ('active', 'waiting'))
-                           OFFSET 0)
          ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
         RETURNING workspace_id, automation_id
     ), enrolled_by_rule AS (
@@ -173,7 +163,7 @@ BEGIN
          WHERE f.entry_key NOT LIKE 'event:%'
          ORDER BY f.workspace_id, f.automation_id, f.contact_id, f.event_id
         ON CONFLICT (workspace_id, automation_id, contact_id, entry_key)
-           WHERE entry_key <> 'active' OR status IN ('active', 'waiting')
+           WHERE entry_key = 'once' OR (entry_key = 'active' AND status IN ('active', 'waiting'))
            DO NOTHING
         RETURNING workspace_id, automation_id
     )
@@ -247,7 +237,7 @@ BEGIN
     )
     SELECT count(*) INTO v_woken FROM woken;
     IF v_woken > 0 THEN
-        PERFORM pg_notify('herald.tick', '');
+        PERFORM herald._request_tick();   -- coalesced (see there)
     END IF;
 
     RETURN NULL;

@@ -111,7 +111,10 @@ CREATE INDEX automations_live_trigger_idx ON herald.automations (workspace_id, t
 --   entry_key enforces re-entry with one unique index, so concurrent enrolments cannot duplicate:
 --     'once'        reentry once: at most one enrollment per contact, ever
 --     'active'      reentry after_exit (and manual enrolment under always): unique only while in progress
---     'event:<id>'  reentry always: one enrollment per triggering event
+--     'event:<id>'  reentry always: one enrollment per triggering event. Not in the unique index: only
+--                   the dispatcher writes these keys, once per event it inserts (a fresh id), so nothing
+--                   could collide; an index entry would cost every such enrollment one at its insert
+--                   and one at each of its updates (none is HOT), at a random leaf, kept forever
 CREATE TABLE herald.enrollments (
     workspace_id  text NOT NULL,
     id            bigint GENERATED ALWAYS AS IDENTITY,
@@ -151,7 +154,7 @@ CREATE TABLE herald.enrollments (
 CREATE INDEX enrollments_id_idx ON herald.enrollments (id) WITH (fillfactor = 50);
 CREATE UNIQUE INDEX enrollments_entry_uq ON herald.enrollments (workspace_id, automation_id, contact_id, entry_key)
     WITH (fillfactor = 50)
-    WHERE entry_key <> 'active' OR status IN ('active', 'waiting');
+    WHERE entry_key = 'once' OR (entry_key = 'active' AND status IN ('active', 'waiting'));
 -- tick's way in: in progress and due some time. Parked
 -- enrollments without a timeout (next_run_at = 'infinity': most of those waiting on a job) are not in it,
 -- so parking one writes one index entry fewer and the walk never steps over them.

@@ -93,10 +93,11 @@ SELECT a.name, count(e.*) AS enrollments,
   FROM herald.automations a LEFT JOIN herald.enrollments e ON e.automation_id = a.id
  WHERE a.workspace_id = 'd1' GROUP BY a.id, a.name ORDER BY a.id;
 
--- reentry always: an enrollment that already holds an event's key (an event id given explicitly, after
--- the event that had it was deleted) is left alone (ON CONFLICT DO NOTHING); nothing fails
+-- reentry always: an event id given explicitly again, after the event that had it was deleted, is another
+-- event: it enrols beside the enrollment that holds the key already (the unique index leaves 'event:'
+-- keys out: the dispatcher writes each once); the other rules still keep the contact out
 INSERT INTO herald.enrollments (workspace_id, automation_id, contact_id, entry_key, current_node, event_id)
 SELECT 'd1', :always, c.id, 'event:39999', 'x', 39999 FROM herald.contacts c WHERE c.workspace_id = 'd1' AND c.email = 'pro@example.com';
 INSERT INTO herald.events (workspace_id, id, email, kind, payload) VALUES ('d1', 39999, 'pro@example.com', 'signup', '{"source": "ads"}');
-SELECT a.name, e.current_node FROM herald.enrollments e JOIN herald.automations a ON a.id = e.automation_id
- WHERE e.event_id = 39999 ORDER BY a.id;
+SELECT a.name, e.current_node, e.entry_key FROM herald.enrollments e JOIN herald.automations a ON a.id = e.automation_id
+ WHERE e.event_id = 39999 ORDER BY a.id, e.id;

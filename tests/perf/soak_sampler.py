@@ -2,8 +2,12 @@
 """Beside a soak (`herald-bench --only soak`): where the machine's CPU goes and what the server writes,
 every 10 s, as JSON lines: CPU seconds per process class (Postgres backends, autovacuum workers,
 checkpointer, WAL writer, background writer, herald run, herald-bench, the rest: smtp-sink, receivers),
-pg_stat_wal (records, full-page images, bytes), pg_stat_bgwriter (checkpoints, buffers written) and the
-tables autovacuum is working on. Then `summary` prints one line per minute. Asserts nothing.
+pg_stat_wal (records, full-page images, bytes), pg_stat_bgwriter (checkpoints, buffers written), the
+tables autovacuum is working on, and per statement of the load (the probe's claim, the daemon's claim,
+complete, track; pg_stat_statements) calls, time, blocks hit / read / dirtied / written, the time spent
+reading and writing them (0 unless the server's track_io_timing is on) and the WAL they wrote. Then
+`summary` prints one line per minute, and one per minute for each of those statements: where a call's
+time goes. Asserts nothing.
 
     python3 tests/perf/soak_sampler.py sample out.jsonl [database=herald_bench_soak]   # until killed
     python3 tests/perf/soak_sampler.py summary out.jsonl
@@ -56,6 +60,26 @@ def psql(database, query):
                           capture_output=True, text=True).stdout.strip()
 
 
+# the load's statements as pg_stat_statements normalises them (no '$' here: the query goes through a
+# shell's double quotes). The probe's claim is bench/src/soak/load.rs's, the daemon's is producer.rs's.
+STATEMENTS = ("CASE WHEN query LIKE 'SELECT count(*) FROM herald.claim(%' THEN 'probe' "
+              "WHEN query LIKE '%FROM herald.claim(%' THEN 'claim' "
+              "WHEN query LIKE '%herald.complete(%' THEN 'complete' "
+              "WHEN query LIKE '%herald.track(%' THEN 'track' END")
+COUNTERS = ("calls", "total_exec_time", "shared_blks_hit", "shared_blks_read", "blk_read_time",
+            "shared_blks_dirtied", "shared_blks_written", "blk_write_time", "wal_fpi", "wal_bytes")
+
+
+def statements(database):
+    sums = ", ".join(f"sum({c})::float8" for c in COUNTERS)
+    got = psql(database, f"SELECT coalesce(json_object_agg(k, v), '{{}}') FROM (SELECT {STATEMENTS} AS k, "
+                         f"json_build_array({sums}) AS v FROM pg_stat_statements GROUP BY 1) s WHERE k IS NOT NULL")
+    try:
+        return json.loads(got)
+    except ValueError:
+        return {}   # pg_stat_statements not there (yet), or the database gone
+
+
 def sample(path, database):
     out, last, t0 = open(path, "a"), cpu_by_process(), time.time()
     while True:
@@ -71,6 +95,7 @@ def sample(path, database):
             "bg": psql(database, "SELECT checkpoints_timed||','||checkpoints_req||','||buffers_checkpoint"
                                  "||','||buffers_backend FROM pg_stat_bgwriter"),
             "vacuum": psql(database, "SELECT string_agg(relid::regclass::text, ' ') FROM pg_stat_progress_vacuum"),
+            "stmts": statements(database),
             "load": open("/proc/loadavg").read().split()[0]}) + "\n")
         out.flush()
 
@@ -98,6 +123,31 @@ def summary(path):
         print(f"{k:3d} {m['load']:5.1f} | {c.get('backend', 0):14.1f} {c.get('autovacuum', 0):7.1f} "
               f"{c.get('checkpointer', 0):4.1f} {c.get('daemon', 0):6.1f} {c.get('other', 0):5.1f} | "
               f"{m['wal'] / 1e6:6.0f} {m['fpi']:6d} {m['ckpt']:5d} | {' '.join(sorted(m['vacuum']))}")
+    statement_summary(rows)
+
+
+def statement_summary(rows):
+    # per minute and statement, the counters' growth divided by the calls (a sample whose counters went
+    # down, e.g. after pg_stat_statements_reset, starts the differences again)
+    minutes, prev = {}, {}
+    for r in rows:
+        for k, v in r.get("stmts", {}).items():
+            p = prev.get(k)
+            prev[k] = v
+            if p is None or v[0] < p[0]:
+                continue
+            m = minutes.setdefault((k, r["t"] // 60), [0.0] * len(COUNTERS))
+            for i, (a, b) in enumerate(zip(v, p)):
+                m[i] += a - b
+    if not minutes:
+        return
+    print("per call: ms | blocks hit read dirtied written | read ms, write ms | WAL: FPIs, KB  (track_io_timing "
+          "off: read/write ms are 0)")
+    for (k, minute), m in sorted(minutes.items()):
+        calls = m[0] or 1
+        per = [x / calls for x in m]
+        print(f"{k:>8} {minute:3d} {m[0]:6.0f} calls | {per[1]:7.2f} ms | {per[2]:7.0f} {per[3]:6.1f} {per[5]:6.1f} "
+              f"{per[6]:6.1f} | {per[4]:6.2f} {per[7]:6.2f} | {per[8]:5.1f} {per[9] / 1024:6.1f}")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,49 @@ def test_a_skipper_that_commits_after_the_round_is_stepped_without_the_poll(db, 
     time.sleep(0.3)
     listener.close()
     assert listener.count == 1, f"{listener.count} NOTIFYs: the skipper should not have notified"
+
+
+def journey_that_calls_a_webhook(db, http):
+    definition = {"name": "Calls", "trigger": {"event": "ping"}, "reentry": "always", "start": "crm",
+                  "nodes": {"crm": {"type": "webhook", "url": http.url + "/crm", "next": "done"},
+                            "done": {"type": "exit"}}}
+    automation = db.one("SELECT herald.create_automation('acme', %s::jsonb)", json.dumps(definition))
+    db.q("SELECT herald.set_automation_status(%s, 'live')", automation)
+    return automation
+
+
+def test_complete_notifies_only_when_no_wake_up_is_pending(db, http):
+    # no daemon: this test claims and completes, so it counts every NOTIFY there is
+    journey_that_calls_a_webhook(db, http)
+    for i in range(2):
+        db.q(*track_sql(f"w{i}@example.com"))
+    assert db.one("SELECT herald.tick(100)") == 2   # two webhook jobs, their enrollments waiting on them
+    jobs = [r[0] for r in db.q("SELECT id FROM herald.claim('test', 10)")]
+    assert len(jobs) == 2
+    db.q("SELECT herald.take_tick_wakeup()")   # as a daemon's round does: no wake-up pending
+    listener = Listener(db)
+    time.sleep(0.3)   # LISTEN is in effect before the first complete
+    assert db.one("SELECT herald.complete(%s::jsonb)", json.dumps([{"id": jobs[0], "ok": True}])) == 1
+    assert db.one("SELECT is_called FROM herald.tick_wakeup"), "the first wake-up is pending"
+    assert db.one("SELECT herald.complete(%s::jsonb)", json.dumps([{"id": jobs[1], "ok": True}])) == 1
+    time.sleep(0.5)
+    listener.close()
+    assert listener.count == 1, f"{listener.count} NOTIFYs: the second complete() should have skipped its own"
+    assert db.one("SELECT count(*) FROM herald.enrollments WHERE status = 'active' AND current_node = 'done'") == 2
+
+
+def test_journeys_woken_by_complete_are_stepped_without_the_poll(db, http, sidecar):
+    automation = journey_that_calls_a_webhook(db, http)
+    sidecar(HERALD_POLL_INTERVAL_MS=POLL_MS)
+    for c in range(3):
+        with connect(db) as conn:
+            for i in range(100):
+                conn.execute(*track_sql(f"c{c}-{i}@example.com"))
+    wait_until(lambda: slowest_step(db, automation) == 0, timeout=POLL_MS / 1000, interval=0.02,
+               what="every journey past its webhook and ended")
+    # each journey's end against its webhook's completion, on the database's clock
+    late = db.one("""SELECT count(*) FROM herald.enrollments e JOIN herald.outbox o
+                       ON o.workspace_id = e.workspace_id AND o.enrollment_id = e.id
+                      WHERE e.automation_id = %s AND e.ended_at - o.done_at > make_interval(secs => %s)""",
+                  automation, BOUND_S)
+    assert late == 0, f"{late} journeys waited longer than {BOUND_S} s after their webhook's completion"

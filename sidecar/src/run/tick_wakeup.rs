@@ -1,8 +1,10 @@
 //! Taking herald.tick's wake-up, and the follow-up tick that makes skipping a NOTIFY safe.
 //!
 //! An enrolling transaction notifies `herald.tick` only when no wake-up is pending (`herald._wake_tick`,
-//! sql/queue.sql): Postgres commits notifying transactions one at a time, so a NOTIFY in every track()
-//! made concurrent clients queue. A transaction that skipped its NOTIFY relies on the round that takes
+//! sql/queue.sql), and so does one that woke enrollments (complete(), the dispatcher's wake-up of
+//! waiting enrollments: `herald._request_tick`; both have their transaction id before they read the
+//! flag, as an enrolling one does): Postgres commits notifying transactions one at a time, so a NOTIFY
+//! in every track() made concurrent clients queue. A transaction that skipped its NOTIFY relies on the round that takes
 //! the pending wake-up: before its tick, the round calls `herald.take_tick_wakeup()` (from then on the
 //! next enrolling transaction notifies again), and then, in a later statement, reads the next
 //! transaction id to be assigned (`pg_snapshot_xmax` of a fresh snapshot), the *horizon*. Every
