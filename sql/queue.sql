@@ -161,8 +161,9 @@ SELECT pg_catalog.pg_extension_config_dump('herald.tick_wakeup', '');
 
 -- Role: the notify_tick trigger only (new enrollments; complete() and the dispatcher's wake-up of waiting
 -- enrollments go through herald._request_tick below, broadcasts and approvals still notify per
--- transaction): notifies herald.tick unless a wake-up is pending. The trigger function itself, not a function the trigger
--- calls: a nested PL/pgSQL call with its own search_path setting cost ~15 µs of every enrolling track().
+-- transaction): notifies herald.tick unless a wake-up is pending. The trigger function itself, not a
+-- function the trigger calls: a nested PL/pgSQL call with its own search_path setting cost ~15 µs of
+-- every enrolling track().
 CREATE FUNCTION herald._wake_tick() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
