@@ -1,21 +1,21 @@
 //! Taking herald.tick's wake-up, and the follow-up tick that makes skipping a NOTIFY safe.
 //!
 //! An enrolling transaction notifies `herald.tick` only when no wake-up is pending (`herald._wake_tick`,
-//! sql/queue.sql), and so does one that woke enrollments (complete(), the dispatcher's wake-up of
-//! waiting enrollments: `herald._request_tick`; both have their transaction id before they read the
-//! flag, as an enrolling one does): Postgres commits notifying transactions one at a time, so a NOTIFY
-//! in every track() made concurrent clients queue. A transaction that skipped its NOTIFY relies on the round that takes
-//! the pending wake-up: before its tick, the round calls `herald.take_tick_wakeup()` (from then on the
-//! next enrolling transaction notifies again), and then, in a later statement, reads the next
-//! transaction id to be assigned (`pg_snapshot_xmax` of a fresh snapshot), the *horizon*. Every
-//! transaction that skipped read the wake-up before the take, and had its own id before that read (it
-//! enrolled first), so its id is below the horizon. It may still be running when the round's tick
-//! takes its snapshot, so once every transaction below the horizon has ended (the oldest running
-//! transaction id, `pg_snapshot_xmin`, is at or above it) [`TickWakeup::settled`] resolves and the loop
-//! ticks once more, without taking. Reading the horizon assigns no transaction id (a round a few
-//! times a second would otherwise burn ids and bring anti-wraparound vacuums sooner). A later take replaces the horizon with a higher one, which covers the
-//! older skippers too. A transaction that stays open longer than the poll interval is left to the
-//! fallback poll (which takes as well): the waiting stops there.
+//! sql/queue.sql), and so does one that woke enrollments (complete(), the dispatcher's wake-up of waiting
+//! enrollments: `herald._request_tick`; both have their transaction id before they read the flag, as an
+//! enrolling one does): Postgres commits notifying transactions one at a time, so a NOTIFY in every track()
+//! made concurrent clients queue. A transaction that skipped its NOTIFY relies on the round that takes the
+//! pending wake-up: before its tick, the round calls `herald.take_tick_wakeup()` (from then on the next
+//! enrolling transaction notifies again), and then, in a later statement, reads the next transaction id to
+//! be assigned (`pg_snapshot_xmax` of a fresh snapshot), the *horizon*. Every transaction that skipped read
+//! the wake-up before the take, and had its own id before that read (it wrote first), so its id is below
+//! the horizon. It may still be running when the round's tick takes its snapshot, so once every transaction
+//! below the horizon has ended (the oldest running transaction id, `pg_snapshot_xmin`, is at or above it)
+//! [`TickWakeup::settled`] resolves and the loop ticks once more, without taking. Reading the horizon
+//! assigns no transaction id (a round a few times a second would otherwise burn ids and bring
+//! anti-wraparound vacuums sooner). A later take replaces the horizon with a higher one, which covers the
+//! older skippers too. A transaction that stays open longer than the poll interval is left to the fallback
+//! poll (which takes as well): the waiting stops there.
 
 use std::time::Duration;
 
