@@ -196,34 +196,43 @@ pub fn render(o: &mut String, r: &Growth, verdict: impl Fn(&str) -> &'static str
     );
     let _ = writeln!(
         o,
-        "{:<34} | {:>12} | {:>12} | {:>6}",
+        "medians of {} rounds per state (lowest-highest), each state after a CHECKPOINT and once autovacuum is idle",
+        h.empty_rounds.len()
+    );
+    let _ = writeln!(
+        o,
+        "{:<30} | {:>26} | {:>26} | {:>6}",
         "rate", "empty tables", "full tables", "full/empty"
     );
-    for (what, empty, full, ratio) in [
+    type Rate = fn(&history::Rates) -> f64;
+    let rates: [(&str, Rate, f64); 3] = [
         (
             "ingest (track_many) events/s",
-            h.empty.ingest_events_per_sec,
-            h.full.ingest_events_per_sec,
+            |r| r.ingest_events_per_sec,
             h.ingest_ratio,
         ),
-        (
-            "tick node-steps/s",
-            h.empty.tick_steps_per_sec,
-            h.full.tick_steps_per_sec,
-            h.tick_ratio,
-        ),
+        ("tick node-steps/s", |r| r.tick_steps_per_sec, h.tick_ratio),
         (
             "claim + complete jobs/s",
-            h.empty.claim_complete_jobs_per_sec,
-            h.full.claim_complete_jobs_per_sec,
+            |r| r.claim_complete_jobs_per_sec,
             h.claim_ratio,
         ),
-    ] {
+    ];
+    for (what, rate, ratio) in rates {
+        let state = |median: &history::Rates, rounds: &[history::Rates]| {
+            let (lo, hi) = history::Rates::spread(rounds, rate);
+            format!(
+                "{} ({}-{})",
+                thousands(rate(median)),
+                thousands(lo),
+                thousands(hi)
+            )
+        };
         let _ = writeln!(
             o,
-            "{what:<34} | {:>12} | {:>12} | {ratio:>9.2}x",
-            thousands(empty),
-            thousands(full)
+            "{what:<30} | {:>26} | {:>26} | {ratio:>9.2}x",
+            state(&h.empty, &h.empty_rounds),
+            state(&h.full, &h.full_rounds)
         );
     }
     let _ = writeln!(

@@ -199,14 +199,7 @@ pub async fn run(target: &Target, small: bool) -> Result<Journey> {
 
 async fn setup(db: &Client) -> Result<()> {
     // autovacuum must not analyse the tables behind the benchmark's back during the first round
-    db.batch_execute(
-        "DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'herald' LOOP
-             EXECUTE format('ALTER TABLE herald.%I SET (autovacuum_enabled = false)', t);
-           END LOOP; END $$",
-    )
-    .await
-    .context("turning autovacuum off")?;
+    crate::autovacuum::off(db).await?;
     db.execute("SELECT herald.create_workspace($1)", &[&WORKSPACE])
         .await?;
     db.execute(

@@ -12,6 +12,7 @@
 //! `soak` (a long steady mixed load: sizes, dead tuples and latencies over time; only with --only).
 
 mod api;
+mod autovacuum;
 mod baseline;
 mod broadcast;
 mod contacts;
