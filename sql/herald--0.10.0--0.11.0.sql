@@ -284,3 +284,28 @@ BEGIN
 END
 $$;
 ALTER FUNCTION herald.claim(text, int, interval) SECURITY DEFINER;
+
+-- ==== oldest_snapshot: which session's snapshot holds vacuum back, for herald run's warning ====
+CREATE FUNCTION herald.oldest_snapshot(min_age interval DEFAULT '0')
+RETURNS TABLE (pid int, application_name text, state text, transaction_age interval)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF min_age IS NULL OR min_age < interval '0' THEN
+        RAISE EXCEPTION 'min_age must be 0 or longer, got %', coalesce(min_age::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT a.pid, a.application_name, a.state, clock_timestamp() - a.xact_start
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+       AND a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+       AND a.xact_start <= clock_timestamp() - min_age
+     ORDER BY age(a.backend_xmin) DESC, a.xact_start
+     LIMIT 1;
+END
+$$;
+ALTER FUNCTION herald.oldest_snapshot(interval) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald.oldest_snapshot(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herald.oldest_snapshot(interval) TO herald_worker, herald_admin;

@@ -727,6 +727,33 @@ BEGIN
 END
 $$;
 
+-- Role: herald_worker (the daemon), herald_admin. The client session of this database whose snapshot is the
+-- oldest (the caller's own aside), if its transaction has been open for at least min_age. While such a
+-- snapshot lasts, the index entries of jobs leased or finished since cannot be removed and every claim
+-- walks them (README *Known limits*): herald run checks this, warns in its log and shows the age in
+-- /metrics. SECURITY DEFINER (the extension's owner), so that it sees every role's sessions; it tells
+-- their pid, application_name and state, never their query or role.
+CREATE FUNCTION herald.oldest_snapshot(min_age interval DEFAULT '0')
+RETURNS TABLE (pid int, application_name text, state text, transaction_age interval)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF min_age IS NULL OR min_age < interval '0' THEN
+        RAISE EXCEPTION 'min_age must be 0 or longer, got %', coalesce(min_age::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT a.pid, a.application_name, a.state, clock_timestamp() - a.xact_start
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+       AND a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+       AND a.xact_start <= clock_timestamp() - min_age
+     ORDER BY age(a.backend_xmin) DESC, a.xact_start
+     LIMIT 1;
+END
+$$;
+
 -- Expired leases go back to pending (their attempt stays counted: a job whose worker keeps dying ends dead).
 CREATE FUNCTION herald.reap() RETURNS int
 LANGUAGE sql

@@ -161,6 +161,7 @@ ALTER FUNCTION herald.send(text, text, text, jsonb, text, text) SECURITY DEFINER
 ALTER FUNCTION herald.claim(text, int, interval) SECURITY DEFINER;
 ALTER FUNCTION herald.complete(jsonb) SECURITY DEFINER;
 ALTER FUNCTION herald.reap() SECURITY DEFINER;
+ALTER FUNCTION herald.oldest_snapshot(interval) SECURITY DEFINER;
 ALTER FUNCTION herald.redrive(bigint[]) SECURITY DEFINER;
 ALTER FUNCTION herald.flush_stats() SECURITY DEFINER;
 ALTER FUNCTION herald.automation_stats(bigint) SECURITY DEFINER;
@@ -275,6 +276,7 @@ GRANT EXECUTE ON FUNCTION
     herald.prune(interval, interval, interval, interval), herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
 TO herald_worker, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.take_tick_wakeup() TO herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.oldest_snapshot(interval) TO herald_worker, herald_admin;
 -- the HTTP API: an admin makes and revokes keys; the daemon serves /v1/… through api_call, which acts
 -- only for the workspace of the key it is given (a key is the capability, checked in the database)
 GRANT EXECUTE ON FUNCTION

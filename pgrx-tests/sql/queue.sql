@@ -164,3 +164,10 @@ SELECT herald.send('q2', 'p1@example.com', 'plain', '{}', 'esp') > 0 AS p1, hera
 SELECT payload ->> 'to' AS recipient, payload ->> 'provider_kind' AS kind, payload ? 'provider_kind' AS has_kind,
        payload ->> 'from' AS sender, payload ->> 'reply_to' AS reply_to
   FROM herald.claim('w1', 10000) WHERE workspace = 'q2' ORDER BY 1;
+
+-- oldest_snapshot (herald run's long-transaction watch): no other session of this database holds a
+-- snapshot a day old; bad input is refused
+SELECT count(*) <= 1 AS at_most_one FROM herald.oldest_snapshot();
+SELECT count(*) AS none_a_day_old FROM herald.oldest_snapshot('1 day');
+SELECT * FROM herald.oldest_snapshot('-1 second');
+SELECT * FROM herald.oldest_snapshot(NULL);

@@ -174,6 +174,14 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long to wait for jobs in flight, in seconds (0-3600). Default: 30.
     #[arg(long, value_name = "SECONDS", env = "HERALD_SHUTDOWN_GRACE_SECONDS")]
     pub shutdown_grace_seconds: Option<String>,
+    /// Warn in the log when a transaction in the database has held a snapshot open this long, in
+    /// seconds (1-86400): claim slows down while it lasts. Default: 60.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "HERALD_LONG_TRANSACTION_WARN_SECONDS"
+    )]
+    pub long_transaction_warn_seconds: Option<String>,
 }
 
 /// The secrets that exist per workspace (config file `[workspaces.<name>]`, lower-case) and as the
@@ -503,6 +511,8 @@ pub struct Config {
     pub admin: Option<AdminSide>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    /// The long-transaction watch's threshold (horizon.rs).
+    pub long_transaction_warn: Duration,
 }
 
 /// The HTTP side's settings (see `http/`).
@@ -722,6 +732,12 @@ impl Config {
                 30,
                 0,
                 3600,
+            )?),
+            long_transaction_warn: Duration::from_secs(number(
+                "HERALD_LONG_TRANSACTION_WARN_SECONDS",
+                60,
+                1,
+                86_400,
             )?),
         })
     }
@@ -1036,6 +1052,7 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_millis(1000));
         assert_eq!(c.lease, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.long_transaction_warn, Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.from.to_string(), "herald <noreply@localhost>");
         assert!(c.worker_id.ends_with(&format!("-{}", std::process::id())));

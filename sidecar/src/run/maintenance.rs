@@ -15,6 +15,8 @@
 //!                          never holds the step engine up
 //!   herald.advance_broadcasts(BROADCAST_BUDGET) after every tick round: starts due broadcasts and enqueues their
 //!                          audience in chunks, again at once while it uses its whole budget
+//!   herald.oldest_snapshot() every half HERALD_LONG_TRANSACTION_WARN_SECONDS (1-30 s): the
+//!                          long-transaction watch (horizon.rs)
 //! A function missing from the installed extension (an older build) is reported once and skipped.
 //! Any number of `herald run` processes may do this at once: each function is safe concurrently.
 //! Each call borrows a connection from the pool (`database`). While the database is away the timers
@@ -31,6 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::database::{Database, DbError};
+use super::horizon;
 use super::metrics::Metrics;
 use super::pg::{self, Backoff};
 use super::stream::Published;
@@ -52,6 +55,8 @@ pub struct Maintenance {
     pub metrics: Arc<Metrics>,
     pub tick_wake: Arc<Notify>,
     pub poll: Duration,
+    /// The long-transaction watch's threshold (HERALD_LONG_TRANSACTION_WARN_SECONDS).
+    pub long_transaction_warn: Duration,
     pub shutdown: CancellationToken,
     /// Bumped when advance_results published results (wakes the /stream readers).
     pub published: Published,
@@ -152,6 +157,8 @@ impl Maintenance {
         let mut reap = every(Duration::from_secs(5));
         let mut stats = every(Duration::from_secs(2));
         let mut prune = every(Duration::from_secs(3600));
+        let mut horizon_check = every(horizon::check_every(self.long_transaction_warn));
+        let mut horizon_watch = Some(horizon::Watch::default());
         let mut state = State::new();
         let mut wakeup = TickWakeup::new(self.poll);
         loop {
@@ -159,6 +166,14 @@ impl Maintenance {
             let task = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
+                _ = horizon_check.tick(), if horizon_watch.is_some() => {
+                    if let Some(watch) = horizon_watch.as_mut() {
+                        if !horizon::check(&self.db, &self.metrics, watch, self.long_transaction_warn).await {
+                            horizon_watch = None;
+                        }
+                    }
+                    continue;
+                }
                 () = self.tick_wake.notified() => Task::Tick,
                 _ = tick.tick() => Task::Tick,
                 () = wakeup.settled(&self.db) => {

@@ -83,6 +83,8 @@ pub struct Metrics {
     unrecorded: Gauge,
     database_up: Gauge,
     database_down_seconds: Gauge<f64, AtomicU64>,
+    /// Age of the transaction holding the oldest snapshot in the database (horizon.rs).
+    oldest_transaction_seconds: Gauge<f64, AtomicU64>,
     queue_jobs: Family<QueueLabels, Gauge>,
     /// The completer is retrying a batch it could not record.
     recording_stalled: AtomicBool,
@@ -182,6 +184,12 @@ impl Metrics {
             "How long the database has been unreachable (0 while it answers)",
             database_down_seconds.clone(),
         );
+        let oldest_transaction_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "herald_oldest_transaction_seconds",
+            "How long the transaction holding the oldest snapshot in the database has been open (0: none); claim slows while it lasts",
+            oldest_transaction_seconds.clone(),
+        );
         let queue_jobs = Family::<QueueLabels, Gauge>::default();
         registry.register(
             "herald_queue_jobs",
@@ -209,6 +217,7 @@ impl Metrics {
             unrecorded,
             database_up,
             database_down_seconds,
+            oldest_transaction_seconds,
             queue_jobs,
             recording_stalled: AtomicBool::new(false),
             concurrency,
@@ -245,6 +254,11 @@ impl Metrics {
     /// True while the completer holds results it is retrying (e.g. the database was away).
     pub fn is_recording_stalled(&self) -> bool {
         self.recording_stalled.load(Relaxed)
+    }
+
+    /// The long-transaction watch's last reading (whole seconds: it checks every few).
+    pub fn set_oldest_transaction(&self, age: Duration) {
+        self.oldest_transaction_seconds.set(age.as_secs() as f64);
     }
 
     /// A job finished; its result goes to the completer next.
@@ -434,6 +448,7 @@ mod tests {
             "herald_results_unrecorded 3",
             "herald_database_up 1",
             "herald_database_down_seconds 0.0",
+            "herald_oldest_transaction_seconds 0.0",
             "# EOF",
         ] {
             assert!(

@@ -38,6 +38,7 @@ mod database;
 mod db_health;
 mod email;
 mod executor;
+mod horizon;
 mod http;
 mod job;
 mod links;
@@ -253,6 +254,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             metrics: Arc::clone(&metrics),
             tick_wake: Arc::clone(&tick_wake),
             poll: config.poll_interval,
+            long_transaction_warn: config.long_transaction_warn,
             shutdown: background.clone(),
             published: published.clone(),
         }
