@@ -9,14 +9,20 @@ use tokio_postgres::Client;
 
 /// `ALTER TABLE … SET (autovacuum_enabled = false)` on every table of the herald schema.
 pub async fn off(db: &Client) -> Result<()> {
-    each_table(db, "SET (autovacuum_enabled = false)")
-        .await
-        .context("turning autovacuum off")
+    // the table names come from the catalog, quoted by format
+    db.batch_execute(
+        "DO $$ DECLARE t text; BEGIN
+           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'herald' LOOP
+             EXECUTE format('ALTER TABLE herald.%I SET (autovacuum_enabled = false)', t);
+           END LOOP; END $$",
+    )
+    .await
+    .context("turning autovacuum off")
 }
 
 /// Waits until no autovacuum worker runs in this database (at most `max`), so that a sample of about
-/// a second does not share this 2-core machine with one; returns how long it waited.
-pub async fn wait_idle(db: &Client, max: Duration) -> Result<Duration> {
+/// a second does not share this 2-core machine with one.
+pub async fn wait_idle(db: &Client, max: Duration) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < max {
         let busy: i64 = db
@@ -33,17 +39,5 @@ pub async fn wait_idle(db: &Client, max: Duration) -> Result<Duration> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(started.elapsed())
-}
-
-async fn each_table(db: &Client, change: &str) -> Result<()> {
-    // `change` is one of the two constants above; the table names come from the catalog, quoted by format
-    db.batch_execute(&format!(
-        "DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'herald' LOOP
-             EXECUTE format('ALTER TABLE herald.%I {change}', t);
-           END LOOP; END $$"
-    ))
-    .await?;
     Ok(())
 }

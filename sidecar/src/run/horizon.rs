@@ -36,15 +36,30 @@ pub enum Notice {
 }
 
 /// Decides what to log from one check to the next; no I/O, so it is tested on its own.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Watch {
+    /// HERALD_LONG_TRANSACTION_WARN_SECONDS.
+    threshold: Duration,
     /// The session last reported over the threshold, and its age when its last line was written.
     reported: Option<(i32, Duration)>,
 }
 
 impl Watch {
-    /// `over`: the oldest snapshot's holder if its transaction is older than the threshold.
-    pub fn observe(&mut self, over: Option<Holder>) -> Option<Notice> {
+    pub fn new(threshold: Duration) -> Self {
+        Self {
+            threshold,
+            reported: None,
+        }
+    }
+
+    /// How often to check: half the threshold, between 1 and 30 seconds.
+    pub fn check_every(&self) -> Duration {
+        (self.threshold / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// `oldest`: the holder of the oldest snapshot, if any.
+    pub fn observe(&mut self, oldest: Option<Holder>) -> Option<Notice> {
+        let over = oldest.filter(|h| h.age >= self.threshold);
         match (over, self.reported) {
             (None, None) => None,
             (None, Some((pid, _))) => {
@@ -67,19 +82,9 @@ impl Watch {
     }
 }
 
-/// How often to check for a threshold: half of it, between 1 and 30 seconds.
-pub fn check_every(threshold: Duration) -> Duration {
-    (threshold / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
-}
-
 /// One check: reads the oldest snapshot, sets the gauge, logs what `watch` decides. Returns false when
 /// the installed extension has no `herald.oldest_snapshot` (an older release): the caller stops checking.
-pub async fn check(
-    db: &Database,
-    metrics: &Metrics,
-    watch: &mut Watch,
-    threshold: Duration,
-) -> bool {
+pub async fn check(db: &Database, metrics: &Metrics, watch: &mut Watch) -> bool {
     let client = match db.get().await {
         Ok(c) => c,
         Err(e) => {
@@ -113,27 +118,25 @@ pub async fn check(
         }
     };
     metrics.set_oldest_transaction(oldest.as_ref().map_or(Duration::ZERO, |h| h.age));
-    match watch.observe(oldest.filter(|h| h.age >= threshold)) {
-        Some(Notice::Over(h)) => tracing::warn!(
-            pid = h.pid,
-            application_name = %h.application_name,
-            state = %h.state,
-            open_s = h.age.as_secs(),
-            "a transaction has held a snapshot open this long: vacuum cannot clean up behind the queue, so claim slows down until it ends (end it, or run such work on a replica)"
-        ),
-        Some(Notice::Still(h)) => tracing::warn!(
-            pid = h.pid,
-            application_name = %h.application_name,
-            state = %h.state,
-            open_s = h.age.as_secs(),
-            "that transaction is still open"
-        ),
+    match watch.observe(oldest) {
+        Some(Notice::Over(h)) => warn_about(&h, "a transaction has held a snapshot open this long: vacuum cannot clean up behind the queue, so claim slows down until it ends (end it, or run such work on a replica)"),
+        Some(Notice::Still(h)) => warn_about(&h, "that transaction is still open"),
         Some(Notice::Ended { pid }) => {
             tracing::info!(pid, "the long transaction has ended")
         }
         None => {}
     }
     true
+}
+
+fn warn_about(h: &Holder, what: &str) {
+    tracing::warn!(
+        pid = h.pid,
+        application_name = %h.application_name,
+        state = %h.state,
+        open_s = h.age.as_secs(),
+        "{what}"
+    );
 }
 
 #[cfg(test)]
@@ -151,8 +154,9 @@ mod tests {
 
     #[test]
     fn one_line_when_a_session_passes_the_threshold_then_reminders_then_one_when_it_ends() {
-        let mut w = Watch::default();
+        let mut w = Watch::new(Duration::from_secs(60));
         assert_eq!(w.observe(None), None);
+        assert_eq!(w.observe(Some(holder(7, 59))), None); // under the threshold: nothing
         assert_eq!(
             w.observe(Some(holder(7, 61))),
             Some(Notice::Over(holder(7, 61)))
@@ -170,7 +174,7 @@ mod tests {
 
     #[test]
     fn another_session_over_the_threshold_is_told_at_once() {
-        let mut w = Watch::default();
+        let mut w = Watch::new(Duration::from_secs(60));
         w.observe(Some(holder(7, 61)));
         assert_eq!(
             w.observe(Some(holder(8, 70))),
@@ -180,15 +184,10 @@ mod tests {
 
     #[test]
     fn checks_at_half_the_threshold_within_bounds() {
-        assert_eq!(
-            check_every(Duration::from_secs(60)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            check_every(Duration::from_secs(600)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(check_every(Duration::from_secs(4)), Duration::from_secs(2));
-        assert_eq!(check_every(Duration::from_secs(1)), Duration::from_secs(1));
+        let every = |s| Watch::new(Duration::from_secs(s)).check_every();
+        assert_eq!(every(60), Duration::from_secs(30));
+        assert_eq!(every(600), Duration::from_secs(30));
+        assert_eq!(every(4), Duration::from_secs(2));
+        assert_eq!(every(1), Duration::from_secs(1));
     }
 }

@@ -157,8 +157,9 @@ impl Maintenance {
         let mut reap = every(Duration::from_secs(5));
         let mut stats = every(Duration::from_secs(2));
         let mut prune = every(Duration::from_secs(3600));
-        let mut horizon_check = every(horizon::check_every(self.long_transaction_warn));
-        let mut horizon_watch = Some(horizon::Watch::default());
+        let mut horizon_watch = horizon::Watch::new(self.long_transaction_warn);
+        let mut horizon_check = every(horizon_watch.check_every());
+        let mut watching = true; // until the extension turns out to have no herald.oldest_snapshot
         let mut state = State::new();
         let mut wakeup = TickWakeup::new(self.poll);
         loop {
@@ -166,12 +167,8 @@ impl Maintenance {
             let task = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
-                _ = horizon_check.tick(), if horizon_watch.is_some() => {
-                    if let Some(watch) = horizon_watch.as_mut() {
-                        if !horizon::check(&self.db, &self.metrics, watch, self.long_transaction_warn).await {
-                            horizon_watch = None;
-                        }
-                    }
+                _ = horizon_check.tick(), if watching => {
+                    watching = horizon::check(&self.db, &self.metrics, &mut horizon_watch).await;
                     continue;
                 }
                 () = self.tick_wake.notified() => Task::Tick,
