@@ -1,9 +1,11 @@
 //! The outbox as a queue: N jobs worked by `claim(100)` + `complete(100 ok results)` from one
 //! connection, with herald's bookkeeping (leases, message history, stats deltas), next to three plain
 //! queues in the same database and run: a textbook single-row SKIP LOCKED queue (one job per
-//! transaction), a bare batched lease queue (lease 100, delete them), and PgQ. Then what one
-//! `claim(100)` costs when most workspaces are idle (`queue/idle.rs`).
+//! transaction), a bare batched lease queue (lease 100, delete them), and PgQ; and the contract floor
+//! (`queue/floor.rs`): the rows herald must write per job, by plain SQL. Then what one `claim(100)`
+//! costs when most workspaces are idle (`queue/idle.rs`).
 
+mod floor;
 mod idle;
 pub(crate) mod meter;
 mod wake;
@@ -67,6 +69,7 @@ pub struct Queue {
     pub single_row: Throughput,
     pub single_row_time_bounded: bool,
     pub bare_batched: Throughput,
+    pub contract_floor: Throughput,
     pub pgq_tick_per_100: Throughput,
     pub pgq_one_tick: Throughput,
     pub idle_workspaces: IdleWorkspaces,
@@ -131,12 +134,17 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
     let m = meter::Meter::start(&db).await;
     let mut bare_batched = bare_batched(&db, jobs).await?;
     bare_batched.server = m.stop(&db, bare_batched.jobs).await;
+    info!("queue: contract floor");
+    let m = meter::Meter::start(&db).await;
+    let mut contract_floor = floor::run(&db, jobs).await?;
+    contract_floor.server = m.stop(&db, contract_floor.jobs).await;
     info!("queue: PgQ");
     let (mut pgq_tick_per_100, mut pgq_one_tick) = pgq(&db, jobs).await?;
     herald.herald_over_this = 1.0;
     for q in [
         &mut single_row,
         &mut bare_batched,
+        &mut contract_floor,
         &mut pgq_tick_per_100,
         &mut pgq_one_tick,
     ] {
@@ -157,6 +165,7 @@ pub async fn run(target: &Target, small: bool) -> Result<Queue> {
         single_row,
         single_row_time_bounded,
         bare_batched,
+        contract_floor,
         pgq_tick_per_100,
         pgq_one_tick,
         idle_workspaces,
@@ -199,6 +208,7 @@ async fn setup(db: &Client, jobs: usize) -> Result<()> {
         .await
         .context("queueing herald's jobs")?;
     ensure!(n == jobs as u64, "queued {n} herald jobs");
+    floor::setup(db, jobs).await?;
     db.batch_execute(
         "CREATE SCHEMA bench_q;
          CREATE TABLE bench_q.single (id bigserial PRIMARY KEY, payload jsonb);
@@ -403,6 +413,7 @@ pub(super) fn render(o: &mut String, q: &Queue) {
         &q.herald,
         &q.single_row,
         &q.bare_batched,
+        &q.contract_floor,
         &q.pgq_tick_per_100,
         &q.pgq_one_tick,
     ] {
@@ -436,6 +447,7 @@ pub(super) fn render(o: &mut String, q: &Queue) {
         thousands(q.stats_sent as f64)
     );
     render_server_cost(o, q);
+    render_floor(o, q);
     let _ = writeln!(
         o,
         "  PgQ batches by ticks, not by {BATCH}: its rows show PgQ with a tick every {BATCH} events and with one tick for all"
@@ -457,7 +469,7 @@ pub(super) fn render(o: &mut String, q: &Queue) {
 /// only that cost counted (this/herald): steadier than the wall clock on a shared machine.
 fn render_server_cost(o: &mut String, q: &Queue) {
     let h = q.herald.server;
-    for t in [&q.herald, &q.single_row, &q.bare_batched] {
+    for t in [&q.herald, &q.single_row, &q.bare_batched, &q.contract_floor] {
         let (cpu, wal) = (t.server.cpu_us_per_job, t.server.wal_bytes_per_job);
         if cpu.is_none() && wal.is_none() {
             continue;
@@ -476,4 +488,23 @@ fn render_server_cost(o: &mut String, q: &Queue) {
             ratio(h.wal_bytes_per_job, wal),
         );
     }
+}
+
+/// How far the 0.5x goal can be reached while herald's contract holds (floor over bare), and what
+/// herald's features cost on top of the floor; by wall clock and by backend CPU.
+fn render_floor(o: &mut String, q: &Queue) {
+    let (f, b, h) = (&q.contract_floor, &q.bare_batched, &q.herald);
+    let by_cpu =
+        |x: &Throughput, y: &Throughput| match (x.server.cpu_us_per_job, y.server.cpu_us_per_job) {
+            (Some(x), Some(y)) if x > 0.0 => format!(", by backend CPU {:.2}x", y / x),
+            _ => String::new(),
+        };
+    let _ = writeln!(
+        o,
+        "  contract floor / bare batched: {:.2}x{} (the most a queue keeping herald's rows reaches); herald / floor: {:.2}x{}",
+        f.jobs_per_sec / b.jobs_per_sec,
+        by_cpu(f, b),
+        h.jobs_per_sec / f.jobs_per_sec,
+        by_cpu(h, f),
+    );
 }
