@@ -138,6 +138,22 @@ BEGIN
 END
 $$;
 
+-- Holds the templates `keys` of `workspace` against archive and delete until the caller's
+-- transaction ends: the same advisory lock as _lock_template and upsert_template, taken shared (callers
+-- do not wait for each other), in key order. send, send_test and create_broadcast take it before they
+-- look the templates up, so a delete either commits first (they then find no template and refuse) or
+-- waits for them and then sees their job or broadcast ("in use"); without it, one committing in the
+-- same instant as a delete queued a job that failed at claim with "unknown template". Internal.
+CREATE FUNCTION herald._share_templates(workspace text, keys text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('herald.template:' || workspace || '/' || k.key))
+       FROM (SELECT DISTINCT u.key FROM unnest(keys) u(key) WHERE u.key IS NOT NULL ORDER BY u.key) k;
+END
+$$;
+
 -- Role: herald_admin. Archives a template (every version); refused while it is in use. Returns true
 -- when it was not archived yet.
 CREATE FUNCTION herald.archive_template(workspace text, key text) RETURNS boolean

@@ -347,10 +347,13 @@ BEGIN
               JOIN herald.outbox o ON o.id = u.id
               LEFT JOIN LATERAL (SELECT c.email FROM herald.contacts c
                                   WHERE o.kind = 'email' AND c.workspace_id = o.workspace_id AND c.id = o.contact_id LIMIT 1) c ON true
+              -- the recipient: the contact's address, or a test's to an address that is no contact
+              -- (send_test checked it when queued; an unsubscribe since must stop it as any other)
+             CROSS JOIN LATERAL (SELECT coalesce(c.email, CASE WHEN o.kind = 'email' THEN o.payload ->> 'to' END) AS email) r
               -- the address, or its key when the contact was erased and came back (delete_contact)
               LEFT JOIN LATERAL (SELECT s.reason FROM herald.suppressions s
-                                  WHERE c.email IS NOT NULL AND s.workspace_id = o.workspace_id
-                                    AND s.email IN (c.email, herald._email_key(c.email))
+                                  WHERE r.email IS NOT NULL AND s.workspace_id = o.workspace_id
+                                    AND s.email IN (r.email, herald._email_key(r.email))
                                   LIMIT 1) s ON true
               LEFT JOIN herald.broadcasts b ON b.workspace_id = o.workspace_id AND b.id = o.broadcast_id
         ), suppressed AS (
@@ -957,6 +960,7 @@ DECLARE
     v_key text := coalesce(send.dedupe_key, 'send:' || gen_random_uuid());
 BEGIN
     PERFORM herald._require_workspace(workspace);
+    PERFORM herald._share_templates(workspace, ARRAY[template]);   -- against a concurrent delete (see there)
     IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = template) THEN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';

@@ -175,6 +175,7 @@ DECLARE
     v_id bigint;
 BEGIN
     PERFORM herald._require_workspace(workspace);
+    PERFORM herald._share_templates(workspace, ARRAY[key]);   -- against a concurrent delete (see there)
     v_payload := herald._template_payload(workspace, key, to_email, context, provider);
     PERFORM herald._refuse_archived(workspace, 'send_test', ARRAY[key]);
     SELECT s.reason INTO v_reason FROM herald.suppressions s
