@@ -53,19 +53,38 @@ RETURN (SELECT coalesce(array_agg(DISTINCT l.name), '{}') FROM (
                AND jsonb_path_exists(definition, 'lax $.** ? (@.event starts with "list.")')) l
          WHERE l.name IS NOT NULL);
 
+-- The advisory lock of a template or list (kind 'template' or 'list'): archive, unarchive, delete and
+-- upsert_template take it exclusively, every new use (_refuse_archived) shared. Internal.
+CREATE FUNCTION herald._use_lock(kind text, workspace text, name text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN hashtext('herald.' || kind || ':' || workspace || '/' || name);
+
 -- Raises when any of `templates` or `lists` is archived in the workspace; `what` says what was being
 -- done ("create_broadcast", "automation 4 cannot go live"). Called by the functions that start using
 -- templates and lists (create_automation, update_automation, set_automation_status, create_broadcast,
--- send). Unknown ones are their callers' business (they say "unknown").
+-- send, send_test, subscribe), before they look them up. Unknown ones are their callers' business
+-- (they say "unknown").
+-- It first holds them against archive and delete until the caller's transaction ends: their lock
+-- (_use_lock), shared (new uses do not wait for each other), in one order. An archive or delete then
+-- either commits first (this check, a statement after the lock, sees it: "archived", or the caller
+-- finds no template) or waits and sees the new use ("in use"). Without it, a use committing in the same
+-- instant as a delete queued jobs, or made a broadcast or a live automation, naming a template that
+-- was gone or a list that was archived. Not STABLE: a STABLE function reads with its caller's snapshot,
+-- taken before the wait.
 CREATE FUNCTION herald._refuse_archived(workspace text, what text, templates text[], lists text[] DEFAULT '{}')
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 DECLARE
     v_archived text;
     v_hint text;
 BEGIN
+    PERFORM pg_advisory_xact_lock_shared(herald._use_lock(u.kind, workspace, u.name))
+       FROM (SELECT 'template' AS kind, t.name FROM unnest(templates) t(name) WHERE t.name IS NOT NULL
+             UNION
+             SELECT 'list', l.name FROM unnest(lists) l(name) WHERE l.name IS NOT NULL
+             ORDER BY 1, 2) u;
     SELECT string_agg(format('%s %s', a.kind, quote_literal(a.name)), ', ' ORDER BY a.kind, a.name),
            string_agg(DISTINCT format('herald.unarchive_%s(workspace, name)', a.kind), ' / ')
       INTO v_archived, v_hint
@@ -122,35 +141,19 @@ END;
 
 -- ---------------------------------------------------------------------------------------- templates
 
--- Locks a template key for archive/delete (the lock upsert_template takes) and raises when the
--- workspace has no such template.
+-- Locks a template key for archive/delete (the lock upsert_template takes, _refuse_archived shares) and
+-- raises when the workspace has no such template.
 CREATE FUNCTION herald._lock_template(workspace text, key text) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
     PERFORM herald._require_workspace(workspace);
-    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    PERFORM pg_advisory_xact_lock(herald._use_lock('template', workspace, key));
     IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = _lock_template.key) THEN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(key), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found';
     END IF;
-END
-$$;
-
--- Holds the templates `keys` of `workspace` against archive and delete until the caller's
--- transaction ends: the same advisory lock as _lock_template and upsert_template, taken shared (callers
--- do not wait for each other), in key order. send, send_test and create_broadcast take it before they
--- look the templates up, so a delete either commits first (they then find no template and refuse) or
--- waits for them and then sees their job or broadcast ("in use"); without it, one committing in the
--- same instant as a delete queued a job that failed at claim with "unknown template". Internal.
-CREATE FUNCTION herald._share_templates(workspace text, keys text[]) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock_shared(hashtext('herald.template:' || workspace || '/' || k.key))
-       FROM (SELECT DISTINCT u.key FROM unnest(keys) u(key) WHERE u.key IS NOT NULL ORDER BY u.key) k;
 END
 $$;
 
@@ -227,7 +230,7 @@ SET search_path = pg_catalog, herald, pg_temp
 AS $$
 BEGIN
     PERFORM herald._require_workspace(workspace);
-    PERFORM pg_advisory_xact_lock(hashtext('herald.list:' || workspace || '/' || name));
+    PERFORM pg_advisory_xact_lock(herald._use_lock('list', workspace, name));
     IF NOT EXISTS (SELECT 1 FROM herald.lists l WHERE l.workspace_id = workspace AND l.name = _lock_list.name)
        AND NOT EXISTS (SELECT 1 FROM herald.list_members m WHERE m.workspace_id = workspace AND m.list = _lock_list.name) THEN
         RAISE EXCEPTION 'unknown list % in workspace %', coalesce(quote_literal(name), 'NULL'), quote_literal(workspace)

@@ -111,8 +111,6 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Leave send_at out to send when the broadcast is scheduled (herald.schedule_broadcast(id)), or give a future time.';
     END IF;
-    -- against a concurrent delete of a template (see there)
-    PERFORM herald._share_templates(workspace, ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x));
     SELECT string_agg(DISTINCT quote_literal(v ->> 'template'), ', ') INTO v_missing
       FROM jsonb_array_elements(v_def -> 'variations') v
      WHERE NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = v ->> 'template');

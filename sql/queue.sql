@@ -960,12 +960,12 @@ DECLARE
     v_key text := coalesce(send.dedupe_key, 'send:' || gen_random_uuid());
 BEGIN
     PERFORM herald._require_workspace(workspace);
-    PERFORM herald._share_templates(workspace, ARRAY[template]);   -- against a concurrent delete (see there)
+    -- first: holds the template against a concurrent delete (see there)
+    PERFORM herald._refuse_archived(workspace, 'send', ARRAY[template]);
     IF NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = template) THEN
         RAISE EXCEPTION 'unknown template % in workspace %', coalesce(quote_literal(template), 'NULL'), quote_literal(workspace)
             USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_template(…).';
     END IF;
-    PERFORM herald._refuse_archived(workspace, 'send', ARRAY[template]);
     IF provider IS NULL OR (provider <> 'default'
         AND NOT EXISTS (SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = provider)) THEN
         RAISE EXCEPTION 'unknown provider % in workspace %', coalesce(quote_literal(provider), 'NULL'), quote_literal(workspace)

@@ -51,7 +51,7 @@ BEGIN
     -- only variables templates can see
     PERFORM herald._check_template(key, subject, html, text_body);
     -- serialise versions of one key
-    PERFORM pg_advisory_xact_lock(hashtext('herald.template:' || workspace || '/' || key));
+    PERFORM pg_advisory_xact_lock(herald._use_lock('template', workspace, key));
     SELECT coalesce(max(t.version), 0) + 1 INTO v_version
       FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = upsert_template.key;
     INSERT INTO herald.templates (workspace_id, key, version, subject, html, text_body, from_address, reply_to)
@@ -175,9 +175,9 @@ DECLARE
     v_id bigint;
 BEGIN
     PERFORM herald._require_workspace(workspace);
-    PERFORM herald._share_templates(workspace, ARRAY[key]);   -- against a concurrent delete (see there)
-    v_payload := herald._template_payload(workspace, key, to_email, context, provider);
+    -- first: holds the template against a concurrent delete (see there)
     PERFORM herald._refuse_archived(workspace, 'send_test', ARRAY[key]);
+    v_payload := herald._template_payload(workspace, key, to_email, context, provider);
     SELECT s.reason INTO v_reason FROM herald.suppressions s
      WHERE s.workspace_id = workspace AND s.email IN (v_payload ->> 'to', herald._email_key(v_payload ->> 'to'));
     IF v_reason IS NOT NULL THEN
