@@ -428,6 +428,8 @@ impl Daemon {
             ("HERALD_WORKER_ID", "bench-api".to_string()),
             ("HERALD_SHUTDOWN_GRACE_SECONDS", "5".to_string()),
             ("HERALD_HTTP_ADDR", addr.to_string()),
+            // the section measures the API's throughput with one key, not the key's limit
+            ("HERALD_API_RATE_PER_KEY", "0".to_string()),
             ("HERALD_PUBLIC_URL", format!("http://{addr}")),
             ("HERALD_LINK_SECRET", LINK_SECRET.to_string()),
         ]

@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 import uuid
 
 import psycopg
@@ -47,17 +48,21 @@ class Api:
             conn.close()
 
 
-@pytest.fixture
-def api(db, roles, sidecar):  # noqa: F811
+def start_api(db, roles, sidecar, **env):  # noqa: F811
     """The daemon logged in as a herald_worker member, its HTTP side on a free port; a key of 'acme'
     with every scope."""
     worker, _ = roles
     port = free_port()
     sidecar(DATABASE_URL=url(db, worker), HERALD_HTTP_ADDR=f"127.0.0.1:{port}",
-            HERALD_PUBLIC_URL=f"http://127.0.0.1:{port}", HERALD_LINK_SECRET="api-test-link-secret")
+            HERALD_PUBLIC_URL=f"http://127.0.0.1:{port}", HERALD_LINK_SECRET="api-test-link-secret", **env)
     wait_http(port)
     key = db.one(f"SELECT herald.create_api_key('acme', 'test', {ALL_SCOPES})")
     return Api(port, key)
+
+
+@pytest.fixture
+def api(db, roles, sidecar):  # noqa: F811
+    return start_api(db, roles, sidecar)
 
 
 def sql_error(db, statement, *params):
@@ -170,6 +175,35 @@ def test_a_key_acts_for_its_own_workspace_only(db, api):
     key_id = int(other.split("_")[1])
     message, hint, _, code = sql_error(db, "SELECT herald.revoke_api_key('acme', %s)", key_id)
     assert (code, message) == ("P0002", f"unknown API key {key_id} in workspace 'acme'")
+
+
+def test_a_key_over_its_rate_gets_429_and_holds_up_no_other_key(db, roles, sidecar):  # noqa: F811
+    api = start_api(db, roles, sidecar, HERALD_API_RATE_PER_KEY="5")
+    db.q("SELECT herald.create_workspace('other', 'Other')")
+    other = db.one(f"SELECT herald.create_api_key('other', 'theirs', {ALL_SCOPES})")
+    started = time.monotonic()
+    answers = [api.call("/v1/track", {"email": f"r{i}@example.com", "kind": "burst"}) for i in range(15)]
+    took = time.monotonic() - started
+    ok = [a for a in answers if a[0] == 200]
+    limited = [a for a in answers if a[0] == 429]
+    assert len(ok) + len(limited) == 15, [a[0] for a in answers]
+    # a second's worth at once, then 5 a second: what refilled while the 15 calls ran, and no more
+    assert 5 <= len(ok) <= 5 + int(took * 5) + 1, (len(ok), took)
+    assert limited, f"15 calls in {took:.2f} s at 5 a second were all let through"
+    status, headers, body = limited[0]
+    assert headers["retry-after"] == "1"
+    assert body["error"]["code"] == "rate_limited"
+    assert body["error"]["message"] == "this API key is over its rate of 5 requests a second"
+    # what was refused cost no write: one event per 200
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'burst'") == len(ok)
+    # another tenant's key is not held up by it, and a secret that is no key is refused as before
+    assert api.call("/v1/track", {"email": "o@example.com", "kind": "burst"}, key=other)[0] == 200
+    forged = api.key[:-1] + ("0" if api.key[-1] != "0" else "1")
+    assert api.call("/v1/track", {"email": "f@example.com", "kind": "burst"}, key=forged)[0] == 401
+    # after Retry-After the key is served again
+    time.sleep(1.1)
+    assert api.call("/v1/track", {"email": "later@example.com", "kind": "burst"})[0] == 200
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'burst' AND workspace_id = 'acme'") == len(ok) + 1
 
 
 def test_a_retry_with_the_same_idempotency_key_writes_once(db, api):

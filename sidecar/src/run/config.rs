@@ -146,6 +146,10 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub stream_token: Option<String>,
+    /// Requests a second one API key may make to the HTTP API (/v1/…) through this daemon, with a
+    /// second's worth at once; more get 429 with Retry-After. 0: no limit. Default: 1000.
+    #[arg(long, value_name = "N", env = "HERALD_API_RATE_PER_KEY")]
+    pub api_rate_per_key: Option<String>,
     /// Password of the operator's page, <public URL>/admin (at least 12 characters; the operator
     /// gives a name with it, recorded with their approvals). Needs the HTTP side. Default: off.
     #[arg(
@@ -525,6 +529,8 @@ pub struct HttpSide {
     pub keys: std::sync::Arc<Keys>,
     /// SendGrid's Signed Event Webhook key: when set, /events/sendgrid is checked by signature.
     pub sendgrid_key: Option<VerifyingKey>,
+    /// HERALD_API_RATE_PER_KEY: requests a second per API key (0: no limit).
+    pub api_rate_per_key: u32,
 }
 
 /// The operator's page (`run/admin/`): its password and, optionally, a database role of its own.
@@ -663,6 +669,7 @@ impl Config {
                 parse_sendgrid_key(k).map_err(|e| anyhow!("HERALD_SENDGRID_VERIFICATION_KEY: {e}"))
             })
             .transpose()?;
+        let api_rate_per_key = number("HERALD_API_RATE_PER_KEY", 1000, 0, 1_000_000)? as u32;
         let http = match (
             get("HERALD_HTTP_ADDR"),
             get("HERALD_PUBLIC_URL"),
@@ -687,6 +694,7 @@ impl Config {
                     public_url: public.as_str().trim_end_matches('/').to_string(),
                     keys: std::sync::Arc::clone(&keys),
                     sendgrid_key,
+                    api_rate_per_key,
                 })
             }
             _ => bail!(
@@ -694,6 +702,9 @@ impl Config {
             ),
         };
 
+        if http.is_none() && get("HERALD_API_RATE_PER_KEY").is_some() {
+            bail!("HERALD_API_RATE_PER_KEY: the HTTP API is on the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too");
+        }
         let admin = read_admin(raw, http.is_some())?;
 
         let log_format = match get("HERALD_LOG_FORMAT")
@@ -1203,6 +1214,36 @@ mod tests {
             assert!(e.starts_with(k), "{e}");
             assert!(!e.contains("short"), "the secret is not echoed: {e}");
         }
+    }
+
+    #[test]
+    fn api_rate_per_key_is_a_number_on_the_http_side() {
+        let side = [
+            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
+            ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+        ];
+        let rate = |extra: &[(&str, &str)]| {
+            let mut m = map(&side);
+            m.extend(map(extra));
+            Config::from_map(&m).map(|c| c.http.expect("the HTTP side").api_rate_per_key)
+        };
+        assert_eq!(rate(&[]).unwrap(), 1000, "the default");
+        assert_eq!(rate(&[("HERALD_API_RATE_PER_KEY", "0")]).unwrap(), 0, "off");
+        assert_eq!(rate(&[("HERALD_API_RATE_PER_KEY", "25")]).unwrap(), 25);
+        for bad in ["-1", "1.5", "lots", "1000001"] {
+            let e = rate(&[("HERALD_API_RATE_PER_KEY", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("HERALD_API_RATE_PER_KEY: expected a whole number"),
+                "{e}"
+            );
+        }
+        let e = Config::from_map(&map(&[("HERALD_API_RATE_PER_KEY", "25")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set HERALD_HTTP_ADDR"), "{e}");
     }
 
     #[test]

@@ -937,6 +937,7 @@ mod tests {
             public_url: public_url.into(),
             keys: Arc::new(keys),
             sendgrid_key: None,
+            api_rate_per_key: 0,
         };
         let settings = AdminSide {
             password: Secret(PASSWORD.into()),

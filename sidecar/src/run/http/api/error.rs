@@ -1,11 +1,11 @@
 //! The API's errors, all as JSON: `{"error": {"message", "hint", "detail", "code"}}`. A refusal by
 //! the database carries the SQL error's own message, hint and detail (what a SQL user of the same
 //! function reads) and its SQLSTATE as `code`; the daemon's own refusals (the request's form) have a
-//! word as `code` (`unauthorized`, `invalid_json`, `too_deep`, `unknown_field`, `batch_too_large`,
-//! `not_found`, `unavailable`, `internal`).
+//! word as `code` (`unauthorized`, `rate_limited`, `invalid_json`, `too_deep`, `unknown_field`,
+//! `batch_too_large`, `not_found`, `unavailable`, `internal`).
 
-use axum::http::header::CONTENT_TYPE;
-use axum::http::StatusCode;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -18,6 +18,8 @@ pub struct ApiError {
     pub hint: Option<String>,
     pub detail: Option<String>,
     pub code: String,
+    /// Seconds for a Retry-After header (429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             hint: None,
             detail: None,
             code: code.into(),
+            retry_after: None,
         }
     }
 
@@ -76,6 +79,20 @@ impl ApiError {
         .with_hint(Some("Split the batch into several requests."))
     }
 
+    /// The key is over HERALD_API_RATE_PER_KEY: 429, with when to come back.
+    pub fn rate_limited(per_second: u32, retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("this API key is over its rate of {per_second} requests a second"),
+        )
+        .with_hint(Some(
+            "Retry after the seconds in the Retry-After header; send many events or contacts in one request (POST /v1/track/batch, /v1/contacts/batch).",
+        ));
+        e.retry_after = Some(retry_after);
+        e
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
             .with_hint(Some("GET /v1/openapi.json lists the routes."))
@@ -102,6 +119,7 @@ impl ApiError {
                     hint: db.hint().map(str::to_string),
                     detail: db.detail().map(str::to_string),
                     code: code.to_string(),
+                    retry_after: None,
                 }
             }
             _ => {
@@ -148,12 +166,18 @@ impl IntoResponse for ApiError {
             "detail": self.detail,
             "code": self.code,
         }});
-        (
+        let mut response = (
             self.status,
             [(CONTENT_TYPE, "application/json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

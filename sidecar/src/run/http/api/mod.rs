@@ -15,12 +15,14 @@
 //! workspace is the key's (never the body's), the idempotency key is claimed in the same transaction
 //! as the write, and the SQL function runs with the same checks and messages as from SQL. The daemon
 //! checks only the request's form: the key's syntax (`auth`), the Idempotency-Key header
-//! (`idempotency`), the body's JSON, depth, fields and batch size (`routes`). Errors are JSON
+//! (`idempotency`), the body's JSON, depth, fields and batch size (`routes`), and each key's rate
+//! (`key_rate`, 429 with Retry-After). Errors are JSON
 //! (`error`): the SQL error's message, hint and detail, with its SQLSTATE as the code.
 
 mod auth;
 mod error;
 mod idempotency;
+mod key_rate;
 mod openapi;
 mod routes;
 
@@ -40,10 +42,16 @@ pub use routes::ROUTES;
 #[derive(Clone)]
 struct ApiState {
     database: Arc<Database>,
+    /// HERALD_API_RATE_PER_KEY; None: no limit.
+    rates: Option<Arc<key_rate::KeyRates>>,
 }
 
-/// The `/v1/…` routes, for any outer router's state (they carry their own).
-pub fn router<S: Clone + Send + Sync + 'static>(database: Arc<Database>) -> Router<S> {
+/// The `/v1/…` routes, for any outer router's state (they carry their own). `rate_per_key`:
+/// requests a second one key may make through this daemon (0: no limit).
+pub fn router<S: Clone + Send + Sync + 'static>(
+    database: Arc<Database>,
+    rate_per_key: u32,
+) -> Router<S> {
     // OPTIONS is a route of its own on each path (answered by the CORS layer), so that the outer
     // router's method-not-allowed fallback never sees a preflight
     let mut router =
@@ -61,7 +69,10 @@ pub fn router<S: Clone + Send + Sync + 'static>(database: Arc<Database>) -> Rout
     router
         .route("/v1/{*rest}", axum::routing::any(routes::unknown))
         .layer(cors())
-        .with_state(ApiState { database })
+        .with_state(ApiState {
+            database,
+            rates: key_rate::KeyRates::new(rate_per_key).map(Arc::new),
+        })
 }
 
 /// An OPTIONS request that is not a CORS preflight (those the layer answers itself).
@@ -94,7 +105,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     async fn call(request: Request<Body>) -> (StatusCode, Json) {
-        let app: Router = router(Database::unreachable());
+        let app: Router = router(Database::unreachable(), 0);
         let response = app.oneshot(request).await.expect("infallible");
         let status = response.status();
         let body = to_bytes(response.into_body(), usize::MAX)
@@ -198,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn browsers_may_call_it_from_any_origin() {
-        let app: Router = router(Database::unreachable());
+        let app: Router = router(Database::unreachable(), 0);
         let preflight = Request::builder()
             .method("OPTIONS")
             .uri("/v1/track")

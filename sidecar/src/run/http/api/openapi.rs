@@ -132,6 +132,7 @@ fn operation(op: Operation) -> Json {
             "409": error("The Idempotency-Key was used for another request"),
             "413": error("Too many items, or a body over 1 MiB"),
             "422": error("A value the SQL function refuses (its message, hint and detail)"),
+            "429": error("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
             "503": error("The database is not reachable; try again")
         }
     })

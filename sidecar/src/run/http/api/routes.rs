@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
-use super::{auth, idempotency, ApiState};
+use super::{auth, idempotency, key_rate, ApiState};
 use crate::run::database::DbError;
 
 /// The most items (events, contacts, addresses) one batch request may carry; more is a 413 that
@@ -156,6 +156,13 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Json, bool), ApiError> {
     let secret = auth::secret(headers)?;
+    if let Some(rates) = &state.rates {
+        rates
+            .take(secret, std::time::Instant::now())
+            .map_err(|wait| {
+                ApiError::rate_limited(rates.per_second(), key_rate::retry_after_seconds(wait))
+            })?;
+    }
     let idempotency_key = idempotency::key(headers)?;
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
