@@ -8,7 +8,8 @@
 //!     is ticked again) → branch on the event's plan → pro (1 in 5): webhook; else: a second email →
 //!     exit. 1.8 emails and 0.2 webhooks per event: `--soak-emails-per-sec` (3,000) / 1.8 events/s;
 //!   - one `track()` every 50 ms (timed: the track() latency);
-//!   - one `claim(100)` every 200 ms in a rolled-back transaction (timed: the claim latency);
+//!   - one `claim(100)` every 200 ms in a rolled-back transaction (timed: the claim latency; the jobs
+//!     it took are kept too, to tell a claim that found work from one that found none);
 //!   - at half time, a broadcast to every contact.
 //!
 //! Every sampling interval (run/60, between 5 and 30 s) `soak/sample.rs` reads the size, live and
@@ -113,6 +114,38 @@ pub struct Point {
     pub interval: Option<Interval>,
 }
 
+/// The claim probes of a window split by what they found: a claim that takes 100 jobs does ~100×
+/// the work of one that finds none, so a window in which the daemon more often lags behind has a
+/// higher p99 with no claim getting slower. The goal stays on all probes; this says which it was.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClaimSplit {
+    /// Probes that found no job.
+    pub empty: Summary,
+    /// Probes that took at least one job.
+    pub working: Summary,
+    /// Share of the probes that took jobs.
+    pub working_share: f64,
+    /// Median of (duration / jobs taken) over the working probes, µs.
+    pub median_us_per_job: f64,
+}
+
+impl ClaimSplit {
+    fn of(calls: &[(Duration, u32)]) -> Self {
+        let (working, empty): (Vec<_>, Vec<_>) = calls.iter().partition(|(_, n)| *n > 0);
+        let mut per_job: Vec<f64> = working
+            .iter()
+            .map(|(d, n)| d.as_secs_f64() * 1e6 / f64::from(*n))
+            .collect();
+        per_job.sort_by(f64::total_cmp);
+        Self {
+            empty: Summary::of(&empty.iter().map(|(d, _)| *d).collect::<Vec<_>>()),
+            working: Summary::of(&working.iter().map(|(d, _)| *d).collect::<Vec<_>>()),
+            working_share: working.len() as f64 / calls.len().max(1) as f64,
+            median_us_per_job: per_job.get(per_job.len() / 2).copied().unwrap_or(0.0),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TableGrowth {
     pub table: String,
@@ -146,6 +179,8 @@ pub struct Soak {
     pub claim_first: Summary,
     pub claim_last: Summary,
     pub claim_ratio: f64,
+    pub claim_split_first: ClaimSplit,
+    pub claim_split_last: ClaimSplit,
     pub track_first: Summary,
     pub track_last: Summary,
     pub track_ratio: f64,
@@ -316,6 +351,8 @@ pub async fn run(target: &Target, settings: &Settings) -> Result<Soak> {
     );
     let claim_first = Summary::of(&load.claim.between(0.0, windows.0));
     let claim_last = Summary::of(&load.claim.between(windows.1, f64::MAX));
+    let claim_split_first = ClaimSplit::of(&load.claim.items_between(0.0, windows.0));
+    let claim_split_last = ClaimSplit::of(&load.claim.items_between(windows.1, f64::MAX));
     let track_first = Summary::of(&load.track.between(0.0, windows.0));
     let track_last = Summary::of(&load.track.between(windows.1, f64::MAX));
     // counted here rather than taken from /metrics, whose queue depth is missing when its read is slow
@@ -342,6 +379,8 @@ pub async fn run(target: &Target, settings: &Settings) -> Result<Soak> {
     out.claim_first = claim_first;
     out.claim_last = claim_last;
     out.claim_ratio = ratio(claim_last.p99_ms, claim_first.p99_ms);
+    out.claim_split_first = claim_split_first;
+    out.claim_split_last = claim_split_last;
     out.track_first = track_first;
     out.track_last = track_last;
     out.track_ratio = ratio(track_last.p99_ms, track_first.p99_ms);
@@ -406,6 +445,8 @@ fn empty(settings: &Settings, total: Duration, every: Duration, events_per_sec: 
         claim_first: Summary::default(),
         claim_last: Summary::default(),
         claim_ratio: 0.0,
+        claim_split_first: ClaimSplit::default(),
+        claim_split_last: ClaimSplit::default(),
         track_first: Summary::default(),
         track_last: Summary::default(),
         track_ratio: 0.0,
@@ -773,6 +814,23 @@ pub(super) fn render(o: &mut String, s: &Soak, goals: &[Goal]) {
             verdict(goal)
         );
     }
+    let (f, l) = (&s.claim_split_first, &s.claim_split_last);
+    let _ = writeln!(
+        o,
+        "  claim(100) probes that found no job: p99 {:.2} -> {:.2} ms = {:.2}x; that took jobs: {:.0}% -> {:.0}% of the probes, \
+         p99 {:.2} -> {:.2} ms = {:.2}x, median {:.0} -> {:.0} us a job taken = {:.2}x",
+        f.empty.p99_ms,
+        l.empty.p99_ms,
+        ratio(l.empty.p99_ms, f.empty.p99_ms),
+        f.working_share * 100.0,
+        l.working_share * 100.0,
+        f.working.p99_ms,
+        l.working.p99_ms,
+        ratio(l.working.p99_ms, f.working.p99_ms),
+        f.median_us_per_job,
+        l.median_us_per_job,
+        ratio(l.median_us_per_job, f.median_us_per_job),
+    );
     let _ = writeln!(
         o,
         "  daemon log: {} ERROR, {} WARN lines   goal 0 errors: {}{}",

@@ -5,7 +5,8 @@
 //!   claim   one `claim(100)` every CLAIM_EVERY in a transaction that is rolled back: what a claim costs
 //!           on the live tables at that moment, without taking work from the daemon (its leases vanish
 //!           with the rollback; the rows it locked are skipped by the daemon's claims for those ms)
-//! Each part records (seconds since the start, call duration); a failed call is counted and logged.
+//! Each part records (seconds since the start, call duration, and for claim the jobs it took); a
+//! failed call is counted and logged.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,29 +27,37 @@ pub const CLAIM_EVERY: Duration = Duration::from_millis(200);
 /// Every PRO-th event has plan "pro" (its enrollment ends in the webhook, the others in a 2nd email).
 pub const PRO: u64 = 5;
 
-/// Timed calls of one kind: (seconds since the start, duration).
+/// Timed calls of one kind: (seconds since the start, duration, items: the jobs a claim took).
 #[derive(Default)]
 pub struct Samples {
-    calls: Mutex<Vec<(f64, Duration)>>,
+    calls: Mutex<Vec<(f64, Duration, u32)>>,
     pub errors: AtomicU64,
 }
 
 impl Samples {
-    fn push(&self, at: f64, took: Duration) {
+    fn push(&self, at: f64, took: Duration, items: u32) {
         self.calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((at, took));
+            .push((at, took, items));
     }
 
     /// Durations of the calls started in [from, to) seconds.
     pub fn between(&self, from: f64, to: f64) -> Vec<Duration> {
+        self.items_between(from, to)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect()
+    }
+
+    /// (duration, items) of the calls started in [from, to) seconds.
+    pub fn items_between(&self, from: f64, to: f64) -> Vec<(Duration, u32)> {
         self.calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(at, _)| *at >= from && *at < to)
-            .map(|(_, d)| *d)
+            .filter(|(at, _, _)| *at >= from && *at < to)
+            .map(|(_, d, n)| (*d, *n))
             .collect()
     }
 }
@@ -151,7 +160,7 @@ async fn ingest_loop(
         let t = Instant::now();
         match db.execute(&statement, &[&WORKSPACE, &batch]).await {
             Ok(_) => {
-                samples.push(at, t.elapsed());
+                samples.push(at, t.elapsed(), 0);
                 events.fetch_add(per_call, Ordering::Relaxed);
             }
             Err(e) => {
@@ -195,7 +204,7 @@ async fn track_loop(
             .await
         {
             Ok(_) => {
-                samples.push(at, t.elapsed());
+                samples.push(at, t.elapsed(), 0);
                 events.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
@@ -231,10 +240,10 @@ async fn claim_loop(
             let claimed = db.query_one(&statement, &[]).await;
             let took = t.elapsed();
             db.batch_execute("ROLLBACK").await?;
-            claimed.map(|_| took)
+            claimed.map(|row| (took, row.get::<_, i64>(0) as u32))
         };
         match probe.await {
-            Ok(took) => samples.push(at, took),
+            Ok((took, jobs)) => samples.push(at, took, jobs),
             Err(e) => {
                 samples.errors.fetch_add(1, Ordering::Relaxed);
                 warn!("soak: claim probe failed: {e}");
