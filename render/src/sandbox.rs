@@ -167,8 +167,17 @@ fn child_main(
     limit: u64,
     write: OwnedFd,
 ) -> ! {
-    // SAFETY: setting this process's own limit and signal dispositions; _exit never returns.
+    // SAFETY: setting this process's own limit, signal dispositions and stderr; _exit never returns.
     unsafe {
+        // what the child would say itself (Rust's "memory allocation of … bytes failed" before it
+        // aborts, a panic's message) would land in the caller's stderr, a backend's being the server
+        // log, where it reads as if the server had run out of memory; the caller learns the outcome
+        // from the pipe and says it in its own error
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
         for sig in [
             libc::SIGTERM,
             libc::SIGINT,
