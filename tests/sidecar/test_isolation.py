@@ -74,9 +74,14 @@ def test_a_template_that_asks_for_gigabytes_fails_its_job_not_the_daemon(db, smt
     jobs = {t: poison(db, f"{t}@example.com", t) for t in ("bomb", "wide", "busy")}
     db.q("SELECT herald.send('acme', 'fine@example.com', 'hello')")
 
-    s = sidecar(HERALD_CONCURRENCY="16")
+    s = sidecar(HERALD_CONCURRENCY="16", HERALD_LOG_FORMAT="json")
     wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status IN ('pending', 'leased')") == 0,
                timeout=90, what="every job finished")
+    # the worker that died said why in the daemon's log, as one of its JSON lines (a plain line from
+    # the worker itself would break a log read as JSON lines)
+    logged = [json.loads(line) for line in s.log().splitlines() if line.strip()]
+    said = [line["worker_said"] for line in logged if "worker_said" in line]
+    assert any(w.startswith("memory allocation of") for w in said), said
     reasons = {t: outcome(db, j) for t, j in jobs.items()}
     assert reasons["bomb"][0] == "failed" and "more than 512 MiB of memory" in reasons["bomb"][1], reasons
     assert reasons["wide"][0] == "failed" and "over 2 MiB" in reasons["wide"][1], reasons

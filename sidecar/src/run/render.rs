@@ -201,6 +201,31 @@ impl Renderer {
     }
 }
 
+/// The longest line of a worker's stderr relayed to the log; the rest is cut.
+const MAX_STDERR_LINE: usize = 1000;
+
+/// A worker's own messages (Rust's "memory allocation of … bytes failed" before it aborts) as WARN
+/// lines of the daemon's log, in its format: written straight to the shared stderr, a plain line
+/// would break a log of JSON lines. Ends when the worker does.
+async fn relay_stderr(stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                if !text.is_empty() {
+                    let cut: String = text.chars().take(MAX_STDERR_LINE).collect();
+                    tracing::warn!(worker_said = %cut, "render worker");
+                }
+            }
+        }
+    }
+}
+
 impl Worker {
     fn start((program, args): &(std::path::PathBuf, Vec<String>)) -> std::io::Result<Self> {
         let mut child = tokio::process::Command::new(program)
@@ -211,9 +236,10 @@ impl Worker {
             .env("RUST_LIB_BACKTRACE", "0")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        tokio::spawn(relay_stderr(child.stderr.take().expect("piped")));
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         Ok(Self {
