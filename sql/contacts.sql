@@ -459,7 +459,9 @@ SELECT n.workspace_id, n.name AS list, l.description,
 -- Erases a contact everywhere (a person's right to erasure): the contact, its events, enrollments and
 -- their step log, its jobs (sent or not; a job already handed to a daemon may still go out), message
 -- history, list memberships, import rejections that name it, its results (the results stream: not the
--- copies already delivered to subscribers), and any suppression of the address.
+-- copies already delivered to subscribers), its results inside result deliveries (the outbox jobs of
+-- subscribe_results, sent or not: herald keeps no copy; a delivery already handed to a daemon may still
+-- carry them), and any suppression of the address.
 -- What stays: a suppression under the address's key (herald._email_key, reason 'erased'), so it is
 -- never mailed again even if it comes back; stats (counts, no one in them); and an audit row in
 -- herald.erasures (who, when, rows removed per table). Returns those counts. An address herald does
@@ -512,6 +514,16 @@ BEGIN
         DELETE FROM herald.results r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
     ), staged AS (
         DELETE FROM herald.results_staged r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), deliveries AS (
+        -- a delivery is a batch of many contacts' results: the contact's are taken out of its body
+        UPDATE herald.outbox o
+           SET payload = jsonb_set(o.payload, '{body,results}',
+                                   (SELECT coalesce(jsonb_agg(x.r ORDER BY x.n), '[]')
+                                      FROM jsonb_array_elements(o.payload -> 'body' -> 'results') WITH ORDINALITY x(r, n)
+                                     WHERE x.r -> 'contact_id' IS DISTINCT FROM to_jsonb(v_contact)))
+         WHERE o.workspace_id = workspace AND o.kind = 'webhook' AND o.contact_id IS NULL AND v_contact IS NOT NULL
+           AND o.payload -> 'body' -> 'results' @> jsonb_build_array(jsonb_build_object('contact_id', v_contact))
+        RETURNING 1
     ), contacts AS (
         DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
     )
@@ -521,7 +533,8 @@ BEGIN
                'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
                'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
                'suppressions', (SELECT count(*) FROM suppressions),
-               'results', (SELECT count(*) FROM results) + (SELECT count(*) FROM staged))
+               'results', (SELECT count(*) FROM results) + (SELECT count(*) FROM staged),
+               'result_deliveries', (SELECT count(*) FROM deliveries))
       INTO v_removed;
 
     INSERT INTO herald.suppressions (workspace_id, email, reason)

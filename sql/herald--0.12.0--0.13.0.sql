@@ -270,3 +270,88 @@ ALTER FUNCTION herald.upsert_template(text, text, text, text, text, text, text) 
 ALTER FUNCTION herald.send(text, text, text, jsonb, text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.send_test(text, text, text, jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.create_broadcast(text, jsonb) SECURITY DEFINER;
+
+-- ==== erase_from_deliveries: delete_contact takes the contact's results out of result deliveries ====
+-- A result delivery (an outbox job of subscribe_results) carries a batch of many contacts' results in
+-- its body, with no contact_id of its own, so erasure left the contact's results there until prune
+-- (30 days), sent or not. delete_contact now rewrites those bodies without them and says how many it
+-- rewrote ('result_deliveries').
+CREATE OR REPLACE FUNCTION herald.delete_contact(workspace text, email text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(email);
+    v_key text;
+    v_contact bigint;
+    v_removed jsonb;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_key := herald._email_key(v_email);
+    SELECT c.id INTO v_contact FROM herald.contacts c
+     WHERE c.email = v_email AND c.workspace_id IS NOT DISTINCT FROM workspace FOR UPDATE;
+
+    WITH enrollments AS (
+        DELETE FROM herald.enrollments e WHERE e.workspace_id = workspace AND e.contact_id = v_contact
+        RETURNING e.id
+    ), steps AS (
+        DELETE FROM herald.step_log l
+         WHERE l.workspace_id = workspace AND l.enrollment_id IN (SELECT x.id FROM enrollments x)
+        RETURNING 1
+    ), jobs AS (
+        DELETE FROM herald.outbox o WHERE o.workspace_id = workspace AND o.contact_id = v_contact RETURNING 1
+    ), history AS (
+        DELETE FROM herald.message_history h WHERE h.workspace_id = workspace AND h.contact_id = v_contact RETURNING 1
+    ), events AS (
+        DELETE FROM herald.events e
+         WHERE e.workspace_id = workspace AND (e.contact_id = v_contact OR (e.contact_id IS NULL AND e.email = v_email))
+        RETURNING 1
+    ), lists AS (
+        DELETE FROM herald.list_members m WHERE m.workspace_id = workspace AND m.contact_id = v_contact RETURNING 1
+    ), rejections AS (
+        DELETE FROM herald.contact_rejections r
+         WHERE r.workspace_id = workspace AND herald._normalize_email(r.input ->> 'email') = v_email
+        RETURNING 1
+    ), suppressions AS (
+        DELETE FROM herald.suppressions s WHERE s.workspace_id = workspace AND s.email = v_email RETURNING 1
+    ), results AS (
+        -- the results stream, published or not yet (copies already delivered to subscribers are theirs)
+        DELETE FROM herald.results r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), staged AS (
+        DELETE FROM herald.results_staged r WHERE r.workspace_id = workspace AND r.contact_id = v_contact RETURNING 1
+    ), deliveries AS (
+        -- a delivery is a batch of many contacts' results: the contact's are taken out of its body
+        UPDATE herald.outbox o
+           SET payload = jsonb_set(o.payload, '{body,results}',
+                                   (SELECT coalesce(jsonb_agg(x.r ORDER BY x.n), '[]')
+                                      FROM jsonb_array_elements(o.payload -> 'body' -> 'results') WITH ORDINALITY x(r, n)
+                                     WHERE x.r -> 'contact_id' IS DISTINCT FROM to_jsonb(v_contact)))
+         WHERE o.workspace_id = workspace AND o.kind = 'webhook' AND o.contact_id IS NULL AND v_contact IS NOT NULL
+           AND o.payload -> 'body' -> 'results' @> jsonb_build_array(jsonb_build_object('contact_id', v_contact))
+        RETURNING 1
+    ), contacts AS (
+        DELETE FROM herald.contacts c WHERE c.workspace_id = workspace AND c.id = v_contact RETURNING 1
+    )
+    SELECT jsonb_build_object(
+               'contacts', (SELECT count(*) FROM contacts), 'events', (SELECT count(*) FROM events),
+               'enrollments', (SELECT count(*) FROM enrollments), 'step_log', (SELECT count(*) FROM steps),
+               'jobs', (SELECT count(*) FROM jobs), 'message_history', (SELECT count(*) FROM history),
+               'list_members', (SELECT count(*) FROM lists), 'contact_rejections', (SELECT count(*) FROM rejections),
+               'suppressions', (SELECT count(*) FROM suppressions),
+               'results', (SELECT count(*) FROM results) + (SELECT count(*) FROM staged),
+               'result_deliveries', (SELECT count(*) FROM deliveries))
+      INTO v_removed;
+
+    INSERT INTO herald.suppressions (workspace_id, email, reason)
+    VALUES (workspace, v_key, 'erased')
+    ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING;
+    INSERT INTO herald.erasures (workspace_id, email_key, erased_by, removed)
+    VALUES (workspace, v_key, herald._caller(), v_removed);
+    RETURN v_removed;
+END
+$$;
+ALTER FUNCTION herald.delete_contact(text, text) SECURITY DEFINER;

@@ -312,8 +312,18 @@ SELECT 'rt1', 'email', 'old:' || s, '{}', s, CASE WHEN s <> 'dead' THEN now() - 
   FROM unnest(ARRAY['done', 'failed', 'cancelled', 'dead']) s;
 SELECT herald.prune('30 days') >= 3 AS pruned_jobs;
 SELECT array_agg(o.status) AS old_jobs_left FROM herald.outbox o WHERE o.workspace_id = 'rt1' AND o.dedupe_key LIKE 'old:%';
--- erasure takes a contact's results too
-SELECT (herald.delete_contact('rs1', 'ann@example.com') ->> 'results')::int > 0 AS erased_results;
+-- erasure takes a contact's results too, and takes them out of the deliveries that carried them
+-- (sent ones included: the subscriber has its copy, herald keeps none); the others' results stay
+SELECT c.id AS ann FROM herald.contacts c WHERE c.workspace_id = 'rs1' AND c.email = 'ann@example.com' \gset
+CREATE TEMP VIEW delivered AS
+SELECT count(*) FILTER (WHERE x -> 'contact_id' = to_jsonb(:ann::bigint)) AS ann, count(*) AS results,
+       count(DISTINCT o.id) AS deliveries
+  FROM herald.outbox o CROSS JOIN LATERAL jsonb_array_elements(o.payload -> 'body' -> 'results') x
+ WHERE o.workspace_id = 'rs1' AND o.kind = 'webhook' AND o.contact_id IS NULL;
+SELECT * FROM delivered;
+SELECT e ->> 'results' > '0' AS erased_results, (e ->> 'result_deliveries')::int AS deliveries_rewritten
+  FROM herald.delete_contact('rs1', 'ann@example.com') e;
+SELECT * FROM delivered;
 SELECT count(*) AS ann_results FROM herald.results r
  WHERE r.workspace_id = 'rs1' AND r.data ->> 'message_id' = '<ann@herald>';
 -- newest_result: where a reader that wants only what happens from now on starts
