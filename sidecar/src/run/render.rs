@@ -21,7 +21,7 @@ use herald_render::engine::json_has_syntax;
 use herald_render::sandbox;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
 pub use herald_render::text::decode_entities;
@@ -212,7 +212,9 @@ async fn relay_stderr(stderr: tokio::process::ChildStderr) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match lines.read_until(b'\n', &mut line).await {
+        // at most this much of one line is held (4 bytes a character); the rest is read as the next
+        let mut bounded = (&mut lines).take(4 * MAX_STDERR_LINE as u64);
+        match bounded.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);

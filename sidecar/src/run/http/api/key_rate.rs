@@ -50,17 +50,17 @@ impl KeyRates {
     /// Takes one request of `secret`'s at `now`, or says how long until it may make one.
     pub fn take(&self, secret: &str, now: Instant) -> Result<(), Duration> {
         let id = self.hasher.hash_one(secret);
-        let full = self.per_second;
+        let rate = self.per_second;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !buckets.contains_key(&id) && buckets.len() >= MAX_KEYS {
-            let rate = self.per_second;
-            buckets.retain(|_, b| refilled(b, rate, now) < full);
+            // a full bucket (a second's worth: `rate` tokens) holds nothing a new one would not
+            buckets.retain(|_, b| refilled(b, rate, now) < rate);
             if buckets.len() >= MAX_KEYS {
                 return Ok(());
             }
         }
         let bucket = buckets.entry(id).or_insert(Bucket {
-            tokens: full,
+            tokens: rate,
             at: now,
         });
         bucket.tokens = refilled(bucket, self.per_second, now);
