@@ -72,14 +72,17 @@ struct App {
 
 /// The public routes (their limits are added by [`serve`], for whatever it serves).
 pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
-    let rate_per_key = side.api_rate_per_key;
+    let api = api::Settings {
+        rate_per_key: side.api_rate_per_key,
+        coalesce: side.api_coalesce,
+    };
     let app = App {
         side: Arc::new(side),
         recorder: Arc::new(Recorder::new(Arc::clone(&database))),
     };
     Router::new()
         // the HTTP API for applications (/v1/…, per-workspace API keys)
-        .merge(api::router(Arc::clone(&database), rate_per_key))
+        .merge(api::router(Arc::clone(&database), api))
         .route("/u/{token}", get(links::confirm).post(links::unsubscribe))
         .route("/o/{token}", get(links::open))
         .route("/c/{token}", get(links::click))
@@ -244,6 +247,7 @@ mod tests {
             keys: Arc::new(keys),
             sendgrid_key: None,
             api_rate_per_key: 0,
+            api_coalesce: 1,
         };
         router(side, away())
     }
