@@ -264,64 +264,6 @@ def test_concurrent_identical_requests_run_once(db, api):
         assert db.one(count) == 1, path
 
 
-@pytest.mark.parametrize("coalesce", ["32", "1"])
-def test_concurrent_single_requests_share_commits_and_each_gets_its_own_answer(db, roles, sidecar, coalesce):  # noqa: F811
-    """30 clients at once (a client address may hold 32 connections), events and contacts, good ones and refused ones: each gets its own answer
-    and only the good ones are written. With HERALD_API_COALESCE (default 32) they share
-    transactions (one now() per transaction: fewer distinct created_at than events); at 1 each is
-    its own."""
-    api = start_api(db, roles, sidecar, HERALD_API_COALESCE=coalesce)
-    db.q("SELECT herald.create_workspace('other', 'Other')")
-    other = db.one(f"SELECT herald.create_api_key('other', 'theirs', {ALL_SCOPES})")
-    revoked = db.one(f"SELECT herald.create_api_key('acme', 'old', {ALL_SCOPES})")
-    db.q("SELECT herald.revoke_api_key('acme', split_part(%s, '_', 2)::bigint)", revoked)
-    n = 30
-    kinds = ["good", "contact", "bad", "revoked", "other"]
-    barrier = threading.Barrier(n)
-    answers = [None] * n
-
-    def one(i):
-        kind = kinds[i % len(kinds)]
-        path, body, key = {
-            "good": ("/v1/track", {"email": f"g{i}@example.com", "kind": "burst", "payload": {"i": i}}, "default"),
-            "contact": ("/v1/contacts", {"email": f"c{i}@example.com", "attributes": {"i": i}}, "default"),
-            "bad": ("/v1/track", {"email": f"bad{i}", "kind": "burst"}, "default"),
-            "revoked": ("/v1/track", {"email": f"r{i}@example.com", "kind": "burst"}, revoked),
-            "other": ("/v1/track", {"email": f"o{i}@example.com", "kind": "burst"}, other),
-        }[kind]
-        barrier.wait()
-        answers[i] = (kind, api.call(path, body, key=key))
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, (kind, (status, _, body)) in enumerate(answers):
-        if kind in ("good", "other"):
-            assert status == 200, (i, body)
-            ws = "acme" if kind == "good" else "other"
-            email = f"g{i}@example.com" if kind == "good" else f"o{i}@example.com"
-            assert db.q("SELECT workspace_id, email, payload FROM herald.events WHERE id = %s", body["id"]) == \
-                [(ws, email, {"i": i} if kind == "good" else {})], i
-        elif kind == "contact":
-            assert status == 200, (i, body)
-            assert db.one("SELECT attributes FROM herald.contacts WHERE id = %s AND email = %s",
-                          body["id"], f"c{i}@example.com") == {"i": i}
-        elif kind == "bad":
-            assert (status, body["error"]["message"]) == (422, f'track: email "bad{i}" is not a valid address'), i
-        else:
-            assert (status, body["error"]["code"]) == (401, "28000"), (i, body)
-    good = sum(1 for k, _ in answers if k in ("good", "other"))
-    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'burst'") == good, "refused ones wrote nothing"
-    assert db.one("SELECT count(*) FROM herald.contacts WHERE email LIKE 'bad%%' OR email LIKE 'r%%'") == 0
-    transactions = db.one("SELECT count(DISTINCT created_at) FROM herald.events WHERE kind = 'burst'")
-    if coalesce == "1":
-        assert transactions == good
-    else:
-        assert transactions < good, f"{good} events in {transactions} transactions: none shared"
-
-
 def test_sql_errors_come_back_with_the_same_message(db, api):
     # one event: the message, detail and SQLSTATE of herald.track itself
     message, hint, detail, code = sql_error(db, "SELECT herald.track('acme', 'nope', 'ping')")

@@ -150,11 +150,6 @@ pub struct RunArgs {
     /// second's worth at once; more get 429 with Retry-After. 0: no limit. Default: 1000.
     #[arg(long, value_name = "N", env = "HERALD_API_RATE_PER_KEY")]
     pub api_rate_per_key: Option<String>,
-    /// Single-item API requests (/v1/track, /v1/contacts, /v1/send) that arrive together go to the
-    /// database in one transaction of at most N (each still answered on its own); 1: each alone.
-    /// From 1 to 64. Default: 32.
-    #[arg(long, value_name = "N", env = "HERALD_API_COALESCE")]
-    pub api_coalesce: Option<String>,
     /// Password of the operator's page, <public URL>/admin (at least 12 characters; the operator
     /// gives a name with it, recorded with their approvals). Needs the HTTP side. Default: off.
     #[arg(
@@ -536,8 +531,6 @@ pub struct HttpSide {
     pub sendgrid_key: Option<VerifyingKey>,
     /// HERALD_API_RATE_PER_KEY: requests a second per API key (0: no limit).
     pub api_rate_per_key: u32,
-    /// HERALD_API_COALESCE: single-item API requests one database call may carry (1: each alone).
-    pub api_coalesce: usize,
 }
 
 /// The operator's page (`run/admin/`): its password and, optionally, a database role of its own.
@@ -677,7 +670,6 @@ impl Config {
             })
             .transpose()?;
         let api_rate_per_key = number("HERALD_API_RATE_PER_KEY", 1000, 0, 1_000_000)? as u32;
-        let api_coalesce = number("HERALD_API_COALESCE", 32, 1, 64)? as usize;
         let http = match (
             get("HERALD_HTTP_ADDR"),
             get("HERALD_PUBLIC_URL"),
@@ -703,7 +695,6 @@ impl Config {
                     keys: std::sync::Arc::clone(&keys),
                     sendgrid_key,
                     api_rate_per_key,
-                    api_coalesce,
                 })
             }
             _ => bail!(
@@ -711,10 +702,8 @@ impl Config {
             ),
         };
 
-        for k in ["HERALD_API_RATE_PER_KEY", "HERALD_API_COALESCE"] {
-            if http.is_none() && get(k).is_some() {
-                bail!("{k}: the HTTP API is on the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too");
-            }
+        if http.is_none() && get("HERALD_API_RATE_PER_KEY").is_some() {
+            bail!("HERALD_API_RATE_PER_KEY: the HTTP API is on the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too");
         }
         let admin = read_admin(raw, http.is_some())?;
 
@@ -1252,36 +1241,6 @@ mod tests {
             );
         }
         let e = Config::from_map(&map(&[("HERALD_API_RATE_PER_KEY", "25")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("set HERALD_HTTP_ADDR"), "{e}");
-    }
-
-    #[test]
-    fn api_coalesce_is_from_1_to_64_on_the_http_side() {
-        let side = [
-            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
-            ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
-            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
-        ];
-        let coalesce = |extra: &[(&str, &str)]| {
-            let mut m = map(&side);
-            m.extend(map(extra));
-            Config::from_map(&m).map(|c| c.http.expect("the HTTP side").api_coalesce)
-        };
-        assert_eq!(coalesce(&[]).unwrap(), 32, "the default");
-        assert_eq!(coalesce(&[("HERALD_API_COALESCE", "1")]).unwrap(), 1, "off");
-        assert_eq!(coalesce(&[("HERALD_API_COALESCE", "64")]).unwrap(), 64);
-        for bad in ["0", "65", "many"] {
-            let e = coalesce(&[("HERALD_API_COALESCE", bad)])
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.starts_with("HERALD_API_COALESCE: expected a whole number from 1 to 64"),
-                "{e}"
-            );
-        }
-        let e = Config::from_map(&map(&[("HERALD_API_COALESCE", "8")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("set HERALD_HTTP_ADDR"), "{e}");

@@ -938,7 +938,6 @@ mod tests {
             keys: Arc::new(keys),
             sendgrid_key: None,
             api_rate_per_key: 0,
-            api_coalesce: 1,
         };
         let settings = AdminSide {
             password: Secret(PASSWORD.into()),

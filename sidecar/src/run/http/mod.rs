@@ -72,17 +72,14 @@ struct App {
 
 /// The public routes (their limits are added by [`serve`], for whatever it serves).
 pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
-    let api = api::Settings {
-        rate_per_key: side.api_rate_per_key,
-        coalesce: side.api_coalesce,
-    };
+    let rate_per_key = side.api_rate_per_key;
     let app = App {
         side: Arc::new(side),
         recorder: Arc::new(Recorder::new(Arc::clone(&database))),
     };
     Router::new()
         // the HTTP API for applications (/v1/…, per-workspace API keys)
-        .merge(api::router(Arc::clone(&database), api))
+        .merge(api::router(Arc::clone(&database), rate_per_key))
         .route("/u/{token}", get(links::confirm).post(links::unsubscribe))
         .route("/o/{token}", get(links::open))
         .route("/c/{token}", get(links::click))
@@ -247,7 +244,6 @@ mod tests {
             keys: Arc::new(keys),
             sendgrid_key: None,
             api_rate_per_key: 0,
-            api_coalesce: 1,
         };
         router(side, away())
     }

@@ -105,68 +105,33 @@ impl ApiError {
             DbError::Pool(_) => None,
         };
         match db {
-            Some(db) if !e.is_connection_error() => Self::from_sql(SqlError {
-                code: db.code().code(),
-                message: db.message(),
-                detail: db.detail(),
-                hint: db.hint(),
-            }),
+            Some(db) if !e.is_connection_error() => {
+                let code = db.code().code();
+                let status = status_for(code);
+                if status == StatusCode::INTERNAL_SERVER_ERROR {
+                    // not a refusal of the request: the log says what, the client only that it failed
+                    tracing::warn!(error = %e.describe(), "http api: a request failed");
+                    return Self::new(status, code, "the request failed; please try again later");
+                }
+                Self {
+                    status,
+                    message: db.message().to_string(),
+                    hint: db.hint().map(str::to_string),
+                    detail: db.detail().map(str::to_string),
+                    code: code.to_string(),
+                    retry_after: None,
+                }
+            }
             _ => {
                 tracing::debug!(error = %e.describe(), "http api: no database");
-                Self::unavailable()
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database is not reachable now; please try again",
+                )
             }
         }
     }
-
-    /// No database now (or the daemon is stopping): 503, try again.
-    pub fn unavailable() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the database is not reachable now; please try again",
-        )
-    }
-
-    /// Something of ours went wrong (the log says what): 500.
-    pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the request failed; please try again later",
-        )
-    }
-
-    /// An error the API's SQL raised, from the statement or from one request of many
-    /// (`herald.api_calls`): its status by SQLSTATE, its own words; an internal one is logged and
-    /// the client reads only that it failed.
-    pub fn from_sql(e: SqlError<'_>) -> Self {
-        let status = status_for(e.code);
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::warn!(
-                code = e.code,
-                error = e.message,
-                detail = e.detail,
-                "http api: a request failed"
-            );
-            return Self::new(status, e.code, "the request failed; please try again later");
-        }
-        Self {
-            status,
-            message: e.message.to_string(),
-            hint: e.hint.map(str::to_string),
-            detail: e.detail.map(str::to_string),
-            code: e.code.to_string(),
-            retry_after: None,
-        }
-    }
-}
-
-/// What a SQL error says, wherever it was read from.
-pub struct SqlError<'a> {
-    pub code: &'a str,
-    pub message: &'a str,
-    pub detail: Option<&'a str>,
-    pub hint: Option<&'a str>,
 }
 
 /// The HTTP status for a SQLSTATE the API functions raise.

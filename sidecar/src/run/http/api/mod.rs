@@ -11,8 +11,7 @@
 //!   GET  /v1/openapi.json               this API in OpenAPI 3.1
 //!
 //! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`
-//! (sql/api.sql), or its part of one shared with the single-item requests that arrived meanwhile
-//! (`herald.api_calls`, `coalesce`: one commit for many, each in a subtransaction of its own): the key is checked there (stored as a SHA-256 only; revocation counts at once), the
+//! (sql/api.sql): the key is checked there (stored as a SHA-256 only; revocation counts at once), the
 //! workspace is the key's (never the body's), the idempotency key is claimed in the same transaction
 //! as the write, and the SQL function runs with the same checks and messages as from SQL. The daemon
 //! checks only the request's form: the key's syntax (`auth`), the Idempotency-Key header
@@ -21,7 +20,6 @@
 //! (`error`): the SQL error's message, hint and detail, with its SQLSTATE as the code.
 
 mod auth;
-mod coalesce;
 mod error;
 mod idempotency;
 mod key_rate;
@@ -46,24 +44,13 @@ struct ApiState {
     database: Arc<Database>,
     /// HERALD_API_RATE_PER_KEY; None: no limit.
     rates: Option<Arc<key_rate::KeyRates>>,
-    /// HERALD_API_COALESCE; None: every request alone.
-    coalescer: Option<Arc<coalesce::Coalescer>>,
 }
 
-/// How the API serves requests (the HTTP side's settings).
-#[derive(Clone, Copy, Debug)]
-pub struct Settings {
-    /// Requests a second one key may make through this daemon (0: no limit).
-    pub rate_per_key: u32,
-    /// Single-item requests one database call may carry (1: each alone).
-    pub coalesce: usize,
-}
-
-/// The `/v1/…` routes, for any outer router's state (they carry their own). Starts the task that
-/// gathers requests for shared calls, so it is called from within the runtime.
+/// The `/v1/…` routes, for any outer router's state (they carry their own). `rate_per_key`:
+/// requests a second one key may make through this daemon (0: no limit).
 pub fn router<S: Clone + Send + Sync + 'static>(
     database: Arc<Database>,
-    settings: Settings,
+    rate_per_key: u32,
 ) -> Router<S> {
     // OPTIONS is a route of its own on each path (answered by the CORS layer), so that the outer
     // router's method-not-allowed fallback never sees a preflight
@@ -83,10 +70,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(
         .route("/v1/{*rest}", axum::routing::any(routes::unknown))
         .layer(cors())
         .with_state(ApiState {
-            rates: key_rate::KeyRates::new(settings.rate_per_key).map(Arc::new),
-            coalescer: coalesce::Coalescer::start(Arc::clone(&database), settings.coalesce)
-                .map(Arc::new),
             database,
+            rates: key_rate::KeyRates::new(rate_per_key).map(Arc::new),
         })
 }
 
@@ -120,13 +105,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     async fn call(request: Request<Body>) -> (StatusCode, Json) {
-        let app: Router = router(
-            Database::unreachable(),
-            Settings {
-                rate_per_key: 0,
-                coalesce: 32,
-            },
-        );
+        let app: Router = router(Database::unreachable(), 0);
         let response = app.oneshot(request).await.expect("infallible");
         let status = response.status();
         let body = to_bytes(response.into_body(), usize::MAX)
@@ -230,13 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn browsers_may_call_it_from_any_origin() {
-        let app: Router = router(
-            Database::unreachable(),
-            Settings {
-                rate_per_key: 0,
-                coalesce: 32,
-            },
-        );
+        let app: Router = router(Database::unreachable(), 0);
         let preflight = Request::builder()
             .method("OPTIONS")
             .uri("/v1/track")

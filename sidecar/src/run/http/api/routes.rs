@@ -1,7 +1,6 @@
 //! The API's routes: which SQL operation each one is, which fields its body may have, and the one
 //! handler they share: the request's form is checked here (key syntax, Idempotency-Key, JSON, depth,
-//! fields, batch size), then ONE `herald.api_call` does the rest in the database (or, for a
-//! single-item request, its part of one `herald.api_calls` shared with others: `coalesce`).
+//! fields, batch size), then ONE `herald.api_call` does the rest in the database.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -11,9 +10,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json};
 
-use super::coalesce::{self, Request};
 use super::error::ApiError;
 use super::{auth, idempotency, key_rate, ApiState};
+use crate::run::database::DbError;
 
 /// The most items (events, contacts, addresses) one batch request may carry; more is a 413 that
 /// says to split it. With the 1 MiB body limit, about 100 bytes an event.
@@ -60,8 +59,7 @@ impl Operation {
         }
     }
 
-    /// The field that holds a batch, with what its items are called. The others are single-item
-    /// requests, which may share a call (`coalesce`).
+    /// The field that holds a batch, with what its items are called.
     fn batch(self) -> Option<(&'static str, &'static str)> {
         match self {
             Self::TrackMany => Some(("events", "events")),
@@ -121,6 +119,8 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
+const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
+
 /// Every write route: check the form, make the one call, answer with its JSON.
 pub async fn handle(
     operation: Operation,
@@ -175,16 +175,14 @@ async fn run(
     if let Some((_, list)) = params.iter().find(|(name, _)| *name == "list") {
         args.insert("list".into(), Json::String(list.to_string()));
     }
-    let request = Request {
-        secret: secret.to_string(),
+    call(
+        state,
+        secret,
         operation,
-        args: Json::Object(args),
-        idempotency_key: idempotency_key.map(str::to_string),
-    };
-    match &state.coalescer {
-        Some(coalescer) if operation.batch().is_none() => coalescer.call(request).await,
-        _ => coalesce::alone(&state.database, &request).await,
-    }
+        &Json::Object(args),
+        idempotency_key,
+    )
+    .await
 }
 
 /// The body as `herald.api_call`'s arguments, or why it is refused: JSON, an object, at most
@@ -262,6 +260,41 @@ fn depth(args: &Map<String, Json>) -> usize {
         }
     }
     deepest
+}
+
+/// The one statement of a request. A statement that failed on a connection that died while idle is
+/// sent again on a new one only when the request has an idempotency key (then running it twice is
+/// safe); otherwise the client gets a 503 and decides.
+async fn call(
+    state: &ApiState,
+    secret: &str,
+    operation: Operation,
+    args: &Json,
+    idempotency_key: Option<&str>,
+) -> Result<(Json, bool), ApiError> {
+    let mut retried = false;
+    loop {
+        let result = async {
+            let client = state.database.get().await?;
+            let statement = client.prepare_cached(CALL).await?;
+            let row = client
+                .query_one(
+                    &statement,
+                    &[&secret, &operation.sql_name(), args, &idempotency_key],
+                )
+                .await?;
+            Ok::<_, DbError>((row.try_get(0)?, row.try_get(1)?))
+        }
+        .await;
+        match result {
+            Ok(answer) => return Ok(answer),
+            Err(e) if e.is_connection_error() && idempotency_key.is_some() && !retried => {
+                retried = true;
+                state.database.forget_idle();
+            }
+            Err(e) => return Err(ApiError::from_db(&e)),
+        }
+    }
 }
 
 /// Any other path under /v1/: a JSON 404 that names it.
