@@ -282,7 +282,7 @@ GRANT EXECUTE ON FUNCTION herald.oldest_snapshot(interval) TO herald_worker, her
 GRANT EXECUTE ON FUNCTION
     herald.create_api_key(text, text, text[]), herald.revoke_api_key(text, bigint), herald.list_api_keys(text)
 TO herald_admin;
-GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text), herald.api_calls(jsonb) TO herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text) TO herald_worker, herald_admin;
 
 -- ------------------------------------------------------------------------------- tables and views
 

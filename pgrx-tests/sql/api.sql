@@ -67,28 +67,3 @@ SELECT herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS r
        herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS again;
 SELECT * FROM herald.api_call(:'a_key', 'track', '{"email": "ann@example.com", "kind": "x"}') \gset
 SELECT revoked_at IS NOT NULL AS revoked, revoked_by IS NOT NULL AS by FROM herald.list_api_keys('api_a');
-
--- many requests in one call (the daemon's coalescing): each answered alone and in order; one that
--- fails (a revoked key, a bad address, not an object) changes nothing and holds up no other
-SELECT herald.create_api_key('api_a', 'batch') AS c_key \gset
-SELECT n, a ? 'response' AS answered, a -> 'replayed' AS replayed, a #>> '{error,code}' AS code,
-       a #>> '{error,message}' AS message, a #>> '{error,hint}' IS NOT NULL AS has_hint
-  FROM jsonb_array_elements(herald.api_calls(jsonb_build_array(
-    jsonb_build_object('secret', :'c_key', 'operation', 'track', 'args', '{"email": "eve@example.com", "kind": "batched"}'::jsonb),
-    jsonb_build_object('secret', :'a_key', 'operation', 'track', 'args', '{"email": "eve@example.com", "kind": "batched"}'::jsonb),
-    jsonb_build_object('secret', :'c_key', 'operation', 'track', 'args', '{"email": "nope", "kind": "batched"}'::jsonb),
-    jsonb_build_object('secret', :'c_key', 'operation', 'upsert_contact', 'args', '{"email": "fay@example.com"}'::jsonb),
-    jsonb_build_object('secret', :'c_key', 'operation', 'track', 'args', '{"email": "eve@example.com", "kind": "batched"}'::jsonb, 'idempotency_key', 'k1'),
-    jsonb_build_object('secret', :'c_key', 'operation', 'track', 'args', '{"kind": "batched", "email": "eve@example.com"}'::jsonb, 'idempotency_key', 'k1'),
-    jsonb_build_object('secret', :'c_key', 'operation', 'track', 'args', '{"email": "eve@example.com", "kind": "refused"}'::jsonb, 'idempotency_key', 'k1'),
-    '"not an object"'::jsonb
-  ))) WITH ORDINALITY AS t(a, n) ORDER BY n;
--- two events (the replay wrote none, the refused one none), one contact more, all in one
--- transaction (one now(); each request's rows have the xmin of its own subtransaction)
-SELECT count(*) AS batched_events, count(DISTINCT created_at) AS transaction_starts
-  FROM herald.events WHERE workspace_id = 'api_a' AND kind = 'batched';
-SELECT count(*) AS fay FROM herald.contacts WHERE workspace_id = 'api_a' AND email = 'fay@example.com';
-SELECT count(*) AS refused_events FROM herald.events WHERE workspace_id = 'api_a' AND kind = 'refused';
-SELECT herald.api_calls('[]') AS none_asked;
-SELECT herald.api_calls('{}');
-SELECT herald.api_calls((SELECT jsonb_agg(jsonb_build_object('secret', :'c_key', 'operation', 'track')) FROM generate_series(1, 65)));
