@@ -977,9 +977,14 @@ BEGIN
     IF herald._value_fault(context) IS NOT NULL THEN
         RAISE EXCEPTION 'context %', herald._value_fault(context) USING ERRCODE = 'program_limit_exceeded';
     END IF;
-    IF v_key = '' OR v_key LIKE 'b:%' THEN
+    -- herald's own jobs share the outbox's dedupe index, so an application's key equal to one of
+    -- theirs would take its place: the automation step's, decide question's or result delivery's job
+    -- never made, its enrollment or result subscription stuck behind it (broadcasts have their own
+    -- index since 0.6.0; their prefix stays reserved for the Message-ID)
+    IF v_key = '' OR v_key ~ '^(b:|results:|decide:|a[0-9]+:e[0-9]+:)' THEN
         RAISE EXCEPTION 'dedupe_key % is not allowed', quote_literal(v_key) USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Use a non-empty key that does not begin with ''b:'' (reserved for broadcast messages).';
+            DETAIL = 'Keys beginning with b:, results:, decide: or a<number>:e<number>: are herald''s own (broadcast messages, result deliveries, decide questions, automation steps).',
+            HINT = 'Use a non-empty key of your own, e.g. ''order-42''.';
     END IF;
     IF NOT herald._valid_email(herald._normalize_email(email)) THEN
         RAISE EXCEPTION 'email % is not a valid address', coalesce(quote_literal(email), 'NULL')

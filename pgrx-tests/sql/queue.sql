@@ -23,6 +23,16 @@ SELECT herald.send('q1', 'not-mail', 'receipt');
 SELECT herald.send('q1', NULL, 'receipt');
 SELECT herald.send('zz', 'buyer@example.com', 'receipt');
 SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'b:1:1');   -- reserved for broadcasts
+-- herald's own keys: an automation step's, a decide question's, a result delivery's
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'a3:e7:welcome:1');
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'decide:abc:1');
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'results:1:10');
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', '');
+-- keys that only look alike are the application's (rolled back: the claims below see one job)
+BEGIN;
+SELECT herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'a3:welcome') > 0 AS allowed,
+       herald.send('q1', 'buyer@example.com', 'receipt', '{}', 'default', 'results-2026') > 0 AS allowed_too;
+ROLLBACK;
 
 -- claim: everything the sidecar needs
 SELECT workspace, kind, provider, dedupe_key, attempt, payload ->> 'to' AS to, payload -> 'template' ->> 'subject' AS subject,
