@@ -150,6 +150,11 @@ pub struct RunArgs {
     /// second's worth at once; more get 429 with Retry-After. 0: no limit. Default: 1000.
     #[arg(long, value_name = "N", env = "HERALD_API_RATE_PER_KEY")]
     pub api_rate_per_key: Option<String>,
+    /// Connections one client address may hold open on the HTTP side at once (more are closed
+    /// unread). Behind a reverse proxy every connection comes from the proxy: raise it, or 0 for no
+    /// limit per address (the server's 512 still holds). Default: 32.
+    #[arg(long, value_name = "N", env = "HERALD_HTTP_CONNECTIONS_PER_ADDRESS")]
+    pub http_connections_per_address: Option<String>,
     /// Password of the operator's page, <public URL>/admin (at least 12 characters; the operator
     /// gives a name with it, recorded with their approvals). Needs the HTTP side. Default: off.
     #[arg(
@@ -531,7 +536,12 @@ pub struct HttpSide {
     pub sendgrid_key: Option<VerifyingKey>,
     /// HERALD_API_RATE_PER_KEY: requests a second per API key (0: no limit).
     pub api_rate_per_key: u32,
+    /// HERALD_HTTP_CONNECTIONS_PER_ADDRESS: open connections per client address (0: no limit).
+    pub connections_per_address: usize,
 }
+
+/// Connections one client address may hold open on the HTTP side (and on /metrics) by default.
+pub const CONNECTIONS_PER_ADDRESS: usize = 32;
 
 /// The operator's page (`run/admin/`): its password and, optionally, a database role of its own.
 #[derive(Clone, Debug)]
@@ -670,6 +680,12 @@ impl Config {
             })
             .transpose()?;
         let api_rate_per_key = number("HERALD_API_RATE_PER_KEY", 1000, 0, 1_000_000)? as u32;
+        let connections_per_address = number(
+            "HERALD_HTTP_CONNECTIONS_PER_ADDRESS",
+            CONNECTIONS_PER_ADDRESS as u64,
+            0,
+            512,
+        )? as usize;
         let http = match (
             get("HERALD_HTTP_ADDR"),
             get("HERALD_PUBLIC_URL"),
@@ -695,6 +711,7 @@ impl Config {
                     keys: std::sync::Arc::clone(&keys),
                     sendgrid_key,
                     api_rate_per_key,
+                    connections_per_address,
                 })
             }
             _ => bail!(
@@ -704,6 +721,9 @@ impl Config {
 
         if http.is_none() && get("HERALD_API_RATE_PER_KEY").is_some() {
             bail!("HERALD_API_RATE_PER_KEY: the HTTP API is on the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too");
+        }
+        if http.is_none() && get("HERALD_HTTP_CONNECTIONS_PER_ADDRESS").is_some() {
+            bail!("HERALD_HTTP_CONNECTIONS_PER_ADDRESS: set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too (it limits the HTTP side)");
         }
         let admin = read_admin(raw, http.is_some())?;
 
@@ -1241,6 +1261,44 @@ mod tests {
             );
         }
         let e = Config::from_map(&map(&[("HERALD_API_RATE_PER_KEY", "25")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set HERALD_HTTP_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn connections_per_address_is_a_number_on_the_http_side() {
+        let side = [
+            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
+            ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
+            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
+        ];
+        let limit = |extra: &[(&str, &str)]| {
+            let mut m = map(&side);
+            m.extend(map(extra));
+            Config::from_map(&m).map(|c| c.http.expect("the HTTP side").connections_per_address)
+        };
+        assert_eq!(limit(&[]).unwrap(), 32, "the default");
+        assert_eq!(
+            limit(&[("HERALD_HTTP_CONNECTIONS_PER_ADDRESS", "0")]).unwrap(),
+            0
+        );
+        assert_eq!(
+            limit(&[("HERALD_HTTP_CONNECTIONS_PER_ADDRESS", "200")]).unwrap(),
+            200
+        );
+        for bad in ["-1", "513", "many"] {
+            let e = limit(&[("HERALD_HTTP_CONNECTIONS_PER_ADDRESS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(
+                    "HERALD_HTTP_CONNECTIONS_PER_ADDRESS: expected a whole number from 0 to 512"
+                ),
+                "{e}"
+            );
+        }
+        let e = Config::from_map(&map(&[("HERALD_HTTP_CONNECTIONS_PER_ADDRESS", "64")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("set HERALD_HTTP_ADDR"), "{e}");

@@ -155,6 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 l,
                 metrics::router(Arc::clone(&metrics), Arc::clone(&database)),
                 background.clone(),
+                http::MAX_PER_ADDRESS,
             ),
         )
     });
@@ -262,6 +263,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let http_server = http_listener.map(|l| {
         let side = config.http.clone().expect("bound above");
+        let per_address = side.connections_per_address;
         tracing::info!(addr = %side.addr, public_url = %side.public_url, "serving unsubscribe, tracking and provider events");
         spawn(
             "http",
@@ -278,6 +280,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         background.clone(),
                     )),
                 background.clone(),
+                per_address,
             ),
         )
     });

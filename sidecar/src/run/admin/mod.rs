@@ -938,6 +938,7 @@ mod tests {
             keys: Arc::new(keys),
             sendgrid_key: None,
             api_rate_per_key: 0,
+            connections_per_address: crate::run::config::CONNECTIONS_PER_ADDRESS,
         };
         let settings = AdminSide {
             password: Secret(PASSWORD.into()),

@@ -12,7 +12,7 @@
 //! `run/sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
 //! HTTP/1.1 (keep-alive and chunked bodies are hyper's) with the same limits for both: tower layers
 //! for bodies ≤ 1 MiB (413), 30 s a request (408) and `Cache-Control: no-store` on every answer; at
-//! most [`MAX_CONNECTIONS`] connections, [`per_address::MAX_PER_ADDRESS`] per client address, a
+//! most [`MAX_CONNECTIONS`] connections, [`MAX_PER_ADDRESS`] per client address by default, a
 //! request head within [`HEAD_TIMEOUT`] (slowloris); a graceful stop on shutdown. Every request
 //! records its facts with ONE `herald.record_feedback` call on a pooled connection (`record`).
 
@@ -39,6 +39,7 @@ use tower_http::timeout::TimeoutLayer;
 use super::config::HttpSide;
 use super::database::Database;
 use per_address::PerAddress;
+pub use per_address::MAX_PER_ADDRESS;
 use record::Recorder;
 
 mod api;
@@ -145,7 +146,14 @@ async fn explain_limits(response: Response) -> Response {
 /// Serves `router` on `listener` until `shutdown`: HTTP/1.1 by hyper, with the limits of this module
 /// (connections, request heads, and [`with_limits`]). On shutdown it stops accepting, lets requests
 /// in progress finish (for [`SHUTDOWN_GRACE`] at most) and closes idle connections.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+/// `per_address`: connections one client address may hold (0: no limit; HERALD_HTTP_CONNECTIONS_PER_ADDRESS
+/// for the HTTP side, [`MAX_PER_ADDRESS`] for /metrics).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    per_address: usize,
+) {
     let router = with_limits(router);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -156,7 +164,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
     let graceful = GracefulShutdown::new();
     // bounded: a flood of (slow) connections waits in the listen backlog instead of growing tasks
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_address = Arc::new(PerAddress::default());
+    let per_address = Arc::new(PerAddress::new(per_address));
     // dropped at the end, which aborts connections that outlived the grace period
     let mut connections = JoinSet::new();
     loop {
@@ -244,6 +252,7 @@ mod tests {
             keys: Arc::new(keys),
             sendgrid_key: None,
             api_rate_per_key: 0,
+            connections_per_address: MAX_PER_ADDRESS,
         };
         router(side, away())
     }
@@ -430,7 +439,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let addr = listener.local_addr().expect("bound");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, public(), shutdown.clone()));
+        let server = tokio::spawn(serve(listener, public(), shutdown.clone(), MAX_PER_ADDRESS));
 
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
@@ -464,5 +473,46 @@ mod tests {
             Some(0),
             "idle connections are closed"
         );
+    }
+
+    /// A connection over the per-address limit is closed unread; with the limit lifted (0, behind a
+    /// proxy) it is served.
+    #[tokio::test]
+    async fn connections_over_the_per_address_limit_are_closed_unless_lifted() {
+        for (limit, third_served) in [(2, false), (0, true)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+            let addr = listener.local_addr().expect("bound");
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(serve(listener, public(), shutdown.clone(), limit));
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                held.push(
+                    tokio::net::TcpStream::connect(addr)
+                        .await
+                        .expect("connects"),
+                );
+            }
+            let mut third = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connects");
+            let mut buf = vec![0; 4096];
+            let answer = async {
+                third
+                    .write_all(b"GET /o/x HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await?;
+                third.read(&mut buf).await
+            };
+            let answered = match tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .expect("an answer or a close within 5 s")
+            {
+                Ok(n) => buf[..n].starts_with(b"HTTP/1.1 200 "),
+                Err(_) => false, // reset
+            };
+            assert_eq!(answered, third_served, "limit {limit}");
+            shutdown.cancel();
+            drop(held);
+            server.await.expect("no panic");
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! Open connections per client address, so that one client holding connections open without sending
 //! anything cannot use up the server's connection limit (slowloris from a single address). Checked at
-//! accept, before hyper reads a byte: a connection over the limit is closed unread.
+//! accept, before hyper reads a byte: a connection over the limit is closed unread. Behind a reverse
+//! proxy every connection comes from the proxy's address: HERALD_HTTP_CONNECTIONS_PER_ADDRESS raises
+//! the limit, or lifts it (0; the server's own limit still holds).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-/// Connections one client address may hold at once.
-pub const MAX_PER_ADDRESS: usize = 32;
+/// Connections one client address may hold at once, by default.
+pub use crate::run::config::CONNECTIONS_PER_ADDRESS as MAX_PER_ADDRESS;
 
-#[derive(Default)]
 pub struct PerAddress {
+    /// 0: no limit per address.
+    limit: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -21,13 +24,21 @@ pub struct AddressSlot {
 }
 
 impl PerAddress {
-    /// A slot for one more connection from `ip`, or None when it holds [`MAX_PER_ADDRESS`] already.
+    /// At most `limit` connections per address (0: no limit).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            open: Mutex::default(),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or None when it holds the limit already.
     /// An IPv4-mapped IPv6 address counts as its IPv4 address.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let ip = ip.to_canonical();
         let mut open = self.lock();
         let n = open.entry(ip).or_insert(0);
-        if *n >= MAX_PER_ADDRESS {
+        if self.limit > 0 && *n >= self.limit {
             return None;
         }
         *n += 1;
@@ -61,7 +72,7 @@ mod tests {
 
     #[test]
     fn connections_are_counted_per_address() {
-        let table = Arc::new(PerAddress::default());
+        let table = Arc::new(PerAddress::new(MAX_PER_ADDRESS));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
@@ -78,5 +89,17 @@ mod tests {
         );
         held.clear();
         assert!(table.lock().is_empty(), "nothing left behind");
+    }
+
+    #[test]
+    fn zero_lifts_the_limit() {
+        let table = Arc::new(PerAddress::new(0));
+        let proxy: IpAddr = "10.0.0.7".parse().unwrap();
+        let held: Vec<AddressSlot> = (0..1000)
+            .map(|_| table.take(proxy).expect("no limit"))
+            .collect();
+        assert_eq!(table.lock()[&proxy], 1000);
+        drop(held);
+        assert!(table.lock().is_empty(), "still counted, and freed");
     }
 }
