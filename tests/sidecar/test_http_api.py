@@ -206,6 +206,29 @@ def test_a_key_over_its_rate_gets_429_and_holds_up_no_other_key(db, roles, sidec
     assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'burst' AND workspace_id = 'acme'") == len(ok) + 1
 
 
+@pytest.mark.parametrize("limit", [None, "0"])
+def test_connections_per_address_behind_a_proxy(db, roles, sidecar, limit):  # noqa: F811
+    """32 connections per client address by default (a 33rd is closed unread); behind a proxy every
+    client is the proxy's address, and HERALD_HTTP_CONNECTIONS_PER_ADDRESS=0 lifts the limit."""
+    api = start_api(db, roles, sidecar, **({} if limit is None else {"HERALD_HTTP_CONNECTIONS_PER_ADDRESS": limit}))
+
+    def served():
+        try:
+            return api.call("/v1/track", {"email": "p@example.com", "kind": "proxied"})[0] == 200
+        except (ConnectionError, http.client.RemoteDisconnected):
+            return False
+
+    held = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(32)]
+    try:
+        time.sleep(0.3)  # every one accepted and counted
+        assert served() == (limit == "0")
+    finally:
+        for s in held:
+            s.close()
+    # the held connections gone, their places are free again
+    wait_until(served, timeout=10, what="a place freed")
+
+
 def test_a_retry_with_the_same_idempotency_key_writes_once(db, api):
     body = {"email": "ann@example.com", "kind": "paid", "payload": {"amount": 10}}
     first = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
