@@ -41,8 +41,8 @@ BEGIN
     END IF;
     -- herald's own jobs share the outbox's dedupe index, so an application's key equal to one of
     -- theirs would take its place: the automation step's, decide question's or result delivery's job
-    -- never made, its enrollment or result subscription stuck behind it (broadcasts have their own
-    -- index since 0.6.0; their prefix stays reserved for the Message-ID)
+    -- never made, its enrollment or result subscription stuck behind it (b:, broadcasts' keys, which
+    -- have an index of their own: so that dedupe_key stays unique over all rows, schema.sql)
     IF v_key = '' OR v_key ~ '^(b:|results:|decide:|a[0-9]+:e[0-9]+:)' THEN
         RAISE EXCEPTION 'dedupe_key % is not allowed', quote_literal(v_key) USING ERRCODE = 'invalid_parameter_value',
             DETAIL = 'Keys beginning with b:, results:, decide: or a<number>:e<number>: are herald''s own (broadcast messages, result deliveries, decide questions, automation steps).',
