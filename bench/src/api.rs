@@ -1,5 +1,5 @@
 //! The HTTP API (issue 13): what `/v1/…` costs next to calling the SQL functions directly, with
-//! `herald run` in-process serving the API on loopback and a key made by `herald.create_api_key`.
+//! `herald run` (the binary, as a process) serving the API on loopback and a key made by `herald.create_api_key`.
 //!
 //!   a. events/s through `POST /v1/track/batch` (one `herald.api_call` → one `track_many` per
 //!      request) against `herald.track_many` from SQL, the same batches of 1,000 events and the same
@@ -12,7 +12,6 @@
 //! The workspace has its contacts already and no automation: the figures are the API's own cost
 //! (HTTP, JSON, the key check, the call) on top of the ingest, not the dispatcher's.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,14 +19,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::info;
 
 use super::stats::Summary;
 use super::{ingest, thousands, Goal};
+use super::soak::daemon::Daemon;
 use herald_sidecar::db::Target;
-use herald_sidecar::run;
 
 const DBNAME: &str = "herald_bench_api";
 const LINK_SECRET: &str = "bench-api-link-secret-0123456789";
@@ -122,9 +120,9 @@ pub async fn run(target: &Target, small: bool) -> Result<Api> {
     db.batch_execute("ANALYZE").await?;
     let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let daemon = Daemon::start(&target, addr)?;
-    let out = measure(&target, addr, &key, &sizes, &daemon).await;
-    daemon.stop().await?;
+    let mut daemon = start_daemon(&target, addr)?;
+    let out = measure(&target, addr, &key, &sizes, &mut daemon).await;
+    daemon.stop(Duration::from_secs(20)).await?;
     let out = out?;
     drop(db);
     let admin = target.with_dbname("postgres").connect().await?;
@@ -139,7 +137,7 @@ async fn measure(
     addr: SocketAddr,
     key: &str,
     sizes: &Sizes,
-    daemon: &Daemon,
+    daemon: &mut Daemon,
 ) -> Result<Api> {
     wait_for_http(addr, daemon).await?;
     let base = format!("http://{addr}");
@@ -403,7 +401,7 @@ async fn track_latency(addr: SocketAddr, key: &str, calls: usize) -> Result<(Sum
     Ok((Summary::of(&all), secs))
 }
 
-async fn wait_for_http(addr: SocketAddr, daemon: &Daemon) -> Result<()> {
+async fn wait_for_http(addr: SocketAddr, daemon: &mut Daemon) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -416,15 +414,15 @@ async fn wait_for_http(addr: SocketAddr, daemon: &Daemon) -> Result<()> {
     }
 }
 
-/// `herald run` in this process, serving its HTTP side on `addr`.
-struct Daemon {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<()>>>,
-}
-
-impl Daemon {
-    fn start(target: &Target, addr: SocketAddr) -> Result<Self> {
-        let raw: BTreeMap<String, String> = [
+/// `herald run` as a process (the binary built beside herald-bench), serving its HTTP side on
+/// `addr`. In this process it would share the runtime with the 100 clients, whose tasks delay what
+/// the daemon awaits: the figures would measure the bench as much as the daemon.
+fn start_daemon(target: &Target, addr: SocketAddr) -> Result<Daemon> {
+    let log = std::env::temp_dir().join(format!("herald-bench-api-{}.log", addr.port()));
+    Daemon::start(
+        target.config(),
+        &log,
+        &[
             ("HERALD_WORKER_ID", "bench-api".to_string()),
             ("HERALD_SHUTDOWN_GRACE_SECONDS", "5".to_string()),
             ("HERALD_HTTP_ADDR", addr.to_string()),
@@ -432,43 +430,8 @@ impl Daemon {
             ("HERALD_API_RATE_PER_KEY", "0".to_string()),
             ("HERALD_PUBLIC_URL", format!("http://{addr}")),
             ("HERALD_LINK_SECRET", LINK_SECRET.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let mut config = run::Config::from_map(&raw)?;
-        config.database = target.config().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run::run(config, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            stop: Some(stop),
-            task: Some(task),
-        })
-    }
-
-    fn exited(&self) -> bool {
-        self.task.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
-    async fn stop(mut self) -> Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.take() {
-            Some(task) => task.await.context("the daemon task panicked")?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+        ],
+    )
 }
 
 pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
@@ -479,7 +442,7 @@ pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
         .map_or("", Goal::verdict);
     let _ = writeln!(
         o,
-        "\n12. HTTP API: herald run in-process, {} contacts, no automation\n\
+        "\n12. HTTP API: herald run (a process), {} contacts, no automation\n\
          a. events/s, batches of {} events, {} clients a side, in turns in one database",
         thousands(CONTACTS as f64),
         thousands(a.batch as f64),

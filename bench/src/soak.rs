@@ -32,7 +32,7 @@
 
 mod chart;
 mod cost;
-mod daemon;
+pub(crate) mod daemon;
 mod load;
 mod sample;
 
