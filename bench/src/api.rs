@@ -22,9 +22,9 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use super::soak::daemon::Daemon;
 use super::stats::Summary;
 use super::{ingest, thousands, Goal};
-use super::soak::daemon::Daemon;
 use herald_sidecar::db::Target;
 
 const DBNAME: &str = "herald_bench_api";
