@@ -1236,18 +1236,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn api_rate_per_key_is_a_number_on_the_http_side() {
-        let side = [
+    /// The HTTP side of a configuration that has one, with `extra` settings.
+    fn http_side(extra: &[(&str, &str)]) -> Result<HttpSide> {
+        let mut m = map(&[
             ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
             ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
             ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
-        ];
-        let rate = |extra: &[(&str, &str)]| {
-            let mut m = map(&side);
-            m.extend(map(extra));
-            Config::from_map(&m).map(|c| c.http.expect("the HTTP side").api_rate_per_key)
-        };
+        ]);
+        m.extend(map(extra));
+        Config::from_map(&m).map(|c| c.http.expect("the HTTP side"))
+    }
+
+    #[test]
+    fn api_rate_per_key_is_a_number_on_the_http_side() {
+        let rate = |extra: &[(&str, &str)]| http_side(extra).map(|h| h.api_rate_per_key);
         assert_eq!(rate(&[]).unwrap(), 1000, "the default");
         assert_eq!(rate(&[("HERALD_API_RATE_PER_KEY", "0")]).unwrap(), 0, "off");
         assert_eq!(rate(&[("HERALD_API_RATE_PER_KEY", "25")]).unwrap(), 25);
@@ -1268,16 +1270,7 @@ mod tests {
 
     #[test]
     fn connections_per_address_is_a_number_on_the_http_side() {
-        let side = [
-            ("HERALD_HTTP_ADDR", "127.0.0.1:8080"),
-            ("HERALD_PUBLIC_URL", "https://mail.acme.test/"),
-            ("HERALD_LINK_SECRET", "sixteen-chars-ok"),
-        ];
-        let limit = |extra: &[(&str, &str)]| {
-            let mut m = map(&side);
-            m.extend(map(extra));
-            Config::from_map(&m).map(|c| c.http.expect("the HTTP side").connections_per_address)
-        };
+        let limit = |extra: &[(&str, &str)]| http_side(extra).map(|h| h.connections_per_address);
         assert_eq!(limit(&[]).unwrap(), 32, "the default");
         assert_eq!(
             limit(&[("HERALD_HTTP_CONNECTIONS_PER_ADDRESS", "0")]).unwrap(),
