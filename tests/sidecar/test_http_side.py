@@ -121,6 +121,47 @@ def test_sendgrid_signed_events_are_verified_and_others_refused(db, smtp, sideca
     assert status == 200 and json.loads(reply) == {"received": 1, "recorded": 1}
 
 
+def test_a_workspace_sendgrid_key_speaks_for_its_workspace_only(db, smtp, sidecar, tmp_path):
+    """A tenant on its own SendGrid account: [workspaces.acme] sendgrid_verification_key checks
+    /events/sendgrid?workspace=acme, and what it signs may only affect acme; the default key still
+    speaks for every workspace."""
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    add_contacts(db, 2)
+    db.q("SELECT herald.upsert_contact('globex', 'g@example.com')")
+    acme_private, acme_shown = new_key()
+    default_private, default_shown = new_key()
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text(f'[workspaces.acme]\nsendgrid_verification_key = "{acme_shown}"\n')
+    port = free_port()
+    sidecar(**http_side(port), HERALD_CONFIG=str(cfg), HERALD_SENDGRID_VERIFICATION_KEY=default_shown)
+    wait_http(port)
+    mid = {e: m["Message-ID"] for e, m in send_to(db, smtp, ["r0@example.com", "r1@example.com"]).items()}
+    db.q("SELECT herald.upsert_template('globex', 'news', 'News', '<p>n</p>')")
+    db.q("SELECT herald.send('globex', 'g@example.com', 'news')")
+    wait_until(lambda: db.counts().get("done") == 3, timeout=30, what="globex's message")
+    gmid = next(m for rcpts, m, _ in smtp.snapshot() if rcpts[0] == "g@example.com")["Message-ID"]
+    url = f"http://127.0.0.1:{port}/events/sendgrid"
+
+    def suppressed():
+        return db.q("SELECT workspace_id, email FROM herald.suppressions ORDER BY 1, 2")
+
+    both = json.dumps(json.loads(bounce("r0@example.com", mid["r0@example.com"]))
+                      + json.loads(bounce("g@example.com", gmid))).encode()
+    # acme's key on another URL: checked by the default key, refused
+    assert request(url, "POST", both, signed(acme_private, both))[0] == 403
+    assert request(url + "?workspace=globex", "POST", both, signed(acme_private, both))[0] == 403
+    assert suppressed() == []
+    # acme's key on acme's URL: recorded for acme only (g@ is suppressed in acme, not in globex)
+    status, _, reply = request(url + "?workspace=acme", "POST", both, signed(acme_private, both))
+    assert status == 200, reply
+    assert suppressed() == [("acme", "g@example.com"), ("acme", "r0@example.com")]
+    # the default key still speaks for every workspace
+    only_g = bounce("g@example.com", gmid)
+    status, _, reply = request(url, "POST", only_g, signed(default_private, only_g))
+    assert (status, json.loads(reply)) == (200, {"received": 1, "recorded": 1}), reply
+    assert ("globex", "g@example.com") in suppressed()
+
+
 def test_sendgrid_key_alone_turns_on_only_the_sendgrid_endpoint(db, smtp, sidecar):
     add_contacts(db, 1)
     private, shown = new_key()

@@ -51,6 +51,8 @@ Per workspace, in the --config file (each purpose falls back to the default when
   events_token = '...'              # /events/...: may only affect acme (others' reports are skipped)
   events_token_previous = '...'
   stream_token = '...'              # GET /stream?workspace=acme: reads acme's results only
+  sendgrid_verification_key = '...' # acme's own SendGrid account: /events/sendgrid?workspace=acme
+                                    # is verified with it and may only affect acme
 Rotation without downtime: set the new key as current and the old one as _previous, restart the
 daemons one by one, and drop _previous once nothing signed with it matters any more (links in mail
 already sent verify while it is there; a provider has switched to the new events token).
@@ -534,6 +536,9 @@ pub struct HttpSide {
     pub keys: std::sync::Arc<Keys>,
     /// SendGrid's Signed Event Webhook key: when set, /events/sendgrid is checked by signature.
     pub sendgrid_key: Option<VerifyingKey>,
+    /// `[workspaces.<ws>] sendgrid_verification_key`: a workspace's own SendGrid account; checks
+    /// /events/sendgrid?workspace=<ws>, whose events may then only affect that workspace.
+    pub sendgrid_workspace_keys: BTreeMap<String, VerifyingKey>,
     /// HERALD_API_RATE_PER_KEY: requests a second per API key (0: no limit).
     pub api_rate_per_key: u32,
     /// HERALD_HTTP_CONNECTIONS_PER_ADDRESS: open connections per client address (0: no limit).
@@ -679,6 +684,19 @@ impl Config {
                 parse_sendgrid_key(k).map_err(|e| anyhow!("HERALD_SENDGRID_VERIFICATION_KEY: {e}"))
             })
             .transpose()?;
+        let sendgrid_workspace_keys = raw
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k
+                    .strip_prefix("workspaces.")?
+                    .strip_suffix(".SENDGRID_VERIFICATION_KEY")?;
+                Some(
+                    parse_sendgrid_key(v)
+                        .map(|key| (name.to_string(), key))
+                        .map_err(|e| anyhow!("[workspaces.{name}] sendgrid_verification_key: {e}")),
+                )
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
         let api_rate_per_key = number("HERALD_API_RATE_PER_KEY", 1000, 0, 1_000_000)? as u32;
         let connections_per_address = number(
             "HERALD_HTTP_CONNECTIONS_PER_ADDRESS",
@@ -691,8 +709,13 @@ impl Config {
             get("HERALD_PUBLIC_URL"),
             keys.default.link.is_set(),
         ) {
-            (None, None, _) if sendgrid_key.is_some() => bail!(
-                "HERALD_SENDGRID_VERIFICATION_KEY: SendGrid events arrive through the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too"
+            (None, None, _) if sendgrid_key.is_some() || !sendgrid_workspace_keys.is_empty() => bail!(
+                "{}: SendGrid events arrive through the HTTP side; set HERALD_HTTP_ADDR, HERALD_PUBLIC_URL and HERALD_LINK_SECRET too",
+                match sendgrid_workspace_keys.keys().next() {
+                    Some(ws) if sendgrid_key.is_none() =>
+                        format!("[workspaces.{ws}] sendgrid_verification_key"),
+                    _ => "HERALD_SENDGRID_VERIFICATION_KEY".to_string(),
+                }
             ),
             (None, None, _) => None,
             (Some(addr), Some(public), true) => {
@@ -710,6 +733,7 @@ impl Config {
                     public_url: public.as_str().trim_end_matches('/').to_string(),
                     keys: std::sync::Arc::clone(&keys),
                     sendgrid_key,
+                    sendgrid_workspace_keys,
                     api_rate_per_key,
                     connections_per_address,
                 })
@@ -946,12 +970,14 @@ fn read_keys(raw: &BTreeMap<String, String>) -> Result<Keys> {
     Ok(keys)
 }
 
-/// The fields a `[workspaces.<name>]` table may hold: each secret purpose's four forms, lower-case.
+/// The fields a `[workspaces.<name>]` table may hold: each secret purpose's four forms, lower-case,
+/// and the workspace's SendGrid verification key.
 fn workspace_fields() -> Vec<String> {
     SECRET_PURPOSES
         .iter()
         .flat_map(|p| secret_settings(p))
         .map(|k| k.trim_start_matches("HERALD_").to_ascii_lowercase())
+        .chain(std::iter::once("sendgrid_verification_key".to_string()))
         .collect()
 }
 
@@ -1333,6 +1359,38 @@ mod tests {
             "{e}"
         );
         assert!(parse_toml(&format!("HERALD_SENDGRID_VERIFICATION_KEY = \"{key}\"")).is_ok());
+    }
+
+    #[test]
+    fn a_workspace_may_have_its_own_sendgrid_key() {
+        let key = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvl8xDT8gYPEN/AJ1nDAHCdeYcjsCC/pPZ1x2Z5qSAWcpZreqWAbg9tVykL0Og7/JuCctZSXvoKi9otsL+tpGew==";
+        let file = |text: &str| parse_toml(text).map(|raw| raw.into_iter().collect::<Vec<_>>());
+        let own = file(&format!(
+            "[workspaces.acme]\nsendgrid_verification_key = \"{key}\"\n"
+        ))
+        .unwrap();
+        let own: Vec<(&str, &str)> = own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let side = http_side(&own).unwrap();
+        assert!(side.sendgrid_key.is_none(), "no default key");
+        assert_eq!(
+            side.sendgrid_workspace_keys.keys().collect::<Vec<_>>(),
+            ["acme"]
+        );
+        // a bad one is named by its workspace and field
+        let e = http_side(&[("workspaces.globex.SENDGRID_VERIFICATION_KEY", "not a key")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("[workspaces.globex] sendgrid_verification_key: not "),
+            "{e}"
+        );
+        // and, like the default one, it needs the HTTP side
+        let e = Config::from_map(&map(&own)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("[workspaces.acme] sendgrid_verification_key")
+                && e.contains("HERALD_HTTP_ADDR"),
+            "{e}"
+        );
     }
 
     #[test]

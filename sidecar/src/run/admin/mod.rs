@@ -937,6 +937,7 @@ mod tests {
             public_url: public_url.into(),
             keys: Arc::new(keys),
             sendgrid_key: None,
+            sendgrid_workspace_keys: Default::default(),
             api_rate_per_key: 0,
             connections_per_address: crate::run::config::CONNECTIONS_PER_ADDRESS,
         };

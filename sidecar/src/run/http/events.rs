@@ -24,7 +24,20 @@ pub async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let scope = match scope(&headers, &format, &body, &app.side) {
+    // `?workspace=`: whom the entries that name no workspace are for, and for SendGrid whose key
+    // checks the signature
+    let named = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| {
+            kv.strip_prefix("workspace=").map(|w| {
+                percent_encoding::percent_decode_str(w)
+                    .decode_utf8_lossy()
+                    .to_string()
+            })
+        });
+    let scope = match scope(&headers, &format, named.as_deref(), &body, &app.side) {
         Ok(scope) => scope,
         Err(refused) => return refused.into_response(),
     };
@@ -36,19 +49,7 @@ pub async fn receive(
         TokenScope::Workspace(w) => Some(w.clone()),
     };
     // a workspace's token: its entries are that workspace's unless they name another (then skipped)
-    let workspace = only.clone().or_else(|| {
-        query
-            .as_deref()
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|kv| {
-                kv.strip_prefix("workspace=").map(|w| {
-                    percent_encoding::percent_decode_str(w)
-                        .decode_utf8_lossy()
-                        .to_string()
-                })
-            })
-    });
+    let workspace = only.clone().or(named);
     let entries = match format.as_str() {
         "generic" => generic_events(&body),
         "sendgrid" => sendgrid_events(&body),
@@ -117,32 +118,46 @@ impl IntoResponse for Refused {
 
 /// Who may post provider events, and for which workspaces: with a SendGrid verification key,
 /// /events/sendgrid takes SendGrid's signature instead of a token (the signature also proves the body
-/// was not altered, and SendGrid sends it whatever the webhook URL holds; it speaks for every
-/// workspace); every other case needs an events token: the default one (every workspace) or a
-/// workspace's own (that workspace only), current or previous.
+/// was not altered, and SendGrid sends it whatever the webhook URL holds): a workspace's own key
+/// (`?workspace=<ws>` names it) speaks for that workspace only, the default key for every workspace.
+/// Every other case needs an events token: the default one (every workspace) or a workspace's own
+/// (that workspace only), current or previous.
 fn scope(
     headers: &HeaderMap,
     format: &str,
+    named: Option<&str>,
     body: &[u8],
     side: &HttpSide,
 ) -> Result<TokenScope, Refused> {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     if format == "sendgrid" {
-        if let Some(key) = &side.sendgrid_key {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            let checked = verify_sendgrid(
+        // the workspace's own key first, then the default one (which speaks for every workspace)
+        let own = named.and_then(|ws| {
+            let key = side.sendgrid_workspace_keys.get(ws)?;
+            Some((TokenScope::Workspace(ws.to_string()), key))
+        });
+        let default = side.sendgrid_key.as_ref().map(|key| (TokenScope::All, key));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let mut refused = None;
+        for (scope, key) in own.into_iter().chain(default) {
+            match verify_sendgrid(
                 key,
                 header(sendgrid::SIGNATURE_HEADER),
                 header(sendgrid::TIMESTAMP_HEADER),
                 body,
                 now,
-            );
-            return checked.map(|()| TokenScope::All).map_err(|refusal| {
-                tracing::info!(reason = %refusal, "http: SendGrid events refused");
-                Refused::Sendgrid(refusal)
-            });
+            ) {
+                Ok(()) => return Ok(scope),
+                Err(refusal) => {
+                    refused.get_or_insert(refusal);
+                }
+            }
+        }
+        if let Some(refusal) = refused {
+            tracing::info!(reason = %refusal, "http: SendGrid events refused");
+            return Err(Refused::Sendgrid(refusal));
         }
     }
     if !side.keys.has_events_tokens() {

@@ -251,6 +251,7 @@ mod tests {
             public_url: "http://mail.test".into(),
             keys: Arc::new(keys),
             sendgrid_key: None,
+            sendgrid_workspace_keys: Default::default(),
             api_rate_per_key: 0,
             connections_per_address: MAX_PER_ADDRESS,
         };
