@@ -1,5 +1,6 @@
 //! The HTTP API (issue 13): what `/v1/…` costs next to calling the SQL functions directly, with
-//! `herald run` (the binary, as a process) serving the API on loopback and a key made by `herald.create_api_key`.
+//! `herald run` (the binary, as a process) serving the API on loopback and a key made by
+//! `herald.create_api_key`.
 //!
 //!   a. events/s through `POST /v1/track/batch` (one `herald.api_call` → one `track_many` per
 //!      request) against `herald.track_many` from SQL, the same batches of 1,000 events and the same

@@ -155,7 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 l,
                 metrics::router(Arc::clone(&metrics), Arc::clone(&database)),
                 background.clone(),
-                http::MAX_PER_ADDRESS,
+                config::CONNECTIONS_PER_ADDRESS,
             ),
         )
     });

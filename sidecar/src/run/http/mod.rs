@@ -12,8 +12,9 @@
 //! `run/sendgrid`). [`serve`] runs it — and the metrics router on HERALD_METRICS_ADDR — on hyper's
 //! HTTP/1.1 (keep-alive and chunked bodies are hyper's) with the same limits for both: tower layers
 //! for bodies ≤ 1 MiB (413), 30 s a request (408) and `Cache-Control: no-store` on every answer; at
-//! most [`MAX_CONNECTIONS`] connections, [`MAX_PER_ADDRESS`] per client address by default, a
-//! request head within [`HEAD_TIMEOUT`] (slowloris); a graceful stop on shutdown. Every request
+//! most [`MAX_CONNECTIONS`] connections, 32 per client address by default
+//! (HERALD_HTTP_CONNECTIONS_PER_ADDRESS), a request head within [`HEAD_TIMEOUT`] (slowloris); a
+//! graceful stop on shutdown. Every request
 //! records its facts with ONE `herald.record_feedback` call on a pooled connection (`record`).
 
 use std::sync::Arc;
@@ -39,7 +40,6 @@ use tower_http::timeout::TimeoutLayer;
 use super::config::HttpSide;
 use super::database::Database;
 use per_address::PerAddress;
-pub use per_address::MAX_PER_ADDRESS;
 use record::Recorder;
 
 mod api;
@@ -146,8 +146,8 @@ async fn explain_limits(response: Response) -> Response {
 /// Serves `router` on `listener` until `shutdown`: HTTP/1.1 by hyper, with the limits of this module
 /// (connections, request heads, and [`with_limits`]). On shutdown it stops accepting, lets requests
 /// in progress finish (for [`SHUTDOWN_GRACE`] at most) and closes idle connections.
-/// `per_address`: connections one client address may hold (0: no limit; HERALD_HTTP_CONNECTIONS_PER_ADDRESS
-/// for the HTTP side, [`MAX_PER_ADDRESS`] for /metrics).
+/// `per_address`: connections one client address may hold (0: no limit):
+/// HERALD_HTTP_CONNECTIONS_PER_ADDRESS for the HTTP side, the default for /metrics.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -253,7 +253,7 @@ mod tests {
             sendgrid_key: None,
             sendgrid_workspace_keys: Default::default(),
             api_rate_per_key: 0,
-            connections_per_address: MAX_PER_ADDRESS,
+            connections_per_address: crate::run::config::CONNECTIONS_PER_ADDRESS,
         };
         router(side, away())
     }
@@ -440,7 +440,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let addr = listener.local_addr().expect("bound");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, public(), shutdown.clone(), MAX_PER_ADDRESS));
+        let server = tokio::spawn(serve(
+            listener,
+            public(),
+            shutdown.clone(),
+            crate::run::config::CONNECTIONS_PER_ADDRESS,
+        ));
 
         let mut s = tokio::net::TcpStream::connect(addr)
             .await

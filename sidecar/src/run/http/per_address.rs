@@ -8,9 +8,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-/// Connections one client address may hold at once, by default.
-pub use crate::run::config::CONNECTIONS_PER_ADDRESS as MAX_PER_ADDRESS;
-
 pub struct PerAddress {
     /// 0: no limit per address.
     limit: usize,
@@ -69,6 +66,7 @@ impl Drop for AddressSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::config::CONNECTIONS_PER_ADDRESS as MAX_PER_ADDRESS;
 
     #[test]
     fn connections_are_counted_per_address() {
