@@ -14,8 +14,8 @@
 //! for bodies ≤ 1 MiB (413), 30 s a request (408) and `Cache-Control: no-store` on every answer; at
 //! most [`MAX_CONNECTIONS`] connections, 32 per client address by default
 //! (HERALD_HTTP_CONNECTIONS_PER_ADDRESS), a request head within [`HEAD_TIMEOUT`] (slowloris); a
-//! graceful stop on shutdown. Every request
-//! records its facts with ONE `herald.record_feedback` call on a pooled connection (`record`).
+//! graceful stop on shutdown. Every request records its facts with ONE `herald.record_feedback` call
+//! on a pooled connection (`record`).
 
 use std::sync::Arc;
 use std::time::Duration;
