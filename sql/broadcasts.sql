@@ -209,8 +209,12 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     -- jobs not yet held are claimable again at once, and the first 10,000 held ones; the others go back
-    -- with the next advances
-    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, settle_cursor = NULL, updated_at = now()
+    -- with the next advances. Resumed from an automatic pause: the person who resumed it has seen the
+    -- rates, so the next check counts only the messages sent (and reported) from now on.
+    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, settle_cursor = NULL, updated_at = now(),
+           auto_paused = NULL,
+           auto_pause_base = CASE WHEN v.auto_paused IS NOT NULL THEN herald._report_counts(v.workspace_id, v.id)
+                                  ELSE v.auto_pause_base END
      WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
     PERFORM herald._release_held(v.id, herald._chunk_size());
     PERFORM pg_notify('herald.outbox', '');
@@ -573,8 +577,67 @@ BEGIN
 END
 $$;
 
+-- A broadcast's messages sent, and of them hard-bounced and complained about (record_feedback counts
+-- each message's first report), across its variations: {sent, bounced, complained}. Its counters, folded
+-- and not yet folded: a few rows.
+CREATE FUNCTION herald._report_counts(workspace text, broadcast bigint) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT jsonb_build_object('sent', coalesce(sum(x.n) FILTER (WHERE x.metric = 'sent'), 0),
+                              'bounced', coalesce(sum(x.n) FILTER (WHERE x.metric = 'bounced'), 0),
+                              'complained', coalesce(sum(x.n) FILTER (WHERE x.metric = 'complained'), 0))
+      FROM (SELECT s.metric, s.value AS n FROM herald.broadcast_stats s
+             WHERE s.workspace_id = _report_counts.workspace AND s.broadcast_id = _report_counts.broadcast
+               AND s.metric IN ('sent', 'bounced', 'complained')
+            UNION ALL
+            SELECT d.metric, d.n FROM herald.broadcast_stats_delta d
+             WHERE d.workspace_id = _report_counts.workspace AND d.broadcast_id = _report_counts.broadcast
+               AND d.metric IN ('sent', 'bounced', 'complained')) x;
+END;
+
+-- The automatic pause's verdict on a sending broadcast whose definition has auto_pause: the data of its
+-- broadcast.auto_paused result when, of at least min_sent messages sent, complaints or hard bounces
+-- reached their percent (complaints first: the graver), else NULL. Counted since the last resume from
+-- such a pause (auto_pause_base). Nothing to stop once everything is enqueued and no job waits.
+CREATE FUNCTION herald._auto_pause_verdict(v herald.broadcasts) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_rule jsonb := v.definition -> 'auto_pause';
+    v_now jsonb := herald._report_counts(v.workspace_id, v.id);
+    v_sent bigint := (v_now ->> 'sent')::bigint - coalesce((v.auto_pause_base ->> 'sent')::bigint, 0);
+    v_bounced bigint := (v_now ->> 'bounced')::bigint - coalesce((v.auto_pause_base ->> 'bounced')::bigint, 0);
+    v_complained bigint := (v_now ->> 'complained')::bigint - coalesce((v.auto_pause_base ->> 'complained')::bigint, 0);
+    v_reason text;
+    v_n bigint;
+BEGIN
+    IF v_sent < (v_rule ->> 'min_sent')::bigint THEN
+        RETURN NULL;
+    END IF;
+    IF v_complained * 100 >= (v_rule ->> 'complaint_percent')::numeric * v_sent THEN
+        v_reason := 'complaint_percent';
+        v_n := v_complained;
+    ELSIF v_bounced * 100 >= (v_rule ->> 'bounce_percent')::numeric * v_sent THEN
+        v_reason := 'bounce_percent';
+        v_n := v_bounced;
+    ELSE
+        RETURN NULL;
+    END IF;
+    IF v.phase = 'done' AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
+        RETURN NULL;
+    END IF;
+    RETURN jsonb_build_object('name', v.name, 'reason', v_reason, 'percent', round(v_n * 100.0 / v_sent, 2),
+                              'limit', (v_rule ->> v_reason)::numeric, 'min_sent', (v_rule ->> 'min_sent')::bigint,
+                              'sent', v_sent, 'bounced', v_bounced, 'complained', v_complained,
+                              'since_resume', v.auto_pause_base IS NOT NULL);
+END
+$$;
+
 -- Moves one broadcast (locked by the caller) forward, reading at most `budget` contacts or jobs (chunks
--- of 10,000): settles the jobs of a paused or cancelled one; scheduled → sending at send_at; releases
+-- of 10,000): settles the jobs of a paused or cancelled one; pauses a sending one whose auto_pause
+-- says so; scheduled → sending at send_at; releases
 -- held jobs of a resumed one; enqueues the phase's audience; test → waiting → (winner) → rest;
 -- sending → sent once everything is enqueued and no job is pending, held or leased. recheck: skip
 -- contacts already enqueued (see _enqueue_chunk). Returns the contacts and jobs read.
@@ -587,6 +650,7 @@ DECLARE
     v_read int;
     v_chunk constant int := herald._chunk_size();
     v_win record;
+    v_pause jsonb;
 BEGIN
     -- an earlier failure is history once this call gets through (a failure now rolls this back too)
     IF v.last_error IS NOT NULL THEN
@@ -599,6 +663,27 @@ BEGIN
     END LOOP;
     IF v.status NOT IN ('scheduled', 'sending') THEN
         RETURN budget - v_left;
+    END IF;
+    -- the automatic pause: stopped as pause_broadcast stops it (claim holds its jobs from the commit on,
+    -- the first chunk is settled now), with why in auto_paused and in the results stream
+    IF v.status = 'sending' AND v.definition -> 'auto_pause' <> 'null' THEN
+        v_pause := herald._auto_pause_verdict(v);
+        IF v_pause IS NOT NULL THEN
+            WITH paused AS (
+                UPDATE herald.broadcasts b
+                   SET status = 'paused', paused_from = 'sending', settle_cursor = 0, auto_paused = v_pause,
+                       updated_at = now()
+                 WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+                RETURNING b.workspace_id, b.id
+            )
+            INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+            SELECT p.workspace_id, 'broadcast.auto_paused', p.id, v_pause FROM paused p;
+            SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+            IF v_left > 0 THEN   -- (a chunk of 0 would read as the last one)
+                v_left := v_left - herald._settle_chunk(v, least(v_chunk, v_left));
+            END IF;
+            RETURN budget - v_left;
+        END IF;
     END IF;
     IF v.status = 'scheduled' THEN
         WITH started AS (
@@ -755,7 +840,8 @@ END
 $$;
 
 -- Exact per-variation numbers: folded + not yet folded deltas (queued, sent, failed, dead, suppressed,
--- cancelled, retried), plus unique opens and clicks from the engagement events. Variation '': what
+-- cancelled, retried; bounced and complained: sent messages with a hard bounce or a complaint reported,
+-- each message once), plus unique opens and clicks from the engagement events. Variation '': what
 -- counts for the broadcast but no variation: opened_unattributed / clicked_unattributed (reports
 -- record_feedback could not attribute; reasons in herald.feedback_rejections), and opens or clicks of
 -- events that name the broadcast without a variation.
@@ -794,7 +880,7 @@ $$;
 -- One row per broadcast: where it stands. Archived ones are left out (herald.archived lists them).
 CREATE VIEW herald.broadcast_overview AS
 SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
-       b.retry_of, b.last_error, b.created_at, b.finished_at
+       b.retry_of, b.last_error, b.created_at, b.finished_at, b.auto_paused
   FROM herald.broadcasts b
  WHERE NOT EXISTS (SELECT 1 FROM herald.archived a
                     WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text);
@@ -965,6 +1051,29 @@ BEGIN
          ORDER BY k.workspace_id, k.email, k.ord
         ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
         RETURNING 1
+    ), to_count AS MATERIALIZED (
+        -- a broadcast message's first hard bounce or complaint counts for its broadcast and variation
+        -- (the rates auto_pause reads); a provider's repeat finds the message marked. Locked in id order,
+        -- so two batches reporting the same messages wait for each other instead of deadlocking.
+        SELECT h.workspace_id, h.id, r.kind
+          FROM (SELECT DISTINCT ON (k.workspace_id, k.message_id) k.workspace_id, k.message_id, k.kind
+                  FROM known k
+                 WHERE k.kind IN ('hard_bounce', 'complaint') AND k.broadcast_id IS NOT NULL
+                 ORDER BY k.workspace_id, k.message_id, k.ord) r
+          JOIN herald.message_history h ON h.message_id = r.message_id AND h.workspace_id = r.workspace_id
+         WHERE h.broadcast_id IS NOT NULL AND h.status = 'sent' AND h.reported IS NULL
+         ORDER BY h.workspace_id, h.id
+           FOR UPDATE OF h
+    ), marked AS (
+        UPDATE herald.message_history h SET reported = t.kind
+          FROM to_count t
+         WHERE h.workspace_id = t.workspace_id AND h.id = t.id
+        RETURNING h.workspace_id, h.broadcast_id, h.variation, h.reported
+    ), report_counted AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT m.workspace_id, m.broadcast_id, coalesce(m.variation, ''),
+               CASE m.reported WHEN 'hard_bounce' THEN 'bounced' ELSE 'complained' END, count(*)
+          FROM marked m GROUP BY 1, 2, 3, 4
     ), recorded AS (
         INSERT INTO herald.events (workspace_id, email, kind, payload)
         SELECT k.workspace_id, k.email, k.event_kind, k.counted_payload

@@ -3,3 +3,414 @@
 --   sql/releases/herald--0.14.0.sql. Everything since, one marked block per change:
 --   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
 --   the end of each block.
+
+-- ==== auto_pause: a broadcast stops by itself when its bounces or complaints pass a line ====
+-- The definition's auto_pause {bounce_percent, complaint_percent, min_sent} (validated by
+-- herald._check_broadcast, Rust) is checked by advance_broadcasts on every sending broadcast: once
+-- min_sent messages are sent and hard bounces or complaints reach their percent, it is paused as
+-- pause_broadcast pauses it, with why in broadcasts.auto_paused, broadcast_overview and a
+-- broadcast.auto_paused result (the kind was reserved). record_feedback counts a broadcast message's
+-- first hard bounce or complaint in broadcast_stats (bounced, complained), marking the message in
+-- message_history.reported so a repeated report counts once. resume_broadcast of an auto-paused one
+-- counts from then on (auto_pause_base). Definitions stored before have no auto_pause: never paused.
+ALTER TABLE herald.broadcasts ADD COLUMN auto_paused jsonb, ADD COLUMN auto_pause_base jsonb;
+ALTER TABLE herald.message_history ADD COLUMN reported text;
+
+CREATE FUNCTION herald._report_counts(workspace text, broadcast bigint) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+BEGIN ATOMIC
+    SELECT jsonb_build_object('sent', coalesce(sum(x.n) FILTER (WHERE x.metric = 'sent'), 0),
+                              'bounced', coalesce(sum(x.n) FILTER (WHERE x.metric = 'bounced'), 0),
+                              'complained', coalesce(sum(x.n) FILTER (WHERE x.metric = 'complained'), 0))
+      FROM (SELECT s.metric, s.value AS n FROM herald.broadcast_stats s
+             WHERE s.workspace_id = _report_counts.workspace AND s.broadcast_id = _report_counts.broadcast
+               AND s.metric IN ('sent', 'bounced', 'complained')
+            UNION ALL
+            SELECT d.metric, d.n FROM herald.broadcast_stats_delta d
+             WHERE d.workspace_id = _report_counts.workspace AND d.broadcast_id = _report_counts.broadcast
+               AND d.metric IN ('sent', 'bounced', 'complained')) x;
+END;
+REVOKE ALL ON FUNCTION herald._report_counts(text, bigint) FROM PUBLIC;
+
+CREATE FUNCTION herald._auto_pause_verdict(v herald.broadcasts) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_rule jsonb := v.definition -> 'auto_pause';
+    v_now jsonb := herald._report_counts(v.workspace_id, v.id);
+    v_sent bigint := (v_now ->> 'sent')::bigint - coalesce((v.auto_pause_base ->> 'sent')::bigint, 0);
+    v_bounced bigint := (v_now ->> 'bounced')::bigint - coalesce((v.auto_pause_base ->> 'bounced')::bigint, 0);
+    v_complained bigint := (v_now ->> 'complained')::bigint - coalesce((v.auto_pause_base ->> 'complained')::bigint, 0);
+    v_reason text;
+    v_n bigint;
+BEGIN
+    IF v_sent < (v_rule ->> 'min_sent')::bigint THEN
+        RETURN NULL;
+    END IF;
+    IF v_complained * 100 >= (v_rule ->> 'complaint_percent')::numeric * v_sent THEN
+        v_reason := 'complaint_percent';
+        v_n := v_complained;
+    ELSIF v_bounced * 100 >= (v_rule ->> 'bounce_percent')::numeric * v_sent THEN
+        v_reason := 'bounce_percent';
+        v_n := v_bounced;
+    ELSE
+        RETURN NULL;
+    END IF;
+    IF v.phase = 'done' AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
+        RETURN NULL;
+    END IF;
+    RETURN jsonb_build_object('name', v.name, 'reason', v_reason, 'percent', round(v_n * 100.0 / v_sent, 2),
+                              'limit', (v_rule ->> v_reason)::numeric, 'min_sent', (v_rule ->> 'min_sent')::bigint,
+                              'sent', v_sent, 'bounced', v_bounced, 'complained', v_complained,
+                              'since_resume', v.auto_pause_base IS NOT NULL);
+END
+$$;
+REVOKE ALL ON FUNCTION herald._auto_pause_verdict(herald.broadcasts) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION herald._advance_broadcast(v herald.broadcasts, budget int, recheck boolean) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_left int := budget;
+    v_read int;
+    v_chunk constant int := herald._chunk_size();
+    v_win record;
+    v_pause jsonb;
+BEGIN
+    -- an earlier failure is history once this call gets through (a failure now rolls this back too)
+    IF v.last_error IS NOT NULL THEN
+        UPDATE herald.broadcasts b SET last_error = NULL WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END IF;
+    -- a paused or cancelled broadcast: settle its jobs, chunk by chunk, and nothing else
+    WHILE v.settle_cursor IS NOT NULL AND v_left > 0 LOOP
+        v_left := v_left - herald._settle_chunk(v, least(v_chunk, v_left));
+        SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    END LOOP;
+    IF v.status NOT IN ('scheduled', 'sending') THEN
+        RETURN budget - v_left;
+    END IF;
+    -- the automatic pause: stopped as pause_broadcast stops it (claim holds its jobs from the commit on,
+    -- the first chunk is settled now), with why in auto_paused and in the results stream
+    IF v.status = 'sending' AND v.definition -> 'auto_pause' <> 'null' THEN
+        v_pause := herald._auto_pause_verdict(v);
+        IF v_pause IS NOT NULL THEN
+            WITH paused AS (
+                UPDATE herald.broadcasts b
+                   SET status = 'paused', paused_from = 'sending', settle_cursor = 0, auto_paused = v_pause,
+                       updated_at = now()
+                 WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+                RETURNING b.workspace_id, b.id
+            )
+            INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+            SELECT p.workspace_id, 'broadcast.auto_paused', p.id, v_pause FROM paused p;
+            SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+            IF v_left > 0 THEN   -- (a chunk of 0 would read as the last one)
+                v_left := v_left - herald._settle_chunk(v, least(v_chunk, v_left));
+            END IF;
+            RETURN budget - v_left;
+        END IF;
+    END IF;
+    IF v.status = 'scheduled' THEN
+        WITH started AS (
+            UPDATE herald.broadcasts b SET status = 'sending', updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.send_at
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT s.workspace_id, 'broadcast.started', s.id, jsonb_build_object('name', s.name, 'send_at', s.send_at)
+          FROM started s;
+        v.status := 'sending';
+    ELSIF v_left > 0 THEN
+        -- held jobs of a resumed broadcast are claimable again, a chunk per call (also one that came back
+        -- held while the resume committed: its complete read the status just before)
+        v_left := v_left - herald._release_held(v.id, least(v_chunk, v_left));
+    END IF;
+    -- enqueue while there is budget and the phase has contacts left
+    WHILE v_left > 0 AND v.phase IN ('all', 'test', 'rest') LOOP
+        v_read := herald._enqueue_chunk(v, least(v_chunk, v_left), recheck);
+        v_left := v_left - v_read;
+        SELECT b.* INTO v FROM herald.broadcasts b WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+        IF v_read < least(v_chunk, v_left + v_read) THEN
+            -- the phase's audience is exhausted
+            v.phase := CASE v.phase WHEN 'test' THEN 'waiting' ELSE 'done' END;
+            UPDATE herald.broadcasts b
+               SET phase = v.phase, cursor = 0,
+                   test_ends_at = CASE WHEN v.phase = 'waiting'
+                                       THEN now() + make_interval(secs => (v.definition -> 'ab_test' ->> 'wait_seconds')::float8) END,
+                   updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.* INTO v;
+        END IF;
+    END LOOP;
+    IF v.phase = 'waiting' AND v.test_ends_at <= now() THEN
+        v_win := herald._ab_winner(v);
+        WITH decided AS (
+            UPDATE herald.broadcasts b SET phase = 'rest', cursor = 0, winner = v_win.winner,
+                   winner_reason = v_win.reason, updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.winner, b.winner_reason
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT d.workspace_id, 'broadcast.winner', d.id,
+               jsonb_build_object('name', d.name, 'winner', d.winner, 'reason', d.winner_reason)
+          FROM decided d;
+        PERFORM pg_notify('herald.tick', '');   -- the rest goes out on the next advance
+    ELSIF v.phase = 'done'
+          -- the counters first (every job that ends is counted in the statement that ends it): while
+          -- fewer have ended than were enqueued, nothing is read; then the rows themselves decide
+          AND (SELECT coalesce(sum(x.n), 0) FROM (
+                   SELECT s.value AS n FROM herald.broadcast_stats s
+                    WHERE s.workspace_id = v.workspace_id AND s.broadcast_id = v.id
+                      AND s.metric IN ('sent', 'failed', 'dead', 'cancelled', 'suppressed')
+                   UNION ALL
+                   SELECT d.n FROM herald.broadcast_stats_delta d
+                    WHERE d.workspace_id = v.workspace_id AND d.broadcast_id = v.id
+                      AND d.metric IN ('sent', 'failed', 'dead', 'cancelled', 'suppressed')) x) >= v.enqueued
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'held')
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.status = 'leased' AND o.broadcast_id = v.id)
+          AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
+        WITH sent AS (
+            UPDATE herald.broadcasts b SET status = 'sent', finished_at = now(), updated_at = now()
+             WHERE b.workspace_id = v.workspace_id AND b.id = v.id
+            RETURNING b.workspace_id, b.id, b.name, b.enqueued
+        )
+        INSERT INTO herald.results_staged (workspace_id, kind, broadcast_id, data)   -- the results stream
+        SELECT x.workspace_id, 'broadcast.sent', x.id, jsonb_build_object('name', x.name, 'enqueued', x.enqueued)
+          FROM sent x;
+    END IF;
+    RETURN budget - v_left;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION herald.resume_broadcast(broadcast bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v herald.broadcasts := herald._lock_broadcast(broadcast);
+BEGIN
+    IF v.status <> 'paused' THEN
+        RAISE EXCEPTION 'broadcast % is %, only a paused broadcast can be resumed', v.id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    -- jobs not yet held are claimable again at once, and the first 10,000 held ones; the others go back
+    -- with the next advances. Resumed from an automatic pause: the person who resumed it has seen the
+    -- rates, so the next check counts only the messages sent (and reported) from now on.
+    UPDATE herald.broadcasts b SET status = v.paused_from, paused_from = NULL, settle_cursor = NULL, updated_at = now(),
+           auto_paused = NULL,
+           auto_pause_base = CASE WHEN v.auto_paused IS NOT NULL THEN herald._report_counts(v.workspace_id, v.id)
+                                  ELSE v.auto_pause_base END
+     WHERE b.workspace_id = v.workspace_id AND b.id = v.id;
+    PERFORM herald._release_held(v.id, herald._chunk_size());
+    PERFORM pg_notify('herald.outbox', '');
+    PERFORM pg_notify('herald.tick', '');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION herald.record_feedback(feedback jsonb, only_workspace text DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+    v_n int;
+BEGIN
+    IF jsonb_typeof(feedback) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'feedback must be a JSON array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format('feedback[%s]: kind must be unsubscribed, hard_bounce, soft_bounce, complaint, opened or clicked', t.ord - 1)
+      INTO v_bad
+      FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+     WHERE jsonb_typeof(t.f) IS DISTINCT FROM 'object'
+        OR (t.f ->> 'kind') IS NULL
+        OR t.f ->> 'kind' NOT IN ('unsubscribed', 'hard_bounce', 'soft_bounce', 'complaint', 'opened', 'clicked')
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    WITH input AS (
+        SELECT t.f ->> 'kind' AS kind, coalesce(t.f -> 'payload', '{}') AS payload, t.f ->> 'message_id' AS message_id,
+               coalesce(t.f ->> 'workspace', m.workspace_id, bw.workspace_id) AS workspace_id,
+               herald._normalize_email(coalesce(t.f ->> 'email', c.email)) AS email, t.ord, t.f AS entry,
+               m.contact_id, m.automation_id, m.enrollment_id, m.broadcast_id, m.job_id, m.variation,
+               -- the broadcast an open or click names in its payload (read when its message does not say)
+               CASE WHEN t.f ->> 'kind' IN ('opened', 'clicked') AND m.broadcast_id IS NULL
+                    THEN t.f -> 'payload' ->> 'broadcast' END AS named_broadcast,
+               -- the event it becomes (and the result, for bounces, opens and clicks): its kind, and the
+               -- report's payload with the message and the kind of bounce
+               CASE t.f ->> 'kind' WHEN 'unsubscribed' THEN 'list.unsubscribed' WHEN 'complaint' THEN 'email.complained'
+                                   WHEN 'opened' THEN 'email.opened' WHEN 'clicked' THEN 'email.clicked'
+                                   ELSE 'email.bounced' END AS event_kind,
+               coalesce(t.f -> 'payload', '{}') || jsonb_strip_nulls(jsonb_build_object(
+                   'message_id', t.f ->> 'message_id',
+                   'bounce_type', CASE t.f ->> 'kind' WHEN 'hard_bounce' THEN 'hard' WHEN 'soft_bounce' THEN 'soft' END))
+                   AS event_payload
+          FROM jsonb_array_elements(feedback) WITH ORDINALITY t(f, ord)
+          -- the message named, in the workspace given if one is; a Message-ID found in two workspaces
+          -- (derived from dedupe keys, which two workspaces may choose alike) names neither
+          LEFT JOIN LATERAL (SELECT min(h.workspace_id) AS workspace_id,
+                                    (array_agg(h.contact_id ORDER BY h.id DESC))[1] AS contact_id,
+                                    (array_agg(h.automation_id ORDER BY h.id DESC))[1] AS automation_id,
+                                    (array_agg(h.enrollment_id ORDER BY h.id DESC))[1] AS enrollment_id,
+                                    (array_agg(h.broadcast_id ORDER BY h.id DESC))[1] AS broadcast_id,
+                                    (array_agg(h.outbox_id ORDER BY h.id DESC))[1] AS job_id,
+                                    (array_agg(h.variation ORDER BY h.id DESC))[1] AS variation
+                               FROM herald.message_history h
+                              WHERE t.f ->> 'message_id' IS NOT NULL AND h.message_id = t.f ->> 'message_id'
+                                AND (t.f ->> 'workspace' IS NULL OR h.workspace_id = t.f ->> 'workspace')
+                                AND (only_workspace IS NULL OR h.workspace_id = only_workspace)
+                             HAVING count(DISTINCT h.workspace_id) = 1) m ON true
+          LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                              WHERE x.workspace_id = m.workspace_id AND x.id = m.contact_id LIMIT 1) c ON true
+          -- an open or click that names neither a workspace nor a known message: the workspace of the
+          -- broadcast its payload names
+          LEFT JOIN LATERAL (SELECT x.workspace_id FROM herald.broadcasts x
+                              WHERE t.f ->> 'workspace' IS NULL AND m.workspace_id IS NULL
+                                AND t.f ->> 'kind' IN ('opened', 'clicked')
+                                AND x.id = CASE WHEN t.f -> 'payload' ->> 'broadcast' ~ '^[0-9]{1,18}$'
+                                                THEN (t.f -> 'payload' ->> 'broadcast')::bigint END) bw ON true
+    ), known AS (
+        SELECT i.*,
+               CASE WHEN i.named_broadcast ~ '^[0-9]{1,18}$' THEN i.named_broadcast::bigint END AS named_id
+          FROM input i
+         WHERE i.email IS NOT NULL AND herald._valid_email(i.email)
+           AND (only_workspace IS NULL OR i.workspace_id = only_workspace)
+           AND EXISTS (SELECT 1 FROM herald.workspaces w WHERE w.id = i.workspace_id)
+    ), attributed AS (
+        -- opens and clicks: the broadcast and variation they count for, or why they cannot count
+        SELECT k.*, b.id AS named_found, j.job_id AS named_job, j.variation AS named_variation,
+               CASE WHEN k.named_broadcast IS NULL THEN NULL
+                    WHEN k.named_id IS NULL THEN
+                        format('payload.broadcast must be a broadcast id (a whole number), got %s', k.entry -> 'payload' -> 'broadcast')
+                    WHEN b.id IS NULL THEN
+                        format('broadcast %s does not exist in workspace %s', k.named_id, quote_literal(k.workspace_id))
+                    WHEN j.variation IS NULL THEN
+                        format('could not be attributed to a variation of broadcast %s: no message_id and no message of this broadcast to that address', k.named_id)
+                    WHEN NOT j.sent THEN
+                        format('could not be attributed to a variation of broadcast %s: its message to that address was not sent (%s)', k.named_id, j.status)
+                    WHEN k.payload ->> 'variation' IS NOT NULL AND k.payload ->> 'variation' <> j.variation THEN
+                        format('could not be attributed to a variation of broadcast %s: the report names variation %s, the message sent to that address was variation %s',
+                               k.named_id, quote_literal(k.payload ->> 'variation'), quote_literal(j.variation))
+               END AS refusal
+          FROM known k
+          LEFT JOIN LATERAL (SELECT x.id FROM herald.broadcasts x
+                              WHERE x.workspace_id = k.workspace_id AND x.id = k.named_id) b ON true
+          -- the contact's job of that broadcast (one per contact), or, once pruned, its history
+          LEFT JOIN LATERAL (SELECT coalesce(o.id, h.outbox_id) AS job_id, coalesce(o.variation, h.variation) AS variation,
+                                    -- leased: handed to a daemon, whose completion may not be recorded yet
+                                    -- when the recipient already opens it
+                                    coalesce(o.status IN ('done', 'leased'), h.status = 'sent') AS sent,
+                                    coalesce(o.status, h.status) AS status
+                               FROM herald.contacts ct
+                               LEFT JOIN herald.outbox o ON o.broadcast_id = b.id AND o.contact_id = ct.id
+                                                          AND o.workspace_id = ct.workspace_id
+                               LEFT JOIN LATERAL (SELECT y.outbox_id, y.variation, y.status FROM herald.message_history y
+                                                   WHERE o.id IS NULL AND y.workspace_id = ct.workspace_id
+                                                     AND y.contact_id = ct.id AND y.broadcast_id = b.id
+                                                   ORDER BY y.id DESC LIMIT 1) h ON true
+                              WHERE b.id IS NOT NULL AND ct.email = k.email AND ct.workspace_id = k.workspace_id
+                              LIMIT 1) j ON true
+    ), fresh AS (
+        -- an open or a click counts once per (message, kind, link) in 10 minutes: a replayed pixel or
+        -- link (prefetchers, scanners, a hostile loop) adds no event and wakes no automation
+        SELECT k.*,
+               -- the broadcast and variation it counts for: its message's, else the named broadcast's job's
+               CASE WHEN k.kind NOT IN ('opened', 'clicked') THEN k.event_payload
+                    WHEN k.broadcast_id IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.broadcast_id, 'variation', k.variation)
+                    WHEN k.named_job IS NOT NULL THEN
+                        k.event_payload || jsonb_build_object('broadcast', k.named_id, 'variation', k.named_variation)
+                    ELSE k.event_payload END AS counted_payload
+          FROM (SELECT k.*, row_number() OVER (PARTITION BY k.workspace_id, k.kind, k.message_id, k.payload ->> 'url'
+                                                        ORDER BY k.ord) AS nth
+                           FROM attributed k WHERE k.refusal IS NULL) k
+         WHERE k.kind NOT IN ('opened', 'clicked') OR k.message_id IS NULL
+            OR (k.nth = 1 AND NOT EXISTS (
+                   SELECT 1 FROM herald.events e
+                    WHERE e.workspace_id = k.workspace_id AND (e.payload ->> 'message_id') = k.message_id
+                      AND e.kind IN ('email.opened', 'email.clicked') AND e.kind = 'email.' || k.kind
+                      AND (e.payload ->> 'url') IS NOT DISTINCT FROM (k.payload ->> 'url')
+                      AND e.created_at > now() - interval '10 minutes'))
+    ), refused AS (
+        INSERT INTO herald.feedback_rejections (workspace_id, batch, position, input, reason, broadcast_id)
+        SELECT a.workspace_id, txid_current(), (a.ord - 1)::int, a.entry, a.refusal, a.named_found
+          FROM attributed a WHERE a.refusal IS NOT NULL
+        ON CONFLICT (workspace_id, batch, position) DO UPDATE
+           SET input = EXCLUDED.input, reason = EXCLUDED.reason, broadcast_id = EXCLUDED.broadcast_id
+        RETURNING 1
+    ), unattributed AS (
+        -- the broadcast's count of reports that could not count for a variation
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT a.workspace_id, a.named_found, '', a.kind || '_unattributed', count(*)
+          FROM attributed a WHERE a.refusal IS NOT NULL AND a.named_found IS NOT NULL
+         GROUP BY a.workspace_id, a.named_found, a.kind
+    ), suppressed AS (
+        INSERT INTO herald.suppressions (workspace_id, email, reason, detail)
+        SELECT DISTINCT ON (k.workspace_id, k.email) k.workspace_id, k.email,
+               CASE k.kind WHEN 'unsubscribed' THEN 'unsubscribed' WHEN 'hard_bounce' THEN 'hard_bounce' ELSE 'complaint' END,
+               jsonb_strip_nulls(k.payload || jsonb_build_object('message_id', k.message_id))
+          FROM known k WHERE k.kind IN ('unsubscribed', 'hard_bounce', 'complaint')
+         ORDER BY k.workspace_id, k.email, k.ord
+        ON CONFLICT ON CONSTRAINT suppressions_pkey DO NOTHING
+        RETURNING 1
+    ), to_count AS MATERIALIZED (
+        -- a broadcast message's first hard bounce or complaint counts for its broadcast and variation
+        -- (the rates auto_pause reads); a provider's repeat finds the message marked. Locked in id order,
+        -- so two batches reporting the same messages wait for each other instead of deadlocking.
+        SELECT h.workspace_id, h.id, r.kind
+          FROM (SELECT DISTINCT ON (k.workspace_id, k.message_id) k.workspace_id, k.message_id, k.kind
+                  FROM known k
+                 WHERE k.kind IN ('hard_bounce', 'complaint') AND k.broadcast_id IS NOT NULL
+                 ORDER BY k.workspace_id, k.message_id, k.ord) r
+          JOIN herald.message_history h ON h.message_id = r.message_id AND h.workspace_id = r.workspace_id
+         WHERE h.broadcast_id IS NOT NULL AND h.status = 'sent' AND h.reported IS NULL
+         ORDER BY h.workspace_id, h.id
+           FOR UPDATE OF h
+    ), marked AS (
+        UPDATE herald.message_history h SET reported = t.kind
+          FROM to_count t
+         WHERE h.workspace_id = t.workspace_id AND h.id = t.id
+        RETURNING h.workspace_id, h.broadcast_id, h.variation, h.reported
+    ), report_counted AS (
+        INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+        SELECT m.workspace_id, m.broadcast_id, coalesce(m.variation, ''),
+               CASE m.reported WHEN 'hard_bounce' THEN 'bounced' ELSE 'complained' END, count(*)
+          FROM marked m GROUP BY 1, 2, 3, 4
+    ), recorded AS (
+        INSERT INTO herald.events (workspace_id, email, kind, payload)
+        SELECT k.workspace_id, k.email, k.event_kind, k.counted_payload
+          FROM fresh k ORDER BY k.ord
+        RETURNING 1
+    ), reported AS (
+        -- the results stream (sql/results.sql): bounces, opens and clicks of the messages herald sent
+        -- (an address named alone: its contact, when there is one yet)
+        INSERT INTO herald.results_staged (workspace_id, kind, contact_id, automation_id, enrollment_id, broadcast_id,
+                                           job_id, data)
+        SELECT k.workspace_id, k.event_kind,
+               coalesce(k.contact_id, (SELECT c.id FROM herald.contacts c
+                                        WHERE c.email = k.email AND c.workspace_id IS NOT DISTINCT FROM k.workspace_id LIMIT 1)),
+               k.automation_id, k.enrollment_id, coalesce(k.broadcast_id, k.named_id), coalesce(k.job_id, k.named_job),
+               k.counted_payload
+          FROM fresh k
+         WHERE k.event_kind IN ('email.bounced', 'email.opened', 'email.clicked')
+         ORDER BY k.ord
+    )
+    SELECT count(*) INTO v_n FROM recorded;
+    RETURN v_n;
+END
+$$;
+
+CREATE OR REPLACE VIEW herald.broadcast_overview AS
+SELECT b.workspace_id, b.id, b.name, b.status, b.phase, b.send_at, b.enqueued, b.winner, b.winner_reason,
+       b.retry_of, b.last_error, b.created_at, b.finished_at, b.auto_paused
+  FROM herald.broadcasts b
+ WHERE NOT EXISTS (SELECT 1 FROM herald.archived a
+                    WHERE a.workspace_id = b.workspace_id AND a.kind = 'broadcast' AND a.name = b.id::text);
+
+ALTER VIEW herald.broadcast_overview SET (security_invoker = true);   -- CREATE OR REPLACE VIEW resets it
+ALTER FUNCTION herald.resume_broadcast(bigint) SECURITY DEFINER;
+ALTER FUNCTION herald.record_feedback(jsonb, text) SECURITY DEFINER;

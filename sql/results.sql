@@ -18,7 +18,9 @@
 --   broadcast.started / broadcast.winner / broadcast.sent
 --                                  advance_broadcasts(). data: name, and send_at (started) | winner,
 --                                  reason (winner) | enqueued (sent)
---   broadcast.auto_paused          reserved: nothing pauses a broadcast by itself yet
+--   broadcast.auto_paused          advance_broadcasts(), a sending broadcast its definition's auto_pause
+--                                  stopped. data: name, reason (complaint_percent | bounce_percent),
+--                                  percent, limit, min_sent, sent, bounced, complained, since_resume
 -- Every result carries its workspace, kind, time (`at`, when the statement that made it true ran) and
 -- the subjects it has (contact_id, automation_id, enrollment_id, broadcast_id, job_id).
 --

@@ -299,6 +299,11 @@ CREATE TABLE herald.message_history (
     error         text,
     attempt       int NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),
+    -- the first hard bounce or complaint reported for this sent message (record_feedback): counted once
+    -- in its broadcast's stats, whatever a provider repeats. No CHECK: adding one to a large table in an
+    -- upgrade would read it all under an exclusive lock; record_feedback alone writes 'hard_bounce' or
+    -- 'complaint'.
+    reported      text,
     PRIMARY KEY (workspace_id, id)
 );
 -- A contact's history (delete_contact, a broadcast's message to a contact) and an automation's. Keyed
@@ -424,6 +429,11 @@ CREATE TABLE herald.broadcasts (
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
+    -- the automatic pause (definition auto_pause): why advance_broadcasts paused it (the data of its
+    -- broadcast.auto_paused result), NULL unless it is paused that way; and the counts {sent, bounced,
+    -- complained} when it was last resumed from such a pause: the check counts only what came after
+    auto_paused     jsonb,
+    auto_pause_base jsonb,
     PRIMARY KEY (workspace_id, id)
 );
 CREATE INDEX broadcasts_id_idx ON herald.broadcasts (id);

@@ -3,7 +3,8 @@
 //! A definition names its audience (lists, a segment, an exclusion), what to send (one template, or
 //! weighted variations with an optional A/B test), the provider, optionally its own sender and
 //! Reply-To (over the template's and the provider's), an optional rate and when to send
-//! (now, at a timestamp, or at a local time in each recipient's zone). Every fault is collected with
+//! (now, at a timestamp, or at a local time in each recipient's zone), and when to stop by itself
+//! (`auto_pause`: bounce and complaint rates). Every fault is collected with
 //! its JSON path, like automation definitions, so a user fixes a whole definition in one round trip.
 //! SQL never reads the user's JSON directly: it reads the normalised object `validate` returns, whose
 //! shape is fixed (every key present, variations always a list, weights summing to 100).
@@ -26,6 +27,7 @@ const KEYS: &[&str] = &[
     "rate_per_second",
     "send_at",
     "variables",
+    "auto_pause",
 ];
 const NAME_RE_HELP: &str = "1 to 200 characters";
 /// A key, template key, list or provider name: what herald accepts elsewhere for such names.
@@ -40,7 +42,8 @@ fn is_name(s: &str, max: usize) -> bool {
 /// Validates a broadcast definition; on success returns its normalised form:
 /// `{name, lists[], segment|null, exclude|null, variations[{key, template, weight}], ab_test|null
 ///   {test_percent, metric, wait_seconds}, provider, from|null, reply_to|null, rate_per_second|null,
-///   send_at {kind, at|local_time}, variables{}}`.
+///   send_at {kind, at|local_time}, variables{}, auto_pause|null {bounce_percent|null,
+///   complaint_percent|null, min_sent}}`.
 pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
     let mut faults = Vec::new();
     let Some(obj) = def.as_object() else {
@@ -93,6 +96,7 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
         },
     };
     let send_at = send_at(obj.get("send_at"), &mut faults);
+    let auto_pause = auto_pause(obj.get("auto_pause"), &mut faults);
     let variables = match obj.get("variables") {
         None => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),
@@ -124,6 +128,7 @@ pub fn validate(def: &Value) -> Result<Value, Vec<Fault>> {
         "rate_per_second": rate,
         "send_at": send_at,
         "variables": variables,
+        "auto_pause": auto_pause,
     }))
 }
 
@@ -454,6 +459,71 @@ fn ab_test(v: Option<&Value>, n_variations: usize, faults: &mut Vec<Fault>) -> V
     json!({"test_percent": pct, "metric": metric, "wait_seconds": wait})
 }
 
+/// How many sent messages an automatic pause waits for by default: below that a rate says little
+/// (2 bounces in the first 20 messages are 10%).
+const AUTO_PAUSE_MIN_SENT: u64 = 500;
+
+/// `{bounce_percent, complaint_percent, min_sent}`: advance_broadcasts pauses a sending broadcast once
+/// `min_sent` of its messages are sent and hard bounces or complaints reach the percent of them. At
+/// least one percent; each more than 0 and at most 100 (0.1 for complaints is the usual mailbox
+/// providers' line).
+fn auto_pause(v: Option<&Value>, faults: &mut Vec<Fault>) -> Value {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Value::Null;
+    };
+    let Some(obj) = v.as_object() else {
+        faults.push(Fault::new(
+            "$.auto_pause",
+            "an object {bounce_percent, complaint_percent, min_sent}",
+        ));
+        return Value::Null;
+    };
+    reject_unknown_keys(
+        obj,
+        &["bounce_percent", "complaint_percent", "min_sent"],
+        "$.auto_pause",
+        "in auto_pause",
+        faults,
+    );
+    let mut percent = |key: &str| match obj.get(key) {
+        None | Some(Value::Null) => Value::Null,
+        Some(v) => match v.as_f64() {
+            Some(p) if p > 0.0 && p <= 100.0 => json!(p),
+            _ => {
+                faults.push(Fault::new(
+                    format!("$.auto_pause.{key}"),
+                    "a number more than 0 and at most 100 (a percent of the messages sent)",
+                ));
+                Value::Null
+            }
+        },
+    };
+    let bounce = percent("bounce_percent");
+    let complaint = percent("complaint_percent");
+    if obj.get("bounce_percent").is_none_or(Value::is_null)
+        && obj.get("complaint_percent").is_none_or(Value::is_null)
+    {
+        faults.push(Fault::new(
+            "$.auto_pause",
+            "give bounce_percent, complaint_percent or both",
+        ));
+    }
+    let min_sent = match obj.get("min_sent") {
+        None | Some(Value::Null) => AUTO_PAUSE_MIN_SENT,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=100_000_000).contains(&n) => n,
+            _ => {
+                faults.push(Fault::new(
+                    "$.auto_pause.min_sent",
+                    "a whole number from 1 to 100000000 (messages sent before the rates count)",
+                ));
+                AUTO_PAUSE_MIN_SENT
+            }
+        },
+    };
+    json!({"bounce_percent": bounce, "complaint_percent": complaint, "min_sent": min_sent})
+}
+
 /// absent = when scheduled; `{"at": "<RFC 3339>"}`; `{"local_time": "HH:MM"}` in each recipient's zone.
 fn send_at(v: Option<&Value>, faults: &mut Vec<Fault>) -> Value {
     let Some(v) = v.filter(|v| !v.is_null()) else {
@@ -587,6 +657,49 @@ mod tests {
         ] {
             assert!(p.contains(&want.to_string()), "{want} missing from {p:?}");
         }
+    }
+
+    #[test]
+    fn auto_pause_is_checked_and_normalised() {
+        let base = json!({"name": "x", "audience": "all", "template": "t"});
+        let with = |auto_pause: Value| {
+            let mut d = base.clone();
+            d["auto_pause"] = auto_pause;
+            validate(&d)
+        };
+        assert_eq!(validate(&base).unwrap()["auto_pause"], Value::Null);
+        assert_eq!(
+            with(json!({"bounce_percent": 5})).unwrap()["auto_pause"],
+            json!({"bounce_percent": 5.0, "complaint_percent": null, "min_sent": 500})
+        );
+        assert_eq!(
+            with(json!({"complaint_percent": 0.1, "min_sent": 2000})).unwrap()["auto_pause"],
+            json!({"bounce_percent": null, "complaint_percent": 0.1, "min_sent": 2000})
+        );
+        let faults = |v: Value| {
+            with(v)
+                .unwrap_err()
+                .into_iter()
+                .map(|f| f.path)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(faults(json!({})), vec!["$.auto_pause"]);
+        assert_eq!(faults(json!(5)), vec!["$.auto_pause"]);
+        assert_eq!(
+            faults(
+                json!({"bounce_percent": 0, "complaint_percent": 101, "min_sent": 0, "rate": 1})
+            ),
+            vec![
+                "$.auto_pause.rate",
+                "$.auto_pause.bounce_percent",
+                "$.auto_pause.complaint_percent",
+                "$.auto_pause.min_sent"
+            ]
+        );
+        assert_eq!(
+            faults(json!({"bounce_percent": "5%"})),
+            vec!["$.auto_pause.bounce_percent"]
+        );
     }
 
     #[test]

@@ -391,3 +391,59 @@ SELECT position, reason FROM herald.feedback_rejections WHERE workspace_id = 'b1
 SELECT herald.cancel_broadcast(:attr);
 -- a bad entry of another kind still fails the whole call before anything is written
 SELECT herald.record_feedback('[{"kind": "opened", "workspace": "b1", "email": "p1@example.com", "payload": {"broadcast": 1}}, {"kind": "seen"}]');
+
+-- auto_pause: a sending broadcast stops by itself once, of at least min_sent messages sent, hard
+-- bounces or complaints reach their percent (each message's first report counts once); bad settings
+-- are refused with their paths
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "auto_pause": {"bounce_percent": 0, "min_sent": "ten"}}');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "n", "template": "news-a", "auto_pause": {"min_sent": 10}}');
+UPDATE herald.outbox SET status = 'cancelled' WHERE status IN ('pending', 'leased', 'held');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Risky", "template": "news-a",
+  "auto_pause": {"bounce_percent": 20, "complaint_percent": 5, "min_sent": 10}}') AS risky \gset
+SELECT definition -> 'auto_pause' AS auto_pause FROM herald.broadcasts WHERE id = :risky;
+SELECT herald.schedule_broadcast(:risky);
+SELECT herald.advance_broadcasts() > 20 AS enqueued;
+-- sends n of its pending jobs, each with its own Message-ID
+CREATE FUNCTION pg_temp.send_risky(n int) RETURNS int LANGUAGE sql AS $$
+  SELECT herald.complete(jsonb_agg(jsonb_build_object('id', j.id, 'ok', true, 'message_id', '<risky-' || j.id || '@herald>')))
+    FROM herald.claim('t', n) j $$;
+CREATE FUNCTION pg_temp.risky_message(nth int) RETURNS text LANGUAGE sql AS $$
+  SELECT h.message_id FROM herald.message_history h WHERE h.broadcast_id = (SELECT max(id) FROM herald.broadcasts WHERE name = 'Risky')
+   ORDER BY h.outbox_id OFFSET nth - 1 LIMIT 1 $$;
+SELECT pg_temp.send_risky(5) AS sent;
+-- 3 of 5 bounce (one reported three times, twice in one batch); a soft bounce and a bounce that names
+-- only the address count for nothing: below min_sent, nothing stops
+SELECT herald.record_feedback(jsonb_build_array(
+  jsonb_build_object('kind', 'hard_bounce', 'message_id', pg_temp.risky_message(1)),
+  jsonb_build_object('kind', 'hard_bounce', 'message_id', pg_temp.risky_message(1)),
+  jsonb_build_object('kind', 'hard_bounce', 'message_id', pg_temp.risky_message(2)),
+  jsonb_build_object('kind', 'soft_bounce', 'message_id', pg_temp.risky_message(4)),
+  jsonb_build_object('kind', 'hard_bounce', 'workspace', 'b1', 'email', 'p39@example.com'))) AS recorded;
+SELECT herald.record_feedback(jsonb_build_array(
+  jsonb_build_object('kind', 'hard_bounce', 'message_id', pg_temp.risky_message(1)),
+  jsonb_build_object('kind', 'hard_bounce', 'message_id', pg_temp.risky_message(3)))) AS recorded_again;
+SELECT metric, value FROM herald.broadcast_stats(:risky) WHERE metric IN ('sent', 'bounced', 'complained') ORDER BY 1;
+SELECT herald.advance_broadcasts() AS advanced, (SELECT status FROM herald.broadcasts WHERE id = :risky) AS status;
+-- 5 more sent: 3 bounces in 10 = 30% >= 20%: paused, claim holds its jobs, and it says why
+SELECT pg_temp.send_risky(5) AS sent;
+SELECT herald.advance_broadcasts() > 0 AS settled;
+SELECT status, paused_from, auto_paused FROM herald.broadcasts WHERE id = :risky;
+SELECT status, count(*) FROM herald.outbox WHERE broadcast_id = :risky GROUP BY 1 ORDER BY 1;
+SELECT count(*) AS claimed_while_paused FROM herald.claim('t', 10);
+SELECT kind, data FROM herald.results_staged WHERE broadcast_id = :risky AND kind = 'broadcast.auto_paused'
+UNION ALL
+SELECT kind, data FROM herald.results WHERE broadcast_id = :risky AND kind = 'broadcast.auto_paused';
+SELECT name, status, auto_paused ->> 'reason' AS reason FROM herald.broadcast_overview WHERE id = :risky;
+-- resumed by someone who saw the rates: counted afresh from then on (nothing sent since: no pause);
+-- then 1 complaint in the next 10 = 10% >= 5%: paused again, complaints named
+SELECT herald.resume_broadcast(:risky);
+SELECT status, auto_paused, auto_pause_base FROM herald.broadcasts WHERE id = :risky;
+SELECT herald.advance_broadcasts() >= 0 AS advanced, (SELECT status FROM herald.broadcasts WHERE id = :risky) AS status;
+SELECT pg_temp.send_risky(10) AS sent;
+SELECT herald.record_feedback(jsonb_build_array(
+  jsonb_build_object('kind', 'complaint', 'message_id', pg_temp.risky_message(12)))) AS recorded;
+SELECT herald.advance_broadcasts() > 0 AS settled;
+SELECT status, auto_paused FROM herald.broadcasts WHERE id = :risky;
+SELECT variation, metric, value FROM herald.broadcast_stats(:risky) WHERE metric IN ('sent', 'bounced', 'complained') ORDER BY 1, 2;
+SELECT herald.cancel_broadcast(:risky);
+SELECT status, auto_paused ->> 'reason' AS reason FROM herald.broadcasts WHERE id = :risky;

@@ -199,6 +199,9 @@ pub struct Broadcast {
     pub progress_percent: Option<f64>,
     pub winner: Option<String>,
     pub last_error: Option<String>,
+    /// Why the broadcast paused itself (its definition's auto_pause; the data of its
+    /// broadcast.auto_paused result), while it stays paused.
+    pub auto_paused: Option<serde_json::Value>,
     /// Archived (herald.archive_broadcast): listed only with `--all`.
     pub archived: bool,
 }
@@ -229,7 +232,8 @@ pub async fn broadcasts_including(
                            FROM (SELECT s.metric, sum(s.value) AS value
                                    FROM herald.broadcast_stats(o.id) s GROUP BY s.metric) x)
                     END,
-                    o.id NOT IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id)
+                    o.id NOT IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id),
+                    o.auto_paused
                FROM herald.broadcasts o
               WHERE ($1::text IS NULL OR o.workspace_id = $1)
                 AND (NOT $2 OR o.status IN ('scheduled', 'sending', 'paused'))
@@ -270,6 +274,7 @@ pub async fn broadcasts_including(
                 clicked: n("clicked"),
                 winner: r.get(6),
                 last_error: r.get(7),
+                auto_paused: r.get(10),
                 archived: r.get(9),
             }
         })
@@ -328,8 +333,44 @@ pub fn render_broadcasts(list: &[Broadcast]) -> String {
         if let Some(e) = &b.last_error {
             out.push_str(&format!("broadcast {}: last error: {e}\n", b.id));
         }
+        if let Some(why) = &b.auto_paused {
+            out.push_str(&format!(
+                "broadcast {}: paused by itself: {} (resume or cancel it)\n",
+                b.id,
+                auto_pause_note(why)
+            ));
+        }
     }
     out
+}
+
+/// Why a broadcast paused itself, for a person, from the data of its broadcast.auto_paused result
+/// (sql/broadcasts.sql, `_auto_pause_verdict`): which rate stopped it, at how much of how many
+/// messages, and the line.
+pub fn auto_pause_note(why: &serde_json::Value) -> String {
+    // 30.00 → "30", 0.12 → "0.12": numbers as a person writes them
+    let num = |k: &str| match why.get(k).and_then(serde_json::Value::as_f64) {
+        Some(n) => format!("{}", (n * 100.0).round() / 100.0),
+        None => "?".into(),
+    };
+    let sent = why.get("sent").and_then(serde_json::Value::as_i64);
+    let what = match why.get("reason").and_then(serde_json::Value::as_str) {
+        Some("complaint_percent") => "complaints",
+        Some("bounce_percent") => "hard bounces",
+        _ => "reports",
+    };
+    let since = if why.get("since_resume").and_then(serde_json::Value::as_bool) == Some(true) {
+        " since it was last resumed"
+    } else {
+        ""
+    };
+    format!(
+        "{what} reached {}% of {} message{} sent{since} (auto_pause: {}%)",
+        num("percent"),
+        num("sent"),
+        if sent == Some(1) { "" } else { "s" },
+        num("limit"),
+    )
 }
 
 // ------------------------------------------------------------------------------------ subcommands
@@ -412,6 +453,7 @@ mod tests {
             progress_percent,
             winner: None,
             last_error: None,
+            auto_paused: None,
             archived: false,
         }
     }
@@ -436,6 +478,34 @@ mod tests {
         assert!(lines[2].ends_with("       -"), "{t}");
         assert_eq!(lines[3], "broadcast 2: last error: template gone");
         assert!(render_broadcasts(&[]).contains("no broadcasts"));
+    }
+
+    #[test]
+    fn a_broadcast_that_paused_itself_says_why() {
+        let mut b = vec![broadcast(4, "all", None)];
+        b[0].status = "paused".into();
+        b[0].auto_paused = Some(
+            serde_json::json!({"name": "Nov news", "reason": "complaint_percent",
+            "percent": 0.12, "limit": 0.1, "min_sent": 500, "sent": 2500, "bounced": 9, "complained": 3,
+            "since_resume": true}),
+        );
+        let t = render_broadcasts(&b);
+        assert_eq!(
+            t.lines().last().unwrap(),
+            "broadcast 4: paused by itself: complaints reached 0.12% of 2500 messages sent since it \
+             was last resumed (auto_pause: 0.1%) (resume or cancel it)"
+        );
+        let bounce = serde_json::json!({"reason": "bounce_percent", "percent": 30.0, "limit": 20.0,
+            "sent": 10, "since_resume": false});
+        assert_eq!(
+            auto_pause_note(&bounce),
+            "hard bounces reached 30% of 10 messages sent (auto_pause: 20%)"
+        );
+        let one = serde_json::json!({"reason": "bounce_percent", "percent": 100.0, "limit": 50, "sent": 1});
+        assert_eq!(
+            auto_pause_note(&one),
+            "hard bounces reached 100% of 1 message sent (auto_pause: 50%)"
+        );
     }
 
     #[test]

@@ -157,6 +157,17 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     db.q("UPDATE herald.broadcasts SET test_ends_at = now() WHERE name = 'Spring news'")
     wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE name = 'Spring news'") == "sent",
                timeout=60, what="the broadcast to be sent")
+    # a broadcast that paused itself: its first message hard-bounced (auto_pause: 50% of at least 1 sent),
+    # while the rest went out at 1 a second
+    risky = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Risky import", "audience": "all",
+                      "template": "welcome", "rate_per_second": 1, "auto_pause": {"bounce_percent": 50, "min_sent": 1}}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", risky)
+    first = "SELECT message_id FROM herald.message_history WHERE broadcast_id = %s AND status = 'sent' ORDER BY id LIMIT 1"
+    wait_until(lambda: db.one(first, risky) is not None, timeout=30, what="the risky broadcast's first message")
+    db.q("SELECT herald.record_feedback(jsonb_build_array(jsonb_build_object('kind', 'hard_bounce', 'message_id', %s::text)))",
+         db.one(first, risky))
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", risky) == "paused", timeout=30,
+               what="the risky broadcast to pause itself")
     record_opens(db, automation, 5)
     db.q("SELECT herald.flush_stats()")
     base = f"{public}/admin"
@@ -226,6 +237,8 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     news = browser.find_element(By.XPATH, "//section[.//h2[contains(., 'Spring news')]]")
     winner, reason = db.q("SELECT winner, winner_reason FROM herald.broadcasts WHERE name = 'Spring news'")[0]
     assert f"A/B winner: {winner}" in news.text and reason in news.text, news.text
+    paused = browser.find_element(By.CSS_SELECTOR, f'section[data-broadcast="{risky}"] [data-auto-paused]')
+    assert paused.text.startswith("Paused by itself: hard bounces reached 100% of 1 message sent"), paused.text
     screenshot(browser, "broadcasts")
     section.find_element(By.XPATH, ".//button[normalize-space()='Pause']").click()
     wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".notice-ok"), f"Broadcast #{later} paused."))

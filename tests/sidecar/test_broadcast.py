@@ -4,13 +4,15 @@ provider events) through real HTTP requests to the daemon."""
 import base64
 import html as htmllib
 import json
+import os
 import re
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from collections import Counter
 
-from conftest import free_port, wait_until
+from conftest import BIN, free_port, wait_until
 
 LINK_SECRET = "a-link-secret-for-tests"
 EVENTS_TOKEN = "provider-token"
@@ -193,3 +195,56 @@ def test_provider_events_suppress_bounces_and_complaints(db, smtp, sidecar):
     wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE status = 'cancelled'") == 1, timeout=10,
                what="the suppressed job cancelled")
     assert [r[0] for r, _, _ in smtp.snapshot()[before:]] == ["r1@example.com"]
+
+
+def test_a_broadcast_pauses_itself_when_its_bounces_pass_the_line(db, smtp, sidecar):
+    """auto_pause through the daemon: hard bounces reported to /events/generic (one batch sent twice,
+    as a provider retrying) pass 5% of the messages sent while the broadcast is going out at 100/s; the
+    daemon's advance pauses it, nothing more is sent, and it says why (results stream, `herald
+    broadcasts`). Resumed, the rest goes out, each recipient once."""
+    add_contacts(db, 2_000)
+    db.q("SELECT herald.upsert_template('acme', 'news', 'News', '<p>n</p>')")
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Risky list", "audience": "all", "template": "news",
+                   "rate_per_second": 100, "auto_pause": {"bounce_percent": 5, "min_sent": 100}}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", b)
+    port = free_port()
+    sidecar(**http_side(port))
+    sent = "SELECT count(*) FROM herald.message_history WHERE broadcast_id = %s AND status = 'sent'"
+    wait_until(lambda: db.one(sent, b) >= 150, timeout=60, what="150 messages sent and recorded")
+    mids = [r[0] for r in db.q(f"SELECT message_id FROM herald.message_history WHERE broadcast_id = %s AND status = 'sent' "
+                               f"ORDER BY id LIMIT 60", b)]
+    report = json.dumps({"events": [{"type": "bounce", "bounce_type": "hard", "message_id": m} for m in mids]
+                         + [{"type": "bounce", "bounce_type": "soft", "message_id": mids[0]}]}).encode()
+    auth = {"Authorization": f"Bearer {EVENTS_TOKEN}", "Content-Type": "application/json"}
+    for _ in range(2):
+        status, _, body = request(f"http://127.0.0.1:{port}/events/generic", "POST", report, auth)
+        assert status == 200 and json.loads(body)["recorded"] == 61, body
+
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b) == "paused", timeout=30,
+               what="the broadcast to pause itself")
+    # settled: nothing of it pending or in flight, the rest held
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE broadcast_id = %s AND status IN ('pending', 'leased')",
+                              b) == 0, timeout=30, what="its jobs held")
+    held = db.one("SELECT count(*) FROM herald.outbox WHERE broadcast_id = %s AND status = 'held'", b)
+    stats = dict(((m), n) for _, m, n in db.q("SELECT * FROM herald.broadcast_stats(%s)", b))
+    assert stats["bounced"] == 60, "each message's first hard bounce, once: the repeat and the soft bounce count for nothing"
+    assert held > 0 and stats["sent"] + held + stats.get("suppressed", 0) == 2_000, (held, stats)
+    assert smtp.count() == stats["sent"], "what the SMTP server received is what herald counts as sent"
+    why = db.one("SELECT auto_paused FROM herald.broadcasts WHERE id = %s", b)
+    assert why["reason"] == "bounce_percent" and why["bounced"] == 60 and why["limit"] == 5
+    assert why["sent"] * 5 <= 60 * 100 and why["since_resume"] is False, why
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.read_results('acme', 0, 100, ARRAY['broadcast.auto_paused'])") == 1,
+               timeout=10, what="the broadcast.auto_paused result published")
+    data = db.one("SELECT data FROM herald.read_results('acme', 0, 100, ARRAY['broadcast.auto_paused'])")
+    assert data == why
+    listing = subprocess.run([BIN, "broadcasts", "--workspace", "acme"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ["PATH"], "DATABASE_URL": db.url, "NO_COLOR": "1"})
+    assert listing.returncode == 0, listing.stderr
+    assert f"broadcast {b}: paused by itself: hard bounces reached" in listing.stdout, listing.stdout
+
+    # resumed: counted afresh, the rest goes out; every recipient once, the bounced ones were already sent
+    db.q("SELECT herald.resume_broadcast(%s)", b)
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b) == "sent", timeout=90,
+               what="the resumed broadcast to be sent")
+    per_rcpt = Counter(r for rcpts, _, _ in smtp.snapshot() for r in rcpts)
+    assert set(per_rcpt.values()) == {1} and len(per_rcpt) == db.one(sent, b), "nobody twice"

@@ -480,6 +480,14 @@ pub fn broadcasts(frame: &Frame, rows: &[BroadcastRow], notice: &str) -> String 
                 esc(e)
             );
         }
+        if let Some(why) = &b.auto_paused {
+            let _ = write!(
+                body,
+                "<p class=\"notice notice-error\" data-auto-paused>Paused by itself: {}. Resume it \
+                 to go on (counted afresh from then), or cancel it.</p>",
+                esc(&crate::listing::auto_pause_note(why))
+            );
+        }
 
         // per variation
         let keys: Vec<String> = if b.variations.is_empty() {
@@ -776,6 +784,7 @@ mod tests {
             winner_reason: Some(evil.into()),
             test_ends_at: None,
             last_error: Some(evil.into()),
+            auto_paused: Some(serde_json::json!({"reason": evil, "percent": evil, "sent": evil})),
             ab_metric: Some("opens".into()),
             variations: vec![(evil.into(), evil.into())],
             stats: BTreeMap::from([(evil.to_string(), BTreeMap::from([("sent".to_string(), 4)]))]),

@@ -532,6 +532,8 @@ pub struct BroadcastRow {
     pub winner_reason: Option<String>,
     pub test_ends_at: Option<String>,
     pub last_error: Option<String>,
+    /// Why it paused itself (definition auto_pause), while it stays paused.
+    pub auto_paused: Option<Value>,
     pub ab_metric: Option<String>,
     /// Variation keys in the definition's order, with their template.
     pub variations: Vec<(String, String)>,
@@ -555,7 +557,7 @@ const BROADCASTS: &str = "
     SELECT b.workspace_id, b.id, b.name, b.status, b.phase,
            to_char(b.send_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.enqueued, b.winner, b.winner_reason,
            to_char(b.test_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.last_error,
-           b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations'
+           b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations', b.auto_paused
       FROM herald.broadcasts b
      WHERE ($1::bigint IS NULL
             AND NOT EXISTS (SELECT 1 FROM herald.archived a
@@ -583,6 +585,7 @@ pub async fn broadcasts(tx: &Transaction<'_>, only: Option<i64>) -> Result<Vec<B
                 winner_reason: r.get(8),
                 test_ends_at: r.get(9),
                 last_error: r.get(10),
+                auto_paused: r.get(13),
                 ab_metric: r.get(11),
                 variations: variations
                     .as_ref()
