@@ -3,6 +3,7 @@
 import http.client
 import json
 import socket
+import threading
 
 from conftest import free_port, wait_until
 
@@ -109,6 +110,44 @@ def test_a_subscriber_that_reconnects_mid_burst_gets_every_result_once_in_order(
     assert all(d["automation_id"] == automation for d in data)
     # nothing more than the 10,000: a third reader from the last id sees nothing new
     assert db.one("SELECT count(*) FROM herald.read_results('acme', %s, 10)", ids[-1]) == 0
+
+
+def test_many_subscribers_of_a_workspace_share_one_reader(db, sidecar, tmp_path):
+    """20 streams of acme's enrollment.completed (the kinds written in two orders: the same set) each get
+    all 3,000 results once, in order, while the daemon reads the pages for all of them together: the
+    read statement runs a few times per page, not once per page and stream (that would be >= 120)."""
+    journey_that_ends_at_once(db)
+    _, port = http_side(sidecar, tmp_path)
+    db.q("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    dbid = db.one("SELECT oid FROM pg_database WHERE datname = current_database()")
+    queries = ["workspace=acme&kinds=enrollment.completed,email.sent",
+               "workspace=acme&kinds=email.sent,enrollment.completed"]
+    streams = [EventStream(port, queries[i % 2]) for i in range(20)]
+    assert all(s.response.status == 200 for s in streams)
+    db.q("SELECT pg_stat_statements_reset(0, %s, 0)", dbid)
+    got = [[] for _ in streams]
+
+    def follow(i):
+        for event in streams[i].events():
+            got[i].append(int(event["id"]))
+            if len(got[i]) == 3_000:
+                return
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    track(db, 1, 3_000)
+    for t in threads:
+        t.join(timeout=60)
+    reads = db.one("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                   "WHERE dbid = %s AND query LIKE '%%herald.read_results(%%'", dbid)
+    for s in streams:
+        s.close()
+    expected = [r[0] for r in db.q("SELECT id FROM herald.results WHERE workspace_id = 'acme' "
+                                   "AND kind = 'enrollment.completed' ORDER BY id")]
+    assert len(expected) == 3_000
+    assert all(ids == expected for ids in got), [len(ids) for ids in got]
+    assert 0 < reads <= 40, f"{reads} reads of results for 20 streams of 3,000 results (6 pages)"
 
 
 def test_stream_access_and_bad_requests(db, sidecar, tmp_path):

@@ -51,6 +51,7 @@ pub mod render;
 mod sendgrid;
 mod smtp_pool;
 mod stream;
+mod stream_tail;
 mod tick_wakeup;
 mod transport;
 mod webhook;

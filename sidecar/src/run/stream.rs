@@ -14,11 +14,11 @@
 //! workspace. Without any stream token configured, the route answers 404.
 //!
 //! Waking: results become readable when maintenance publishes them (`herald.advance_results`, each
-//! round); a publishing round that moved rows bumps [`Published`], which wakes every open stream at
-//! once. Streams also look every [`POLL`] (another daemon may have published). One query per wake-up
-//! and stream, on a pooled connection held only for that query.
+//! round); a publishing round that moved rows bumps [`Published`], which wakes every reader at once.
+//! Readers also look every second (another daemon may have published). Open streams of one workspace
+//! (and kinds) share one reader, see `stream_tail`: one query per wake-up and workspace, not per
+//! stream.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,21 +31,15 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
-use serde_json::Value as Json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{constant_time_eq, Keys, TokenScope};
 use super::database::{Database, DbError};
+use super::stream_tail::{newest, read, Follower, Row, Source, Tails};
 
-/// Results read per query; a full page is followed by the next one at once.
-const PAGE: i32 = 500;
-/// How often an idle stream looks for results published elsewhere (another daemon's maintenance).
-const POLL: Duration = Duration::from_secs(1);
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// How long a stream waits after a failed read before it tries again (the database may be away).
-const RETRY: Duration = Duration::from_secs(2);
 
 /// Bumped by maintenance whenever `advance_results` published rows.
 #[derive(Clone)]
@@ -73,6 +67,7 @@ struct StreamApp {
     keys: Arc<Keys>,
     published: Published,
     shutdown: CancellationToken,
+    tails: Tails,
 }
 
 /// The `/stream` route. Served without the request time limit of the other routes: a stream is
@@ -90,6 +85,7 @@ pub fn router(
             keys,
             published,
             shutdown,
+            tails: Tails::default(),
         })
 }
 
@@ -202,18 +198,24 @@ async fn open(
         Ok(rows) => rows,
         Err(e) => return read_failed(&e),
     };
-    let reader = Reader {
+    let source = Source {
         database: app.database,
-        workspace: ask.workspace,
-        kinds: ask.kinds,
-        after,
-        queued: first.into(),
         published: app.published.subscribe(),
         shutdown: app.shutdown,
     };
-    Sse::new(reader.events())
+    let follower = app
+        .tails
+        .follow(&source, ask.workspace, ask.kinds, after, first);
+    Sse::new(events(follower))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
+}
+
+fn events(follower: Follower) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    stream::unfold(follower, |mut follower| async move {
+        let next = follower.next().await?;
+        Some((Ok(event(next.row())), follower))
+    })
 }
 
 /// A refused read: the workspace or kinds are wrong (400, with the database's message), or the
@@ -237,109 +239,6 @@ fn read_failed(e: &DbError) -> Response {
             }
         },
         DbError::Pool(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "no database connection"),
-    }
-}
-
-/// One result as it comes from `herald.read_results`.
-#[derive(Debug)]
-struct Row {
-    id: i64,
-    kind: String,
-    json: Json,
-}
-
-const READ: &str = "SELECT r.id, r.kind, jsonb_strip_nulls(jsonb_build_object(\
-      'id', r.id, 'kind', r.kind, 'at', r.at, 'contact_id', r.contact_id, \
-      'automation_id', r.automation_id, 'enrollment_id', r.enrollment_id, \
-      'broadcast_id', r.broadcast_id, 'job_id', r.job_id)) || jsonb_build_object('data', r.data) \
-      FROM herald.read_results($1, $2, $3, $4) r";
-
-async fn read(
-    database: &Database,
-    workspace: &str,
-    after: i64,
-    kinds: Option<&[String]>,
-) -> Result<Vec<Row>, DbError> {
-    let client = database.get().await?;
-    let rows = client
-        .query(READ, &[&workspace, &after, &PAGE, &kinds])
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Row {
-            id: r.get(0),
-            kind: r.get(1),
-            json: r.get(2),
-        })
-        .collect())
-}
-
-/// The newest result published in the workspace now (0 when none): where a stream without a cursor
-/// starts.
-async fn newest(database: &Database, workspace: &str) -> Result<i64, DbError> {
-    let client = database.get().await?;
-    let row = client
-        .query_one("SELECT herald.newest_result($1)", &[&workspace])
-        .await?;
-    Ok(row.get::<_, Option<i64>>(0).unwrap_or(0))
-}
-
-/// An open stream's state: what is read and not sent yet, and where to read next.
-struct Reader {
-    database: Arc<Database>,
-    workspace: String,
-    kinds: Option<Vec<String>>,
-    after: i64,
-    queued: VecDeque<Row>,
-    published: watch::Receiver<u64>,
-    shutdown: CancellationToken,
-}
-
-impl Reader {
-    fn events(self) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-        stream::unfold(self, |mut reader| async move {
-            let row = reader.next().await?;
-            Some((Ok(event(&row)), reader))
-        })
-    }
-
-    /// The next result, waiting for one as long as it takes; None ends the stream (shutdown).
-    async fn next(&mut self) -> Option<Row> {
-        loop {
-            if let Some(row) = self.queued.pop_front() {
-                self.after = row.id;
-                return Some(row);
-            }
-            if self.shutdown.is_cancelled() {
-                return None;
-            }
-            match read(
-                &self.database,
-                &self.workspace,
-                self.after,
-                self.kinds.as_deref(),
-            )
-            .await
-            {
-                Ok(rows) if !rows.is_empty() => {
-                    self.queued = rows.into();
-                    continue;
-                }
-                Ok(_) => self.wait(POLL).await,
-                Err(e) => {
-                    tracing::debug!(error = %e.describe(), "stream: read failed; retrying");
-                    self.wait(RETRY).await;
-                }
-            }
-        }
-    }
-
-    async fn wait(&mut self, at_most: Duration) {
-        tokio::select! {
-            _ = self.published.changed() => {}
-            () = tokio::time::sleep(at_most) => {}
-            () = self.shutdown.cancelled() => {}
-        }
     }
 }
 
