@@ -210,6 +210,9 @@ ALTER FUNCTION herald.delete_list(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.archive_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.unarchive_broadcast(bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.delete_broadcast(bigint) SECURITY DEFINER;
+-- the operator page's sign-outs (sql/admin_sessions.sql)
+ALTER FUNCTION herald.admin_session_ok(text, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION herald.admin_sign_out(text, text, timestamptz, boolean) SECURITY DEFINER;
 -- the dispatcher writes contacts and enrollments for whoever inserted the events (an application's
 -- INSERT INTO herald.events passed row-level security's check of its workspace first)
 ALTER FUNCTION herald._dispatch() SECURITY DEFINER;
@@ -276,6 +279,10 @@ GRANT EXECUTE ON FUNCTION
     herald.prune(interval, interval, interval, interval), herald.advance_results(int), herald._my_workspaces(), herald.provider_kinds()
 TO herald_worker, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.take_tick_wakeup() TO herald_worker, herald_admin;
+-- the operator's page runs as a role in herald_admin, or on the daemon's pool
+GRANT EXECUTE ON FUNCTION
+    herald.admin_session_ok(text, timestamptz), herald.admin_sign_out(text, text, timestamptz, boolean)
+TO herald_worker, herald_admin;
 GRANT EXECUTE ON FUNCTION herald.oldest_snapshot(interval) TO herald_worker, herald_admin;
 -- the HTTP API: an admin makes and revokes keys; the daemon serves /v1/… through api_call, which acts
 -- only for the workspace of the key it is given (a key is the capability, checked in the database)
@@ -382,3 +389,5 @@ CREATE POLICY tenant ON herald.api_idempotency USING (workspace_id IN (SELECT he
 ALTER TABLE herald.rate_limits ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin ON herald.rate_limits TO herald_admin USING (true);
 ALTER TABLE herald.rate_grants ENABLE ROW LEVEL SECURITY;
+-- the operator page's sign-outs: only through admin_session_ok and admin_sign_out (no policy, no grant)
+ALTER TABLE herald.admin_signouts ENABLE ROW LEVEL SECURITY;

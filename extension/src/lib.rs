@@ -95,4 +95,9 @@ pgrx::extension_sql_file!(
     requires = ["broadcasts"]
 );
 // roles, grants, SECURITY DEFINER, row-level security: after every function and table exists
+pgrx::extension_sql_file!(
+    "../../sql/admin_sessions.sql",
+    name = "admin_sessions",
+    requires = ["schema"]
+);
 pgrx::extension_sql_file!("../../sql/security.sql", name = "security", finalize);

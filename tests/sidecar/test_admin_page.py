@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -120,6 +123,36 @@ def populate_globex(db):
                   FROM generate_series(1, %s) i""", sent, ago, ago, sent + failed)
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+
+
+def admin_get(url, cookie):
+    """(status, Location) of a GET with the session cookie, redirects not followed."""
+    request = urllib.request.Request(url, headers={"Cookie": f"herald_admin={cookie}"})
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as r:
+            return r.status, r.headers.get("Location", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Location", "")
+
+
+def http_sign_in(public, name):
+    """Signs in without the browser (another device); returns the session cookie's value."""
+    origin = public.split(PREFIX)[0]
+    body = urllib.parse.urlencode({"name": name, "password": PASSWORD, "next": ""}).encode()
+    request = urllib.request.Request(f"{public}/admin/login", data=body, method="POST", headers={
+        "Origin": origin, "Content-Type": "application/x-www-form-urlencoded"})
+
+    try:
+        urllib.request.build_opener(NoRedirect).open(request, timeout=10)
+        raise AssertionError("a sign-in answers with a redirect")
+    except urllib.error.HTTPError as e:
+        assert e.code == 303, e.code
+        return e.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+
+
 def record_opens(db, automation, n):
     """n contacts open the welcome email of hello_a or hello_b, as the open pixel would record it."""
     rows = db.q("SELECT h.message_id, h.dedupe_key, c.email FROM herald.message_history h "
@@ -187,11 +220,7 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     # the automation: the figures drawn on each node are the database's
     now, stats, opened = figures_in_db(db, automation)
     assert now == {"review": SIGNUPS}
-    drawn = {}
-    for node in browser.find_elements(By.CSS_SELECTOR, "svg.diagram g.node"):
-        figures = {f.get_attribute("data-count"): number(f.text)
-                   for f in node.find_elements(By.CSS_SELECTOR, "tspan.figure")}
-        drawn[node.get_attribute("data-node")] = figures
+    drawn = drawn_figures(browser)
     assert set(drawn) == set(JOURNEY["nodes"]), drawn
     for node, figures in drawn.items():
         assert figures["now"] == now.get(node, 0), (node, figures)
@@ -300,11 +329,33 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "table")))
     screenshot(browser, "automations")
 
-    # signing out ends the session: the page asks to sign in again
-    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    # signing out ends the session everywhere: the page asks to sign in again, and a copy of the
+    # cookie (another tab, a stolen one) opens nothing any more
+    copied = browser.get_cookie("herald_admin")["value"]
+    assert admin_get(f"{base}/broadcasts", copied)[0] == 200
+    browser.find_element(By.XPATH, "//form[contains(@class, 'logout')]//button[normalize-space()='Sign out']").click()
     wait.until(EC.url_contains("/admin/login"))
     browser.get(base)
     assert "/admin/login" in browser.current_url
+    status, location = admin_get(f"{base}/broadcasts", copied)
+    assert status == 303 and "/admin/login" in location, (status, location)
+    assert admin_get(f"{base}/live?view=overview", copied)[0] == 401
+
+    # sign out everyone: the browser's session and one on another device end with one click; signing
+    # in again works at once
+    browser.find_element(By.ID, "name").send_keys(OPERATOR)
+    browser.find_element(By.ID, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "form.logout")))
+    other = http_sign_in(public, "Otto Other")
+    assert admin_get(base, other)[0] == 200
+    browser.find_element(By.XPATH, "//button[normalize-space()='Sign out everyone']").click()
+    browser.switch_to.alert.accept()
+    wait.until(EC.url_contains("/admin/login"))
+    assert admin_get(base, other)[0] == 303
+    assert db.q("SELECT session = '*', operator FROM herald.admin_signouts ORDER BY 1") == [
+        (False, OPERATOR), (True, OPERATOR)]
+    assert admin_get(base, http_sign_in(public, "Otto Other"))[0] == 200
 
 
 VERSIONED = {
@@ -318,10 +369,19 @@ VERSIONED = {
 
 
 def drawn_figures(browser):
-    """node → {figure label: number} as drawn on the automation's diagram."""
-    return {node.get_attribute("data-node"): {f.get_attribute("data-count"): number(f.text)
-                                              for f in node.find_elements(By.CSS_SELECTOR, "tspan.figure")}
-            for node in browser.find_elements(By.CSS_SELECTOR, "svg.diagram g.node")}
+    """node → {figure label: number} as drawn on the automation's diagram. Read in one script: the
+    page's live updates may replace the figures between two WebDriver calls."""
+    drawn = browser.execute_script("""
+        const out = {};
+        for (const node of document.querySelectorAll('svg.diagram g.node')) {
+            const figures = {};
+            for (const f of node.querySelectorAll('tspan.figure')) {
+                figures[f.getAttribute('data-count')] = f.textContent;
+            }
+            out[node.getAttribute('data-node')] = figures;
+        }
+        return out;""")
+    return {node: {label: number(text) for label, text in figures.items()} for node, figures in drawn.items()}
 
 
 def test_passed_and_now_per_version(db, smtp, sidecar, browser):

@@ -35,6 +35,10 @@ pub struct Session {
     pub expires: i64,
     #[serde(rename = "r")]
     pub nonce: String,
+    /// When it was issued, Unix milliseconds: what "sign out everyone" compares with (a cookie from
+    /// before 0.15.0 has none: 0, issued before any sign-out).
+    #[serde(rename = "i", default)]
+    pub issued_ms: i64,
 }
 
 /// The keys of the admin page, derived once at start.
@@ -90,12 +94,13 @@ impl Keyring {
         constant_time_eq(&given, &self.password_mac)
     }
 
-    /// A new session for `name` and its cookie value.
-    pub fn issue(&self, name: &str, now: i64) -> (Session, String) {
+    /// A new session for `name` (issued at `now_ms`, Unix milliseconds) and its cookie value.
+    pub fn issue(&self, name: &str, now_ms: i64) -> (Session, String) {
         let session = Session {
             name: name.to_string(),
-            expires: now + SESSION_SECONDS,
+            expires: now_ms.div_euclid(1000) + SESSION_SECONDS,
             nonce: random_hex(),
+            issued_ms: now_ms,
         };
         let value = self.seal(&session);
         (session, value)
@@ -196,7 +201,7 @@ mod tests {
     #[test]
     fn cookies_round_trip_and_refuse_tampering_expiry_and_other_keys() {
         let k = keys();
-        let (session, value) = k.issue("Ann Operator", NOW);
+        let (session, value) = k.issue("Ann Operator", NOW * 1000);
         assert_eq!(session.expires, NOW + SESSION_SECONDS);
         assert_eq!(k.open(&value, NOW + 10), Some(session.clone()));
         // expired
@@ -223,7 +228,7 @@ mod tests {
             assert_eq!(k.open(bad, NOW), None, "{bad}");
         }
         // two sessions of the same name differ (nonce), and so do their form tokens
-        let (other, _) = k.issue("Ann Operator", NOW);
+        let (other, _) = k.issue("Ann Operator", NOW * 1000);
         assert_ne!(other.nonce, session.nonce);
         assert_ne!(k.csrf(&other), k.csrf(&session));
     }
@@ -231,7 +236,7 @@ mod tests {
     #[test]
     fn csrf_tokens_are_per_session_and_checked() {
         let k = keys();
-        let (session, _) = k.issue("ann", NOW);
+        let (session, _) = k.issue("ann", NOW * 1000);
         let token = k.csrf(&session);
         assert_eq!(token.len(), 64);
         assert!(k.csrf_ok(&session, Some(&token)));
@@ -242,7 +247,7 @@ mod tests {
         flipped[10] = if flipped[10] == b'a' { b'b' } else { b'a' };
         assert!(!k.csrf_ok(&session, Some(std::str::from_utf8(&flipped).unwrap())));
         // another session's token is not this one's
-        let (other, _) = k.issue("ann", NOW);
+        let (other, _) = k.issue("ann", NOW * 1000);
         assert!(!k.csrf_ok(&session, Some(&k.csrf(&other))));
     }
 

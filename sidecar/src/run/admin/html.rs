@@ -131,9 +131,13 @@ pub fn page(frame: &Frame, title: &str, active: Nav, body: &str) -> String {
             out,
             "<form method=\"post\" action=\"{base}/logout\" class=\"logout\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-             <span>Signed in as <strong>{}</strong></span> <button type=\"submit\">Sign out</button></form>",
+             <span>Signed in as <strong>{}</strong></span> <button type=\"submit\">Sign out</button></form>\
+             <form method=\"post\" action=\"{base}/logout\" class=\"logout\" data-confirm=\"Sign out every \
+             operator, on every device (you too)?\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <input type=\"hidden\" name=\"everyone\" value=\"1\"><button type=\"submit\">Sign out everyone</button></form>",
             esc(csrf),
-            esc(name)
+            esc(name),
+            esc(csrf),
         );
     }
     let _ = writeln!(

@@ -428,7 +428,7 @@ async fn login(State(a): State<Arc<Admin>>, headers: HeaderMap, body: Bytes) -> 
             ),
         );
     }
-    let (_, value) = a.keys.issue(&name, Admin::now());
+    let (_, value) = a.keys.issue(&name, chrono::Utc::now().timestamp_millis());
     tracing::info!(operator = %name, "admin page: signed in");
     let mut r = redirect(&format!("{}{next}", a.base));
     if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(Some(&value), &a.base, a.secure)) {
@@ -437,11 +437,38 @@ async fn login(State(a): State<Arc<Admin>>, headers: HeaderMap, body: Bytes) -> 
     r
 }
 
+/// Signs out: in the database (so that a copy of the cookie stops working on every daemon), then
+/// in the browser. `everyone=1` signs out every session issued until now, the operator's too.
 async fn logout(State(a): State<Arc<Admin>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err((status, why)) = a.check_post(&headers, &Form::parse(&body)) {
-        return plain(status, why);
+    let form = Form::parse(&body);
+    let session = match a.check_post(&headers, &form) {
+        Ok(s) => s,
+        Err((status, why)) => return plain(status, why),
+    };
+    let everyone = form.get("everyone") == Some("1");
+    let until = if everyone {
+        Admin::now() + auth::SESSION_SECONDS
+    } else {
+        session.expires
+    };
+    let recorded: Result<(), DbError> = async {
+        let client = a.db.get().await?;
+        queries::sign_out(&client, (&session.nonce, &session.name), until, everyone).await
     }
-    let mut r = redirect(&format!("{}/login", a.base));
+    .await;
+    match recorded {
+        Ok(()) => tracing::info!(operator = %session.name, everyone, "admin page: signed out"),
+        // the browser forgets the cookie all the same; signing everyone out must not seem done
+        Err(e) if everyone => return db_error(&a, &session, &a.keys.csrf(&session), &e),
+        Err(e) => tracing::warn!(operator = %session.name, error = %e.describe(),
+            "admin page: signed out in the browser only (the database did not record it)"),
+    }
+    signed_out(&a, &Uri::from_static("/"))
+}
+
+/// To the sign-in form, the session cookie removed (it was signed out, here or elsewhere).
+fn signed_out(a: &Admin, uri: &Uri) -> Response {
+    let mut r = a.to_login(uri);
     if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(None, &a.base, a.secure)) {
         r.headers_mut().insert(SET_COOKIE, v);
     }
@@ -475,6 +502,8 @@ impl View {
 enum Output {
     Page(String),
     Live(live::Live),
+    /// The database says the session was signed out (sql/admin_sessions.sql).
+    SignedOut,
 }
 
 /// A read-only transaction with the page's settings.
@@ -532,6 +561,9 @@ async fn render(
 ) -> Result<Option<Output>, DbError> {
     let mut client = a.db.get().await?;
     let tx = begin_read(&mut client).await?;
+    if !queries::signed_in(&tx, &session.nonce, session.issued_ms).await? {
+        return Ok(Some(Output::SignedOut));
+    }
     let frame = a.frame(session, csrf, Some(view.live_query()));
     let out = match view {
         View::Overview => {
@@ -649,6 +681,7 @@ async fn show(
     match render(a, &session, &csrf, &view, false, &notice).await {
         Ok(Some(Output::Page(html))) => html_response(status, html),
         Ok(Some(Output::Live(_))) => unreachable!("asked for a page"),
+        Ok(Some(Output::SignedOut)) => signed_out(a, uri),
         Ok(None) => {
             let frame = a.frame(&session, &csrf, None);
             html_response(
@@ -734,6 +767,7 @@ async fn live_numbers(State(a): State<Arc<Admin>>, headers: HeaderMap, uri: Uri)
             serde_json::to_string(&l).unwrap_or_else(|_| "{}".into()),
         )
             .into_response(),
+        Ok(Some(Output::SignedOut)) => plain(StatusCode::UNAUTHORIZED, "signed out\n"),
         Ok(_) => plain(StatusCode::NOT_FOUND, "not found\n"),
         Err(e) => {
             tracing::debug!(error = %e.describe(), "admin page: live numbers not read");
@@ -768,18 +802,25 @@ async fn act(
         verb,
         id,
     } = back;
-    let result: Result<(), DbError> = async {
+    let result: Result<bool, DbError> = async {
         let mut client = a.db.get().await?;
         let tx = client.transaction().await?;
         tx.batch_execute("SET LOCAL statement_timeout = '30s'")
             .await?;
+        if !queries::signed_in(&tx, &session.nonce, session.issued_ms).await? {
+            return Ok(false);
+        }
         queries::act(&tx, &action).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
     .await;
     match result {
-        Ok(()) => {
+        Ok(false) => {
+            let from = format!("{}{page}", a.base);
+            signed_out(a, &from.parse().unwrap_or_else(|_| uri.clone()))
+        }
+        Ok(true) => {
             tracing::info!(operator = %session.name, ?action, "admin page: action");
             redirect(&format!("{}{page}?done={verb}&id={id}", a.base))
         }

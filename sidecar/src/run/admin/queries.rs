@@ -735,6 +735,36 @@ pub async fn dead_letters(tx: &Transaction<'_>) -> Result<(Vec<DeadRow>, i64)> {
     ))
 }
 
+/// Whether the database still counts the session (its nonce, issued at Unix millisecond
+/// `issued_ms`) as signed in: not signed out, and not issued before a "sign out everyone"
+/// (sql/admin_sessions.sql).
+pub async fn signed_in(tx: &Transaction<'_>, nonce: &str, issued_ms: i64) -> Result<bool> {
+    let row = tx
+        .query_one(
+            "SELECT herald.admin_session_ok($1, to_timestamp($2::bigint / 1000.0))",
+            &[&nonce, &issued_ms],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Signs the session out in the database (every session issued until now with `everyone`), kept
+/// until `until` (Unix seconds): when the session(s) would have expired anyway.
+pub async fn sign_out(
+    client: &tokio_postgres::Client,
+    (nonce, operator): (&str, &str),
+    until: i64,
+    everyone: bool,
+) -> Result<()> {
+    client
+        .execute(
+            "SELECT herald.admin_sign_out($1, $2, to_timestamp($3::bigint), $4)",
+            &[&nonce, &operator, &until, &everyone],
+        )
+        .await?;
+    Ok(())
+}
+
 /// What the buttons do: one call each of herald's own functions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
