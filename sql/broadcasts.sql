@@ -91,6 +91,38 @@ BEGIN
 END
 $$;
 
+-- A definition that does not say auto_pause gets the database's setting herald.broadcast_auto_pause,
+-- when set (ALTER DATABASE … SET herald.broadcast_auto_pause = '{"bounce_percent": 5,
+-- "complaint_percent": 0.1}'): the installation's safety net for every broadcast, as it stands when
+-- the broadcast is created (stored in its definition). One that says "auto_pause": null has none. A
+-- setting that is not a valid auto_pause fails create_broadcast naming the setting. Internal.
+CREATE FUNCTION herald._with_default_auto_pause(definition jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_value text := nullif(btrim(current_setting('herald.broadcast_auto_pause', true)), '');
+    v_rule jsonb;
+    v_why text;
+BEGIN
+    IF v_value IS NULL OR jsonb_typeof(definition) IS DISTINCT FROM 'object' OR definition ? 'auto_pause' THEN
+        RETURN definition;
+    END IF;
+    BEGIN
+        v_rule := v_value::jsonb;
+        PERFORM herald._check_broadcast(jsonb_build_object('name', 'n', 'template', 't', 'audience', 'all',
+                                                           'auto_pause', v_rule));
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_why = MESSAGE_TEXT;
+        RAISE EXCEPTION 'setting herald.broadcast_auto_pause must be an auto_pause object such as {"bounce_percent": 5, "complaint_percent": 0.1}, got %: %',
+                        quote_literal(v_value), v_why
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fix it with ALTER DATABASE … SET herald.broadcast_auto_pause = ''…'', or RESET it.';
+    END;
+    RETURN definition || jsonb_build_object('auto_pause', v_rule);
+END
+$$;
+
 CREATE FUNCTION herald.create_broadcast(workspace text, definition jsonb) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -101,7 +133,7 @@ DECLARE
     v_id bigint;
 BEGIN
     PERFORM herald._require_workspace(workspace);
-    v_def := herald._check_broadcast(definition);
+    v_def := herald._check_broadcast(herald._with_default_auto_pause(definition));
     PERFORM herald._refuse_archived(workspace, 'create_broadcast',
                                     ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x),
                                     ARRAY(SELECT jsonb_array_elements_text(v_def -> 'lists')));

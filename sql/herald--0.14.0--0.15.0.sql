@@ -480,3 +480,82 @@ GRANT EXECUTE ON FUNCTION
     herald.admin_session_ok(text, timestamptz), herald.admin_sign_out(text, text, timestamptz, boolean)
 TO herald_worker, herald_admin;
 ALTER TABLE herald.admin_signouts ENABLE ROW LEVEL SECURITY;
+
+-- ==== default_auto_pause: the installation's auto_pause for broadcasts that do not say one ====
+-- The database setting herald.broadcast_auto_pause (ALTER DATABASE … SET herald.broadcast_auto_pause =
+-- '{"bounce_percent": 5, "complaint_percent": 0.1}') is copied into a new broadcast's definition when
+-- it does not name auto_pause ("auto_pause": null: none). A bad setting fails create_broadcast naming it.
+CREATE FUNCTION herald._with_default_auto_pause(definition jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_value text := nullif(btrim(current_setting('herald.broadcast_auto_pause', true)), '');
+    v_rule jsonb;
+    v_why text;
+BEGIN
+    IF v_value IS NULL OR jsonb_typeof(definition) IS DISTINCT FROM 'object' OR definition ? 'auto_pause' THEN
+        RETURN definition;
+    END IF;
+    BEGIN
+        v_rule := v_value::jsonb;
+        PERFORM herald._check_broadcast(jsonb_build_object('name', 'n', 'template', 't', 'audience', 'all',
+                                                           'auto_pause', v_rule));
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_why = MESSAGE_TEXT;
+        RAISE EXCEPTION 'setting herald.broadcast_auto_pause must be an auto_pause object such as {"bounce_percent": 5, "complaint_percent": 0.1}, got %: %',
+                        quote_literal(v_value), v_why
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fix it with ALTER DATABASE … SET herald.broadcast_auto_pause = ''…'', or RESET it.';
+    END;
+    RETURN definition || jsonb_build_object('auto_pause', v_rule);
+END
+$$;
+REVOKE ALL ON FUNCTION herald._with_default_auto_pause(jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION herald.create_broadcast(workspace text, definition jsonb) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_def jsonb;
+    v_missing text;
+    v_id bigint;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    v_def := herald._check_broadcast(herald._with_default_auto_pause(definition));
+    PERFORM herald._refuse_archived(workspace, 'create_broadcast',
+                                    ARRAY(SELECT x ->> 'template' FROM jsonb_array_elements(v_def -> 'variations') x),
+                                    ARRAY(SELECT jsonb_array_elements_text(v_def -> 'lists')));
+    -- a time already past would send at once, which is never what "send at" meant
+    IF v_def -> 'send_at' ->> 'kind' = 'at' AND (v_def -> 'send_at' ->> 'at')::timestamptz < now() THEN
+        RAISE EXCEPTION 'send_at.at % is in the past', v_def -> 'send_at' ->> 'at'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave send_at out to send when the broadcast is scheduled (herald.schedule_broadcast(id)), or give a future time.';
+    END IF;
+    SELECT string_agg(DISTINCT quote_literal(v ->> 'template'), ', ') INTO v_missing
+      FROM jsonb_array_elements(v_def -> 'variations') v
+     WHERE NOT EXISTS (SELECT 1 FROM herald.templates t WHERE t.workspace_id = workspace AND t.key = v ->> 'template');
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown template(s) % in workspace %', v_missing, quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create them with herald.upsert_template(…).';
+    END IF;
+    -- what the templates read as broadcast.<name> is in the definition's variables (or allowed missing)
+    PERFORM herald._check_broadcast_templates(workspace, v_def);
+    IF v_def ->> 'provider' <> 'default' AND NOT EXISTS (
+        SELECT 1 FROM herald.providers p WHERE p.workspace_id = workspace AND p.name = v_def ->> 'provider') THEN
+        RAISE EXCEPTION 'unknown provider % in workspace %', quote_literal(v_def ->> 'provider'), quote_literal(workspace)
+            USING ERRCODE = 'no_data_found', HINT = 'Create it with herald.upsert_provider(…), or use ''default''.';
+    END IF;
+    INSERT INTO herald.broadcasts (workspace_id, name, definition, phase)
+    VALUES (workspace, v_def ->> 'name', v_def, CASE WHEN v_def -> 'ab_test' <> 'null' THEN 'test' ELSE 'all' END)
+    RETURNING id INTO v_id;
+    UPDATE herald.broadcasts b SET payloads = herald._broadcast_payloads(b.id, b.name, b.definition)
+     WHERE b.workspace_id = workspace AND b.id = v_id;
+    IF v_def -> 'rate_per_second' <> 'null' THEN
+        INSERT INTO herald.rate_limits (key, per_second) VALUES (herald._broadcast_rate_key(v_id), (v_def ->> 'rate_per_second')::int);
+    END IF;
+    RETURN v_id;
+END
+$$;
+ALTER FUNCTION herald.create_broadcast(text, jsonb) SECURITY DEFINER;

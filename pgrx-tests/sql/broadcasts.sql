@@ -447,3 +447,18 @@ SELECT status, auto_paused FROM herald.broadcasts WHERE id = :risky;
 SELECT variation, metric, value FROM herald.broadcast_stats(:risky) WHERE metric IN ('sent', 'bounced', 'complained') ORDER BY 1, 2;
 SELECT herald.cancel_broadcast(:risky);
 SELECT status, auto_paused ->> 'reason' AS reason FROM herald.broadcasts WHERE id = :risky;
+-- the installation's default (the database setting herald.broadcast_auto_pause) for definitions that
+-- do not say auto_pause; "auto_pause": null says none; a bad setting fails naming it, creating nothing
+SET herald.broadcast_auto_pause = '{"bounce_percent": 5, "complaint_percent": 0.1}';
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Default net", "template": "news-a"}') AS netted \gset
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Own line", "template": "news-a", "auto_pause": {"bounce_percent": 2, "min_sent": 50}}') AS own \gset
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "No net", "template": "news-a", "auto_pause": null}') AS bare \gset
+SELECT name, definition -> 'auto_pause' AS auto_pause FROM herald.broadcasts WHERE id IN (:netted, :own, :bare) ORDER BY id;
+SET herald.broadcast_auto_pause = '{"bounce_percent": 500}';
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Bad net", "template": "news-a"}');
+SET herald.broadcast_auto_pause = 'five percent';
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Bad net", "template": "news-a"}');
+SELECT count(*) AS bad_nets FROM herald.broadcasts WHERE name = 'Bad net';
+RESET herald.broadcast_auto_pause;
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "After reset", "template": "news-a"}') AS after \gset
+SELECT definition -> 'auto_pause' AS auto_pause FROM herald.broadcasts WHERE id = :after;
