@@ -115,7 +115,7 @@ def test_a_subscriber_that_reconnects_mid_burst_gets_every_result_once_in_order(
 def test_many_subscribers_of_a_workspace_share_one_reader(db, sidecar, tmp_path):
     """20 streams of acme's enrollment.completed (the kinds written in two orders: the same set) each get
     all 3,000 results once, in order, while the daemon reads the pages for all of them together: the
-    read statement runs a few times per page, not once per page and stream (that would be >= 120)."""
+    read statement runs a few times per page, not once per page and stream."""
     journey_that_ends_at_once(db)
     _, port = http_side(sidecar, tmp_path)
     db.q("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -147,7 +147,9 @@ def test_many_subscribers_of_a_workspace_share_one_reader(db, sidecar, tmp_path)
                                    "AND kind = 'enrollment.completed' ORDER BY id")]
     assert len(expected) == 3_000
     assert all(ids == expected for ids in got), [len(ids) for ids in got]
-    assert 0 < reads <= 40, f"{reads} reads of results for 20 streams of 3,000 results (6 pages)"
+    # one reader per stream read >= 120 times (161 measured); shared, 8 were measured: the bound leaves
+    # room for streams that fall behind the shared pages and read on their own
+    assert 0 < reads <= 80, f"{reads} reads of results for 20 streams of 3,000 results (6 pages)"
 
 
 def test_stream_access_and_bad_requests(db, sidecar, tmp_path):
