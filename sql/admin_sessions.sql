@@ -2,9 +2,9 @@
 -- that any daemon sharing the settings checks by itself (auth.rs): name, expiry, a random nonce, an
 -- HMAC. What a signature cannot say is that its operator signed out, or that every session was ended:
 -- before this table a cookie copied from a browser kept working for its whole 12 hours after "Sign
--- out", and the only way to end every session was a new password. The page asks this table in the
--- transaction of every page, live update and action (two primary-key probes), so a signed-out session
--- stops on every daemon at once, and "sign out everyone" ends every session issued before it.
+-- out", and the only way to end every session was a new password. The page asks this table before
+-- every page, live update and action (two primary-key probes), so a signed-out session stops on every
+-- daemon at once, and "sign out everyone" ends every session issued before it.
 -- Installation-wide (the page serves every workspace): no workspace, only the page's role and the
 -- daemon's may call the functions. Rows go once the sessions they name would have expired anyway.
 

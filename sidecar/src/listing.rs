@@ -233,7 +233,7 @@ pub async fn broadcasts_including(
                                    FROM herald.broadcast_stats(o.id) s GROUP BY s.metric) x)
                     END,
                     o.id NOT IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id),
-                    o.auto_paused
+                    to_jsonb(o) -> 'auto_paused'   -- (a column since 0.15.0: NULL with an older extension)
                FROM herald.broadcasts o
               WHERE ($1::text IS NULL OR o.workspace_id = $1)
                 AND (NOT $2 OR o.status IN ('scheduled', 'sending', 'paused'))

@@ -560,10 +560,10 @@ async fn render(
     notice: &str,
 ) -> Result<Option<Output>, DbError> {
     let mut client = a.db.get().await?;
-    let tx = begin_read(&mut client).await?;
-    if !queries::signed_in(&tx, &session.nonce, session.issued_ms).await? {
+    if !queries::signed_in(&client, &session.nonce, session.issued_ms).await? {
         return Ok(Some(Output::SignedOut));
     }
+    let tx = begin_read(&mut client).await?;
     let frame = a.frame(session, csrf, Some(view.live_query()));
     let out = match view {
         View::Overview => {
@@ -804,12 +804,12 @@ async fn act(
     } = back;
     let result: Result<bool, DbError> = async {
         let mut client = a.db.get().await?;
+        if !queries::signed_in(&client, &session.nonce, session.issued_ms).await? {
+            return Ok(false);
+        }
         let tx = client.transaction().await?;
         tx.batch_execute("SET LOCAL statement_timeout = '30s'")
             .await?;
-        if !queries::signed_in(&tx, &session.nonce, session.issued_ms).await? {
-            return Ok(false);
-        }
         queries::act(&tx, &action).await?;
         tx.commit().await?;
         Ok(true)

@@ -557,7 +557,8 @@ const BROADCASTS: &str = "
     SELECT b.workspace_id, b.id, b.name, b.status, b.phase,
            to_char(b.send_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.enqueued, b.winner, b.winner_reason,
            to_char(b.test_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.last_error,
-           b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations', b.auto_paused
+           b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations',
+           to_jsonb(b) -> 'auto_paused'   -- (a column since 0.15.0: NULL with an older extension)
       FROM herald.broadcasts b
      WHERE ($1::bigint IS NULL
             AND NOT EXISTS (SELECT 1 FROM herald.archived a
@@ -737,15 +738,26 @@ pub async fn dead_letters(tx: &Transaction<'_>) -> Result<(Vec<DeadRow>, i64)> {
 
 /// Whether the database still counts the session (its nonce, issued at Unix millisecond
 /// `issued_ms`) as signed in: not signed out, and not issued before a "sign out everyone"
-/// (sql/admin_sessions.sql).
-pub async fn signed_in(tx: &Transaction<'_>, nonce: &str, issued_ms: i64) -> Result<bool> {
-    let row = tx
+/// (sql/admin_sessions.sql). An extension older than 0.15.0 keeps no sign-outs: signed in. Asked
+/// before the page's transaction, so that the older extension's missing function aborts nothing.
+pub async fn signed_in(
+    client: &tokio_postgres::Client,
+    nonce: &str,
+    issued_ms: i64,
+) -> Result<bool> {
+    let asked = client
         .query_one(
             "SELECT herald.admin_session_ok($1, to_timestamp($2::bigint / 1000.0))",
             &[&nonce, &issued_ms],
         )
-        .await?;
-    Ok(row.get(0))
+        .await;
+    match asked {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => {
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Signs the session out in the database (every session issued until now with `everyone`), kept
