@@ -192,6 +192,9 @@ pub struct Broadcast {
     pub failed: i64,
     pub suppressed: i64,
     pub cancelled: i64,
+    /// Sent messages with a hard bounce / a complaint reported (each once; what auto_pause reads).
+    pub bounced: i64,
+    pub complained: i64,
     pub opened: i64,
     pub clicked: i64,
     /// Jobs ended (sent, failed, dead, suppressed, cancelled) as a share of the audience, once the whole
@@ -233,7 +236,7 @@ pub async fn broadcasts_including(
                                    FROM herald.broadcast_stats(o.id) s GROUP BY s.metric) x)
                     END,
                     o.id NOT IN (SELECT v.id FROM herald.broadcast_overview v WHERE v.workspace_id = o.workspace_id),
-                    to_jsonb(o) -> 'auto_paused'   -- (a column since 0.15.0: NULL with an older extension)
+                    nullif(to_jsonb(o) -> 'auto_paused', 'null')   -- (a column since 0.15.0; the row as JSON says null for NULL)
                FROM herald.broadcasts o
               WHERE ($1::text IS NULL OR o.workspace_id = $1)
                 AND (NOT $2 OR o.status IN ('scheduled', 'sending', 'paused'))
@@ -270,11 +273,15 @@ pub async fn broadcasts_including(
                 failed: n("failed") + n("dead"),
                 suppressed: n("suppressed"),
                 cancelled: n("cancelled"),
+                bounced: n("bounced"),
+                complained: n("complained"),
                 opened: n("opened"),
                 clicked: n("clicked"),
                 winner: r.get(6),
                 last_error: r.get(7),
-                auto_paused: r.get(10),
+                auto_paused: r
+                    .get::<_, Option<serde_json::Value>>(10)
+                    .filter(|v| !v.is_null()),
                 archived: r.get(9),
             }
         })
@@ -448,6 +455,8 @@ mod tests {
             failed: 0,
             suppressed: 0,
             cancelled: 0,
+            bounced: 0,
+            complained: 0,
             opened: 0,
             clicked: 0,
             progress_percent,

@@ -268,6 +268,9 @@ def test_the_admin_page_in_a_browser(db, smtp, sidecar, browser):
     assert f"A/B winner: {winner}" in news.text and reason in news.text, news.text
     paused = browser.find_element(By.CSS_SELECTOR, f'section[data-broadcast="{risky}"] [data-auto-paused]')
     assert paused.text.startswith("Paused by itself: hard bounces reached 100% of 1 message sent"), paused.text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "[data-auto-paused]")) == 1, "only the one that paused itself"
+    bounced = browser.find_element(By.CSS_SELECTOR, f'[data-live="b:{risky}:v:default:bounced"]')
+    assert bounced.text == "1", bounced.text
     screenshot(browser, "broadcasts")
     section.find_element(By.XPATH, ".//button[normalize-space()='Pause']").click()
     wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".notice-ok"), f"Broadcast #{later} paused."))

@@ -237,10 +237,16 @@ def test_a_broadcast_pauses_itself_when_its_bounces_pass_the_line(db, smtp, side
                timeout=10, what="the broadcast.auto_paused result published")
     data = db.one("SELECT data FROM herald.read_results('acme', 0, 100, ARRAY['broadcast.auto_paused'])")
     assert data == why
+    db.q("""SELECT herald.create_broadcast('acme', '{"name": "Quiet draft", "audience": "all", "template": "news"}')""")
     listing = subprocess.run([BIN, "broadcasts", "--workspace", "acme"], capture_output=True, text=True, timeout=30,
                              env={"PATH": os.environ["PATH"], "DATABASE_URL": db.url, "NO_COLOR": "1"})
     assert listing.returncode == 0, listing.stderr
     assert f"broadcast {b}: paused by itself: hard bounces reached" in listing.stdout, listing.stdout
+    assert listing.stdout.count("paused by itself") == 1, listing.stdout
+    as_json = subprocess.run([BIN, "broadcasts", "--workspace", "acme", "--json"], capture_output=True, text=True,
+                             timeout=30, env={"PATH": os.environ["PATH"], "DATABASE_URL": db.url, "NO_COLOR": "1"})
+    [listed] = [x for x in json.loads(as_json.stdout) if x["id"] == b]
+    assert (listed["bounced"], listed["complained"], listed["auto_paused"]["reason"]) == (60, 0, "bounce_percent")
 
     # resumed: counted afresh, the rest goes out; every recipient once, the bounced ones were already sent
     db.q("SELECT herald.resume_broadcast(%s)", b)

@@ -499,6 +499,7 @@ pub fn broadcasts(frame: &Frame, rows: &[BroadcastRow], notice: &str) -> String 
             body,
             "<table><caption>Per variation{}</caption><thead><tr><th scope=\"col\">Variation</th><th scope=\"col\">Template</th>\
              <th scope=\"col\" class=\"num\">Sent</th><th scope=\"col\" class=\"num\">Failed</th>\
+             <th scope=\"col\" class=\"num\">Bounced</th><th scope=\"col\" class=\"num\">Complaints</th>\
              <th scope=\"col\" class=\"num\">Opened</th><th scope=\"col\" class=\"num\">Clicked</th>\
              <th scope=\"col\" class=\"num\">Open rate</th><th scope=\"col\" class=\"num\">Click rate</th></tr></thead><tbody>",
             b.ab_metric
@@ -529,11 +530,14 @@ pub fn broadcasts(frame: &Frame, rows: &[BroadcastRow], notice: &str) -> String 
             let _ = write!(
                 body,
                 "<tr><th scope=\"row\">{}{winner}</th><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td>\
                  <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
                 esc(key),
                 esc(template),
                 live(&vk("sent"), &count(m("sent"))),
                 live(&vk("failed"), &count(m("failed") + m("dead"))),
+                live(&vk("bounced"), &count(m("bounced"))),
+                live(&vk("complained"), &count(m("complained"))),
                 live(&vk("opened"), &count(m("opened"))),
                 live(&vk("clicked"), &count(m("clicked"))),
                 live(&vk("open_rate"), &percent(m("opened"), m("sent"))),
@@ -623,6 +627,8 @@ pub fn broadcasts_live(rows: &[BroadcastRow]) -> Live {
             let vk = |f: &str| format!("b:{}:v:{key}:{f}", b.id);
             l.text(vk("sent"), count(m("sent")));
             l.text(vk("failed"), count(m("failed") + m("dead")));
+            l.text(vk("bounced"), count(m("bounced")));
+            l.text(vk("complained"), count(m("complained")));
             l.text(vk("opened"), count(m("opened")));
             l.text(vk("clicked"), count(m("clicked")));
             l.text(vk("open_rate"), percent(m("opened"), m("sent")));

@@ -558,7 +558,7 @@ const BROADCASTS: &str = "
            to_char(b.send_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.enqueued, b.winner, b.winner_reason,
            to_char(b.test_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'), b.last_error,
            b.definition -> 'ab_test' ->> 'metric', b.definition -> 'variations',
-           to_jsonb(b) -> 'auto_paused'   -- (a column since 0.15.0: NULL with an older extension)
+           nullif(to_jsonb(b) -> 'auto_paused', 'null')   -- (a column since 0.15.0; the row as JSON says null for NULL)
       FROM herald.broadcasts b
      WHERE ($1::bigint IS NULL
             AND NOT EXISTS (SELECT 1 FROM herald.archived a
@@ -586,7 +586,7 @@ pub async fn broadcasts(tx: &Transaction<'_>, only: Option<i64>) -> Result<Vec<B
                 winner_reason: r.get(8),
                 test_ends_at: r.get(9),
                 last_error: r.get(10),
-                auto_paused: r.get(13),
+                auto_paused: r.get::<_, Option<Value>>(13).filter(|v| !v.is_null()),
                 ab_metric: r.get(11),
                 variations: variations
                     .as_ref()
