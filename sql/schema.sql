@@ -430,7 +430,8 @@ CREATE TABLE herald.broadcasts (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
     -- the automatic pause (definition auto_pause): why advance_broadcasts paused it (the data of its
-    -- broadcast.auto_paused result), NULL unless it is paused that way; and the counts {sent, bounced,
+    -- broadcast.auto_paused result), NULL unless it paused that way (cleared by resume, kept by cancel:
+    -- why it stopped); and the counts {sent, bounced,
     -- complained} when it was last resumed from such a pause: the check counts only what came after
     auto_paused     jsonb,
     auto_pause_base jsonb,

@@ -203,7 +203,7 @@ pub struct Broadcast {
     pub winner: Option<String>,
     pub last_error: Option<String>,
     /// Why the broadcast paused itself (its definition's auto_pause; the data of its
-    /// broadcast.auto_paused result), while it stays paused.
+    /// broadcast.auto_paused result), until it is resumed (a cancel keeps it).
     pub auto_paused: Option<serde_json::Value>,
     /// Archived (herald.archive_broadcast): listed only with `--all`.
     pub archived: bool,
@@ -340,7 +340,8 @@ pub fn render_broadcasts(list: &[Broadcast]) -> String {
         if let Some(e) = &b.last_error {
             out.push_str(&format!("broadcast {}: last error: {e}\n", b.id));
         }
-        if let Some(why) = &b.auto_paused {
+        // kept after a cancel (why it stopped); said while it waits for a resume or a cancel
+        if let (Some(why), "paused") = (&b.auto_paused, b.status.as_str()) {
             out.push_str(&format!(
                 "broadcast {}: paused by itself: {} (resume or cancel it)\n",
                 b.id,
@@ -499,6 +500,11 @@ mod tests {
             "since_resume": true}),
         );
         let t = render_broadcasts(&b);
+        b[0].status = "cancelled".into();
+        assert!(
+            !render_broadcasts(&b).contains("paused by itself"),
+            "said while paused only"
+        );
         assert_eq!(
             t.lines().last().unwrap(),
             "broadcast 4: paused by itself: complaints reached 0.12% of 2500 messages sent since it \

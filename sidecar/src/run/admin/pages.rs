@@ -480,7 +480,8 @@ pub fn broadcasts(frame: &Frame, rows: &[BroadcastRow], notice: &str) -> String 
                 esc(e)
             );
         }
-        if let Some(why) = &b.auto_paused {
+        // kept after a cancel (why it stopped); said while it waits for a resume or a cancel
+        if let (Some(why), "paused") = (&b.auto_paused, b.status.as_str()) {
             let _ = write!(
                 body,
                 "<p class=\"notice notice-error\" data-auto-paused>Paused by itself: {}. Resume it \

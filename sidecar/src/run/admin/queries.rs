@@ -532,7 +532,7 @@ pub struct BroadcastRow {
     pub winner_reason: Option<String>,
     pub test_ends_at: Option<String>,
     pub last_error: Option<String>,
-    /// Why it paused itself (definition auto_pause), while it stays paused.
+    /// Why it paused itself (definition auto_pause), until it is resumed (a cancel keeps it).
     pub auto_paused: Option<Value>,
     pub ab_metric: Option<String>,
     /// Variation keys in the definition's order, with their template.
