@@ -279,9 +279,7 @@ pub async fn broadcasts_including(
                 clicked: n("clicked"),
                 winner: r.get(6),
                 last_error: r.get(7),
-                auto_paused: r
-                    .get::<_, Option<serde_json::Value>>(10)
-                    .filter(|v| !v.is_null()),
+                auto_paused: r.get(10),
                 archived: r.get(9),
             }
         })

@@ -586,7 +586,7 @@ pub async fn broadcasts(tx: &Transaction<'_>, only: Option<i64>) -> Result<Vec<B
                 winner_reason: r.get(8),
                 test_ends_at: r.get(9),
                 last_error: r.get(10),
-                auto_paused: r.get::<_, Option<Value>>(13).filter(|v| !v.is_null()),
+                auto_paused: r.get(13),
                 ab_metric: r.get(11),
                 variations: variations
                     .as_ref()
