@@ -1,8 +1,8 @@
 -- herald: the HTTP API's side in the database (issue 13). The daemon serves /v1/… (sidecar/src/run/http/api/)
 -- and makes ONE call per request: herald.api_call(secret, operation, args, idempotency_key), which
 -- checks the key, claims the idempotency key, runs the existing SQL function the operation names
--- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe) for the key's
--- workspace, and stores the answer for a retry: one statement, one transaction.
+-- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results) for
+-- the key's workspace, and stores the answer for a retry: one statement, one transaction.
 --
 -- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
 -- only. 244 random bits (two gen_random_uuid: pg_strong_random), so a plain SHA-256 is enough (no
@@ -48,12 +48,14 @@ RETURN CASE operation
     WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
     WHEN 'send' THEN 'send'
     WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
+    WHEN 'read_results' THEN 'results'
 END;
 
 -- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
 -- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
--- lists (/v1/lists/…), send (/v1/send). By default every one but send: a key that ends up in a
--- browser can then not mail anyone. herald_admin.
+-- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream: the workspace's
+-- results, which carry contact ids, replies and contexts). By default track, contacts and lists: a
+-- key that ends up in a browser can then neither mail anyone nor read what herald did. herald_admin.
 CREATE FUNCTION herald.create_api_key(workspace text, name text,
                                       scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
 RETURNS text
@@ -72,13 +74,13 @@ BEGIN
     END IF;
     IF scopes IS NULL OR cardinality(scopes) = 0 THEN
         RAISE EXCEPTION 'an API key needs at least one scope'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
     END IF;
     SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
-      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send');
+      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send', 'results');
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
     END IF;
     INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
     VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
@@ -166,6 +168,83 @@ BEGIN
 END
 $$;
 
+-- read_results for an API key: {"results": [results as _result_json, in id order], "next": the cursor
+-- to pass as the next call's after}. args: after (a result id; 0 reads from the oldest kept; absent
+-- or null: from the newest published now, as GET /stream starts), kinds (an array of kinds, or
+-- absent/null for every kind), limit (1 to 1000, default 100: an answer stays around a megabyte).
+-- Read through _results_after like read_results. Called by api_call only.
+CREATE FUNCTION herald._api_read_results(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_after bigint;
+    v_limit int := 100;
+    v_kinds text[];
+    v_bad text;
+BEGIN
+    SELECT string_agg(quote_literal(k), ', ' ORDER BY k) INTO v_bad
+      FROM jsonb_object_keys(args) k WHERE k NOT IN ('after', 'kinds', 'limit');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown read_results argument(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Arguments: after, kinds, limit.';
+    END IF;
+    IF jsonb_typeof(args -> 'after') = 'number' AND (args ->> 'after') ~ '^[0-9]{1,18}$' THEN
+        v_after := (args ->> 'after')::bigint;
+    ELSIF coalesce(jsonb_typeof(args -> 'after'), 'null') = 'null' THEN
+        v_after := herald.newest_result(workspace);
+    ELSE
+        RAISE EXCEPTION 'after must be a result id (a whole number, 0 for every result kept), got %', args -> 'after'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the "next" of the previous answer; leave it out to start at what is published now.';
+    END IF;
+    IF jsonb_typeof(args -> 'limit') = 'number' AND (args ->> 'limit') ~ '^[0-9]{1,4}$'
+       AND (args ->> 'limit')::int BETWEEN 1 AND 1000 THEN
+        v_limit := (args ->> 'limit')::int;
+    ELSIF coalesce(jsonb_typeof(args -> 'limit'), 'null') <> 'null' THEN
+        RAISE EXCEPTION 'limit must be a whole number from 1 to 1000, got %', args -> 'limit'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(args -> 'kinds') = 'array'
+       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'kinds') e WHERE jsonb_typeof(e) <> 'string') THEN
+        v_kinds := ARRAY(SELECT jsonb_array_elements_text(args -> 'kinds'));
+    ELSIF coalesce(jsonb_typeof(args -> 'kinds'), 'null') <> 'null' THEN
+        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', args -> 'kinds'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
+    END IF;
+    PERFORM herald._check_result_kinds(v_kinds);
+    RETURN (SELECT jsonb_build_object('results', coalesce(jsonb_agg(herald._result_json(r) ORDER BY r.id), '[]'),
+                                      'next', coalesce(max(r.id), v_after))
+              FROM herald._results_after(workspace, v_after, v_limit, v_kinds) r);
+END
+$$;
+
+-- The workspace of an API key that has `scope`, or the error api_call would give (unknown or revoked
+-- key: invalid_authorization_specification; scope lacking: insufficient_privilege). For what the
+-- daemon serves outside api_call with a key: GET /stream, which asks again while it streams, so a
+-- revoked key stops reading. herald_worker (the daemon) and herald_admin.
+CREATE FUNCTION herald.api_key_workspace(secret text, scope text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+BEGIN
+    IF scope IS NULL OR NOT scope = ANY (ARRAY['track', 'contacts', 'lists', 'send', 'results']) THEN
+        RAISE EXCEPTION 'unknown API key scope %', coalesce(quote_literal(scope), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+    END IF;
+    IF NOT scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % lacks the scope "%"', v_key.id, scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), scope);
+    END IF;
+    RETURN v_key.workspace_id;
+END
+$$;
+
 -- One API request: the key's check, the idempotency claim, the operation for the key's workspace (the
 -- workspace never comes from the request), the answer kept for a retry. Returns the answer and
 -- whether it is a replay of a stored one. Errors are the operation's own (same message, hint and
@@ -177,7 +256,8 @@ $$;
 --
 -- `args`: track {email, kind, payload}; track_many {events}; upsert_contact {email, attributes};
 -- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
--- unsubscribe {list, emails}. herald_worker (the daemon) and herald_admin.
+-- unsubscribe {list, emails}; read_results {after, kinds, limit} (a read: no Idempotency-Key, nothing
+-- kept; see _api_read_results). herald_worker (the daemon) and herald_admin.
 CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
 RETURNS TABLE (response jsonb, replayed boolean)
 LANGUAGE plpgsql
@@ -206,6 +286,16 @@ BEGIN
     END IF;
     IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF operation = 'read_results' THEN
+        IF api_call.idempotency_key IS NOT NULL THEN
+            RAISE EXCEPTION 'read_results takes no Idempotency-Key: reading twice changes nothing'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        response := herald._api_read_results(v_ws, args);
+        replayed := false;
+        RETURN NEXT;
+        RETURN;
     END IF;
 
     IF api_call.idempotency_key IS NOT NULL THEN

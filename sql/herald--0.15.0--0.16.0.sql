@@ -3,3 +3,231 @@
 --   sql/releases/herald--0.15.0.sql. Everything since, one marked block per change:
 --   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
 --   the end of each block.
+
+-- ==== results_scope: API keys may read the workspace's results (GET /v1/results, GET /stream) ====
+-- A new key scope, results (never a default), and api_call's read_results operation (after, kinds,
+-- limit; no Idempotency-Key) answered by _api_read_results; api_key_workspace(secret, scope) gives the
+-- daemon a key's workspace for GET /stream, asked again while it streams.
+CREATE OR REPLACE FUNCTION herald._api_scope(operation text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE operation
+    WHEN 'track' THEN 'track' WHEN 'track_many' THEN 'track'
+    WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
+    WHEN 'send' THEN 'send'
+    WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
+    WHEN 'read_results' THEN 'results'
+END;
+
+CREATE OR REPLACE FUNCTION herald.create_api_key(workspace text, name text,
+                                      scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_secret text := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+    v_id bigint;
+    v_bad text;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    IF name IS NULL OR btrim(name) = '' OR length(name) > 200 THEN
+        RAISE EXCEPTION 'invalid API key name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A key''s name is 1 to 200 characters, e.g. ''signup form''.';
+    END IF;
+    IF scopes IS NULL OR cardinality(scopes) = 0 THEN
+        RAISE EXCEPTION 'an API key needs at least one scope'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+    END IF;
+    SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
+      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send', 'results');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+    END IF;
+    INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
+    VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
+            '\x00', herald._caller())
+    RETURNING id INTO v_id;
+    v_secret := 'hk_' || v_id || '_' || v_secret;
+    UPDATE herald.api_keys k SET secret_hash = sha256(convert_to(v_secret, 'UTF8')) WHERE k.id = v_id;
+    RETURN v_secret;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
+RETURNS TABLE (response jsonb, replayed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+    v_ws text := v_key.workspace_id;
+    v_scope text := herald._api_scope(operation);
+    v_hash bytea;
+    v_claimed boolean;
+    v_stored record;
+    v_emails text[];
+BEGIN
+    IF v_scope IS NULL THEN
+        RAISE EXCEPTION 'unknown API operation %', coalesce(quote_literal(operation), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT v_scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % may not %: it lacks the scope "%"', v_key.id, operation, v_scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), v_scope);
+    END IF;
+    IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF operation = 'read_results' THEN
+        IF api_call.idempotency_key IS NOT NULL THEN
+            RAISE EXCEPTION 'read_results takes no Idempotency-Key: reading twice changes nothing'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        response := herald._api_read_results(v_ws, args);
+        replayed := false;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    IF api_call.idempotency_key IS NOT NULL THEN
+        IF api_call.idempotency_key !~ '^[!-~]{1,255}$' THEN
+            RAISE EXCEPTION 'Idempotency-Key must be 1 to 255 visible ASCII characters'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'A UUID is a good key.';
+        END IF;
+        v_hash := sha256(convert_to(operation || ' ' || args::text, 'UTF8'));
+        INSERT INTO herald.api_idempotency AS i (workspace_id, idempotency_key, request_hash, response)
+        VALUES (v_ws, api_call.idempotency_key, v_hash, 'null')
+        ON CONFLICT ON CONSTRAINT api_idempotency_pkey DO UPDATE
+           SET request_hash = EXCLUDED.request_hash, response = 'null', created_at = now()
+         WHERE i.created_at < now() - interval '24 hours'   -- an expired key is a new one
+        RETURNING true INTO v_claimed;
+        IF v_claimed IS NULL THEN
+            SELECT i.request_hash, i.response INTO v_stored FROM herald.api_idempotency i
+             WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+            IF v_stored.request_hash IS DISTINCT FROM v_hash THEN
+                RAISE EXCEPTION 'Idempotency-Key % was used for another request', quote_literal(api_call.idempotency_key)
+                    USING ERRCODE = 'unique_violation',
+                          DETAIL = 'A key stands for one request (operation and body) for 24 hours.',
+                          HINT = 'Use a new key for a new request.';
+            END IF;
+            response := v_stored.response;
+            replayed := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF operation IN ('subscribe', 'unsubscribe') THEN
+        IF jsonb_typeof(args -> 'emails') IS DISTINCT FROM 'array'
+           OR EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'emails') e WHERE jsonb_typeof(e) <> 'string') THEN
+            RAISE EXCEPTION 'emails must be a JSON array of strings' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: {"emails": ["ann@example.com"]}, or {"email": "ann@example.com"}.';
+        END IF;
+        v_emails := ARRAY(SELECT jsonb_array_elements_text(args -> 'emails'));
+    END IF;
+
+    response := CASE operation
+        WHEN 'track' THEN
+            jsonb_build_object('id', herald.track(v_ws, args ->> 'email', args ->> 'kind', coalesce(args -> 'payload', '{}')))
+        WHEN 'track_many' THEN
+            jsonb_build_object('accepted', herald.track_many(v_ws, args -> 'events'))
+        WHEN 'upsert_contact' THEN
+            jsonb_build_object('id', herald.upsert_contact(v_ws, args ->> 'email', coalesce(args -> 'attributes', '{}')))
+        WHEN 'upsert_contacts' THEN
+            (SELECT to_jsonb(u) FROM herald.upsert_contacts(v_ws, args -> 'contacts') u)
+        WHEN 'send' THEN
+            jsonb_build_object('id', herald.send(v_ws, args ->> 'email', args ->> 'template',
+                                                 coalesce(args -> 'context', '{}'),
+                                                 coalesce(args ->> 'provider', 'default'), args ->> 'dedupe_key'))
+        WHEN 'subscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'unsubscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+    END;
+    replayed := false;
+    IF api_call.idempotency_key IS NOT NULL THEN
+        UPDATE herald.api_idempotency i SET response = api_call.response
+         WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION herald._api_read_results(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_after bigint;
+    v_limit int := 100;
+    v_kinds text[];
+    v_bad text;
+BEGIN
+    SELECT string_agg(quote_literal(k), ', ' ORDER BY k) INTO v_bad
+      FROM jsonb_object_keys(args) k WHERE k NOT IN ('after', 'kinds', 'limit');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown read_results argument(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Arguments: after, kinds, limit.';
+    END IF;
+    IF jsonb_typeof(args -> 'after') = 'number' AND (args ->> 'after') ~ '^[0-9]{1,18}$' THEN
+        v_after := (args ->> 'after')::bigint;
+    ELSIF coalesce(jsonb_typeof(args -> 'after'), 'null') = 'null' THEN
+        v_after := herald.newest_result(workspace);
+    ELSE
+        RAISE EXCEPTION 'after must be a result id (a whole number, 0 for every result kept), got %', args -> 'after'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the "next" of the previous answer; leave it out to start at what is published now.';
+    END IF;
+    IF jsonb_typeof(args -> 'limit') = 'number' AND (args ->> 'limit') ~ '^[0-9]{1,4}$'
+       AND (args ->> 'limit')::int BETWEEN 1 AND 1000 THEN
+        v_limit := (args ->> 'limit')::int;
+    ELSIF coalesce(jsonb_typeof(args -> 'limit'), 'null') <> 'null' THEN
+        RAISE EXCEPTION 'limit must be a whole number from 1 to 1000, got %', args -> 'limit'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(args -> 'kinds') = 'array'
+       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'kinds') e WHERE jsonb_typeof(e) <> 'string') THEN
+        v_kinds := ARRAY(SELECT jsonb_array_elements_text(args -> 'kinds'));
+    ELSIF coalesce(jsonb_typeof(args -> 'kinds'), 'null') <> 'null' THEN
+        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', args -> 'kinds'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
+    END IF;
+    PERFORM herald._check_result_kinds(v_kinds);
+    RETURN (SELECT jsonb_build_object('results', coalesce(jsonb_agg(herald._result_json(r) ORDER BY r.id), '[]'),
+                                      'next', coalesce(max(r.id), v_after))
+              FROM herald._results_after(workspace, v_after, v_limit, v_kinds) r);
+END
+$$;
+
+CREATE FUNCTION herald.api_key_workspace(secret text, scope text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+BEGIN
+    IF scope IS NULL OR NOT scope = ANY (ARRAY['track', 'contacts', 'lists', 'send', 'results']) THEN
+        RAISE EXCEPTION 'unknown API key scope %', coalesce(quote_literal(scope), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+    END IF;
+    IF NOT scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % lacks the scope "%"', v_key.id, scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), scope);
+    END IF;
+    RETURN v_key.workspace_id;
+END
+$$;
+
+ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
+ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
+ALTER FUNCTION herald.api_key_workspace(text, text) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION herald._api_read_results(text, jsonb), herald.api_key_workspace(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herald.api_key_workspace(text, text) TO herald_worker, herald_admin;

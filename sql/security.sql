@@ -201,6 +201,7 @@ ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.revoke_api_key(text, bigint) SECURITY DEFINER;
 ALTER FUNCTION herald.list_api_keys(text) SECURITY DEFINER;
 ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
+ALTER FUNCTION herald.api_key_workspace(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.archive_template(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.unarchive_template(text, text) SECURITY DEFINER;
 ALTER FUNCTION herald.delete_template(text, text) SECURITY DEFINER;
@@ -289,7 +290,8 @@ GRANT EXECUTE ON FUNCTION herald.oldest_snapshot(interval) TO herald_worker, her
 GRANT EXECUTE ON FUNCTION
     herald.create_api_key(text, text, text[]), herald.revoke_api_key(text, bigint), herald.list_api_keys(text)
 TO herald_admin;
-GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text) TO herald_worker, herald_admin;
+GRANT EXECUTE ON FUNCTION herald.api_call(text, text, jsonb, text), herald.api_key_workspace(text, text)
+TO herald_worker, herald_admin;
 
 -- ------------------------------------------------------------------------------- tables and views
 

@@ -61,6 +61,59 @@ UPDATE herald.api_idempotency SET created_at = now() - interval '25 hours' WHERE
 SELECT herald.prune('30 days') >= 1 AS pruned;
 SELECT workspace_id, idempotency_key FROM herald.api_idempotency WHERE workspace_id LIKE 'api_%' ORDER BY 1;
 
+-- read_results: a key with the results scope reads its own workspace's results, in pages, by kind
+SELECT herald.create_api_key('api_a', 'dashboard', ARRAY['results']) AS r_key \gset
+SELECT herald.create_api_key('api_b', 'theirs too', ARRAY['results']) AS rb_key \gset
+SELECT herald.newest_result('api_a') AS before_any \gset
+INSERT INTO herald.results_staged (workspace_id, kind, contact_id, data)
+SELECT w, k, i, jsonb_build_object('n', i)
+  FROM unnest(ARRAY['api_a', 'api_b']) w, generate_series(1, 5) i,
+       LATERAL (SELECT CASE WHEN i % 2 = 0 THEN 'email.sent' ELSE 'email.opened' END) x(k);
+SELECT herald.advance_results() >= 10 AS published;
+-- without after: from what is published now (nothing yet), with the cursor to go on from
+SELECT response -> 'results' AS results, (response ->> 'next')::bigint = herald.newest_result('api_a') AS next_is_newest
+  FROM herald.api_call(:'r_key', 'read_results', '{}');
+SELECT jsonb_path_query_array(response, '$.results[*].data.n') AS page_1,
+       (response ->> 'next')::bigint AS next_1
+  FROM herald.api_call(:'r_key', 'read_results', jsonb_build_object('after', :before_any, 'limit', 2)) \gset
+SELECT :'page_1' AS page_1;
+SELECT jsonb_path_query_array(response, '$.results[*].data.n') AS page_2,
+       jsonb_path_query_array(response, '$.results[*].kind') AS kinds,
+       (SELECT bool_and(r ? 'id' AND r ? 'at' AND r ? 'contact_id' AND NOT r ? 'job_id')
+          FROM jsonb_array_elements(response -> 'results') r) AS shape
+  FROM herald.api_call(:'r_key', 'read_results', jsonb_build_object('after', :next_1, 'limit', 1000));
+SELECT jsonb_path_query_array(response, '$.results[*].data.n') AS sent_only
+  FROM herald.api_call(:'r_key', 'read_results', jsonb_build_object('after', :before_any, 'kinds', '["email.sent"]'::jsonb));
+-- the other workspace's key reads its own five
+SELECT jsonb_array_length(response -> 'results') AS theirs,
+       (SELECT bool_and(NOT (r ->> 'contact_id')::bigint IS NULL) FROM jsonb_array_elements(response -> 'results') r) AS ok
+  FROM herald.api_call(:'rb_key', 'read_results', jsonb_build_object('after', :before_any));
+-- past the end: nothing, and the cursor stays
+SELECT response FROM herald.api_call(:'r_key', 'read_results', '{"after": 999999999999}');
+-- refused: a key without the scope, bad arguments, an Idempotency-Key
+SELECT * FROM herald.api_call(:'a_key', 'read_results', '{}');
+SELECT * FROM herald.api_call(:'r_key', 'track', '{"email": "ann@example.com", "kind": "x"}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"after": -1}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"after": "7"}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"after": 1.5}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"limit": 0}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"limit": 1001}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"kinds": "email.sent"}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"kinds": ["email.sent", 3]}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"kinds": []}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"kinds": ["no.such"]}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"from": 0}');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{}', 'poll-1');
+SELECT count(*) AS kept FROM herald.api_idempotency WHERE idempotency_key = 'poll-1';
+-- api_key_workspace: the daemon's check for GET /stream
+SELECT herald.api_key_workspace(:'r_key', 'results') AS workspace;
+SELECT herald.api_key_workspace(:'a_key', 'results');
+SELECT herald.api_key_workspace(:'a_key', 'everything');
+SELECT herald.api_key_workspace('hk_1_' || repeat('0', 64), 'results');
+SELECT herald.revoke_api_key('api_a', split_part(:'r_key', '_', 2)::bigint) AS revoked;
+SELECT herald.api_key_workspace(:'r_key', 'results');
+SELECT * FROM herald.api_call(:'r_key', 'read_results', '{}');
+
 -- revoking: at once, once, and only in its own workspace
 SELECT herald.revoke_api_key('api_b', split_part(:'a_key', '_', 2)::bigint);
 SELECT herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS revoked,
