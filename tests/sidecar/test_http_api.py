@@ -15,6 +15,7 @@ import pytest
 from conftest import free_port, wait_until
 from test_http_side import wait_http
 from test_least_privilege import roles, url  # noqa: F401  (roles is a fixture)
+from test_stream import EventStream, journey_that_ends_at_once
 
 ALL_SCOPES = "ARRAY['track', 'contacts', 'lists', 'send']"
 
@@ -229,6 +230,90 @@ def test_connections_per_address_behind_a_proxy(db, roles, sidecar, limit):  # n
     wait_until(served, timeout=10, what="a place freed")
 
 
+def test_an_app_with_a_results_key_follows_what_herald_did(db, api):
+    """An app that holds only API keys: a journey's results read page by page from GET /v1/results
+    (each once, in order, none of another workspace's), then followed live on GET /stream with the
+    same key, which stops reading once the key is revoked."""
+    journey_that_ends_at_once(db)
+    reader = db.one("SELECT herald.create_api_key('acme', 'dashboard', ARRAY['results'])")
+    db.q("SELECT herald.create_workspace('other', 'Other')")
+    other = db.one("SELECT herald.create_api_key('other', 'theirs', ARRAY['results'])")
+    # without after: from what is published now, and where that is
+    status, _, start = api.call("/v1/results", method="GET", key=reader)
+    assert status == 200 and start["results"] == [], start
+    assert start["next"] == db.one("SELECT herald.newest_result('acme')")
+
+    events = [{"email": f"r{i}@example.com", "kind": "ping"} for i in range(30)]
+    assert api.call("/v1/track/batch", {"events": events})[0] == 200
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.results WHERE workspace_id = 'acme' "
+                              "AND kind = 'enrollment.completed'") == 30, what="30 published results")
+    got, cursor = [], start["next"]
+    while True:
+        status, _, page = api.call(f"/v1/results?after={cursor}&kinds=enrollment.completed&limit=7",
+                                   method="GET", key=reader)
+        assert status == 200, page
+        assert len(page["results"]) <= 7
+        if not page["results"]:
+            assert page["next"] == cursor
+            break
+        got += page["results"]
+        cursor = page["next"]
+        assert cursor == page["results"][-1]["id"]
+    ids = [r["id"] for r in got]
+    assert ids == sorted(ids) and len(set(ids)) == 30, "in order, each once"
+    assert {r["kind"] for r in got} == {"enrollment.completed"}
+    assert {r["enrollment_id"] for r in got} == {e[0] for e in db.q("SELECT id FROM herald.enrollments")}
+    # every kind from 0: the contacts' results too, all acme's
+    status, _, everything = api.call("/v1/results?after=0&limit=1000", method="GET", key=reader)
+    assert status == 200 and len(everything["results"]) >= 30
+    status, _, theirs = api.call("/v1/results?after=0", method="GET", key=other)
+    assert (status, theirs["results"]) == (200, [])
+
+    # refusals: a key without the scope, bad values (the database's messages), the query's form
+    status, _, body = api.call("/v1/results", method="GET")  # the test's key: every scope but results
+    assert status == 403, body
+    assert body["error"]["message"].endswith('lacks the scope "results"'), body
+    for query, message in [("after=yesterday", 'after must be a result id (a whole number, 0 for every result kept), got "yesterday"'),
+                           ("limit=5000", "limit must be a whole number from 1 to 1000, got 5000"),
+                           ("kinds=email.sent,no.such", "unknown result kind(s) 'no.such'"),
+                           ("workspace=other", "unknown read_results argument(s) 'workspace'")]:
+        status, _, body = api.call(f"/v1/results?{query}", method="GET", key=reader)
+        assert (status, body["error"]["message"]) == (422, message), query
+    status, _, body = api.call("/v1/results?after=1&after=2", method="GET", key=reader)
+    assert (status, body["error"]["message"]) == (400, "the query names after twice")
+    assert api.call("/v1/results", {}, key=reader)[0] == 405
+
+    # the same key follows the results live on GET /stream (its workspace; no stream token configured)
+    stream = EventStream(api.port, "kinds=enrollment.completed", token=reader)
+    assert stream.response.status == 200, stream.response.read()
+    refused = EventStream(api.port, "workspace=other", token=reader)
+    assert refused.response.status == 403
+    refused.close()
+    narrow = EventStream(api.port, "workspace=acme", token=api.key)
+    assert narrow.response.status == 403 and b'lacks the scope "results"' in narrow.response.read()
+    narrow.close()
+    assert api.call("/v1/track/batch", {"events": [{"email": f"s{i}@example.com", "kind": "ping"}
+                                                   for i in range(5)]})[0] == 200
+    live = stream.events()
+    first = [json.loads(next(live)["data"]) for _ in range(5)]
+    assert [r["id"] for r in first] == sorted(r["id"] for r in first) and first[0]["id"] > ids[-1]
+    # revoked: the stream ends before it sends another result
+    assert db.one("SELECT herald.revoke_api_key('acme', %s)", int(reader.split("_")[1])) is True
+    time.sleep(6)  # past the stream's KEY_RECHECK (5 s) since the key was last asked about
+    assert api.call("/v1/track/batch", {"events": [{"email": f"t{i}@example.com", "kind": "ping"}
+                                                   for i in range(5)]})[0] == 200
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.results WHERE workspace_id = 'acme' "
+                              "AND kind = 'enrollment.completed'") == 40, what="the last 5 published")
+    after_revocation = []
+    reader_thread = threading.Thread(target=lambda: after_revocation.extend(live), daemon=True)
+    reader_thread.start()
+    reader_thread.join(timeout=30)
+    assert not reader_thread.is_alive(), f"the stream went on after the revocation: {after_revocation}"
+    assert after_revocation == [], "nothing after the revocation"
+    stream.close()
+    assert api.call("/v1/results", method="GET", key=reader)[0] == 401
+
+
 def test_a_retry_with_the_same_idempotency_key_writes_once(db, api):
     body = {"email": "ann@example.com", "kind": "paid", "payload": {"amount": 10}}
     first = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
@@ -340,7 +425,8 @@ def test_the_openapi_document_describes_what_is_served(api):
     assert doc["openapi"] == "3.1.0"
     paths = doc["paths"]
     assert set(paths) == {"/v1/track", "/v1/track/batch", "/v1/contacts", "/v1/contacts/batch", "/v1/send",
-                          "/v1/lists/{list}/subscribe", "/v1/lists/{list}/unsubscribe", "/v1/openapi.json"}
+                          "/v1/lists/{list}/subscribe", "/v1/lists/{list}/unsubscribe", "/v1/results",
+                          "/v1/openapi.json"}
     for path, item in paths.items():
         for method, op in item.items():
             if path == "/v1/openapi.json":
@@ -349,6 +435,9 @@ def test_the_openapi_document_describes_what_is_served(api):
             status, _, body = api.call(path.replace("{list}", "news"), {}, key=None, method=method.upper())
             assert status == 401, (method, path, body)
             assert set(op["responses"]) >= {"200", "401", "422"}
+            if method == "get":  # a read: its arguments are query parameters
+                assert "requestBody" not in op and {p["in"] for p in op["parameters"]} == {"query"}
+                continue
             assert op["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"] is False
 
 

@@ -11,7 +11,11 @@
 //! Access: `Authorization: Bearer <token>` (or `?token=`, for EventSource, which cannot send headers;
 //! a URL may end up in logs, so prefer the header) with the workspace's stream token
 //! (`[workspaces.<ws>] stream_token`) or the default HERALD_STREAM_TOKEN, which may read every
-//! workspace. Without any stream token configured, the route answers 404.
+//! workspace; or with an API key that has the `results` scope (`hk_…`, `herald.create_api_key`),
+//! which reads its own workspace (`workspace=` may be left out). A key is checked by the database
+//! (`herald.api_key_workspace`) when the stream opens and again before an event is sent once
+//! [`KEY_RECHECK`] has passed since the last check: a revoked key's stream ends then. Without any
+//! stream token configured, a request without an API key answers 404.
 //!
 //! Waking: results become readable when maintenance publishes them (`herald.advance_results`, each
 //! round); a publishing round that moved rows bumps [`Published`], which wakes every reader at once.
@@ -21,7 +25,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -40,6 +44,11 @@ use super::stream_tail::{newest, read, Follower, Row, Source, Tails};
 
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long an API key's answer stands before the next event asks the database again: how late a
+/// revocation may stop a stream (an idle stream sends nothing, so it is asked only when it would).
+pub const KEY_RECHECK: Duration = Duration::from_secs(5);
+/// The scope an API key needs to read results.
+const RESULTS_SCOPE: &str = "results";
 
 /// Bumped by maintenance whenever `advance_results` published rows.
 #[derive(Clone)]
@@ -100,7 +109,8 @@ struct Params {
 /// What a request asked for, checked.
 #[derive(Debug, PartialEq, Eq)]
 struct Ask {
-    workspace: String,
+    /// None: the API key's.
+    workspace: Option<String>,
     /// None: from what is published now.
     after: Option<i64>,
     kinds: Option<Vec<String>>,
@@ -116,8 +126,7 @@ fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, &'static str> {
         .workspace
         .as_deref()
         .map(str::trim)
-        .filter(|w| !w.is_empty())
-        .ok_or("workspace=<name> is required")?;
+        .filter(|w| !w.is_empty());
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -137,7 +146,7 @@ fn ask(params: &Params, headers: &HeaderMap) -> Result<Ask, &'static str> {
             .collect::<Vec<_>>()
     });
     Ok(Ask {
-        workspace: workspace.to_string(),
+        workspace: workspace.map(String::from),
         after,
         kinds: kinds.filter(|k| !k.is_empty()),
     })
@@ -151,6 +160,42 @@ fn presented<'a>(params: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .or(params.token.as_deref())
+}
+
+/// Whether a presented token is an API key (`hk_…`) rather than a stream token.
+fn is_api_key(token: &str) -> bool {
+    token.starts_with("hk_")
+}
+
+/// The workspace an API key reads (the database's answer), or the refusal to send.
+async fn key_workspace(database: &Database, secret: &str) -> Result<String, Response> {
+    let checked = async {
+        let client = database.get().await?;
+        let row = client
+            .query_one(
+                "SELECT herald.api_key_workspace($1, $2)",
+                &[&secret, &RESULTS_SCOPE],
+            )
+            .await?;
+        Ok::<String, DbError>(row.try_get(0)?)
+    }
+    .await;
+    checked.map_err(|e| match e.code().map(|c| c.code()) {
+        // an unknown or revoked key; a key without the results scope
+        Some("28000") => refuse(StatusCode::UNAUTHORIZED, &db_message(&e)),
+        Some("42501") => refuse(StatusCode::FORBIDDEN, &db_message(&e)),
+        _ => read_failed(&e),
+    })
+}
+
+fn db_message(e: &DbError) -> String {
+    match e {
+        DbError::Pg(pg) => pg
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default(),
+        DbError::Pool(_) => String::new(),
+    }
 }
 
 /// Whether `token` may read `workspace`'s stream: its own token, or the default one.
@@ -167,34 +212,63 @@ async fn open(
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
-    if !app.keys.has_stream_tokens() {
+    let token = presented(&params, &headers);
+    let api_key = token.filter(|t| is_api_key(t));
+    if api_key.is_none() && !app.keys.has_stream_tokens() {
         return refuse(StatusCode::NOT_FOUND, "not found");
     }
-    let Some(token) = presented(&params, &headers) else {
+    let Some(token) = token else {
         return refuse(
             StatusCode::UNAUTHORIZED,
-            "a stream token is required: Authorization: Bearer <token>",
+            "a stream token or an API key with the results scope is required: Authorization: Bearer <token>",
         );
     };
-    let ask = match ask(&params, &headers) {
+    let mut ask = match ask(&params, &headers) {
         Ok(ask) => ask,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
-    if !allowed(&app.keys, &ask.workspace, token) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "this token may not read that workspace's stream",
-        );
-    }
+    let key_check = match api_key {
+        Some(secret) => {
+            let workspace = match key_workspace(&app.database, secret).await {
+                Ok(w) => w,
+                Err(refused) => return refused,
+            };
+            if ask.workspace.as_ref().is_some_and(|w| *w != workspace) {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    "this API key reads its own workspace's stream only",
+                );
+            }
+            ask.workspace = Some(workspace);
+            Some(KeyCheck {
+                database: Arc::clone(&app.database),
+                secret: secret.to_string(),
+                checked: Instant::now(),
+            })
+        }
+        None => {
+            let Some(workspace) = ask.workspace.as_deref() else {
+                return refuse(StatusCode::BAD_REQUEST, "workspace=<name> is required");
+            };
+            if !allowed(&app.keys, workspace, token) {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    "this token may not read that workspace's stream",
+                );
+            }
+            None
+        }
+    };
+    let workspace = ask.workspace.expect("set above");
     // the first read happens now, so that a bad workspace or kind is an HTTP error, not a broken stream
     let after = match ask.after {
         Some(after) => after,
-        None => match newest(&app.database, &ask.workspace).await {
+        None => match newest(&app.database, &workspace).await {
             Ok(id) => id,
             Err(e) => return read_failed(&e),
         },
     };
-    let first = match read(&app.database, &ask.workspace, after, ask.kinds.as_deref()).await {
+    let first = match read(&app.database, &workspace, after, ask.kinds.as_deref()).await {
         Ok(rows) => rows,
         Err(e) => return read_failed(&e),
     };
@@ -205,17 +279,55 @@ async fn open(
     };
     let follower = app
         .tails
-        .follow(&source, ask.workspace, ask.kinds, after, first);
-    Sse::new(events(follower))
+        .follow(&source, workspace, ask.kinds, after, first);
+    Sse::new(events(follower, key_check))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
 }
 
-fn events(follower: Follower) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    stream::unfold(follower, |mut follower| async move {
-        let next = follower.next().await?;
-        Some((Ok(event(next.row())), follower))
-    })
+/// An API key's stream: the key, and when the database last said it may read.
+struct KeyCheck {
+    database: Arc<Database>,
+    secret: String,
+    checked: Instant,
+}
+
+impl KeyCheck {
+    /// Whether the key may still read: asked again once [`KEY_RECHECK`] has passed. Any failure ends
+    /// the stream (a client reconnects, and its key is checked as at the start).
+    async fn still_valid(&mut self) -> bool {
+        if self.checked.elapsed() < KEY_RECHECK {
+            return true;
+        }
+        match key_workspace(&self.database, &self.secret).await {
+            Ok(_) => {
+                self.checked = Instant::now();
+                true
+            }
+            Err(_) => {
+                tracing::info!("stream: an API key no longer reads results; its stream ends");
+                false
+            }
+        }
+    }
+}
+
+fn events(
+    follower: Follower,
+    key_check: Option<KeyCheck>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    stream::unfold(
+        (follower, key_check),
+        |(mut follower, mut key_check)| async move {
+            let next = follower.next().await?;
+            if let Some(check) = key_check.as_mut() {
+                if !check.still_valid().await {
+                    return None;
+                }
+            }
+            Some((Ok(event(next.row())), (follower, key_check)))
+        },
+    )
 }
 
 /// A refused read: the workspace or kinds are wrong (400, with the database's message), or the
@@ -270,7 +382,7 @@ mod tests {
         assert_eq!(
             a,
             Ask {
-                workspace: "acme".into(),
+                workspace: Some("acme".into()),
                 after: None,
                 kinds: Some(vec!["email.sent".into(), "email.failed".into()]),
             }
@@ -289,7 +401,8 @@ mod tests {
                 .after,
             Some(42)
         );
-        assert!(ask(&params("after=7"), &headers).is_err());
+        // without a workspace: the API key's (a stream token without one is refused by `open`)
+        assert_eq!(ask(&params("after=7"), &headers).unwrap().workspace, None);
         headers.insert("last-event-id", HeaderValue::from_static("-1"));
         assert!(ask(&params("workspace=acme"), &headers).is_err());
         headers.insert("last-event-id", HeaderValue::from_static("x"));

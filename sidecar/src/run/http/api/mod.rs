@@ -8,6 +8,7 @@
 //!   POST /v1/send                       a transactional email  herald.send
 //!   POST /v1/lists/{list}/subscribe     join a list            herald.subscribe
 //!   POST /v1/lists/{list}/unsubscribe   leave a list           herald.unsubscribe
+//!   GET  /v1/results                    what herald did        herald.read_results (a `results` key)
 //!   GET  /v1/openapi.json               this API in OpenAPI 3.1
 //!
 //! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`
@@ -24,6 +25,7 @@ mod error;
 mod idempotency;
 mod key_rate;
 mod openapi;
+mod results;
 mod routes;
 
 use std::sync::Arc;
@@ -56,6 +58,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
     // router's method-not-allowed fallback never sees a preflight
     let mut router =
         Router::new().route("/v1/openapi.json", get(openapi::serve).options(preflight));
+    router = router.route("/v1/results", get(results::handle).options(preflight));
     for route in ROUTES {
         let operation = route.operation;
         router = router.route(
@@ -280,9 +283,18 @@ mod tests {
             assert_eq!(properties, fields, "{path}: the body's fields");
         }
         assert!(paths["/v1/openapi.json"]["get"].is_object());
+        let read = &paths["/v1/results"]["get"];
+        let mut parameters: Vec<&str> = read["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        parameters.sort_unstable();
+        assert_eq!(parameters, ["after", "kinds", "limit"]);
         assert_eq!(
             paths.len(),
-            ROUTES.len() + 1,
+            ROUTES.len() + 2,
             "no path described twice or unserved"
         );
         for (path, item) in paths {

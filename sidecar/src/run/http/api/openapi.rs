@@ -33,6 +33,7 @@ pub fn document() -> Json {
             json!({"post": operation(route.operation)}),
         );
     }
+    paths.insert("/v1/results".into(), json!({"get": read_results()}));
     paths.insert(
         "/v1/openapi.json".into(),
         json!({"get": {
@@ -48,9 +49,10 @@ pub fn document() -> Json {
         "info": {
             "title": "herald HTTP API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Track events, identify contacts, send transactional email and manage list \
-                membership for one workspace: the API key's. Each request is one call of the SQL function \
-                named in its description, with the same checks and error messages. Writes take an \
+            "description": "Track events, identify contacts, send transactional email, manage list \
+                membership and read what herald did (results) for one workspace: the API key's. Each request \
+                is one call of the SQL function named in its description, with the same checks and error \
+                messages. Writes take an \
                 Idempotency-Key header: the same key with the same body within 24 hours returns the first \
                 answer (with Idempotent-Replayed: true) without running again; with another body, 409."
         },
@@ -98,6 +100,55 @@ pub fn document() -> Json {
                     }
                 }
             }
+        }
+    })
+}
+
+/// GET /v1/results: a read, with its arguments in the query.
+fn read_results() -> Json {
+    let error = |what: &str| {
+        json!({"description": what,
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    };
+    json!({
+        "operationId": "read_results",
+        "summary": "Read the workspace's results (what herald did), in order, from a cursor",
+        "description": "Calls herald.read_results for the API key's workspace. Needs the key scope \"results\" \
+            (never a default: results carry contact ids, replies and contexts). Pass the answer's next as \
+            the following call's after: nothing is skipped or read twice. GET /stream?kinds=… serves the \
+            same results as server-sent events to the same key.",
+        "parameters": [
+            {"name": "after", "in": "query", "required": false,
+             "schema": {"type": "integer", "minimum": 0},
+             "description": "A result id: the results after it. 0 reads every result kept; left out, the read starts at what is published now (and next says where that is)."},
+            {"name": "kinds", "in": "query", "required": false, "style": "form", "explode": false,
+             "schema": {"type": "array", "items": {"type": "string"}},
+             "description": "Comma-separated kinds, e.g. email.sent,email.bounced; left out, every kind."},
+            {"name": "limit", "in": "query", "required": false,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+        ],
+        "responses": {
+            "200": {"description": "The results after the cursor, oldest first",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["results", "next"],
+                        "properties": {
+                            "results": {"type": "array", "items": {
+                                "type": "object", "required": ["id", "kind", "at", "data"],
+                                "properties": {
+                                    "id": {"type": "integer"}, "kind": {"type": "string"},
+                                    "at": {"type": "string", "format": "date-time"},
+                                    "contact_id": {"type": "integer"}, "automation_id": {"type": "integer"},
+                                    "enrollment_id": {"type": "integer"}, "broadcast_id": {"type": "integer"},
+                                    "job_id": {"type": "integer"}, "data": {"type": "object"}
+                                }}},
+                            "next": {"type": "integer", "description": "The after of the next call"}
+                        }}}}},
+            "400": error("A query parameter given twice"),
+            "401": error("No API key, an unknown one, or a revoked one"),
+            "403": error("The key lacks the scope results"),
+            "422": error("A bad after, kinds or limit, or an unknown parameter (the SQL function's message)"),
+            "429": error("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
+            "503": error("The database is not reachable; try again")
         }
     })
 }

@@ -120,6 +120,8 @@ pub const ROUTES: &[Route] = &[
 ];
 
 const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
+/// The one read among `herald.api_call`'s operations (GET /v1/results, `results`).
+pub(super) const READ_RESULTS: &str = "read_results";
 
 /// Every write route: check the form, make the one call, answer with its JSON.
 pub async fn handle(
@@ -130,22 +132,25 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match run(operation, &state, &params, &headers, body).await {
-        Ok((answer, replayed)) => {
-            let mut response = (
-                StatusCode::OK,
-                [(CONTENT_TYPE, "application/json")],
-                answer.to_string(),
-            )
-                .into_response();
-            if replayed {
-                response
-                    .headers_mut()
-                    .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
-            }
-            response
-        }
+        Ok((json, replayed)) => answer(&json, replayed),
         Err(e) => e.into_response(),
     }
+}
+
+/// A 200 with the call's JSON; a replayed one says so.
+pub(super) fn answer(json: &Json, replayed: bool) -> Response {
+    let mut response = (
+        StatusCode::OK,
+        [(CONTENT_TYPE, "application/json")],
+        json.to_string(),
+    )
+        .into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 async fn run(
@@ -155,14 +160,7 @@ async fn run(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Json, bool), ApiError> {
-    let secret = auth::secret(headers)?;
-    if let Some(rates) = &state.rates {
-        rates
-            .take(secret, std::time::Instant::now())
-            .map_err(|wait| {
-                ApiError::rate_limited(rates.per_second(), key_rate::retry_after_seconds(wait))
-            })?;
-    }
+    let secret = admit(state, headers)?;
     let idempotency_key = idempotency::key(headers)?;
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -178,11 +176,25 @@ async fn run(
     call(
         state,
         secret,
-        operation,
+        operation.sql_name(),
         &Json::Object(args),
         idempotency_key,
     )
     .await
+}
+
+/// The request's API key, when it has the form of one and is within its rate (`key_rate`); whether
+/// it is a live key is the database's to say, in the request's one call.
+pub(super) fn admit<'h>(state: &ApiState, headers: &'h HeaderMap) -> Result<&'h str, ApiError> {
+    let secret = auth::secret(headers)?;
+    if let Some(rates) = &state.rates {
+        rates
+            .take(secret, std::time::Instant::now())
+            .map_err(|wait| {
+                ApiError::rate_limited(rates.per_second(), key_rate::retry_after_seconds(wait))
+            })?;
+    }
+    Ok(secret)
 }
 
 /// The body as `herald.api_call`'s arguments, or why it is refused: JSON, an object, at most
@@ -264,11 +276,11 @@ fn depth(args: &Map<String, Json>) -> usize {
 
 /// The one statement of a request. A statement that failed on a connection that died while idle is
 /// sent again on a new one only when the request has an idempotency key (then running it twice is
-/// safe); otherwise the client gets a 503 and decides.
-async fn call(
+/// safe, as it is for a read); otherwise the client gets a 503 and decides.
+pub(super) async fn call(
     state: &ApiState,
     secret: &str,
-    operation: Operation,
+    operation: &str,
     args: &Json,
     idempotency_key: Option<&str>,
 ) -> Result<(Json, bool), ApiError> {
@@ -278,17 +290,18 @@ async fn call(
             let client = state.database.get().await?;
             let statement = client.prepare_cached(CALL).await?;
             let row = client
-                .query_one(
-                    &statement,
-                    &[&secret, &operation.sql_name(), args, &idempotency_key],
-                )
+                .query_one(&statement, &[&secret, &operation, args, &idempotency_key])
                 .await?;
             Ok::<_, DbError>((row.try_get(0)?, row.try_get(1)?))
         }
         .await;
         match result {
             Ok(answer) => return Ok(answer),
-            Err(e) if e.is_connection_error() && idempotency_key.is_some() && !retried => {
+            Err(e)
+                if e.is_connection_error()
+                    && (idempotency_key.is_some() || operation == READ_RESULTS)
+                    && !retried =>
+            {
                 retried = true;
                 state.database.forget_idle();
             }
