@@ -184,6 +184,12 @@ async fn key_workspace(database: &Database, secret: &str) -> Result<String, Resp
         // an unknown or revoked key; a key without the results scope
         Some("28000") => refuse(StatusCode::UNAUTHORIZED, &db_message(&e)),
         Some("42501") => refuse(StatusCode::FORBIDDEN, &db_message(&e)),
+        // undefined_function: the database's extension is older than 0.16.0 (compat.rs: a daemon may
+        // be upgraded first)
+        Some("42883") => refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "API keys read the stream once the database's herald extension is 0.16.0 or later",
+        ),
         _ => read_failed(&e),
     })
 }
