@@ -9,6 +9,9 @@
 //!      (spread over loopback addresses: the daemon takes at most 32 connections per address). For
 //!      context, track() from SQL on 8 connections (the daemon's pool size), as many calls: with 100
 //!      clients the API's latency is mostly the wait for one of the pool's connections.
+//!   c. results/s read page by page (1,000 a page, each page's last id the next cursor) through
+//!      `GET /v1/results` (one `api_call` → `read_results` per page, a key with the `results` scope)
+//!      against `herald.read_results` from SQL, one client each, in turns, over the same results.
 //!
 //! The workspace has its contacts already and no automation: the figures are the API's own cost
 //! (HTTP, JSON, the key check, the call) on top of the ingest, not the dispatcher's.
@@ -36,6 +39,9 @@ const BATCH: usize = 1_000;
 const THROUGHPUT_CLIENTS: usize = 4;
 /// Concurrent clients of the latency run.
 const LATENCY_CLIENTS: usize = 100;
+/// Results staged and published for the read runs, and the page they are read in.
+const RESULTS: usize = 100_000;
+const RESULTS_PAGE: usize = 1_000;
 /// Latency clients per loopback address (the daemon's per-address limit is 32).
 const PER_ADDRESS: usize = 25;
 const CONTACTS: usize = 10_000;
@@ -50,6 +56,8 @@ struct Sizes {
     rounds: usize,
     /// /v1/track calls per latency client.
     calls: usize,
+    /// Results read per run (c.).
+    results: usize,
 }
 
 impl Sizes {
@@ -59,12 +67,14 @@ impl Sizes {
                 batches: 8,
                 rounds: 1,
                 calls: 5,
+                results: 3_000,
             }
         } else {
             Self {
                 batches: 200,
                 rounds: 2,
                 calls: 100,
+                results: RESULTS,
             }
         }
     }
@@ -98,6 +108,12 @@ pub struct Api {
     pub sql_track_connections: usize,
     pub sql_track: Summary,
     pub sql_track_calls_per_sec: f64,
+    /// c.: runs of reading every staged result, page by page, from SQL and over HTTP.
+    pub reads: Vec<Run>,
+    pub sql_results_per_sec: f64,
+    pub http_results_per_sec: f64,
+    /// HTTP over SQL (no goal: the figure says what the API adds to a read).
+    pub read_ratio: f64,
 }
 
 impl Api {
@@ -113,16 +129,17 @@ pub async fn run(target: &Target, small: bool) -> Result<Api> {
     ingest::create_contacts(&db, ingest::WORKSPACE, CONTACTS).await?;
     let key: String = db
         .query_one(
-            "SELECT herald.create_api_key($1, 'bench', ARRAY['track'])",
+            "SELECT herald.create_api_key($1, 'bench', ARRAY['track', 'results'])",
             &[&ingest::WORKSPACE],
         )
         .await?
         .get(0);
+    let first_result = publish_results(&db, sizes.results).await?;
     db.batch_execute("ANALYZE").await?;
     let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut daemon = start_daemon(&target, addr)?;
-    let out = measure(&target, addr, &key, &sizes, &mut daemon).await;
+    let out = measure(&target, addr, &key, &sizes, &mut daemon, first_result).await;
     daemon.stop(Duration::from_secs(20)).await?;
     let out = out?;
     drop(db);
@@ -139,6 +156,7 @@ async fn measure(
     key: &str,
     sizes: &Sizes,
     daemon: &mut Daemon,
+    first_result: i64,
 ) -> Result<Api> {
     wait_for_http(addr, daemon).await?;
     let base = format!("http://{addr}");
@@ -192,7 +210,43 @@ async fn measure(
         LATENCY_CLIENTS * sizes.calls / SQL_TRACK_CONNECTIONS,
     )
     .await?;
+
+    info!(
+        "api: reading {} results in pages of {RESULTS_PAGE}: read_results from SQL, then GET /v1/results",
+        sizes.results
+    );
+    let after = first_result - 1;
+    // warm-up: a page each
+    sql_read(target, after, RESULTS_PAGE).await?;
+    http_read(&base, key, after, RESULTS_PAGE).await?;
+    let mut reads = Vec::new();
+    for round in 1..=sizes.rounds {
+        reads.push(Run::new(
+            "sql read_results",
+            round,
+            sizes.results,
+            sql_read(target, after, sizes.results).await?,
+        ));
+        reads.push(Run::new(
+            "http GET /v1/results",
+            round,
+            sizes.results,
+            http_read(&base, key, after, sizes.results).await?,
+        ));
+    }
+    let read_rate = |side: &str| {
+        let (n, secs) = reads
+            .iter()
+            .filter(|r| r.side.starts_with(side))
+            .fold((0, 0.0), |(e, s), r| (e + r.events, s + r.secs));
+        n as f64 / secs
+    };
+    let (sql_reads, http_reads) = (read_rate("sql"), read_rate("http"));
     Ok(Api {
+        reads,
+        sql_results_per_sec: sql_reads,
+        http_results_per_sec: http_reads,
+        read_ratio: http_reads / sql_reads,
         batch: BATCH,
         clients: THROUGHPUT_CLIENTS,
         runs,
@@ -207,6 +261,88 @@ async fn measure(
         sql_track_calls_per_sec: sql_track.count as f64 / sql_secs,
         sql_track,
     })
+}
+
+/// Stages `n` results shaped like email.sent ones and publishes them; the first one's id.
+async fn publish_results(db: &tokio_postgres::Client, n: usize) -> Result<i64> {
+    db.execute(
+        "INSERT INTO herald.results_staged (workspace_id, kind, contact_id, job_id, data) \
+         SELECT $1, 'email.sent', 1 + i % 10000, i, jsonb_build_object('message_id', \
+                '<' || i || '.bench@herald.example>', 'node', 'welcome', 'variation', NULL) \
+           FROM generate_series(1, $2::int) i",
+        &[&ingest::WORKSPACE, &(n as i32)],
+    )
+    .await?;
+    loop {
+        let moved: i32 = db
+            .query_one("SELECT herald.advance_results(100000)", &[])
+            .await?
+            .get(0);
+        if moved == 0 {
+            break;
+        }
+    }
+    let (first, count): (Option<i64>, i64) = {
+        let row = db
+            .query_one(
+                "SELECT min(id), count(*) FROM herald.results WHERE workspace_id = $1",
+                &[&ingest::WORKSPACE],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    ensure!(count as usize == n, "{count} results published of {n}");
+    first.context("no result published")
+}
+
+/// Reads `n` results after `after` with read_results, a page at a time; seconds.
+async fn sql_read(target: &Target, after: i64, n: usize) -> Result<f64> {
+    let db = target.connect().await?;
+    let statement = db
+        .prepare("SELECT id, kind, at, contact_id, automation_id, enrollment_id, broadcast_id, job_id, data FROM herald.read_results($1, $2, $3)")
+        .await?;
+    let started = Instant::now();
+    let (mut cursor, mut read) = (after, 0);
+    while read < n {
+        let rows = db
+            .query(
+                &statement,
+                &[&ingest::WORKSPACE, &cursor, &(RESULTS_PAGE as i32)],
+            )
+            .await?;
+        ensure!(!rows.is_empty(), "read_results ended after {read} results");
+        read += rows.len();
+        cursor = rows.last().expect("not empty").get(0);
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Reads `n` results after `after` through GET /v1/results, a page at a time; seconds.
+async fn http_read(base: &str, key: &str, after: i64, n: usize) -> Result<f64> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()?;
+    let auth = format!("Bearer {key}");
+    let started = Instant::now();
+    let (mut cursor, mut read) = (after, 0);
+    while read < n {
+        let response = client
+            .get(format!(
+                "{base}/v1/results?after={cursor}&limit={RESULTS_PAGE}"
+            ))
+            .header("authorization", &auth)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        ensure!(status.is_success(), "/v1/results answered {status}: {text}");
+        let page: Value = serde_json::from_str(&text)?;
+        let got = page["results"].as_array().map_or(0, Vec::len);
+        ensure!(got > 0, "/v1/results ended after {read} results: {page}");
+        read += got;
+        cursor = page["next"].as_i64().context("no next in the answer")?;
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// `SQL_TRACK_CONNECTIONS` connections calling track() `calls` times each; durations and seconds.
@@ -435,6 +571,22 @@ fn start_daemon(target: &Target, addr: SocketAddr) -> Result<Daemon> {
     )
 }
 
+/// One line per run: side, round, items, seconds, items a second.
+fn write_runs(o: &mut String, runs: &[Run]) {
+    use std::fmt::Write as _;
+    for r in runs {
+        let _ = writeln!(
+            o,
+            "  {:<22} | {:>5} | {:>8} | {:>7.2} | {:>9}",
+            r.side,
+            r.round,
+            thousands(r.events as f64),
+            r.secs,
+            thousands(r.events_per_sec)
+        );
+    }
+}
+
 pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
     use std::fmt::Write as _;
     let verdict = goals
@@ -454,17 +606,7 @@ pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
         "  {:<22} | {:>5} | {:>8} | {:>7} | {:>9}",
         "side", "round", "events", "seconds", "events/s"
     );
-    for r in &a.runs {
-        let _ = writeln!(
-            o,
-            "  {:<22} | {:>5} | {:>8} | {:>7.2} | {:>9}",
-            r.side,
-            r.round,
-            thousands(r.events as f64),
-            r.secs,
-            thousands(r.events_per_sec)
-        );
-    }
+    write_runs(o, &a.runs);
     let _ = writeln!(
         o,
         "  track_many from SQL {:>9} events/s   /v1/track/batch {:>9} events/s   ratio {:.2}x   goal >= {RATIO}x: {verdict}",
@@ -497,5 +639,24 @@ pub(super) fn render(o: &mut String, a: &Api, goals: &[Goal]) {
         t.p99_ms,
         t.max_ms,
         thousands(a.sql_track_calls_per_sec)
+    );
+    let _ = writeln!(
+        o,
+        "c. reading results in pages of {}, one client a side, in turns (no goal: what the API adds to a read)\n  \
+         {:<22} | {:>5} | {:>8} | {:>7} | {:>9}",
+        thousands(RESULTS_PAGE as f64),
+        "side",
+        "round",
+        "results",
+        "seconds",
+        "results/s"
+    );
+    write_runs(o, &a.reads);
+    let _ = writeln!(
+        o,
+        "  read_results from SQL {:>9} results/s   GET /v1/results {:>9} results/s   ratio {:.2}x",
+        thousands(a.sql_results_per_sec),
+        thousands(a.http_results_per_sec),
+        a.read_ratio
     );
 }

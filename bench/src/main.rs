@@ -8,7 +8,8 @@
 //! tick), `queue` (claim/complete against plain queues and PgQ; claim against idle workspaces) and
 //! `stream` (what the results stream costs complete(); `/stream` fanned out to 100 subscribers) and
 //! `journey` (contacts/min through a live journey into smtp-sink, next to send() in the same run);
-//! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients);
+//! `api` (the HTTP API: /v1/track/batch next to track_many from SQL; /v1/track with 100 clients;
+//! GET /v1/results next to read_results from SQL);
 //! `soak` (a long steady mixed load: sizes, dead tuples and latencies over time; only with --only).
 
 mod api;
@@ -347,7 +348,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<()> {
     };
 
     let api = if wanted(Section::Api) {
-        info!("api: /v1/track/batch against track_many from SQL; /v1/track with 100 clients");
+        info!("api: /v1/track/batch against track_many from SQL; /v1/track with 100 clients; /v1/results against read_results");
         let a = api::run(&target, args.small).await?;
         goals.extend(a.goals());
         Some(a)
