@@ -1,8 +1,9 @@
 -- herald: the HTTP API's side in the database (issue 13). The daemon serves /v1/… (sidecar/src/run/http/api/)
 -- and makes ONE call per request: herald.api_call(secret, operation, args, idempotency_key), which
 -- checks the key, claims the idempotency key, runs the existing SQL function the operation names
--- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results) for
--- the key's workspace, and stores the answer for a retry: one statement, one transaction.
+-- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results,
+-- subscribe_results, unsubscribe_results, list_result_subscriptions) for the key's workspace, and
+-- stores the answer for a retry: one statement, one transaction.
 --
 -- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
 -- only. 244 random bits (two gen_random_uuid: pg_strong_random), so a plain SHA-256 is enough (no
@@ -48,13 +49,14 @@ RETURN CASE operation
     WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
     WHEN 'send' THEN 'send'
     WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
-    WHEN 'read_results' THEN 'results'
+    WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
+    WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
 END;
 
 -- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
 -- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
--- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream: the workspace's
--- results, which carry contact ids, replies and contexts). By default track, contacts and lists: a
+-- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream, /v1/results/subscriptions:
+-- the workspace's results, which carry contact ids, replies and contexts). By default track, contacts and lists: a
 -- key that ends up in a browser can then neither mail anyone nor read what herald did. herald_admin.
 CREATE FUNCTION herald.create_api_key(workspace text, name text,
                                       scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
@@ -168,6 +170,46 @@ BEGIN
 END
 $$;
 
+-- An API request's `kinds`: a JSON array of strings as text[], or NULL (absent or null: every kind).
+-- The names are checked by _check_result_kinds where they are used.
+CREATE FUNCTION herald._api_kinds(kinds jsonb) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF coalesce(jsonb_typeof(kinds), 'null') = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(kinds) <> 'array'
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(kinds) e WHERE jsonb_typeof(e) <> 'string') THEN
+        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', kinds
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
+    END IF;
+    RETURN ARRAY(SELECT jsonb_array_elements_text(kinds));
+END
+$$;
+
+-- A workspace's result subscriptions for an API key: {"subscriptions": [{id, url, kinds, options,
+-- cursor, state, last_error, created_at}]}, from result_subscription_overview (state: idle,
+-- delivering, or blocked until its job is redriven by an admin). Called by api_call only.
+CREATE FUNCTION herald._api_result_subscriptions(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF args <> '{}' THEN
+        RAISE EXCEPTION 'list_result_subscriptions takes no arguments, got %', args
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN jsonb_build_object('subscriptions', coalesce(
+        (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'url', s.url, 'kinds', s.kinds, 'options', s.options,
+                                             'cursor', s.cursor, 'state', s.state, 'last_error', s.last_error,
+                                             'created_at', s.created_at) ORDER BY s.id)
+           FROM herald.result_subscription_overview s WHERE s.workspace_id = workspace), '[]'));
+END
+$$;
+
 -- read_results for an API key: {"results": [results as _result_json, in id order], "next": the cursor
 -- to pass as the next call's after}. args: after (a result id; 0 reads from the oldest kept; absent
 -- or null: from the newest published now, as GET /stream starts), kinds (an array of kinds, or
@@ -205,19 +247,26 @@ BEGIN
         RAISE EXCEPTION 'limit must be a whole number from 1 to 1000, got %', args -> 'limit'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF jsonb_typeof(args -> 'kinds') = 'array'
-       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'kinds') e WHERE jsonb_typeof(e) <> 'string') THEN
-        v_kinds := ARRAY(SELECT jsonb_array_elements_text(args -> 'kinds'));
-    ELSIF coalesce(jsonb_typeof(args -> 'kinds'), 'null') <> 'null' THEN
-        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', args -> 'kinds'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
-    END IF;
+    v_kinds := herald._api_kinds(args -> 'kinds');
     PERFORM herald._check_result_kinds(v_kinds);
     -- to_jsonb of an array of jsonb: ~15% less than jsonb_agg, which walks each value into its state
     RETURN (SELECT jsonb_build_object('results', coalesce(to_jsonb(array_agg(herald._result_json(r) ORDER BY r.id)), '[]'),
                                       'next', coalesce(max(r.id), v_after))
               FROM herald._results_after(workspace, v_after, v_limit, v_kinds) r);
+END
+$$;
+
+-- An API request's id (a subscription's): a whole JSON number, or an error naming what came.
+CREATE FUNCTION herald._api_id(id jsonb) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF jsonb_typeof(id) = 'number' AND (id #>> '{}') ~ '^[0-9]{1,18}$' THEN
+        RETURN (id #>> '{}')::bigint;
+    END IF;
+    RAISE EXCEPTION 'id must be a subscription id (a whole number), got %', coalesce(id::text, 'nothing')
+        USING ERRCODE = 'invalid_parameter_value';
 END
 $$;
 
@@ -257,8 +306,9 @@ $$;
 --
 -- `args`: track {email, kind, payload}; track_many {events}; upsert_contact {email, attributes};
 -- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
--- unsubscribe {list, emails}; read_results {after, kinds, limit} (a read: no Idempotency-Key, nothing
--- kept; see _api_read_results). herald_worker (the daemon) and herald_admin.
+-- unsubscribe {list, emails}; read_results {after, kinds, limit} and list_result_subscriptions {}
+-- (reads: no Idempotency-Key, nothing kept); subscribe_results {url, kinds, options};
+-- unsubscribe_results {id}. herald_worker (the daemon) and herald_admin.
 CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
 RETURNS TABLE (response jsonb, replayed boolean)
 LANGUAGE plpgsql
@@ -288,12 +338,14 @@ BEGIN
     IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF operation = 'read_results' THEN
+    IF operation IN ('read_results', 'list_result_subscriptions') THEN
         IF api_call.idempotency_key IS NOT NULL THEN
-            RAISE EXCEPTION 'read_results takes no Idempotency-Key: reading twice changes nothing'
+            RAISE EXCEPTION '% takes no Idempotency-Key: reading twice changes nothing', operation
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        response := herald._api_read_results(v_ws, args);
+        response := CASE operation
+            WHEN 'read_results' THEN herald._api_read_results(v_ws, args)
+            ELSE herald._api_result_subscriptions(v_ws, args) END;
         replayed := false;
         RETURN NEXT;
         RETURN;
@@ -353,7 +405,16 @@ BEGIN
             (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
         WHEN 'unsubscribe' THEN
             (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'subscribe_results' THEN
+            jsonb_build_object('id', herald.subscribe_results(v_ws, args ->> 'url', herald._api_kinds(args -> 'kinds'),
+                                                              coalesce(args -> 'options', '{}')))
+        WHEN 'unsubscribe_results' THEN
+            jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
     END;
+    IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
+        UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)
+         WHERE s.workspace_id = v_ws AND s.id = (response ->> 'id')::bigint;
+    END IF;
     replayed := false;
     IF api_call.idempotency_key IS NOT NULL THEN
         UPDATE herald.api_idempotency i SET response = api_call.response

@@ -4,10 +4,11 @@
 --   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
 --   the end of each block.
 
--- ==== results_scope: API keys may read the workspace's results (GET /v1/results, GET /stream) ====
--- A new key scope, results (never a default), and api_call's read_results operation (after, kinds,
--- limit; no Idempotency-Key) answered by _api_read_results; api_key_workspace(secret, scope) gives the
--- daemon a key's workspace for GET /stream, asked again while it streams.
+-- ==== results_scope: API keys may read and subscribe to the workspace's results ====
+-- A new key scope, results (never a default); api_call's read_results (GET /v1/results: after, kinds,
+-- limit), list_result_subscriptions (GET /v1/results/subscriptions), subscribe_results and
+-- unsubscribe_results (POST / DELETE /v1/results/subscriptions); api_key_workspace(secret, scope)
+-- gives the daemon a key's workspace for GET /stream, asked again while it streams.
 CREATE OR REPLACE FUNCTION herald._api_scope(operation text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE operation
@@ -15,7 +16,8 @@ RETURN CASE operation
     WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
     WHEN 'send' THEN 'send'
     WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
-    WHEN 'read_results' THEN 'results'
+    WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
+    WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
 END;
 
 CREATE OR REPLACE FUNCTION herald.create_api_key(workspace text, name text,
@@ -54,6 +56,116 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION herald._api_kinds(kinds jsonb) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF coalesce(jsonb_typeof(kinds), 'null') = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(kinds) <> 'array'
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(kinds) e WHERE jsonb_typeof(e) <> 'string') THEN
+        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', kinds
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
+    END IF;
+    RETURN ARRAY(SELECT jsonb_array_elements_text(kinds));
+END
+$$;
+
+CREATE FUNCTION herald._api_result_subscriptions(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF args <> '{}' THEN
+        RAISE EXCEPTION 'list_result_subscriptions takes no arguments, got %', args
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN jsonb_build_object('subscriptions', coalesce(
+        (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'url', s.url, 'kinds', s.kinds, 'options', s.options,
+                                             'cursor', s.cursor, 'state', s.state, 'last_error', s.last_error,
+                                             'created_at', s.created_at) ORDER BY s.id)
+           FROM herald.result_subscription_overview s WHERE s.workspace_id = workspace), '[]'));
+END
+$$;
+
+CREATE FUNCTION herald._api_read_results(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_after bigint;
+    v_limit int := 100;
+    v_kinds text[];
+    v_bad text;
+BEGIN
+    SELECT string_agg(quote_literal(k), ', ' ORDER BY k) INTO v_bad
+      FROM jsonb_object_keys(args) k WHERE k NOT IN ('after', 'kinds', 'limit');
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown read_results argument(s) %', v_bad
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Arguments: after, kinds, limit.';
+    END IF;
+    IF jsonb_typeof(args -> 'after') = 'number' AND (args ->> 'after') ~ '^[0-9]{1,18}$' THEN
+        v_after := (args ->> 'after')::bigint;
+    ELSIF coalesce(jsonb_typeof(args -> 'after'), 'null') = 'null' THEN
+        v_after := herald.newest_result(workspace);
+    ELSE
+        RAISE EXCEPTION 'after must be a result id (a whole number, 0 for every result kept), got %', args -> 'after'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the "next" of the previous answer; leave it out to start at what is published now.';
+    END IF;
+    IF jsonb_typeof(args -> 'limit') = 'number' AND (args ->> 'limit') ~ '^[0-9]{1,4}$'
+       AND (args ->> 'limit')::int BETWEEN 1 AND 1000 THEN
+        v_limit := (args ->> 'limit')::int;
+    ELSIF coalesce(jsonb_typeof(args -> 'limit'), 'null') <> 'null' THEN
+        RAISE EXCEPTION 'limit must be a whole number from 1 to 1000, got %', args -> 'limit'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_kinds := herald._api_kinds(args -> 'kinds');
+    PERFORM herald._check_result_kinds(v_kinds);
+    -- to_jsonb of an array of jsonb: ~15% less than jsonb_agg, which walks each value into its state
+    RETURN (SELECT jsonb_build_object('results', coalesce(to_jsonb(array_agg(herald._result_json(r) ORDER BY r.id)), '[]'),
+                                      'next', coalesce(max(r.id), v_after))
+              FROM herald._results_after(workspace, v_after, v_limit, v_kinds) r);
+END
+$$;
+
+CREATE FUNCTION herald._api_id(id jsonb) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    IF jsonb_typeof(id) = 'number' AND (id #>> '{}') ~ '^[0-9]{1,18}$' THEN
+        RETURN (id #>> '{}')::bigint;
+    END IF;
+    RAISE EXCEPTION 'id must be a subscription id (a whole number), got %', coalesce(id::text, 'nothing')
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
+CREATE FUNCTION herald.api_key_workspace(secret text, scope text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+BEGIN
+    IF scope IS NULL OR NOT scope = ANY (ARRAY['track', 'contacts', 'lists', 'send', 'results']) THEN
+        RAISE EXCEPTION 'unknown API key scope %', coalesce(quote_literal(scope), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+    END IF;
+    IF NOT scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % lacks the scope "%"', v_key.id, scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), scope);
+    END IF;
+    RETURN v_key.workspace_id;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
 RETURNS TABLE (response jsonb, replayed boolean)
 LANGUAGE plpgsql
@@ -83,12 +195,14 @@ BEGIN
     IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF operation = 'read_results' THEN
+    IF operation IN ('read_results', 'list_result_subscriptions') THEN
         IF api_call.idempotency_key IS NOT NULL THEN
-            RAISE EXCEPTION 'read_results takes no Idempotency-Key: reading twice changes nothing'
+            RAISE EXCEPTION '% takes no Idempotency-Key: reading twice changes nothing', operation
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        response := herald._api_read_results(v_ws, args);
+        response := CASE operation
+            WHEN 'read_results' THEN herald._api_read_results(v_ws, args)
+            ELSE herald._api_result_subscriptions(v_ws, args) END;
         replayed := false;
         RETURN NEXT;
         RETURN;
@@ -148,7 +262,16 @@ BEGIN
             (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
         WHEN 'unsubscribe' THEN
             (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'subscribe_results' THEN
+            jsonb_build_object('id', herald.subscribe_results(v_ws, args ->> 'url', herald._api_kinds(args -> 'kinds'),
+                                                              coalesce(args -> 'options', '{}')))
+        WHEN 'unsubscribe_results' THEN
+            jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
     END;
+    IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
+        UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)
+         WHERE s.workspace_id = v_ws AND s.id = (response ->> 'id')::bigint;
+    END IF;
     replayed := false;
     IF api_call.idempotency_key IS NOT NULL THEN
         UPDATE herald.api_idempotency i SET response = api_call.response
@@ -158,77 +281,9 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION herald._api_read_results(workspace text, args jsonb) RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_after bigint;
-    v_limit int := 100;
-    v_kinds text[];
-    v_bad text;
-BEGIN
-    SELECT string_agg(quote_literal(k), ', ' ORDER BY k) INTO v_bad
-      FROM jsonb_object_keys(args) k WHERE k NOT IN ('after', 'kinds', 'limit');
-    IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION 'unknown read_results argument(s) %', v_bad
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Arguments: after, kinds, limit.';
-    END IF;
-    IF jsonb_typeof(args -> 'after') = 'number' AND (args ->> 'after') ~ '^[0-9]{1,18}$' THEN
-        v_after := (args ->> 'after')::bigint;
-    ELSIF coalesce(jsonb_typeof(args -> 'after'), 'null') = 'null' THEN
-        v_after := herald.newest_result(workspace);
-    ELSE
-        RAISE EXCEPTION 'after must be a result id (a whole number, 0 for every result kept), got %', args -> 'after'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass the "next" of the previous answer; leave it out to start at what is published now.';
-    END IF;
-    IF jsonb_typeof(args -> 'limit') = 'number' AND (args ->> 'limit') ~ '^[0-9]{1,4}$'
-       AND (args ->> 'limit')::int BETWEEN 1 AND 1000 THEN
-        v_limit := (args ->> 'limit')::int;
-    ELSIF coalesce(jsonb_typeof(args -> 'limit'), 'null') <> 'null' THEN
-        RAISE EXCEPTION 'limit must be a whole number from 1 to 1000, got %', args -> 'limit'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF jsonb_typeof(args -> 'kinds') = 'array'
-       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'kinds') e WHERE jsonb_typeof(e) <> 'string') THEN
-        v_kinds := ARRAY(SELECT jsonb_array_elements_text(args -> 'kinds'));
-    ELSIF coalesce(jsonb_typeof(args -> 'kinds'), 'null') <> 'null' THEN
-        RAISE EXCEPTION 'kinds must be an array of result kinds, got %', args -> 'kinds'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Example: ["email.sent", "email.bounced"]; leave it out for every kind.';
-    END IF;
-    PERFORM herald._check_result_kinds(v_kinds);
-    -- to_jsonb of an array of jsonb: ~15% less than jsonb_agg, which walks each value into its state
-    RETURN (SELECT jsonb_build_object('results', coalesce(to_jsonb(array_agg(herald._result_json(r) ORDER BY r.id)), '[]'),
-                                      'next', coalesce(max(r.id), v_after))
-              FROM herald._results_after(workspace, v_after, v_limit, v_kinds) r);
-END
-$$;
-
-CREATE FUNCTION herald.api_key_workspace(secret text, scope text) RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, herald, pg_temp
-AS $$
-DECLARE
-    v_key herald.api_keys := herald._api_key(secret);
-BEGIN
-    IF scope IS NULL OR NOT scope = ANY (ARRAY['track', 'contacts', 'lists', 'send', 'results']) THEN
-        RAISE EXCEPTION 'unknown API key scope %', coalesce(quote_literal(scope), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
-    END IF;
-    IF NOT scope = ANY (v_key.scopes) THEN
-        RAISE EXCEPTION 'API key % lacks the scope "%"', v_key.id, scope
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
-                                array_to_string(v_key.scopes, ', '), scope);
-    END IF;
-    RETURN v_key.workspace_id;
-END
-$$;
-
 ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.api_key_workspace(text, text) SECURITY DEFINER;
-REVOKE ALL ON FUNCTION herald._api_read_results(text, jsonb), herald.api_key_workspace(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION herald._api_kinds(jsonb), herald._api_result_subscriptions(text, jsonb),
+    herald._api_read_results(text, jsonb), herald._api_id(jsonb), herald.api_key_workspace(text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herald.api_key_workspace(text, text) TO herald_worker, herald_admin;

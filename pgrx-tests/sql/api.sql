@@ -105,6 +105,27 @@ SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"kinds": ["no.such"]}'
 SELECT * FROM herald.api_call(:'r_key', 'read_results', '{"from": 0}');
 SELECT * FROM herald.api_call(:'r_key', 'read_results', '{}', 'poll-1');
 SELECT count(*) AS kept FROM herald.api_idempotency WHERE idempotency_key = 'poll-1';
+-- result subscriptions with the key: made (idempotently), listed, ended; the key's workspace only
+SELECT response ? 'id' AS made, replayed FROM herald.api_call(:'r_key', 'subscribe_results',
+    '{"url": "https://app.example/hooks", "kinds": ["email.sent"], "options": {"batch": 10}}', 'hook-1');
+SELECT replayed FROM herald.api_call(:'r_key', 'subscribe_results',
+    '{"url": "https://app.example/hooks", "kinds": ["email.sent"], "options": {"batch": 10}}', 'hook-1');
+SELECT (response -> 'subscriptions' -> 0) - 'id' - 'cursor' - 'created_at' AS listed,
+       jsonb_array_length(response -> 'subscriptions') AS n
+  FROM herald.api_call(:'r_key', 'list_result_subscriptions', '{}');
+SELECT created_by ~ '^api key [0-9]+$' AS made_by_the_key FROM herald.result_subscriptions WHERE workspace_id = 'api_a';
+SELECT jsonb_array_length(response -> 'subscriptions') AS theirs FROM herald.api_call(:'rb_key', 'list_result_subscriptions', '{}');
+SELECT id AS sub_id FROM herald.result_subscriptions WHERE workspace_id = 'api_a' \gset
+SELECT response FROM herald.api_call(:'rb_key', 'unsubscribe_results', jsonb_build_object('id', :sub_id));
+SELECT * FROM herald.api_call(:'r_key', 'subscribe_results', '{"url": "ftp://app.example/x"}');
+SELECT * FROM herald.api_call(:'r_key', 'subscribe_results', '{"url": "https://app.example/x", "kinds": "email.sent"}');
+SELECT * FROM herald.api_call(:'r_key', 'unsubscribe_results', '{"id": "x"}');
+SELECT * FROM herald.api_call(:'r_key', 'list_result_subscriptions', '{"all": true}');
+SELECT * FROM herald.api_call(:'a_key', 'list_result_subscriptions', '{}');
+SELECT count(*) AS still_one FROM herald.result_subscriptions WHERE workspace_id = 'api_a';
+SELECT response FROM herald.api_call(:'r_key', 'unsubscribe_results', jsonb_build_object('id', :sub_id));
+SELECT response FROM herald.api_call(:'r_key', 'unsubscribe_results', jsonb_build_object('id', :sub_id));
+SELECT response FROM herald.api_call(:'r_key', 'list_result_subscriptions', '{}');
 -- api_key_workspace: the daemon's check for GET /stream
 SELECT herald.api_key_workspace(:'r_key', 'results') AS workspace;
 SELECT herald.api_key_workspace(:'a_key', 'results');

@@ -9,6 +9,9 @@
 //!   POST /v1/lists/{list}/subscribe     join a list            herald.subscribe
 //!   POST /v1/lists/{list}/unsubscribe   leave a list           herald.unsubscribe
 //!   GET  /v1/results                    what herald did        herald.read_results (a `results` key)
+//!   GET  /v1/results/subscriptions      result webhooks        result_subscription_overview
+//!   POST /v1/results/subscriptions      add one                herald.subscribe_results
+//!   DELETE /v1/results/subscriptions/{id}  end one             herald.unsubscribe_results
 //!   GET  /v1/openapi.json               this API in OpenAPI 3.1
 //!
 //! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`
@@ -32,7 +35,7 @@ use std::sync::Arc;
 
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderName, Method};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -58,16 +61,27 @@ pub fn router<S: Clone + Send + Sync + 'static>(
     // router's method-not-allowed fallback never sees a preflight
     let mut router =
         Router::new().route("/v1/openapi.json", get(openapi::serve).options(preflight));
-    router = router.route("/v1/results", get(results::handle).options(preflight));
+    router = router.route(
+        "/v1/results",
+        get(|state, query, headers| results::handle(results::Read::Results, state, query, headers))
+            .options(preflight),
+    );
+    router = router.route(
+        "/v1/results/subscriptions",
+        get(|state, query, headers| {
+            results::handle(results::Read::Subscriptions, state, query, headers)
+        }),
+    );
     for route in ROUTES {
         let operation = route.operation;
-        router = router.route(
-            route.path,
-            post(move |state, path, headers, body| {
-                routes::handle(operation, state, path, headers, body)
-            })
-            .options(preflight),
-        );
+        let handler =
+            move |state, path, headers, body| routes::handle(operation, state, path, headers, body);
+        let method_router = match route.method {
+            routes::Method::Post => post(handler),
+            routes::Method::Delete => delete(handler),
+        };
+        // a path may have a read too (GET /v1/results/subscriptions): merge, not replace
+        router = router.route(route.path, method_router.options(preflight));
     }
     router
         .route("/v1/{*rest}", axum::routing::any(routes::unknown))
@@ -89,7 +103,7 @@ async fn preflight() -> axum::http::StatusCode {
 fn cors() -> CorsLayer {
     CorsLayer::new()
         .allow_origin(AllowOrigin::any())
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
             AUTHORIZATION,
             CONTENT_TYPE,
@@ -266,10 +280,11 @@ mod tests {
         let paths = doc["paths"].as_object().expect("paths");
         for route in ROUTES {
             let path = route.path;
+            let method = route.method.openapi();
             let described = &paths
                 .get(path)
-                .unwrap_or_else(|| panic!("{path} is not described"))["post"];
-            assert!(described.is_object(), "POST {path} is not described");
+                .unwrap_or_else(|| panic!("{path} is not described"))[method];
+            assert!(described.is_object(), "{method} {path} is not described");
             let schema = &described["requestBody"]["content"]["application/json"]["schema"];
             let mut properties: Vec<&str> = schema["properties"]
                 .as_object()
@@ -292,14 +307,19 @@ mod tests {
             .collect();
         parameters.sort_unstable();
         assert_eq!(parameters, ["after", "kinds", "limit"]);
+        assert!(paths["/v1/results/subscriptions"]["get"].is_object());
+        let operations: usize = paths
+            .values()
+            .map(|item| item.as_object().expect("methods").len())
+            .sum();
         assert_eq!(
-            paths.len(),
-            ROUTES.len() + 2,
-            "no path described twice or unserved"
+            operations,
+            ROUTES.len() + 3,
+            "the writes and three reads (openapi, results, subscriptions), nothing unserved"
         );
         for (path, item) in paths {
             for method in item.as_object().expect("methods").keys() {
-                let concrete = path.replace("{list}", "news");
+                let concrete = path.replace("{list}", "news").replace("{id}", "1");
                 let request = Request::builder()
                     .method(method.to_uppercase().as_str())
                     .uri(&concrete)

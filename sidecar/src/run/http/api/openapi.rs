@@ -28,12 +28,20 @@ pub async fn serve() -> Response {
 pub fn document() -> Json {
     let mut paths = serde_json::Map::new();
     for route in ROUTES {
-        paths.insert(
-            route.path.into(),
-            json!({"post": operation(route.operation)}),
-        );
+        paths
+            .entry(route.path)
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("an object")
+            .insert(route.method.openapi().into(), operation(route.operation));
     }
     paths.insert("/v1/results".into(), json!({"get": read_results()}));
+    paths
+        .entry("/v1/results/subscriptions")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("an object")
+        .insert("get".into(), list_subscriptions());
     paths.insert(
         "/v1/openapi.json".into(),
         json!({"get": {
@@ -104,12 +112,46 @@ pub fn document() -> Json {
     })
 }
 
+/// GET /v1/results/subscriptions: the workspace's result webhooks.
+fn list_subscriptions() -> Json {
+    json!({
+        "operationId": "list_result_subscriptions",
+        "summary": "The workspace's result subscriptions (webhooks) and their state",
+        "description": "Reads herald.result_subscription_overview for the API key's workspace. Needs the key \
+            scope \"results\". state: idle, delivering, or blocked (a delivery failed for good or ran out of \
+            attempts: an admin redrives its job, herald.redrive).",
+        "parameters": [],
+        "responses": {
+            "200": {"description": "Every subscription, oldest first",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["subscriptions"],
+                        "properties": {"subscriptions": {"type": "array", "items": {
+                            "type": "object",
+                            "properties": {
+                                "id": {"type": "integer"}, "url": {"type": "string"},
+                                "kinds": {"type": ["array", "null"], "items": {"type": "string"}},
+                                "options": {"type": "object"}, "cursor": {"type": "integer"},
+                                "state": {"type": "string", "enum": ["idle", "delivering", "blocked"]},
+                                "last_error": {"type": ["string", "null"]},
+                                "created_at": {"type": "string", "format": "date-time"}
+                            }}}}}}}},
+            "401": error_response("No API key, an unknown one, or a revoked one"),
+            "403": error_response("The key lacks the scope results"),
+            "422": error_response("A query parameter (this read takes none)"),
+            "429": error_response("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
+            "503": error_response("The database is not reachable; try again")
+        }
+    })
+}
+
+fn error_response(what: &str) -> Json {
+    json!({"description": what,
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
 /// GET /v1/results: a read, with its arguments in the query.
 fn read_results() -> Json {
-    let error = |what: &str| {
-        json!({"description": what,
-               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-    };
+    let error = error_response;
     json!({
         "operationId": "read_results",
         "summary": "Read the workspace's results (what herald did), in order, from a cursor",
@@ -160,16 +202,17 @@ fn operation(op: Operation) -> Json {
         parameters.push(json!({"name": "list", "in": "path", "required": true,
                                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}));
     }
-    let error = |what: &str| {
-        json!({"description": what,
-               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-    };
+    if op == Operation::UnsubscribeResults {
+        parameters.push(json!({"name": "id", "in": "path", "required": true,
+                               "schema": {"type": "integer", "minimum": 1}}));
+    }
+    let error = error_response;
     json!({
         "operationId": op.sql_name(),
         "summary": summary,
         "description": format!("Calls {function} for the API key's workspace. Needs the key scope \"{}\".", op.scope()),
         "parameters": parameters,
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {
+        "requestBody": {"required": op != Operation::UnsubscribeResults, "content": {"application/json": {"schema": {
             "type": "object", "additionalProperties": false,
             "properties": properties, "required": required
         }}}},
@@ -260,6 +303,23 @@ fn describe(op: Operation) -> (&'static str, &'static str, Json, Json, Json) {
             emails,
             json!([]),
             counts(["unsubscribed", "not_subscribed", "rejected"]),
+        ),
+        Operation::SubscribeResults => (
+            "Subscribe a URL to the workspace's results: POSTed to it in order, signed, retried",
+            "herald.subscribe_results(workspace, url, kinds, options)",
+            json!({"url": {"type": "string", "format": "uri", "description": "http or https; the daemon's address policy applies"},
+                   "kinds": {"type": ["array", "null"], "items": {"type": "string"}, "description": "Left out: every kind"},
+                   "options": {"type": "object", "description": "batch (1-1000, default 100), max_attempts (1-100, default 20), timeout_ms, after (a result id; default: from now on)"}}),
+            json!(["url"]),
+            id,
+        ),
+        Operation::UnsubscribeResults => (
+            "End a result subscription (its delivery not yet handed out is cancelled)",
+            "herald.unsubscribe_results(workspace, id)",
+            json!({}),
+            json!([]),
+            json!({"type": "object", "required": ["unsubscribed"],
+                   "properties": {"unsubscribed": {"type": "boolean", "description": "false: no such subscription in the key's workspace (or ended already)"}}}),
         ),
     }
 }

@@ -8,6 +8,9 @@
 //! The query is only turned into the call's arguments here: whole numbers become JSON numbers,
 //! anything else is passed as text, so the database's checks give the messages (the same as from
 //! SQL). A parameter given twice is refused here (which one would count?).
+//!
+//! `GET /v1/results/subscriptions` is the other read: the workspace's result webhooks with their
+//! state (`list_result_subscriptions`, no parameters).
 
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
@@ -15,10 +18,27 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
-use super::routes::{admit, answer, call, READ_RESULTS};
+use super::routes::{admit, answer, call, LIST_SUBSCRIPTIONS, READ_RESULTS};
 use super::ApiState;
 
+/// The reads among `herald.api_call`'s operations.
+#[derive(Clone, Copy, Debug)]
+pub enum Read {
+    Results,
+    Subscriptions,
+}
+
+impl Read {
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Self::Results => READ_RESULTS,
+            Self::Subscriptions => LIST_SUBSCRIPTIONS,
+        }
+    }
+}
+
 pub async fn handle(
+    read: Read,
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -26,7 +46,7 @@ pub async fn handle(
     let read = async {
         let secret = admit(&state, &headers)?;
         let args = arguments(query.as_deref().unwrap_or(""))?;
-        call(&state, secret, READ_RESULTS, &Json::Object(args), None).await
+        call(&state, secret, read.sql_name(), &Json::Object(args), None).await
     };
     match read.await {
         Ok((json, _)) => answer(&json, false),

@@ -31,6 +31,8 @@ pub enum Operation {
     Send,
     Subscribe,
     Unsubscribe,
+    SubscribeResults,
+    UnsubscribeResults,
 }
 
 impl Operation {
@@ -44,10 +46,13 @@ impl Operation {
             Self::Send => "send",
             Self::Subscribe => "subscribe",
             Self::Unsubscribe => "unsubscribe",
+            Self::SubscribeResults => "subscribe_results",
+            Self::UnsubscribeResults => "unsubscribe_results",
         }
     }
 
-    /// The fields its body may have (the API key gives the workspace; the path gives the list).
+    /// The fields its body may have (the API key gives the workspace; the path gives the list or
+    /// the subscription).
     pub fn fields(self) -> &'static [&'static str] {
         match self {
             Self::Track => &["email", "kind", "payload"],
@@ -56,6 +61,8 @@ impl Operation {
             Self::UpsertContacts => &["contacts"],
             Self::Send => &["email", "template", "context", "provider", "dedupe_key"],
             Self::Subscribe | Self::Unsubscribe => &["email", "emails"],
+            Self::SubscribeResults => &["url", "kinds", "options"],
+            Self::UnsubscribeResults => &[],
         }
     }
 
@@ -76,52 +83,67 @@ impl Operation {
             Self::UpsertContact | Self::UpsertContacts => "contacts",
             Self::Send => "send",
             Self::Subscribe | Self::Unsubscribe => "lists",
+            Self::SubscribeResults | Self::UnsubscribeResults => "results",
         }
     }
 }
 
-/// A route of the API: `POST <path>` runs `operation`.
+/// A write's HTTP method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Post,
+    /// Ends something the path names; no body (an empty one, or `{}`).
+    Delete,
+}
+
+impl Method {
+    /// Its name in the OpenAPI document.
+    pub fn openapi(self) -> &'static str {
+        match self {
+            Self::Post => "post",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// A route of the API: `<method> <path>` runs `operation`.
 pub struct Route {
+    pub method: Method,
     pub path: &'static str,
     pub operation: Operation,
 }
 
+const fn post(path: &'static str, operation: Operation) -> Route {
+    Route {
+        method: Method::Post,
+        path,
+        operation,
+    }
+}
+
 /// Every write route the router serves (the router is built from this list, and the OpenAPI
-/// document is checked against it).
+/// document is checked against it). The reads are in `results`.
 pub const ROUTES: &[Route] = &[
+    post("/v1/track", Operation::Track),
+    post("/v1/track/batch", Operation::TrackMany),
+    post("/v1/contacts", Operation::UpsertContact),
+    post("/v1/contacts/batch", Operation::UpsertContacts),
+    post("/v1/send", Operation::Send),
+    post("/v1/lists/{list}/subscribe", Operation::Subscribe),
+    post("/v1/lists/{list}/unsubscribe", Operation::Unsubscribe),
+    post("/v1/results/subscriptions", Operation::SubscribeResults),
     Route {
-        path: "/v1/track",
-        operation: Operation::Track,
-    },
-    Route {
-        path: "/v1/track/batch",
-        operation: Operation::TrackMany,
-    },
-    Route {
-        path: "/v1/contacts",
-        operation: Operation::UpsertContact,
-    },
-    Route {
-        path: "/v1/contacts/batch",
-        operation: Operation::UpsertContacts,
-    },
-    Route {
-        path: "/v1/send",
-        operation: Operation::Send,
-    },
-    Route {
-        path: "/v1/lists/{list}/subscribe",
-        operation: Operation::Subscribe,
-    },
-    Route {
-        path: "/v1/lists/{list}/unsubscribe",
-        operation: Operation::Unsubscribe,
+        method: Method::Delete,
+        path: "/v1/results/subscriptions/{id}",
+        operation: Operation::UnsubscribeResults,
     },
 ];
 
 const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
-/// The one read among `herald.api_call`'s operations (GET /v1/results, `results`).
+/// The reads among `herald.api_call`'s operations (GET /v1/results, GET /v1/results/subscriptions):
+/// safe to send again on a new connection.
 pub(super) const READ_RESULTS: &str = "read_results";
+pub(super) const LIST_SUBSCRIPTIONS: &str = "list_result_subscriptions";
 
 /// Every write route: check the form, make the one call, answer with its JSON.
 pub async fn handle(
@@ -169,9 +191,19 @@ async fn run(
             ApiError::bad_request(r.body_text(), None)
         }
     })?;
-    let mut args = arguments(operation, &body)?;
-    if let Some((_, list)) = params.iter().find(|(name, _)| *name == "list") {
-        args.insert("list".into(), Json::String(list.to_string()));
+    // a DELETE may come without a body
+    let body: &[u8] = if body.is_empty() && operation == Operation::UnsubscribeResults {
+        b"{}"
+    } else {
+        &body
+    };
+    let mut args = arguments(operation, body)?;
+    for (name, value) in params.iter() {
+        let value = match (name, value.parse::<i64>()) {
+            ("id", Ok(id)) => Json::from(id),
+            _ => Json::String(value.to_string()),
+        };
+        args.insert(name.into(), value);
     }
     call(
         state,
@@ -299,7 +331,8 @@ pub(super) async fn call(
             Ok(answer) => return Ok(answer),
             Err(e)
                 if e.is_connection_error()
-                    && (idempotency_key.is_some() || operation == READ_RESULTS)
+                    && (idempotency_key.is_some()
+                        || [READ_RESULTS, LIST_SUBSCRIPTIONS].contains(&operation))
                     && !retried =>
             {
                 retried = true;
@@ -359,6 +392,6 @@ mod tests {
             assert!(!route.operation.scope().is_empty());
             assert!(route.path.starts_with("/v1/"));
         }
-        assert_eq!(ROUTES.len(), 7);
+        assert_eq!(ROUTES.len(), 9);
     }
 }
