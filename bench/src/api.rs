@@ -190,14 +190,7 @@ async fn measure(
             secs,
         ));
     }
-    let rate = |side: &str| {
-        let (events, secs) = runs
-            .iter()
-            .filter(|r| r.side.starts_with(side))
-            .fold((0, 0.0), |(e, s), r| (e + r.events, s + r.secs));
-        events as f64 / secs
-    };
-    let (sql, http) = (rate("sql"), rate("http"));
+    let (sql, http) = (rate(&runs, "sql"), rate(&runs, "http"));
 
     info!(
         "api: {LATENCY_CLIENTS} clients calling /v1/track {} times each",
@@ -234,14 +227,7 @@ async fn measure(
             http_read(&base, key, after, sizes.results).await?,
         ));
     }
-    let read_rate = |side: &str| {
-        let (n, secs) = reads
-            .iter()
-            .filter(|r| r.side.starts_with(side))
-            .fold((0, 0.0), |(e, s), r| (e + r.events, s + r.secs));
-        n as f64 / secs
-    };
-    let (sql_reads, http_reads) = (read_rate("sql"), read_rate("http"));
+    let (sql_reads, http_reads) = (rate(&reads, "sql"), rate(&reads, "http"));
     Ok(Api {
         reads,
         sql_results_per_sec: sql_reads,
@@ -261,6 +247,15 @@ async fn measure(
         sql_track_calls_per_sec: sql_track.count as f64 / sql_secs,
         sql_track,
     })
+}
+
+/// Items a second over all the runs of one side (whose name starts with `side`).
+fn rate(runs: &[Run], side: &str) -> f64 {
+    let (n, secs) = runs
+        .iter()
+        .filter(|r| r.side.starts_with(side))
+        .fold((0, 0.0), |(n, s), r| (n + r.events, s + r.secs));
+    n as f64 / secs
 }
 
 /// Stages `n` results shaped like email.sent ones and publishes them; the first one's id.

@@ -12,7 +12,8 @@
 //! a URL may end up in logs, so prefer the header) with the workspace's stream token
 //! (`[workspaces.<ws>] stream_token`) or the default HERALD_STREAM_TOKEN, which may read every
 //! workspace; or with an API key that has the `results` scope (`hk_…`, `herald.create_api_key`),
-//! which reads its own workspace (`workspace=` may be left out). A key is checked by the database
+//! which reads its own workspace (`workspace=` may be left out; a token of an API key's form,
+//! `hk_<id>_<64 hex>`, is taken as one). A key is checked by the database
 //! (`herald.api_key_workspace`) when the stream opens and again before an event is sent once
 //! [`KEY_RECHECK`] has passed since the last check: a revoked key's stream ends then. Without any
 //! stream token configured, a request without an API key answers 404.
@@ -40,13 +41,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{constant_time_eq, Keys, TokenScope};
 use super::database::{Database, DbError};
+use super::http::is_api_key;
 use super::stream_tail::{newest, read, Follower, Row, Source, Tails};
 
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How long an API key's answer stands before the next event asks the database again: how late a
 /// revocation may stop a stream (an idle stream sends nothing, so it is asked only when it would).
-pub const KEY_RECHECK: Duration = Duration::from_secs(5);
+const KEY_RECHECK: Duration = Duration::from_secs(5);
 /// The scope an API key needs to read results.
 const RESULTS_SCOPE: &str = "results";
 
@@ -160,11 +162,6 @@ fn presented<'a>(params: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .or(params.token.as_deref())
-}
-
-/// Whether a presented token is an API key (`hk_…`) rather than a stream token.
-fn is_api_key(token: &str) -> bool {
-    token.starts_with("hk_")
 }
 
 /// The workspace an API key reads (the database's answer), or the refusal to send.

@@ -42,6 +42,9 @@ use super::database::Database;
 use per_address::PerAddress;
 use record::Recorder;
 
+/// Whether a bearer token has an API key's form (GET /stream takes API keys too).
+pub use api::is_api_key;
+
 mod api;
 mod events;
 mod links;

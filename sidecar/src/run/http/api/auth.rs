@@ -24,7 +24,7 @@ pub fn secret(headers: &HeaderMap) -> Result<&str, ApiError> {
 }
 
 /// `hk_`, a key id (1-18 digits), `_`, 64 lower-case hex digits: what `herald.create_api_key` makes.
-fn well_formed(secret: &str) -> bool {
+pub fn well_formed(secret: &str) -> bool {
     let Some(rest) = secret.strip_prefix("hk_") else {
         return false;
     };

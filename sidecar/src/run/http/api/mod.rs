@@ -41,6 +41,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::run::database::Database;
 
+pub use auth::well_formed as is_api_key;
 pub use routes::ROUTES;
 
 /// What the API's handlers share.
