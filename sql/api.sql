@@ -2,7 +2,8 @@
 -- and makes ONE call per request: herald.api_call(secret, operation, args, idempotency_key), which
 -- checks the key, claims the idempotency key, runs the existing SQL function the operation names
 -- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results,
--- subscribe_results, unsubscribe_results, list_result_subscriptions) for the key's workspace, and
+-- subscribe_results, unsubscribe_results, retry_result_subscription, list_result_subscriptions) for
+-- the key's workspace, and
 -- stores the answer for a retry: one statement, one transaction.
 --
 -- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
@@ -51,6 +52,7 @@ RETURN CASE operation
     WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
     WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
     WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
+    WHEN 'retry_result_subscription' THEN 'results'
 END;
 
 -- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
@@ -210,6 +212,46 @@ BEGIN
 END
 $$;
 
+-- retry_result_subscription for an API key: a subscription that is blocked (its delivery failed for
+-- good, or ran out of attempts) delivers again from the same batch, attempts reset, as an admin's
+-- herald.retry_failed / herald.redrive of its job would. {"retried": true}, or false with its state
+-- when it is not blocked (nothing to retry). An unknown id is no_data_found. Called by api_call only.
+CREATE FUNCTION herald._api_retry_subscription(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_id bigint := herald._api_id(args -> 'id');
+    v_job bigint;
+    v_status text;
+    v_found boolean;
+BEGIN
+    IF (args - 'id') <> '{}' THEN
+        RAISE EXCEPTION 'unknown retry_result_subscription argument(s) %',
+                        (SELECT string_agg(quote_literal(k), ', ' ORDER BY k) FROM jsonb_object_keys(args - 'id') k)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'It takes the subscription''s id only.';
+    END IF;
+    SELECT true, s.job_id, o.status INTO v_found, v_job, v_status
+      FROM herald.result_subscriptions s
+      LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id
+     WHERE s.workspace_id = _api_retry_subscription.workspace AND s.id = v_id
+       FOR UPDATE OF s;   -- one retry at a time; advance_results queues its next batch after it
+    IF v_found IS NULL THEN
+        RAISE EXCEPTION 'unknown result subscription %', v_id
+            USING ERRCODE = 'no_data_found', HINT = 'GET /v1/results/subscriptions lists the key''s workspace''s.';
+    END IF;
+    IF v_status = 'dead' THEN
+        PERFORM herald.redrive(ARRAY[v_job]);
+    ELSIF v_status = 'failed' THEN
+        PERFORM herald.retry_failed(workspace, jsonb_build_object('ids', jsonb_build_array(v_job)));
+    ELSE
+        RETURN jsonb_build_object('retried', false,
+                                  'state', CASE WHEN v_status IS NULL OR v_status = 'done' THEN 'idle' ELSE 'delivering' END);
+    END IF;
+    RETURN jsonb_build_object('retried', true, 'state', 'delivering');
+END
+$$;
+
 -- read_results for an API key: {"results": [results as _result_json, in id order], "next": the cursor
 -- to pass as the next call's after}. args: after (a result id; 0 reads from the oldest kept; absent
 -- or null: from the newest published now, as GET /stream starts), kinds (an array of kinds, or
@@ -308,7 +350,7 @@ $$;
 -- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
 -- unsubscribe {list, emails}; read_results {after, kinds, limit} and list_result_subscriptions {}
 -- (reads: no Idempotency-Key, nothing kept); subscribe_results {url, kinds, options};
--- unsubscribe_results {id}. herald_worker (the daemon) and herald_admin.
+-- unsubscribe_results {id}; retry_result_subscription {id}. herald_worker (the daemon) and herald_admin.
 CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
 RETURNS TABLE (response jsonb, replayed boolean)
 LANGUAGE plpgsql
@@ -410,6 +452,8 @@ BEGIN
                                                               coalesce(args -> 'options', '{}')))
         WHEN 'unsubscribe_results' THEN
             jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
+        WHEN 'retry_result_subscription' THEN
+            herald._api_retry_subscription(v_ws, args)
     END;
     IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
         UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)

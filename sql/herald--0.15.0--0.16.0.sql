@@ -6,9 +6,10 @@
 
 -- ==== results_scope: API keys may read and subscribe to the workspace's results ====
 -- A new key scope, results (never a default); api_call's read_results (GET /v1/results: after, kinds,
--- limit), list_result_subscriptions (GET /v1/results/subscriptions), subscribe_results and
--- unsubscribe_results (POST / DELETE /v1/results/subscriptions); api_key_workspace(secret, scope)
--- gives the daemon a key's workspace for GET /stream, asked again while it streams.
+-- limit), list_result_subscriptions (GET /v1/results/subscriptions), subscribe_results,
+-- unsubscribe_results and retry_result_subscription (POST / DELETE /v1/results/subscriptions[/{id}],
+-- POST /v1/results/subscriptions/{id}/retry); api_key_workspace(secret, scope) gives the daemon a
+-- key's workspace for GET /stream, asked again while it streams.
 CREATE OR REPLACE FUNCTION herald._api_scope(operation text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE operation
@@ -18,6 +19,7 @@ RETURN CASE operation
     WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
     WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
     WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
+    WHEN 'retry_result_subscription' THEN 'results'
 END;
 
 CREATE OR REPLACE FUNCTION herald.create_api_key(workspace text, name text,
@@ -88,6 +90,42 @@ BEGIN
                                              'cursor', s.cursor, 'state', s.state, 'last_error', s.last_error,
                                              'created_at', s.created_at) ORDER BY s.id)
            FROM herald.result_subscription_overview s WHERE s.workspace_id = workspace), '[]'));
+END
+$$;
+
+CREATE FUNCTION herald._api_retry_subscription(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_id bigint := herald._api_id(args -> 'id');
+    v_job bigint;
+    v_status text;
+    v_found boolean;
+BEGIN
+    IF (args - 'id') <> '{}' THEN
+        RAISE EXCEPTION 'unknown retry_result_subscription argument(s) %',
+                        (SELECT string_agg(quote_literal(k), ', ' ORDER BY k) FROM jsonb_object_keys(args - 'id') k)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'It takes the subscription''s id only.';
+    END IF;
+    SELECT true, s.job_id, o.status INTO v_found, v_job, v_status
+      FROM herald.result_subscriptions s
+      LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id
+     WHERE s.workspace_id = _api_retry_subscription.workspace AND s.id = v_id
+       FOR UPDATE OF s;   -- one retry at a time; advance_results queues its next batch after it
+    IF v_found IS NULL THEN
+        RAISE EXCEPTION 'unknown result subscription %', v_id
+            USING ERRCODE = 'no_data_found', HINT = 'GET /v1/results/subscriptions lists the key''s workspace''s.';
+    END IF;
+    IF v_status = 'dead' THEN
+        PERFORM herald.redrive(ARRAY[v_job]);
+    ELSIF v_status = 'failed' THEN
+        PERFORM herald.retry_failed(workspace, jsonb_build_object('ids', jsonb_build_array(v_job)));
+    ELSE
+        RETURN jsonb_build_object('retried', false,
+                                  'state', CASE WHEN v_status IS NULL OR v_status = 'done' THEN 'idle' ELSE 'delivering' END);
+    END IF;
+    RETURN jsonb_build_object('retried', true, 'state', 'delivering');
 END
 $$;
 
@@ -267,6 +305,8 @@ BEGIN
                                                               coalesce(args -> 'options', '{}')))
         WHEN 'unsubscribe_results' THEN
             jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
+        WHEN 'retry_result_subscription' THEN
+            herald._api_retry_subscription(v_ws, args)
     END;
     IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
         UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)
@@ -285,5 +325,6 @@ ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;
 ALTER FUNCTION herald.api_key_workspace(text, text) SECURITY DEFINER;
 REVOKE ALL ON FUNCTION herald._api_kinds(jsonb), herald._api_result_subscriptions(text, jsonb),
-    herald._api_read_results(text, jsonb), herald._api_id(jsonb), herald.api_key_workspace(text, text) FROM PUBLIC;
+    herald._api_retry_subscription(text, jsonb), herald._api_read_results(text, jsonb), herald._api_id(jsonb),
+    herald.api_key_workspace(text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herald.api_key_workspace(text, text) TO herald_worker, herald_admin;

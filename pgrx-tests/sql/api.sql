@@ -126,6 +126,32 @@ SELECT count(*) AS still_one FROM herald.result_subscriptions WHERE workspace_id
 SELECT response FROM herald.api_call(:'r_key', 'unsubscribe_results', jsonb_build_object('id', :sub_id));
 SELECT response FROM herald.api_call(:'r_key', 'unsubscribe_results', jsonb_build_object('id', :sub_id));
 SELECT response FROM herald.api_call(:'r_key', 'list_result_subscriptions', '{}');
+-- a blocked subscription retried by the key: a failed delivery (retry_failed), a dead one (redrive)
+SELECT (response ->> 'id')::bigint AS sub2 FROM herald.api_call(:'r_key', 'subscribe_results',
+    '{"url": "https://app.example/hooks2", "options": {"after": 0}}') \gset
+SELECT herald.advance_results() >= 0 AS advanced;
+SELECT job_id AS sub2_job FROM herald.result_subscriptions WHERE id = :sub2 \gset
+UPDATE herald.outbox SET status = 'failed', done_at = now(), last_error = 'HTTP 400' WHERE id = :sub2_job;
+SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2));
+SELECT status, attempt, done_at FROM herald.outbox WHERE id = :sub2_job;
+SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2));
+UPDATE herald.outbox SET status = 'dead', attempt = 20, done_at = now() WHERE id = :sub2_job;
+SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2));
+SELECT status, attempt FROM herald.outbox WHERE id = :sub2_job;
+UPDATE herald.outbox SET status = 'done', done_at = now() WHERE id = :sub2_job;
+SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2));
+-- another workspace's key: no such subscription (the id is the only thing that varies, so it is masked)
+SELECT set_config('t.rb_key', :'rb_key', false) IS NOT NULL AS set, set_config('t.sub2', :'sub2', false) IS NOT NULL AS set2;
+DO $$
+BEGIN
+    PERFORM herald.api_call(current_setting('t.rb_key'), 'retry_result_subscription',
+                            jsonb_build_object('id', current_setting('t.sub2')::bigint));
+EXCEPTION WHEN no_data_found THEN
+    RAISE NOTICE 'refused (%): %', SQLSTATE, regexp_replace(SQLERRM, '[0-9]+', 'N');
+END
+$$;
+SELECT * FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2, 'now', true));
+SELECT response FROM herald.api_call(:'r_key', 'unsubscribe_results', jsonb_build_object('id', :sub2));
 -- api_key_workspace: the daemon's check for GET /stream
 SELECT herald.api_key_workspace(:'r_key', 'results') AS workspace;
 SELECT herald.api_key_workspace(:'a_key', 'results');

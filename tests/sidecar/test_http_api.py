@@ -316,8 +316,9 @@ def test_an_app_with_a_results_key_follows_what_herald_did(db, api):
 
 def test_an_app_subscribes_its_webhook_with_its_results_key(db, http, api):
     """POST /v1/results/subscriptions with a results key: the daemon then POSTs the workspace's results
-    to the URL (a real HTTP receiver), each once, in order; GET lists it with its state; DELETE ends it
-    and nothing more arrives. Another workspace's key can neither see nor end it."""
+    to the URL (a real HTTP receiver); a batch refused for good blocks it (GET says so) until the app
+    retries it itself; then every result arrives once, in order. DELETE ends it and nothing more
+    arrives. Another workspace's key can neither see, retry nor end it."""
     journey_that_ends_at_once(db)
     reader = db.one("SELECT herald.create_api_key('acme', 'hooks', ARRAY['results'])")
     db.q("SELECT herald.create_workspace('other', 'Other')")
@@ -340,13 +341,28 @@ def test_an_app_subscribes_its_webhook_with_its_results_key(db, http, api):
     assert status == 422 and "http:// or https://" in err["error"]["message"], err
     assert api.call("/v1/results/subscriptions", body)[0] == 403
 
+    http.plan("/hooks", (400, 0, "not yet"))  # the first batch is refused for good
     assert api.call("/v1/track/batch", {"events": [{"email": f"h{i}@example.com", "kind": "ping"}
                                                    for i in range(25)]})[0] == 200
 
+    def state():
+        return api.call("/v1/results/subscriptions", method="GET", key=reader)[2]["subscriptions"][0]["state"]
+
+    wait_until(lambda: state() == "blocked", timeout=60, what="the subscription blocked by the 400")
+    assert len(http.snapshot()) == 1, "nothing after the refused batch until it is retried"
+    retry = f"/v1/results/subscriptions/{made['id']}/retry"
+    status, _, err = api.call(retry, key=other)
+    assert (status, err["error"]["message"]) == (404, f"unknown result subscription {made['id']}")
+    status, _, answer = api.call(retry, key=reader)
+    assert (status, answer) == (200, {"retried": True, "state": "delivering"})
+
     def delivered():
-        return [r for d in http.snapshot() for r in json.loads(d["body"])["results"]]
+        return [r for d in http.snapshot()[1:] for r in json.loads(d["body"])["results"]]
 
     wait_until(lambda: len(delivered()) >= 25, timeout=60, what="25 results delivered")
+    assert http.snapshot()[0]["body"] == http.snapshot()[1]["body"], "the refused batch is sent again as it was"
+    wait_until(lambda: state() == "idle", what="the subscription idle again")
+    assert api.call(retry, key=reader)[2] == {"retried": False, "state": "idle"}
     ids = [r["id"] for r in delivered()]
     assert ids == sorted(ids) and len(set(ids)) == 25, "in order, each once"
     assert {r["kind"] for r in delivered()} == {"enrollment.completed"}
@@ -481,7 +497,8 @@ def test_the_openapi_document_describes_what_is_served(api):
     paths = doc["paths"]
     assert set(paths) == {"/v1/track", "/v1/track/batch", "/v1/contacts", "/v1/contacts/batch", "/v1/send",
                           "/v1/lists/{list}/subscribe", "/v1/lists/{list}/unsubscribe", "/v1/results",
-                          "/v1/results/subscriptions", "/v1/results/subscriptions/{id}", "/v1/openapi.json"}
+                          "/v1/results/subscriptions", "/v1/results/subscriptions/{id}",
+                          "/v1/results/subscriptions/{id}/retry", "/v1/openapi.json"}
     for path, item in paths.items():
         for method, op in item.items():
             if path == "/v1/openapi.json":

@@ -12,6 +12,7 @@
 //!   GET  /v1/results/subscriptions      result webhooks        result_subscription_overview
 //!   POST /v1/results/subscriptions      add one                herald.subscribe_results
 //!   DELETE /v1/results/subscriptions/{id}  end one             herald.unsubscribe_results
+//!   POST /v1/results/subscriptions/{id}/retry  unblock one     herald.redrive / retry_failed
 //!   GET  /v1/openapi.json               this API in OpenAPI 3.1
 //!
 //! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`

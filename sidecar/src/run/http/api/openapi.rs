@@ -202,7 +202,10 @@ fn operation(op: Operation) -> Json {
         parameters.push(json!({"name": "list", "in": "path", "required": true,
                                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}));
     }
-    if op == Operation::UnsubscribeResults {
+    if matches!(
+        op,
+        Operation::UnsubscribeResults | Operation::RetryResultSubscription
+    ) {
         parameters.push(json!({"name": "id", "in": "path", "required": true,
                                "schema": {"type": "integer", "minimum": 1}}));
     }
@@ -212,7 +215,7 @@ fn operation(op: Operation) -> Json {
         "summary": summary,
         "description": format!("Calls {function} for the API key's workspace. Needs the key scope \"{}\".", op.scope()),
         "parameters": parameters,
-        "requestBody": {"required": op != Operation::UnsubscribeResults, "content": {"application/json": {"schema": {
+        "requestBody": {"required": !op.fields().is_empty(), "content": {"application/json": {"schema": {
             "type": "object", "additionalProperties": false,
             "properties": properties, "required": required
         }}}},
@@ -320,6 +323,15 @@ fn describe(op: Operation) -> (&'static str, &'static str, Json, Json, Json) {
             json!([]),
             json!({"type": "object", "required": ["unsubscribed"],
                    "properties": {"unsubscribed": {"type": "boolean", "description": "false: no such subscription in the key's workspace (or ended already)"}}}),
+        ),
+        Operation::RetryResultSubscription => (
+            "Deliver again to a blocked result subscription (its batch failed for good or ran out of attempts)",
+            "herald.redrive / herald.retry_failed of the subscription's delivery job",
+            json!({}),
+            json!([]),
+            json!({"type": "object", "required": ["retried", "state"],
+                   "properties": {"retried": {"type": "boolean", "description": "false: it was not blocked (nothing to retry)"},
+                                  "state": {"type": "string", "enum": ["idle", "delivering"]}}}),
         ),
     }
 }

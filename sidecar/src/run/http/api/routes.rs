@@ -33,6 +33,7 @@ pub enum Operation {
     Unsubscribe,
     SubscribeResults,
     UnsubscribeResults,
+    RetryResultSubscription,
 }
 
 impl Operation {
@@ -48,6 +49,7 @@ impl Operation {
             Self::Unsubscribe => "unsubscribe",
             Self::SubscribeResults => "subscribe_results",
             Self::UnsubscribeResults => "unsubscribe_results",
+            Self::RetryResultSubscription => "retry_result_subscription",
         }
     }
 
@@ -62,7 +64,7 @@ impl Operation {
             Self::Send => &["email", "template", "context", "provider", "dedupe_key"],
             Self::Subscribe | Self::Unsubscribe => &["email", "emails"],
             Self::SubscribeResults => &["url", "kinds", "options"],
-            Self::UnsubscribeResults => &[],
+            Self::UnsubscribeResults | Self::RetryResultSubscription => &[],
         }
     }
 
@@ -83,7 +85,9 @@ impl Operation {
             Self::UpsertContact | Self::UpsertContacts => "contacts",
             Self::Send => "send",
             Self::Subscribe | Self::Unsubscribe => "lists",
-            Self::SubscribeResults | Self::UnsubscribeResults => "results",
+            Self::SubscribeResults | Self::UnsubscribeResults | Self::RetryResultSubscription => {
+                "results"
+            }
         }
     }
 }
@@ -137,6 +141,10 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/results/subscriptions/{id}",
         operation: Operation::UnsubscribeResults,
     },
+    post(
+        "/v1/results/subscriptions/{id}/retry",
+        Operation::RetryResultSubscription,
+    ),
 ];
 
 const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
@@ -191,8 +199,8 @@ async fn run(
             ApiError::bad_request(r.body_text(), None)
         }
     })?;
-    // a DELETE may come without a body
-    let body: &[u8] = if body.is_empty() && operation == Operation::UnsubscribeResults {
+    // a route that takes no field (the path says it all) may come without a body
+    let body: &[u8] = if body.is_empty() && operation.fields().is_empty() {
         b"{}"
     } else {
         &body
@@ -392,6 +400,6 @@ mod tests {
             assert!(!route.operation.scope().is_empty());
             assert!(route.path.starts_with("/v1/"));
         }
-        assert_eq!(ROUTES.len(), 9);
+        assert_eq!(ROUTES.len(), 10);
     }
 }
