@@ -3,8 +3,7 @@
 -- checks the key, claims the idempotency key, runs the existing SQL function the operation names
 -- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results,
 -- subscribe_results, unsubscribe_results, retry_result_subscription, list_result_subscriptions) for
--- the key's workspace, and
--- stores the answer for a retry: one statement, one transaction.
+-- the key's workspace, and stores the answer for a retry: one statement, one transaction.
 --
 -- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
 -- only. 244 random bits (two gen_random_uuid: pg_strong_random), so a plain SHA-256 is enough (no
@@ -57,9 +56,10 @@ END;
 
 -- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
 -- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
--- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream, /v1/results/subscriptions:
--- the workspace's results, which carry contact ids, replies and contexts). By default track, contacts and lists: a
--- key that ends up in a browser can then neither mail anyone nor read what herald did. herald_admin.
+-- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream,
+-- /v1/results/subscriptions: the workspace's results, which carry contact ids, replies and contexts).
+-- By default track, contacts and lists: a key that ends up in a browser can then neither mail anyone
+-- nor read what herald did. herald_admin.
 CREATE FUNCTION herald.create_api_key(workspace text, name text,
                                       scopes text[] DEFAULT ARRAY['track', 'contacts', 'lists'])
 RETURNS text
@@ -194,7 +194,8 @@ $$;
 
 -- A workspace's result subscriptions for an API key: {"subscriptions": [{id, url, kinds, options,
 -- cursor, state, last_error, created_at}]}, from result_subscription_overview (state: idle,
--- delivering, or blocked until its job is redriven by an admin). Called by api_call only.
+-- delivering, or blocked until retried: retry_result_subscription, or an admin's redrive). Called by
+-- api_call only.
 CREATE FUNCTION herald._api_result_subscriptions(workspace text, args jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, herald, pg_temp
