@@ -328,3 +328,46 @@ REVOKE ALL ON FUNCTION herald._api_kinds(jsonb), herald._api_result_subscription
     herald._api_retry_subscription(text, jsonb), herald._api_read_results(text, jsonb), herald._api_id(jsonb),
     herald.api_key_workspace(text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herald.api_key_workspace(text, text) TO herald_worker, herald_admin;
+
+-- ==== result_subscription_cap: at most herald.max_result_subscriptions (default 100) per workspace ====
+-- Every advance_results round looks at each subscription; API keys with the results scope may now
+-- subscribe, so a workspace's count is bounded (a tenant or a leaked key cannot slow the round for all).
+CREATE OR REPLACE FUNCTION herald.subscribe_results(workspace text, url text, kinds text[], options jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_options jsonb;
+    v_id bigint;
+    v_setting text := nullif(btrim(current_setting('herald.max_result_subscriptions', true)), '');
+    v_max int;
+BEGIN
+    PERFORM herald._require_workspace(workspace);
+    PERFORM herald._check_result_kinds(kinds);
+    v_options := herald._check_subscription(url, options);
+    -- a workspace's subscriptions are bounded: every advance_results round looks at each one, so one
+    -- tenant (or a leaked key with the results scope) must not make that round slow for all
+    IF v_setting IS NOT NULL AND v_setting !~ '^[0-9]{1,9}$' THEN
+        RAISE EXCEPTION 'setting herald.max_result_subscriptions must be a whole number, got %', quote_literal(v_setting)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fix it with ALTER DATABASE … SET herald.max_result_subscriptions = 100, or RESET it.';
+    END IF;
+    v_max := coalesce(v_setting::int, 100);
+    -- two subscribing at once count one after the other
+    PERFORM pg_advisory_xact_lock(hashtext('herald.subscribe_results'), hashtext(workspace));
+    IF (SELECT count(*) FROM herald.result_subscriptions s WHERE s.workspace_id = subscribe_results.workspace) >= v_max THEN
+        RAISE EXCEPTION 'workspace % has % result subscriptions, the most allowed', quote_literal(workspace), v_max
+            USING ERRCODE = 'check_violation',
+                  HINT = 'End one (herald.unsubscribe_results, DELETE /v1/results/subscriptions/<id>), or raise the database setting herald.max_result_subscriptions.';
+    END IF;
+    INSERT INTO herald.result_subscriptions (workspace_id, url, kinds, options, cursor, created_by)
+    VALUES (workspace, url, (SELECT array_agg(DISTINCT k ORDER BY k) FROM unnest(kinds) k), v_options - 'after' - 'url',
+            coalesce((v_options ->> 'after')::bigint, herald.newest_result(workspace)),
+            herald._caller())
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+ALTER FUNCTION herald.subscribe_results(text, text, text[], jsonb) SECURITY DEFINER;

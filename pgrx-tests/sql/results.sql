@@ -258,6 +258,18 @@ SELECT job, status, cardinality(ids), ARRAY(SELECT r.kind FROM herald.results r 
 SELECT herald.unsubscribe_results('rs1', :sub_ends) AS unsubscribed, herald.unsubscribe_results('rs1', :sub_ends) AS again;
 SELECT o.status, o.last_error FROM herald.outbox o JOIN deliveries d ON d.job = o.id WHERE d.sub = :'sub_ends' ORDER BY o.id;
 SELECT herald.unsubscribe_results('rs2', :sub_all) AS other_workspace;
+-- a workspace's subscriptions are bounded (herald.max_result_subscriptions, default 100)
+SELECT herald.create_workspace('rs_cap');
+SET herald.max_result_subscriptions = 2;
+SELECT herald.subscribe_results('rs_cap', 'https://hooks.example/' || i, NULL) > 0 AS made FROM generate_series(1, 2) i;
+SELECT herald.subscribe_results('rs_cap', 'https://hooks.example/3', NULL);
+SELECT count(*) AS kept FROM herald.result_subscriptions WHERE workspace_id = 'rs_cap';
+SELECT herald.unsubscribe_results('rs_cap', min(id)) FROM herald.result_subscriptions WHERE workspace_id = 'rs_cap';
+SELECT herald.subscribe_results('rs_cap', 'https://hooks.example/3', NULL) > 0 AS made_after_one_ended;
+SET herald.max_result_subscriptions = 'lots';
+SELECT herald.subscribe_results('rs_cap', 'https://hooks.example/4', NULL);
+RESET herald.max_result_subscriptions;
+SELECT herald.subscribe_results('rs_cap', 'https://hooks.example/4', NULL) > 0 AS made_under_the_default;
 SELECT herald.subscribe_results('rs1', 'ftp://hooks.example/r', NULL);
 SELECT herald.subscribe_results('rs1', 'https://hooks.example/r', ARRAY['email.delivered']);
 SELECT herald.subscribe_results('rs1', 'https://hooks.example/r', NULL, '{"batch": 0, "colour": "red"}');
