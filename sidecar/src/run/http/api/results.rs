@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
-use super::routes::{admit, answer, call, LIST_SUBSCRIPTIONS, READ_RESULTS};
+use super::routes::{admit, answer, call};
 use super::ApiState;
 
 /// The reads among `herald.api_call`'s operations.
@@ -31,8 +31,8 @@ pub enum Read {
 impl Read {
     pub fn sql_name(self) -> &'static str {
         match self {
-            Self::Results => READ_RESULTS,
-            Self::Subscriptions => LIST_SUBSCRIPTIONS,
+            Self::Results => "read_results",
+            Self::Subscriptions => "list_result_subscriptions",
         }
     }
 }
@@ -46,7 +46,16 @@ pub async fn handle(
     let read = async {
         let secret = admit(&state, &headers)?;
         let args = arguments(query.as_deref().unwrap_or(""))?;
-        call(&state, secret, read.sql_name(), &Json::Object(args), None).await
+        // a read is safe to send again on a new connection
+        call(
+            &state,
+            secret,
+            read.sql_name(),
+            &Json::Object(args),
+            None,
+            true,
+        )
+        .await
     };
     match read.await {
         Ok((json, _)) => answer(&json, false),

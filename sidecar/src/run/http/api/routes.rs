@@ -148,10 +148,6 @@ pub const ROUTES: &[Route] = &[
 ];
 
 const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
-/// The reads among `herald.api_call`'s operations (GET /v1/results, GET /v1/results/subscriptions):
-/// safe to send again on a new connection.
-pub(super) const READ_RESULTS: &str = "read_results";
-pub(super) const LIST_SUBSCRIPTIONS: &str = "list_result_subscriptions";
 
 /// Every write route: check the form, make the one call, answer with its JSON.
 pub async fn handle(
@@ -219,6 +215,7 @@ async fn run(
         operation.sql_name(),
         &Json::Object(args),
         idempotency_key,
+        idempotency_key.is_some(),
     )
     .await
 }
@@ -315,14 +312,15 @@ fn depth(args: &Map<String, Json>) -> usize {
 }
 
 /// The one statement of a request. A statement that failed on a connection that died while idle is
-/// sent again on a new one only when the request has an idempotency key (then running it twice is
-/// safe, as it is for a read); otherwise the client gets a 503 and decides.
+/// sent again on a new one only when `repeatable` (a read, or a write with an idempotency key: then
+/// running it twice is safe); otherwise the client gets a 503 and decides.
 pub(super) async fn call(
     state: &ApiState,
     secret: &str,
     operation: &str,
     args: &Json,
     idempotency_key: Option<&str>,
+    repeatable: bool,
 ) -> Result<(Json, bool), ApiError> {
     let mut retried = false;
     loop {
@@ -337,12 +335,7 @@ pub(super) async fn call(
         .await;
         match result {
             Ok(answer) => return Ok(answer),
-            Err(e)
-                if e.is_connection_error()
-                    && (idempotency_key.is_some()
-                        || [READ_RESULTS, LIST_SUBSCRIPTIONS].contains(&operation))
-                    && !retried =>
-            {
+            Err(e) if e.is_connection_error() && repeatable && !retried => {
                 retried = true;
                 state.database.forget_idle();
             }
