@@ -41,7 +41,17 @@ SELECT pg_catalog.pg_extension_config_dump('herald.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.api_idempotency', '');
 SELECT pg_catalog.pg_extension_config_dump('herald.api_keys_id_seq', '');
 
--- The scopes a key may have, and the operations each allows.
+-- The scopes a key may have (create_api_key checks a new key's against them, api_key_workspace the
+-- one it is asked about).
+CREATE FUNCTION herald._api_scopes() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY['track', 'contacts', 'lists', 'send', 'results'];
+
+CREATE FUNCTION herald._api_scopes_hint() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'Scopes: ' || array_to_string(herald._api_scopes(), ', ') || '.';
+
+-- The scope each operation needs.
 CREATE FUNCTION herald._api_scope(operation text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE operation
@@ -78,13 +88,13 @@ BEGIN
     END IF;
     IF scopes IS NULL OR cardinality(scopes) = 0 THEN
         RAISE EXCEPTION 'an API key needs at least one scope'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = herald._api_scopes_hint();
     END IF;
     SELECT string_agg(quote_nullable(s), ', ') INTO v_bad
-      FROM unnest(scopes) s WHERE s IS NULL OR s NOT IN ('track', 'contacts', 'lists', 'send', 'results');
+      FROM unnest(scopes) s WHERE s IS NULL OR NOT s = ANY (herald._api_scopes());
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'unknown API key scope(s) %', v_bad
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = herald._api_scopes_hint();
     END IF;
     INSERT INTO herald.api_keys (workspace_id, name, scopes, secret_hash, created_by)
     VALUES (workspace, btrim(name), ARRAY(SELECT DISTINCT s FROM unnest(scopes) s ORDER BY 1),
@@ -324,9 +334,9 @@ AS $$
 DECLARE
     v_key herald.api_keys := herald._api_key(secret);
 BEGIN
-    IF scope IS NULL OR NOT scope = ANY (ARRAY['track', 'contacts', 'lists', 'send', 'results']) THEN
+    IF scope IS NULL OR NOT scope = ANY (herald._api_scopes()) THEN
         RAISE EXCEPTION 'unknown API key scope %', coalesce(quote_literal(scope), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Scopes: track, contacts, lists, send, results.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = herald._api_scopes_hint();
     END IF;
     IF NOT scope = ANY (v_key.scopes) THEN
         RAISE EXCEPTION 'API key % lacks the scope "%"', v_key.id, scope

@@ -207,6 +207,64 @@ def test_a_key_over_its_rate_gets_429_and_holds_up_no_other_key(db, roles, sidec
     assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'burst' AND workspace_id = 'acme'") == len(ok) + 1
 
 
+def test_a_key_opening_streams_is_held_to_its_rate(db, roles, sidecar):  # noqa: F811
+    """GET /stream with an API key is a request of that key's: a reconnect loop gets 429 with
+    Retry-After before it costs a database call, and the key's API calls share the same rate."""
+    api = start_api(db, roles, sidecar, HERALD_API_RATE_PER_KEY="1")
+    reader = db.one("SELECT herald.create_api_key('acme', 'dashboard', ARRAY['results', 'track'])")
+    db.q("SELECT herald.create_workspace('other', 'Other')")
+    other = db.one("SELECT herald.create_api_key('other', 'theirs', ARRAY['results'])")
+    opened = []
+    try:
+        started = time.monotonic()
+        opened.append(EventStream(api.port, "kinds=email.sent", token=reader))
+        api_status = api.call("/v1/track", {"email": "a@example.com", "kind": "k"}, key=reader)[0]
+        opened.append(EventStream(api.port, "kinds=email.sent", token=reader))
+        took = time.monotonic() - started
+        assert took < 1.0, f"three requests took {took:.2f} s: the bucket refilled, nothing to tell"
+        first, second = opened[0].response, opened[1].response
+        assert first.status == 200
+        # the stream took the key's one request of this second: its API call and a second stream wait
+        assert api_status == 429
+        assert second.status == 429
+        assert second.getheader("Retry-After") == "1"
+        assert second.read().decode().strip() == "this API key is over its rate of 1 request a second"
+        # another tenant's key is not held up
+        opened.append(EventStream(api.port, "kinds=email.sent", token=other))
+        assert opened[-1].response.status == 200
+        time.sleep(1.1)
+        opened.append(EventStream(api.port, "kinds=email.sent", token=reader))
+        assert opened[-1].response.status == 200
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_a_newer_daemon_on_an_older_extension_says_what_to_update(db, roles, sidecar):  # noqa: F811
+    """A daemon may be upgraded before the database's extension (compat.rs). Routes the older
+    extension has work; the results routes answer 501 naming the update, not a 422 about a value."""
+    db.q("DROP EXTENSION herald CASCADE")
+    db.q("CREATE EXTENSION herald VERSION '0.15.0'")
+    db.q("SELECT herald.create_workspace('acme', 'Acme')")
+    api = start_api(db, roles, sidecar)
+    status, _, body = api.call("/v1/track", {"email": "ann@example.com", "kind": "signup"})
+    assert status == 200, body
+    for method, path, payload in [("GET", "/v1/results?after=0", None),
+                                  ("GET", "/v1/results/subscriptions", None),
+                                  ("POST", "/v1/results/subscriptions", {"url": "https://hooks.example.com/r"}),
+                                  ("DELETE", "/v1/results/subscriptions/1", None),
+                                  ("POST", "/v1/results/subscriptions/1/retry", None)]:
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if method != "GET" else None
+        status, _, body = api.call(path, payload, method=method, headers=headers)
+        assert status == 501, (method, path, body)
+        assert body["error"]["code"] == "extension_too_old"
+        assert "its herald.api_call does not know" in body["error"]["message"]
+        assert "ALTER EXTENSION herald UPDATE" in body["error"]["hint"]
+    # a value the old extension does refuse is still its own 422
+    status, _, body = api.call("/v1/track", {"email": "not an address", "kind": "signup"})
+    assert status == 422, body
+
+
 def still_open(sock):
     """Whether the daemon has not closed a connection we hold (a refused one is closed unread)."""
     sock.setblocking(False)

@@ -46,7 +46,7 @@ class EventStream:
     def events(self):
         block = {}
         while True:
-            line = self.response.fp.readline()
+            line = self.response.readline()
             if not line:
                 return
             line = line.decode().rstrip("\r\n")

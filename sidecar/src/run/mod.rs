@@ -265,6 +265,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let http_server = http_listener.map(|l| {
         let side = config.http.clone().expect("bound above");
         let per_address = side.connections_per_address;
+        let key_rates = http::KeyRates::new(side.api_rate_per_key).map(Arc::new);
         tracing::info!(addr = %side.addr, public_url = %side.public_url, "serving unsubscribe, tracking and provider events");
         spawn(
             "http",
@@ -272,13 +273,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             http::serve(
                 l,
                 // the admin page (run/admin/), when HERALD_ADMIN_PASSWORD is set
-                admin::mount(http::router(side, Arc::clone(&database)), &config, &database)
+                admin::mount(
+                    http::router(side, Arc::clone(&database), key_rates.clone()),
+                    &config,
+                    &database,
+                )
                     // the results stream, when a stream token is set (answers 404 otherwise)
                     .merge(stream::router(
                         Arc::clone(&database),
                         Arc::clone(&config.keys),
                         published.clone(),
                         background.clone(),
+                        key_rates,
                     )),
                 background.clone(),
                 per_address,

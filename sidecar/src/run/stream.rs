@@ -15,7 +15,9 @@
 //! which reads its own workspace (`workspace=` may be left out; a token of an API key's form,
 //! `hk_<id>_<64 hex>`, is taken as one). A key is checked by the database
 //! (`herald.api_key_workspace`) when the stream opens and again before an event is sent once
-//! [`KEY_RECHECK`] has passed since the last check: a revoked key's stream ends then. Without any
+//! [`KEY_RECHECK`] has passed since the last check: a revoked key's stream ends then. Opening a
+//! stream with a key is one of the key's requests under HERALD_API_RATE_PER_KEY (the buckets of the
+//! HTTP API, shared): over it, 429 before the database is asked. Without any
 //! stream token configured, a request without an API key answers 404.
 //!
 //! Waking: results become readable when maintenance publishes them (`herald.advance_results`, each
@@ -29,7 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{constant_time_eq, Keys, TokenScope};
 use super::database::{Database, DbError};
-use super::http::is_api_key;
+use super::http::{is_api_key, retry_after_seconds, KeyRates};
 use super::stream_tail::{newest, read, Follower, Row, Source, Tails};
 
 /// A comment line this often keeps proxies from closing an idle stream.
@@ -79,6 +82,8 @@ struct StreamApp {
     published: Published,
     shutdown: CancellationToken,
     tails: Tails,
+    /// The API keys' rates (HERALD_API_RATE_PER_KEY): opening a stream with a key is one request.
+    rates: Option<Arc<KeyRates>>,
 }
 
 /// The `/stream` route. Served without the request time limit of the other routes: a stream is
@@ -88,6 +93,7 @@ pub fn router(
     keys: Arc<Keys>,
     published: Published,
     shutdown: CancellationToken,
+    rates: Option<Arc<KeyRates>>,
 ) -> Router {
     Router::new()
         .route("/stream", get(open))
@@ -97,6 +103,7 @@ pub fn router(
             published,
             shutdown,
             tails: Tails::default(),
+            rates,
         })
 }
 
@@ -191,6 +198,15 @@ async fn key_workspace(database: &Database, secret: &str) -> Result<String, Resp
     })
 }
 
+/// 429 with when to come back: the key opened more streams than its rate allows.
+fn over_rate(refusal: &str, retry_after: u64) -> Response {
+    let mut refused = refuse(StatusCode::TOO_MANY_REQUESTS, refusal);
+    refused
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    refused
+}
+
 fn db_message(e: &DbError) -> String {
     match e {
         DbError::Pg(pg) => pg
@@ -232,6 +248,13 @@ async fn open(
     };
     let key_check = match api_key {
         Some(secret) => {
+            // a reconnect loop is held to the key's rate as its API calls are, before it costs a
+            // database call
+            if let Some(rates) = &app.rates {
+                if let Err(wait) = rates.take(secret, Instant::now()) {
+                    return over_rate(&rates.refusal(), retry_after_seconds(wait));
+                }
+            }
             let workspace = match key_workspace(&app.database, secret).await {
                 Ok(w) => w,
                 Err(refused) => return refused,
@@ -367,7 +390,6 @@ fn event(row: &Row) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn params(query: &str) -> Params {
         let uri: axum::http::Uri = format!("/stream?{query}").parse().unwrap();

@@ -43,7 +43,7 @@ use per_address::PerAddress;
 use record::Recorder;
 
 /// Whether a bearer token has an API key's form (GET /stream takes API keys too).
-pub use api::is_api_key;
+pub use api::{is_api_key, retry_after_seconds, KeyRates};
 
 mod api;
 mod events;
@@ -74,16 +74,16 @@ struct App {
     recorder: Arc<Recorder>,
 }
 
-/// The public routes (their limits are added by [`serve`], for whatever it serves).
-pub fn router(side: HttpSide, database: Arc<Database>) -> Router {
-    let rate_per_key = side.api_rate_per_key;
+/// The public routes (their limits are added by [`serve`], for whatever it serves). `rates`: the
+/// API keys' rates (HERALD_API_RATE_PER_KEY), shared with `/stream` where a key opens a stream.
+pub fn router(side: HttpSide, database: Arc<Database>, rates: Option<Arc<KeyRates>>) -> Router {
     let app = App {
         side: Arc::new(side),
         recorder: Arc::new(Recorder::new(Arc::clone(&database))),
     };
     Router::new()
         // the HTTP API for applications (/v1/…, per-workspace API keys)
-        .merge(api::router(Arc::clone(&database), rate_per_key))
+        .merge(api::router(Arc::clone(&database), rates))
         .route("/u/{token}", get(links::confirm).post(links::unsubscribe))
         .route("/o/{token}", get(links::open))
         .route("/c/{token}", get(links::click))
@@ -258,7 +258,7 @@ mod tests {
             api_rate_per_key: 0,
             connections_per_address: crate::run::config::CONNECTIONS_PER_ADDRESS,
         };
-        router(side, away())
+        router(side, away(), None)
     }
 
     /// The public routes with their limits, as `serve` serves them.

@@ -2,7 +2,7 @@
 //! the database carries the SQL error's own message, hint and detail (what a SQL user of the same
 //! function reads) and its SQLSTATE as `code`; the daemon's own refusals (the request's form) have a
 //! word as `code` (`unauthorized`, `rate_limited`, `invalid_json`, `too_deep`, `unknown_field`,
-//! `batch_too_large`, `not_found`, `unavailable`, `internal`).
+//! `batch_too_large`, `not_found`, `unavailable`, `internal`, `extension_too_old`).
 
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
@@ -80,12 +80,8 @@ impl ApiError {
     }
 
     /// The key is over HERALD_API_RATE_PER_KEY: 429, with when to come back.
-    pub fn rate_limited(per_second: u32, retry_after: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("this API key is over its rate of {per_second} requests a second"),
-        )
+    pub fn rate_limited(refusal: String, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", refusal)
         .with_hint(Some(
             "Retry after the seconds in the Retry-After header; send many events or contacts in one request (POST /v1/track/batch, /v1/contacts/batch).",
         ));
@@ -98,8 +94,31 @@ impl ApiError {
             .with_hint(Some("GET /v1/openapi.json lists the routes."))
     }
 
+    /// The database's refusal of `operation`, or its absence (503, try again). An api_call that
+    /// does not know the operation runs an extension older than this daemon (compat.rs: daemons may
+    /// be upgraded first): a 501 that says so, not the 422 of a bad value.
+    pub fn from_call(e: &DbError, operation: &str) -> Self {
+        let unknown_operation = matches!(e, DbError::Pg(pg) if pg.as_db_error().is_some_and(|db| {
+            db.code().code() == "22023"
+                && db.message() == format!("unknown API operation '{operation}'")
+        }));
+        if !unknown_operation {
+            return Self::from_db(e);
+        }
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "extension_too_old",
+            format!(
+                "this route needs a newer herald extension in the database: its herald.api_call does not know '{operation}'"
+            ),
+        )
+        .with_hint(Some(
+            "Update the extension to this daemon's version (ALTER EXTENSION herald UPDATE, as its owner). API keys read and subscribe to results from 0.16.0.",
+        ))
+    }
+
     /// The database's refusal, or its absence (503, try again).
-    pub fn from_db(e: &DbError) -> Self {
+    fn from_db(e: &DbError) -> Self {
         let db = match e {
             DbError::Pg(pg) => pg.as_db_error(),
             DbError::Pool(_) => None,

@@ -42,9 +42,11 @@ impl KeyRates {
         })
     }
 
-    /// The rate, for the refusal's message.
-    pub fn per_second(&self) -> u32 {
-        self.per_second as u32
+    /// What a request over the rate is told (the API's 429 and the stream's).
+    pub fn refusal(&self) -> String {
+        let rate = self.per_second as u32;
+        let requests = if rate == 1 { "request" } else { "requests" };
+        format!("this API key is over its rate of {rate} {requests} a second")
     }
 
     /// Takes one request of `secret`'s at `now`, or says how long until it may make one.

@@ -43,6 +43,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::run::database::Database;
 
 pub use auth::well_formed as is_api_key;
+pub use key_rate::{retry_after_seconds, KeyRates};
 pub use routes::ROUTES;
 
 /// What the API's handlers share.
@@ -53,11 +54,11 @@ struct ApiState {
     rates: Option<Arc<key_rate::KeyRates>>,
 }
 
-/// The `/v1/…` routes, for any outer router's state (they carry their own). `rate_per_key`:
-/// requests a second one key may make through this daemon (0: no limit).
+/// The `/v1/…` routes, for any outer router's state (they carry their own). `rates`: the keys'
+/// rates through this daemon (HERALD_API_RATE_PER_KEY; None: no limit), shared with `/stream`.
 pub fn router<S: Clone + Send + Sync + 'static>(
     database: Arc<Database>,
-    rate_per_key: u32,
+    rates: Option<Arc<KeyRates>>,
 ) -> Router<S> {
     // OPTIONS is a route of its own on each path (answered by the CORS layer), so that the outer
     // router's method-not-allowed fallback never sees a preflight
@@ -88,10 +89,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
     router
         .route("/v1/{*rest}", axum::routing::any(routes::unknown))
         .layer(cors())
-        .with_state(ApiState {
-            database,
-            rates: key_rate::KeyRates::new(rate_per_key).map(Arc::new),
-        })
+        .with_state(ApiState { database, rates })
 }
 
 /// An OPTIONS request that is not a CORS preflight (those the layer answers itself).
@@ -124,7 +122,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     async fn call(request: Request<Body>) -> (StatusCode, Json) {
-        let app: Router = router(Database::unreachable(), 0);
+        let app: Router = router(Database::unreachable(), None);
         let response = app.oneshot(request).await.expect("infallible");
         let status = response.status();
         let body = to_bytes(response.into_body(), usize::MAX)
@@ -228,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn browsers_may_call_it_from_any_origin() {
-        let app: Router = router(Database::unreachable(), 0);
+        let app: Router = router(Database::unreachable(), None);
         let preflight = Request::builder()
             .method("OPTIONS")
             .uri("/v1/track")

@@ -86,7 +86,7 @@ pub fn document() -> Json {
                             "message": {"type": "string", "description": "The SQL function's message, or what is wrong with the request"},
                             "hint": {"type": ["string", "null"]},
                             "detail": {"type": ["string", "null"]},
-                            "code": {"type": "string", "description": "The SQLSTATE when the database refused, else a word such as unauthorized, invalid_json, unknown_field, batch_too_large, unavailable"}
+                            "code": {"type": "string", "description": "The SQLSTATE when the database refused, else a word such as unauthorized, invalid_json, unknown_field, batch_too_large, unavailable, extension_too_old"}
                         }
                     }}
                 },
@@ -139,10 +139,15 @@ fn list_subscriptions() -> Json {
             "403": error_response("The key lacks the scope results"),
             "422": error_response("A query parameter (this read takes none)"),
             "429": error_response("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
+            "501": error_response(TOO_OLD),
             "503": error_response("The database is not reachable; try again")
         }
     })
 }
+
+/// The 501 of an operation the database's extension does not have yet (the results operations came
+/// in 0.16.0; a daemon may be upgraded before the extension).
+const TOO_OLD: &str = "The database's herald extension is older than 0.16.0 and lacks this operation: ALTER EXTENSION herald UPDATE";
 
 fn error_response(what: &str) -> Json {
     json!({"description": what,
@@ -190,6 +195,7 @@ fn read_results() -> Json {
             "403": error("The key lacks the scope results"),
             "422": error("A bad after, kinds or limit, or an unknown parameter (the SQL function's message)"),
             "429": error("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
+            "501": error(TOO_OLD),
             "503": error("The database is not reachable; try again")
         }
     })
@@ -210,7 +216,7 @@ fn operation(op: Operation) -> Json {
                                "schema": {"type": "integer", "minimum": 1}}));
     }
     let error = error_response;
-    json!({
+    let mut described = json!({
         "operationId": op.sql_name(),
         "summary": summary,
         "description": format!("Calls {function} for the API key's workspace. Needs the key scope \"{}\".", op.scope()),
@@ -232,7 +238,11 @@ fn operation(op: Operation) -> Json {
             "429": error("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
             "503": error("The database is not reachable; try again")
         }
-    })
+    });
+    if op.scope() == "results" {
+        described["responses"]["501"] = error(TOO_OLD);
+    }
+    described
 }
 
 /// (summary, SQL function, body properties, required fields, answer schema) of an operation.

@@ -228,7 +228,7 @@ pub(super) fn admit<'h>(state: &ApiState, headers: &'h HeaderMap) -> Result<&'h 
         rates
             .take(secret, std::time::Instant::now())
             .map_err(|wait| {
-                ApiError::rate_limited(rates.per_second(), key_rate::retry_after_seconds(wait))
+                ApiError::rate_limited(rates.refusal(), key_rate::retry_after_seconds(wait))
             })?;
     }
     Ok(secret)
@@ -339,7 +339,7 @@ pub(super) async fn call(
                 retried = true;
                 state.database.forget_idle();
             }
-            Err(e) => return Err(ApiError::from_db(&e)),
+            Err(e) => return Err(ApiError::from_call(&e, operation)),
         }
     }
 }
