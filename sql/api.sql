@@ -225,8 +225,9 @@ $$;
 
 -- retry_result_subscription for an API key: a subscription that is blocked (its delivery failed for
 -- good, or ran out of attempts) delivers again from the same batch, attempts reset, as an admin's
--- herald.retry_failed / herald.redrive of its job would. {"retried": true}, or false with its state
--- when it is not blocked (nothing to retry). An unknown id is no_data_found. Called by api_call only.
+-- herald.retry_failed / herald.redrive of its job would. {"retried": true, "state": "delivering"}, or
+-- false with its state as result_subscription_overview gives it when there is nothing to retry. An
+-- unknown id is no_data_found. Called by api_call only.
 CREATE FUNCTION herald._api_retry_subscription(workspace text, args jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -235,29 +236,30 @@ DECLARE
     v_id bigint := herald._api_id(args -> 'id');
     v_job bigint;
     v_status text;
-    v_found boolean;
+    v_state text;
 BEGIN
     IF (args - 'id') <> '{}' THEN
         RAISE EXCEPTION 'unknown retry_result_subscription argument(s) %',
                         (SELECT string_agg(quote_literal(k), ', ' ORDER BY k) FROM jsonb_object_keys(args - 'id') k)
             USING ERRCODE = 'invalid_parameter_value', HINT = 'It takes the subscription''s id only.';
     END IF;
-    SELECT true, s.job_id, o.status INTO v_found, v_job, v_status
-      FROM herald.result_subscriptions s
-      LEFT JOIN herald.outbox o ON o.workspace_id = s.workspace_id AND o.id = s.job_id
-     WHERE s.workspace_id = _api_retry_subscription.workspace AND s.id = v_id
-       FOR UPDATE OF s;   -- one retry at a time; advance_results queues its next batch after it
-    IF v_found IS NULL THEN
+    -- one retry at a time; advance_results queues its next batch after it
+    PERFORM FROM herald.result_subscriptions s
+      WHERE s.workspace_id = _api_retry_subscription.workspace AND s.id = v_id
+        FOR UPDATE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown result subscription %', v_id
             USING ERRCODE = 'no_data_found', HINT = 'GET /v1/results/subscriptions lists the key''s workspace''s.';
     END IF;
+    SELECT v.job_id, v.job_status, v.state INTO v_job, v_status, v_state
+      FROM herald.result_subscription_overview v
+     WHERE v.workspace_id = _api_retry_subscription.workspace AND v.id = v_id;
     IF v_status = 'dead' THEN
         PERFORM herald.redrive(ARRAY[v_job]);
     ELSIF v_status = 'failed' THEN
         PERFORM herald.retry_failed(workspace, jsonb_build_object('ids', jsonb_build_array(v_job)));
     ELSE
-        RETURN jsonb_build_object('retried', false,
-                                  'state', CASE WHEN v_status IS NULL OR v_status = 'done' THEN 'idle' ELSE 'delivering' END);
+        RETURN jsonb_build_object('retried', false, 'state', v_state);
     END IF;
     RETURN jsonb_build_object('retried', true, 'state', 'delivering');
 END

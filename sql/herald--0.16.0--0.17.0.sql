@@ -75,3 +75,43 @@ $$;
 ALTER FUNCTION herald.create_api_key(text, text, text[]) SECURITY DEFINER;
 ALTER FUNCTION herald.api_key_workspace(text, text) SECURITY DEFINER;
 REVOKE ALL ON FUNCTION herald._api_scopes(), herald._api_scopes_hint() FROM PUBLIC;
+
+-- ==== retry_state: retry_result_subscription answers the overview's state ====
+-- When there is nothing to retry, the answer's state is result_subscription_overview's (a
+-- subscription whose job was cancelled is "blocked" there; the retry called it "delivering").
+CREATE OR REPLACE FUNCTION herald._api_retry_subscription(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_id bigint := herald._api_id(args -> 'id');
+    v_job bigint;
+    v_status text;
+    v_state text;
+BEGIN
+    IF (args - 'id') <> '{}' THEN
+        RAISE EXCEPTION 'unknown retry_result_subscription argument(s) %',
+                        (SELECT string_agg(quote_literal(k), ', ' ORDER BY k) FROM jsonb_object_keys(args - 'id') k)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'It takes the subscription''s id only.';
+    END IF;
+    -- one retry at a time; advance_results queues its next batch after it
+    PERFORM FROM herald.result_subscriptions s
+      WHERE s.workspace_id = _api_retry_subscription.workspace AND s.id = v_id
+        FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown result subscription %', v_id
+            USING ERRCODE = 'no_data_found', HINT = 'GET /v1/results/subscriptions lists the key''s workspace''s.';
+    END IF;
+    SELECT v.job_id, v.job_status, v.state INTO v_job, v_status, v_state
+      FROM herald.result_subscription_overview v
+     WHERE v.workspace_id = _api_retry_subscription.workspace AND v.id = v_id;
+    IF v_status = 'dead' THEN
+        PERFORM herald.redrive(ARRAY[v_job]);
+    ELSIF v_status = 'failed' THEN
+        PERFORM herald.retry_failed(workspace, jsonb_build_object('ids', jsonb_build_array(v_job)));
+    ELSE
+        RETURN jsonb_build_object('retried', false, 'state', v_state);
+    END IF;
+    RETURN jsonb_build_object('retried', true, 'state', 'delivering');
+END
+$$;

@@ -140,6 +140,11 @@ SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', json
 SELECT status, attempt FROM herald.outbox WHERE id = :sub2_job;
 UPDATE herald.outbox SET status = 'done', done_at = now() WHERE id = :sub2_job;
 SELECT response FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2));
+-- nothing to retry either way: the answer's state is the overview's (a cancelled job: blocked)
+UPDATE herald.outbox SET status = 'cancelled' WHERE id = :sub2_job;
+SELECT r.response, v.state AS overview_state
+  FROM herald.api_call(:'r_key', 'retry_result_subscription', jsonb_build_object('id', :sub2)) r,
+       herald.result_subscription_overview v WHERE v.id = :sub2;
 -- another workspace's key: no such subscription (the id is the only thing that varies, so it is masked)
 SELECT set_config('t.rb_key', :'rb_key', false) IS NOT NULL AS set, set_config('t.sub2', :'sub2', false) IS NOT NULL AS set2;
 DO $$

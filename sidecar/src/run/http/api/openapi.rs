@@ -341,7 +341,8 @@ fn describe(op: Operation) -> (&'static str, &'static str, Json, Json, Json) {
             json!([]),
             json!({"type": "object", "required": ["retried", "state"],
                    "properties": {"retried": {"type": "boolean", "description": "false: it was not blocked (nothing to retry)"},
-                                  "state": {"type": "string", "enum": ["idle", "delivering"]}}}),
+                                  "state": {"type": "string", "enum": ["idle", "delivering", "blocked"],
+                                            "description": "As GET /v1/results/subscriptions gives it"}}}),
         ),
     }
 }
