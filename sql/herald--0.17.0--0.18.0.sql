@@ -1,0 +1,5 @@
+-- herald 0.17.0 -> 0.18.0
+--   Release 0.17.0 is the SQL that landed on 2026-12-08 (commit f54a7b6), kept in
+--   sql/releases/herald--0.17.0.sql. Everything since, one marked block per change:
+--   Functions replaced here lose SECURITY DEFINER (CREATE OR REPLACE resets it): it is set again at
+--   the end of each block.
