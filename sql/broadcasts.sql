@@ -610,28 +610,32 @@ END
 $$;
 
 -- A broadcast's messages sent, and of them hard-bounced and complained about (record_feedback counts
--- each message's first report), across its variations: {sent, bounced, complained}. Its counters, folded
--- and not yet folded: a few rows.
+-- each message's first report), and those the receiving server refused as a hard bounce at send time
+-- (complete), across its variations: {sent, bounced, complained, refused}. Its counters, folded and
+-- not yet folded: a few rows.
 CREATE FUNCTION herald._report_counts(workspace text, broadcast bigint) RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, herald, pg_temp
 BEGIN ATOMIC
     SELECT jsonb_build_object('sent', coalesce(sum(x.n) FILTER (WHERE x.metric = 'sent'), 0),
                               'bounced', coalesce(sum(x.n) FILTER (WHERE x.metric = 'bounced'), 0),
-                              'complained', coalesce(sum(x.n) FILTER (WHERE x.metric = 'complained'), 0))
+                              'complained', coalesce(sum(x.n) FILTER (WHERE x.metric = 'complained'), 0),
+                              'refused', coalesce(sum(x.n) FILTER (WHERE x.metric = 'refused'), 0))
       FROM (SELECT s.metric, s.value AS n FROM herald.broadcast_stats s
              WHERE s.workspace_id = _report_counts.workspace AND s.broadcast_id = _report_counts.broadcast
-               AND s.metric IN ('sent', 'bounced', 'complained')
+               AND s.metric IN ('sent', 'bounced', 'complained', 'refused')
             UNION ALL
             SELECT d.metric, d.n FROM herald.broadcast_stats_delta d
              WHERE d.workspace_id = _report_counts.workspace AND d.broadcast_id = _report_counts.broadcast
-               AND d.metric IN ('sent', 'bounced', 'complained')) x;
+               AND d.metric IN ('sent', 'bounced', 'complained', 'refused')) x;
 END;
 
 -- The automatic pause's verdict on a sending broadcast whose definition has auto_pause: the data of its
--- broadcast.auto_paused result when, of at least min_sent messages sent, complaints or hard bounces
--- reached their percent (complaints first: the graver), else NULL. Counted since the last resume from
--- such a pause (auto_pause_base). Nothing to stop once everything is enqueued and no job waits.
+-- broadcast.auto_paused result when, of at least min_sent messages sent or refused, complaints (of the
+-- messages sent) or hard bounces (reported ones and refusals at send time, of the messages sent or
+-- refused) reached their percent (complaints first: the graver), else NULL. Counted since the last
+-- resume from such a pause (auto_pause_base; one taken before 0.18.0 has no refused: 0). Nothing to
+-- stop once everything is enqueued and no job waits.
 CREATE FUNCTION herald._auto_pause_verdict(v herald.broadcasts) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, herald, pg_temp
@@ -642,27 +646,33 @@ DECLARE
     v_sent bigint := (v_now ->> 'sent')::bigint - coalesce((v.auto_pause_base ->> 'sent')::bigint, 0);
     v_bounced bigint := (v_now ->> 'bounced')::bigint - coalesce((v.auto_pause_base ->> 'bounced')::bigint, 0);
     v_complained bigint := (v_now ->> 'complained')::bigint - coalesce((v.auto_pause_base ->> 'complained')::bigint, 0);
+    v_refused bigint := (v_now ->> 'refused')::bigint - coalesce((v.auto_pause_base ->> 'refused')::bigint, 0);
+    -- the messages handed to a receiving server: accepted, or refused as a hard bounce
+    v_tried bigint := v_sent + v_refused;
     v_reason text;
     v_n bigint;
+    v_of bigint;
 BEGIN
-    IF v_sent < (v_rule ->> 'min_sent')::bigint THEN
+    IF v_tried < (v_rule ->> 'min_sent')::bigint THEN
         RETURN NULL;
     END IF;
-    IF v_complained * 100 >= (v_rule ->> 'complaint_percent')::numeric * v_sent THEN
+    IF v_complained > 0 AND v_complained * 100 >= (v_rule ->> 'complaint_percent')::numeric * v_sent THEN
         v_reason := 'complaint_percent';
         v_n := v_complained;
-    ELSIF v_bounced * 100 >= (v_rule ->> 'bounce_percent')::numeric * v_sent THEN
+        v_of := v_sent;
+    ELSIF v_bounced + v_refused > 0 AND (v_bounced + v_refused) * 100 >= (v_rule ->> 'bounce_percent')::numeric * v_tried THEN
         v_reason := 'bounce_percent';
-        v_n := v_bounced;
+        v_n := v_bounced + v_refused;
+        v_of := v_tried;
     ELSE
         RETURN NULL;
     END IF;
     IF v.phase = 'done' AND NOT EXISTS (SELECT 1 FROM herald.outbox o WHERE o.broadcast_id = v.id AND o.status = 'pending') THEN
         RETURN NULL;
     END IF;
-    RETURN jsonb_build_object('name', v.name, 'reason', v_reason, 'percent', round(v_n * 100.0 / v_sent, 2),
+    RETURN jsonb_build_object('name', v.name, 'reason', v_reason, 'percent', round(v_n * 100.0 / v_of, 2),
                               'limit', (v_rule ->> v_reason)::numeric, 'min_sent', (v_rule ->> 'min_sent')::bigint,
-                              'sent', v_sent, 'bounced', v_bounced, 'complained', v_complained,
+                              'sent', v_sent, 'bounced', v_bounced, 'complained', v_complained, 'refused', v_refused,
                               'since_resume', v.auto_pause_base IS NOT NULL);
 END
 $$;
@@ -1127,6 +1137,38 @@ BEGIN
     )
     SELECT count(*) INTO v_n FROM recorded;
     RETURN v_n;
+END
+$$;
+
+-- Role: none (complete calls it). Emails the receiving server refused for good with an address-level
+-- reply, as complete() just recorded them (failed, the reply in last_error): a hard bounce at send time.
+-- Each is recorded as a provider's hard-bounce report of that message would be (record_feedback: the
+-- address suppressed in its workspace, an email.bounced event automations can trigger on, an
+-- email.bounced result), and a broadcast's counts as 'refused' for its broadcast and variation
+-- (auto_pause reads it; it is not 'bounced', which counts reports of messages that were sent).
+CREATE FUNCTION herald._record_refusals(jobs bigint[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+BEGIN
+    INSERT INTO herald.broadcast_stats_delta (workspace_id, broadcast_id, variation, metric, n)
+    SELECT o.workspace_id, o.broadcast_id, coalesce(o.variation, 'default'), 'refused', count(*)
+      FROM herald.outbox o
+     WHERE o.id = ANY (jobs) AND o.broadcast_id IS NOT NULL AND o.status = 'failed'
+     GROUP BY 1, 2, 3;
+    -- the recipient: the contact's address, or a test's to an address that is no contact
+    PERFORM herald.record_feedback(f.feedback)
+       FROM (SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                        'kind', 'hard_bounce', 'workspace', o.workspace_id,
+                        'email', coalesce(c.email, o.payload ->> 'to'), 'message_id', o.message_id,
+                        'payload', jsonb_build_object('smtp_reply', o.last_error, 'refused_at_send', true)))
+                        ORDER BY o.id) AS feedback
+               FROM herald.outbox o
+               LEFT JOIN LATERAL (SELECT x.email FROM herald.contacts x
+                                   WHERE x.workspace_id = o.workspace_id AND x.id = o.contact_id LIMIT 1) c ON true
+              WHERE o.id = ANY (jobs) AND o.status = 'failed'
+                AND coalesce(c.email, o.payload ->> 'to') IS NOT NULL) f
+      WHERE f.feedback IS NOT NULL;
 END
 $$;
 

@@ -533,6 +533,9 @@ END;
 -- dead after max_attempts (their enrollments keep waiting until redrive or exit).
 -- Results for jobs that are not leased (unknown, already completed, reaped) change nothing and are
 -- reported in a WARNING; the return value counts the results applied. Calling it twice is harmless.
+-- An email the receiving server refused for good with an address-level reply (a failed result whose
+-- response says "bounce": "hard", e.g. 550 5.1.1 user unknown) is a hard bounce at send time: recorded
+-- as a provider's report of one would be (_record_refusals).
 CREATE FUNCTION herald.complete(results jsonb) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, herald, pg_temp
@@ -546,6 +549,7 @@ DECLARE
     v_applied int;
     v_ignored text;
     v_woken int;
+    v_refused bigint[];
 BEGIN
     IF jsonb_typeof(results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(results), 'NULL')
@@ -717,14 +721,21 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM job),
            (SELECT string_agg(i.id::text, ', ' ORDER BY i.id) FROM input i WHERE i.id NOT IN (SELECT j.id FROM job j)),
-           (SELECT count(*) FROM woken w WHERE w.status = 'active')
-      INTO v_applied, v_ignored, v_woken;
+           (SELECT count(*) FROM woken w WHERE w.status = 'active'),
+           -- emails the receiving server refused for good as a hard bounce (the daemon's response says
+           -- "bounce": "hard"): applied now, so a repeated call does not record them twice
+           (SELECT array_agg(j.id ORDER BY j.id) FROM job j
+             WHERE j.kind = 'email' AND j.outcome = 'failed' AND j.new_response ->> 'bounce' = 'hard')
+      INTO v_applied, v_ignored, v_woken, v_refused;
 
     IF v_ignored IS NOT NULL THEN
         RAISE WARNING 'complete: ignored result(s) for job(s) % (unknown, not leased, or already completed)', v_ignored;
     END IF;
     IF v_woken > 0 THEN
         PERFORM herald._request_tick();   -- coalesced (see there)
+    END IF;
+    IF v_refused IS NOT NULL THEN
+        PERFORM herald._record_refusals(v_refused);
     END IF;
     RETURN v_applied;
 END

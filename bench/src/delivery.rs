@@ -49,6 +49,14 @@ fn dbname() -> String {
 fn webhooks_only() -> bool {
     std::env::var("HERALD_BENCH_DELIVERY").is_ok_and(|v| v == "webhooks")
 }
+/// `HERALD_BENCH_WEBHOOKS=N` drains N webhook jobs instead of 20,000: a drain long enough to profile
+/// the daemon (`perf record`) or to average out a shared machine's noise.
+fn webhooks_override() -> Option<usize> {
+    std::env::var("HERALD_BENCH_WEBHOOKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+}
 const WORKSPACE: &str = "bench";
 const TEMPLATE: &str = "t";
 /// smtp-source sessions (the comparison the goal is stated against).
@@ -103,7 +111,10 @@ impl Sizes {
 }
 
 pub async fn run(target: &Target, small: bool) -> Result<(String, Value)> {
-    let sizes = Sizes::new(small);
+    let mut sizes = Sizes::new(small);
+    if let Some(n) = webhooks_override() {
+        sizes.webhooks = n;
+    }
     let target = target.with_dbname(&dbname());
     let db = target.recreate_with_extension().await?;
     db.batch_execute(&format!(

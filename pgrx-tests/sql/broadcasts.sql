@@ -447,6 +447,52 @@ SELECT status, auto_paused FROM herald.broadcasts WHERE id = :risky;
 SELECT variation, metric, value FROM herald.broadcast_stats(:risky) WHERE metric IN ('sent', 'bounced', 'complained') ORDER BY 1, 2;
 SELECT herald.cancel_broadcast(:risky);
 SELECT status, auto_paused ->> 'reason' AS reason FROM herald.broadcasts WHERE id = :risky;
+-- refusals at send time: the receiving server's 550 5.1.1 for an address (the daemon's result says
+-- "bounce": "hard") is a hard bounce: the address suppressed, an email.bounced event and result, and
+-- the broadcast's 'refused' count, which auto_pause reads beside the reported bounces (2 refused of 9
+-- tried, 7 sent: 22% >= 20%). A retryable failure is no bounce, whatever it says; a repeated call
+-- records nothing twice.
+UPDATE herald.outbox SET status = 'cancelled' WHERE status IN ('pending', 'leased', 'held');
+SELECT herald.create_broadcast('b1', '{"audience": "all", "name": "Refusing", "template": "news-a",
+  "auto_pause": {"bounce_percent": 20, "min_sent": 5}}') AS refusing \gset
+SELECT herald.schedule_broadcast(:refusing);
+SELECT herald.advance_broadcasts() > 10 AS enqueued;
+CREATE TEMP TABLE refusing_jobs AS
+SELECT j.id, row_number() OVER (ORDER BY j.id) AS n, o.contact_id
+  FROM herald.claim('t', 10) j JOIN herald.outbox o ON o.id = j.id;
+CREATE TEMP TABLE refusing_results AS
+SELECT jsonb_agg(CASE WHEN r.n <= 3
+         THEN jsonb_build_object('id', r.id, 'ok', false, 'retryable', r.n = 3, 'error', '550 5.1.1 no such user',
+                                 'message_id', '<refused-' || r.n || '@herald>',
+                                 'response', jsonb_build_object('smtp', '550 5.1.1 no such user', 'bounce', 'hard'))
+         ELSE jsonb_build_object('id', r.id, 'ok', true, 'message_id', '<refusing-' || r.n || '@herald>') END
+       ORDER BY r.n) AS results
+  FROM refusing_jobs r;
+SELECT herald.complete(results) AS applied FROM refusing_results;
+SELECT r.n, s.reason, s.detail FROM refusing_jobs r
+  JOIN herald.contacts c ON c.workspace_id = 'b1' AND c.id = r.contact_id
+  JOIN herald.suppressions s ON s.workspace_id = 'b1' AND s.email = c.email
+ ORDER BY r.n;
+SELECT r.n, e.kind, e.payload FROM refusing_jobs r
+  JOIN herald.contacts c ON c.workspace_id = 'b1' AND c.id = r.contact_id
+  JOIN herald.events e ON e.workspace_id = 'b1' AND e.email = c.email AND e.kind = 'email.bounced'
+ WHERE e.payload ->> 'message_id' LIKE '<refused-%'
+ ORDER BY r.n;
+SELECT r.n, x.kind, x.broadcast_id = :refusing AS this_broadcast, x.contact_id = r.contact_id AS its_contact
+  FROM (SELECT kind, job_id, broadcast_id, contact_id FROM herald.results_staged WHERE kind = 'email.bounced'
+        UNION ALL
+        SELECT kind, job_id, broadcast_id, contact_id FROM herald.results WHERE kind = 'email.bounced') x
+  JOIN refusing_jobs r ON r.id = x.job_id
+ ORDER BY r.n;
+SELECT metric, value FROM herald.broadcast_stats(:refusing) WHERE metric IN ('sent', 'failed', 'retried', 'bounced', 'refused') ORDER BY 1;
+SET client_min_messages = error;   -- the warning names the ignored jobs' ids
+SELECT herald.complete(results) AS applied_again FROM refusing_results;
+RESET client_min_messages;
+SELECT count(*) AS bounce_events FROM herald.events WHERE payload ->> 'refused_at_send' = 'true';
+SELECT metric, value FROM herald.broadcast_stats(:refusing) WHERE metric = 'refused';
+SELECT herald.advance_broadcasts() > 0 AS settled;
+SELECT status, auto_paused FROM herald.broadcasts WHERE id = :refusing;
+SELECT herald.cancel_broadcast(:refusing);
 -- the installation's default (the database setting herald.broadcast_auto_pause) for definitions that
 -- do not say auto_pause; "auto_pause": null says none; a bad setting fails naming it, creating nothing
 SET herald.broadcast_auto_pause = '{"bounce_percent": 5, "complaint_percent": 0.1}';

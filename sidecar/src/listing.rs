@@ -194,6 +194,8 @@ pub struct Broadcast {
     pub cancelled: i64,
     /// Sent messages with a hard bounce / a complaint reported (each once; what auto_pause reads).
     pub bounced: i64,
+    /// Messages the receiving server refused as a hard bounce at send time (also in `failed`).
+    pub refused: i64,
     pub complained: i64,
     pub opened: i64,
     pub clicked: i64,
@@ -274,6 +276,7 @@ pub async fn broadcasts_including(
                 suppressed: n("suppressed"),
                 cancelled: n("cancelled"),
                 bounced: n("bounced"),
+                refused: n("refused"),
                 complained: n("complained"),
                 opened: n("opened"),
                 clicked: n("clicked"),
@@ -359,22 +362,32 @@ pub fn auto_pause_note(why: &serde_json::Value) -> String {
         Some(n) => format!("{}", (n * 100.0).round() / 100.0),
         None => "?".into(),
     };
-    let sent = why.get("sent").and_then(serde_json::Value::as_i64);
-    let what = match why.get("reason").and_then(serde_json::Value::as_str) {
+    let count = |k: &str| why.get(k).and_then(serde_json::Value::as_i64);
+    let reason = why.get("reason").and_then(serde_json::Value::as_str);
+    let what = match reason {
         Some("complaint_percent") => "complaints",
         Some("bounce_percent") => "hard bounces",
         _ => "reports",
     };
+    // the bounce percent is of the messages sent or refused at send time (0.18.0); complaints, of those sent
+    let refused = count("refused").filter(|&n| n > 0 && reason == Some("bounce_percent"));
+    let (of, messages) = match (count("sent"), refused) {
+        (Some(sent), Some(refused)) => (
+            (sent + refused).to_string(),
+            format!("sent or refused ({refused} refused at send time)"),
+        ),
+        _ => (num("sent"), "sent".to_owned()),
+    };
+    let one = of == "1";
     let since = if why.get("since_resume").and_then(serde_json::Value::as_bool) == Some(true) {
         " since it was last resumed"
     } else {
         ""
     };
     format!(
-        "{what} reached {}% of {} message{} sent{since} (auto_pause: {}%)",
+        "{what} reached {}% of {of} message{} {messages}{since} (auto_pause: {}%)",
         num("percent"),
-        num("sent"),
-        if sent == Some(1) { "" } else { "s" },
+        if one { "" } else { "s" },
         num("limit"),
     )
 }
@@ -455,6 +468,7 @@ mod tests {
             suppressed: 0,
             cancelled: 0,
             bounced: 0,
+            refused: 0,
             complained: 0,
             opened: 0,
             clicked: 0,
@@ -513,6 +527,13 @@ mod tests {
         assert_eq!(
             auto_pause_note(&bounce),
             "hard bounces reached 30% of 10 messages sent (auto_pause: 20%)"
+        );
+        let refusals = serde_json::json!({"reason": "bounce_percent", "percent": 22.22, "limit": 20.0,
+            "sent": 7, "bounced": 0, "refused": 2, "since_resume": false});
+        assert_eq!(
+            auto_pause_note(&refusals),
+            "hard bounces reached 22.22% of 9 messages sent or refused (2 refused at send time) \
+             (auto_pause: 20%)"
         );
         let one = serde_json::json!({"reason": "bounce_percent", "percent": 100.0, "limit": 50, "sent": 1});
         assert_eq!(

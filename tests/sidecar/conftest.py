@@ -109,14 +109,16 @@ def db():
 # ------------------------------------------------------------------------------------------------- SMTP
 
 class SmtpHandler:
-    """Stores accepted messages; can answer 451 once per recipient (at DATA), 550 (at RCPT), or be slow."""
+    """Stores accepted messages; can answer 451 once per recipient (at DATA), 550 or another refusal (at RCPT),
+    or be slow."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.messages = []          # (rcpt list, parsed message, raw bytes)
         self.refusals = []          # (rcpt, code)
         self.fail_once = set()      # recipients answered 451 at their first DATA
-        self.reject = set()         # recipients answered 550 at RCPT
+        self.reject = set()         # recipients answered 550 5.1.1 at RCPT
+        self.replies = {}           # recipient -> another refusal answered at RCPT ("550 5.7.1 …")
         self.delay = 0.0            # seconds before answering DATA
         self.connections = 0
 
@@ -131,6 +133,11 @@ class SmtpHandler:
             with self.lock:
                 self.refusals.append((address, 550))
             return "550 5.1.1 mailbox unavailable"
+        if address in self.replies:
+            reply = self.replies[address]
+            with self.lock:
+                self.refusals.append((address, int(reply[:3])))
+            return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

@@ -116,16 +116,37 @@ def test_smtp_451_is_retried_and_delivered_once(db, smtp, sidecar):
 def test_smtp_550_fails_permanently(db, smtp, sidecar):
     add_templates(db)
     smtp.reject.add("nobody@example.com")
+    smtp.replies["policy@example.com"] = "550 5.7.1 message refused as spam"
     job = db.one("SELECT herald.send('acme', 'nobody@example.com', 'welcome')")
     ok = db.one("SELECT herald.send('acme', 'somebody@example.com', 'welcome')")
+    policy = db.one("SELECT herald.send('acme', 'policy@example.com', 'welcome')")
     sidecar()
-    wait_until(lambda: db.one("SELECT status FROM herald.outbox WHERE id = %s", job) == "failed", what="failure")
+    for j in (job, policy):
+        wait_until(lambda: db.one("SELECT status FROM herald.outbox WHERE id = %s", j) == "failed", what="failure")
     wait_until(lambda: db.one("SELECT status FROM herald.outbox WHERE id = %s", ok) == "done", what="the other one")
-    status, attempt, error = db.q(
-        "SELECT status, attempt, error FROM herald.message_history WHERE outbox_id = %s", job)[0]
+    status, attempt, error, mid = db.q(
+        "SELECT status, attempt, error, message_id FROM herald.message_history WHERE outbox_id = %s", job)[0]
     assert (status, attempt) == ("failed", 1)
     assert error.startswith("550") and "mailbox unavailable" in error
     assert [m[0] for m in smtp.snapshot()] == [["somebody@example.com"]]
+
+    # 550 5.1.1 refuses the address: a hard bounce at send time. The address is suppressed, the bounce is
+    # an event and a result like a provider's report of it, and the next email to it is never tried.
+    key = db.one("SELECT dedupe_key FROM herald.outbox WHERE id = %s", job)
+    assert mid == message_id("acme", key, job)
+    assert db.q("SELECT email, reason, detail ->> 'smtp_reply', detail ->> 'message_id' FROM herald.suppressions") == [
+        ("nobody@example.com", "hard_bounce", error, mid)]
+    assert db.q("SELECT email, payload ->> 'bounce_type', payload ->> 'refused_at_send' FROM herald.events "
+                "WHERE kind = 'email.bounced'") == [("nobody@example.com", "hard", "true")]
+    assert db.q("SELECT job_id FROM herald.results_staged WHERE kind = 'email.bounced' "
+                "UNION ALL SELECT job_id FROM herald.results WHERE kind = 'email.bounced'") == [(job,)]
+    # a policy refusal (5.7.1) says nothing about the address: failed, not suppressed
+    assert db.one("SELECT last_error FROM herald.outbox WHERE id = %s", policy).startswith("550 5.7.1")
+    again = db.one("SELECT herald.send('acme', 'nobody@example.com', 'welcome')")
+    wait_until(lambda: db.one("SELECT status FROM herald.outbox WHERE id = %s", again) == "cancelled",
+               what="the next email to a bounced address to be cancelled by claim")
+    assert db.one("SELECT last_error FROM herald.outbox WHERE id = %s", again) == "suppressed: hard_bounce"
+    assert sorted(smtp.refusals) == [("nobody@example.com", 550), ("policy@example.com", 550)]
 
 
 def test_deleted_template_and_render_error_fail_permanently_without_crashing(db, smtp, sidecar):

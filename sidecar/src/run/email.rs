@@ -51,6 +51,26 @@ pub fn classify_smtp(e: &lettre::transport::smtp::Error) -> (bool, String) {
     (retryable, message)
 }
 
+/// Whether an SMTP failure ("550 5.1.1 user unknown", as `classify_smtp` records it) refuses the
+/// recipient's address for good: a permanent reply whose enhanced status code (RFC 3463) is about the
+/// destination address, X.1.* other than the sender's (5.1.7, 5.1.8). Without an enhanced code a 550
+/// may as well be a policy or content refusal, so it is not taken as a bounce: suppressing a good
+/// address is worse than trying it again.
+pub fn hard_bounce(reply: &str) -> bool {
+    let mut words = reply.split_whitespace();
+    let basic_permanent = words.next().is_some_and(|c| {
+        c.len() == 3 && c.starts_with('5') && c.bytes().all(|b| b.is_ascii_digit())
+    });
+    let enhanced: Vec<&str> = words.next().map_or(Vec::new(), |w| w.split('.').collect());
+    let number = |p: &&str| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit());
+    basic_permanent
+        && enhanced.len() == 3
+        && enhanced.iter().all(number)
+        && enhanced[0] == "5"
+        && enhanced[1] == "1"
+        && !matches!(enhanced[2], "7" | "8")
+}
+
 pub struct Mailer {
     smtp: HashMap<String, SmtpPool>,
     maildir: Option<PathBuf>,
@@ -151,7 +171,14 @@ impl Mailer {
             }
             Err(SendError::Smtp(e)) => {
                 let (retryable, error) = classify_smtp(&e);
-                Outcome::Failed { retryable, error }
+                if hard_bounce(&error) {
+                    Outcome::Refused {
+                        message_id: id,
+                        error,
+                    }
+                } else {
+                    Outcome::Failed { retryable, error }
+                }
             }
             Err(e) => Outcome::retry(e.to_string()),
         }
@@ -380,6 +407,33 @@ mod tests {
             .map(|&j| message_id("acme", "abc", Some(j)))
             .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+
+    #[test]
+    fn address_refusals_are_hard_bounces() {
+        for reply in [
+            "550 5.1.1 mailbox unavailable",
+            "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+            "551 5.1.6 moved",
+            "553 5.1.3 bad address syntax",
+            "550 5.1.10 null MX",
+        ] {
+            assert!(hard_bounce(reply), "{reply}");
+        }
+        for reply in [
+            "450 4.1.1 try later",         // transient
+            "550 5.7.1 rejected as spam",  // policy or content, not the address
+            "553 5.1.8 bad sender domain", // the sender's address, not the recipient's
+            "550 5.1.7 bad sender syntax",
+            "550 no such user", // no enhanced code: could be anything
+            "550",
+            "5.1.1 user unknown",
+            "550 5.1 user unknown",
+            "550 4.1.1 odd",
+            "",
+        ] {
+            assert!(!hard_bounce(reply), "{reply}");
+        }
     }
 
     #[test]

@@ -70,6 +70,9 @@ impl Executor {
             } => {
                 tracing::warn!(job = id, kind, attempt, ms, %error, "failed permanently")
             }
+            Outcome::Refused { error, .. } => {
+                tracing::info!(job = id, kind, attempt, ms, %error, "refused by the receiving server: a hard bounce")
+            }
         }
         // waits while the channel is full (the completer is retrying a database that is away): the slot
         // held meanwhile is what keeps the producer from claiming more than can be recorded

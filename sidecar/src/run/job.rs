@@ -127,6 +127,13 @@ pub enum Outcome {
         retryable: bool,
         error: String,
     },
+    /// An email the receiving server refused for good with an address-level reply (550 5.1.1 user
+    /// unknown): a permanent failure that is also a hard bounce, so `herald.complete` suppresses the
+    /// address and records the bounce as a provider's report of it would be.
+    Refused {
+        message_id: String,
+        error: String,
+    },
 }
 
 impl Outcome {
@@ -162,12 +169,22 @@ impl Outcome {
                 r
             }
             Self::Failed { retryable, error } => {
-                // keep stored errors readable and bounded
-                let error: String = error.chars().take(2000).collect();
-                json!({"id": id, "ok": false, "retryable": retryable, "error": error})
+                json!({"id": id, "ok": false, "retryable": retryable, "error": bounded(&error)})
+            }
+            // the bounce rides in `response`, which every complete() since 0.1.0 accepts (an older
+            // extension stores it and records a plain permanent failure)
+            Self::Refused { message_id, error } => {
+                let error = bounded(&error);
+                json!({"id": id, "ok": false, "retryable": false, "error": error,
+                       "message_id": message_id, "response": {"smtp": error, "bounce": "hard"}})
             }
         }
     }
+}
+
+/// Stored errors stay readable and bounded.
+fn bounded(error: &str) -> String {
+    error.chars().take(2000).collect()
 }
 
 #[cfg(test)]
@@ -197,6 +214,16 @@ mod tests {
         assert_eq!(long["error"].as_str().unwrap().chars().count(), 2000);
         assert_eq!(long["error"].as_str().unwrap().len(), 2000);
         assert_eq!(long["retryable"], json!(false));
+        let refused = Outcome::Refused {
+            message_id: "<b@herald>".into(),
+            error: "550 5.1.1 no such user".into(),
+        };
+        assert_eq!(
+            refused.into_result(19),
+            json!({"id": 19, "ok": false, "retryable": false, "error": "550 5.1.1 no such user",
+                   "message_id": "<b@herald>",
+                   "response": {"smtp": "550 5.1.1 no such user", "bounce": "hard"}})
+        );
     }
 
     fn job(kind: &str, payload: Json) -> Job {

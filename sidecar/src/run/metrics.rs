@@ -272,7 +272,8 @@ impl Metrics {
             } => &self.retried,
             Outcome::Failed {
                 retryable: false, ..
-            } => &self.failed,
+            }
+            | Outcome::Refused { .. } => &self.failed,
         }
         .get_or_create(&labels)
         .inc();

@@ -537,7 +537,8 @@ pub fn broadcasts(frame: &Frame, rows: &[BroadcastRow], notice: &str) -> String 
                 esc(template),
                 live(&vk("sent"), &count(m("sent"))),
                 live(&vk("failed"), &count(m("failed") + m("dead"))),
-                live(&vk("bounced"), &count(m("bounced"))),
+                // hard bounces: reported after sending, or refused at send time
+                live(&vk("bounced"), &count(m("bounced") + m("refused"))),
                 live(&vk("complained"), &count(m("complained"))),
                 live(&vk("opened"), &count(m("opened"))),
                 live(&vk("clicked"), &count(m("clicked"))),
@@ -628,7 +629,7 @@ pub fn broadcasts_live(rows: &[BroadcastRow]) -> Live {
             let vk = |f: &str| format!("b:{}:v:{key}:{f}", b.id);
             l.text(vk("sent"), count(m("sent")));
             l.text(vk("failed"), count(m("failed") + m("dead")));
-            l.text(vk("bounced"), count(m("bounced")));
+            l.text(vk("bounced"), count(m("bounced") + m("refused")));
             l.text(vk("complained"), count(m("complained")));
             l.text(vk("opened"), count(m("opened")));
             l.text(vk("clicked"), count(m("clicked")));
