@@ -197,6 +197,41 @@ def test_provider_events_suppress_bounces_and_complaints(db, smtp, sidecar):
     assert [r[0] for r, _, _ in smtp.snapshot()[before:]] == ["r1@example.com"]
 
 
+def test_a_broadcast_to_addresses_the_server_refuses_pauses_itself(db, smtp, sidecar):
+    """A list with dead addresses, sent through an SMTP server that checks recipients: every fifth
+    address is answered 550 5.1.1 at RCPT. Each refusal is a hard bounce at send time (suppressed, an
+    email.bounced event, the broadcast's 'refused' count), and auto_pause reads them with no provider
+    report at all: past 10% of 100 tried, the broadcast pauses. No address is tried twice."""
+    add_contacts(db, 1_000)
+    smtp.reject.update(f"r{i}@example.com" for i in range(0, 1_000, 5))
+    db.q("SELECT herald.upsert_template('acme', 'news', 'News', '<p>n</p>')")
+    b = db.one("""SELECT herald.create_broadcast('acme', '{"name": "Old list", "audience": "all", "template": "news",
+                   "rate_per_second": 100, "auto_pause": {"bounce_percent": 10, "min_sent": 100}}')""")
+    db.q("SELECT herald.schedule_broadcast(%s)", b)
+    sidecar()
+    wait_until(lambda: db.one("SELECT status FROM herald.broadcasts WHERE id = %s", b) == "paused", timeout=60,
+               what="the broadcast to pause itself on refusals")
+    wait_until(lambda: db.one("SELECT count(*) FROM herald.outbox WHERE broadcast_id = %s AND status IN ('pending', 'leased')",
+                              b) == 0, timeout=30, what="its jobs held")
+    stats = dict((m, n) for _, m, n in db.q("SELECT * FROM herald.broadcast_stats(%s)", b))
+    refused = [a for a, code in smtp.refusals]
+    assert stats["refused"] == stats["failed"] == len(refused) > 0 and "bounced" not in stats, stats
+    assert len(set(refused)) == len(refused) and set(refused) <= smtp.reject, "each dead address tried once"
+    assert smtp.count() == stats["sent"], "what the SMTP server took is what herald counts as sent"
+    assert sorted(db.q("SELECT email, reason FROM herald.suppressions WHERE workspace_id = 'acme'")) == \
+        sorted((a, "hard_bounce") for a in refused)
+    assert db.one("SELECT count(*) FROM herald.events WHERE kind = 'email.bounced' AND payload ->> 'refused_at_send' = 'true'") \
+        == len(refused)
+    why = db.one("SELECT auto_paused FROM herald.broadcasts WHERE id = %s", b)
+    assert why["reason"] == "bounce_percent" and why["refused"] == len(refused) and why["bounced"] == 0, why
+    assert why["sent"] + why["refused"] >= 100 and why["percent"] >= 10, why
+    listing = subprocess.run([BIN, "broadcasts", "--workspace", "acme"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ["PATH"], "DATABASE_URL": db.url, "NO_COLOR": "1"})
+    assert listing.returncode == 0, listing.stderr
+    assert f"messages sent or refused ({len(refused)} refused at send time)" in listing.stdout, listing.stdout
+    db.q("SELECT herald.cancel_broadcast(%s)", b)
+
+
 def test_a_broadcast_pauses_itself_when_its_bounces_pass_the_line(db, smtp, sidecar):
     """auto_pause through the daemon: hard bounces reported to /events/generic (one batch sent twice,
     as a provider retrying) pass 5% of the messages sent while the broadcast is going out at 100/s; the
