@@ -2,7 +2,8 @@
 -- and makes ONE call per request: herald.api_call(secret, operation, args, idempotency_key), which
 -- checks the key, claims the idempotency key, runs the existing SQL function the operation names
 -- (track, track_many, upsert_contact, upsert_contacts, send, subscribe, unsubscribe, read_results,
--- subscribe_results, unsubscribe_results, retry_result_subscription, list_result_subscriptions) for
+-- subscribe_results, unsubscribe_results, retry_result_subscription, list_result_subscriptions,
+-- suppress, unsuppress, read_suppression) for
 -- the key's workspace, and stores the answer for a retry: one statement, one transaction.
 --
 -- Keys: the secret `hk_<id>_<64 hex>` is shown once, by create_api_key; the table keeps its SHA-256
@@ -45,7 +46,7 @@ SELECT pg_catalog.pg_extension_config_dump('herald.api_keys_id_seq', '');
 -- one it is asked about).
 CREATE FUNCTION herald._api_scopes() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN ARRAY['track', 'contacts', 'lists', 'send', 'results'];
+RETURN ARRAY['track', 'contacts', 'lists', 'send', 'results', 'suppressions'];
 
 CREATE FUNCTION herald._api_scopes_hint() RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -62,12 +63,15 @@ RETURN CASE operation
     WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
     WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
     WHEN 'retry_result_subscription' THEN 'results'
+    WHEN 'suppress' THEN 'suppressions' WHEN 'unsuppress' THEN 'suppressions'
+    WHEN 'read_suppression' THEN 'suppressions'
 END;
 
 -- Creates an API key for `workspace` and returns its secret: shown this once, stored only as a hash.
 -- scopes: any of track (/v1/track, /v1/track/batch), contacts (/v1/contacts, /v1/contacts/batch),
 -- lists (/v1/lists/…), send (/v1/send), results (GET /v1/results, GET /stream,
--- /v1/results/subscriptions: the workspace's results, which carry contact ids, replies and contexts).
+-- /v1/results/subscriptions: the workspace's results, which carry contact ids, replies and contexts),
+-- suppressions (/v1/suppressions: whether an address is suppressed and why, add one, lift one).
 -- By default track, contacts and lists: a key that ends up in a browser can then neither mail anyone
 -- nor read what herald did. herald_admin.
 CREATE FUNCTION herald.create_api_key(workspace text, name text,
@@ -223,6 +227,36 @@ BEGIN
 END
 $$;
 
+-- read_suppression for an API key: whether `email` is suppressed in the workspace, and why:
+-- {"email", "suppressed": true, "reason", "detail", "since"} or {"email", "suppressed": false}, the
+-- address as suppress() stores it (trimmed, lower-cased). Called by api_call only.
+CREATE FUNCTION herald._api_read_suppression(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(args ->> 'email');
+BEGIN
+    IF (args - 'email') <> '{}' THEN
+        RAISE EXCEPTION 'read_suppression takes only email, got %', args - 'email'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(args -> 'email') IS DISTINCT FROM 'string' OR NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(args ->> 'email', 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- an erased contact's address is suppressed under its key (delete_contact): reason 'erased', which
+    -- unsuppress does not lift
+    RETURN coalesce(
+        (SELECT jsonb_build_object('email', v_email, 'suppressed', true, 'reason', s.reason, 'detail', s.detail,
+                                   'since', s.created_at)
+           FROM herald.suppressions s
+          WHERE s.workspace_id = workspace AND s.email IN (v_email, herald._email_key(v_email))
+          ORDER BY s.email = v_email DESC LIMIT 1),
+        jsonb_build_object('email', v_email, 'suppressed', false));
+END
+$$;
+
 -- retry_result_subscription for an API key: a subscription that is blocked (its delivery failed for
 -- good, or ran out of attempts) delivers again from the same batch, attempts reset, as an admin's
 -- herald.retry_failed / herald.redrive of its job would. {"retried": true, "state": "delivering"}, or
@@ -363,7 +397,9 @@ $$;
 -- upsert_contacts {contacts}; send {email, template, context, provider, dedupe_key}; subscribe and
 -- unsubscribe {list, emails}; read_results {after, kinds, limit} and list_result_subscriptions {}
 -- (reads: no Idempotency-Key, nothing kept); subscribe_results {url, kinds, options};
--- unsubscribe_results {id}; retry_result_subscription {id}. herald_worker (the daemon) and herald_admin.
+-- unsubscribe_results {id}; retry_result_subscription {id}; suppress {email, reason (default manual),
+-- detail}; unsuppress {email}; read_suppression {email} (a read). herald_worker (the daemon) and
+-- herald_admin.
 CREATE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
 RETURNS TABLE (response jsonb, replayed boolean)
 LANGUAGE plpgsql
@@ -393,13 +429,14 @@ BEGIN
     IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF operation IN ('read_results', 'list_result_subscriptions') THEN
+    IF operation IN ('read_results', 'list_result_subscriptions', 'read_suppression') THEN
         IF api_call.idempotency_key IS NOT NULL THEN
             RAISE EXCEPTION '% takes no Idempotency-Key: reading twice changes nothing', operation
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         response := CASE operation
             WHEN 'read_results' THEN herald._api_read_results(v_ws, args)
+            WHEN 'read_suppression' THEN herald._api_read_suppression(v_ws, args)
             ELSE herald._api_result_subscriptions(v_ws, args) END;
         replayed := false;
         RETURN NEXT;
@@ -467,6 +504,11 @@ BEGIN
             jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
         WHEN 'retry_result_subscription' THEN
             herald._api_retry_subscription(v_ws, args)
+        WHEN 'suppress' THEN
+            jsonb_build_object('added', herald.suppress(v_ws, args ->> 'email', coalesce(args ->> 'reason', 'manual'),
+                                                        coalesce(args -> 'detail', '{}')))
+        WHEN 'unsuppress' THEN
+            jsonb_build_object('removed', herald.unsuppress(v_ws, args ->> 'email'))
     END;
     IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
         UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)

@@ -300,3 +300,178 @@ BEGIN
 END
 $$;
 ALTER FUNCTION herald.complete(jsonb) SECURITY DEFINER;
+
+-- ==== api_suppressions: API keys read, add and lift suppressions ====
+-- Suppressions happen by themselves (reports, and since refused_at_send a server's refusal); an
+-- application holding only an API key could not see why an address gets no mail, nor lift it. A new
+-- scope, suppressions (never a default), and three operations: read_suppression (a read), suppress,
+-- unsuppress, served as GET/DELETE /v1/suppressions/{email} and POST /v1/suppressions.
+CREATE OR REPLACE FUNCTION herald._api_scopes() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY['track', 'contacts', 'lists', 'send', 'results', 'suppressions'];
+
+CREATE OR REPLACE FUNCTION herald._api_scope(operation text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE operation
+    WHEN 'track' THEN 'track' WHEN 'track_many' THEN 'track'
+    WHEN 'upsert_contact' THEN 'contacts' WHEN 'upsert_contacts' THEN 'contacts'
+    WHEN 'send' THEN 'send'
+    WHEN 'subscribe' THEN 'lists' WHEN 'unsubscribe' THEN 'lists'
+    WHEN 'read_results' THEN 'results' WHEN 'list_result_subscriptions' THEN 'results'
+    WHEN 'subscribe_results' THEN 'results' WHEN 'unsubscribe_results' THEN 'results'
+    WHEN 'retry_result_subscription' THEN 'results'
+    WHEN 'suppress' THEN 'suppressions' WHEN 'unsuppress' THEN 'suppressions'
+    WHEN 'read_suppression' THEN 'suppressions'
+END;
+
+CREATE FUNCTION herald._api_read_suppression(workspace text, args jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, herald, pg_temp
+AS $$
+DECLARE
+    v_email text := herald._normalize_email(args ->> 'email');
+BEGIN
+    IF (args - 'email') <> '{}' THEN
+        RAISE EXCEPTION 'read_suppression takes only email, got %', args - 'email'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(args -> 'email') IS DISTINCT FROM 'string' OR NOT herald._valid_email(v_email) THEN
+        RAISE EXCEPTION 'email % is not a valid address', coalesce(args ->> 'email', 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- an erased contact's address is suppressed under its key (delete_contact): reason 'erased', which
+    -- unsuppress does not lift
+    RETURN coalesce(
+        (SELECT jsonb_build_object('email', v_email, 'suppressed', true, 'reason', s.reason, 'detail', s.detail,
+                                   'since', s.created_at)
+           FROM herald.suppressions s
+          WHERE s.workspace_id = workspace AND s.email IN (v_email, herald._email_key(v_email))
+          ORDER BY s.email = v_email DESC LIMIT 1),
+        jsonb_build_object('email', v_email, 'suppressed', false));
+END
+$$;
+REVOKE ALL ON FUNCTION herald._api_read_suppression(text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION herald.api_call(secret text, operation text, args jsonb, idempotency_key text DEFAULT NULL)
+RETURNS TABLE (response jsonb, replayed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, herald, pg_temp
+SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key herald.api_keys := herald._api_key(secret);
+    v_ws text := v_key.workspace_id;
+    v_scope text := herald._api_scope(operation);
+    v_hash bytea;
+    v_claimed boolean;
+    v_stored record;
+    v_emails text[];
+BEGIN
+    IF v_scope IS NULL THEN
+        RAISE EXCEPTION 'unknown API operation %', coalesce(quote_literal(operation), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT v_scope = ANY (v_key.scopes) THEN
+        RAISE EXCEPTION 'API key % may not %: it lacks the scope "%"', v_key.id, operation, v_scope
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Its scopes: %s. An admin makes a key with it: herald.create_api_key(workspace, name, ARRAY[''%s'', …]).',
+                                array_to_string(v_key.scopes, ', '), v_scope);
+    END IF;
+    IF jsonb_typeof(args) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'the request body must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF operation IN ('read_results', 'list_result_subscriptions', 'read_suppression') THEN
+        IF api_call.idempotency_key IS NOT NULL THEN
+            RAISE EXCEPTION '% takes no Idempotency-Key: reading twice changes nothing', operation
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        response := CASE operation
+            WHEN 'read_results' THEN herald._api_read_results(v_ws, args)
+            WHEN 'read_suppression' THEN herald._api_read_suppression(v_ws, args)
+            ELSE herald._api_result_subscriptions(v_ws, args) END;
+        replayed := false;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    IF api_call.idempotency_key IS NOT NULL THEN
+        IF api_call.idempotency_key !~ '^[!-~]{1,255}$' THEN
+            RAISE EXCEPTION 'Idempotency-Key must be 1 to 255 visible ASCII characters'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'A UUID is a good key.';
+        END IF;
+        v_hash := sha256(convert_to(operation || ' ' || args::text, 'UTF8'));
+        INSERT INTO herald.api_idempotency AS i (workspace_id, idempotency_key, request_hash, response)
+        VALUES (v_ws, api_call.idempotency_key, v_hash, 'null')
+        ON CONFLICT ON CONSTRAINT api_idempotency_pkey DO UPDATE
+           SET request_hash = EXCLUDED.request_hash, response = 'null', created_at = now()
+         WHERE i.created_at < now() - interval '24 hours'   -- an expired key is a new one
+        RETURNING true INTO v_claimed;
+        IF v_claimed IS NULL THEN
+            SELECT i.request_hash, i.response INTO v_stored FROM herald.api_idempotency i
+             WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+            IF v_stored.request_hash IS DISTINCT FROM v_hash THEN
+                RAISE EXCEPTION 'Idempotency-Key % was used for another request', quote_literal(api_call.idempotency_key)
+                    USING ERRCODE = 'unique_violation',
+                          DETAIL = 'A key stands for one request (operation and body) for 24 hours.',
+                          HINT = 'Use a new key for a new request.';
+            END IF;
+            response := v_stored.response;
+            replayed := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF operation IN ('subscribe', 'unsubscribe') THEN
+        IF jsonb_typeof(args -> 'emails') IS DISTINCT FROM 'array'
+           OR EXISTS (SELECT 1 FROM jsonb_array_elements(args -> 'emails') e WHERE jsonb_typeof(e) <> 'string') THEN
+            RAISE EXCEPTION 'emails must be a JSON array of strings' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: {"emails": ["ann@example.com"]}, or {"email": "ann@example.com"}.';
+        END IF;
+        v_emails := ARRAY(SELECT jsonb_array_elements_text(args -> 'emails'));
+    END IF;
+
+    response := CASE operation
+        WHEN 'track' THEN
+            jsonb_build_object('id', herald.track(v_ws, args ->> 'email', args ->> 'kind', coalesce(args -> 'payload', '{}')))
+        WHEN 'track_many' THEN
+            jsonb_build_object('accepted', herald.track_many(v_ws, args -> 'events'))
+        WHEN 'upsert_contact' THEN
+            jsonb_build_object('id', herald.upsert_contact(v_ws, args ->> 'email', coalesce(args -> 'attributes', '{}')))
+        WHEN 'upsert_contacts' THEN
+            (SELECT to_jsonb(u) FROM herald.upsert_contacts(v_ws, args -> 'contacts') u)
+        WHEN 'send' THEN
+            jsonb_build_object('id', herald.send(v_ws, args ->> 'email', args ->> 'template',
+                                                 coalesce(args -> 'context', '{}'),
+                                                 coalesce(args ->> 'provider', 'default'), args ->> 'dedupe_key'))
+        WHEN 'subscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.subscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'unsubscribe' THEN
+            (SELECT to_jsonb(s) FROM herald.unsubscribe(v_ws, args ->> 'list', v_emails) s)
+        WHEN 'subscribe_results' THEN
+            jsonb_build_object('id', herald.subscribe_results(v_ws, args ->> 'url', herald._api_kinds(args -> 'kinds'),
+                                                              coalesce(args -> 'options', '{}')))
+        WHEN 'unsubscribe_results' THEN
+            jsonb_build_object('unsubscribed', herald.unsubscribe_results(v_ws, herald._api_id(args -> 'id')))
+        WHEN 'retry_result_subscription' THEN
+            herald._api_retry_subscription(v_ws, args)
+        WHEN 'suppress' THEN
+            jsonb_build_object('added', herald.suppress(v_ws, args ->> 'email', coalesce(args ->> 'reason', 'manual'),
+                                                        coalesce(args -> 'detail', '{}')))
+        WHEN 'unsuppress' THEN
+            jsonb_build_object('removed', herald.unsuppress(v_ws, args ->> 'email'))
+    END;
+    IF operation = 'subscribe_results' THEN   -- who made it: the key (the caller is the daemon's role)
+        UPDATE herald.result_subscriptions s SET created_by = format('api key %s', v_key.id)
+         WHERE s.workspace_id = v_ws AND s.id = (response ->> 'id')::bigint;
+    END IF;
+    replayed := false;
+    IF api_call.idempotency_key IS NOT NULL THEN
+        UPDATE herald.api_idempotency i SET response = api_call.response
+         WHERE i.workspace_id = v_ws AND i.idempotency_key = api_call.idempotency_key;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+ALTER FUNCTION herald.api_call(text, text, jsonb, text) SECURITY DEFINER;

@@ -166,6 +166,34 @@ SELECT herald.revoke_api_key('api_a', split_part(:'r_key', '_', 2)::bigint) AS r
 SELECT herald.api_key_workspace(:'r_key', 'results');
 SELECT * FROM herald.api_call(:'r_key', 'read_results', '{}');
 
+-- suppressions (0.18.0): a key with the scope reads whether an address is suppressed and why, adds one
+-- (reason manual unless it names another), lifts one; the default scopes do not include it; another
+-- workspace's suppression is not seen; an erased contact's is seen and not lifted; bad input is refused
+SELECT herald.create_api_key('api_a', 'support desk', ARRAY['suppressions']) AS s_key \gset
+SELECT herald.create_api_key('api_b', 'theirs too', ARRAY['suppressions']) AS sb_key \gset
+SELECT response FROM herald.api_call(:'s_key', 'read_suppression', '{"email": " Gone@Example.com "}');
+SELECT response, replayed FROM herald.api_call(:'s_key', 'suppress', '{"email": "gone@example.com", "detail": {"ticket": 7}}', 'sup-1');
+SELECT response, replayed FROM herald.api_call(:'s_key', 'suppress', '{"email": "gone@example.com", "detail": {"ticket": 7}}', 'sup-1');
+SELECT response FROM herald.api_call(:'s_key', 'suppress', '{"email": "GONE@example.com", "reason": "complaint"}');
+SELECT response - 'since' AS response, (response ->> 'since')::timestamptz <= now() AS since_then
+  FROM herald.api_call(:'s_key', 'read_suppression', '{"email": "gone@example.com"}');
+SELECT response FROM herald.api_call(:'sb_key', 'read_suppression', '{"email": "gone@example.com"}');
+SELECT workspace_id, email, reason, detail FROM herald.suppressions WHERE email = 'gone@example.com';
+SELECT response FROM herald.api_call(:'s_key', 'unsuppress', '{"email": "Gone@example.com"}');
+SELECT response FROM herald.api_call(:'s_key', 'unsuppress', '{"email": "gone@example.com"}');
+SELECT response FROM herald.api_call(:'s_key', 'read_suppression', '{"email": "gone@example.com"}');
+INSERT INTO herald.suppressions (workspace_id, email, reason) VALUES ('api_a', herald._email_key('erased@example.com'), 'erased');
+SELECT response ->> 'reason' AS reason FROM herald.api_call(:'s_key', 'read_suppression', '{"email": "erased@example.com"}');
+SELECT response FROM herald.api_call(:'s_key', 'unsuppress', '{"email": "erased@example.com"}');
+SELECT * FROM herald.api_call(:'s_key', 'suppress', '{"email": "x@example.com", "reason": "bored"}');
+SELECT * FROM herald.api_call(:'s_key', 'suppress', '{"email": "not an address"}');
+SELECT * FROM herald.api_call(:'s_key', 'read_suppression', '{"email": "x@example.com", "workspace": "api_b"}');
+SELECT * FROM herald.api_call(:'s_key', 'read_suppression', '{"email": 42}');
+SELECT * FROM herald.api_call(:'s_key', 'read_suppression', '{"email": "x@example.com"}', 'read-1');
+SELECT * FROM herald.api_call(:'s_key', 'track', '{"email": "x@example.com", "kind": "x"}');
+SELECT * FROM herald.api_call(:'a_key', 'read_suppression', '{"email": "x@example.com"}');
+SELECT count(*) AS suppressed_by_bad_calls FROM herald.suppressions WHERE email IN ('x@example.com', 'not an address');
+
 -- revoking: at once, once, and only in its own workspace
 SELECT herald.revoke_api_key('api_b', split_part(:'a_key', '_', 2)::bigint);
 SELECT herald.revoke_api_key('api_a', split_part(:'a_key', '_', 2)::bigint) AS revoked,

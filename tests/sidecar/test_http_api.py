@@ -253,7 +253,10 @@ def test_a_newer_daemon_on_an_older_extension_says_what_to_update(db, roles, sid
                                   ("GET", "/v1/results/subscriptions", None),
                                   ("POST", "/v1/results/subscriptions", {"url": "https://hooks.example.com/r"}),
                                   ("DELETE", "/v1/results/subscriptions/1", None),
-                                  ("POST", "/v1/results/subscriptions/1/retry", None)]:
+                                  ("POST", "/v1/results/subscriptions/1/retry", None),
+                                  ("GET", "/v1/suppressions/ann%40example.com", None),
+                                  ("POST", "/v1/suppressions", {"email": "ann@example.com"}),
+                                  ("DELETE", "/v1/suppressions/ann%40example.com", None)]:
         headers = {"Idempotency-Key": uuid.uuid4().hex} if method != "GET" else None
         status, _, body = api.call(path, payload, method=method, headers=headers)
         assert status == 501, (method, path, body)
@@ -473,6 +476,52 @@ def test_an_app_subscribes_its_webhook_with_its_results_key(db, http, api):
     assert len(http.snapshot()) == requests_before, "nothing after the unsubscribe"
 
 
+def test_an_app_manages_suppressions_with_its_key(db, api):
+    """A key with the suppressions scope (never a default) reads whether an address is suppressed and
+    why (a bounce at send time included), suppresses one and lifts one; a key without it is refused,
+    and so is a key of another workspace reading this one's."""
+    db.q("SELECT herald.suppress('acme', 'dead@example.com', 'hard_bounce', "
+         "'{\"smtp_reply\": \"550 5.1.1 no such user\", \"refused_at_send\": true}')")
+    key = db.one("SELECT herald.create_api_key('acme', 'support', ARRAY['suppressions'])")
+    status, _, body = api.call("/v1/suppressions/Dead%40Example.com", method="GET", key=key)
+    assert status == 200, body
+    assert body["suppressed"] is True and body["email"] == "dead@example.com" and body["reason"] == "hard_bounce"
+    assert body["detail"]["smtp_reply"] == "550 5.1.1 no such user" and body["since"]
+    status, _, body = api.call("/v1/suppressions", {"email": "ann@example.com", "detail": {"ticket": 12}}, key=key,
+                               headers={"Idempotency-Key": "sup-ann"})
+    assert (status, body) == (200, {"added": True})
+    status, headers, body = api.call("/v1/suppressions", {"email": "ann@example.com", "detail": {"ticket": 12}}, key=key,
+                                     headers={"Idempotency-Key": "sup-ann"})
+    assert (status, body, headers.get("idempotent-replayed")) == (200, {"added": True}, "true")
+    assert db.q("SELECT reason, detail FROM herald.suppressions WHERE workspace_id = 'acme' AND email = 'ann@example.com'") \
+        == [("manual", {"ticket": 12})]
+    status, _, body = api.call("/v1/suppressions/dead%40example.com", method="DELETE", key=key)
+    assert (status, body) == (200, {"removed": True})
+    status, _, body = api.call("/v1/suppressions/dead%40example.com", method="DELETE", key=key)
+    assert (status, body) == (200, {"removed": False})
+    status, _, body = api.call("/v1/suppressions/dead%40example.com", method="GET", key=key)
+    assert (status, body) == (200, {"email": "dead@example.com", "suppressed": False})
+    # bad input: the SQL function's message; a query string or an unknown field: refused as such
+    status, _, body = api.call("/v1/suppressions", {"email": "ann@example.com", "reason": "bored"}, key=key)
+    assert status == 422 and "invalid suppression reason" in body["error"]["message"], body
+    status, _, body = api.call("/v1/suppressions/not-an-address", method="GET", key=key)
+    assert status == 422 and "is not a valid address" in body["error"]["message"], body
+    status, _, body = api.call("/v1/suppressions/ann%40example.com?workspace=other", method="GET", key=key)
+    assert status == 422 and "no query string" in body["error"]["message"], body
+    status, _, body = api.call("/v1/suppressions", {"email": "ann@example.com", "workspace": "other"}, key=key)
+    assert status == 422 and body["error"]["code"] == "unknown_field", body
+    # the default scopes, and the test's key with four others, do not include it
+    status, _, body = api.call("/v1/suppressions/ann%40example.com", method="GET")
+    assert status == 403 and 'lacks the scope "suppressions"' in body["error"]["message"], body
+    db.q("SELECT herald.create_workspace('globex', 'Globex')")
+    other = db.one("SELECT herald.create_api_key('globex', 'theirs', ARRAY['suppressions'])")
+    status, _, body = api.call("/v1/suppressions/ann%40example.com", method="GET", key=other)
+    assert (status, body) == (200, {"email": "ann@example.com", "suppressed": False})
+    status, _, body = api.call("/v1/suppressions/ann%40example.com", method="DELETE", key=other)
+    assert (status, body) == (200, {"removed": False})
+    assert db.one("SELECT count(*) FROM herald.suppressions WHERE workspace_id = 'acme' AND email = 'ann@example.com'") == 1
+
+
 def test_a_retry_with_the_same_idempotency_key_writes_once(db, api):
     body = {"email": "ann@example.com", "kind": "paid", "payload": {"amount": 10}}
     first = api.call("/v1/track", body, headers={"Idempotency-Key": "order-17"})
@@ -586,18 +635,19 @@ def test_the_openapi_document_describes_what_is_served(api):
     assert set(paths) == {"/v1/track", "/v1/track/batch", "/v1/contacts", "/v1/contacts/batch", "/v1/send",
                           "/v1/lists/{list}/subscribe", "/v1/lists/{list}/unsubscribe", "/v1/results",
                           "/v1/results/subscriptions", "/v1/results/subscriptions/{id}",
-                          "/v1/results/subscriptions/{id}/retry", "/v1/openapi.json"}
+                          "/v1/results/subscriptions/{id}/retry", "/v1/suppressions", "/v1/suppressions/{email}",
+                          "/v1/openapi.json"}
     for path, item in paths.items():
         for method, op in item.items():
             if path == "/v1/openapi.json":
                 continue
             # served, and behind a key: 401 (not 404 or 405) without one
-            status, _, body = api.call(path.replace("{list}", "news").replace("{id}", "1"), {}, key=None,
-                                       method=method.upper())
+            concrete = path.replace("{list}", "news").replace("{id}", "1").replace("{email}", "ann%40example.com")
+            status, _, body = api.call(concrete, {}, key=None, method=method.upper())
             assert status == 401, (method, path, body)
             assert set(op["responses"]) >= {"200", "401", "422"}
-            if method == "get":  # a read: its arguments are query parameters
-                assert "requestBody" not in op and {p["in"] for p in op["parameters"]} <= {"query"}
+            if method == "get":  # a read: its arguments are query or path parameters
+                assert "requestBody" not in op and {p["in"] for p in op["parameters"]} <= {"query", "path"}
                 continue
             assert op["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"] is False
 

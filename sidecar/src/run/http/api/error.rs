@@ -113,7 +113,7 @@ impl ApiError {
             ),
         )
         .with_hint(Some(
-            "Update the extension to this daemon's version (ALTER EXTENSION herald UPDATE, as its owner). API keys read and subscribe to results from 0.16.0.",
+            "Update the extension to this daemon's version (ALTER EXTENSION herald UPDATE, as its owner). API keys read and subscribe to results from 0.16.0, and manage suppressions from 0.18.0.",
         ))
     }
 

@@ -13,6 +13,9 @@
 //!   POST /v1/results/subscriptions      add one                herald.subscribe_results
 //!   DELETE /v1/results/subscriptions/{id}  end one             herald.unsubscribe_results
 //!   POST /v1/results/subscriptions/{id}/retry  unblock one     herald.redrive / retry_failed
+//!   GET  /v1/suppressions/{email}       suppressed? why?       read_suppression (a `suppressions` key)
+//!   POST /v1/suppressions               suppress an address    herald.suppress
+//!   DELETE /v1/suppressions/{email}     lift a suppression     herald.unsuppress
 //!   GET  /v1/openapi.json               this API in OpenAPI 3.1
 //!
 //! Each request is ONE statement, `herald.api_call(secret, operation, args, idempotency_key)`
@@ -73,6 +76,12 @@ pub fn router<S: Clone + Send + Sync + 'static>(
         "/v1/results/subscriptions",
         get(|state, query, headers| {
             results::handle(results::Read::Subscriptions, state, query, headers)
+        }),
+    );
+    router = router.route(
+        "/v1/suppressions/{email}",
+        get(|state, path, query, headers| {
+            results::handle_path(results::Read::Suppression, state, path, query, headers)
         }),
     );
     for route in ROUTES {
@@ -312,14 +321,18 @@ mod tests {
             .values()
             .map(|item| item.as_object().expect("methods").len())
             .sum();
+        assert!(paths["/v1/suppressions/{email}"]["get"].is_object());
         assert_eq!(
             operations,
-            ROUTES.len() + 3,
-            "the writes and three reads (openapi, results, subscriptions), nothing unserved"
+            ROUTES.len() + 4,
+            "the writes and four reads (openapi, results, subscriptions, a suppression), nothing unserved"
         );
         for (path, item) in paths {
             for method in item.as_object().expect("methods").keys() {
-                let concrete = path.replace("{list}", "news").replace("{id}", "1");
+                let concrete = path
+                    .replace("{list}", "news")
+                    .replace("{id}", "1")
+                    .replace("{email}", "ann%40example.com");
                 let request = Request::builder()
                     .method(method.to_uppercase().as_str())
                     .uri(&concrete)

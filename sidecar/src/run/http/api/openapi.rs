@@ -37,6 +37,12 @@ pub fn document() -> Json {
     }
     paths.insert("/v1/results".into(), json!({"get": read_results()}));
     paths
+        .entry("/v1/suppressions/{email}")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("an object")
+        .insert("get".into(), read_suppression());
+    paths
         .entry("/v1/results/subscriptions")
         .or_insert_with(|| json!({}))
         .as_object_mut()
@@ -58,7 +64,7 @@ pub fn document() -> Json {
             "title": "herald HTTP API",
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Track events, identify contacts, send transactional email, manage list \
-                membership and read what herald did (results) for one workspace: the API key's. Each request \
+                membership, suppressions and read what herald did (results) for one workspace: the API key's. Each request \
                 is one call of the SQL function named in its description, with the same checks and error \
                 messages. Writes take an \
                 Idempotency-Key header: the same key with the same body within 24 hours returns the first \
@@ -146,8 +152,45 @@ fn list_subscriptions() -> Json {
 }
 
 /// The 501 of an operation the database's extension does not have yet (the results operations came
-/// in 0.16.0; a daemon may be upgraded before the extension).
+/// in 0.16.0, the suppressions ones in 0.18.0; a daemon may be upgraded before the extension).
 const TOO_OLD: &str = "The database's herald extension is older than 0.16.0 and lacks this operation: ALTER EXTENSION herald UPDATE";
+const TOO_OLD_SUPPRESSIONS: &str = "The database's herald extension is older than 0.18.0 and lacks this operation: ALTER EXTENSION herald UPDATE";
+
+/// The email path parameter of the suppressions routes.
+fn email_parameter() -> Json {
+    json!({"name": "email", "in": "path", "required": true, "schema": {"type": "string", "format": "email"},
+           "description": "The address (percent-encoded if need be); compared trimmed and lower-cased"})
+}
+
+/// GET /v1/suppressions/{email}: whether an address is suppressed in the key's workspace, and why.
+fn read_suppression() -> Json {
+    let error = error_response;
+    json!({
+        "operationId": "read_suppression",
+        "summary": "Whether an address is suppressed (never mailed) in the workspace, and why",
+        "description": "Reads herald.suppressions for the API key's workspace. Needs the key scope \"suppressions\". \
+            reason: unsubscribed, hard_bounce (reported by a provider, or refused by the receiving server at send \
+            time: detail.smtp_reply), complaint, manual, or erased (the contact was erased; not lifted by DELETE).",
+        "parameters": [email_parameter()],
+        "responses": {
+            "200": {"description": "The address and whether it is suppressed",
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["email", "suppressed"],
+                        "properties": {
+                            "email": {"type": "string"}, "suppressed": {"type": "boolean"},
+                            "reason": {"type": "string", "enum": ["unsubscribed", "hard_bounce", "complaint", "manual", "erased"]},
+                            "detail": {"type": "object"},
+                            "since": {"type": "string", "format": "date-time"}
+                        }}}}},
+            "401": error("No API key, an unknown one, or a revoked one"),
+            "403": error("The key lacks the scope suppressions"),
+            "422": error("Not an email address, or a query string (this read takes none)"),
+            "429": error("The key is over its rate (HERALD_API_RATE_PER_KEY); the Retry-After header says when to come back"),
+            "501": error(TOO_OLD_SUPPRESSIONS),
+            "503": error("The database is not reachable; try again")
+        }
+    })
+}
 
 fn error_response(what: &str) -> Json {
     json!({"description": what,
@@ -215,6 +258,9 @@ fn operation(op: Operation) -> Json {
         parameters.push(json!({"name": "id", "in": "path", "required": true,
                                "schema": {"type": "integer", "minimum": 1}}));
     }
+    if op == Operation::Unsuppress {
+        parameters.push(email_parameter());
+    }
     let error = error_response;
     let mut described = json!({
         "operationId": op.sql_name(),
@@ -239,8 +285,10 @@ fn operation(op: Operation) -> Json {
             "503": error("The database is not reachable; try again")
         }
     });
-    if op.scope() == "results" {
-        described["responses"]["501"] = error(TOO_OLD);
+    match op.scope() {
+        "results" => described["responses"]["501"] = error(TOO_OLD),
+        "suppressions" => described["responses"]["501"] = error(TOO_OLD_SUPPRESSIONS),
+        _ => {}
     }
     described
 }
@@ -343,6 +391,24 @@ fn describe(op: Operation) -> (&'static str, &'static str, Json, Json, Json) {
                    "properties": {"retried": {"type": "boolean", "description": "false: it was not blocked (nothing to retry)"},
                                   "state": {"type": "string", "enum": ["idle", "delivering", "blocked"],
                                             "description": "As GET /v1/results/subscriptions gives it"}}}),
+        ),
+        Operation::Suppress => (
+            "Suppress an address: herald never mails it again in this workspace (until lifted)",
+            "herald.suppress(workspace, email, reason, detail)",
+            json!({"email": {"type": "string", "format": "email"},
+                   "reason": {"type": "string", "enum": ["unsubscribed", "hard_bounce", "complaint", "manual"], "default": "manual"},
+                   "detail": {"type": "object", "description": "Kept with it, e.g. a ticket number"}}),
+            json!(["email"]),
+            json!({"type": "object", "required": ["added"],
+                   "properties": {"added": {"type": "boolean", "description": "false: it was suppressed already (its reason is kept)"}}}),
+        ),
+        Operation::Unsuppress => (
+            "Lift an address's suppression (not an erased contact's)",
+            "herald.unsuppress(workspace, email)",
+            json!({}),
+            json!([]),
+            json!({"type": "object", "required": ["removed"],
+                   "properties": {"removed": {"type": "boolean", "description": "false: it was not suppressed (or was erased)"}}}),
         ),
     }
 }

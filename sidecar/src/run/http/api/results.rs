@@ -9,10 +9,12 @@
 //! anything else is passed as text, so the database's checks give the messages (the same as from
 //! SQL). A parameter given twice is refused here (which one would count?).
 //!
-//! `GET /v1/results/subscriptions` is the other read: the workspace's result webhooks with their
-//! state (`list_result_subscriptions`, no parameters).
+//! `GET /v1/results/subscriptions` is another read: the workspace's result webhooks with their
+//! state (`list_result_subscriptions`, no parameters). And `GET /v1/suppressions/{email}` (a key with
+//! the `suppressions` scope): whether the address is suppressed in the workspace, and why
+//! (`read_suppression`).
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{RawPathParams, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json};
@@ -26,6 +28,7 @@ use super::ApiState;
 pub enum Read {
     Results,
     Subscriptions,
+    Suppression,
 }
 
 impl Read {
@@ -33,6 +36,7 @@ impl Read {
         match self {
             Self::Results => "read_results",
             Self::Subscriptions => "list_result_subscriptions",
+            Self::Suppression => "read_suppression",
         }
     }
 }
@@ -43,15 +47,46 @@ pub async fn handle(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let args = arguments(query.as_deref().unwrap_or(""));
+    respond(read, &state, &headers, args).await
+}
+
+/// A read whose path names what it reads (`/v1/suppressions/{email}`): the path's parameters are its
+/// arguments (percent-decoded; a query string is refused: the path says it all).
+pub async fn handle_path(
+    read: Read,
+    State(state): State<ApiState>,
+    params: RawPathParams,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let args = match query.filter(|q| !q.is_empty()) {
+        Some(q) => Err(ApiError::invalid(
+            format!("this route takes no query string, got {q:?}"),
+            Some("GET /v1/suppressions/<email>, the address percent-encoded if need be."),
+        )),
+        None => Ok(params
+            .iter()
+            .map(|(name, value)| (name.to_string(), Json::String(value.to_string())))
+            .collect()),
+    };
+    respond(read, &state, &headers, args).await
+}
+
+async fn respond(
+    read: Read,
+    state: &ApiState,
+    headers: &HeaderMap,
+    args: Result<Map<String, Json>, ApiError>,
+) -> Response {
     let read = async {
-        let secret = admit(&state, &headers)?;
-        let args = arguments(query.as_deref().unwrap_or(""))?;
+        let secret = admit(state, headers)?;
         // a read is safe to send again on a new connection
         call(
-            &state,
+            state,
             secret,
             read.sql_name(),
-            &Json::Object(args),
+            &Json::Object(args?),
             None,
             true,
         )

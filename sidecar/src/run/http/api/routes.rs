@@ -34,6 +34,8 @@ pub enum Operation {
     SubscribeResults,
     UnsubscribeResults,
     RetryResultSubscription,
+    Suppress,
+    Unsuppress,
 }
 
 impl Operation {
@@ -50,6 +52,8 @@ impl Operation {
             Self::SubscribeResults => "subscribe_results",
             Self::UnsubscribeResults => "unsubscribe_results",
             Self::RetryResultSubscription => "retry_result_subscription",
+            Self::Suppress => "suppress",
+            Self::Unsuppress => "unsuppress",
         }
     }
 
@@ -64,7 +68,8 @@ impl Operation {
             Self::Send => &["email", "template", "context", "provider", "dedupe_key"],
             Self::Subscribe | Self::Unsubscribe => &["email", "emails"],
             Self::SubscribeResults => &["url", "kinds", "options"],
-            Self::UnsubscribeResults | Self::RetryResultSubscription => &[],
+            Self::Suppress => &["email", "reason", "detail"],
+            Self::UnsubscribeResults | Self::RetryResultSubscription | Self::Unsuppress => &[],
         }
     }
 
@@ -88,6 +93,7 @@ impl Operation {
             Self::SubscribeResults | Self::UnsubscribeResults | Self::RetryResultSubscription => {
                 "results"
             }
+            Self::Suppress | Self::Unsuppress => "suppressions",
         }
     }
 }
@@ -145,6 +151,12 @@ pub const ROUTES: &[Route] = &[
         "/v1/results/subscriptions/{id}/retry",
         Operation::RetryResultSubscription,
     ),
+    post("/v1/suppressions", Operation::Suppress),
+    Route {
+        method: Method::Delete,
+        path: "/v1/suppressions/{email}",
+        operation: Operation::Unsuppress,
+    },
 ];
 
 const CALL: &str = "SELECT response, replayed FROM herald.api_call($1, $2, $3::jsonb, $4)";
@@ -393,6 +405,6 @@ mod tests {
             assert!(!route.operation.scope().is_empty());
             assert!(route.path.starts_with("/v1/"));
         }
-        assert_eq!(ROUTES.len(), 10);
+        assert_eq!(ROUTES.len(), 12);
     }
 }
