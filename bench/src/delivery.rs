@@ -34,6 +34,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::stats::Summary;
+use crate::cpu::{machine_cores as cores, Cpu};
 use herald_sidecar::db::Target;
 use herald_sidecar::run;
 
@@ -275,59 +276,6 @@ async fn job_mean_ms(addr: SocketAddr) -> Option<f64> {
     (count > 0.0).then(|| total("herald_job_duration_seconds_sum") / count * 1000.0)
 }
 
-/// CPU time used so far, in clock ticks: by this process, and by the whole machine (busy time).
-#[derive(Debug, Clone, Copy)]
-struct Cpu {
-    own: u64,
-    machine: u64,
-}
-
-impl Cpu {
-    fn read() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // after the command name: field 3 (state) first; utime and stime are fields 14 and 15
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let tick = |i: usize| fields.get(i)?.parse::<u64>().ok();
-        let own = tick(11)? + tick(12)?;
-        let all = std::fs::read_to_string("/proc/stat").ok()?;
-        let line = all.lines().next()?.strip_prefix("cpu ")?;
-        // user nice system idle iowait irq softirq steal: all but idle and iowait are busy
-        let machine = line
-            .split_whitespace()
-            .take(8)
-            .enumerate()
-            .filter(|(i, _)| *i != 3 && *i != 4)
-            .filter_map(|(_, v)| v.parse::<u64>().ok())
-            .sum();
-        Some(Self { own, machine })
-    }
-
-    /// Cores used on average since `before`: (this process, the machine).
-    fn cores_since(self, before: Self, secs: f64) -> (f64, f64) {
-        let hz = clock_ticks_per_sec() * secs;
-        (
-            self.own.saturating_sub(before.own) as f64 / hz,
-            self.machine.saturating_sub(before.machine) as f64 / hz,
-        )
-    }
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
 /// Calls and total execution time of herald.claim / herald.complete in this database, from
 /// pg_stat_statements (None when it is not loaded).
 #[derive(Debug, Clone, Copy, Default)]
@@ -414,10 +362,7 @@ async fn drain(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = match (cpu_before, Cpu::read()) {
-        (Some(before), Some(after)) => Some(after.cores_since(before, secs)),
-        _ => None,
-    };
+    let cpu = Cpu::cores(cpu_before, Cpu::read(), secs);
     let job_mean = job_mean_ms(metrics).await;
     daemon.stop().await?;
     let db_time = match (db_before, DbTime::read(db).await) {

@@ -17,6 +17,7 @@ mod autovacuum;
 mod baseline;
 mod broadcast;
 mod contacts;
+mod cpu;
 mod delivery;
 mod engine;
 mod golive;

@@ -8,7 +8,6 @@
 //!      step engine makes R results; then 100 new subscribers catching up on them.
 
 mod complete;
-mod cpu;
 mod fanout;
 mod sse;
 
@@ -20,6 +19,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::{thousands, Goal};
+use crate::cpu::machine_cores as cores;
 use herald_sidecar::db::Target;
 
 pub use complete::CompleteCost;
@@ -92,10 +92,6 @@ pub async fn run(target: &Target, small: bool) -> Result<Stream> {
     info!("stream: /stream fan-out through herald run");
     let fanout = fanout::run(target, &sizes.fanout).await?;
     Ok(Stream { complete, fanout })
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 pub(super) fn render(o: &mut String, s: &Stream) {

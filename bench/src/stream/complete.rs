@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::cpu::Cpu;
+use crate::cpu::Cpu;
 use crate::queue::CLAIM;
 use crate::stats::Summary;
 use herald_sidecar::db::Target;

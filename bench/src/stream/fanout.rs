@@ -27,8 +27,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::cpu::Cpu;
 use super::sse;
+use crate::cpu::Cpu;
 use herald_sidecar::db::Target;
 use herald_sidecar::run;
 
