@@ -371,23 +371,21 @@ pub fn auto_pause_note(why: &serde_json::Value) -> String {
     };
     // the bounce percent is of the messages sent or refused at send time (0.18.0); complaints, of those sent
     let refused = count("refused").filter(|&n| n > 0 && reason == Some("bounce_percent"));
-    let (of, messages) = match (count("sent"), refused) {
-        (Some(sent), Some(refused)) => (
-            (sent + refused).to_string(),
-            format!("sent or refused ({refused} refused at send time)"),
-        ),
-        _ => (num("sent"), "sent".to_owned()),
+    let of = count("sent").map(|sent| sent + refused.unwrap_or(0));
+    let messages = match refused {
+        Some(n) => format!("sent or refused ({n} refused at send time)"),
+        None => "sent".to_owned(),
     };
-    let one = of == "1";
     let since = if why.get("since_resume").and_then(serde_json::Value::as_bool) == Some(true) {
         " since it was last resumed"
     } else {
         ""
     };
     format!(
-        "{what} reached {}% of {of} message{} {messages}{since} (auto_pause: {}%)",
+        "{what} reached {}% of {} message{} {messages}{since} (auto_pause: {}%)",
         num("percent"),
-        if one { "" } else { "s" },
+        of.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        if of == Some(1) { "" } else { "s" },
         num("limit"),
     )
 }
